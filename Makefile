@@ -1,0 +1,46 @@
+# The course's two commands: `make lab` opens it, `make test` passes every test.
+# Both install into a project-local virtual environment (.venv) from requirements.txt first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PORT   ?= 8888
+# Jupyter refuses to run as root unless told; learners on laptops are not root.
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+# nbval compares text; tracebacks without ANSI colour codes read better in its reports.
+export IPYTHONDIR := $(CURDIR)/.venv/ipython
+
+.PHONY: lab test check-fast lint bench install clean-venv
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt -e .
+	mkdir -p $(IPYTHONDIR)/profile_default
+	echo "c.InteractiveShell.colors = 'nocolor'" > $(IPYTHONDIR)/profile_default/ipython_config.py
+	touch $(STAMP)
+
+# JupyterLab on localhost only, behind its token (printed in the URL it shows).
+lab: $(STAMP)
+	$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.port=$(PORT) \
+		--ServerApp.root_dir=$(CURDIR) --LabApp.default_url=/lab/tree/notebooks $(ROOT_FLAG)
+
+# Everything: unit tests, notebooks (lessons and solutions) through nbval, grading, CLI.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+# Lint plus the unit tests that need no notebook or subprocess (under 60 s).
+check-fast: $(STAMP)
+	$(BIN)/ruff check ckpt_course tests bench
+	$(BIN)/python -m pytest -q -x -m "not slow" tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check ckpt_course tests bench
+
+bench: $(STAMP)
+	for f in bench/*.py; do $(BIN)/python $$f || exit 1; done
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,364 @@
+"""One source makes both notebooks: the exercise a learner fills in and its solution.
+
+Like nbgrader or numpy-100, each phase of the course is written once, as a percent-format
+Python file (jupytext "py:percent"), e.g. `exercises/src/1_why_activations.py`:
+
+    # %% [markdown]
+    # ## 1.2 How many bytes does the tape keep?
+
+    # %% tags=["answer:1.2-tape"]
+    def predicted_tape_bytes(batch, width):
+        ### BEGIN SOLUTION
+        return 4 * batch * width
+        ### END SOLUTION
+
+    # %% tags=["check:1.2-tape"]
+    from ckpt_course import checks
+    checks.tape_bytes(predicted_tape_bytes)
+
+Conventions
+- An *answer cell* is a code cell tagged `answer:<name>`. Inside it, every region between
+  `### BEGIN SOLUTION` and `### END SOLUTION` is the solution. The solution notebook keeps the
+  region (without the marker lines); the exercise notebook replaces it with one line,
+  `raise NotImplementedError("Exercise <name>: ...")`, indented like the BEGIN marker.
+  Regions must sit inside a function body: an answer cell only *defines* functions, so an
+  untouched exercise runs its answer cells fine and fails in its check cells, never before.
+  `build` refuses a region that would run at the top level of the cell.
+- A *check cell* is a code cell tagged `check:<name>`; it calls `ckpt_course.checks` (or
+  asserts) with a message that teaches. In the exercise it is locked (not editable, not
+  deletable) as a courtesy; the grader does not trust it anyway (see grading.py).
+- Names are letters, digits, `.`, `_` and `-`, unique per file. Every other cell is copied as is.
+- Cell metadata other than `tags`, `jupyter` and `slideshow` is dropped (jupytext's own
+  layout keys would otherwise leak in).
+
+What `build` writes
+- `solutions/<stem>.ipynb` and `exercises/<stem>.ipynb`: no outputs, no execution counts, a
+  python3 kernelspec (so JupyterLab opens them without a "Select Kernel" dialog), and fixed
+  cell ids (`answer-<name>`, `check-<name>`, `cell-<index>`). The bytes are the same on every
+  build, so `stale_notebooks()` / `check_fresh()` can compare regenerated notebooks with the
+  committed ones.
+- The notebook metadata `ckpt_course` records the exercise stem and `cells_sha256`, a
+  fingerprint of the cells (type, id, tags, source) as built. A notebook whose cells still
+  match its fingerprint is pristine; one that does not has been edited.
+
+Workflow
+- Authors edit `exercises/src/*.py`, then `python -m ckpt_course.authoring` (build_all).
+- Learners work in `exercises/` of their own clone and grade with `ckpt-course grade`.
+  A rebuild never destroys their work: an exercise notebook is overwritten only when it is
+  absent or still pristine. An edited one makes `build` stop and say so; move it elsewhere
+  (your answers keep working there) or pass `force=True` / `--force` to overwrite it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+
+KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
+KEPT_METADATA = ("tags", "jupyter", "slideshow")
+NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+class AuthoringError(ValueError):
+    """A source that breaks the conventions, or a build that would destroy someone's work."""
+
+
+# ---------------------------------------------------------------- reading cells
+
+
+def tagged_name(cell, prefix: str) -> str | None:
+    """The <name> of a cell tagged `<prefix>:<name>` (prefix 'answer' or 'check'), else None."""
+    for tag in cell.get("metadata", {}).get("tags", []):
+        if isinstance(tag, str) and tag.startswith(prefix + ":"):
+            return tag[len(prefix) + 1 :]
+    return None
+
+
+def cell_id(kind: str, name: str) -> str:
+    """A valid nbformat cell id (letters, digits, - and _) that names the exercise."""
+    return f"{kind}-" + re.sub(r"[^A-Za-z0-9_-]", "-", name)
+
+
+def cells_sha256(nb) -> str:
+    """Fingerprint of what a learner could change: each cell's type, id, tags and source."""
+    parts = [
+        [c.cell_type, c.get("id"), c.get("metadata", {}).get("tags", []), c.source]
+        for c in nb.cells
+    ]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def is_pristine(nb) -> bool:
+    """True when a built notebook's cells are still exactly as `build` wrote them."""
+    recorded = nb.get("metadata", {}).get("ckpt_course", {}).get("cells_sha256")
+    return recorded is not None and recorded == cells_sha256(nb)
+
+
+# ---------------------------------------------------------------- solution regions
+
+
+def split_solution(source: str, name: str) -> tuple[str, str]:
+    """An answer cell's source -> (solution source, exercise source)."""
+    solution, exercise, stub_lines = [], [], []
+    begin_line = None
+    for number, line in enumerate(source.splitlines(), start=1):
+        marker = line.strip()
+        if marker == BEGIN:
+            if begin_line is not None:
+                raise AuthoringError(f"answer {name}, line {number}: {BEGIN} inside a region")
+            begin_line = number
+            indent = line[: len(line) - len(line.lstrip())]
+            exercise.append(f'{indent}raise NotImplementedError("Exercise {name}: '
+                            'replace this line with your answer")')
+            stub_lines.append(len(exercise))
+        elif marker == END:
+            if begin_line is None:
+                raise AuthoringError(f"answer {name}, line {number}: {END} without {BEGIN}")
+            begin_line = None
+        else:
+            solution.append(line)
+            if begin_line is None:
+                exercise.append(line)
+    if begin_line is not None:
+        raise AuthoringError(f"answer {name}, line {begin_line}: {BEGIN} is never closed")
+    if not stub_lines:
+        raise AuthoringError(f"answer {name} has no {BEGIN} ... {END} region")
+    solution_source, exercise_source = "\n".join(solution), "\n".join(exercise)
+    _parse(solution_source, f"answer {name} (solution)")
+    top_level = _top_level_lines(_parse(exercise_source, f"answer {name} (exercise)"))
+    top_level &= set(stub_lines)
+    if top_level:
+        raise AuthoringError(
+            f"answer {name}: the solution region at exercise line {min(top_level)} runs when the "
+            "cell runs. Put it inside a function (def ...), so that an untouched exercise fails "
+            "in its check cell and not in the answer cell."
+        )
+    return solution_source, exercise_source
+
+
+def _parse(text: str, where: str) -> ast.AST:
+    try:
+        return ast.parse(text)
+    except SyntaxError as e:
+        raise AuthoringError(f"{where}, line {e.lineno}: {e.msg}") from e
+
+
+def _top_level_lines(tree: ast.AST) -> set[int]:
+    """Lines of statements that run when the cell runs (not inside a def or lambda)."""
+    lines, todo = set(), [tree]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            continue
+        if isinstance(node, ast.stmt):
+            lines.add(node.lineno)
+        todo.extend(ast.iter_child_nodes(node))
+    return lines
+
+
+# ---------------------------------------------------------------- notebooks
+
+
+def read_source(source: str | Path):
+    """Parse a percent-format source into a notebook (jupytext imported only when needed)."""
+    import jupytext  # slow to import (about 1 s): keep it off the grader's fast path
+
+    return jupytext.read(Path(source), fmt="py:percent")
+
+
+def render(source: str | Path) -> tuple[object, object]:
+    """A source file -> (solution notebook, exercise notebook), in memory."""
+    source = Path(source)
+    parsed = read_source(source)
+    solution, exercise = _empty_notebook(), _empty_notebook()
+    seen_ids = set()
+    for index, cell in enumerate(parsed.cells):
+        metadata = {k: v for k, v in cell.metadata.items() if k in KEPT_METADATA}
+        answer, check = tagged_name(cell, "answer"), tagged_name(cell, "check")
+        if answer is not None and check is not None:
+            raise AuthoringError(f"{source}: cell {index} is tagged both answer and check")
+        name = answer if answer is not None else check
+        if name is not None and not NAME.fullmatch(name):
+            raise AuthoringError(f"{source}: bad exercise name {name!r}: use letters, digits, .-_")
+        if (answer or check) and cell.cell_type != "code":
+            raise AuthoringError(f"{source}: {name} is tagged on a markdown cell; tag a code cell")
+        new_id = cell_id("answer" if answer else "check", name) if name else f"cell-{index:02d}"
+        if new_id in seen_ids:
+            raise AuthoringError(f"{source}: two cells get the id {new_id}: rename one exercise")
+        seen_ids.add(new_id)
+
+        if answer is not None:
+            solution_text, exercise_text = split_solution(cell.source, answer)
+        elif BEGIN in cell.source or END in cell.source:
+            raise AuthoringError(f"{source}: cell {index} has solution markers but no "
+                                 '`tags=["answer:<name>"]`')
+        else:
+            solution_text = exercise_text = cell.source
+        for nb, text in ((solution, solution_text), (exercise, exercise_text)):
+            nb.cells.append(_new_cell(cell.cell_type, new_id, text, metadata))
+        if check is not None:
+            exercise.cells[-1].metadata.update(editable=False, deletable=False)
+
+    for nb, role in ((solution, "solution"), (exercise, "exercise")):
+        nb.metadata["ckpt_course"] = {"exercise": source.stem, "role": role,
+                                      "cells_sha256": cells_sha256(nb)}
+        nbformat.validate(nb)
+    return solution, exercise
+
+
+def exercise_notebook(source: str | Path):
+    """The pristine exercise notebook of a source, in memory (what the grader runs)."""
+    return render(source)[1]
+
+
+def _empty_notebook():
+    nb = nbformat.v4.new_notebook()
+    nb.metadata = {"kernelspec": dict(KERNELSPEC), "language_info": {"name": "python"}}
+    return nb
+
+
+def _new_cell(cell_type: str, cell_id_: str, source: str, metadata: dict):
+    make = nbformat.v4.new_code_cell if cell_type == "code" else nbformat.v4.new_markdown_cell
+    cell = make(source=source, metadata=json.loads(json.dumps(metadata)))
+    cell.id = cell_id_
+    return cell
+
+
+def to_text(nb) -> str:
+    """Same notebook, same bytes: nbformat sorts keys and indents by 1; end with a newline."""
+    return nbformat.writes(nb) + "\n"
+
+
+# ---------------------------------------------------------------- building
+
+
+def targets(source, solutions_dir, exercises_dir) -> tuple[Path, Path]:
+    name = Path(source).stem + ".ipynb"
+    return Path(solutions_dir) / name, Path(exercises_dir) / name
+
+
+def build(source, solutions_dir="solutions", exercises_dir="exercises", force=False) -> list[Path]:
+    """Write solutions/<stem>.ipynb and exercises/<stem>.ipynb; return the paths written.
+
+    Files already up to date are not touched (their mtime stays). An exercise notebook that a
+    learner has edited is never overwritten unless `force` is true.
+    """
+    solution, exercise = render(source)
+    solution_path, exercise_path = targets(source, solutions_dir, exercises_dir)
+    exercise_text = to_text(exercise)
+    if not force and not _safe_to_replace(exercise_path, exercise_text):
+        raise AuthoringError(
+            f"{exercise_path} has edits that are not in {source} (someone's answers?), so the "
+            f"build left it alone. Move it elsewhere to keep it (e.g. `mv {exercise_path} "
+            f"my_work/`) and build again, or pass force=True (--force) to overwrite it."
+        )
+    written = []
+    for path, text in ((solution_path, to_text(solution)), (exercise_path, exercise_text)):
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            written.append(path)
+    return written
+
+
+def _safe_to_replace(path: Path, new_text: str) -> bool:
+    """Absent, identical, or still pristine since the build that wrote it."""
+    if not path.exists():
+        return True
+    old_text = path.read_text(encoding="utf-8")
+    if old_text == new_text:
+        return True
+    try:
+        return is_pristine(nbformat.reads(old_text, as_version=4))
+    except Exception:  # not a notebook we can read: someone's file, leave it
+        return False
+
+
+def sources(src_dir="exercises/src") -> list[Path]:
+    found = sorted(p for p in Path(src_dir).glob("*.py") if not p.name.startswith("_"))
+    if not found:
+        raise AuthoringError(f"no exercise sources (*.py) in {src_dir}: check the path")
+    return found
+
+
+def build_all(src_dir="exercises/src", solutions_dir="solutions", exercises_dir="exercises",
+              force=False) -> list[Path]:
+    """Build every source in src_dir; return the notebooks written."""
+    return [p for s in sources(src_dir) for p in build(s, solutions_dir, exercises_dir, force)]
+
+
+def is_stale(source, solutions_dir="solutions", exercises_dir="exercises") -> bool:
+    """True when either notebook of `source` is missing or differs from a fresh build."""
+    return bool(_stale_paths(source, solutions_dir, exercises_dir))
+
+
+def _stale_paths(source, solutions_dir, exercises_dir) -> list[Path]:
+    stale = []
+    for path, nb in zip(targets(source, solutions_dir, exercises_dir), render(source), strict=True):
+        if not path.exists() or path.read_text(encoding="utf-8") != to_text(nb):
+            stale.append(path)
+    return stale
+
+
+def stale_notebooks(src_dir="exercises/src", solutions_dir="solutions",
+                    exercises_dir="exercises") -> list[Path]:
+    """Every generated notebook that is missing or out of date with its source."""
+    return [p for s in sources(src_dir) for p in _stale_paths(s, solutions_dir, exercises_dir)]
+
+
+def check_fresh(src_dir="exercises/src", solutions_dir="solutions", exercises_dir="exercises"):
+    """Raise AuthoringError naming the stale notebooks, if any (for tests and CI)."""
+    stale = stale_notebooks(src_dir, solutions_dir, exercises_dir)
+    if stale:
+        names = ", ".join(str(p) for p in stale)
+        raise AuthoringError(f"out of date with {src_dir}: {names}. Rebuild them with "
+                             "`python -m ckpt_course.authoring` and commit the result.")
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_build_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--src", default="exercises/src", help="folder of percent-format sources")
+    parser.add_argument("--solutions", default="solutions", help="where solutions are written")
+    parser.add_argument("--exercises", default="exercises", help="where exercises are written")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite exercise notebooks even if someone edited them")
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 if a notebook is out of date")
+    return parser
+
+
+def run_build(args) -> int:
+    try:
+        if args.check:
+            check_fresh(args.src, args.solutions, args.exercises)
+            print("all notebooks are up to date")
+            return 0
+        written = build_all(args.src, args.solutions, args.exercises, args.force)
+    except AuthoringError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"wrote {path}")
+    if not written:
+        print("all notebooks are up to date")
+    return 0
+
+
+def build_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ckpt_course.authoring",
+                                     description="Build exercise and solution notebooks.")
+    return run_build(add_build_arguments(parser).parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(build_main())

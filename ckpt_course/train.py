@@ -1,0 +1,211 @@
+"""Real training steps under a checkpoint policy, one record per step.
+
+``train(model, "every-2", steps=5)`` runs AdamW steps and returns a ``StepRecord`` per step: loss,
+step time, peak memory, the bytes held for backward at the end of forward, and the FLOPs backward
+recomputes. Every other tool (live plots, comparisons, the OOM doctor) reads these records.
+
+Step times include the meter's cost when ``measure_memory=True``; compare policies' speed with
+``measure_memory=False`` and interleaved runs (see ``bench/``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .meter import MemoryMeter, parse_budget
+from .policies import applied, parse_policy
+from .recompute import measure_recompute
+
+
+@dataclass
+class StepRecord:
+    """One measured training step. Byte counts are exact live tensor bytes (device-independent)."""
+
+    step: int
+    policy: str
+    loss: float
+    time_s: float
+    peak_bytes: int | None = None  # peak of live tensor bytes during the step
+    saved_bytes: int | None = None  # live bytes added by forward: what backward will read
+    recompute_flops: int | None = None  # FLOPs backward spends re-running forward
+    tokens: int = 0  # samples x sequence length processed by the step
+    cuda_peak_bytes: int | None = None  # the CUDA allocator's own peak, when on CUDA
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_model(model) -> None:
+    missing = [name for name in ("blocks", "example_batch", "loss") if not hasattr(model, name)]
+    if missing:
+        raise ValueError(
+            f"{type(model).__name__} lacks {', '.join(missing)}: training needs a course "
+            "model with "
+            "`.blocks` (an nn.ModuleList), `.example_batch(batch_size, seq_len, generator)` and "
+            "`.loss(batch)`; see ckpt_course.models"
+        )
+
+
+def _to(batch, device):
+    return tuple(t.to(device) for t in batch)
+
+
+def _tokens(batch) -> int:
+    x = batch[0]
+    return x.shape[0] * (x.shape[1] if x.dim() > 1 and not x.is_floating_point() else 1)
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train(
+    model: torch.nn.Module,
+    policy="none",
+    steps: int = 5,
+    batch_size: int = 8,
+    seq_len: int | None = None,
+    lr: float = 1e-3,
+    seed: int = 0,
+    device=None,
+    measure_memory: bool = True,
+    budget=None,
+    count_recompute: bool = True,
+    progress: bool = True,
+    on_step=None,
+) -> list[StepRecord]:
+    """Run ``steps`` AdamW steps of ``model.loss`` under ``policy``; return one record per step.
+
+    ``budget`` (bytes) makes the meter raise ``torch.OutOfMemoryError`` when live memory would
+    exceed it; the failed step's memory is released first, so the process stays usable.
+    ``on_step(record)`` is called after each step (live plots use it).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    policy = parse_policy(policy)
+    _check_model(model)
+    if budget is not None:
+        parse_budget(budget)  # fail before any work, with the accepted forms in the message
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device).train()
+    generator = torch.Generator().manual_seed(seed)
+    batches = [
+        _to(model.example_batch(batch_size, seq_len, generator=generator), device)
+        for _ in range(steps)
+    ]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+
+    recompute_flops = None
+    if count_recompute:
+        recompute_flops = measure_recompute(model, batches[0], policy).flops
+        model.zero_grad(set_to_none=True)
+
+    meter = MemoryMeter(budget=budget) if measure_memory else None
+    records = []
+    with applied(model, policy), meter or contextlib.nullcontext():
+        if meter is not None:
+            meter.track(model, optimizer)
+        for step in tqdm(
+            range(steps), desc=str(policy), delay=1.0, disable=not progress, leave=False
+        ):
+            record = _one_step(model, optimizer, batches[step], meter, device)
+            record.step, record.policy, record.recompute_flops = step, str(policy), recompute_flops
+            records.append(record)
+            if on_step is not None:
+                on_step(record)
+    if meter is not None:
+        meter.untrack()
+    return records
+
+
+def _one_step(model, optimizer, batch, meter, device) -> StepRecord:
+    phase = meter.phase if meter is not None else (lambda name: contextlib.nullcontext())
+    optimizer.zero_grad(set_to_none=True)
+    if meter is not None:
+        meter.reset_peak()
+        before = meter.live_bytes
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    message = None
+    _sync(device)
+    start = time.perf_counter()
+    try:
+        with phase("forward"):
+            loss = model.loss(batch)
+        saved = meter.live_bytes - before if meter is not None else None
+        with phase("backward"):
+            loss.backward()
+        with phase("optimizer"):
+            optimizer.step()
+        _sync(device)
+    except torch.OutOfMemoryError as error:
+        message = str(error)
+    if message is not None:
+        # Raised outside the except block so no traceback keeps the failed step's tensors alive.
+        optimizer.zero_grad(set_to_none=True)
+        loss = None
+        raise torch.OutOfMemoryError(message)
+    elapsed = time.perf_counter() - start
+    return StepRecord(
+        step=0,
+        policy="",
+        loss=loss.item(),
+        time_s=elapsed,
+        peak_bytes=meter.peak_bytes if meter is not None else None,
+        saved_bytes=saved,
+        tokens=_tokens(batch),
+        cuda_peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+    )
+
+
+@dataclass
+class GradCheck:
+    """Gradients under a policy compared with no policy, parameter by parameter."""
+
+    policy: str
+    equal: bool  # every gradient torch.equal to the reference: bit-identical
+    max_abs_diff: float
+    mismatched: list[str]
+
+
+def _gradients(model, batch, seed):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # same dropout masks in both runs
+    model.loss(batch).backward()
+    grads = {
+        name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None
+    }
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def check_gradients(
+    model, policy, batch_size: int = 4, seq_len: int | None = None, seed: int = 0
+) -> GradCheck:
+    """Is checkpointing exact? Compare every gradient with and without ``policy``,
+    dropout included."""
+    policy = parse_policy(policy)
+    _check_model(model)
+    model.train()
+    device = next(model.parameters()).device
+    batch = _to(
+        model.example_batch(batch_size, seq_len, generator=torch.Generator().manual_seed(seed)),
+        device,
+    )
+    reference = _gradients(model, batch, seed)
+    with applied(model, policy):
+        checked = _gradients(model, batch, seed)
+    mismatched = [
+        n for n in reference if not torch.equal(reference[n], checked.get(n, torch.empty(0)))
+    ]
+    diff = max(
+        ((reference[n] - checked[n]).abs().max().item() for n in mismatched if n in checked),
+        default=0.0,
+    )
+    return GradCheck(str(policy), not mismatched, diff, mismatched)

@@ -1,0 +1,27 @@
+"""Formatting of bytes and FLOPs, in one place, so every table and message reads the same."""
+
+KiB, MiB, GiB = 1024, 1024**2, 1024**3
+
+
+def fmt_bytes(n: float) -> str:
+    """1048576 -> '1.00 MiB'. Binary units, as the CUDA allocator reports them."""
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if n >= size:
+            return f"{sign}{n / size:.2f} {unit}"
+    return f"{sign}{int(n)} B"
+
+
+def fmt_flops(n: float) -> str:
+    """2.5e9 -> '2.50 GFLOP'. Decimal units, as FLOP counts are usually quoted."""
+    for unit, size in (
+        ("PFLOP", 1e15),
+        ("TFLOP", 1e12),
+        ("GFLOP", 1e9),
+        ("MFLOP", 1e6),
+        ("kFLOP", 1e3),
+    ):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} FLOP"

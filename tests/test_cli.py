@@ -1,0 +1,62 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ckpt_course.cli import main
+
+
+def test_tape_prints_the_hand_trace_ledger(capsys):
+    assert main(["tape", "--model", "hand-trace"]) == 0
+    out = capsys.readouterr().out
+    assert "AddmmBackward0.mat1" in out and "5.00 MiB" in out
+
+
+def test_train_prints_one_row_per_step(capsys):
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "gpt",
+                "--layers",
+                "2",
+                "--batch",
+                "2",
+                "--seq",
+                "16",
+                "--policy",
+                "every-2",
+                "--steps",
+                "2",
+            ]
+        )
+        == 0
+    )
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()[:1].isdigit()]
+    assert len(rows) == 2
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["train", "--policy", "every-0"], "accepted"),
+        (["train", "--steps", "0"], "at least 1"),
+        (["train", "--steps", "many"], "whole number"),
+        (["tape", "--model", "resnet"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_give_a_usage_error(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: ckpt-course" in err and fragment in err
+
+
+@pytest.mark.slow
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "ckpt-course"
+    done = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "tape" in done.stdout and "train" in done.stdout

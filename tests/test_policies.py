@@ -1,0 +1,368 @@
+import functools
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    checkpoint_sequential,
+    create_selective_checkpoint_contexts,
+)
+
+from ckpt_course.models import GPTConfig, HandTraceNet, Llama, TinyGPT, llama_config
+from ckpt_course.policies import (
+    EveryK,
+    NoCheckpoint,
+    Offload,
+    Selective,
+    Sqrt,
+    applied,
+    apply_policy,
+    parse_policy,
+)
+from ckpt_course.recompute import OpCounter
+
+POLICIES = ["none", "full", "every-2", "every-3", "sqrt", "selective:save=mm",
+            "selective:save=mm,sdpa", "selective:recompute=sdpa", "attn-core",
+            "selective:save=mm,softmax,dropout", "selective:recompute=mm", "offload"]
+
+
+def gpt(attention, dropout=0.1):
+    return TinyGPT(GPTConfig(n_layer=4, d_model=32, n_head=2, seq_len=16, dropout=dropout,
+                             attention=attention))
+
+
+MODELS = {
+    "hand": lambda: HandTraceNet(width=16, depth=4),
+    "gpt-naive": lambda: gpt("naive"),
+    "gpt-sdpa": lambda: gpt("sdpa"),
+    "llama-tiny": lambda: Llama(llama_config("llama-tiny")),
+}
+
+
+def small_batch(model):
+    g = torch.Generator().manual_seed(0)
+    if isinstance(model, HandTraceNet):
+        return model.example_batch(8, generator=g)
+    return model.example_batch(2, seq_len=16, generator=g)
+
+
+def gradients(model, batch, seed=1):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # same dropout masks in every run
+    model.loss(batch).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@functools.cache
+def reference(name):
+    torch.manual_seed(0)
+    model = MODELS[name]().train()
+    batch = small_batch(model)
+    return model, batch, gradients(model, batch)
+
+
+# ---------------------------------------------------------------- exact gradients
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("name", MODELS)
+def test_every_policy_gives_bit_identical_gradients(name, policy):
+    model, batch, expected = reference(name)
+    with applied(model, policy):
+        got = gradients(model, batch)
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[n], expected[n]) for n in expected), policy
+
+
+class FullWithoutRng(EveryK):
+    """``full`` with ``preserve_rng_state=False``: the recompute draws fresh dropout masks."""
+
+    def run(self, segment, x, store):
+        return checkpoint(segment, x, use_reentrant=False, preserve_rng_state=False)
+
+
+def test_without_preserved_rng_state_dropout_gradients_differ():
+    model, batch, expected = reference("gpt-naive")
+    with applied(model, FullWithoutRng(1)):
+        got = gradients(model, batch)
+    # the recompute drew new dropout masks, so backward used masks forward never applied
+    assert not torch.equal(got["blocks.0.mlp.0.weight"], expected["blocks.0.mlp.0.weight"])
+
+
+def test_naming_ops_alone_is_not_enough_for_selective_dropout():
+    """Why ``Selective`` has rules for in-place ops: the naive policy gives wrong gradients.
+
+    Recomputing dropout (bernoulli_) while saving everything else hands the recompute the cached
+    mask buffer, refills it, then skips the cached ``div_``: the mask loses its 1/(1-p) scale.
+    """
+    model, batch, expected = reference("gpt-naive")
+    named = {torch.ops.aten.bernoulli_}
+
+    def naive_policy(ctx, op, *args, **kwargs):
+        recompute = op.overloadpacket in named
+        return CheckpointPolicy.PREFER_RECOMPUTE if recompute else CheckpointPolicy.MUST_SAVE
+
+    class NaiveSelective(EveryK):
+        def run(self, segment, x, store):
+            context_fn = functools.partial(create_selective_checkpoint_contexts, naive_policy,
+                                           allow_cache_entry_mutation=True)
+            return checkpoint(segment, x, use_reentrant=False, context_fn=context_fn)
+
+    with applied(model, NaiveSelective(1)):
+        wrong = gradients(model, batch)
+    assert not all(torch.equal(wrong[n], expected[n]) for n in expected)
+    with applied(model, "selective:recompute=dropout"):
+        right = gradients(model, batch)
+    assert all(torch.equal(right[n], expected[n]) for n in expected)
+
+
+class Chain(nn.Module):
+    """Two copies of ``block`` in ``blocks``: a minimal model for selective corner cases."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.blocks = nn.ModuleList(block() for _ in range(2))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class InPlaceOnView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.lin(x)
+        y.view(-1).mul_(2)  # in place, through a view, on a matmul's output
+        return torch.tanh(y)
+
+
+class TwoRandomOps(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        keep = torch.bernoulli(torch.full_like(x, 0.5))  # a functional random op ("dropout")
+        y = torch.tanh(self.lin(x * keep))
+        return y * torch.rand_like(y)  # a second random op, not named
+
+
+@pytest.mark.parametrize("block, policy", [
+    (InPlaceOnView, "selective:save=mm"),  # mul_ must be replayed on the cached matmul output
+    (TwoRandomOps, "selective:save=dropout"),  # rand_like must be cached too, or the RNG shifts
+    (TwoRandomOps, "selective:recompute=dropout"),
+])
+def test_selective_corner_cases_stay_exact(block, policy):
+    model, x = Chain(block), torch.randn(4, 8)
+
+    def grads():
+        model.zero_grad()
+        torch.manual_seed(3)
+        model(x).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    expected = grads()
+    with applied(model, policy):
+        got = grads()
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+# ---------------------------------------------------------------- parsing
+@pytest.mark.parametrize("spec, policy", [
+    ("none", NoCheckpoint()), ("full", EveryK(1)), ("every-1", EveryK(1)), ("every-2", EveryK(2)),
+    (" Every-12 ", EveryK(12)), ("sqrt", Sqrt()), ("offload", Offload()),
+    ("selective:save=mm,sdpa", Selective(("mm", "sdpa"), "save")),
+    ("selective:recompute=sdpa", Selective(("sdpa",), "recompute")),
+    ("attn-core", Selective(("attn-core",), "recompute")),
+])
+def test_parse_policy(spec, policy):
+    assert parse_policy(spec) == policy
+    assert parse_policy(str(policy)) == policy  # str() is a spec that parses back
+    assert parse_policy(policy) is policy
+
+
+def test_policy_names_read_as_specs():
+    assert [str(parse_policy(s)) for s in ("every-1", "every-4", "selective:save=mm, gelu")] == \
+        ["full", "every-4", "selective:save=mm,gelu"]
+
+
+@pytest.mark.parametrize("spec", ["every-0", "every-x", "every-", "every--1", "bogus", "",
+                                  "selective:foo", "selective:save", "selective:keep=mm"])
+def test_malformed_policies_say_what_is_accepted(spec):
+    with pytest.raises(ValueError, match="every-K") as error:
+        parse_policy(spec)
+    assert repr(spec) in str(error.value)
+
+
+@pytest.mark.parametrize("spec", ["selective:save=matmul", "selective:recompute=mm,foo",
+                                  "selective:save="])
+def test_unknown_op_names_list_the_known_ones(spec):
+    with pytest.raises(ValueError, match="known: mm, sdpa, softmax, gelu"):
+        parse_policy(spec)
+
+
+def test_bad_objects_are_refused():
+    with pytest.raises(ValueError, match="K >= 1"):
+        EveryK(0)
+    with pytest.raises(TypeError, match="not int"):
+        parse_policy(2)
+
+
+# ---------------------------------------------------------------- segments
+def test_segments():
+    assert EveryK(2).segments(5) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert EveryK(1).segments(3) == [range(0, 1), range(1, 2), range(2, 3)]
+    assert EveryK(8).segments(3) == [range(0, 3)]
+    assert NoCheckpoint().segments(4) == []
+    # sqrt: K = ceil(sqrt(L))
+    assert Sqrt().segments(4) == EveryK(2).segments(4)
+    assert Sqrt().segments(9) == EveryK(3).segments(9)
+    assert Sqrt().segments(10) == [range(0, 4), range(4, 8), range(8, 10)]
+    assert Selective(("mm",)).segments(2) == Offload().segments(2) == [range(0, 1), range(1, 2)]
+
+
+def test_describe_names_the_boundaries():
+    assert parse_policy("every-2").describe(5).startswith(
+        "every-2 on 5 blocks: segments [0 1] [2 3] [4], boundaries at blocks 0, 2, 4")
+    assert "K = ceil(sqrt(10)) = 4" in parse_policy("sqrt").describe(10)
+    assert "nothing checkpointed" in parse_policy("none").describe(3)
+
+
+def outer_saves(fn):
+    """Tensors saved for backward as seen from outside: a checkpointed region shows only its
+    input (checkpoint keeps it to re-run the region); what the region saves stays inside."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fn()
+    return saved
+
+
+def test_last_segment_is_checkpointed_unlike_checkpoint_sequential():
+    model = HandTraceNet(width=16, depth=4)
+    x, y = small_batch(model)
+    with applied(model, "every-2"):
+        saves = outer_saves(lambda: model.loss((x, y)))
+    # the two segments' inputs (x, block 1's output), then mse_loss's input and target
+    assert len(saves) == 2 + 2 and saves[0] is x and saves[3] is y
+    # torch's checkpoint_sequential runs its last segment plainly: blocks 2 and 3 each save
+    # addmm's input and weight.t(), and ReLU's output.
+    seq = nn.Sequential(*model.blocks)
+    saves = outer_saves(lambda: checkpoint_sequential(seq, 2, x, use_reentrant=False))
+    assert len(saves) == 1 + 2 * 3
+
+
+# ---------------------------------------------------------------- apply and remove
+def test_remove_restores_the_model_exactly():
+    model = gpt("sdpa").eval()
+    x = small_batch(model)[0]
+    before_out, before_state = model(x), {k: v.clone() for k, v in model.state_dict().items()}
+    before_tree = repr(model)
+    handle = apply_policy(model, "every-2")
+    assert "forward" in vars(model.blocks[0]) and "forward" in vars(model.blocks[1])
+    assert torch.equal(model(x), before_out)
+    handle.remove()
+    handle.remove()  # twice is harmless
+    assert all("forward" not in vars(b) for b in model.blocks)
+    assert torch.equal(model(x), before_out)
+    assert repr(model) == before_tree
+    state = model.state_dict()
+    assert list(state) == list(before_state)
+    assert all(torch.equal(state[k], before_state[k]) for k in state)
+
+
+def test_applied_removes_even_on_error():
+    model = HandTraceNet(width=16, depth=4)
+    with pytest.raises(KeyError), applied(model, "full") as handle:
+        assert "forward" in vars(model.blocks[3])
+        raise KeyError("boom")
+    assert all("forward" not in vars(b) for b in model.blocks)
+    assert handle.policy == EveryK(1)
+    apply_policy(model, "sqrt").remove()  # free to apply again
+
+
+def test_applying_twice_asks_to_remove_first():
+    model = HandTraceNet(width=16, depth=4)
+    with applied(model, "none"):
+        with pytest.raises(RuntimeError, match=r"already runs under policy 'none'.*remove\(\)"):
+            apply_policy(model, "full")
+    model.blocks[1].forward = lambda x: x  # someone else's wrapper
+    with pytest.raises(RuntimeError, match="block 1 already has an instance-level forward"):
+        apply_policy(model, "full")
+
+
+def test_model_without_blocks_gets_a_clear_error():
+    message = r"give the model a `blocks` nn.ModuleList .* or pass blocks= explicitly"
+    with pytest.raises(ValueError, match=message):
+        apply_policy(nn.Sequential(nn.Linear(4, 4)), "full")
+    empty = HandTraceNet(width=4, depth=0)
+    with pytest.raises(ValueError, match=message):
+        apply_policy(empty, "full")
+
+
+def test_explicit_blocks():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+    x = torch.randn(3, 8, requires_grad=True)
+    expected = torch.autograd.grad(model(x).sum(), [x, *model.parameters()])
+    with applied(model, "every-2", blocks=list(model)):
+        assert len(outer_saves(lambda: model(x))) == 2  # the inputs of [0 1] and [2]
+        got = torch.autograd.grad(model(x).sum(), [x, *model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+# ---------------------------------------------------------------- offload
+def test_offload_moves_each_saved_activation_once_each_way():
+    batch, width, depth = 8, 16, 4
+    model = HandTraceNet(width=width, depth=depth)
+    x, y = small_batch(model)
+    # What the blocks save, without parameters: the input x and each ReLU's output (the next
+    # block's addmm saves that same tensor again): 1 + depth tensors of batch x width fp32.
+    expected_bytes = (1 + depth) * batch * width * 4
+    ops = OpCounter()
+    with applied(model, "offload") as handle:
+        with ops:
+            loss = model.loss((x, y))
+        assert "aten.clone" not in ops.ops  # host copies are invisible to dispatch modes
+        assert handle.stats.bytes_to_host == expected_bytes
+        assert handle.stats.tensors_to_host == 1 + depth
+        assert handle.stats.bytes_to_device == 0
+        with OpCounter() as back:
+            loss.backward()
+    assert back.ops["aten.clone"] == 1 + depth  # each copy back is a new device tensor
+    assert handle.stats.bytes_to_device == expected_bytes
+    assert handle.stats.tensors_to_device == 1 + depth
+    assert str(handle.stats) == "to host 2.50 KiB (5 tensors), back 2.50 KiB (5 tensors)"
+
+
+def test_offload_keeps_nothing_but_parameters_on_the_device_tape():
+    model = HandTraceNet(width=16, depth=2)
+    x, y = small_batch(model)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with applied(model, "offload"):
+        saved = []
+        hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+                                                         lambda t: t)
+        with hooks:
+            model(x)
+    # the offload hooks are innermost, so an outer hook sees nothing from inside the blocks
+    assert saved == []
+    with applied(model, "offload") as handle:
+        model(x).sum().backward()
+    assert handle.stats.bytes_to_host == 3 * 8 * 16 * 4  # x, relu1, relu2
+    assert all(p.grad is not None for p in model.parameters())
+    assert params == {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+
+def test_offload_moves_what_the_tape_says_the_blocks_save():
+    from ckpt_course.tape import record_tape
+
+    model, batch, _ = reference("gpt-naive")
+    tape = record_tape(model.loss, batch, model=model)
+    in_blocks = sum(e.nbytes for e in tape.entries
+                    if not e.is_param and e.module.startswith("blocks"))
+    with applied(model, "offload") as handle:
+        model.loss(batch).backward()
+    assert handle.stats.bytes_to_host == handle.stats.bytes_to_device == in_blocks > 0
