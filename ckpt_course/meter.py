@@ -267,6 +267,15 @@ class MemoryMeter(TorchDispatchMode):
                         self._label(value, "optimizer state")
         return self
 
+    def count(self, *tensors: Tensor, category: str = "activations") -> MemoryMeter:
+        """Count tensors made before the meter started, e.g. a batch of inputs (default
+        "activations": the tape keeps a layer's input for the weight gradient)."""
+        if category not in CATEGORIES:
+            raise ValueError(f"category must be one of {', '.join(CATEGORIES)}; got {category!r}")
+        for t in tensors:
+            self._label(t, category)
+        return self
+
     def _grad_ready(self, param: Tensor) -> None:
         self._label(param.grad, "gradients")
 

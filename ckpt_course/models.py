@@ -287,3 +287,12 @@ class Llama(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def sized(cpu, gpu):
+    """The one switch between lesson sizes: ``gpu`` when CUDA is present, else ``cpu``."""
+    return gpu if torch.cuda.is_available() else cpu
+
+
+def course_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -165,6 +165,64 @@ def _one_step(model, optimizer, batch, meter, device) -> StepRecord:
 
 
 @dataclass
+class StepMeasurement:
+    """One forward and backward (no optimizer) under a policy, measured by a ``MemoryMeter``.
+
+    ``baseline_bytes``: parameters and the input batch, live before forward.
+    ``saved_bytes``: what forward added and left alive for backward (the tape, as memory).
+    ``peak_bytes``: the highest live bytes during forward and backward, baseline included;
+    ``peak_breakdown`` splits it by category, ``peak_phase``/``peak_op`` say when and where.
+    ``meter``: the meter itself, with its ``timeline`` of live bytes.
+    """
+
+    policy: str
+    baseline_bytes: int
+    saved_bytes: int
+    peak_bytes: int
+    peak_breakdown: dict
+    peak_phase: str | None
+    peak_op: str | None
+    meter: MemoryMeter
+
+    @property
+    def peak_above_baseline(self) -> int:
+        return self.peak_bytes - self.baseline_bytes
+
+
+def measure_step(
+    model, policy="none", batch=None, batch_size=None, seq_len=None, seed=0, loss_fn=None
+) -> StepMeasurement:
+    """Run one forward+backward of ``loss_fn(batch)`` (default ``model.loss``) under ``policy``
+    and measure its memory exactly. Gradients are cleared before and after."""
+    policy = parse_policy(policy)
+    _check_model(model)
+    if batch is None:
+        size = {} if batch_size is None else {"batch_size": batch_size}
+        generator = torch.Generator().manual_seed(seed)
+        batch = model.example_batch(seq_len=seq_len, generator=generator, **size)
+    loss_fn = loss_fn or model.loss
+    model.zero_grad(set_to_none=True)
+    meter = MemoryMeter(timeline=True)
+    torch.manual_seed(seed)
+    with applied(model, policy), meter:
+        meter.track(model).count(*batch)
+        meter.reset_peak()
+        baseline = meter.live_bytes
+        with meter.phase("forward"):
+            loss = loss_fn(batch)
+        saved = meter.live_bytes - baseline
+        with meter.phase("backward"):
+            loss.backward()
+        del loss
+    meter.untrack()
+    model.zero_grad(set_to_none=True)
+    return StepMeasurement(
+        str(policy), baseline, saved, meter.peak_bytes, dict(meter.peak_breakdown),
+        meter.peak_phase, meter.peak_op, meter,
+    )
+
+
+@dataclass
 class GradCheck:
     """Gradients under a policy compared with no policy, parameter by parameter."""
 

@@ -229,3 +229,12 @@ def test_categories_and_cuda_stats_on_cpu():
     assert list(meter.breakdown()) == list(CATEGORIES)
     if not torch.cuda.is_available():
         assert meter.cuda_stats() is None
+
+
+def test_count_adds_tensors_made_before_the_meter_once():
+    x = torch.zeros(512, 512)
+    with MemoryMeter() as meter:
+        meter.count(x, x[0], category="activations")
+        assert meter.live_bytes == 2**20 and meter.breakdown()["activations"] == 2**20
+        with pytest.raises(ValueError, match="category must be one of"):
+            meter.count(x, category="weights")

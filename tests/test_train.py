@@ -7,7 +7,7 @@ import torch
 
 from ckpt_course.models import GPTConfig, HandTraceNet, TinyGPT
 from ckpt_course.tape import record_tape
-from ckpt_course.train import check_gradients, train
+from ckpt_course.train import check_gradients, measure_step, train
 
 CFG = dict(d_model=64, n_head=4, seq_len=32)
 BATCH = 4
@@ -93,3 +93,17 @@ def test_bad_inputs_say_what_to_do():
         train(model, steps=1, budget=-5)
     with pytest.raises(ValueError, match="blocks"):
         train(torch.nn.Linear(4, 4), steps=1)
+
+
+@pytest.mark.parametrize("policy, saved_mib", [("none", 4), ("full", 3), ("every-2", 1)])
+def test_measure_step_counts_the_hand_trace_saved_set(policy, saved_mib):
+    """x is an input (baseline, with y and the 4 MiB of weights); forward keeps h1..h4 (none),
+    h1..h3 (full: each block keeps its input; sum() needs no h4), h2 (every-2: a segment input).
+    """
+    model = HandTraceNet()
+    mib, params = 2**20, sum(p.nbytes for p in model.parameters())
+    m = measure_step(model, policy, batch_size=512, loss_fn=lambda b: model(b[0]).sum())
+    assert m.baseline_bytes == params + 2 * mib
+    assert m.saved_bytes == saved_mib * mib + 4  # + the 4-byte scalar loss
+    assert m.peak_bytes == m.meter.timeline_peak() and m.peak_phase == "backward"
+    assert all(p.grad is None for p in model.parameters())
