@@ -29,7 +29,7 @@ lab: $(STAMP)
 
 # Everything: unit tests, notebooks (lessons and solutions) through nbval, grading, CLI.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests notebooks solutions --nbval-lax --nbval-current-env
 
 # Lint plus the unit tests that need no notebook or subprocess (under 60 s).
 check-fast: $(STAMP)

@@ -1,0 +1,182 @@
+"""Pictures the lessons draw from measurements (matplotlib; each function returns its axes).
+
+- ``breakdown_bars(rows)``: stacked bars of where a training step's memory goes, one bar per
+  size or model, categories in the meter's order, an optional limit line (an 80 GB GPU).
+- ``timeline(meter)``: live bytes after every allocation and free of a step, forward and backward
+  shaded, the peak and the average marked. The shape is the lesson: memory climbs through forward
+  as the tape is written and falls through backward as it is read.
+- ``dial_figure(dial, n)``: the every-N dial measured by ``ckpt_course.sweeps.dial``: saved and
+  peak memory, and recompute FLOPs, against N, with sqrt(L) marked; ``dial_slider(dial)`` puts an
+  ipywidgets slider on it that redraws from the measurements.
+
+Nothing here measures: every picture draws numbers a ``ckpt_course`` call produced.
+"""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+
+from .meter import CATEGORIES
+from .units import GiB, KiB, MiB
+
+COLORS = {
+    "parameters": "#4c72b0",
+    "gradients": "#55a868",
+    "optimizer state": "#8172b2",
+    "activations": "#dd8452",
+    "temporaries": "#c44e52",
+}
+PHASE_COLORS = {"forward": "#dd8452", "backward": "#4c72b0", "optimizer": "#8172b2"}
+
+
+def _unit(largest: float) -> tuple[float, str]:
+    for size, name in ((GiB, "GiB"), (MiB, "MiB"), (KiB, "KiB")):
+        if largest >= size:
+            return size, name
+    return 1, "bytes"
+
+
+def _axes(ax, figsize=(7, 3.5)):
+    if ax is None:
+        _, ax = plt.subplots(figsize=figsize, layout="constrained")
+    return ax
+
+
+# ---------------------------------------------------------------- stacked bars
+def breakdown_bars(rows: dict, ax=None, limit=None, limit_label=None, title=None):
+    """``rows``: {bar label: {category: bytes}} (a ``Breakdown.categories`` or
+    ``sweeps.estimate_categories(...)``). ``limit``: bytes for a horizontal line."""
+    ax = _axes(ax)
+    largest = max([sum(c.values()) for c in rows.values()] + [limit or 0])
+    size, unit = _unit(largest)
+    labels = list(rows)
+    xs = range(len(labels))
+    bottom = [0.0] * len(labels)
+    for category in CATEGORIES:
+        heights = [rows[label].get(category, 0) / size for label in labels]
+        if any(heights):
+            ax.bar(xs, heights, bottom=bottom, label=category, color=COLORS[category])
+            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    ax.set_xticks(xs, [str(label).replace(" ", "\n") for label in labels])  # "B=8 T=64" on 2 lines
+    if limit is not None:
+        ax.axhline(limit / size, color="black", linestyle="--", linewidth=1)
+        ax.annotate(limit_label or "limit", (1, limit / size), xycoords=("axes fraction", "data"),
+                    xytext=(-3, 3), textcoords="offset points", ha="right", fontsize=8)
+    ax.set_ylabel(unit)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax
+
+
+# ---------------------------------------------------------------- the live-bytes timeline
+def _spans(points) -> list[tuple[str, int, int]]:
+    """Consecutive runs of the same phase: (phase, first index, last index)."""
+    spans = []
+    for p in points:
+        if spans and spans[-1][0] == p.phase:
+            spans[-1][2] = p.index
+        else:
+            spans.append([p.phase, p.index, p.index])
+    return [tuple(s) for s in spans]
+
+
+def timeline(source, ax=None, title=None, baseline: int | None = None):
+    """Live bytes of a measured step against time (one point per allocation or free).
+
+    ``source``: a ``MemoryMeter`` made with ``timeline=True``, anything with a ``.meter``
+    (``train.measure_step``'s result) or a list of ``TimelinePoint``. ``baseline`` (bytes): a
+    dotted line for what was live before forward (parameters and batch)."""
+    points = getattr(getattr(source, "meter", source), "timeline", source)
+    if not points:
+        raise ValueError("no timeline to draw: measure with MemoryMeter(timeline=True) or "
+                         "train.measure_step, which keeps one")
+    ax = _axes(ax)
+    size, unit = _unit(max(p.live_bytes for p in points))
+    xs, ys = [p.index for p in points], [p.live_bytes / size for p in points]
+    for phase, start, end in _spans(points):
+        if phase in PHASE_COLORS:
+            ax.axvspan(start, end, color=PHASE_COLORS[phase], alpha=0.12, label=phase)
+    ax.step(xs, ys, where="post", color="black", linewidth=1)
+    peak = max(points, key=lambda p: p.live_bytes)
+    average = sum(p.live_bytes for p in points) / len(points)
+    ax.axhline(average / size, color="gray", linestyle="--", linewidth=1, label="average")
+    ax.plot([peak.index], [peak.live_bytes / size], "o", color="#c44e52",
+            label=f"peak ({peak.phase or 'outside phases'})")
+    if baseline is not None:
+        ax.axhline(baseline / size, color="gray", linestyle=":", linewidth=1,
+                   label="parameters + batch")
+    ax.set_xlabel("allocations and frees, in order")
+    ax.set_ylabel(f"live {unit}")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax
+
+
+# ---------------------------------------------------------------- the every-N dial
+def dial_figure(dial, n: int | None = None, axes=None, title=None):
+    """Left: saved bytes after forward and peak above parameters+batch, against N, with no
+    checkpointing as dashed lines. Right: recompute FLOPs against N. sqrt(L) is marked; ``n``
+    (the slider's N) is highlighted. Returns the two axes."""
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(10, 3.5), layout="constrained",
+                               gridspec_kw={"width_ratios": [3, 2]})
+    mem, flops = axes
+    ns = [p.n for p in dial.points]
+    size, unit = _unit(max(dial.none.peak_above_baseline, dial.none.saved_bytes))
+    peaks = [p.peak_above_baseline / size for p in dial.points]
+    saved = [p.saved_bytes / size for p in dial.points]
+    mem.plot(ns, peaks, "o-", color="#c44e52", label="peak (above params + batch)")
+    mem.plot(ns, saved, "s-", color="#dd8452", label="saved after forward")
+    mem.axhline(dial.none.peak_above_baseline / size, color="#c44e52", linestyle="--",
+                linewidth=1, label="peak, no checkpointing")
+    mem.axhline(dial.none.saved_bytes / size, color="#dd8452", linestyle="--", linewidth=1,
+                label="saved, no checkpointing")
+    gflops = [p.recompute_flops / 1e9 for p in dial.points]
+    flops.bar(ns, gflops, color="#4c72b0")
+    for ax in axes:
+        ax.axvline(dial.sqrt_n, color="gray", linestyle=":", linewidth=1.5)
+        ax.annotate(f"sqrt(L) = {dial.sqrt_n:.2g}", (dial.sqrt_n, 1), xycoords=("data", "axes "
+                    "fraction"), xytext=(3, -12), textcoords="offset points", fontsize=8)
+        ax.set_xlabel(f"N (blocks per checkpointed segment; L = {dial.n_layers})")
+        ax.set_xticks(ns)
+    if n is not None:
+        p = dial.at(n)
+        mem.plot([n], [p.peak_above_baseline / size], "o", markersize=14, fillstyle="none",
+                 color="black")
+        flops.bar([n], [p.recompute_flops / 1e9], color="#2a3f66")
+        mem.set_title(f"every-{n}: peak {p.peak_above_baseline / size:.2f} {unit}, saved "
+                      f"{p.saved_bytes / size:.2f} {unit}", fontsize=10)
+        flops.set_title(f"recompute +{p.overhead:.0%} of a plain step", fontsize=10)
+    elif title:
+        mem.set_title(title, fontsize=10)
+    mem.set_ylabel(unit)
+    mem.set_ylim(bottom=0)
+    mem.legend(fontsize=8)
+    flops.set_ylabel("recomputed GFLOP")
+    return axes
+
+
+def dial_slider(dial, description: str = "N"):
+    """An ipywidgets ``interactive``: an IntSlider over N (1..L) that redraws ``dial_figure`` and
+    the live-bytes timeline of every-N from the measurements (nothing is re-run)."""
+    try:
+        import ipywidgets as widgets
+    except ImportError as error:  # only the notebooks need it
+        raise ImportError("the slider needs ipywidgets: pip install ipywidgets "
+                          "(requirements.txt pins it)") from error
+    ns = [p.n for p in dial.points]
+    slider = widgets.IntSlider(value=dial.best().n, min=min(ns), max=max(ns), step=1,
+                               description=description, continuous_update=False)
+
+    def draw(N):
+        fig = plt.figure(figsize=(10, 6.5), layout="constrained")
+        top, bottom = fig.subfigures(2, 1)
+        dial_figure(dial, N, axes=top.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]}))
+        timeline(dial.at(N).timeline, ax=bottom.subplots(), baseline=dial.at(N).baseline_bytes,
+                 title=f"every-{N}: live bytes through forward and backward")
+        plt.show()
+
+    return widgets.interactive(draw, N=slider)

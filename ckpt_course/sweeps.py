@@ -1,0 +1,226 @@
+"""Measurement loops the lessons repeat: where a training step's memory goes, and the every-N dial.
+
+Three questions, each answered by running real steps under a ``MemoryMeter``:
+
+- Where does the memory of a training step go? ``step_breakdown(model, batch_size, seq_len)``
+  runs AdamW steps on a copy of the model and splits the peak of the last one into parameters,
+  gradients, optimizer state, activations and temporaries. Measure step 2, not step 1: AdamW
+  creates its state (two moments per parameter) during the first ``optimizer.step()``, so only
+  from step 2 on is every category present. ``breakdown_sweep`` repeats it over sizes.
+- What does checkpointing ONE block change? ``CheckpointBlocks((1,))`` is a policy that wraps only
+  the named blocks in ``torch.utils.checkpoint``; every tool that takes a policy (``measure_step``,
+  ``measure_recompute``, ``check_gradients``, ``train``) accepts it.
+- How does the segment size N of ``every-N`` move memory and recompute? ``dial(model, batch)``
+  measures every N from 1 to L once (saved bytes after forward, peak, recompute FLOPs, the
+  live-bytes timeline), so a slider can redraw from the measurements without running anything.
+
+Byte counts are exact live tensor bytes, the same on every device; on CUDA a breakdown also
+carries the allocator's own peak.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .meter import MemoryMeter, TimelinePoint
+from .policies import Policy, applied
+from .recompute import count_step
+from .train import measure_step
+from .units import fmt_bytes, fmt_flops
+
+
+# ---------------------------------------------------------------- where a step's memory goes
+@dataclass
+class Breakdown:
+    """The peak of one AdamW training step, split by category (bytes)."""
+
+    batch_size: int
+    seq_len: int | None
+    step: int  # which step was measured (1 = the first)
+    peak_bytes: int
+    categories: dict[str, int]  # CATEGORIES -> live bytes at the peak
+    peak_phase: str | None  # "forward", "backward" or "optimizer"
+    peak_op: str | None
+    cuda_peak_bytes: int | None = None  # the CUDA allocator's own peak, on CUDA
+
+    @property
+    def label(self) -> str:
+        return f"B={self.batch_size}" + (f" T={self.seq_len}" if self.seq_len else "")
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{c} {fmt_bytes(b)}" for c, b in self.categories.items() if b)
+        return (f"{self.label}, step {self.step}: peak {fmt_bytes(self.peak_bytes)} in "
+                f"{self.peak_phase} ({parts})")
+
+
+def _on(batch, device):
+    return tuple(t.to(device) for t in batch)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def step_breakdown(model, batch_size: int, seq_len: int | None = None, step: int = 2,
+                   lr: float = 1e-3, seed: int = 0) -> Breakdown:
+    """Run ``step`` AdamW training steps on a copy of ``model`` (the model itself is untouched)
+    and split the peak of the last step by category."""
+    if step < 1:
+        raise ValueError(f"step counts from 1 (the first training step), got {step}")
+    model = copy.deepcopy(model).train()
+    device = _device(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout masks
+    meter = MemoryMeter()
+    with meter:
+        meter.track(model, optimizer)
+        for _ in range(step):
+            batch = _on(model.example_batch(batch_size, seq_len, generator=generator), device)
+            optimizer.zero_grad(set_to_none=True)  # as training loops do: no gradients at forward
+            meter.count(*batch)
+            meter.reset_peak()
+            with meter.phase("forward"):
+                loss = model.loss(batch)
+            with meter.phase("backward"):
+                loss.backward()
+            with meter.phase("optimizer"):
+                optimizer.step()
+            del loss, batch
+        cuda = meter.cuda_stats()
+    meter.untrack()
+    return Breakdown(batch_size, seq_len, step, meter.peak_bytes, dict(meter.peak_breakdown),
+                     meter.peak_phase, meter.peak_op, cuda and cuda["max_allocated"])
+
+
+def breakdown_sweep(model, sizes, step: int = 2) -> list[Breakdown]:
+    """``step_breakdown`` for each ``(batch_size, seq_len)`` in ``sizes``."""
+    return [step_breakdown(model, b, t, step=step) for b, t in sizes]
+
+
+def estimate_categories(estimate, policy: str = "none") -> dict[str, int]:
+    """A ``MemoryEstimate`` (``ckpt_course.estimate.model_memory``) as a breakdown dict, to plot
+    next to measured ones. Its activations are the peak's; temporaries are not estimated."""
+    return {"parameters": estimate.param_bytes, "gradients": estimate.grad_bytes,
+            "optimizer state": estimate.optimizer_bytes,
+            "activations": estimate.activations[policy], "temporaries": 0}
+
+
+# ---------------------------------------------------------------- checkpoint chosen blocks
+@dataclass(frozen=True)
+class CheckpointBlocks(Policy):
+    """Checkpoint only the blocks at ``indices`` (each on its own); the others run plainly.
+
+    ``preserve_rng_state=False`` is the switch a home-made checkpoint forgets: the recompute then
+    draws new dropout masks, and the gradients are no longer those of the forward that ran.
+    """
+
+    indices: tuple[int, ...] = (0,)
+    preserve_rng_state: bool = True
+
+    def __post_init__(self):
+        if not self.indices or not all(isinstance(i, int) and i >= 0 for i in self.indices):
+            raise ValueError(f"indices must be a non-empty tuple of block numbers (ints >= 0), "
+                             f"got {self.indices!r}")
+
+    def segments(self, n_blocks: int) -> list[range]:
+        if max(self.indices) >= n_blocks:
+            raise ValueError(f"block {max(self.indices)} does not exist: the model has "
+                             f"{n_blocks} blocks (0 to {n_blocks - 1})")
+        return [range(i, i + 1) for i in sorted(set(self.indices))]
+
+    def run(self, segment, x, store):
+        return checkpoint(segment, x, use_reentrant=False,
+                          preserve_rng_state=self.preserve_rng_state)
+
+    def __str__(self):
+        rng = "" if self.preserve_rng_state else ", preserve_rng_state=False"
+        return f"checkpoint blocks {list(self.indices)}{rng}"
+
+
+# ---------------------------------------------------------------- the every-N dial
+@dataclass
+class DialPoint:
+    """One setting of the dial: ``every-N`` (``n`` = 0 stands for no checkpointing)."""
+
+    n: int
+    saved_bytes: int  # live bytes forward left for backward
+    peak_bytes: int  # peak of forward + backward, parameters and batch included
+    baseline_bytes: int  # parameters and batch, live before forward
+    recompute_flops: int  # FLOPs backward spent re-running forward
+    step_flops: int  # FLOPs of a plain forward + backward
+    timeline: list[TimelinePoint]
+
+    @property
+    def policy(self) -> str:
+        return "none" if self.n == 0 else f"every-{self.n}"
+
+    @property
+    def peak_above_baseline(self) -> int:
+        return self.peak_bytes - self.baseline_bytes
+
+    @property
+    def overhead(self) -> float:
+        return self.recompute_flops / self.step_flops
+
+    def __str__(self) -> str:
+        return (f"{self.policy}: saved {fmt_bytes(self.saved_bytes)}, peak above baseline "
+                f"{fmt_bytes(self.peak_above_baseline)}, recompute "
+                f"{fmt_flops(self.recompute_flops)} (+{self.overhead:.0%})")
+
+
+@dataclass
+class Dial:
+    """``every-N`` measured for each N, and no checkpointing (``none``) for reference."""
+
+    n_layers: int
+    none: DialPoint
+    points: list[DialPoint]  # in order of n
+
+    def at(self, n: int) -> DialPoint:
+        for p in self.points:
+            if p.n == n:
+                return p
+        raise KeyError(f"N={n} was not measured; measured: {[p.n for p in self.points]}")
+
+    @property
+    def sqrt_n(self) -> float:
+        return math.sqrt(self.n_layers)
+
+    def best(self) -> DialPoint:
+        """The N with the lowest peak (the smallest N among equals)."""
+        return min(self.points, key=lambda p: (p.peak_bytes, p.n))
+
+    def __str__(self) -> str:
+        return "\n".join(str(p) for p in [self.none, *self.points])
+
+
+def dial(model, batch, ns=None, loss_fn=None, seed: int = 0) -> Dial:
+    """Measure ``every-N`` for each N in ``ns`` (default 1..L) and no policy, once each: one
+    forward+backward under a meter (``measure_step``) and one count of ops and FLOPs
+    (``count_step``, as ``measure_recompute`` does, with the no-policy step counted only once).
+    ``loss_fn`` changes the memory step only; FLOPs are counted on ``model.loss``."""
+    n_layers = len(model.blocks)
+    ns = list(range(1, n_layers + 1) if ns is None else ns)
+    if not ns or not all(isinstance(n, int) and 1 <= n <= n_layers for n in ns):
+        raise ValueError(f"ns must be segment sizes from 1 to {n_layers} (the model's blocks), "
+                         f"got {ns!r}")
+    batch = _on(batch, _device(model))
+
+    plain = count_step(model, batch, seed)
+
+    def point(n):
+        policy = "none" if n == 0 else f"every-{n}"
+        m = measure_step(model, policy, batch=batch, loss_fn=loss_fn, seed=seed)
+        with applied(model, policy):
+            backward_flops = count_step(model, batch, seed).backward.flops
+        return DialPoint(n, m.saved_bytes, m.peak_bytes, m.baseline_bytes,
+                         backward_flops - plain.backward.flops, plain.flops,
+                         list(m.meter.timeline))
+
+    return Dial(n_layers, point(0), [point(n) for n in ns])

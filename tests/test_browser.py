@@ -1,0 +1,144 @@
+"""The course in a real browser: JupyterLab on localhost, driven by Debian's Chromium.
+
+Every lesson notebook runs top to bottom with no error; its widgets render and the N slider of
+lesson 1.4 redraws its plot; the live plot of phase 3 updates while it runs; an exercise accepts a
+correct answer typed into its answer cell and shows the hint for a wrong one. Screenshots go to
+artifacts/browser/. Skipped, with the reason, where Chromium is not installed (CI installs it).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from lab import CHROMIUM, CHROMIUM_ARGS, JupyterLab, LabPage
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "artifacts" / "browser"
+LESSONS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+playwright = pytest.importorskip("playwright.sync_api", reason="no playwright: run `make test`")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=(
+        f"no Chromium at {CHROMIUM}: install Debian's package (`apt-get install chromium`) to run "
+        "the browser tests; .ci/run does")),
+]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    server = JupyterLab(tmp_path_factory.mktemp("lab"), ROOT)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(lab, browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    yield LabPage(context.new_page(), lab)
+    context.close()
+    lab.shut_down_kernels()
+
+
+def screenshot(page: LabPage, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+
+def test_there_are_lessons():
+    assert LESSONS, "notebooks/ holds no lesson"
+
+
+@pytest.mark.parametrize("lesson", LESSONS, ids=[p.stem for p in LESSONS])
+def test_lesson_runs_clean_in_jupyterlab(page, lesson):
+    page.open(f"notebooks/{lesson.name}")
+    page.command("notebook:run-all-cells", wait=False)
+    seen: set[str] = set()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # poll the plots while it runs, to see live updates
+        seen.update(page.images())
+        if page.kernel_status() == "idle" and not page.page.locator(
+                ".jp-InputPrompt:has-text('[*]')").count():
+            break
+        time.sleep(0.25)
+    page.wait_idle()
+    screenshot(page, lesson.stem)
+
+    assert page.errors() == []
+    unrun = [i for i, c in enumerate(page.cells()) if c["type"] == "code" and c["count"] is None]
+    assert not unrun, f"cells never ran: {unrun}"
+    final = set(page.images())
+    assert final, "the lesson shows no figure"
+
+    if page.page.locator(".widget-hslider").count():
+        check_slider_redraws(page, lesson)
+    if uses_live_plot(lesson):
+        assert len(seen - final) >= 2, "the live plot did not update while the run went on"
+
+
+def uses_live_plot(lesson: Path) -> bool:
+    pattern = r"ckpt_course\.live|from ckpt_course import [^\n]*\blive\b"
+    return bool(re.search(pattern, lesson.read_text()))
+
+
+def check_slider_redraws(page: LabPage, lesson: Path) -> None:
+    slider = page.page.locator(".widget-hslider").first
+    slider.scroll_into_view_if_needed()
+    output = slider.locator("xpath=ancestor::div[contains(@class,'jp-OutputArea')][1]")
+    before = output.locator("img").first.get_attribute("src")
+    handle = slider.locator(".noUi-handle").first
+    handle.click()
+    for _ in range(2):
+        handle.press("ArrowRight")
+    page.page.wait_for_function(
+        "([el, old]) => { const i = el.querySelector('img'); return i && i.src !== old; }",
+        arg=[output.element_handle(), before], timeout=30_000)
+    screenshot(page, f"{lesson.stem}-slider")
+
+
+def first_exercise() -> tuple[str, str, str]:
+    """(notebook name, answer tag, the solution's answer source) of the first exercise."""
+    exercise = sorted((ROOT / "exercises").glob("*.ipynb"))[0]
+    solution = nbformat.read(ROOT / "solutions" / exercise.name, as_version=4)
+    for cell in solution.cells:
+        tags = [t for t in cell.metadata.get("tags", []) if t.startswith("answer:")]
+        if tags:
+            return exercise.name, tags[0], cell.source
+    raise AssertionError(f"{exercise.name} has no answer cell")
+
+
+def test_exercise_accepts_a_right_answer_and_hints_at_a_wrong_one(page):
+    name, tag, solution = first_exercise()
+    page.open(f"exercises/{name}")
+    answer = page.index_of(tag)
+    check = page.index_of("check:" + tag.split(":", 1)[1])
+    page.select(answer)
+    page.command("notebook:run-all-above")
+    page.wait_idle()
+
+    page.type_into(answer, solution)
+    page.run_cell(answer)
+    page.run_cell(check)
+    screenshot(page, "exercise-right")
+    assert not [o for o in page.cells()[check]["outputs"] if o.get("output_type") == "error"]
+
+    signature = solution.splitlines()[0]
+    page.type_into(answer, f"{signature}\n    return 0\n")
+    page.run_cell(answer)
+    page.run_cell(check)
+    screenshot(page, "exercise-wrong")
+    errors = [o for o in page.cells()[check]["outputs"] if o.get("output_type") == "error"]
+    assert errors and errors[0]["ename"] in ("CheckFailed", "AssertionError"), errors
+    assert len(errors[0]["evalue"]) > 20, "a wrong answer must get a hint that teaches"

@@ -1,0 +1,47 @@
+"""Every exercise set: generated notebooks are fresh; untouched exercises fail at each check and
+nowhere else. (Solutions and lessons run through nbval in `make test`.)"""
+
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from ckpt_course.authoring import stale_notebooks, tagged_name
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = sorted((ROOT / "exercises" / "src").glob("*.py"))
+
+
+def test_there_are_exercise_sources():
+    assert SOURCES, "exercises/src holds no exercise source"
+
+
+def test_generated_notebooks_are_fresh():
+    stale = stale_notebooks(ROOT / "exercises" / "src", ROOT / "solutions", ROOT / "exercises")
+    assert not stale, f"regenerate with `.venv/bin/ckpt-course build-exercises`: {stale}"
+
+
+def cell_errors(path: Path) -> dict:
+    """Run a notebook in a real kernel; {cell id: error name or None} for each code cell."""
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, allow_errors=True, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    return {
+        cell.id: next((o.ename for o in cell.outputs if o.output_type == "error"), None)
+        for cell in nb.cells if cell.cell_type == "code"
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", SOURCES, ids=[s.stem for s in SOURCES])
+def test_untouched_exercise_fails_at_each_check_and_nowhere_else(source):
+    path = ROOT / "exercises" / f"{source.stem}.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    checks = {c.id for c in nb.cells if c.cell_type == "code" and tagged_name(c, "check")}
+    errors = cell_errors(path)
+    failing = {cell_id for cell_id, error in errors.items() if error}
+    assert checks, f"{path.name} has no check cells"
+    assert failing == checks, f"fails outside: {failing - checks}; passes: {checks - failing}"
+    assert {errors[c] for c in checks} == {"NotImplementedError"}

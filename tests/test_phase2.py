@@ -1,0 +1,262 @@
+"""Phase 2: the hand-trace helpers agree with the meter and with hand formulas, to the byte, and
+the phase 2 checks pass right answers and fail wrong ones with hints that keep the number back."""
+
+import math
+import re
+
+import matplotlib
+import pytest
+import torch
+
+from ckpt_course.checks import CheckFailed, phase2
+from ckpt_course.tape import record_tape
+from ckpt_course.trace import (
+    LOSS,
+    compare_variants,
+    hand_input,
+    hand_trace_net,
+    layer_table,
+    plot_timelines,
+    recompute_by_op,
+    recompute_table,
+    sum_loss,
+    trace_policies,
+    trace_step,
+    trace_table,
+    variant_table,
+)
+from ckpt_course.train import measure_step
+
+matplotlib.use("Agg")
+
+W = 64  # batch = width = 64: an activation and a weight gradient are both 16 KiB
+A = W * W * 4
+BIAS, LOSS_BYTES, SEED = W * 4, 4, 4
+
+
+def peak_formula(depth, width=W):
+    a = width * width * 4
+    return (depth + 2) * a + (depth - 1) * width * 4 + LOSS_BYTES + SEED
+
+
+@pytest.fixture(scope="module")
+def traces():
+    return trace_policies(hand_trace_net(width=W), ("none", "full", "every-2"), batch_size=W)
+
+
+def test_trace_agrees_with_measure_step(traces):
+    net = hand_trace_net(width=W)
+    for policy, t in traces.items():
+        m = measure_step(net, policy, batch=(hand_input(net, W),), loss_fn=sum_loss(net))
+        assert (t.baseline_bytes, t.saved_bytes, t.peak_bytes) == (
+            m.baseline_bytes, m.saved_bytes, m.peak_above_baseline)
+        assert t.peak_phase == m.peak_phase == "backward"
+
+
+def test_saved_and_peak_follow_the_hand_formulas(traces):
+    assert traces["none"].saved_bytes == 4 * A + LOSS_BYTES  # h1..h4, x is baseline
+    assert traces["full"].saved_bytes == 3 * A + LOSS_BYTES  # inputs h1..h3 of layers 2..4
+    assert traces["every-2"].saved_bytes == 1 * A + LOSS_BYTES  # h2, input of segment [3, 4]
+    assert {t.peak_bytes for t in traces.values()} == {peak_formula(4)}
+    params = 4 * (A + BIAS)
+    assert traces["none"].baseline_bytes == params + A  # parameters + x
+
+
+def test_the_tape_is_the_saved_set_plus_x():
+    net = hand_trace_net(width=W)
+    x = hand_input(net, W)
+    tape = record_tape(sum_loss(net), (x,), model=net)
+    assert tape.activation_bytes == 5 * A and tape.param_bytes == 3 * A
+    assert trace_step(net, "none", batch_size=W).saved_bytes == tape.activation_bytes - x.nbytes + 4
+
+
+def test_walking_backward_layer_by_layer(traces):
+    whole = {p: {k: b // A for k, b in t.by_layer().items()} for p, t in traces.items()}
+    assert list(whole["none"]) == [4, 3, 2, 1]  # backward order
+    assert whole["none"] == whole["full"] == {4: 6, 3: 6, 2: 6, 1: 6}  # one out, one grad in
+    assert whole["every-2"] == {4: 5, 3: 5, 2: 6, 1: 6}
+    t = traces["none"]
+    assert (t.peak_layer, t.peak_op) == (2, "aten.sum")  # the bias gradients tip the tie
+    assert t.peak_point.live_bytes == t.peak_bytes and t.peak_point.phase == "backward"
+
+
+def test_recompute_runs_inside_the_layer_that_first_needs_it(traces):
+    layers = [p.layer for p in traces["every-2"].points
+              if p.phase == "backward" and p.op == "aten.addmm"]
+    assert layers == [4, 4, 2, 2]
+    assert not [p for p in traces["none"].points if p.phase == "backward" and p.op == "aten.addmm"]
+    first = traces["none"].points[0]
+    assert first.phase == "forward" and first.layer == 1
+    assert traces["none"].points[-1].layer != LOSS
+
+
+def test_timeline_average_and_layer_starts(traces):
+    for t in traces.values():
+        assert max(t.timeline) == t.peak_bytes and 0 < t.average_bytes < t.peak_bytes
+        assert set(t.timeline_phases) == {"forward", "backward"}
+        starts = list(t.layer_starts().values())
+        assert starts == sorted(starts) and len(starts) == 4
+    assert traces["every-2"].average_bytes < traces["none"].average_bytes
+
+
+def test_checkpointing_lowers_the_peak_only_when_activations_make_it():
+    results = compare_variants({"as is": {"width": W, "batch_size": W},
+                                "grads freed": {"width": W, "batch_size": W, "free_grads": True},
+                                "batch 4x width": {"width": W, "batch_size": 4 * W}})
+    peaks = {v: {p: t.peak_bytes for p, t in r.items()} for v, r in results.items()}
+    for v, p in peaks.items():
+        assert p["full"] == p["none"], v  # a block's one activation is the next block's input
+    assert peaks["as is"]["every-2"] == peaks["as is"]["none"]
+    assert peaks["grads freed"]["every-2"] == peaks["grads freed"]["none"] - A
+    assert peaks["grads freed"]["none"] == 6 * A + BIAS + LOSS_BYTES + SEED
+    assert results["grads freed"]["none"].peak_layer == 4  # now at the start of backward
+    assert peaks["batch 4x width"]["every-2"] < peaks["batch 4x width"]["none"]
+    assert "grads freed" in str(variant_table(results))
+
+
+def test_recompute_by_op_and_the_early_stop():
+    unit = 2 * W**3
+    for policy in ("full", "every-2"):
+        r = recompute_by_op(hand_trace_net(width=W), policy, batch_size=W)
+        assert r["ops"] == {"aten.addmm": 4, "aten.relu": 4, "aten.t": 4}
+        assert r["flops"] == r["forward_flops"] == 4 * unit
+        assert r["step_flops"] == 11 * unit  # backward: 4 weight grads + 3 input grads
+    relu_first = hand_trace_net(width=W, relu_first=True)
+    full = recompute_by_op(relu_first, "full", batch_size=W)
+    assert full["ops"] == {"aten.relu": 4, "aten.t": 4} and full["flops"] == 0
+    every2 = recompute_by_op(relu_first, "every-2", batch_size=W)
+    assert every2["ops"]["aten.addmm"] == 2 and every2["flops"] == 2 * unit
+    assert "0.50" in str(recompute_table({"relu first, every-2": every2}))
+
+
+def test_tables_and_plot(traces):
+    assert "every-2" in str(trace_table(traces)) and "<table>" in trace_table(traces)._repr_html_()
+    assert "layer 4" in str(layer_table(traces))
+    axes = plot_timelines(traces)
+    assert len(axes) == 3 and axes[0].get_title() == "none"
+
+
+def test_trace_step_refuses_other_models():
+    with pytest.raises(TypeError, match="hand_trace_net"):
+        trace_step(torch.nn.Linear(2, 2))
+
+
+# ---------------------------------------------------------------- the checks
+def right_tape(batch, width, depth):
+    return {"activations": (depth + 1) * batch * width * 4,
+            "parameters": (depth - 1) * width * width * 4, "saved_twice": depth - 1}
+
+
+def right_every2(batch, width, depth):
+    return (math.ceil(depth / 2) - 1) * batch * width * 4 + 4
+
+
+def right_recompute(policy, relu_first, batch, width):
+    addmms = (0 if policy == "full" else 2) if relu_first else 4
+    ops = {"aten.relu": 4, "aten.t": 4} | ({"aten.addmm": addmms} if addmms else {})
+    return {"ops": ops, "flops": addmms * 2 * batch * width * width}
+
+
+def right_table(width, depth):
+    a = width * width * 4
+    peak = peak_formula(depth, width)
+    return {"none": {"saved": depth * a + 4, "peak": peak},
+            "full": {"saved": (depth - 1) * a + 4, "peak": peak},
+            "every-2": {"saved": (math.ceil(depth / 2) - 1) * a + 4, "peak": peak}}
+
+
+def fails_without_number(check, answer, number):
+    """The check fails with a hint that does not give away ``number`` (or the word)."""
+    with pytest.raises(CheckFailed) as info:
+        check(answer)
+    hint = str(info.value)
+    if isinstance(number, int):
+        assert str(number) not in re.findall(r"\d+", hint)
+    else:
+        assert number not in hint
+    return hint
+
+
+def test_check_tape():
+    phase2.check_tape(right_tape)
+    no_x = fails_without_number(
+        phase2.check_tape,
+        lambda b, w, d: right_tape(b, w, d) | {"activations": d * b * w * 4}, 5 * 512 * 512 * 4)
+    assert "x" in no_x
+    all_weights = fails_without_number(
+        phase2.check_tape, lambda b, w, d: right_tape(b, w, d) | {"parameters": d * w * w * 4},
+        3 * 512 * 512 * 4)
+    assert "needs no gradient" in all_weights
+    hard_coded = {"activations": 5 * 2**20, "parameters": 3 * 2**20, "saved_twice": 3}
+    assert "batch=64" in fails_without_number(phase2.check_tape, lambda b, w, d: hard_coded,
+                                              4 * 64 * 32 * 4)
+
+
+def test_check_every2_saved():
+    phase2.check_every2_saved(right_every2)
+    assert "loss" not in fails_without_number(
+        phase2.check_every2_saved, lambda b, w, d: right_every2(b, w, d) - 4, 2**20 + 4)
+    odd = fails_without_number(phase2.check_every2_saved,
+                               lambda b, w, d: (d // 2 - 1) * b * w * 4 + 4, 8196)
+    assert "odd depth" in odd
+
+
+def test_check_recompute():
+    phase2.check_recompute(right_recompute)
+    def no_t(*args):
+        right = right_recompute(*args)
+        return {"ops": {k: v for k, v in right["ops"].items() if k != "aten.t"},
+                "flops": right["flops"]}
+
+    assert "aten.t" in fails_without_number(phase2.check_recompute, no_t, 4)
+
+    def by_layers(policy, relu_first, batch, width):  # "recompute = checkpointed layers"
+        addmms = 4 if policy == "full" else 2
+        return {"ops": {"aten.relu": 4, "aten.t": 4, "aten.addmm": addmms},
+                "flops": addmms * 2 * batch * width * width}
+
+    assert "aten.addmm" in fails_without_number(phase2.check_recompute, by_layers, 4)
+
+    def bad_flops(policy, relu_first, batch, width):  # forgot the 2 of a multiply-add
+        return right_recompute(policy, relu_first, batch, width) | {"flops": 4 * 512**3}
+
+    bad_flops = fails_without_number(phase2.check_recompute, bad_flops, 2 * 4 * 512**3)
+    assert "2 x batch x width x width" in bad_flops
+
+
+def test_check_peak_moment():
+    def right(policy, free_grads):
+        return ("backward", 4 if free_grads else 2)
+
+    phase2.check_peak_moment(right)
+    fails_without_number(phase2.check_peak_moment, lambda p, f: ("forward", 4), "backward")
+    hint = fails_without_number(phase2.check_peak_moment, lambda p, f: ("backward", 4),
+                                "layer 2")
+    assert "bias" in hint
+
+
+def test_check_policy_table():
+    phase2.check_policy_table(right_table)
+    crumbs = fails_without_number(
+        phase2.check_policy_table,
+        lambda w, d: {p: {"saved": v["saved"], "peak": v["peak"] - 8}
+                      for p, v in right_table(w, d).items()}, peak_formula(4, 512))
+    assert "crumbs" in crumbs
+    at_forward_end = fails_without_number(  # "the peak is the end of forward"
+        phase2.check_policy_table,
+        lambda w, d: {p: {"saved": v["saved"], "peak": v["saved"]}
+                      for p, v in right_table(w, d).items()}, peak_formula(4, 512))
+    assert "walk backward" in at_forward_end
+
+
+def test_an_untouched_exercise_fails_with_not_implemented():
+    def untouched(*args):
+        raise NotImplementedError("Exercise: replace this line with your answer")
+
+    with pytest.raises(NotImplementedError):
+        phase2.check_tape(untouched)
+
+
+def test_a_crashing_answer_fails_as_a_check():
+    with pytest.raises(CheckFailed, match="ZeroDivisionError"):
+        phase2.check_every2_saved(lambda b, w, d: 1 // 0)
