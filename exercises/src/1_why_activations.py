@@ -25,7 +25,7 @@ from ckpt_course.checks import phase1 as checks
 from ckpt_course.models import GPTBlock, GPTConfig, TinyGPT
 from ckpt_course.tape import record_tape
 
-torch.manual_seed(0)
+_ = torch.manual_seed(0)  # fixed seed: the same numbers on every run
 
 # %% [markdown]
 # ## Exercise 1 (section 1.1): the memory that does not depend on the batch
