@@ -102,7 +102,14 @@ def make_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=cmd_train)
 
     from .authoring import add_build_arguments, run_build
+    from .compare import add_compare_arguments, run_compare
     from .grading import add_grade_arguments, run_grade
+
+    compare = sub.add_parser(
+        "compare", help="train under several policies side by side: table and PNG plot"
+    )
+    add_compare_arguments(compare)
+    compare.set_defaults(run=run_compare)
 
     grade = sub.add_parser("grade", help="grade learners' exercise notebooks (never modifies them)")
     add_grade_arguments(grade)

@@ -89,7 +89,7 @@ def test_lesson_runs_clean_in_jupyterlab(page, lesson):
 
 
 def uses_live_plot(lesson: Path) -> bool:
-    pattern = r"ckpt_course\.live|from ckpt_course import [^\n]*\blive\b"
+    pattern = r"ckpt_course\.live|LivePlot|\bcompare\("  # compare() draws a live plot
     return bool(re.search(pattern, lesson.read_text()))
 
 

@@ -45,6 +45,8 @@ def test_train_prints_one_row_per_step(capsys):
         (["train", "--steps", "0"], "at least 1"),
         (["train", "--steps", "many"], "whole number"),
         (["tape", "--model", "resnet"], "invalid choice"),
+        (["compare", "--policies", "bogus"], "accepted"),
+        (["compare", "--steps", "-1"], "compare"),
     ],
 )
 def test_bad_arguments_give_a_usage_error(argv, fragment, capsys):

@@ -1,0 +1,691 @@
+"""Choosing a policy: memory, recompute and time of several policies on the same model.
+
+``compare(GPTConfig(), ["none", "full", "offload"])`` answers "what does each policy cost?" in one
+table: peak bytes, saved bytes, recompute FLOPs, offload traffic, median step time and its ratio to
+``none``. Memory and time are measured in *separate* runs, because measuring memory slows a step:
+
+- memory: a short metered run per policy (``train(..., measure_memory=True)``), exact bytes;
+  ``budget=`` makes a policy that does not fit raise ``OutOfMemoryError``, reported as "OOM";
+- time: unmetered steps, interleaved across policies (none full offload none full offload ...)
+  after one warm-up round, so that a busy machine slows all policies alike; medians.
+
+The other tools of the lesson live here too: ``measure_split`` (forward, backward and optimizer
+time of a step), ``batch_sweep`` (tokens/s against batch size under a memory budget),
+``rank_ops`` and ``selective_from_ranking`` (which ops are cheap to recompute for the bytes they
+hold), ``layer_memory`` (what one block of a big config keeps under a policy, on fake tensors),
+and the ``ckpt-course compare`` command line (``add_compare_arguments`` / ``run_compare``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import html
+import math
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .meter import MemoryMeter, parse_budget
+from .models import GPTBlock, GPTConfig, Llama, LlamaBlock, LlamaConfig, TinyGPT
+from .policies import OP_NAMES, EveryK, Offload, Policy, Selective, applied, parse_policy
+from .recompute import counting, measure_recompute
+from .train import StepRecord, train
+from .units import MiB, fmt_bytes, fmt_flops
+
+DEFAULT_POLICIES = ("none", "full", "every-2", "selective:save=mm,sdpa", "offload")
+
+
+# ---------------------------------------------------------------- models and steps
+def make_model(model_or_config, seed: int = 0, device=None) -> nn.Module:
+    """A course model from a config (built with ``seed``), or a copy of the model given."""
+    if isinstance(model_or_config, nn.Module):
+        model = copy.deepcopy(model_or_config)
+    elif isinstance(model_or_config, (GPTConfig, LlamaConfig)):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            cls = TinyGPT if isinstance(model_or_config, GPTConfig) else Llama
+            model = cls(model_or_config)
+    else:
+        raise TypeError(f"expected a course model or a GPTConfig/LlamaConfig, got "
+                        f"{type(model_or_config).__name__}")
+    return model.to(device) if device is not None else model
+
+
+def _batch(model, batch_size, seq_len, seed, device):
+    generator = torch.Generator().manual_seed(seed)
+    batch = model.example_batch(batch_size, seq_len, generator=generator)
+    return tuple(t.to(device) for t in batch)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+class _Runner:
+    """One model copy under one policy, with its own AdamW: unmetered, timed steps."""
+
+    def __init__(self, model, policy, batch, lr=1e-3):
+        self.model, self.policy, self.batch = model.train(), policy, batch
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        self.handle = applied(model, policy)
+        self.handle.__enter__()
+        self.times: list[float] = []
+        self.loss = math.nan
+
+    def step(self) -> float:
+        device = _device(self.model)
+        _sync(device)
+        start = time.perf_counter()
+        loss = self.model.loss(self.batch)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        self.loss = loss.item()
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        self.handle.__exit__(None, None, None)
+
+
+def _interleaved(runners, rounds: int, on_step=None) -> None:
+    """One warm-up step each, then ``rounds`` rounds of one step per runner, in turn."""
+    for runner in runners:
+        runner.step()
+    for r in range(rounds):
+        for runner in runners:
+            runner.times.append(runner.step())
+            if on_step is not None:
+                on_step(runner, r)
+
+
+# ---------------------------------------------------------------- compare
+@dataclass
+class PolicyResult:
+    """One policy's row. ``peak_bytes`` is None when the policy did not fit the budget."""
+
+    policy: str
+    fits: bool
+    peak_bytes: int | None  # highest live bytes in the metered steps (optimizer state included)
+    saved_bytes: int | None  # live bytes forward left for backward
+    recompute_flops: int  # FLOPs backward spends re-running forward
+    step_flops: int  # FLOPs of a plain forward + backward
+    offload_bytes: int  # bytes copied to host and back in one step (offload policies)
+    step_time_s: float | None  # median of the timed, unmetered steps
+    time_ratio: float | None = None  # step_time_s / the reference policy's
+    tokens_per_s: float | None = None
+    times_s: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def recompute_share(self) -> float:
+        """Recompute FLOPs / a plain step's FLOPs (the textbook's 1/3 for a whole forward)."""
+        return self.recompute_flops / self.step_flops if self.step_flops else 0.0
+
+
+@dataclass(repr=False)
+class Comparison:
+    """What ``compare`` returns: one ``PolicyResult`` per policy, as measured. Prints as a table
+    (HTML in a notebook); ``rows()`` gives plain dicts, ``plot()`` a figure."""
+
+    results: list[PolicyResult]
+    batch_size: int
+    seq_len: int
+    budget: float | None
+    reference: str  # the policy the time ratios divide by
+    rounds: int
+    live: object = field(default=None, repr=False)  # the LivePlot, when live=True
+
+    def __getitem__(self, policy) -> PolicyResult:
+        name = str(parse_policy(policy))
+        for r in self.results:
+            if r.policy == name:
+                return r
+        raise KeyError(f"{name!r} was not compared; compared: {[r.policy for r in self.results]}")
+
+    def rows(self) -> list[dict]:
+        """One plain dict per policy (for pandas, JSON or a test)."""
+        return [{k: v for k, v in asdict(r).items() if k != "times_s"} for r in self.results]
+
+    def _table(self) -> tuple[list[str], list[list[str]]]:
+        head = ["policy", "peak", "saved", "recompute", "of step FLOPs", "offloaded",
+                "step time", f"vs {self.reference}", "tokens/s"]
+        rows = []
+        for r in self.results:
+            t = "-" if r.step_time_s is None else f"{r.step_time_s * 1e3:.1f} ms"
+            rows.append([
+                r.policy, fmt_bytes(r.peak_bytes) if r.fits else "OOM",
+                "-" if r.saved_bytes is None else fmt_bytes(r.saved_bytes),
+                fmt_flops(r.recompute_flops), f"{r.recompute_share:+.0%}",
+                fmt_bytes(r.offload_bytes) if r.offload_bytes else "-", t,
+                "-" if r.time_ratio is None else f"{r.time_ratio:.2f}x",
+                "-" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}",
+            ])
+        return head, rows
+
+    def _caption(self) -> str:
+        budget = f", budget {fmt_bytes(self.budget)}" if self.budget is not None else ""
+        return (f"batch {self.batch_size} x seq {self.seq_len}{budget}; step time: median of "
+                f"{self.rounds} interleaved unmetered steps")
+
+    def __str__(self) -> str:
+        head, rows = self._table()
+        widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
+        lines = ["  ".join(c.rjust(w) if i else c.ljust(w)
+                           for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+                 for row in [head, *rows]]
+        return "\n".join([*lines, self._caption()])
+
+    __repr__ = __str__
+
+    def _repr_html_(self) -> str:
+        head, rows = self._table()
+        th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+        trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
+                      for r in rows)
+        return f"<table><tr>{th}</tr>{trs}</table><p>{html.escape(self._caption())}</p>"
+
+    def plot(self):
+        """Peak memory against recompute FLOPs and against median step time, one point each."""
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(10, 4), layout="constrained")
+        left, right = fig.subplots(1, 2, sharey=True)
+        markers = "osD^vP*X"
+        for i, r in enumerate(self.results):
+            if not r.fits:
+                continue
+            style = dict(color=f"C{i % 10}", marker=markers[i % len(markers)], s=60, alpha=0.8)
+            y = r.peak_bytes / MiB
+            left.scatter(r.recompute_flops / 1e9, y, label=r.policy, **style)
+            if r.step_time_s is not None:
+                right.scatter(r.step_time_s * 1e3, y, **style)
+        if any(r.fits for r in self.results):
+            left.legend(fontsize="small")
+        left.set(xlabel="recomputed GFLOP per step", ylabel="peak memory (MiB)")
+        right.set(xlabel="median step time (ms)")
+        if self.budget is not None:
+            for ax in (left, right):
+                ax.axhline(self.budget / MiB, color="red", linestyle="--", linewidth=1)
+        oom = [r.policy for r in self.results if not r.fits]
+        fig.suptitle(self._caption() + (f"; OOM: {', '.join(oom)}" if oom else ""),
+                     fontsize="small")
+        return fig
+
+    def save_png(self, path) -> None:
+        self.plot().savefig(path, format="png", dpi=100)
+
+
+def _policies(policies) -> list[Policy]:
+    parsed = [parse_policy(p) for p in policies]
+    names = [str(p) for p in parsed]
+    if not parsed:
+        raise ValueError("give at least one policy, e.g. ['none', 'full']")
+    if len(set(names)) != len(names):
+        raise ValueError(f"each policy once, please: {names}")
+    return parsed
+
+
+def compare(model_or_config=None, policies=DEFAULT_POLICIES, steps: int = 6, batch_size: int = 8,
+            seq_len: int | None = None, device=None, budget=None, live: bool = True,
+            memory_steps: int = 2, seed: int = 0, lr: float = 1e-3) -> Comparison:
+    """Measure each policy on copies of the same model (same weights, same batch).
+
+    ``steps``: timed rounds (after one warm-up round); ``memory_steps``: metered steps per policy
+    (two, so the optimizer state made by the first step is in the second step's peak).
+    """
+    policies = _policies(policies)
+    if steps < 1 or memory_steps < 1:
+        raise ValueError(f"steps and memory_steps must be at least 1, got {steps}, {memory_steps}")
+    budget = None if budget is None else parse_budget(budget)
+    base = make_model(model_or_config if model_or_config is not None else GPTConfig(), seed,
+                      device)
+    batch = _batch(base, batch_size, seq_len, seed, _device(base))
+    names = [str(p) for p in policies]
+    plot = None
+    if live:
+        from .live import LivePlot
+
+        plot = LivePlot(names, steps=memory_steps + steps, budget=budget, title="compare")
+    results = [_measure_memory(base, p, batch, batch_size, seq_len, budget, memory_steps, seed,
+                               lr, plot) for p in policies]
+    runners = [_Runner(make_model(base), p, batch, lr) for p, r in zip(policies, results,
+                                                                        strict=True) if r.fits]
+    by_name = {r.policy: r for r in results}
+
+    def show(runner, r):
+        if plot is not None:
+            res = by_name[str(runner.policy)]
+            plot(StepRecord(memory_steps + r, res.policy, runner.loss, runner.times[-1],
+                            res.peak_bytes, res.saved_bytes, res.recompute_flops))
+
+    try:
+        _interleaved(runners, steps, show)
+    finally:
+        for runner in runners:
+            runner.close()
+    tokens = batch[0].numel() if not batch[0].is_floating_point() else batch[0].shape[0]
+    for runner in runners:
+        res = by_name[str(runner.policy)]
+        res.times_s = runner.times
+        res.step_time_s = statistics.median(runner.times)
+        res.tokens_per_s = tokens / res.step_time_s
+    timed = [r for r in results if r.step_time_s is not None]
+    reference = by_name.get("none") if by_name.get("none") in timed else (timed or [None])[0]
+    for r in timed:
+        r.time_ratio = r.step_time_s / reference.step_time_s
+    if plot is not None:
+        plot.close()
+    seq = batch[0].shape[1] if batch[0].dim() > 1 else 1
+    return Comparison(results, batch_size, seq, budget, reference.policy if reference else "-",
+                      steps, plot)
+
+
+def _measure_memory(base, policy, batch, batch_size, seq_len, budget, steps, seed, lr,
+                    plot) -> PolicyResult:
+    model = make_model(base)
+    recompute = measure_recompute(model, batch, policy, seed)
+    offload = 0
+    if isinstance(policy, Offload):
+        with applied(model, policy) as handle:
+            model.loss(batch).backward()
+        model.zero_grad(set_to_none=True)
+        offload = handle.stats.bytes_to_host + handle.stats.bytes_to_device
+
+    def on_step(record):
+        record.recompute_flops = recompute.flops
+        if plot is not None:
+            plot(record)
+
+    result = PolicyResult(str(policy), True, None, None, recompute.flops, recompute.step_flops,
+                          offload, None)
+    try:
+        records = train(model, policy, steps=steps, batch_size=batch_size, seq_len=seq_len,
+                        lr=lr, seed=seed, budget=budget, count_recompute=False, progress=False,
+                        on_step=on_step)
+    except torch.OutOfMemoryError:
+        result.fits = False
+        return result
+    result.peak_bytes = max(r.peak_bytes for r in records)
+    result.saved_bytes = records[-1].saved_bytes
+    return result
+
+
+# ---------------------------------------------------------------- forward / backward split
+@dataclass
+class StepSplit:
+    """Median seconds of each part of a training step, measured in the same steps."""
+
+    forward_s: float
+    backward_s: float
+    optimizer_s: float
+    rounds: int
+
+    @property
+    def step_s(self) -> float:
+        return self.forward_s + self.backward_s + self.optimizer_s
+
+    @property
+    def backward_over_forward(self) -> float:
+        """The textbook says 2 (backward does two matmuls for each matmul of forward)."""
+        return self.backward_s / self.forward_s
+
+    @property
+    def forward_share(self) -> float:
+        """Forward's share of the step: what re-running one whole forward would add."""
+        return self.forward_s / self.step_s
+
+    def __str__(self) -> str:
+        return (f"forward {self.forward_s * 1e3:.1f} ms, backward {self.backward_s * 1e3:.1f} ms "
+                f"({self.backward_over_forward:.2f}x forward), optimizer "
+                f"{self.optimizer_s * 1e3:.1f} ms; forward is {self.forward_share:.0%} of a step")
+
+
+def measure_split(model_or_config=None, batch_size: int = 8, seq_len: int | None = None,
+                  rounds: int = 7, policy="none", seed: int = 0, device=None) -> StepSplit:
+    """Time forward alone, then backward, then the optimizer step, in each of ``rounds`` steps
+    (after one warm-up step); medians."""
+    model = make_model(model_or_config if model_or_config is not None else GPTConfig(), seed,
+                       device).train()
+    batch = _batch(model, batch_size, seq_len, seed, _device(model))
+    optimizer = torch.optim.AdamW(model.parameters())
+    parts = {"forward": [], "backward": [], "optimizer": []}
+    with applied(model, policy):
+        for r in range(rounds + 1):
+            marks = [_now(model)]
+            loss = model.loss(batch)
+            marks.append(_now(model))
+            loss.backward()
+            marks.append(_now(model))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            marks.append(_now(model))
+            if r:  # round 0 warms up
+                for i, part in enumerate(parts):
+                    parts[part].append(marks[i + 1] - marks[i])
+    med = {k: statistics.median(v) for k, v in parts.items()}
+    return StepSplit(med["forward"], med["backward"], med["optimizer"], rounds)
+
+
+def _now(model) -> float:
+    _sync(_device(model))
+    return time.perf_counter()
+
+
+# ---------------------------------------------------------------- batch size under a budget
+@dataclass
+class SweepPoint:
+    policy: str
+    batch_size: int
+    peak_bytes: int
+    fits: bool
+    step_time_s: float | None = None
+    tokens_per_s: float | None = None
+
+
+def batch_sweep(model_or_config=None, policies=("none", "full"), batch_sizes=(2, 4, 8, 16),
+                seq_len: int | None = None, budget=None, rounds: int = 3, seed: int = 0,
+                device=None) -> list[SweepPoint]:
+    """Peak memory (metered, exact) and tokens/s (unmetered, interleaved, medians) for every
+    policy and batch size; sizes whose peak is over ``budget`` are measured but not timed."""
+    policies = _policies(policies)
+    budget = None if budget is None else parse_budget(budget)
+    base = make_model(model_or_config if model_or_config is not None else GPTConfig(), seed,
+                      device)
+    points, runners = [], []
+    for policy in policies:
+        for b in batch_sizes:
+            records = train(make_model(base), policy, steps=2, batch_size=b, seq_len=seq_len,
+                            seed=seed, count_recompute=False, progress=False)
+            peak = max(r.peak_bytes for r in records)
+            point = SweepPoint(str(policy), b, peak, budget is None or peak <= budget)
+            points.append(point)
+            if point.fits:
+                batch = _batch(base, b, seq_len, seed, _device(base))
+                runners.append((point, _Runner(make_model(base), policy, batch)))
+    try:
+        _interleaved([r for _, r in runners], rounds)
+    finally:
+        for _, runner in runners:
+            runner.close()
+    for point, runner in runners:
+        point.step_time_s = statistics.median(runner.times)
+        tokens = runner.batch[0].numel()
+        point.tokens_per_s = tokens / point.step_time_s
+    return points
+
+
+def best_fit(points: list[SweepPoint], policy) -> SweepPoint | None:
+    """The policy's largest batch that fits the budget."""
+    name = str(parse_policy(policy))
+    fitting = [p for p in points if p.policy == name and p.fits]
+    return max(fitting, key=lambda p: p.batch_size, default=None)
+
+
+# ---------------------------------------------------------------- which ops to recompute
+SHORT_NAMES = {aten: short for short, atens in OP_NAMES.items() if short != "attn-core"
+               for aten in atens}  # "addmm" -> "mm", "native_layer_norm" -> "layernorm", ...
+BLOCK_INPUT = "input"  # the block's input: made before the block, kept by every policy
+
+
+@dataclass(frozen=True)
+class OpCost:
+    """One kind of op in a block: the saved bytes it produced and what recomputing it costs."""
+
+    op: str  # short policy name ("mm", "sdpa", "gelu", "layernorm"), else the aten name ("add")
+    saved_bytes: int  # bytes of saved storages this op made (what saving its outputs keeps)
+    flops: int  # its forward FLOPs in the block (what recomputing it costs; 0 = elementwise)
+    calls: int
+
+    @property
+    def nameable(self) -> bool:
+        """Can a selective policy name it (``selective:save=<op>``)?"""
+        return self.op in OP_NAMES
+
+    @property
+    def bytes_per_flop(self) -> float:
+        """Bytes freed per FLOP of recompute: infinite for ops that cost no FLOPs."""
+        if self.flops == 0:
+            return math.inf if self.saved_bytes else 0.0
+        return self.saved_bytes / self.flops
+
+
+class _Producers(TorchDispatchMode):
+    """Remembers which aten op made each storage (views and in-place ops keep the first)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made: dict[int, tuple[object, str]] = {}  # id(storage) -> (storage, op name)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                self.made.setdefault(id(storage), (storage, func.overloadpacket.__name__))
+        return out
+
+
+def _block_input(model, batch, index: int) -> torch.Tensor:
+    """What block ``index`` receives in a forward of ``model.loss(batch)``."""
+    seen = []
+    hook = model.blocks[index].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            model.loss(batch)
+    finally:
+        hook.remove()
+    return seen[0].detach().requires_grad_()
+
+
+def rank_ops(model, batch_size: int = 8, seq_len: int | None = None, block: int = 0,
+             seed: int = 0) -> list[OpCost]:
+    """Every kind of op of one block, ranked by saved bytes per recompute FLOP (best first).
+
+    Saved bytes: the block's tape (every storage autograd saves, deduplicated, parameters left
+    out), each storage credited to the op that made it, which is what keeping that op's output
+    keeps. FLOPs: the op's forward FLOPs, counted by ``recompute.counting``.
+    """
+    batch = _batch(model, batch_size, seq_len, seed, _device(model))
+    x = _block_input(model, batch, block)
+    module = model.blocks[block]
+    params = {id(p.untyped_storage()) for p in [*module.parameters(), *module.buffers()]}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if id(storage) not in params:
+            saved[id(storage)] = storage
+        return t
+
+    producers = _Producers()
+    producers.made[id(x.untyped_storage())] = (x.untyped_storage(), BLOCK_INPUT)
+    with counting() as counts, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with producers:
+            module(x)
+    by_op: dict[str, list[int]] = {}  # op -> [saved bytes, flops, calls]
+    for key, storage in saved.items():
+        op = producers.made[key][1]
+        by_op.setdefault(SHORT_NAMES.get(op, op), [0, 0, 0])[0] += storage.nbytes()
+    for name, n in counts.ops.items():
+        op = name.removeprefix("aten.")
+        entry = by_op.setdefault(SHORT_NAMES.get(op, op), [0, 0, 0])
+        entry[1] += counts.flops_by_op.get(name, 0)
+        entry[2] += n
+    costs = [OpCost(op, b, f, c) for op, (b, f, c) in by_op.items() if b or f]
+    return sorted(costs, key=lambda c: (-c.bytes_per_flop, -c.saved_bytes, c.op))
+
+
+def selective_from_ranking(ranking: list[OpCost], max_recompute_flops: int = 0) -> Policy:
+    """A selective policy from a ranking: recompute ops from the top of the ranking (most bytes
+    per FLOP) while their FLOPs add up to at most ``max_recompute_flops``; save the rest.
+
+    Only nameable ops can be saved; the others are recomputed anyway (save-mode recomputes all
+    it is not told to keep). When nothing is left to save the policy is ``full``.
+    """
+    spent, save = 0, []
+    for cost in ranking:
+        if cost.op == BLOCK_INPUT:
+            continue
+        if spent + cost.flops <= max_recompute_flops:
+            spent += cost.flops
+        elif cost.nameable:
+            save.append(cost.op)
+    save.sort(key=list(OP_NAMES).index)  # a canonical order: "mm,sdpa" however they ranked
+    return Selective(tuple(save), "save") if save else EveryK(1)
+
+
+def format_ranking(ranking: list[OpCost]) -> str:
+    lines = [f"{'op':<16} {'saved':>11} {'FLOPs':>12} {'bytes/FLOP':>11}  calls"]
+    for c in ranking:
+        ratio = "inf" if c.bytes_per_flop == math.inf else f"{c.bytes_per_flop:.4f}"
+        lines.append(f"{c.op:<16} {fmt_bytes(c.saved_bytes):>11} {fmt_flops(c.flops):>12} "
+                     f"{ratio:>11}  {c.calls}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- one block of a big config
+class _OneBlock(nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.blocks = nn.ModuleList([block])
+
+    def forward(self, x):
+        return self.blocks[0](x)
+
+
+def layer_memory(cfg: GPTConfig | LlamaConfig, batch_size: int, seq_len: int, policy="none",
+                 dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes ONE block keeps alive for backward under ``policy`` (its input too, if kept), measured
+    by a ``MemoryMeter`` on fake tensors (no memory used; a 70B layer takes a fraction of a
+    second).
+
+    Unlike the tape, the meter also sees what selective checkpointing keeps."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    policy = parse_policy(policy)
+    if isinstance(policy, Offload):
+        raise ValueError("offload keeps nothing on the device but parameter views; measure its "
+                         "traffic with compare(), not layer_memory()")
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with FakeTensorMode():
+            block = LlamaBlock(cfg) if isinstance(cfg, LlamaConfig) else GPTBlock(cfg)
+            model = _OneBlock(block)
+            # a leaf, like the embedding weight: the block input is the clone (a non-leaf; the
+            # graph holds leaves for their .grad, so a leaf input would look "kept")
+            leaf = torch.randn(batch_size, seq_len, cfg.d_model, requires_grad=True)
+            meter = MemoryMeter()
+            with applied(model, policy), meter:
+                before = meter.track(model).count(leaf).live_bytes
+                x = leaf.clone()
+                y = model(x)
+                del x  # its storage lives on only if the block saved it
+                return meter.live_bytes - before - y.untyped_storage().nbytes()
+    finally:
+        torch.set_default_dtype(old)
+
+
+# ---------------------------------------------------------------- command line
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
+    return value
+
+
+def split_policies(text: str) -> list[str]:
+    """'none,full,selective:save=mm,sdpa,offload' -> ['none', 'full', 'selective:save=mm,sdpa',
+    'offload']: an op name after a selective policy belongs to it. ';' also separates."""
+    if ";" in text:
+        return [p.strip() for p in text.split(";") if p.strip()]
+    out: list[str] = []
+    for token in (t.strip() for t in text.split(",")):
+        if not token:
+            continue
+        if out and out[-1].lower().startswith("selective:") and token.lower() in OP_NAMES:
+            out[-1] += "," + token
+        else:
+            out.append(token)
+    return out
+
+
+def _policy_list(text: str) -> list[str]:
+    names = split_policies(text)
+    try:
+        return [str(p) for p in _policies(names)]
+    except (ValueError, TypeError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _budget(text: str):
+    try:
+        return parse_budget(text)
+    except (ValueError, TypeError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _device_name(text: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"device is cpu, cuda or cuda:N, got {text!r}")
+    if text.startswith("cuda") and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("cuda was asked for but torch sees no CUDA device")
+    return text
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``ckpt-course compare`` (a tiny GPT; every size can be changed)."""
+    d = GPTConfig()
+    parser.add_argument("--policies", type=_policy_list, default=",".join(DEFAULT_POLICIES),
+                        help="comma-separated policies (default: %(default)s); an op list of a "
+                             "selective policy stays with it, or separate policies with ';'")
+    parser.add_argument("--layers", type=_positive_int, default=d.n_layer,
+                        help="number of blocks (default: %(default)s)")
+    parser.add_argument("--width", type=_positive_int, default=d.d_model,
+                        help="model width d_model (default: %(default)s)")
+    parser.add_argument("--heads", type=_positive_int, default=d.n_head,
+                        help="attention heads; must divide --width (default: %(default)s)")
+    parser.add_argument("--batch", type=_positive_int, default=8, help="batch size (default: 8)")
+    parser.add_argument("--seq", type=_positive_int, default=d.seq_len,
+                        help="sequence length (default: %(default)s)")
+    parser.add_argument("--steps", type=_positive_int, default=6,
+                        help="timed, interleaved rounds per policy (default: %(default)s)")
+    parser.add_argument("--budget", type=_budget, default=None,
+                        help="memory budget, e.g. 32MiB: policies over it are reported as OOM")
+    parser.add_argument("--device", type=_device_name, default="cpu",
+                        help="cpu or cuda (default: cpu)")
+    parser.add_argument("--out", default="compare.png",
+                        help="where to write the plot, a PNG (default: %(default)s)")
+
+
+def run_compare(args) -> int:
+    """Run ``compare`` on the embedded tiny GPT; print the table; write the plot to ``--out``."""
+    if args.width % args.heads:
+        raise ValueError(f"--heads ({args.heads}) must divide --width ({args.width}), "
+                         f"e.g. --heads {math.gcd(args.width, 4)}")
+    if not str(args.out).lower().endswith(".png"):
+        raise ValueError(f"--out names a PNG file (ending in .png), got {args.out!r}")
+    cfg = GPTConfig(n_layer=args.layers, d_model=args.width, n_head=args.heads,
+                    seq_len=args.seq)
+    result = compare(cfg, args.policies, steps=args.steps, batch_size=args.batch,
+                     device=args.device, budget=args.budget, live=False)
+    print(f"tiny GPT: {args.layers} layers, width {args.width}, {args.heads} heads")
+    print(result)
+    result.save_png(args.out)
+    print(f"plot written to {args.out}")
+    return 0
+
