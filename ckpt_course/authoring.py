@@ -57,6 +57,7 @@ import hashlib
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -293,6 +294,30 @@ def build_all(src_dir="exercises/src", solutions_dir="solutions", exercises_dir=
               force=False) -> list[Path]:
     """Build every source in src_dir; return the notebooks written."""
     return [p for s in sources(src_dir) for p in build(s, solutions_dir, exercises_dir, force)]
+
+
+def reset_exercises(names=(), src_dir="exercises/src", exercises_dir="exercises") -> list[Path]:
+    """Give learners fresh exercise notebooks without losing their work.
+
+    Each edited exercise (all of them, or those whose stem or file name is in ``names``) is moved
+    to ``<exercises_dir>/backups/<stem>-<time>.ipynb`` first, then rebuilt pristine. Returns the
+    backups made. Solutions are left alone.
+    """
+    chosen = [s for s in sources(src_dir) if not names or s.stem in {Path(n).stem for n in names}]
+    unknown = {Path(n).stem for n in names} - {s.stem for s in chosen}
+    if unknown:
+        raise AuthoringError(f"no exercise named {', '.join(sorted(unknown))} in {src_dir}")
+    stamp, backups = time.strftime("%Y%m%d-%H%M%S"), []
+    for source in chosen:
+        exercise = Path(exercises_dir) / f"{source.stem}.ipynb"
+        text = to_text(exercise_notebook(source))
+        if not _safe_to_replace(exercise, text):
+            backup = Path(exercises_dir) / "backups" / f"{source.stem}-{stamp}.ipynb"
+            backup.parent.mkdir(parents=True, exist_ok=True)
+            exercise.rename(backup)  # a move, never a copy-and-overwrite: the work stays whole
+            backups.append(backup)
+        exercise.write_text(text, encoding="utf-8")
+    return backups
 
 
 def is_stale(source, solutions_dir="solutions", exercises_dir="exercises") -> bool:

@@ -80,6 +80,20 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_reset(args) -> int:
+    from .authoring import AuthoringError, reset_exercises
+
+    try:
+        backups = reset_exercises(args.names, args.src, args.exercises)
+    except AuthoringError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for backup in backups:
+        print(f"your edited notebook was moved to {backup}")
+    print("exercises reset to their pristine state")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ckpt-course", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,13 +117,27 @@ def make_parser() -> argparse.ArgumentParser:
 
     from .authoring import add_build_arguments, run_build
     from .compare import add_compare_arguments, run_compare
+    from .doctor import add_doctor_arguments, run_doctor
     from .grading import add_grade_arguments, run_grade
+    from .plan import add_plan_arguments, run_plan
 
     compare = sub.add_parser(
         "compare", help="train under several policies side by side: table and PNG plot"
     )
     add_compare_arguments(compare)
     compare.set_defaults(run=run_compare)
+
+    plan = sub.add_parser(
+        "plan", help="cheapest checkpoint placement that fits a budget (fake tensors, up to 70B)"
+    )
+    add_plan_arguments(plan)
+    plan.set_defaults(run=run_plan)
+
+    doctor = sub.add_parser(
+        "doctor", help="run until out of memory, diagnose, prescribe a fix and verify it"
+    )
+    add_doctor_arguments(doctor)
+    doctor.set_defaults(run=run_doctor)
 
     grade = sub.add_parser("grade", help="grade learners' exercise notebooks (never modifies them)")
     add_grade_arguments(grade)
@@ -120,6 +148,16 @@ def make_parser() -> argparse.ArgumentParser:
     )
     add_build_arguments(build)
     build.set_defaults(run=run_build)
+
+    reset = sub.add_parser(
+        "reset-exercises", help="fresh exercise notebooks; edited ones are moved to backups/"
+    )
+    reset.add_argument(
+        "names", nargs="*", metavar="NAME", help="e.g. 1_why_activations (all if none)"
+    )
+    reset.add_argument("--src", default="exercises/src")
+    reset.add_argument("--exercises", default="exercises")
+    reset.set_defaults(run=cmd_reset)
     return parser
 
 

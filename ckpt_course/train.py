@@ -95,15 +95,16 @@ def train(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device).train()
     generator = torch.Generator().manual_seed(seed)
-    batches = [
-        _to(model.example_batch(batch_size, seq_len, generator=generator), device)
-        for _ in range(steps)
-    ]
+
+    def next_batch():  # one at a time: a list of every step's batch would creep into the peak
+        return _to(model.example_batch(batch_size, seq_len, generator=generator), device)
+
+    batch = next_batch()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
 
     recompute_flops = None
     if count_recompute:
-        recompute_flops = measure_recompute(model, batches[0], policy).flops
+        recompute_flops = measure_recompute(model, batch, policy).flops
         model.zero_grad(set_to_none=True)
 
     meter = MemoryMeter(budget=budget) if measure_memory else None
@@ -114,7 +115,9 @@ def train(
         for step in tqdm(
             range(steps), desc=str(policy), delay=1.0, disable=not progress, leave=False
         ):
-            record = _one_step(model, optimizer, batches[step], meter, device)
+            if step:
+                batch = next_batch()
+            record = _one_step(model, optimizer, batch, meter, device)
             record.step, record.policy, record.recompute_flops = step, str(policy), recompute_flops
             records.append(record)
             if on_step is not None:

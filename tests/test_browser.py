@@ -105,7 +105,9 @@ def check_slider_redraws(page: LabPage, lesson: Path) -> None:
     page.page.wait_for_function(
         "([el, old]) => { const i = el.querySelector('img'); return i && i.src !== old; }",
         arg=[output.element_handle(), before], timeout=30_000)
+    page.wait_idle()  # the last key press's redraw, not a passing one
     screenshot(page, f"{lesson.stem}-slider")
+    output.screenshot(path=str(ARTIFACTS / "readme-dial.png"))  # the README's picture
 
 
 def first_exercise() -> tuple[str, str, str]:
@@ -139,6 +141,8 @@ def test_exercise_accepts_a_right_answer_and_hints_at_a_wrong_one(page):
     page.run_cell(answer)
     page.run_cell(check)
     screenshot(page, "exercise-wrong")
+    page.page.locator(".jp-Notebook .jp-Cell").nth(check).screenshot(
+        path=str(ARTIFACTS / "readme-hint.png"))  # the README's picture
     errors = [o for o in page.cells()[check]["outputs"] if o.get("output_type") == "error"]
     assert errors and errors[0]["ename"] in ("CheckFailed", "AssertionError"), errors
     assert len(errors[0]["evalue"]) > 20, "a wrong answer must get a hint that teaches"

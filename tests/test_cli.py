@@ -62,3 +62,23 @@ def test_console_script_is_installed():
     script = Path(sys.executable).parent / "ckpt-course"
     done = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "tape" in done.stdout and "train" in done.stdout
+
+
+def test_reset_exercises_moves_edited_work_aside_and_restores_the_stub(tmp_path, capsys):
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(
+        root / "exercises", tmp_path / "exercises", ignore=shutil.ignore_patterns("backups")
+    )
+    exercise = tmp_path / "exercises" / "1_why_activations.ipynb"
+    pristine = exercise.read_text()
+    edited = pristine.replace("raise NotImplementedError", "return 42  # my answer")
+    exercise.write_text(edited)
+    src, folder = str(tmp_path / "exercises" / "src"), str(tmp_path / "exercises")
+    assert main(["reset-exercises", "1_why_activations", "--src", src, "--exercises", folder]) == 0
+    backups = list((tmp_path / "exercises" / "backups").glob("1_why_activations-*.ipynb"))
+    assert len(backups) == 1 and backups[0].read_text() == edited  # the learner's work, whole
+    assert exercise.read_text() == pristine
+    assert "moved to" in capsys.readouterr().out
+    assert main(["reset-exercises", "9_nope", "--src", src, "--exercises", folder]) == 2

@@ -107,3 +107,10 @@ def test_measure_step_counts_the_hand_trace_saved_set(policy, saved_mib):
     assert m.saved_bytes == saved_mib * mib + 4  # + the 4-byte scalar loss
     assert m.peak_bytes == m.meter.timeline_peak() and m.peak_phase == "backward"
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_steps_of_the_same_shape_peak_alike():
+    """Nothing from earlier steps (batches, graphs) lingers into later ones."""
+    records = train(TinyGPT(GPTConfig(n_layer=2, **CFG)), "full", steps=4, batch_size=BATCH,
+                    progress=False)
+    assert len({r.peak_bytes for r in records[1:]}) == 1  # step 0 has no optimizer state yet

@@ -10,6 +10,10 @@ never the number itself.
 class CheckFailed(AssertionError):
     """A wrong answer, with a hint that teaches."""
 
+    def _render_traceback_(self) -> list[str]:
+        # IPython shows this instead of a traceback: the hint, not the checker's own code.
+        return [f"CheckFailed: {self}"]
+
 
 def expect(condition: bool, hint: str) -> None:
     if not condition:

@@ -48,8 +48,8 @@ def training_state_bytes(fn) -> None:
     for cfg in (GPTConfig(n_layer=1, **SMALL), GPTConfig(n_layer=3, **SMALL)):
         n, measured, counters = _state_after_one_step(cfg)
         got = fn(n)
-        expect(isinstance(got, dict), f"training_state_bytes({n}) returned a "
-               f"{type(got).__name__}; return a dict with the keys 'parameters', 'gradients' "
+        expect(isinstance(got, dict), f"training_state_bytes({n}) returned "
+               f"{type(got).__name__} {got!r}; return a dict with the keys 'parameters', 'gradients' "
                "and 'optimizer state'")
         missing = [k for k in ("parameters", "gradients", "optimizer state") if k not in got]
         expect(not missing, f"the dict lacks {missing}")

@@ -1,0 +1,1305 @@
+"""Plan where to checkpoint: the placement that fits a memory budget with the least recompute.
+
+A model is a chain: a prefix (embeddings), blocks 0..L-1, a suffix (final norm, head, loss). A
+*placement* cuts the blocks into segments; a checkpointed segment keeps only its input during
+forward and recomputes its blocks once at the start of its backward, a plain block keeps its tape.
+``optimal(costs, budget)`` finds, by an exact dynamic program over the chain, the placement with
+the fewest recomputed FLOPs whose predicted peak fits the budget (like rotor, or Griewank's
+revolve restricted to one level of recomputation). ``Segments`` makes it a policy::
+
+    costs = measure_costs(model, batch_size=8)  # or config_costs("70b", 1, 4096): fake tensors
+    plan = make_plan(costs, budget="40MiB")     # print(plan): the plan next to none/full/sqrt
+    train(model, plan.policy, budget="40MiB")   # fits, and peaks where predict() said
+
+What is measured (``measure_costs``; ``config_costs`` does it for one fake block times L)
+Each block alone, under a ``MemoryMeter``, with a stand-in for the block above (its backward
+makes the gradient of the block's output) and below (it keeps the gradient of the input):
+the bytes of its input and output, what its forward keeps besides them, whether it keeps its
+input or output (ReLU's output is kept by ReLU *and* by the next Linear: counted once), the peaks
+of its forward, of its forward inside a checkpoint, of the recompute (which torch's
+non-reentrant checkpoint stops at the last saved tensor), and of its backward, plain and after a
+recompute (checkpoint hands each recomputed tensor over once, so it dies as soon as the op that
+reads it is done: a little earlier than in a plain backward). Each backward is measured twice:
+with the block's input kept alive by someone else, and without. FLOPs come from
+``FlopCounterMode``. The prefix and suffix are measured on the model with its blocks cut out,
+the optimizer step on the real optimizer.
+
+The memory model (live bytes, as the meter counts them), for a placement:
+- forward, segment s: F0 + Kept(<s) + s's input if no block before keeps it + s's own peak.
+  Kept(<s): what the segments before keep (a plain block its tape, a checkpointed segment its
+  input). F0 = parameters + optimizer state + what the prefix keeps.
+- backward, segment s = blocks [i, j): B0 + Kept(<s) + kept(s) + the gradients of blocks >= j's
+  parameters + the gradient of x_j, then inside s the recompute and each block's backward,
+  one after another. B0 = F0 + what the suffix's backward leaves (its gradients, the loss).
+  Behind this: a later segment's backward gives back exactly what it kept and leaves its
+  parameters' gradients and the gradient of its input.
+- optimizer step: parameters + gradients + optimizer state + the step's temporaries.
+The peak is the largest; the DP adds up the same terms. Assumptions: blocks run in order, once
+each; a block's backward allocates nothing before it first reads a saved tensor (true of the
+course models). Against the meter (``measure_peaks``: AdamW steps on one batch, step 2 on) it is
+exact to the byte for the tiny GPT (sdpa or naive attention, with or without dropout), Llama
+and the hand-trace net, for every placement tried; tests check it. ``accumulate=True`` measures
+a micro-batch after the first under gradient accumulation (every gradient already there), also
+exact. ``shard`` (FSDP / ZeRO-3) and ``config_costs``' optimizer terms are estimates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import weakref
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .meter import MemoryMeter, parse_budget
+from .policies import Policy, applied
+from .recompute import EXTRA_FLOP_FORMULAS
+from .units import fmt_bytes, fmt_flops
+
+
+# ---------------------------------------------------------------- costs of one block
+@dataclass(frozen=True)
+class Backward:
+    """A block's backward, from the moment the gradient of its output exists (its tape and that
+    gradient live) to its end: the highest live bytes above that start, and the change at the
+    end. "held": something else keeps the block's input alive throughout; "free": only the
+    block keeps it, so it dies in the block's backward."""
+
+    peak_held: int = 0
+    peak_free: int = 0
+    change_held: int = 0
+    change_free: int = 0
+
+    def peak(self, held: bool) -> int:
+        return self.peak_held if held else self.peak_free
+
+    def change(self, held: bool) -> int:
+        return self.change_held if held else self.change_free
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One block, measured alone. Every peak is in bytes above the live bytes at its start."""
+
+    input_bytes: int  # x: what a checkpointed segment starting here keeps
+    output_bytes: int  # the next block's input
+    saved_bytes: int  # what a plain forward keeps besides its input and output
+    saves_input: bool = True
+    saves_output: bool = False
+    forward_flops: int = 0
+    recompute_flops: int = 0  # up to its last saved tensor: a segment's last block stops there
+    backward_flops: int = 0
+    grad_bytes: int = 0  # its parameters' gradients
+    needs_input_grad: bool = True  # does backward make a gradient for x (the next block down)?
+    forward_peak: int = 0  # plain forward (input live)
+    forward_peak_unsaved: int = 0  # forward inside a checkpoint: keeps nothing
+    recompute_peak: int = 0  # recompute as a segment's last block: from the gradient of its output
+    recompute_kept: int = 0  # ... to the end of the recompute, which stops at its last save
+    backward: Backward = Backward()  # plain
+    # after a recompute: checkpoint hands each saved tensor over once, so it dies as soon as
+    # the op that reads it is done, a little earlier than in a plain backward
+    checkpointed_backward: Backward = Backward()
+
+    @property
+    def kept_bytes(self) -> int:
+        """What a plain forward keeps for backward beyond its input (its output if it saves it)."""
+        return self.saved_bytes + self.output_bytes * self.saves_output
+
+    @classmethod
+    def simple(cls, input_bytes: int, saved_bytes: int, flops: int, grad_bytes: int = 0):
+        """A block with no transients: keeps its input and ``saved_bytes`` more; its backward
+        frees them and leaves the gradient of its input and of its parameters. For hand
+        calculations and tests (Chen's chain: ``simple(1, 0, 1)`` is one unit per layer)."""
+        a, s, g = input_bytes, saved_bytes, grad_bytes
+        back = Backward(g + a, g + a, g - s, g - s - a)
+        return cls(a, a, s, True, False, flops, flops, 2 * flops, g, True,
+                   forward_peak=s + a, forward_peak_unsaved=a, recompute_peak=s,
+                   recompute_kept=s, backward=back, checkpointed_backward=back)
+
+
+@dataclass(frozen=True)
+class TrunkCost:
+    """Everything but the blocks: prefix (embeddings), suffix (norm, head, loss), optimizer."""
+
+    base_bytes: int = 0  # live before forward: parameters, buffers, optimizer state
+    prefix_peak: int = 0  # prefix forward, above base
+    prefix_kept: int = 0  # what the prefix keeps for backward (x_0 included if it keeps it)
+    prefix_keeps_input: bool = True  # is x_0 kept by the prefix (or the caller) all step long?
+    input_counted: bool = True  # does the meter count x_0 at all? (a batch made outside: no)
+    # suffix forward and backward; "held": the last block keeps x_L too
+    suffix_forward_peak_held: int = 0
+    suffix_forward_peak_free: int = 0
+    suffix_backward_peak_held: int = 0
+    suffix_backward_peak_free: int = 0
+    suffix_kept_held: int = 0  # what the suffix forward adds (x_L excluded)
+    suffix_kept_free: int = 0  # the same, when x_L may go (it drops x_L if it does not keep it)
+    suffix_left: int = 0  # what the suffix's backward leaves: its parameters' gradients
+    prefix_backward_peak: int = 0  # prefix backward, above what is live when it starts
+    backward_left: int = 0  # what the whole trunk leaves after backward: its gradients, the loss
+    suffix_grad_bytes: int = 0  # gradients of the suffix's parameters (in suffix_left)
+    grad_bytes: int = 0  # gradients of all the trunk's parameters (in backward_left)
+    optimizer_peak: int = 0  # the optimizer step, above base + all gradients
+    flops: int = 0  # forward + backward FLOPs of prefix and suffix
+
+    def suffix_forward_peak(self, held):
+        return self.suffix_forward_peak_held if held else self.suffix_forward_peak_free
+
+    def suffix_backward_peak(self, held):
+        return self.suffix_backward_peak_held if held else self.suffix_backward_peak_free
+
+    def suffix_kept(self, held):
+        return self.suffix_kept_held if held else self.suffix_kept_free
+
+
+@dataclass(frozen=True)
+class ChainCosts:
+    """A model as a chain of measured blocks between a measured trunk."""
+
+    layers: tuple[LayerCost, ...]
+    trunk: TrunkCost = TrunkCost()
+    name: str = "model"
+    param_bytes: int = 0  # parameters and buffers (in trunk.base_bytes)
+    optimizer_bytes: int = 0  # optimizer state (in trunk.base_bytes)
+    notes: tuple[str, ...] = ()  # assumptions behind the numbers, for the report
+
+    @property
+    def n(self) -> int:
+        return len(self.layers)
+
+    @property
+    def step_flops(self) -> int:
+        """Forward + backward FLOPs of a plain step."""
+        return self.trunk.flops + sum(c.forward_flops + c.backward_flops for c in self.layers)
+
+    @property
+    def gradient_bytes(self) -> int:
+        """Gradients of the blocks' parameters."""
+        return sum(c.grad_bytes for c in self.layers)
+
+
+# ---------------------------------------------------------------- placements
+# A placement: segments covering blocks 0..L-1 in order, each (start, stop, checkpointed).
+Placement = tuple[tuple[int, int, bool], ...]
+
+
+def placement_from_checkpointed(n: int, ranges) -> Placement:
+    """Blocks outside the checkpointed ``ranges`` run plain, one segment per block."""
+    ranges = sorted((int(a), int(b)) for a, b in ranges)
+    out, i = [], 0
+    for a, b in ranges:
+        if not (i <= a < b <= n):
+            raise ValueError(f"checkpointed ranges must be ordered, disjoint, non-empty and "
+                             f"within 0..{n}: got {ranges}")
+        out += [(k, k + 1, False) for k in range(i, a)] + [(a, b, True)]
+        i = b
+    return tuple(out + [(k, k + 1, False) for k in range(i, n)])
+
+
+def checkpointed(placement: Placement) -> tuple[tuple[int, int], ...]:
+    return tuple((i, j) for i, j, c in placement if c)
+
+
+def every_k_placement(n: int, k: int) -> Placement:
+    return placement_from_checkpointed(n, [(i, min(i + k, n)) for i in range(0, n, k)])
+
+
+def all_placements(n: int):
+    """Every placement of ``n`` blocks (F(2n+1) of them, about 2.6^n): for brute force."""
+    if n == 0:
+        yield ()
+        return
+    for rest in all_placements(n - 1):  # extend a placement of blocks 0..n-2 by block n-1
+        yield (*rest, (n - 1, n, False))
+        yield (*rest, (n - 1, n, True))
+        if rest and rest[-1][2]:
+            yield (*rest[:-1], (rest[-1][0], n, True))
+
+
+# ---------------------------------------------------------------- the policy
+@dataclass(frozen=True)
+class Segments(Policy):
+    """Checkpoint exactly the given block ranges; every other block runs plain.
+
+    ``Segments(((0, 3), (5, 6)))`` checkpoints blocks 0-2 as one segment (one stored input, one
+    recompute of three blocks) and block 5 alone. Ranges are half-open ``(start, stop)``, as
+    ``range``. Written as text: ``segments:0-2,5`` (inclusive block numbers).
+    """
+
+    ranges: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self):
+        try:
+            ranges = tuple(sorted((int(a), int(b)) for a, b in self.ranges))
+        except (TypeError, ValueError):
+            raise ValueError(f"Segments needs (start, stop) pairs of block numbers, e.g. "
+                             f"((0, 3), (5, 6)); got {self.ranges!r}") from None
+        for k, (a, b) in enumerate(ranges):
+            after = ranges[k + 1][0] if k + 1 < len(ranges) else math.inf
+            if not 0 <= a < b <= after:
+                raise ValueError(f"segments must be non-empty, start at block 0 or later and not "
+                                 f"overlap; got {list(ranges)}")
+        object.__setattr__(self, "ranges", ranges)
+
+    @classmethod
+    def parse(cls, text: str) -> Segments:
+        """``"0-2,5"`` -> ``Segments(((0, 3), (5, 6)))``: inclusive block numbers; ``a-b`` is one
+        segment, ``a..b`` is blocks a to b each checkpointed alone."""
+        body = text.strip().removeprefix("segments:")
+        ranges = []
+        for part in filter(None, (p.strip() for p in body.split(","))):
+            each = ".." in part
+            first, _, last = part.partition(".." if each else "-")
+            if part == "none":
+                continue
+            if not first.isdigit() or (last and not last.isdigit()):
+                raise ValueError(f"bad segments {text!r}: write inclusive block numbers, 'a-b' for "
+                                 f"one segment, 'a..b' for each block alone: 'segments:0-2,5..7'")
+            a, b = int(first), int(last or first) + 1
+            ranges += [(k, k + 1) for k in range(a, b)] if each else [(a, b)]
+        return cls(tuple(ranges))
+
+    def segments(self, n_blocks: int) -> list[range]:
+        if self.ranges and self.ranges[-1][1] > n_blocks:
+            raise ValueError(f"{self} reaches block {self.ranges[-1][1] - 1}, but the model has "
+                             f"{n_blocks} blocks (0..{n_blocks - 1})")
+        return [range(a, b) for a, b in self.ranges]
+
+    def run(self, segment, x, store):
+        return checkpoint(segment, x, use_reentrant=False)
+
+    def _what(self, n_blocks):
+        return "backward recomputes each checkpointed segment's forward once; other blocks plain"
+
+    def __str__(self):
+        parts, k, r = [], 0, self.ranges
+        while k < len(r):  # runs of single blocks, one after another, read "a..b"
+            m = k
+            while m + 1 < len(r) and r[m][1] - r[m][0] == 1 and r[m + 1] == (r[m][1], r[m][1] + 1):
+                m += 1
+            a, b = r[k]
+            parts.append(f"{a}..{r[m][0]}" if m > k + 1 else f"{a}" if b == a + 1 and m == k
+                         else f"{a}-{b - 1}" if m == k else f"{a},{r[m][0]}")
+            k = m + 1
+        return "segments:" + (",".join(parts) or "none")
+
+
+def as_policy(spec) -> Policy:
+    """``parse_policy`` that also reads ``"segments:0-2,5"``."""
+    from .policies import parse_policy
+
+    if isinstance(spec, str) and spec.strip().lower().startswith("segments:"):
+        return Segments.parse(spec)
+    return parse_policy(spec)
+
+
+# ---------------------------------------------------------------- the memory model
+# An event is one moment the model predicts: (live bytes, phase, block, detail). Segment events
+# leave out Kept(<s), what the segments before keep, which predict() and the DP add.
+Event = tuple[int, str, int, str]
+
+
+def _left_holds(costs: ChainCosts, prev, k: int) -> bool:
+    """Is x_k kept by what runs before it: a plain block that saves its output (ReLU), or, for
+    x_0, the prefix or the caller (a batch made outside the meter)?"""
+    if k == 0:
+        return costs.trunk.prefix_keeps_input
+    return not prev[2] and costs.layers[k - 1].saves_output
+
+
+def _boundary_bytes(costs: ChainCosts, k: int) -> int:
+    """Bytes of x_k, the input of block k (x_L: the last block's output), as the meter counts."""
+    if k == 0 and not costs.trunk.input_counted:
+        return 0
+    return costs.layers[k].input_bytes if k < costs.n else costs.layers[-1].output_bytes
+
+
+def segment_kept(costs: ChainCosts, seg, left_held: bool) -> int:
+    """Bytes segment ``seg`` keeps from its forward to its backward: its input if no block before
+    keeps it (a checkpoint always keeps it; a plain block if it saves it), and a plain block's
+    tape."""
+    i, j, ckpt = seg
+    x = 0 if left_held else _boundary_bytes(costs, i)
+    if ckpt:
+        return x
+    c = costs.layers[i]
+    return x * c.saves_input + c.kept_bytes
+
+
+def segment_recompute_flops(costs: ChainCosts, seg) -> int:
+    """A checkpointed segment re-runs its blocks' forwards; the last one stops at its last save."""
+    i, j, ckpt = seg
+    if not ckpt:
+        return 0
+    return sum(c.forward_flops for c in costs.layers[i:j - 1]) + costs.layers[j - 1].recompute_flops
+
+
+def segment_events(costs: ChainCosts, seg, left_held: bool) -> list[Event]:
+    """The peak moments of segment ``seg``'s forward and backward, minus Kept(<seg)."""
+    i, j, ckpt = seg
+    layers, trunk = costs.layers, costs.trunk
+    x_i = 0 if left_held else _boundary_bytes(costs, i)
+    # forward: parameters, optimizer state, the prefix's tape, x_i, then the block(s)
+    t = trunk.base_bytes + trunk.prefix_kept + x_i
+    if not ckpt:
+        events = [(t + layers[i].forward_peak, "forward", i, "")]
+    else:
+        events = [(t + (_boundary_bytes(costs, k) if k > i else 0)
+                   + layers[k].forward_peak_unsaved, "forward", k, "checkpointed")
+                  for k in range(i, j)]
+    # backward starts with: what forward left minus what the segments after gave back, i.e.
+    # base + prefix + suffix's leftovers + Kept(<s) + kept(s) + their gradients + grad of x_j
+    t = (trunk.base_bytes + trunk.prefix_kept + trunk.suffix_left + segment_kept(
+        costs, seg, left_held) + sum(c.grad_bytes for c in layers[j:]) + _boundary_bytes(costs, j))
+    if ckpt:  # recompute: plain forwards, the last one stopping at its last save
+        for k in range(i, j):
+            c = layers[k]
+            if k < j - 1:  # it makes its output, the next block's input, too
+                events.append((t + c.forward_peak, "recompute", k, f"{i}-{j - 1}"))
+                t += c.kept_bytes + c.output_bytes * (not c.saves_output)
+            else:
+                events.append((t + c.recompute_peak, "recompute", k, f"{i}-{j - 1}"))
+                t += c.recompute_kept
+            if k > i and not (c.saves_input or layers[k - 1].saves_output):
+                t -= _boundary_bytes(costs, k)  # x_k: nobody keeps it once block k has run
+    for k in range(j - 1, i - 1, -1):
+        c = layers[k]
+        if ckpt:  # the checkpoint keeps x_i to the end; x_k inside, if the block below saves it
+            held, back = k == i or layers[k - 1].saves_output, c.checkpointed_backward
+        else:
+            held, back = left_held, c.backward
+        events.append((t + back.peak(held), "backward", k, "checkpointed" if ckpt else ""))
+        t += back.change(held)
+    return events
+
+
+def trunk_events(costs: ChainCosts, kept_all: int, last_left_held: bool) -> list[Event]:
+    """Prefix forward, suffix forward and backward, prefix backward, optimizer step."""
+    trunk, layers = costs.trunk, costs.layers
+    base, held = trunk.base_bytes, last_left_held
+    x_last = 0 if held else _boundary_bytes(costs, costs.n)
+    t = base + trunk.prefix_kept + kept_all + x_last
+    grads = costs.gradient_bytes
+    after = base + trunk.prefix_kept + trunk.suffix_left + grads
+    if layers and layers[0].needs_input_grad:
+        after += _boundary_bytes(costs, 0)  # the gradient of x_0
+    return [
+        (base + trunk.prefix_peak, "forward", -1, "prefix"),
+        (t + trunk.suffix_forward_peak(held), "forward", costs.n, "suffix"),
+        (t + trunk.suffix_kept(held) + trunk.suffix_backward_peak(held), "backward", costs.n,
+         "suffix"),
+        (after + trunk.prefix_backward_peak, "backward", -1, "prefix"),
+        (base + trunk.backward_left + grads + trunk.optimizer_peak, "optimizer", -1, ""),
+    ]
+
+
+def describe_event(event: Event) -> str:
+    """(live, "recompute", 3, "2-3") -> 'recompute of block 3 (segment 2-3), at the start of
+    its backward'."""
+    _, phase, k, detail = event
+    if phase == "optimizer":
+        return "optimizer step"
+    if detail in ("prefix", "suffix"):
+        what = {"prefix": "embeddings", "suffix": "final layers and loss"}[detail]
+        return f"{phase} of the {detail} ({what})"
+    if phase == "recompute":
+        return f"recompute of block {k} (segment {detail}), at the start of its backward"
+    return f"{phase} of block {k}" + (" (checkpointed)" if detail else "")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the memory model says about one placement."""
+
+    placement: Placement
+    peak_bytes: int
+    where: str  # the moment of the peak, in words
+    phase: str  # "forward", "recompute", "backward" or "optimizer"
+    block: int  # the block running then (-1: prefix or optimizer, L: suffix)
+    recompute_flops: int
+    kept_bytes: int  # what forward keeps for backward, all segments together
+    step_flops: int  # forward + backward FLOPs of a plain step
+
+    @property
+    def policy(self) -> Segments:
+        return Segments(checkpointed(self.placement))
+
+    @property
+    def overhead(self) -> float:
+        """Recomputed FLOPs / FLOPs of a plain step."""
+        return self.recompute_flops / self.step_flops if self.step_flops else 0.0
+
+
+def predict(costs: ChainCosts, placement) -> Prediction:
+    """The memory model for one placement (or policy): peak live bytes, where, recompute."""
+    placement = as_placement(costs.n, placement)
+    events, kept, flops, prev = [], 0, 0, None
+    for seg in placement:
+        left = _left_holds(costs, prev, seg[0])
+        events += [(e[0] + kept, *e[1:]) for e in segment_events(costs, seg, left)]
+        kept += segment_kept(costs, seg, left)
+        flops += segment_recompute_flops(costs, seg)
+        prev = seg
+    last_held = _left_holds(costs, prev, costs.n) if prev is not None else True
+    events += trunk_events(costs, kept, last_held)
+    top = max(events, key=lambda e: e[0])
+    return Prediction(placement, top[0], describe_event(top), top[1], top[2], flops, kept,
+                      costs.step_flops)
+
+
+def as_placement(n: int, placement) -> Placement:
+    """A placement from a placement, a ``Segments``, or a policy string like "every-2"."""
+    if isinstance(placement, (str, Policy)):
+        from .policies import NoCheckpoint, _Segmented
+
+        policy = as_policy(placement)
+        if not isinstance(policy, (Segments, _Segmented, NoCheckpoint)):
+            raise ValueError(f"the planner models whole-block checkpointing (none, full, every-K, "
+                             f"sqrt, segments:...), not {policy}")
+        return placement_from_checkpointed(n, [(r.start, r.stop) for r in policy.segments(n)])
+    placement = tuple((int(a), int(b), bool(c)) for a, b, c in placement)
+    i = 0
+    for a, b, _ in placement:
+        if a != i or b <= a:
+            raise ValueError(f"a placement covers blocks 0..{n - 1} with consecutive segments "
+                             f"(start, stop, checkpointed); got {placement}")
+        i = b
+    if i != n:
+        raise ValueError(f"the placement covers {i} blocks; the model has {n}")
+    return placement
+
+
+# ---------------------------------------------------------------- the dynamic program
+def optimal(costs: ChainCosts, budget) -> Prediction | None:
+    """The placement with the fewest recomputed FLOPs whose predicted peak fits ``budget``
+    (bytes, or a string like "40MiB"), or None if none fits. Exact for the memory model.
+
+    Scan the chain left to right. A state is (boundary i, does the block before keep x_i?);
+    in it we keep every (Kept, FLOPs) pair no other pair beats on both: Kept, the bytes the
+    segments so far keep, is all the future needs to know of the past, since every later
+    moment's live bytes are Kept plus terms of its own segment. A segment [i, j) is feasible
+    from a pair if Kept + its highest moment fits; it adds its kept bytes and recompute.
+    About L^2 segments per state, each checked in O(L): fast for L in the hundreds.
+    """
+    budget = parse_budget(budget)
+    n = costs.n
+    start = (0, _left_holds(costs, None, 0))
+    fronts = {start: [(0, 0, None)]}  # state -> [(kept, flops, back pointer)]
+    for i in range(n):
+        for left in (False, True):
+            front = fronts.get((i, left))
+            if not front:
+                continue
+            front[:] = _pareto(front)
+            for j in range(i + 1, n + 1):
+                for ckpt in ((False, True) if j == i + 1 else (True,)):
+                    seg = (i, j, ckpt)
+                    top = max(e[0] for e in segment_events(costs, seg, left))
+                    kept = segment_kept(costs, seg, left)
+                    flops = segment_recompute_flops(costs, seg)
+                    nxt = (j, _left_holds(costs, seg, j))
+                    for index, (k, f, _) in enumerate(front):
+                        if k + top <= budget:
+                            fronts.setdefault(nxt, []).append(
+                                (k + kept, f + flops, ((i, left), index, seg)))
+    best = None
+    for left in (False, True):
+        for k, f, back in _pareto(fronts.get((n, left), [])):
+            if max(e[0] for e in trunk_events(costs, k, left)) <= budget:
+                if best is None or (f, k) < best[:2]:
+                    best = (f, k, back)
+    if best is None:
+        return None
+    placement, back = [], best[2]
+    while back is not None:
+        state, index, seg = back
+        placement.append(seg)
+        back = fronts[state][index][2]
+    return predict(costs, tuple(reversed(placement)))
+
+
+def _pareto(points):
+    """Keep the points no other point beats on both kept bytes and FLOPs (fewest bytes first)."""
+    out = []
+    for p in sorted(points, key=lambda p: (p[0], p[1])):
+        if not out or p[1] < out[-1][1]:
+            out.append(p)
+    return out
+
+
+def brute_force(costs: ChainCosts, budget) -> Prediction | None:
+    """The same answer as ``optimal`` by trying every placement (about 2.6^L): for tests."""
+    budget = parse_budget(budget)
+    fits = [p for p in map(functools.partial(predict, costs), all_placements(costs.n))
+            if p.peak_bytes <= budget]
+    return min(fits, key=lambda p: (p.recompute_flops, p.kept_bytes), default=None)
+
+
+def optimal_frontier(costs: ChainCosts, most: int = 200) -> list[Prediction]:
+    """The exact memory-recompute frontier: for each peak the model can reach, the least
+    recompute. Walks down from no checkpointing: each step asks the DP for the cheapest
+    placement that peaks strictly lower than the last one found."""
+    out, budget = [], predict(costs, "none").peak_bytes
+    while len(out) < most:
+        best = optimal(costs, budget)
+        if best is None:
+            break
+        out.append(best)
+        budget = best.peak_bytes - 1
+    return out
+
+
+# ---------------------------------------------------------------- measuring the costs
+class _Meter(MemoryMeter):
+    """A meter with a timeline and one extra: ``mark_next_op(name)`` notes the timeline position
+    just before the next op runs (so a window can start after frees that happen between ops)."""
+
+    def __init__(self):
+        super().__init__(timeline=True)
+        self.marks: dict[str, int] = {}
+        self._pending: str | None = None
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = len(self.timeline)
+
+    def mark_next_op(self, name: str) -> None:
+        self._pending = name
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self._pending is not None:
+            self.mark(self._pending)
+            self._pending = None
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+    def live_at(self, index: int, default: int) -> int:
+        """Live bytes just before timeline position ``index``."""
+        return self.timeline[index - 1].live_bytes if index > 0 else default
+
+    def window_peak(self, start: int, stop: int | None, floor: int) -> int:
+        """Highest live bytes at timeline positions start..stop-1, and at least ``floor``."""
+        return max([p.live_bytes for p in self.timeline[start:stop]] + [floor])
+
+
+class _Source(torch.autograd.Function):
+    """A block input made inside the meter (a copy), whose gradient is kept in ``stash``, as the
+    block below would keep it until its own backward."""
+
+    @staticmethod
+    def forward(ctx, x, stash):
+        ctx.stash = stash
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.stash.append(grad)
+        return None, None
+
+
+class _Sink(torch.autograd.Function):
+    """Ends the graph after a block: its backward makes the gradient of the block's output, as
+    the block above would, then marks the meter. Its output has no bytes."""
+
+    @staticmethod
+    def forward(ctx, out, meter):
+        ctx.meter, ctx.shape, ctx.dtype = meter, out.shape, out.dtype
+        return out.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        g = torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad.device)
+        ctx.meter.mark("backward")
+        return g, None
+
+
+def _flop_counter():
+    return torch.utils.flop_counter.FlopCounterMode(display=False,
+                                                    custom_mapping=EXTRA_FLOP_FORMULAS)
+
+
+def _storage_ref(t):
+    return weakref.ref(t.untyped_storage())
+
+
+def _grad_bytes(module: nn.Module) -> int:
+    return sum(p.grad.untyped_storage().nbytes() for p in module.parameters() if p.grad is not None)
+
+
+class _MarkRecomputeEnd:
+    """The recompute context of a checkpoint: marks the meter when the recompute ends (it stops
+    early by raising, which passes through here), and again at the next op."""
+
+    def __init__(self, meter):
+        self.meter = meter
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.meter.mark("recomputed")
+        self.meter.mark_next_op("checkpointed_backward")
+        return False
+
+
+def _existing_gradients(module: nn.Module, accumulate: bool) -> None:
+    """No gradients, or (``accumulate``) zero gradients already there, as in the micro-batches
+    after the first under gradient accumulation: backward then adds into them in place."""
+    module.zero_grad(set_to_none=True)
+    if accumulate:
+        for p in module.parameters():
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+
+
+def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: bool = False):
+    """One forward + backward of ``block`` alone, under a meter; returns the meter and facts.
+    ``keep_input=False``: only the block keeps its input (we drop our reference after forward;
+    inside a checkpoint the block gets a copy made in the checkpointed region)."""
+    _existing_gradients(block, accumulate)
+    meter, stash, packs = _Meter(), [], []
+
+    def pack(t):
+        packs.append(len(meter.timeline))
+        return t
+
+    def fn(x):
+        return block(x) if keep_input else block(x.clone())
+
+    def run(x):
+        if not checkpointed:
+            with torch.autograd.graph.saved_tensors_hooks(pack, _same):
+                return block(x)
+        return checkpoint(fn, x, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), _MarkRecomputeEnd(meter)))
+
+    with meter:
+        meter.track(block)
+        x = _Source.apply(x_like, stash)
+        meter.mark("start")
+        start = meter.live_bytes
+        with meter.phase("forward"):
+            out = run(x)
+        meter.mark("forward")
+        x_ref, out_ref, a_out = _storage_ref(x), _storage_ref(out), out.untyped_storage().nbytes()
+        a_in = x.untyped_storage().nbytes()
+        sink = _Sink.apply(out, meter)
+        del out
+        if not keep_input:
+            del x
+        info = dict(start=start, kept=meter.live_bytes - start, a_in=a_in, a_out=a_out,
+                    saves_input=x_ref() is not None, saves_output=out_ref() is not None,
+                    last_pack=packs[-1] if packs else meter.marks["start"])
+        if sink.requires_grad:
+            with meter.phase("backward"):
+                torch.autograd.backward(sink, torch.empty(0, device=sink.device))
+        info.update(grad_bytes=0 if accumulate else _grad_bytes(block),
+                    needs_input_grad=bool(stash), end=meter.live_bytes)
+        del sink
+        stash.clear()
+    meter.untrack()
+    block.zero_grad(set_to_none=True)
+    return meter, info
+
+
+def _same(t):
+    return t
+
+
+def _window(meter, info, begin: str, end: str | None = None) -> tuple[int, int]:
+    """(peak above the start, change) of the meter's timeline from mark ``begin`` to mark
+    ``end`` (or the end of the run)."""
+    if begin not in meter.marks:
+        return 0, 0
+    b = meter.marks[begin]
+    at = meter.live_at(b, info["start"])
+    stop = meter.marks[end] if end is not None else None
+    last = meter.live_at(stop, at) if stop is not None else info["end"]
+    return meter.window_peak(b, stop, at) - at, last - at
+
+
+def _layer_flops(block, x_like) -> tuple[int, int, int]:
+    """(forward, forward up to the last saved tensor, backward) FLOPs of the block. Counted in
+    a run of their own: FlopCounterMode's module tracking holds gradients a little longer."""
+    block.zero_grad(set_to_none=True)
+    forward, backward, at_pack = _flop_counter(), _flop_counter(), [0]
+
+    def pack(t):
+        at_pack[0] = forward.get_total_flops()
+        return t
+
+    x = _Source.apply(x_like, [])
+    with forward, torch.autograd.graph.saved_tensors_hooks(pack, _same):
+        out = block(x)
+    sink = _Sink.apply(out, _Meter())
+    if sink.requires_grad:
+        with backward:
+            torch.autograd.backward(sink, torch.empty(0, device=sink.device))
+    block.zero_grad(set_to_none=True)
+    return forward.get_total_flops(), at_pack[0], backward.get_total_flops()
+
+
+def measure_layer(block: nn.Module, x_like: torch.Tensor, accumulate: bool = False) -> LayerCost:
+    """Measure one block alone on an input like ``x_like`` (its requires_grad says whether the
+    block must make the gradient of its input). Real or fake tensors. Four runs under a meter
+    (plain and checkpointed, each with the input kept by someone else or not) and one to count
+    FLOPs. ``accumulate``: its parameters' gradients exist already (they are then not the
+    block's: ``grad_bytes`` is 0)."""
+    runs = {}
+    with torch.random.fork_rng(devices=[]):
+        for checkpointed in (False, True):
+            for keep in (True, False):
+                runs[checkpointed, keep] = _run_layer(block, x_like, keep, checkpointed,
+                                                      accumulate)
+        block.zero_grad(set_to_none=True)
+        forward_flops, recompute_flops, backward_flops = _layer_flops(block, x_like)
+    (m, held), (_, free) = runs[False, True], runs[False, False]
+    start, a_out = held["start"], held["a_out"]
+    fwd_start, fwd_stop = m.marks["start"], m.marks["forward"]
+
+    def backward(checkpointed, begin):
+        (peak_h, change_h), (peak_f, change_f) = (_window(*runs[checkpointed, keep], begin)
+                                                  for keep in (True, False))
+        return Backward(peak_h, peak_f, change_h, change_f)
+
+    ckpt_meter, ckpt = runs[True, True]
+    recompute_peak, recompute_kept = _window(ckpt_meter, ckpt, "backward", "checkpointed_backward")
+    return LayerCost(
+        input_bytes=held["a_in"], output_bytes=a_out,
+        saved_bytes=held["kept"] - a_out * free["saves_output"],
+        saves_input=free["saves_input"], saves_output=free["saves_output"],
+        forward_flops=forward_flops, recompute_flops=recompute_flops,
+        backward_flops=backward_flops, grad_bytes=held["grad_bytes"],
+        needs_input_grad=held["needs_input_grad"],
+        forward_peak=m.window_peak(fwd_start, fwd_stop, start) - start,
+        forward_peak_unsaved=_window(ckpt_meter, ckpt, "start", "forward")[0],
+        recompute_peak=recompute_peak, recompute_kept=recompute_kept,
+        backward=backward(False, "backward"),
+        checkpointed_backward=backward(True, "checkpointed_backward"),
+    )
+
+
+class _Cut(torch.autograd.Function):
+    """Stands in for all the blocks when the trunk is measured: a new output like the last
+    block's; the input is stashed (kept alive) until backward reaches it, as the first block
+    would keep it; optionally the output is saved, as a last block that saves its output."""
+
+    @staticmethod
+    def forward(ctx, x, anchor, like, meter, stash, keep_output):
+        meter.mark("cut")
+        stash.append(x)
+        out = torch.zeros(like.shape, dtype=like.dtype, device=x.device)
+        meter.mark("suffix")
+        ctx.meter, ctx.stash, ctx.needs = meter, stash, x.requires_grad
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        if keep_output:
+            ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.meter.mark("cut_backward")
+        ctx.meter.suffix_grads = ctx.meter.breakdown()["gradients"]
+        ctx.stash.clear()
+        g = torch.zeros(ctx.x_shape, dtype=ctx.x_dtype, device=grad.device) if ctx.needs else None
+        ctx.meter.mark_next_op("prefix_backward")
+        return g, None, None, None, None, None
+
+
+@dataclass(frozen=True)
+class _CutOut(Policy):
+    like: torch.Tensor = field(compare=False)
+    meter: _Meter = field(compare=False)
+    stash: list = field(compare=False)
+    keep_output: bool = False
+
+    def segments(self, n_blocks):
+        return [range(0, n_blocks)]
+
+    def run(self, segment, x, store):
+        anchor = torch.empty(0, requires_grad=True)  # makes the output need a gradient
+        return _Cut.apply(x, anchor, self.like, self.meter, self.stash, self.keep_output)
+
+
+def _run_trunk(model, batch, like, keep_output: bool, accumulate: bool = False):
+    meter, stash = _Meter(), []
+    _existing_gradients(model, accumulate)
+    with applied(model, _CutOut(like, meter, stash, keep_output)), meter:
+        meter.track(model)
+        start = meter.live_bytes
+        with meter.phase("forward"):
+            loss = model.loss(batch)
+        meter.mark("forward_end")
+        x0 = stash[0]
+        batch_storages = {id(t.untyped_storage()) for t in batch}
+        counted = id(x0.untyped_storage()) not in batch_storages
+        x0_ref, a0 = _storage_ref(x0), x0.untyped_storage().nbytes()
+        del x0
+        with meter.phase("backward"):
+            loss.backward()
+        end = meter.live_bytes
+    meter.untrack()
+    grads = 0 if accumulate else _grad_bytes(model)
+    model.zero_grad(set_to_none=True)
+    return meter, dict(start=start, end=end, counted=counted, a0=a0, grads=grads,
+                       suffix_grads=0 if accumulate else meter.suffix_grads,
+                       keeps_x0=x0_ref() is not None)
+
+
+def _trunk_flops(model, batch, like) -> int:
+    counter = _flop_counter()
+    with applied(model, _CutOut(like, _Meter(), [], False)), counter:
+        model.loss(batch).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def measure_trunk(model: nn.Module, batch, like: torch.Tensor,
+                  accumulate: bool = False) -> TrunkCost:
+    """Prefix and suffix of ``model``, measured with its blocks cut out (``like``: a tensor
+    like the last block's output). ``base_bytes`` is the parameters (and, if ``accumulate``,
+    every gradient, there from the start)."""
+    with torch.random.fork_rng(devices=[]):
+        free_meter, free = _run_trunk(model, batch, like, False, accumulate)
+        held_meter, held = _run_trunk(model, batch, like, True, accumulate)
+        flops = _trunk_flops(model, batch, like)
+    a_last = like.untyped_storage().nbytes()
+    values = {}
+    for variant, m, info in (("free", free_meter, free), ("held", held_meter, held)):
+        cut, suffix, fwd_end = m.marks["cut"], m.marks["suffix"], m.marks["forward_end"]
+        bwd_in = m.marks["cut_backward"]
+        at_cut, at_suffix = m.live_at(cut, info["start"]), m.live_at(suffix, info["start"])
+        at_fwd_end, at_bwd_in = m.live_at(fwd_end, at_suffix), m.live_at(bwd_in, at_suffix)
+        values[variant] = dict(
+            fwd_peak=m.window_peak(suffix, fwd_end, at_suffix) - at_suffix,
+            kept=at_fwd_end - at_suffix,
+            bwd_peak=m.window_peak(fwd_end, bwd_in, at_fwd_end) - at_fwd_end,
+            left=at_bwd_in - at_cut - a_last * (1 + (variant == "held")),
+        )
+    m, info = free_meter, free
+    start, at_cut = info["start"], m.live_at(m.marks["cut"], info["start"])
+    counted, keeps = info["counted"], info["keeps_x0"] or not info["counted"]
+    prefix_kept = at_cut - start - (info["a0"] if counted and not keeps else 0)
+    if "prefix_backward" in m.marks:
+        b = m.marks["prefix_backward"]
+        at = m.live_at(b, start)
+        prefix_bwd = m.window_peak(b, None, at) - at
+    else:
+        prefix_bwd = 0
+    return TrunkCost(
+        base_bytes=start,
+        prefix_peak=m.window_peak(0, m.marks["cut"], start) - start,
+        prefix_kept=prefix_kept,
+        prefix_keeps_input=keeps,
+        input_counted=counted,
+        suffix_forward_peak_held=values["held"]["fwd_peak"],
+        suffix_forward_peak_free=values["free"]["fwd_peak"],
+        suffix_backward_peak_held=values["held"]["bwd_peak"],
+        suffix_backward_peak_free=values["free"]["bwd_peak"],
+        suffix_kept_held=values["held"]["kept"],
+        suffix_kept_free=values["free"]["kept"],
+        suffix_left=values["free"]["left"],
+        prefix_backward_peak=prefix_bwd,
+        backward_left=info["end"] - start,
+        suffix_grad_bytes=info["suffix_grads"],
+        grad_bytes=info["grads"],
+        flops=flops,
+    )
+
+
+def _optimizer_cost(model: nn.Module, make_optimizer) -> tuple[int, int]:
+    """(optimizer state bytes, peak of a step above parameters + gradients + state), measured
+    on a step after the first (the first one creates the state). lr=0 leaves the model as is."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    meter = MemoryMeter()
+    with meter:
+        meter.track(model, optimizer)
+        meter.reset_peak()
+        optimizer.step()
+        state, peak = meter.breakdown()["optimizer state"], meter.peak_bytes - meter.live_bytes
+    meter.untrack()
+    model.zero_grad(set_to_none=True)
+    return state, peak
+
+
+def _adamw_lr0(params):
+    return torch.optim.AdamW(params, lr=0.0)  # train()'s optimizer, changing nothing
+
+
+def _layer_key(block: nn.Module, x: torch.Tensor):
+    params = tuple((n, tuple(p.shape), p.dtype, p.requires_grad)
+                   for n, p in block.named_parameters())
+    return (type(block), repr(block), params, tuple(x.shape), x.dtype, x.requires_grad,
+            block.training)
+
+
+def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int | None = None,
+                  seed: int = 0, optimizer=_adamw_lr0, accumulate: bool = False) -> ChainCosts:
+    """Measure every block and the trunk of a course model (``.blocks``, ``.example_batch``,
+    ``.loss``) for one training step on a batch of ``batch_size`` x ``seq_len``, the way
+    ``train`` runs it (AdamW unless ``optimizer`` says otherwise; ``None``: no optimizer).
+    ``accumulate``: a micro-batch after the first under gradient accumulation, where every
+    gradient exists from the start."""
+    from .policies import find_blocks
+
+    blocks = find_blocks(model)
+    model.train()
+    size = {} if batch_size is None else {"batch_size": batch_size}
+    batch = model.example_batch(seq_len=seq_len, generator=torch.Generator().manual_seed(seed),
+                                **size)
+    inputs, outputs = [], []
+
+    def grab_input(module, args):
+        inputs.append(args[0].detach().clone().requires_grad_(args[0].requires_grad))
+
+    def grab_output(module, args, out):
+        outputs.append(out.detach().clone())
+
+    handles = [b.register_forward_pre_hook(grab_input) for b in blocks]
+    handles.append(blocks[-1].register_forward_hook(grab_output))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model.loss(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    cache, layers = {}, []
+    for block, x in zip(blocks, inputs, strict=True):
+        key = _layer_key(block, x)
+        if key not in cache:
+            cache[key] = measure_layer(block, x, accumulate)
+        layers.append(cache[key])
+    trunk = measure_trunk(model, batch, outputs[0], accumulate)
+    params = sum(t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()])
+    state = 0
+    if optimizer is not None:
+        state, peak = _optimizer_cost(model, optimizer)
+        trunk = replace(trunk, base_bytes=trunk.base_bytes + state, optimizer_peak=peak)
+    shape = "x".join(map(str, batch[0].shape))
+    name = f"{type(model).__name__} (batch {shape}{', accumulating' if accumulate else ''})"
+    return ChainCosts(tuple(layers), trunk, name=name,
+                      param_bytes=params, optimizer_bytes=state)
+
+
+def measure_peaks(model: nn.Module, policy="none", batch_size: int | None = None,
+                  seq_len: int | None = None, steps: int = 2, seed: int = 0) -> list[int]:
+    """Peak live bytes of each of ``steps`` AdamW training steps under ``policy``, measured by
+    the meter: what ``predict`` predicts for a step after the first (optimizer state present).
+    Every step reuses one batch, so earlier batches cannot pile up in the count."""
+    size = {} if batch_size is None else {"batch_size": batch_size}
+    batch = model.example_batch(seq_len=seq_len, generator=torch.Generator().manual_seed(seed),
+                                **size)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    meter, peaks = MemoryMeter(), []
+    with torch.random.fork_rng(devices=[]), applied(model, as_policy(policy)), meter:
+        meter.track(model, optimizer)
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            meter.reset_peak()
+            with meter.phase("forward"):
+                loss = model.loss(batch)
+            with meter.phase("backward"):
+                loss.backward()
+            with meter.phase("optimizer"):
+                optimizer.step()
+            peaks.append(meter.peak_bytes)
+            del loss
+    meter.untrack()
+    model.zero_grad(set_to_none=True)
+    return peaks
+
+
+# ---------------------------------------------------------------- big configs, on fake tensors
+def config_by_name(name: str):
+    """A named config: the Llama presets ("70b", "llama-7b", ...) or "gpt" / "gpt-24" (tiny
+    GPTs that also run for real)."""
+    from .models import GPTConfig, llama_config
+
+    gpts = {"gpt": GPTConfig(), "gpt-24": GPTConfig(n_layer=24)}
+    if name in gpts:
+        return gpts[name]
+    try:
+        return llama_config(name)
+    except ValueError:
+        raise ValueError(f"unknown config {name!r}; choose one of: {', '.join(config_names())}") \
+            from None
+
+
+def config_names() -> list[str]:
+    from .models import LLAMA_PRESETS
+
+    return ["gpt", "gpt-24", *(n.removeprefix("llama-") for n in LLAMA_PRESETS)]
+
+
+def config_costs(cfg, batch_size: int, seq_len: int, dtype: torch.dtype = torch.bfloat16,
+                 optimizer: str = "adamw") -> ChainCosts:
+    """Costs of a config (``LlamaConfig`` or ``GPTConfig``, or a name such as "70b") measured
+    on fake tensors: one block, times ``n_layer``, and the trunk on a one-block model.
+
+    Parameters, gradients and activations are in ``dtype``; the optimizer state follows
+    ``ckpt_course.estimate`` (AdamW: two fp32 moments, 8 bytes per parameter) and its step's
+    temporaries are taken as two fp32 copies of the largest parameter (torch's AdamW makes two
+    such temporaries per parameter). Seconds for 70B, a few hundred MB of process memory."""
+    from . import estimate
+    from .models import GPTConfig, Llama, TinyGPT
+
+    if isinstance(cfg, str):
+        cfg = config_by_name(cfg)
+    estimate._check(cfg, batch_size, seq_len, dtype)
+    if optimizer not in estimate.OPTIMIZER_BYTES_PER_PARAM:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of "
+                         f"{list(estimate.OPTIMIZER_BYTES_PER_PARAM)}")
+    with estimate._fake(dtype), torch.random.fork_rng(devices=[]):
+        block = estimate._block(cfg).train()
+        x = torch.randn(batch_size, seq_len, cfg.d_model, requires_grad=True)
+        layer = measure_layer(block, x)
+        one = (Llama(cfg.with_layers(1)) if not isinstance(cfg, GPTConfig)
+               else TinyGPT(replace(cfg, n_layer=1))).train()
+        batch = one.example_batch(batch_size, seq_len)
+        trunk = measure_trunk(one, batch, torch.randn(batch_size, seq_len, cfg.d_model))
+        n_params = estimate.parameter_count(cfg)
+        largest = max(p.numel() for p in one.parameters())
+    params = n_params * dtype.itemsize
+    state = n_params * estimate.OPTIMIZER_BYTES_PER_PARAM[optimizer]
+    trunk = replace(trunk, base_bytes=params + state, optimizer_peak=2 * 4 * largest)
+    notes = (f"{getattr(cfg, 'name', 'gpt')} on fake tensors: one block measured, times "
+             f"{cfg.n_layer}; {str(dtype).removeprefix('torch.')} parameters, gradients and "
+             f"activations; {optimizer} state {estimate.OPTIMIZER_BYTES_PER_PARAM[optimizer]} B "
+             f"per parameter",)
+    return ChainCosts((layer,) * cfg.n_layer, trunk, name=getattr(cfg, "name", "gpt"),
+                      param_bytes=params, optimizer_bytes=state, notes=notes)
+
+
+def shard(costs: ChainCosts, devices: int) -> ChainCosts:
+    """Per-device costs when parameters, gradients and optimizer state are split over
+    ``devices`` (ZeRO-3 / FSDP ``fully_shard``), an estimate: each device keeps 1/N of them,
+    plus the parameters of the block that runs (gathered for its forward and backward) and that
+    block's full gradient until it is reduce-scattered. Activations are not split."""
+    if devices == 1:
+        return costs
+    n = devices
+    block = max((c.grad_bytes for c in costs.layers), default=0)
+    persistent = costs.param_bytes + costs.optimizer_bytes
+    trunk_grads = max(costs.param_bytes - costs.gradient_bytes, 0)
+    t = costs.trunk
+    trunk = replace(
+        t, base_bytes=t.base_bytes - persistent + persistent // n + block,
+        suffix_left=t.suffix_left - trunk_grads + trunk_grads // n,
+        backward_left=t.backward_left - trunk_grads + trunk_grads // n)
+
+    def split(back: Backward, g: int) -> Backward:
+        kept = g - g // n  # what reduce-scatter gives back after the block's backward
+        return replace(back, change_held=back.change_held - kept,
+                       change_free=back.change_free - kept)
+
+    layers = tuple(replace(c, grad_bytes=c.grad_bytes // n,
+                           backward=split(c.backward, c.grad_bytes),
+                           checkpointed_backward=split(c.checkpointed_backward, c.grad_bytes))
+                   for c in costs.layers)
+    return replace(costs, layers=layers, trunk=trunk, name=f"{costs.name} on {n} devices",
+                   param_bytes=costs.param_bytes // n, optimizer_bytes=costs.optimizer_bytes // n,
+                   notes=(*costs.notes, f"sharded over {n} devices (ZeRO-3/FSDP estimate)"))
+
+
+# ---------------------------------------------------------------- the plan and its report
+@dataclass
+class Plan:
+    """The optimal placement under a budget, next to the usual policies."""
+
+    costs: ChainCosts
+    budget: float
+    best: Prediction | None  # None: nothing fits
+    alternatives: dict[str, Prediction]  # "none", "full", "every-2", ..., "sqrt"
+
+    @property
+    def fits(self) -> bool:
+        return self.best is not None
+
+    @property
+    def policy(self) -> Segments:
+        if self.best is None:
+            raise ValueError(f"nothing fits in {fmt_bytes(self.budget)}: {self.advice()}")
+        return self.best.policy
+
+    def best_every_k(self) -> tuple[str, Prediction] | None:
+        """The every-K (full is every-1) that fits with the least recompute, if any."""
+        fitting = [(name, p) for name, p in self.alternatives.items()
+                   if (name == "full" or name.startswith("every-")) and p.peak_bytes <= self.budget]
+        return min(fitting, key=lambda item: item[1].recompute_flops, default=None)
+
+    def frontier(self) -> list[tuple[str, Prediction]]:
+        """The alternatives no other beats on both peak and recompute, by peak (and optimal)."""
+        rows = sorted(self.alternatives.items(), key=lambda kv: (kv[1].peak_bytes,
+                                                                 kv[1].recompute_flops))
+        out = []
+        for name, p in rows:
+            if not out or p.recompute_flops < out[-1][1].recompute_flops:
+                out.append((name, p))
+        return out
+
+    def lowest_peak(self) -> tuple[str, Prediction]:
+        return min(self.alternatives.items(), key=lambda kv: kv[1].peak_bytes)
+
+    def advice(self) -> str:
+        """Why nothing fits, with the numbers, and what to do."""
+        c = self.costs
+        fixed = c.param_bytes + c.optimizer_bytes
+        if c.param_bytes >= self.budget:
+            return (f"the parameters alone need {fmt_bytes(c.param_bytes)}, more than the budget "
+                    f"{fmt_bytes(self.budget)}: no checkpoint policy can help. Shard parameters, "
+                    f"gradients and optimizer state over several devices (FSDP / ZeRO-3) or "
+                    f"offload them to CPU memory")
+        name, low = self.lowest_peak()
+        return (f"the lowest peak is {fmt_bytes(low.peak_bytes)} ({name}, at "
+                f"{low.where}), {fmt_bytes(low.peak_bytes - self.budget)} over the budget; "
+                f"parameters and optimizer state alone take {fmt_bytes(fixed)}. Use a smaller "
+                f"micro-batch with gradient accumulation, offload, or shard")
+
+    def table(self) -> list[dict]:
+        """One row per policy compared, for printing or pandas."""
+        rows = [("optimal", self.best)] if self.best is not None else []
+        every = self.best_every_k()
+        names = ["none", "full", "every-2", "sqrt"] + ([every[0]] if every else [])
+        rows += [(n, self.alternatives[n]) for n in dict.fromkeys(names) if n in self.alternatives]
+        return [dict(policy=n if n != "optimal" else f"optimal: {p.policy}",
+                     peak_bytes=p.peak_bytes, fits=p.peak_bytes <= self.budget,
+                     recompute_flops=p.recompute_flops, overhead=p.overhead, where=p.where)
+                for n, p in rows]
+
+    def report(self) -> str:
+        c = self.costs
+        layer = c.layers[0]
+        tape = layer.kept_bytes + layer.input_bytes * layer.saves_input
+        lines = [f"Plan for {c.name}: {c.n} blocks, budget {fmt_bytes(self.budget)}",
+                 f"  parameters {fmt_bytes(c.param_bytes)}, optimizer state "
+                 f"{fmt_bytes(c.optimizer_bytes)}, gradients of the blocks "
+                 f"{fmt_bytes(c.gradient_bytes)}",
+                 f"  block 0 keeps {fmt_bytes(tape)} plain, "
+                 f"{fmt_bytes(layer.input_bytes)} (its input) checkpointed; forward "
+                 f"{fmt_flops(layer.forward_flops)}; a plain step {fmt_flops(c.step_flops)}",
+                 *(f"  ({note})" for note in c.notes), ""]
+        head = f"  {'policy':<34} {'peak':>11}  {'fits':<4} {'recompute':>12} {'of a step':>9}"
+        lines += [head, "  " + "-" * (len(head) - 2)]
+        for r in self.table():
+            lines.append(f"  {r['policy'][:34]:<34} {fmt_bytes(r['peak_bytes']):>11}  "
+                         f"{'yes' if r['fits'] else 'no':<4} {fmt_flops(r['recompute_flops']):>12} "
+                         f"{r['overhead']:>+9.1%}")
+        lines.append("")
+        if self.best is None:
+            lines.append(f"Nothing fits: {self.advice()}.")
+        else:
+            b = self.best
+            lines.append(f"Optimal: {b.policy} keeps {fmt_bytes(b.kept_bytes)} for backward; "
+                         f"predicted peak {fmt_bytes(b.peak_bytes)} ({b.where}); recompute "
+                         f"{fmt_flops(b.recompute_flops)} = {b.overhead:+.1%} of a plain step.")
+        return "\n".join(lines)
+
+    __str__ = report
+
+
+def make_plan(costs: ChainCosts, budget) -> Plan:
+    """The optimal placement under ``budget`` and the usual policies' predictions."""
+    budget = parse_budget(budget)
+    n = costs.n
+    alternatives = {"none": predict(costs, "none"), "full": predict(costs, "full")}
+    for k in range(2, n + 1):
+        alternatives[f"every-{k}"] = predict(costs, every_k_placement(n, k))
+    alternatives["sqrt"] = predict(costs, "sqrt")
+    return Plan(costs, budget, optimal(costs, budget), alternatives)
+
+
+def min_devices(costs: ChainCosts, budget, most: int = 1024) -> tuple[int, Prediction] | None:
+    """The fewest devices (a power of two) over which sharding (``shard``) lets some placement
+    fit ``budget``, and that placement; None if not even ``most`` do."""
+    n = 1
+    while n <= most:
+        best = optimal(shard(costs, n), budget)
+        if best is not None:
+            return n, best
+        n *= 2
+    return None
+
+
+# ---------------------------------------------------------------- the command line
+def _budget_arg(text: str):
+    import argparse
+
+    try:
+        return parse_budget(text)
+    except (TypeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _config_arg(text: str):
+    import argparse
+
+    try:
+        return config_by_name(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _count_arg(text: str) -> int:
+    import argparse
+
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def add_plan_arguments(parser) -> None:
+    """``ckpt-course plan``: --model or --config, --batch, --seq, --budget, --devices."""
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--model", choices=("hand-trace", "gpt", "llama-tiny"),
+                      help="a course model, measured for real (default: gpt)")
+    what.add_argument("--config", type=_config_arg, metavar="NAME",
+                      help=f"a config measured on fake tensors: {', '.join(config_names())}")
+    parser.add_argument("--layers", type=_count_arg, help="number of blocks (course models)")
+    parser.add_argument("--batch", type=_count_arg, help="batch size (default: 8; configs 1)")
+    parser.add_argument("--seq", type=_count_arg, help="sequence length")
+    parser.add_argument("--budget", type=_budget_arg, required=True,
+                        help="memory per device, e.g. 80GiB or 40MiB")
+    parser.add_argument("--devices", type=_count_arg, default=1,
+                        help="shard parameters, gradients and optimizer state over N devices "
+                             "(FSDP / ZeRO-3 estimate; default 1)")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                        help="dtype of a --config (default bf16)")
+
+
+def costs_from_args(args) -> ChainCosts:
+    """The measured costs that ``args`` (from ``add_plan_arguments``) describe."""
+    if args.config is not None:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        seq = args.seq or args.config.seq_len
+        return config_costs(args.config, args.batch or 1, seq, dtype)
+    from .cli import build_model
+
+    name = args.model or "gpt"
+    model = build_model(name, args.layers)
+    batch = args.batch or (512 if name == "hand-trace" else 8)
+    return measure_costs(model, batch, args.seq)
+
+
+def run_plan(args) -> int:
+    """Print the plan. Exit code 0 if a placement fits, 1 if none does (the report says why
+    and, for configs, how many devices sharding needs)."""
+    costs = shard(costs_from_args(args), args.devices)
+    plan = make_plan(costs, args.budget)
+    print(plan.report())
+    if plan.fits:
+        return 0
+    if args.config is not None:
+        found = min_devices(costs, args.budget)
+        if found is not None:
+            n, best = found
+            print(f"Sharded over {n * args.devices} devices it fits: {best.policy}, peak "
+                  f"{fmt_bytes(best.peak_bytes)} per device, recompute {best.overhead:+.1%} of a "
+                  f"step (ckpt-course plan ... --devices {n * args.devices}).")
+    return 1
+

@@ -1,0 +1,125 @@
+"""The OOM doctor on CPU: it finds the OOM (step 2, thanks to AdamW's state), says where and
+why, prescribes the cheapest fix with the planner, and the fix fits when run again."""
+
+import argparse
+
+import pytest
+import torch
+
+from ckpt_course.doctor import add_doctor_arguments, doctor, prescribe, run_doctor, run_steps
+from ckpt_course.models import GPTConfig, TinyGPT
+from ckpt_course.plan import measure_costs, predict
+from ckpt_course.units import KiB, MiB
+
+CFG = GPTConfig(n_layer=4, d_model=64, n_head=4, seq_len=32)
+BATCH = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see tests/test_plan.py: tiny ops on a busy machine
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return TinyGPT(CFG)
+
+
+@pytest.fixture(scope="module")
+def costs(model):
+    return measure_costs(model, BATCH)
+
+
+def test_steps_without_budget_peak_where_the_planner_says(model, costs):
+    run = run_steps(model, None, "none", BATCH, steps=2)
+    assert run.fits and run.steps[1].peak_bytes == predict(costs, "none").peak_bytes
+    # step 1 has no optimizer state during forward and backward: its peak is the optimizer step
+    assert run.steps[0].peak_phase == "optimizer" and run.steps[0].optimizer_state_bytes == 0
+    assert run.steps[1].optimizer_state_bytes == costs.optimizer_bytes
+    assert run.steps[1].peak_bytes - run.steps[0].peak_bytes > 0
+
+
+def test_doctor_finds_a_step_two_oom_prescribes_a_policy_and_verifies_it(model, costs):
+    budget = 4.5 * MiB  # above step 1's peak, below step 2's
+    report = doctor(model, budget, BATCH, timing=False)
+    oom = report.run.oom
+    assert oom.step == 2 and len(report.run.steps) == 1
+    assert oom.live_bytes + oom.tried_bytes > budget >= oom.live_bytes
+    assert oom.breakdown["optimizer state"] == costs.optimizer_bytes
+    assert oom.phase == "forward" and oom.layer == "blocks.3" and oom.module.startswith("blocks.3.")
+    assert set(oom.by_layer) >= {"blocks.0", "blocks.1", "blocks.2"}
+    text = str(report)
+    assert "Why step 2 and not step 1: AdamW made its state" in text
+    fix = report.fix
+    assert fix.kind == "policy" and fix.policy.startswith("segments:")
+    ver = report.verification
+    assert ver.run.fits and len(ver.run.steps) == 3
+    assert ver.run.peak_bytes == fix.predicted.peak_bytes <= budget
+    assert ver.recompute_flops == ver.predicted_recompute_flops > 0
+    assert "With the fix, 3 steps fit" in text
+
+
+def test_backward_oom_is_attributed_to_the_module_running(model, costs):
+    full = predict(costs, "full")
+    budget = full.peak_bytes - 1  # the checkpointed step fails at its own peak
+    run = run_steps(model, budget, "full", BATCH, steps=2)
+    assert run.oom.step == 2 and run.oom.phase == "backward"
+    assert run.oom.layer == f"blocks.{full.block}"
+
+
+def test_no_placement_fits_so_micro_batches_with_accumulation(model, costs):
+    budget = 4 * MiB  # below every placement's peak, above the optimizer step
+    assert predict(costs, "full").peak_bytes > budget
+    fix = prescribe(model, budget, BATCH)
+    assert fix.kind == "micro-batch" and fix.micro_batches in (2, 4)
+    assert "gradients accumulated" in str(fix)
+    run = run_steps(model, budget, fix.policy, BATCH, steps=2, micro_batches=fix.micro_batches)
+    assert run.fits and run.peak_bytes == fix.predicted.peak_bytes
+
+
+def test_optimizer_step_alone_over_budget_means_shard(model):
+    fix = prescribe(model, 3.5 * MiB, BATCH)
+    assert fix.kind == "shard" and fix.devices == 2
+    assert "The optimizer step alone needs" in str(fix)
+
+
+def test_budget_below_the_parameters_recommends_sharding_or_offload_with_numbers(model):
+    report = doctor(model, 800 * KiB, BATCH, timing=False)
+    assert report.run.oom.step == 1 and report.verification is None
+    text = str(report.fix)
+    assert "The parameters alone need 917.50 KiB" in text and "budget 800.00 KiB" in text
+    assert "offload parameters and optimizer state" in text
+
+
+def test_fitting_setup_needs_no_fix(model):
+    report = doctor(model, 100 * MiB, BATCH, timing=False)
+    assert report.run.fits and report.fix is None and "No out-of-memory error" in str(report)
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="doctor")
+    add_doctor_arguments(p)
+    return p
+
+
+def test_doctor_command(capsys):
+    args = parser().parse_args(["--model", "gpt", "--layers", "2", "--batch", "4", "--seq", "32",
+                                "--budget", "8MiB", "--steps", "2", "--no-timing"])
+    assert run_doctor(args) == 0
+    out = capsys.readouterr().out
+    assert "DIAGNOSIS" in out and "PRESCRIPTION" in out and "With the fix, 2 steps fit" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budget", "plenty"], "not understood"),
+    (["--budget", "0MiB"], "positive"),
+    (["--budget", "1MiB", "--model", "gpt-9"], "invalid choice"),
+])
+def test_doctor_command_rejects_bad_input(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parser().parse_args(argv)
+    assert message in capsys.readouterr().err

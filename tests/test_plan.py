@@ -1,0 +1,255 @@
+"""The planner: its memory model against the meter, its dynamic program against brute force, the
+closed forms it must reproduce, the Segments policy, configs on fake tensors, the command."""
+
+import argparse
+import math
+import random
+
+import pytest
+import torch
+
+from ckpt_course.models import GPTConfig, HandTraceNet, TinyGPT
+from ckpt_course.plan import (
+    Backward,
+    ChainCosts,
+    LayerCost,
+    Segments,
+    TrunkCost,
+    add_plan_arguments,
+    all_placements,
+    brute_force,
+    checkpointed,
+    config_costs,
+    every_k_placement,
+    make_plan,
+    measure_costs,
+    measure_peaks,
+    optimal,
+    predict,
+    run_plan,
+)
+from ckpt_course.recompute import measure_recompute
+from ckpt_course.train import train
+from ckpt_course.units import GiB, MiB
+
+SMALL_GPT = GPTConfig(n_layer=4, d_model=64, n_head=4, seq_len=32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Byte counts do not depend on threads; tiny ops on 2 threads of a busy 2-core machine
+    can be 100x slower (the threads wait for each other), so these tests use one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_costs(rng: random.Random, n: int) -> ChainCosts:
+    """A chain with arbitrary per-block numbers: the DP must agree with brute force on any."""
+    def r(hi, lo=0):
+        return rng.randint(lo, hi)
+
+    def back():
+        return Backward(r(60), r(60), r(20, -60), r(20, -60))
+
+    layers = tuple(
+        LayerCost(r(20, 1), r(20, 1), r(50), rng.random() < 0.7, rng.random() < 0.4, r(30, 1),
+                  r(30, 1), r(60), r(10), rng.random() < 0.9, r(80), r(40), r(60), r(50), back(),
+                  back())
+        for _ in range(n))
+    trunk = TrunkCost(r(50), r(50), r(50), rng.random() < 0.5, rng.random() < 0.8,
+                      *(r(50) for _ in range(11)))
+    return ChainCosts(layers, trunk)
+
+
+# ---------------------------------------------------------------- the dynamic program
+def test_all_placements_counts_every_way_to_cut_a_chain():
+    # each block is plain, starts a checkpointed segment, or continues the one before it:
+    # F(2n+1) ways (Fibonacci: 2, 5, 13, 34, 89, ...), about 2.6^n
+    assert [sum(1 for _ in all_placements(n)) for n in range(1, 6)] == [2, 5, 13, 34, 89]
+    assert len(set(all_placements(6))) == sum(1 for _ in all_placements(6))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_dp_equals_brute_force_on_random_chains(seed):
+    rng = random.Random(seed)
+    costs = random_costs(rng, rng.randint(1, 7))
+    peaks = sorted({predict(costs, p).peak_bytes for p in all_placements(costs.n)})
+    for budget in {peaks[0] - 1, peaks[0], peaks[len(peaks) // 3], peaks[-1], peaks[-1] + 5}:
+        dp, brute = optimal(costs, max(budget, 1)), brute_force(costs, max(budget, 1))
+        assert (dp is None) == (brute is None), f"budget {budget}"
+        if dp is not None:
+            assert dp.recompute_flops == brute.recompute_flops
+            assert dp.peak_bytes <= budget
+
+
+def test_dp_equals_brute_force_on_ten_layers():
+    rng = random.Random(10)
+    costs = random_costs(rng, 10)
+    predictions = [predict(costs, p) for p in all_placements(10)]
+    peaks = sorted(p.peak_bytes for p in predictions)
+    for budget in (peaks[len(peaks) // 10], peaks[len(peaks) // 2]):
+        fits = [p.recompute_flops for p in predictions if p.peak_bytes <= budget]
+        assert optimal(costs, budget).recompute_flops == min(fits)
+
+
+def test_unlimited_budget_means_no_checkpointing_and_no_recompute():
+    for seed in range(5):
+        costs = random_costs(random.Random(seed), 6)
+        best = optimal(costs, 10**12)
+        assert best.recompute_flops == 0 and checkpointed(best.placement) == ()
+
+
+@pytest.mark.parametrize("n_layer", [16, 36, 64])
+def test_uniform_chain_reproduces_chen_sqrt_memory(n_layer):
+    """Chen et al.'s chain: every layer keeps one unit (its input). Every-k keeps L/k segment
+    inputs and rebuilds k units at a time: L/k + k, least at k = sqrt(L), 2 sqrt(L) units."""
+    costs = ChainCosts((LayerCost.simple(1, 0, 1),) * n_layer)
+    peaks = {k: predict(costs, every_k_placement(n_layer, k)).peak_bytes
+             for k in range(1, n_layer + 1)}
+    k_best = min(peaks, key=peaks.get)
+    assert peaks[k_best] == 2 * math.isqrt(n_layer) == predict(costs, "sqrt").peak_bytes
+    assert predict(costs, "none").peak_bytes == n_layer + 1  # all L inputs + the loss gradient
+    # the optimum at that memory recomputes less than the best every-k: uneven segments
+    best = optimal(costs, peaks[k_best])
+    every_k_flops = predict(costs, every_k_placement(n_layer, k_best)).recompute_flops
+    assert best.recompute_flops < every_k_flops
+
+
+# ---------------------------------------------------------------- the model against the meter
+@pytest.fixture(scope="module")
+def gpt():
+    torch.manual_seed(0)
+    model = TinyGPT(SMALL_GPT)
+    return model, measure_costs(model, 4)
+
+
+def test_predicted_peak_is_the_meters_peak_for_every_placement_of_the_tiny_gpt(gpt):
+    model, costs = gpt
+    for placement in all_placements(4):
+        policy = Segments(checkpointed(placement))
+        assert predict(costs, placement).peak_bytes == measure_peaks(model, policy, 4)[1], policy
+
+
+def test_predicted_peak_is_the_meters_peak_for_the_hand_trace_net():
+    model = HandTraceNet(width=128)
+    costs = measure_costs(model, 128)
+    for policy in ("none", "full", "every-2", "segments:1-3", "segments:0,2..3"):
+        assert predict(costs, policy).peak_bytes == measure_peaks(model, policy, 128)[1], policy
+
+
+def test_optimal_placement_fits_when_trained_and_recomputes_what_it_predicts(gpt):
+    model, costs = gpt
+    full, none = predict(costs, "full").peak_bytes, predict(costs, "none").peak_bytes
+    budget = (full + none) // 2
+    plan = make_plan(costs, budget)
+    assert plan.fits and full <= plan.best.peak_bytes <= budget
+    records = train(model, plan.policy, steps=2, batch_size=4, budget=budget, progress=False)
+    assert records[1].recompute_flops == plan.best.recompute_flops
+    assert 0 < plan.best.recompute_flops < predict(costs, "full").recompute_flops
+    assert plan.best.recompute_flops <= plan.best_every_k()[1].recompute_flops
+
+
+def test_recompute_flops_match_the_counter_for_segments(gpt):
+    model, costs = gpt
+    batch = model.example_batch(4, generator=torch.Generator().manual_seed(0))
+    for policy in ("full", "segments:0-2", "segments:1,2-3"):
+        assert measure_recompute(model, batch, Segments.parse(policy) if ":" in policy
+                                 else policy).flops == predict(costs, policy).recompute_flops
+
+
+def test_micro_batch_costs_predict_accumulation_steps():
+    from ckpt_course.doctor import run_steps
+
+    model = TinyGPT(SMALL_GPT)
+    costs = measure_costs(model, 2, accumulate=True)
+    for policy in ("none", "full"):
+        run = run_steps(model, None, policy, batch_size=4, steps=2, micro_batches=2)
+        assert run.steps[1].peak_bytes == predict(costs, policy).peak_bytes
+
+
+# ---------------------------------------------------------------- the Segments policy
+def test_segments_text_round_trips_and_validates():
+    s = Segments(((0, 1), (1, 2), (2, 3), (5, 7)))
+    assert str(s) == "segments:0..2,5-6" and Segments.parse(str(s)) == s
+    assert Segments.parse("segments:0-2,5") == Segments(((0, 3), (5, 6)))
+    assert [list(r) for r in s.segments(8)] == [[0], [1], [2], [5, 6]]
+    with pytest.raises(ValueError, match="overlap"):
+        Segments(((0, 3), (2, 4)))
+    with pytest.raises(ValueError, match="reaches block 6"):
+        s.segments(6)
+    with pytest.raises(ValueError, match="inclusive block numbers"):
+        Segments.parse("segments:a-b")
+
+
+def test_segments_checkpoint_exactly_their_blocks():
+    model = HandTraceNet(width=64)
+    costs = measure_costs(model, 64)
+    seg = train(model, Segments(((1, 3),)), steps=1, batch_size=64, progress=False)[0]
+    every2 = train(model, "every-2", steps=1, batch_size=64, progress=False)[0]
+    # blocks 1-2 as one segment keep its input only: one block input less than plain
+    plain = train(model, "none", steps=1, batch_size=64, progress=False)[0]
+    assert plain.saved_bytes - seg.saved_bytes == costs.layers[1].input_bytes
+    assert seg.recompute_flops == predict(costs, "segments:1-2").recompute_flops
+    assert every2.recompute_flops == 2 * seg.recompute_flops
+
+
+# ---------------------------------------------------------------- configs and the command
+def test_70b_plans_on_fake_tensors_in_seconds():
+    costs = config_costs("70b", 1, 4096)
+    layer = costs.layers[0]
+    assert costs.n == 80 and layer.input_bytes == 4096 * 8192 * 2  # bf16 residual stream
+    # the tape of one layer, ~1.64 GiB as the field notes measured; in bf16 the norm saves a
+    # float32 copy of the block input, not the input itself
+    assert not layer.saves_input and 1.6 * GiB < layer.kept_bytes < 1.7 * GiB
+    assert costs.param_bytes == pytest.approx(69e9 * 2, rel=0.01)
+    plan = make_plan(costs, "80GiB")
+    assert not plan.fits and "parameters alone need" in plan.advice()
+
+
+def parse(*argv):
+    parser = argparse.ArgumentParser(prog="plan", exit_on_error=False)
+    add_plan_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_plan_command_prints_the_plan(capsys):
+    args = parse("--model", "hand-trace", "--layers", "3", "--batch", "64", "--budget", "2GiB")
+    assert run_plan(args) == 0
+    out = capsys.readouterr().out
+    assert "optimal: segments:none" in out and "+0.0% of a plain step" in out
+
+
+def test_plan_command_for_70b_says_to_shard(capsys):
+    args = parse("--config", "70b", "--batch", "1", "--seq", "4096", "--budget", "80GiB")
+    assert run_plan(args) == 1
+    out = capsys.readouterr().out
+    assert "the parameters alone need 128.48 GiB, more than the budget 80.00 GiB" in out
+    assert "Sharded over 16 devices it fits" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--budget", "lots"), "not understood"),
+    (("--budget=-3GiB",), "not understood"),
+    (("--budget", "0"), "positive"),
+    (("--config", "90b", "--budget", "1GiB"), "unknown config '90b'; choose one of"),
+])
+def test_plan_command_rejects_bad_input_clearly(argv, message, capsys):
+    parser = argparse.ArgumentParser(prog="plan")
+    add_plan_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_budget_below_the_parameters_says_so_with_numbers():
+    costs = measure_costs(TinyGPT(SMALL_GPT), 4)
+    plan = make_plan(costs, 512 * 1024)
+    assert plan.best is None
+    assert plan.advice().startswith("the parameters alone need 917.50 KiB, more than the budget "
+                                    "512.00 KiB")
+    assert "Shard" in plan.advice()
+    with pytest.raises(ValueError, match="nothing fits"):
+        print(plan.policy)
+    assert make_plan(costs, 100 * MiB).best.recompute_flops == 0
