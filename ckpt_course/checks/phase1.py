@@ -49,8 +49,8 @@ def training_state_bytes(fn) -> None:
         n, measured, counters = _state_after_one_step(cfg)
         got = fn(n)
         expect(isinstance(got, dict), f"training_state_bytes({n}) returned "
-               f"{type(got).__name__} {got!r}; return a dict with the keys 'parameters', 'gradients' "
-               "and 'optimizer state'")
+               f"{type(got).__name__} {got!r}; return a dict with the keys 'parameters', "
+               "'gradients' and 'optimizer state'")
         missing = [k for k in ("parameters", "gradients", "optimizer state") if k not in got]
         expect(not missing, f"the dict lacks {missing}")
         expect(got["parameters"] == measured["parameters"],
