@@ -5,17 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .units import positive_int
+
 MODELS = ("hand-trace", "gpt", "llama-tiny")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
-    return value
 
 
 def build_model(
@@ -42,9 +34,9 @@ def _model_arguments(parser):
     parser.add_argument(
         "--model", choices=MODELS, default="gpt", help="which course model (default: gpt)"
     )
-    parser.add_argument("--layers", type=_positive_int, help="number of blocks")
-    parser.add_argument("--batch", type=_positive_int, help="batch size")
-    parser.add_argument("--seq", type=_positive_int, help="sequence length (GPT models)")
+    parser.add_argument("--layers", type=positive_int, help="number of blocks")
+    parser.add_argument("--batch", type=positive_int, help="batch size")
+    parser.add_argument("--seq", type=positive_int, help="sequence length (GPT models)")
 
 
 def cmd_tape(args) -> int:
@@ -110,7 +102,7 @@ def make_parser() -> argparse.ArgumentParser:
         help="none, full, every-K, sqrt, selective:save=OPS, "
         "selective:recompute=OPS, offload (default: none)",
     )
-    train.add_argument("--steps", type=_positive_int, default=3)
+    train.add_argument("--steps", type=positive_int, default=3)
     train.add_argument("--dropout", type=float, default=0.0)
     train.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
     train.set_defaults(run=cmd_train)

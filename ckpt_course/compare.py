@@ -36,7 +36,7 @@ from .models import GPTBlock, GPTConfig, Llama, LlamaBlock, LlamaConfig, TinyGPT
 from .policies import OP_NAMES, EveryK, Offload, Policy, Selective, applied, parse_policy
 from .recompute import counting, measure_recompute
 from .train import StepRecord, train
-from .units import MiB, fmt_bytes, fmt_flops
+from .units import MiB, fmt_bytes, fmt_flops, positive_int
 
 DEFAULT_POLICIES = ("none", "full", "every-2", "selective:save=mm,sdpa", "offload")
 
@@ -598,16 +598,6 @@ def layer_memory(cfg: GPTConfig | LlamaConfig, batch_size: int, seq_len: int, po
 
 
 # ---------------------------------------------------------------- command line
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
-    return value
-
-
 def split_policies(text: str) -> list[str]:
     """'none,full,selective:save=mm,sdpa,offload' -> ['none', 'full', 'selective:save=mm,sdpa',
     'offload']: an op name after a selective policy belongs to it. ';' also separates."""
@@ -653,16 +643,16 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policies", type=_policy_list, default=",".join(DEFAULT_POLICIES),
                         help="comma-separated policies (default: %(default)s); an op list of a "
                              "selective policy stays with it, or separate policies with ';'")
-    parser.add_argument("--layers", type=_positive_int, default=d.n_layer,
+    parser.add_argument("--layers", type=positive_int, default=d.n_layer,
                         help="number of blocks (default: %(default)s)")
-    parser.add_argument("--width", type=_positive_int, default=d.d_model,
+    parser.add_argument("--width", type=positive_int, default=d.d_model,
                         help="model width d_model (default: %(default)s)")
-    parser.add_argument("--heads", type=_positive_int, default=d.n_head,
+    parser.add_argument("--heads", type=positive_int, default=d.n_head,
                         help="attention heads; must divide --width (default: %(default)s)")
-    parser.add_argument("--batch", type=_positive_int, default=8, help="batch size (default: 8)")
-    parser.add_argument("--seq", type=_positive_int, default=d.seq_len,
+    parser.add_argument("--batch", type=positive_int, default=8, help="batch size (default: 8)")
+    parser.add_argument("--seq", type=positive_int, default=d.seq_len,
                         help="sequence length (default: %(default)s)")
-    parser.add_argument("--steps", type=_positive_int, default=6,
+    parser.add_argument("--steps", type=positive_int, default=6,
                         help="timed, interleaved rounds per policy (default: %(default)s)")
     parser.add_argument("--budget", type=_budget, default=None,
                         help="memory budget, e.g. 32MiB: policies over it are reported as OOM")

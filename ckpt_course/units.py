@@ -1,4 +1,7 @@
-"""Formatting of bytes and FLOPs, in one place, so every table and message reads the same."""
+"""Bytes and FLOPs formatted in one place, so every table and message reads the same; and the
+command line's counts parsed in one place, so every bad number gets the same clear error."""
+
+import argparse
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 
@@ -25,3 +28,14 @@ def fmt_flops(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{int(n)} FLOP"
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1, or a usage error saying so."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
+    return value
