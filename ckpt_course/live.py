@@ -86,6 +86,7 @@ class LivePlot:
         self.current: tuple[str, int] | None = None  # (policy, steps seen for it)
         self.redraws = 0
         self.draw_seconds = 0.0
+        self._last_cost = 0.0  # seconds the last redraw took
         self._start = self._last_draw = time.perf_counter()
         self._handle = None
         self._closed = False
@@ -114,10 +115,12 @@ class LivePlot:
             self._show()
 
     def _due(self, now: float) -> bool:
-        """Time for a redraw? Not before ``min_interval_s`` since the last one, and only while
-        drawing has taken at most ``max_share`` of the time since the plot was made."""
+        """Time for a redraw? Not before ``min_interval_s`` since the last one, and only if
+        drawing, this redraw included (guessed to cost what the last one did), stays within
+        ``max_share`` of the time since the plot was made."""
+        expected = self.draw_seconds + self._last_cost
         return (now - self._last_draw >= self.min_interval_s
-                and self.draw_seconds <= self.max_share * (now - self._start))
+                and expected <= self.max_share * (now - self._start))
 
     def progress(self) -> str:
         """'full: policy 2/3, step 4/8' (the step count is per policy)."""
@@ -167,7 +170,8 @@ class LivePlot:
                 self._handle.update(image)
         self._last_draw = time.perf_counter()
         self.redraws += 1
-        self.draw_seconds += self._last_draw - start
+        self._last_cost = self._last_draw - start
+        self.draw_seconds += self._last_cost
 
     def draw(self, final: bool = False) -> Figure:
         """Redraw both panels from the points so far."""
