@@ -8,21 +8,23 @@ import random
 import pytest
 import torch
 
-from ckpt_course.models import GPTConfig, HandTraceNet, TinyGPT
-from ckpt_course.plan import (
+from ckpt_course.costs import (
     Backward,
     ChainCosts,
     LayerCost,
-    Segments,
     TrunkCost,
+    config_costs,
+    measure_costs,
+)
+from ckpt_course.models import GPTConfig, HandTraceNet, TinyGPT
+from ckpt_course.plan import (
+    Segments,
     add_plan_arguments,
     all_placements,
     brute_force,
     checkpointed,
-    config_costs,
     every_k_placement,
     make_plan,
-    measure_costs,
     measure_peaks,
     optimal,
     predict,

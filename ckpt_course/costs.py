@@ -1,0 +1,638 @@
+"""What the planner needs to know about a model, measured: each block's bytes and FLOPs.
+
+``measure_costs(model)`` runs each block alone under a ``MemoryMeter`` (see ``plan.py``'s
+docstring for exactly what is measured and the memory model that uses it) and returns
+``ChainCosts``; ``config_costs("70b", batch, seq)`` does the same for one block of a big config on
+fake tensors, times L. ``plan.py`` turns these costs into predictions and placements.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .meter import MemoryMeter
+from .policies import Policy, applied
+from .recompute import EXTRA_FLOP_FORMULAS
+
+
+# ---------------------------------------------------------------- costs of one block
+@dataclass(frozen=True)
+class Backward:
+    """A block's backward, from the moment the gradient of its output exists (its tape and that
+    gradient live) to its end: the highest live bytes above that start, and the change at the
+    end. "held": something else keeps the block's input alive throughout; "free": only the
+    block keeps it, so it dies in the block's backward."""
+
+    peak_held: int = 0
+    peak_free: int = 0
+    change_held: int = 0
+    change_free: int = 0
+
+    def peak(self, held: bool) -> int:
+        return self.peak_held if held else self.peak_free
+
+    def change(self, held: bool) -> int:
+        return self.change_held if held else self.change_free
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One block, measured alone. Every peak is in bytes above the live bytes at its start."""
+
+    input_bytes: int  # x: what a checkpointed segment starting here keeps
+    output_bytes: int  # the next block's input
+    saved_bytes: int  # what a plain forward keeps besides its input and output
+    saves_input: bool = True
+    saves_output: bool = False
+    forward_flops: int = 0
+    recompute_flops: int = 0  # up to its last saved tensor: a segment's last block stops there
+    backward_flops: int = 0
+    grad_bytes: int = 0  # its parameters' gradients
+    needs_input_grad: bool = True  # does backward make a gradient for x (the next block down)?
+    forward_peak: int = 0  # plain forward (input live)
+    forward_peak_unsaved: int = 0  # forward inside a checkpoint: keeps nothing
+    recompute_peak: int = 0  # recompute as a segment's last block: from the gradient of its output
+    recompute_kept: int = 0  # ... to the end of the recompute, which stops at its last save
+    backward: Backward = Backward()  # plain
+    # after a recompute: checkpoint hands each saved tensor over once, so it dies as soon as
+    # the op that reads it is done, a little earlier than in a plain backward
+    checkpointed_backward: Backward = Backward()
+
+    @property
+    def kept_bytes(self) -> int:
+        """What a plain forward keeps for backward beyond its input (its output if it saves it)."""
+        return self.saved_bytes + self.output_bytes * self.saves_output
+
+    @classmethod
+    def simple(cls, input_bytes: int, saved_bytes: int, flops: int, grad_bytes: int = 0):
+        """A block with no transients: keeps its input and ``saved_bytes`` more; its backward
+        frees them and leaves the gradient of its input and of its parameters. For hand
+        calculations and tests (Chen's chain: ``simple(1, 0, 1)`` is one unit per layer)."""
+        a, s, g = input_bytes, saved_bytes, grad_bytes
+        back = Backward(g + a, g + a, g - s, g - s - a)
+        return cls(a, a, s, True, False, flops, flops, 2 * flops, g, True,
+                   forward_peak=s + a, forward_peak_unsaved=a, recompute_peak=s,
+                   recompute_kept=s, backward=back, checkpointed_backward=back)
+
+
+@dataclass(frozen=True)
+class TrunkCost:
+    """Everything but the blocks: prefix (embeddings), suffix (norm, head, loss), optimizer."""
+
+    base_bytes: int = 0  # live before forward: parameters, buffers, optimizer state
+    prefix_peak: int = 0  # prefix forward, above base
+    prefix_kept: int = 0  # what the prefix keeps for backward (x_0 included if it keeps it)
+    prefix_keeps_input: bool = True  # is x_0 kept by the prefix (or the caller) all step long?
+    input_counted: bool = True  # does the meter count x_0 at all? (a batch made outside: no)
+    # suffix forward and backward; "held": the last block keeps x_L too
+    suffix_forward_peak_held: int = 0
+    suffix_forward_peak_free: int = 0
+    suffix_backward_peak_held: int = 0
+    suffix_backward_peak_free: int = 0
+    suffix_kept_held: int = 0  # what the suffix forward adds (x_L excluded)
+    suffix_kept_free: int = 0  # the same, when x_L may go (it drops x_L if it does not keep it)
+    suffix_left: int = 0  # what the suffix's backward leaves: its parameters' gradients
+    prefix_backward_peak: int = 0  # prefix backward, above what is live when it starts
+    backward_left: int = 0  # what the whole trunk leaves after backward: its gradients, the loss
+    suffix_grad_bytes: int = 0  # gradients of the suffix's parameters (in suffix_left)
+    grad_bytes: int = 0  # gradients of all the trunk's parameters (in backward_left)
+    optimizer_peak: int = 0  # the optimizer step, above base + all gradients
+    flops: int = 0  # forward + backward FLOPs of prefix and suffix
+
+    def suffix_forward_peak(self, held):
+        return self.suffix_forward_peak_held if held else self.suffix_forward_peak_free
+
+    def suffix_backward_peak(self, held):
+        return self.suffix_backward_peak_held if held else self.suffix_backward_peak_free
+
+    def suffix_kept(self, held):
+        return self.suffix_kept_held if held else self.suffix_kept_free
+
+
+@dataclass(frozen=True)
+class ChainCosts:
+    """A model as a chain of measured blocks between a measured trunk."""
+
+    layers: tuple[LayerCost, ...]
+    trunk: TrunkCost = TrunkCost()
+    name: str = "model"
+    param_bytes: int = 0  # parameters and buffers (in trunk.base_bytes)
+    optimizer_bytes: int = 0  # optimizer state (in trunk.base_bytes)
+    notes: tuple[str, ...] = ()  # assumptions behind the numbers, for the report
+
+    @property
+    def n(self) -> int:
+        return len(self.layers)
+
+    @property
+    def step_flops(self) -> int:
+        """Forward + backward FLOPs of a plain step."""
+        return self.trunk.flops + sum(c.forward_flops + c.backward_flops for c in self.layers)
+
+    @property
+    def gradient_bytes(self) -> int:
+        """Gradients of the blocks' parameters."""
+        return sum(c.grad_bytes for c in self.layers)
+
+
+# ---------------------------------------------------------------- measuring the costs
+class _Meter(MemoryMeter):
+    """A meter with a timeline and one extra: ``mark_next_op(name)`` notes the timeline position
+    just before the next op runs (so a window can start after frees that happen between ops)."""
+
+    def __init__(self):
+        super().__init__(timeline=True)
+        self.marks: dict[str, int] = {}
+        self._pending: str | None = None
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = len(self.timeline)
+
+    def mark_next_op(self, name: str) -> None:
+        self._pending = name
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self._pending is not None:
+            self.mark(self._pending)
+            self._pending = None
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+    def live_at(self, index: int, default: int) -> int:
+        """Live bytes just before timeline position ``index``."""
+        return self.timeline[index - 1].live_bytes if index > 0 else default
+
+    def window_peak(self, start: int, stop: int | None, floor: int) -> int:
+        """Highest live bytes at timeline positions start..stop-1, and at least ``floor``."""
+        return max([p.live_bytes for p in self.timeline[start:stop]] + [floor])
+
+
+class _Source(torch.autograd.Function):
+    """A block input made inside the meter (a copy), whose gradient is kept in ``stash``, as the
+    block below would keep it until its own backward."""
+
+    @staticmethod
+    def forward(ctx, x, stash):
+        ctx.stash = stash
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.stash.append(grad)
+        return None, None
+
+
+class _Sink(torch.autograd.Function):
+    """Ends the graph after a block: its backward makes the gradient of the block's output, as
+    the block above would, then marks the meter. Its output has no bytes."""
+
+    @staticmethod
+    def forward(ctx, out, meter):
+        ctx.meter, ctx.shape, ctx.dtype = meter, out.shape, out.dtype
+        return out.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        g = torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad.device)
+        ctx.meter.mark("backward")
+        return g, None
+
+
+def _flop_counter():
+    return torch.utils.flop_counter.FlopCounterMode(display=False,
+                                                    custom_mapping=EXTRA_FLOP_FORMULAS)
+
+
+def _storage_ref(t):
+    return weakref.ref(t.untyped_storage())
+
+
+def _grad_bytes(module: nn.Module) -> int:
+    return sum(p.grad.untyped_storage().nbytes() for p in module.parameters() if p.grad is not None)
+
+
+class _MarkRecomputeEnd:
+    """The recompute context of a checkpoint: marks the meter when the recompute ends (it stops
+    early by raising, which passes through here), and again at the next op."""
+
+    def __init__(self, meter):
+        self.meter = meter
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.meter.mark("recomputed")
+        self.meter.mark_next_op("checkpointed_backward")
+        return False
+
+
+def _existing_gradients(module: nn.Module, accumulate: bool) -> None:
+    """No gradients, or (``accumulate``) zero gradients already there, as in the micro-batches
+    after the first under gradient accumulation: backward then adds into them in place."""
+    module.zero_grad(set_to_none=True)
+    if accumulate:
+        for p in module.parameters():
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+
+
+def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: bool = False):
+    """One forward + backward of ``block`` alone, under a meter; returns the meter and facts.
+    ``keep_input=False``: only the block keeps its input (we drop our reference after forward;
+    inside a checkpoint the block gets a copy made in the checkpointed region)."""
+    _existing_gradients(block, accumulate)
+    meter, stash, packs = _Meter(), [], []
+
+    def pack(t):
+        packs.append(len(meter.timeline))
+        return t
+
+    def fn(x):
+        return block(x) if keep_input else block(x.clone())
+
+    def run(x):
+        if not checkpointed:
+            with torch.autograd.graph.saved_tensors_hooks(pack, _same):
+                return block(x)
+        return checkpoint(fn, x, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), _MarkRecomputeEnd(meter)))
+
+    with meter:
+        meter.track(block)
+        x = _Source.apply(x_like, stash)
+        meter.mark("start")
+        start = meter.live_bytes
+        with meter.phase("forward"):
+            out = run(x)
+        meter.mark("forward")
+        x_ref, out_ref, a_out = _storage_ref(x), _storage_ref(out), out.untyped_storage().nbytes()
+        a_in = x.untyped_storage().nbytes()
+        sink = _Sink.apply(out, meter)
+        del out
+        if not keep_input:
+            del x
+        info = dict(start=start, kept=meter.live_bytes - start, a_in=a_in, a_out=a_out,
+                    saves_input=x_ref() is not None, saves_output=out_ref() is not None,
+                    last_pack=packs[-1] if packs else meter.marks["start"])
+        if sink.requires_grad:
+            with meter.phase("backward"):
+                torch.autograd.backward(sink, torch.empty(0, device=sink.device))
+        info.update(grad_bytes=0 if accumulate else _grad_bytes(block),
+                    needs_input_grad=bool(stash), end=meter.live_bytes)
+        del sink
+        stash.clear()
+    meter.untrack()
+    block.zero_grad(set_to_none=True)
+    return meter, info
+
+
+def _same(t):
+    return t
+
+
+def _window(meter, info, begin: str, end: str | None = None) -> tuple[int, int]:
+    """(peak above the start, change) of the meter's timeline from mark ``begin`` to mark
+    ``end`` (or the end of the run)."""
+    if begin not in meter.marks:
+        return 0, 0
+    b = meter.marks[begin]
+    at = meter.live_at(b, info["start"])
+    stop = meter.marks[end] if end is not None else None
+    last = meter.live_at(stop, at) if stop is not None else info["end"]
+    return meter.window_peak(b, stop, at) - at, last - at
+
+
+def _layer_flops(block, x_like) -> tuple[int, int, int]:
+    """(forward, forward up to the last saved tensor, backward) FLOPs of the block. Counted in
+    a run of their own: FlopCounterMode's module tracking holds gradients a little longer."""
+    block.zero_grad(set_to_none=True)
+    forward, backward, at_pack = _flop_counter(), _flop_counter(), [0]
+
+    def pack(t):
+        at_pack[0] = forward.get_total_flops()
+        return t
+
+    x = _Source.apply(x_like, [])
+    with forward, torch.autograd.graph.saved_tensors_hooks(pack, _same):
+        out = block(x)
+    sink = _Sink.apply(out, _Meter())
+    if sink.requires_grad:
+        with backward:
+            torch.autograd.backward(sink, torch.empty(0, device=sink.device))
+    block.zero_grad(set_to_none=True)
+    return forward.get_total_flops(), at_pack[0], backward.get_total_flops()
+
+
+def measure_layer(block: nn.Module, x_like: torch.Tensor, accumulate: bool = False) -> LayerCost:
+    """Measure one block alone on an input like ``x_like`` (its requires_grad says whether the
+    block must make the gradient of its input). Real or fake tensors. Four runs under a meter
+    (plain and checkpointed, each with the input kept by someone else or not) and one to count
+    FLOPs. ``accumulate``: its parameters' gradients exist already (they are then not the
+    block's: ``grad_bytes`` is 0)."""
+    runs = {}
+    with torch.random.fork_rng(devices=[]):
+        for checkpointed in (False, True):
+            for keep in (True, False):
+                runs[checkpointed, keep] = _run_layer(block, x_like, keep, checkpointed,
+                                                      accumulate)
+        block.zero_grad(set_to_none=True)
+        forward_flops, recompute_flops, backward_flops = _layer_flops(block, x_like)
+    (m, held), (_, free) = runs[False, True], runs[False, False]
+    start, a_out = held["start"], held["a_out"]
+    fwd_start, fwd_stop = m.marks["start"], m.marks["forward"]
+
+    def backward(checkpointed, begin):
+        (peak_h, change_h), (peak_f, change_f) = (_window(*runs[checkpointed, keep], begin)
+                                                  for keep in (True, False))
+        return Backward(peak_h, peak_f, change_h, change_f)
+
+    ckpt_meter, ckpt = runs[True, True]
+    recompute_peak, recompute_kept = _window(ckpt_meter, ckpt, "backward", "checkpointed_backward")
+    return LayerCost(
+        input_bytes=held["a_in"], output_bytes=a_out,
+        saved_bytes=held["kept"] - a_out * free["saves_output"],
+        saves_input=free["saves_input"], saves_output=free["saves_output"],
+        forward_flops=forward_flops, recompute_flops=recompute_flops,
+        backward_flops=backward_flops, grad_bytes=held["grad_bytes"],
+        needs_input_grad=held["needs_input_grad"],
+        forward_peak=m.window_peak(fwd_start, fwd_stop, start) - start,
+        forward_peak_unsaved=_window(ckpt_meter, ckpt, "start", "forward")[0],
+        recompute_peak=recompute_peak, recompute_kept=recompute_kept,
+        backward=backward(False, "backward"),
+        checkpointed_backward=backward(True, "checkpointed_backward"),
+    )
+
+
+class _Cut(torch.autograd.Function):
+    """Stands in for all the blocks when the trunk is measured: a new output like the last
+    block's; the input is stashed (kept alive) until backward reaches it, as the first block
+    would keep it; optionally the output is saved, as a last block that saves its output."""
+
+    @staticmethod
+    def forward(ctx, x, anchor, like, meter, stash, keep_output):
+        meter.mark("cut")
+        stash.append(x)
+        out = torch.zeros(like.shape, dtype=like.dtype, device=x.device)
+        meter.mark("suffix")
+        ctx.meter, ctx.stash, ctx.needs = meter, stash, x.requires_grad
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        if keep_output:
+            ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.meter.mark("cut_backward")
+        ctx.meter.suffix_grads = ctx.meter.breakdown()["gradients"]
+        ctx.stash.clear()
+        g = torch.zeros(ctx.x_shape, dtype=ctx.x_dtype, device=grad.device) if ctx.needs else None
+        ctx.meter.mark_next_op("prefix_backward")
+        return g, None, None, None, None, None
+
+
+@dataclass(frozen=True)
+class _CutOut(Policy):
+    like: torch.Tensor = field(compare=False)
+    meter: _Meter = field(compare=False)
+    stash: list = field(compare=False)
+    keep_output: bool = False
+
+    def segments(self, n_blocks):
+        return [range(0, n_blocks)]
+
+    def run(self, segment, x, store):
+        anchor = torch.empty(0, requires_grad=True)  # makes the output need a gradient
+        return _Cut.apply(x, anchor, self.like, self.meter, self.stash, self.keep_output)
+
+
+def _run_trunk(model, batch, like, keep_output: bool, accumulate: bool = False):
+    meter, stash = _Meter(), []
+    _existing_gradients(model, accumulate)
+    with applied(model, _CutOut(like, meter, stash, keep_output)), meter:
+        meter.track(model)
+        start = meter.live_bytes
+        with meter.phase("forward"):
+            loss = model.loss(batch)
+        meter.mark("forward_end")
+        x0 = stash[0]
+        batch_storages = {id(t.untyped_storage()) for t in batch}
+        counted = id(x0.untyped_storage()) not in batch_storages
+        x0_ref, a0 = _storage_ref(x0), x0.untyped_storage().nbytes()
+        del x0
+        with meter.phase("backward"):
+            loss.backward()
+        end = meter.live_bytes
+    meter.untrack()
+    grads = 0 if accumulate else _grad_bytes(model)
+    model.zero_grad(set_to_none=True)
+    return meter, dict(start=start, end=end, counted=counted, a0=a0, grads=grads,
+                       suffix_grads=0 if accumulate else meter.suffix_grads,
+                       keeps_x0=x0_ref() is not None)
+
+
+def _trunk_flops(model, batch, like) -> int:
+    counter = _flop_counter()
+    with applied(model, _CutOut(like, _Meter(), [], False)), counter:
+        model.loss(batch).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def measure_trunk(model: nn.Module, batch, like: torch.Tensor,
+                  accumulate: bool = False) -> TrunkCost:
+    """Prefix and suffix of ``model``, measured with its blocks cut out (``like``: a tensor
+    like the last block's output). ``base_bytes`` is the parameters (and, if ``accumulate``,
+    every gradient, there from the start)."""
+    with torch.random.fork_rng(devices=[]):
+        free_meter, free = _run_trunk(model, batch, like, False, accumulate)
+        held_meter, held = _run_trunk(model, batch, like, True, accumulate)
+        flops = _trunk_flops(model, batch, like)
+    a_last = like.untyped_storage().nbytes()
+    values = {}
+    for variant, m, info in (("free", free_meter, free), ("held", held_meter, held)):
+        cut, suffix, fwd_end = m.marks["cut"], m.marks["suffix"], m.marks["forward_end"]
+        bwd_in = m.marks["cut_backward"]
+        at_cut, at_suffix = m.live_at(cut, info["start"]), m.live_at(suffix, info["start"])
+        at_fwd_end, at_bwd_in = m.live_at(fwd_end, at_suffix), m.live_at(bwd_in, at_suffix)
+        values[variant] = dict(
+            fwd_peak=m.window_peak(suffix, fwd_end, at_suffix) - at_suffix,
+            kept=at_fwd_end - at_suffix,
+            bwd_peak=m.window_peak(fwd_end, bwd_in, at_fwd_end) - at_fwd_end,
+            left=at_bwd_in - at_cut - a_last * (1 + (variant == "held")),
+        )
+    m, info = free_meter, free
+    start, at_cut = info["start"], m.live_at(m.marks["cut"], info["start"])
+    counted, keeps = info["counted"], info["keeps_x0"] or not info["counted"]
+    prefix_kept = at_cut - start - (info["a0"] if counted and not keeps else 0)
+    if "prefix_backward" in m.marks:
+        b = m.marks["prefix_backward"]
+        at = m.live_at(b, start)
+        prefix_bwd = m.window_peak(b, None, at) - at
+    else:
+        prefix_bwd = 0
+    return TrunkCost(
+        base_bytes=start,
+        prefix_peak=m.window_peak(0, m.marks["cut"], start) - start,
+        prefix_kept=prefix_kept,
+        prefix_keeps_input=keeps,
+        input_counted=counted,
+        suffix_forward_peak_held=values["held"]["fwd_peak"],
+        suffix_forward_peak_free=values["free"]["fwd_peak"],
+        suffix_backward_peak_held=values["held"]["bwd_peak"],
+        suffix_backward_peak_free=values["free"]["bwd_peak"],
+        suffix_kept_held=values["held"]["kept"],
+        suffix_kept_free=values["free"]["kept"],
+        suffix_left=values["free"]["left"],
+        prefix_backward_peak=prefix_bwd,
+        backward_left=info["end"] - start,
+        suffix_grad_bytes=info["suffix_grads"],
+        grad_bytes=info["grads"],
+        flops=flops,
+    )
+
+
+def _optimizer_cost(model: nn.Module, make_optimizer) -> tuple[int, int]:
+    """(optimizer state bytes, peak of a step above parameters + gradients + state), measured
+    on a step after the first (the first one creates the state). lr=0 leaves the model as is."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    meter = MemoryMeter()
+    with meter:
+        meter.track(model, optimizer)
+        meter.reset_peak()
+        optimizer.step()
+        state, peak = meter.breakdown()["optimizer state"], meter.peak_bytes - meter.live_bytes
+    meter.untrack()
+    model.zero_grad(set_to_none=True)
+    return state, peak
+
+
+def _adamw_lr0(params):
+    return torch.optim.AdamW(params, lr=0.0)  # train()'s optimizer, changing nothing
+
+
+def _layer_key(block: nn.Module, x: torch.Tensor):
+    params = tuple((n, tuple(p.shape), p.dtype, p.requires_grad)
+                   for n, p in block.named_parameters())
+    return (type(block), repr(block), params, tuple(x.shape), x.dtype, x.requires_grad,
+            block.training)
+
+
+def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int | None = None,
+                  seed: int = 0, optimizer=_adamw_lr0, accumulate: bool = False) -> ChainCosts:
+    """Measure every block and the trunk of a course model (``.blocks``, ``.example_batch``,
+    ``.loss``) for one training step on a batch of ``batch_size`` x ``seq_len``, the way
+    ``train`` runs it (AdamW unless ``optimizer`` says otherwise; ``None``: no optimizer).
+    ``accumulate``: a micro-batch after the first under gradient accumulation, where every
+    gradient exists from the start."""
+    from .policies import find_blocks
+
+    blocks = find_blocks(model)
+    model.train()
+    size = {} if batch_size is None else {"batch_size": batch_size}
+    batch = model.example_batch(seq_len=seq_len, generator=torch.Generator().manual_seed(seed),
+                                **size)
+    inputs, outputs = [], []
+
+    def grab_input(module, args):
+        inputs.append(args[0].detach().clone().requires_grad_(args[0].requires_grad))
+
+    def grab_output(module, args, out):
+        outputs.append(out.detach().clone())
+
+    handles = [b.register_forward_pre_hook(grab_input) for b in blocks]
+    handles.append(blocks[-1].register_forward_hook(grab_output))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model.loss(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    cache, layers = {}, []
+    for block, x in zip(blocks, inputs, strict=True):
+        key = _layer_key(block, x)
+        if key not in cache:
+            cache[key] = measure_layer(block, x, accumulate)
+        layers.append(cache[key])
+    trunk = measure_trunk(model, batch, outputs[0], accumulate)
+    params = sum(t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()])
+    state = 0
+    if optimizer is not None:
+        state, peak = _optimizer_cost(model, optimizer)
+        trunk = replace(trunk, base_bytes=trunk.base_bytes + state, optimizer_peak=peak)
+    shape = "x".join(map(str, batch[0].shape))
+    name = f"{type(model).__name__} (batch {shape}{', accumulating' if accumulate else ''})"
+    return ChainCosts(tuple(layers), trunk, name=name,
+                      param_bytes=params, optimizer_bytes=state)
+
+
+# ---------------------------------------------------------------- big configs, on fake tensors
+def config_by_name(name: str):
+    """A named config: the Llama presets ("70b", "llama-7b", ...) or "gpt" / "gpt-24" (tiny
+    GPTs that also run for real)."""
+    from .models import GPTConfig, llama_config
+
+    gpts = {"gpt": GPTConfig(), "gpt-24": GPTConfig(n_layer=24)}
+    if name in gpts:
+        return gpts[name]
+    try:
+        return llama_config(name)
+    except ValueError:
+        raise ValueError(f"unknown config {name!r}; choose one of: {', '.join(config_names())}") \
+            from None
+
+
+def config_names() -> list[str]:
+    from .models import LLAMA_PRESETS
+
+    return ["gpt", "gpt-24", *(n.removeprefix("llama-") for n in LLAMA_PRESETS)]
+
+
+def config_costs(cfg, batch_size: int, seq_len: int, dtype: torch.dtype = torch.bfloat16,
+                 optimizer: str = "adamw") -> ChainCosts:
+    """Costs of a config (``LlamaConfig`` or ``GPTConfig``, or a name such as "70b") measured
+    on fake tensors: one block, times ``n_layer``, and the trunk on a one-block model.
+
+    Parameters, gradients and activations are in ``dtype``; the optimizer state follows
+    ``ckpt_course.estimate`` (AdamW: two fp32 moments, 8 bytes per parameter) and its step's
+    temporaries are taken as two fp32 copies of the largest parameter (torch's AdamW makes two
+    such temporaries per parameter). Seconds for 70B, a few hundred MB of process memory."""
+    from . import estimate
+    from .models import GPTConfig, Llama, TinyGPT
+
+    if isinstance(cfg, str):
+        cfg = config_by_name(cfg)
+    estimate._check(cfg, batch_size, seq_len, dtype)
+    if optimizer not in estimate.OPTIMIZER_BYTES_PER_PARAM:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of "
+                         f"{list(estimate.OPTIMIZER_BYTES_PER_PARAM)}")
+    with estimate._fake(dtype), torch.random.fork_rng(devices=[]):
+        block = estimate._block(cfg).train()
+        x = torch.randn(batch_size, seq_len, cfg.d_model, requires_grad=True)
+        layer = measure_layer(block, x)
+        one = (Llama(cfg.with_layers(1)) if not isinstance(cfg, GPTConfig)
+               else TinyGPT(replace(cfg, n_layer=1))).train()
+        batch = one.example_batch(batch_size, seq_len)
+        trunk = measure_trunk(one, batch, torch.randn(batch_size, seq_len, cfg.d_model))
+        n_params = estimate.parameter_count(cfg)
+        largest = max(p.numel() for p in one.parameters())
+    params = n_params * dtype.itemsize
+    state = n_params * estimate.OPTIMIZER_BYTES_PER_PARAM[optimizer]
+    trunk = replace(trunk, base_bytes=params + state, optimizer_peak=2 * 4 * largest)
+    notes = (f"{getattr(cfg, 'name', 'gpt')} on fake tensors: one block measured, times "
+             f"{cfg.n_layer}; {str(dtype).removeprefix('torch.')} parameters, gradients and "
+             f"activations; {optimizer} state {estimate.OPTIMIZER_BYTES_PER_PARAM[optimizer]} B "
+             f"per parameter",)
+    return ChainCosts((layer,) * cfg.n_layer, trunk, name=getattr(cfg, "name", "gpt"),
+                      param_bytes=params, optimizer_bytes=state, notes=notes)
+
+
