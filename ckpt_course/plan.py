@@ -57,6 +57,7 @@ from torch.utils.checkpoint import checkpoint
 from .costs import Backward, ChainCosts, config_by_name, config_costs, config_names, measure_costs
 from .meter import MemoryMeter, parse_budget
 from .policies import Policy, applied
+from .train import training_step
 from .units import fmt_bytes, fmt_flops
 
 # ---------------------------------------------------------------- placements
@@ -444,16 +445,8 @@ def measure_peaks(model: nn.Module, policy="none", batch_size: int | None = None
     with torch.random.fork_rng(devices=[]), applied(model, as_policy(policy)), meter:
         meter.track(model, optimizer)
         for _ in range(steps):
-            optimizer.zero_grad(set_to_none=True)
-            meter.reset_peak()
-            with meter.phase("forward"):
-                loss = model.loss(batch)
-            with meter.phase("backward"):
-                loss.backward()
-            with meter.phase("optimizer"):
-                optimizer.step()
+            training_step(model, optimizer, batch, meter)
             peaks.append(meter.peak_bytes)
-            del loss
     meter.untrack()
     model.zero_grad(set_to_none=True)
     return peaks

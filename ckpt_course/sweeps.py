@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from .meter import MemoryMeter, TimelinePoint
 from .policies import Policy, applied
 from .recompute import count_step
-from .train import measure_step
+from .train import measure_step, training_step
 from .units import fmt_bytes, fmt_flops
 
 
@@ -82,16 +82,9 @@ def step_breakdown(model, batch_size: int, seq_len: int | None = None, step: int
         meter.track(model, optimizer)
         for _ in range(step):
             batch = _on(model.example_batch(batch_size, seq_len, generator=generator), device)
-            optimizer.zero_grad(set_to_none=True)  # as training loops do: no gradients at forward
             meter.count(*batch)
-            meter.reset_peak()
-            with meter.phase("forward"):
-                loss = model.loss(batch)
-            with meter.phase("backward"):
-                loss.backward()
-            with meter.phase("optimizer"):
-                optimizer.step()
-            del loss, batch
+            training_step(model, optimizer, batch, meter)  # clears gradients before forward
+            del batch
         cuda = meter.cuda_stats()
     meter.untrack()
     return Breakdown(batch_size, seq_len, step, meter.peak_bytes, dict(meter.peak_breakdown),

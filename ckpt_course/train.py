@@ -127,32 +127,42 @@ def train(
     return records
 
 
-def _one_step(model, optimizer, batch, meter, device) -> StepRecord:
-    phase = meter.phase if meter is not None else (lambda name: contextlib.nullcontext())
+def training_step(model, optimizer, batch, meter: MemoryMeter | None = None):
+    """One AdamW step: clear gradients, forward, backward, optimizer step. Under a ``meter`` each
+    phase labels what it allocates and the step starts a fresh peak (``meter.peak_bytes``).
+    Returns the loss tensor and the bytes forward left alive for backward (None unmetered)."""
     optimizer.zero_grad(set_to_none=True)
-    if meter is not None:
-        meter.reset_peak()
-        before = meter.live_bytes
+    if meter is None:
+        loss = model.loss(batch)
+        loss.backward()
+        optimizer.step()
+        return loss.detach(), None
+    meter.reset_peak()
+    before = meter.live_bytes
+    with meter.phase("forward"):
+        loss = model.loss(batch)
+    saved = meter.live_bytes - before
+    with meter.phase("backward"):
+        loss.backward()
+    with meter.phase("optimizer"):
+        optimizer.step()
+    return loss.detach(), saved
+
+
+def _one_step(model, optimizer, batch, meter, device) -> StepRecord:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     message = None
     _sync(device)
     start = time.perf_counter()
     try:
-        with phase("forward"):
-            loss = model.loss(batch)
-        saved = meter.live_bytes - before if meter is not None else None
-        with phase("backward"):
-            loss.backward()
-        with phase("optimizer"):
-            optimizer.step()
+        loss, saved = training_step(model, optimizer, batch, meter)
         _sync(device)
     except torch.OutOfMemoryError as error:
         message = str(error)
     if message is not None:
         # Raised outside the except block so no traceback keeps the failed step's tensors alive.
         optimizer.zero_grad(set_to_none=True)
-        loss = None
         raise torch.OutOfMemoryError(message)
     elapsed = time.perf_counter() - start
     return StepRecord(
