@@ -28,13 +28,13 @@ import argparse
 import copy
 import re
 import statistics
-import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .meter import MemoryMeter, parse_budget
+from .models import GPTConfig, TinyGPT
 from .plan import (
     Prediction,
     _budget_arg,
@@ -48,6 +48,7 @@ from .plan import (
 )
 from .policies import applied
 from .recompute import measure_recompute
+from .step import StepRecord, check_run, make_batch, make_optimizer, run_step, seeded
 from .units import fmt_bytes, fmt_flops
 
 
@@ -175,17 +176,6 @@ class _DoctorMeter(MemoryMeter):
 
 # ---------------------------------------------------------------- running steps
 @dataclass
-class StepRun:
-    step: int  # 1, 2, ...
-    peak_bytes: int
-    peak_phase: str | None
-    peak_op: str | None
-    peak_module: str
-    time_s: float
-    optimizer_state_bytes: int  # live when the step began
-
-
-@dataclass
 class OOM:
     """Where a run ran out of memory, and what was alive then."""
 
@@ -205,13 +195,14 @@ class OOM:
 
 @dataclass
 class Run:
-    """Training steps under a budget: the steps that ran, and the OOM that stopped them."""
+    """Training steps under a budget: the steps that ran (``StepRecord``s), and the OOM that
+    stopped them. A run, not a step: it holds several, and the failure."""
 
     policy: str
     batch_size: int
     micro_batches: int
     budget: float | None
-    steps: list[StepRun] = field(default_factory=list)
+    steps: list[StepRecord] = field(default_factory=list)
     oom: OOM | None = None
     offloaded_bytes: int = 0  # to host per step, under the offload policy
     timeline: list[tuple[int, int, str | None]] | None = None  # (step, live bytes, phase)
@@ -228,8 +219,8 @@ class Run:
 def _micro_batches(model, batch_size, seq_len, parts, generator, device=None) -> list:
     """``parts`` micro-batches of ``batch_size // parts`` samples, each made by the model (a
     slice of one batch would keep, and make the meter count, the whole batch's storage)."""
-    return [tuple(t.to(device) if device is not None else t for t in model.example_batch(
-        batch_size // parts, seq_len, generator=generator)) for _ in range(parts)]
+    return [make_batch(model, batch_size // parts, seq_len, generator, device)
+            for _ in range(parts)]
 
 
 def run_steps(model: nn.Module, budget=None, policy="none", batch_size: int = 8,
@@ -237,18 +228,17 @@ def run_steps(model: nn.Module, budget=None, policy="none", batch_size: int = 8,
               seed: int = 0, copy_model: bool = True, timeline: bool = False) -> Run:
     """Train ``steps`` AdamW steps (lr 1e-3, as ``train``) of ``batch_size`` samples, each in
     ``micro_batches`` micro-batches with gradient accumulation, under ``policy`` and ``budget``;
-    stop at the first out-of-memory error. A fresh batch every step; the model is copied first
-    unless ``copy_model=False``. ``timeline``: keep live bytes after every allocation and free."""
+    stop at the first out-of-memory error. A fresh batch every step (not counted by the meter,
+    as ``train`` and ``predict``); dropout seeded by ``seed``; the model is copied first unless
+    ``copy_model=False``. ``timeline``: keep live bytes after every allocation and free."""
+    device = check_run(model, batch_size=batch_size, steps=steps, seq_len=seq_len,
+                       micro_batches=micro_batches)
     budget = None if budget is None else parse_budget(budget)
-    if batch_size % micro_batches:
-        raise ValueError(f"batch_size {batch_size} must be a multiple of micro_batches "
-                         f"{micro_batches}")
     policy = as_policy(policy)
     model = copy.deepcopy(model) if copy_model else model
     model.train()
-    device = next(model.parameters()).device
     cuda = device.type == "cuda"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = make_optimizer(model)
     meter = _DoctorMeter(model, budget=None if cuda else budget, timeline=timeline)
     starts = []
     run = Run(str(policy), batch_size, micro_batches, budget)
@@ -258,19 +248,21 @@ def run_steps(model: nn.Module, budget=None, policy="none", batch_size: int = 8,
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
     try:
-        with torch.random.fork_rng(devices=[device] if cuda else []), applied(
-                model, policy) as handle, meter:
+        with seeded(seed, device), applied(model, policy) as handle, meter:
             meter.track(model, optimizer)
             for step in range(1, steps + 1):
-                with torch.utils._python_dispatch._disable_current_modes():  # made outside
-                    parts = _micro_batches(model, batch_size, seq_len, micro_batches, generator,
-                                           device)
+                parts = _micro_batches(model, batch_size, seq_len, micro_batches, generator,
+                                       device)
                 starts.append(len(meter.timeline or ()))
-                micro = _one_step(model, optimizer, meter, parts, step, run)
-                del parts
-                if run.oom is not None:
-                    run.oom.micro_batch = micro
+                meter.modules.clear()
+                try:
+                    record = run_step(model, optimizer, parts, meter, step=step,
+                                      policy=str(policy), guard=budget is not None)
+                except torch.OutOfMemoryError as error:
+                    run.oom = _oom(meter, error, step, budget)
                     break
+                record.peak_module, record.meter = meter.peak_module, None
+                run.steps.append(record)
             run.offloaded_bytes = handle.stats.bytes_to_host // max(len(run.steps), 1)
         if timeline:
             bounds = [*starts, len(meter.timeline)]
@@ -285,43 +277,15 @@ def run_steps(model: nn.Module, budget=None, policy="none", batch_size: int = 8,
     return run
 
 
-def _one_step(model, optimizer, meter, parts, step, run) -> int:
-    optimizer.zero_grad(set_to_none=True)
-    meter.modules.clear()
-    meter.reset_peak()
-    state = meter.breakdown()["optimizer state"]
-    start, micro, failure = time.perf_counter(), 0, None
-    try:
-        count = len(parts)
-        while parts:  # each micro-batch is dropped once used
-            micro += 1
-            part = parts.pop(0)
-            with meter.phase("forward"):
-                loss = model.loss(part)
-            with meter.phase("backward"):
-                loss.backward()  # gradients add up over the micro-batches ...
-            del loss, part
-        micro = 0
-        with meter.phase("optimizer"):
-            if count > 1:  # ... and their sum becomes a mean, in place (no new memory)
-                torch._foreach_div_([p.grad for p in model.parameters() if p.grad is not None],
-                                    count)
-            optimizer.step()
-    except torch.OutOfMemoryError as error:
-        if meter.failure is None:  # raised outside any op the meter saw (CUDA)
-            meter._record_failure("(outside an op)", 0, str(error))
-        failure = meter.failure
-    if failure is not None:  # outside the except block: no traceback keeps the step's tensors
-        optimizer.zero_grad(set_to_none=True)
-        run.oom = OOM(step=step, micro_batch=micro, phase=failure["phase"], op=failure["op"],
-                      module=failure["module"], layer=failure["layer"],
-                      tried_bytes=failure["tried"], live_bytes=failure["live"],
-                      budget=run.budget, breakdown=failure["breakdown"],
-                      by_layer=failure["by_layer"], message=failure["message"])
-        return micro
-    run.steps.append(StepRun(step, meter.peak_bytes, meter.peak_phase, meter.peak_op,
-                             meter.peak_module, time.perf_counter() - start, state))
-    return 0
+def _oom(meter, error, step, budget) -> OOM:
+    if meter.failure is None:  # raised outside any op the meter saw (CUDA)
+        meter._record_failure("(outside an op)", 0, str(error))
+    f = meter.failure
+    meter.failure = None
+    return OOM(step=step, micro_batch=error.micro_batch, phase=f["phase"], op=f["op"],
+               module=f["module"], layer=f["layer"], tried_bytes=f["tried"],
+               live_bytes=f["live"], budget=budget, breakdown=f["breakdown"],
+               by_layer=f["by_layer"], message=f["message"])
 
 
 # ---------------------------------------------------------------- explaining
@@ -336,7 +300,7 @@ _WHY = {
 }
 
 
-def explain(oom: OOM, steps: list[StepRun]) -> str:
+def explain(oom: OOM, steps: list[StepRecord]) -> str:
     """The diagnosis in words, with the numbers."""
     where = oom.module or ("the optimizer step" if oom.phase == "optimizer" else "no module")
     micro = f", micro-batch {oom.micro_batch}" if oom.micro_batch > 1 else ""
@@ -507,16 +471,11 @@ def step_time_ratio(model, policy, batch_size, seq_len=None, micro_batches=1, re
     model = copy.deepcopy(model).train()
     parts = {n: _micro_batches(model, batch_size, seq_len, n, torch.Generator().manual_seed(0))
              for n in {1, micro_batches}}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = make_optimizer(model)
 
     def step(policy, n):
         with applied(model, as_policy(policy)):
-            optimizer.zero_grad(set_to_none=True)
-            start = time.perf_counter()
-            for part in parts[n]:
-                model.loss(part).backward()
-            optimizer.step()
-            return time.perf_counter() - start
+            return run_step(model, optimizer, list(parts[n])).time_s
 
     step("none", 1), step(policy, micro_batches)  # warm up
     plain, fixed = [], []
@@ -551,9 +510,10 @@ class DoctorReport:
     run: Run  # the original setup under the budget
     fix: Fix | None
     verification: Verification | None
+    note: str = ""  # said first (the demo says what it is)
 
     def __str__(self):
-        parts = []
+        parts = [self.note] if self.note else []
         if self.run.oom is None:
             parts.append(f"No out-of-memory error in {len(self.run.steps)} steps: peak "
                          f"{fmt_bytes(self.run.peak_bytes)} within {fmt_bytes(self.budget)}.")
@@ -566,18 +526,44 @@ class DoctorReport:
         return "\n".join(parts)
 
 
-def doctor(model: nn.Module, budget, batch_size: int = 8, seq_len: int | None = None,
+def demo_budget(model: nn.Module, batch_size: int = 8, seq_len: int | None = None) -> float:
+    """Lesson 4's budget: a quarter of the way from step 1's peak to step 2's, so step 1 fits
+    and step 2, carrying AdamW's state, runs out of memory."""
+    step1, step2 = (s.peak_bytes for s in run_steps(model, None, "none", batch_size, seq_len,
+                                                    steps=2).steps)
+    return step1 + (step2 - step1) // 4
+
+
+def doctor(model: nn.Module, budget=None, batch_size: int = 8, seq_len: int | None = None,
            steps: int = 3, policy="none", timing: bool = True) -> DoctorReport:
-    """Diagnose, prescribe, verify (see the module docstring)."""
+    """Diagnose, prescribe, verify (see the module docstring). Without a ``budget``, lesson 4's
+    demo: the budget that makes step 2 run out of memory (``demo_budget``), said first."""
+    note = ""
+    if budget is None:
+        budget = demo_budget(model, batch_size, seq_len)
+        note = (f"No budget given: lesson 4's demo. Budget {fmt_bytes(budget)}, between step 1's "
+                f"peak and step 2's, so step 2 runs out of memory (AdamW's state appears).")
     budget = parse_budget(budget)
     run = run_steps(model, budget, policy, batch_size, seq_len, steps)
     if run.oom is None:
-        return DoctorReport(budget, run, None, None)
+        return DoctorReport(budget, run, None, None, note)
     fix = prescribe(model, budget, batch_size, seq_len)
     verification = None
     if fix.kind in ("policy", "micro-batch", "offload"):
         verification = verify(model, fix, budget, batch_size, seq_len, steps, timing)
-    return DoctorReport(budget, run, fix, verification)
+    return DoctorReport(budget, run, fix, verification, note)
+
+
+DEMO_CONFIG = GPTConfig(n_layer=6, d_model=64, n_head=4, seq_len=64)  # lesson 4's, on CPU
+DEMO_BATCH = 8
+
+
+def demo(timing: bool = True) -> DoctorReport:
+    """Lesson 4's embedded demo: its tiny GPT (seed 0), batch 8, the budget of ``demo_budget``:
+    the step-2 out-of-memory error, diagnosed, prescribed for and verified."""
+    with seeded(0):
+        model = TinyGPT(DEMO_CONFIG)
+    return doctor(model, None, DEMO_BATCH, timing=timing)
 
 
 # ---------------------------------------------------------------- the command line

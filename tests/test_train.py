@@ -38,7 +38,7 @@ def test_saved_bytes_fall_as_predicted_from_one_blocks_tape(n_layer):
 def test_records_carry_loss_peak_saved_and_recompute():
     model = TinyGPT(GPTConfig(n_layer=2, dropout=0.1, **CFG))
     records = train(model, "full", steps=3, batch_size=BATCH, progress=False)
-    assert [r.step for r in records] == [0, 1, 2]
+    assert [r.step for r in records] == [1, 2, 3]
     assert all(r.policy == "full" and math.isfinite(r.loss) and r.time_s > 0 for r in records)
     assert all(r.peak_bytes > r.saved_bytes > 0 for r in records)
     assert records[0].recompute_flops > 0 and records[0].tokens == BATCH * CFG["seq_len"]
@@ -56,7 +56,7 @@ def test_on_step_sees_every_record():
         progress=False,
         on_step=seen.append,
     )
-    assert [r.step for r in seen] == [0, 1]
+    assert [r.step for r in seen] == [1, 2]
 
 
 def test_a_budget_that_no_policy_misses_fits_with_checkpointing():

@@ -1,0 +1,327 @@
+"""The step runner: one training step, measured, that every tool of the course runs.
+
+``train``, ``measure_step``, the doctor, ``compare``, the sweeps, the hand trace and the
+benchmarks all run their steps through ``run_step``, so they agree on what a step is:
+
+- the optimizer is AdamW, made by ``make_optimizer`` (nowhere else);
+- a batch is made by ``make_batch``, outside any meter, before the step's peak starts. The meter
+  never sees it being made; ``run_step(count_batch=True)`` counts it in the step's baseline (as
+  "activations": the first layer keeps it for its weight gradient), ``False`` leaves it out, as
+  ``predict`` and ``plan.measure_peaks`` do;
+- a step clears the gradients, starts a fresh peak, runs forward and backward over one batch or
+  a list of micro-batches (gradients accumulated, then averaged in place), then the optimizer
+  step; each phase labels what it allocates and is timed;
+- it returns one ``StepRecord``.
+
+An out-of-memory error in any phase leaves the model as it was before the step, so a learner can
+change the policy and retry: gradients are cleared, optimizer state that the step created (AdamW
+makes its state in the first ``optimizer.step()``) is removed, the global RNG state is put back,
+and when the optimizer step can run out of memory (a meter with a budget, or ``guard=True``) the
+parameters and the optimizer state are copied before it and copied back. torch's AdamW updates
+them in place one tensor after another, so an error half-way would leave some updated and some
+not: there is no cheaper undo. The copy is outside the meter (it is the runner's, not the
+model's) and costs one copy of parameters and state per step under a budget; none without one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
+
+from .meter import MemoryMeter
+from .units import fmt_bytes
+
+PHASES = ("forward", "backward", "optimizer")
+
+
+# ---------------------------------------------------------------- what a step is made of
+def make_optimizer(model_or_params, lr: float = 1e-3) -> torch.optim.AdamW:
+    """The course's optimizer: AdamW (torch's defaults otherwise)."""
+    params = (model_or_params.parameters() if isinstance(model_or_params, nn.Module)
+              else model_or_params)
+    return torch.optim.AdamW(params, lr=lr)
+
+
+def _positive_int(name: str, value, example: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive whole number, e.g. {name}={example}; "
+                         f"got {value!r}")
+
+
+def max_seq_len(model) -> int | None:
+    """The longest sequence ``model`` supports (its config's ``seq_len``: the positional table
+    of TinyGPT, the rotary table of Llama), or None for a model without sequences."""
+    return getattr(getattr(model, "cfg", None), "seq_len", None)
+
+
+def check_run(model, batch_size=None, steps=None, seq_len=None, micro_batches: int = 1,
+              device=None) -> torch.device:
+    """Check a run's arguments before any work; return the device to run on (``device``, else
+    the model's). Each error is one line that names the fix."""
+    missing = [name for name in ("blocks", "example_batch", "loss") if not hasattr(model, name)]
+    if missing:
+        raise ValueError(f"{type(model).__name__} lacks {', '.join(missing)}: training needs a "
+                         "course model with `.blocks` (an nn.ModuleList), `.example_batch("
+                         "batch_size, seq_len, generator)` and `.loss(batch)`; see "
+                         "ckpt_course.models")
+    if batch_size is not None:
+        _positive_int("batch_size", batch_size, 8)
+    if steps is not None:
+        _positive_int("steps", steps, 3)
+    _positive_int("micro_batches", micro_batches, 2)
+    if batch_size is not None and batch_size % micro_batches:
+        raise ValueError(f"batch_size {batch_size} must be a multiple of micro_batches "
+                         f"{micro_batches}")
+    if seq_len is not None:
+        _positive_int("seq_len", seq_len, 64)
+        longest = max_seq_len(model)
+        if longest is None:
+            raise ValueError(f"{type(model).__name__} has no sequence dimension: leave seq_len "
+                             "unset")
+        if seq_len > longest:
+            raise ValueError(f"seq_len {seq_len} is longer than the model supports ("
+                             f"{type(model.cfg).__name__}.seq_len={longest}): use seq_len <= "
+                             f"{longest}, or build the model with a larger seq_len")
+    if device is None:
+        return next(model.parameters()).device
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not understood: use 'cpu' or 'cuda'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} is not available: torch sees no CUDA device; "
+                         "use device='cpu'")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r} is not supported: use 'cpu' or 'cuda'")
+    return device
+
+
+def make_batch(model, batch_size: int | None = None, seq_len: int | None = None,
+               generator: torch.Generator | None = None, device=None) -> tuple:
+    """``model.example_batch(...)`` on ``device``, made outside any active meter: a meter never
+    counts a batch being made, only what ``run_step(count_batch=True)`` tells it."""
+    size = {} if batch_size is None else {"batch_size": batch_size}
+    with _disable_current_modes():
+        batch = model.example_batch(seq_len=seq_len, generator=generator, **size)
+        return tuple(t.to(device) for t in batch) if device is not None else tuple(batch)
+
+
+def _seq_len(batch) -> int | None:
+    x = batch[0]
+    return x.shape[1] if x.dim() > 1 and not x.is_floating_point() else None
+
+
+def batch_tokens(batch) -> int:
+    """Tokens in a batch (or a list of micro-batches): samples x sequence length for token ids,
+    samples for other inputs."""
+    if isinstance(batch, list):
+        return sum(batch_tokens(b) for b in batch)
+    return len(batch[0]) * (_seq_len(batch) or 1)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device=None):
+    """Run with the global RNG (dropout masks) seeded, leaving the caller's RNG state alone."""
+    cuda = device is not None and torch.device(device).type == "cuda"
+    with torch.random.fork_rng(devices=[torch.device(device)] if cuda else []):
+        torch.manual_seed(seed)
+        yield
+
+
+# ---------------------------------------------------------------- one measured step
+@dataclass
+class StepRecord:
+    """One measured step. Byte counts are exact live tensor bytes (device-independent); they are
+    None when the step ran without a meter."""
+
+    step: int = 1  # counts from 1: step 1 is the one in which AdamW creates its state
+    policy: str = ""
+    loss: float = math.nan  # mean over the micro-batches
+    time_s: float = 0.0
+    peak_bytes: int | None = None  # highest live bytes in the step, baseline included
+    saved_bytes: int | None = None  # live bytes forward added: what backward will read
+    recompute_flops: int | None = None  # FLOPs backward spends re-running forward
+    tokens: int = 0
+    cuda_peak_bytes: int | None = None  # the CUDA allocator's own peak, on CUDA
+    baseline_bytes: int | None = None  # live when the step began (gradients cleared)
+    peak_breakdown: dict = field(default_factory=dict)  # category -> live bytes at the peak
+    peak_phase: str | None = None
+    peak_op: str | None = None  # the aten op whose output made the peak
+    peak_module: str = ""  # the module running at the peak (the doctor's meter knows it)
+    optimizer_state_bytes: int = 0  # live when the step began
+    phase_s: dict = field(default_factory=dict)  # seconds in forward, backward, optimizer
+    batch_size: int = 0
+    seq_len: int | None = None
+    meter: MemoryMeter | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def peak_above_baseline(self) -> int:
+        return self.peak_bytes - self.baseline_bytes
+
+    @property
+    def categories(self) -> dict:
+        """The peak split by category (``peak_breakdown``)."""
+        return self.peak_breakdown
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.time_s if self.time_s else math.nan
+
+    @property
+    def label(self) -> str:
+        return f"B={self.batch_size}" + (f" T={self.seq_len}" if self.seq_len else "")
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "meter"}
+
+    def __str__(self) -> str:
+        if self.peak_bytes is None:
+            return f"step {self.step} {self.policy}: loss {self.loss:.4f}, {self.time_s:.3f} s"
+        parts = ", ".join(f"{c} {fmt_bytes(b)}" for c, b in self.peak_breakdown.items() if b)
+        return (f"{self.label}, step {self.step}: peak {fmt_bytes(self.peak_bytes)} in "
+                f"{self.peak_phase} ({parts})")
+
+
+class _Undo:
+    """What a step changes, kept so that an out-of-memory error can put it back."""
+
+    def __init__(self, model, optimizer, device):
+        self.model, self.optimizer = model, optimizer
+        self.rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.had_state = set(optimizer.state) if optimizer is not None else set()
+        self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def copy_values(self) -> None:
+        """Copy what the optimizer step updates in place: parameters and optimizer state."""
+        tensors = [p for group in self.optimizer.param_groups for p in group["params"]]
+        tensors += [v for s in self.optimizer.state.values() for v in s.values()
+                    if isinstance(v, torch.Tensor)]
+        with _disable_current_modes(), torch.no_grad():
+            self.copies = [(t, t.to("cpu", copy=True)) for t in tensors]
+
+    def restore(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+        if self.optimizer is not None:
+            for p in [p for p in self.optimizer.state if p not in self.had_state]:
+                del self.optimizer.state[p]  # half-made state: AdamW would skip making it again
+        with _disable_current_modes(), torch.no_grad():
+            for t, saved in self.copies:
+                t.copy_(saved)
+        self.copies = []
+        torch.set_rng_state(self.rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state(self.cuda_rng)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _phase(meter, name):
+    return meter.phase(name) if meter is not None else contextlib.nullcontext()
+
+
+def run_step(model, optimizer, batch, meter: MemoryMeter | None = None, *, loss_fn=None,
+             count_batch: bool = False, guard: bool | None = None, step: int = 1,
+             policy: str = "") -> StepRecord:
+    """One step: forward and backward of ``loss_fn(batch)`` (default ``model.loss``), then
+    ``optimizer.step()`` (skipped when ``optimizer`` is None). ``batch`` is a tuple of tensors,
+    or a list of them: micro-batches whose gradients add up before one optimizer step. The list
+    is emptied as it runs, each micro-batch dropped after its backward, so that its memory goes
+    (an op that returns a view of a batch tensor makes the meter count it).
+
+    Under a ``meter`` (entered and tracking the model by the caller) each phase labels what it
+    allocates, the step starts a fresh peak, and ``count_batch`` says whether the batch is in
+    the baseline. ``guard`` (default: the meter has a budget) copies parameters and optimizer
+    state before the optimizer step so an out-of-memory error there can undo it (module doc).
+    Raises ``torch.OutOfMemoryError`` with ``.phase`` and ``.micro_batch`` (1, 2, ...; 0 in the
+    optimizer step) set, the model as it was before the step."""
+    parts = batch if isinstance(batch, list) else [batch]  # a list is consumed (see below)
+    device = next(model.parameters()).device
+    if guard is None:
+        guard = meter is not None and meter.budget is not None
+    undo = _Undo(model, optimizer, device)
+    model.zero_grad(set_to_none=True)
+    record = StepRecord(step=step, policy=str(policy), tokens=batch_tokens(parts),
+                        batch_size=sum(len(p[0]) for p in parts))
+    record.seq_len = _seq_len(parts[0])
+    if meter is not None:
+        if count_batch:
+            meter.count(*(t for part in parts for t in part))
+        meter.reset_peak()
+        record.baseline_bytes = meter.live_bytes
+        record.optimizer_state_bytes = meter.breakdown()["optimizer state"]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    where = {"phase": None, "micro_batch": 0}
+    message = None
+    try:
+        _run_phases(model, optimizer, parts, meter, loss_fn or model.loss, undo if guard else None,
+                    record, where)
+    except torch.OutOfMemoryError as error:
+        message = str(error)
+    if message is not None:  # raised outside the except block: no traceback keeps the tensors
+        undo.restore()
+        del undo
+        error = torch.OutOfMemoryError(message)
+        error.phase, error.micro_batch = where["phase"], where["micro_batch"]
+        raise error
+    record.time_s = sum(record.phase_s.values())
+    if meter is not None:
+        record.peak_bytes, record.peak_breakdown = meter.peak_bytes, dict(meter.peak_breakdown)
+        record.peak_phase, record.peak_op, record.meter = meter.peak_phase, meter.peak_op, meter
+    if device.type == "cuda":
+        record.cuda_peak_bytes = torch.cuda.max_memory_allocated(device)
+    return record
+
+
+def _run_phases(model, optimizer, parts, meter, loss_fn, undo, record, where) -> None:
+    """The phases of ``run_step``, in a frame of their own: when one fails, this frame and its
+    tensors die with the traceback the caller drops."""
+    seconds = dict.fromkeys(PHASES if optimizer is not None else PHASES[:2], 0.0)
+    device = next(model.parameters()).device
+    loss_sum = 0.0
+    _sync(device)
+    count = len(parts)
+    for k in range(1, count + 1):
+        part = parts.pop(0)  # dropped after its backward (all but the last), so its memory goes
+        where.update(phase="forward", micro_batch=k)
+        start = time.perf_counter()
+        with _phase(meter, "forward"):
+            loss = loss_fn(part)
+        _sync(device)
+        seconds["forward"] += time.perf_counter() - start
+        if meter is not None and k == 1:
+            record.saved_bytes = meter.live_bytes - record.baseline_bytes
+        where["phase"] = "backward"
+        start = time.perf_counter()
+        with _phase(meter, "backward"):
+            loss.backward()
+        _sync(device)
+        seconds["backward"] += time.perf_counter() - start
+        loss_sum += loss.item()
+        if k < count:  # the last loss and batch live on through the optimizer step, as in a
+            del loss, part  # loop written `loss = f(batch); loss.backward(); optimizer.step()`
+    if optimizer is not None:
+        where.update(phase="optimizer", micro_batch=0)
+        start = time.perf_counter()
+        with _phase(meter, "optimizer"):
+            if undo is not None:
+                undo.copy_values()
+            if count > 1:  # the gradients' sum becomes their mean, in place (no new memory)
+                torch._foreach_div_([p.grad for p in model.parameters() if p.grad is not None],
+                                    count)
+            optimizer.step()
+        _sync(device)
+        seconds["optimizer"] = time.perf_counter() - start
+    record.loss = loss_sum / count
+    record.phase_s = seconds
