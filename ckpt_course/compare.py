@@ -24,8 +24,7 @@ import html
 import math
 import re
 import statistics
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -35,7 +34,8 @@ from .meter import MemoryMeter, parse_budget
 from .models import GPTBlock, GPTConfig, Llama, LlamaBlock, LlamaConfig, TinyGPT
 from .policies import OP_NAMES, EveryK, Offload, Policy, Selective, applied, parse_policy
 from .recompute import counting, measure_recompute
-from .train import StepRecord, train
+from .step import StepRecord, batch_tokens, make_batch, make_optimizer, run_step
+from .train import train
 from .units import MiB, fmt_bytes, fmt_flops, positive_int
 
 DEFAULT_POLICIES = ("none", "full", "every-2", "selective:save=mm,sdpa", "offload")
@@ -58,14 +58,7 @@ def make_model(model_or_config, seed: int = 0, device=None) -> nn.Module:
 
 
 def _batch(model, batch_size, seq_len, seed, device):
-    generator = torch.Generator().manual_seed(seed)
-    batch = model.example_batch(batch_size, seq_len, generator=generator)
-    return tuple(t.to(device) for t in batch)
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+    return make_batch(model, batch_size, seq_len, torch.Generator().manual_seed(seed), device)
 
 
 def _device(model) -> torch.device:
@@ -77,23 +70,15 @@ class _Runner:
 
     def __init__(self, model, policy, batch, lr=1e-3):
         self.model, self.policy, self.batch = model.train(), policy, batch
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        self.optimizer = make_optimizer(model, lr)
         self.handle = applied(model, policy)
         self.handle.__enter__()
         self.times: list[float] = []
-        self.loss = math.nan
+        self.last: StepRecord | None = None
 
     def step(self) -> float:
-        device = _device(self.model)
-        _sync(device)
-        start = time.perf_counter()
-        loss = self.model.loss(self.batch)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        _sync(device)
-        self.loss = loss.item()
-        return time.perf_counter() - start
+        self.last = run_step(self.model, self.optimizer, self.batch, policy=str(self.policy))
+        return self.last.time_s
 
     def close(self) -> None:
         self.handle.__exit__(None, None, None)
@@ -264,17 +249,18 @@ def compare(model_or_config=None, policies=DEFAULT_POLICIES, steps: int = 6, bat
     by_name = {r.policy: r for r in results}
 
     def show(runner, r):
-        if plot is not None:
+        if plot is not None:  # a timed step, with the memory its policy's metered steps had
             res = by_name[str(runner.policy)]
-            plot(StepRecord(memory_steps + r, res.policy, runner.loss, runner.times[-1],
-                            res.peak_bytes, res.saved_bytes, res.recompute_flops))
+            record = replace(runner.last, step=memory_steps + r + 1, peak_bytes=res.peak_bytes,
+                             saved_bytes=res.saved_bytes, recompute_flops=res.recompute_flops)
+            plot(record)
 
     try:
         _interleaved(runners, steps, show)
     finally:
         for runner in runners:
             runner.close()
-    tokens = batch[0].numel() if not batch[0].is_floating_point() else batch[0].shape[0]
+    tokens = batch_tokens(batch)
     for runner in runners:
         res = by_name[str(runner.policy)]
         res.times_s = runner.times
@@ -324,16 +310,14 @@ def _measure_memory(base, policy, batch, batch_size, seq_len, budget, steps, see
 # ---------------------------------------------------------------- forward / backward split
 @dataclass
 class StepSplit:
-    """Median seconds of each part of a training step, measured in the same steps."""
+    """Median seconds of each part of a training step, measured in the same steps: medians
+    over steps, not one step (hence not a ``StepRecord``)."""
 
     forward_s: float
     backward_s: float
     optimizer_s: float
     rounds: int
-
-    @property
-    def step_s(self) -> float:
-        return self.forward_s + self.backward_s + self.optimizer_s
+    step_s: float  # the whole step, timed on its own (clearing gradients included)
 
     @property
     def backward_over_forward(self) -> float:
@@ -353,38 +337,25 @@ class StepSplit:
 
 def measure_split(model_or_config=None, batch_size: int = 8, seq_len: int | None = None,
                   rounds: int = 7, policy="none", seed: int = 0, device=None) -> StepSplit:
-    """Time forward alone, then backward, then the optimizer step, in each of ``rounds`` steps
-    (after one warm-up step); medians."""
+    """Time forward, backward and the optimizer step in each of ``rounds`` steps (after one
+    warm-up step); medians of each, and of the whole step."""
     model = make_model(model_or_config if model_or_config is not None else GPTConfig(), seed,
                        device).train()
     batch = _batch(model, batch_size, seq_len, seed, _device(model))
-    optimizer = torch.optim.AdamW(model.parameters())
-    parts = {"forward": [], "backward": [], "optimizer": []}
+    optimizer = make_optimizer(model)
     with applied(model, policy):
-        for r in range(rounds + 1):
-            marks = [_now(model)]
-            loss = model.loss(batch)
-            marks.append(_now(model))
-            loss.backward()
-            marks.append(_now(model))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            marks.append(_now(model))
-            if r:  # round 0 warms up
-                for i, part in enumerate(parts):
-                    parts[part].append(marks[i + 1] - marks[i])
-    med = {k: statistics.median(v) for k, v in parts.items()}
-    return StepSplit(med["forward"], med["backward"], med["optimizer"], rounds)
-
-
-def _now(model) -> float:
-    _sync(_device(model))
-    return time.perf_counter()
+        records = [run_step(model, optimizer, batch) for _ in range(rounds + 1)][1:]
+    med = {k: statistics.median(r.phase_s[k] for r in records) for k in records[0].phase_s}
+    return StepSplit(med["forward"], med["backward"], med["optimizer"], rounds,
+                     statistics.median(r.time_s for r in records))
 
 
 # ---------------------------------------------------------------- batch size under a budget
 @dataclass
 class SweepPoint:
+    """A (policy, batch size) cell: the peak of metered steps and the median time of other,
+    unmetered ones; several steps, not one (hence not a ``StepRecord``)."""
+
     policy: str
     batch_size: int
     peak_bytes: int
@@ -420,8 +391,7 @@ def batch_sweep(model_or_config=None, policies=("none", "full"), batch_sizes=(2,
             runner.close()
     for point, runner in runners:
         point.step_time_s = statistics.median(runner.times)
-        tokens = runner.batch[0].numel()
-        point.tokens_per_s = tokens / point.step_time_s
+        point.tokens_per_s = batch_tokens(runner.batch) / point.step_time_s
     return points
 
 

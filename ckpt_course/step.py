@@ -144,7 +144,7 @@ class StepRecord:
     step: int = 1  # counts from 1: step 1 is the one in which AdamW creates its state
     policy: str = ""
     loss: float = math.nan  # mean over the micro-batches
-    time_s: float = 0.0
+    time_s: float = 0.0  # the whole step, wall clock (its phases are in ``phase_s``)
     peak_bytes: int | None = None  # highest live bytes in the step, baseline included
     saved_bytes: int | None = None  # live bytes forward added: what backward will read
     recompute_flops: int | None = None  # FLOPs backward spends re-running forward
@@ -159,6 +159,7 @@ class StepRecord:
     phase_s: dict = field(default_factory=dict)  # seconds in forward, backward, optimizer
     batch_size: int = 0
     seq_len: int | None = None
+    step_flops: int | None = None  # FLOPs of a plain forward + backward, when counted
     meter: MemoryMeter | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -169,6 +170,16 @@ class StepRecord:
     def categories(self) -> dict:
         """The peak split by category (``peak_breakdown``)."""
         return self.peak_breakdown
+
+    @property
+    def overhead(self) -> float:
+        """Recompute FLOPs / a plain step's FLOPs."""
+        return self.recompute_flops / self.step_flops
+
+    @property
+    def timeline(self) -> list:
+        """Live bytes after every allocation and free (a meter made with ``timeline=True``)."""
+        return self.meter.timeline
 
     @property
     def tokens_per_s(self) -> float:
@@ -249,6 +260,8 @@ def run_step(model, optimizer, batch, meter: MemoryMeter | None = None, *, loss_
     device = next(model.parameters()).device
     if guard is None:
         guard = meter is not None and meter.budget is not None
+    _sync(device)
+    start = time.perf_counter()
     undo = _Undo(model, optimizer, device)
     model.zero_grad(set_to_none=True)
     record = StepRecord(step=step, policy=str(policy), tokens=batch_tokens(parts),
@@ -275,7 +288,7 @@ def run_step(model, optimizer, batch, meter: MemoryMeter | None = None, *, loss_
         error = torch.OutOfMemoryError(message)
         error.phase, error.micro_batch = where["phase"], where["micro_batch"]
         raise error
-    record.time_s = sum(record.phase_s.values())
+    record.time_s = time.perf_counter() - start  # the phases are synchronized: all done
     if meter is not None:
         record.peak_bytes, record.peak_breakdown = meter.peak_bytes, dict(meter.peak_breakdown)
         record.peak_phase, record.peak_op, record.meter = meter.peak_phase, meter.peak_op, meter

@@ -3,7 +3,7 @@
 Three questions, each answered by running real steps under a ``MemoryMeter``:
 
 - Where does the memory of a training step go? ``step_breakdown(model, batch_size, seq_len)``
-  runs AdamW steps on a copy of the model and splits the peak of the last one into parameters,
+  runs AdamW steps on a copy of the model; its record splits the last one's peak into parameters,
   gradients, optimizer state, activations and temporaries. Measure step 2, not step 1: AdamW
   creates its state (two moments per parameter) during the first ``optimizer.step()``, so only
   from step 2 on is every category present. ``breakdown_sweep`` repeats it over sizes.
@@ -22,42 +22,20 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .meter import MemoryMeter, TimelinePoint
+from .meter import MemoryMeter
 from .policies import Policy, applied
 from .recompute import count_step
-from .train import measure_step, training_step
+from .step import StepRecord, check_run, make_batch, make_optimizer, run_step, seeded
+from .train import measure_step
 from .units import fmt_bytes, fmt_flops
 
 
 # ---------------------------------------------------------------- where a step's memory goes
-@dataclass
-class Breakdown:
-    """The peak of one AdamW training step, split by category (bytes)."""
-
-    batch_size: int
-    seq_len: int | None
-    step: int  # which step was measured (1 = the first)
-    peak_bytes: int
-    categories: dict[str, int]  # CATEGORIES -> live bytes at the peak
-    peak_phase: str | None  # "forward", "backward" or "optimizer"
-    peak_op: str | None
-    cuda_peak_bytes: int | None = None  # the CUDA allocator's own peak, on CUDA
-
-    @property
-    def label(self) -> str:
-        return f"B={self.batch_size}" + (f" T={self.seq_len}" if self.seq_len else "")
-
-    def __str__(self) -> str:
-        parts = ", ".join(f"{c} {fmt_bytes(b)}" for c, b in self.categories.items() if b)
-        return (f"{self.label}, step {self.step}: peak {fmt_bytes(self.peak_bytes)} in "
-                f"{self.peak_phase} ({parts})")
-
-
 def _on(batch, device):
     return tuple(t.to(device) for t in batch)
 
@@ -67,31 +45,29 @@ def _device(model) -> torch.device:
 
 
 def step_breakdown(model, batch_size: int, seq_len: int | None = None, step: int = 2,
-                   lr: float = 1e-3, seed: int = 0) -> Breakdown:
+                   lr: float = 1e-3, seed: int = 0) -> StepRecord:
     """Run ``step`` AdamW training steps on a copy of ``model`` (the model itself is untouched)
-    and split the peak of the last step by category."""
-    if step < 1:
-        raise ValueError(f"step counts from 1 (the first training step), got {step}")
+    and return the last one's record: ``categories`` splits its peak. The batch is counted
+    (as activations: the first layer keeps it for its weight gradient)."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"step counts from 1 (the first training step), got {step!r}")
+    device = check_run(model, batch_size=batch_size, seq_len=seq_len)
     model = copy.deepcopy(model).train()
-    device = _device(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    optimizer = make_optimizer(model, lr)
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # dropout masks
     meter = MemoryMeter()
-    with meter:
+    with seeded(seed, device), meter:
         meter.track(model, optimizer)
-        for _ in range(step):
-            batch = _on(model.example_batch(batch_size, seq_len, generator=generator), device)
-            meter.count(*batch)
-            training_step(model, optimizer, batch, meter)  # clears gradients before forward
+        for k in range(1, step + 1):
+            batch = make_batch(model, batch_size, seq_len, generator, device)
+            record = run_step(model, optimizer, batch, meter, count_batch=True, step=k)
             del batch
-        cuda = meter.cuda_stats()
     meter.untrack()
-    return Breakdown(batch_size, seq_len, step, meter.peak_bytes, dict(meter.peak_breakdown),
-                     meter.peak_phase, meter.peak_op, cuda and cuda["max_allocated"])
+    record.meter = None
+    return record
 
 
-def breakdown_sweep(model, sizes, step: int = 2) -> list[Breakdown]:
+def breakdown_sweep(model, sizes, step: int = 2) -> list[StepRecord]:
     """``step_breakdown`` for each ``(batch_size, seq_len)`` in ``sizes``."""
     return [step_breakdown(model, b, t, step=step) for b, t in sizes]
 
@@ -138,28 +114,11 @@ class CheckpointBlocks(Policy):
 
 # ---------------------------------------------------------------- the every-N dial
 @dataclass
-class DialPoint:
-    """One setting of the dial: ``every-N`` (``n`` = 0 stands for no checkpointing)."""
+class DialPoint(StepRecord):
+    """One setting of the dial: the ``measure_step`` record of ``every-N`` (``n`` = 0 stands for
+    no checkpointing), with its recompute and a plain step's FLOPs."""
 
-    n: int
-    saved_bytes: int  # live bytes forward left for backward
-    peak_bytes: int  # peak of forward + backward, parameters and batch included
-    baseline_bytes: int  # parameters and batch, live before forward
-    recompute_flops: int  # FLOPs backward spent re-running forward
-    step_flops: int  # FLOPs of a plain forward + backward
-    timeline: list[TimelinePoint]
-
-    @property
-    def policy(self) -> str:
-        return "none" if self.n == 0 else f"every-{self.n}"
-
-    @property
-    def peak_above_baseline(self) -> int:
-        return self.peak_bytes - self.baseline_bytes
-
-    @property
-    def overhead(self) -> float:
-        return self.recompute_flops / self.step_flops
+    n: int = 0
 
     def __str__(self) -> str:
         return (f"{self.policy}: saved {fmt_bytes(self.saved_bytes)}, peak above baseline "
@@ -212,8 +171,7 @@ def dial(model, batch, ns=None, loss_fn=None, seed: int = 0) -> Dial:
         m = measure_step(model, policy, batch=batch, loss_fn=loss_fn, seed=seed)
         with applied(model, policy):
             backward_flops = count_step(model, batch, seed).backward.flops
-        return DialPoint(n, m.saved_bytes, m.peak_bytes, m.baseline_bytes,
-                         backward_flops - plain.backward.flops, plain.flops,
-                         list(m.meter.timeline))
+        m.recompute_flops, m.step_flops = backward_flops - plain.backward.flops, plain.flops
+        return DialPoint(**{f.name: getattr(m, f.name) for f in fields(m)}, n=n)
 
     return Dial(n_layers, point(0), [point(n) for n in ns])

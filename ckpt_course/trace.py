@@ -30,6 +30,7 @@ tensor, so it counts under that layer's backward: that is when its memory is liv
 from __future__ import annotations
 
 import html
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,7 @@ from .meter import MemoryMeter
 from .models import HandTraceNet
 from .policies import applied, parse_policy
 from .recompute import measure_recompute
+from .step import run_step
 from .units import MiB, fmt_bytes, fmt_flops
 
 # Meter categories, as the walk through backward names them.
@@ -86,7 +88,9 @@ class OpPoint:
 
 @dataclass
 class StepTrace:
-    """One forward + backward, traced. Byte counts are above ``baseline_bytes``."""
+    """One forward + backward (a ``run_step``), traced op by op. Byte counts are above
+    ``baseline_bytes``. Not a ``StepRecord``: it holds a point per op and the layers, and its
+    bytes are relative, as the hand trace counts them."""
 
     policy: str
     baseline_bytes: int  # parameters + x, live before forward
@@ -154,8 +158,8 @@ class _LayerMeter(MemoryMeter):
         self.layer: int | str = LOSS
         self.node_layer: dict = {}  # autograd node -> the layer whose forward created it
         self.points: list[OpPoint] = []
-        self.baseline = 0
-        self.start = 0  # timeline events before the step
+        self.baseline, self.baseline_categories = 0, {}
+        self.start = self.end = 0  # the step's first timeline event, and one past its last
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = super().__torch_dispatch__(func, types, args, kwargs)
@@ -170,6 +174,20 @@ class _LayerMeter(MemoryMeter):
                                        str(func.overloadpacket), self.live_bytes - self.baseline,
                                        len(self.timeline) - self.start, self.breakdown()))
         return out
+
+    def reset_peak(self) -> None:
+        """The step starts here (``run_step``): what is live now is its baseline."""
+        super().reset_peak()
+        self.baseline, self.baseline_categories = self.live_bytes, self.breakdown()
+        self.start = len(self.timeline)
+
+    @contextmanager
+    def phase(self, name: str):
+        if name == "backward":
+            self.layer = LOSS  # the loss and its seed gradient belong to no layer
+        with super().phase(name):
+            yield self
+        self.end = len(self.timeline)  # the trace ends with the last phase
 
     def enter_layer(self, k: int):
         def hook(module, args):
@@ -198,42 +216,35 @@ def trace_step(net: HandTraceNet, policy="none", batch_size: int = 512,
         raise TypeError(f"trace_step traces a HandTraceNet (build one with hand_trace_net()), "
                         f"got {type(net).__name__}")
     x = hand_input(net, batch_size, seed)
-    net.zero_grad(set_to_none=True)
     meter = _LayerMeter()
     hooks = [h for k, block in enumerate(net.blocks, start=1) for m in block.modules()
              for h in (m.register_forward_pre_hook(meter.enter_layer(k)),
                        m.register_forward_hook(meter.leave_layer(k)))]
     try:
         with applied(net, policy), meter:
-            meter.track(net).count(x)
+            meter.track(net)
             if free_grads:  # registered after track's hooks, so the meter sees each grad first
                 hooks += [p.register_post_accumulate_grad_hook(_drop_grad)
                           for p in net.parameters()]
-            meter.reset_peak()
-            meter.baseline = baseline = meter.live_bytes
-            baseline_categories = meter.breakdown()
-            meter.start = start = len(meter.timeline)
-            with meter.phase("forward"):
-                loss = net(x).sum()
-            meter.layer = LOSS
-            saved = meter.live_bytes - baseline
-            with meter.phase("backward"):
-                loss.backward()
-            events = meter.timeline[start:]  # forward and backward only
-            del loss
+            record = run_step(net, None, (x,), meter, loss_fn=sum_loss(net), count_batch=True,
+                              policy=str(policy))
     finally:
         for h in hooks:
             h.remove()
         meter.untrack()
         net.zero_grad(set_to_none=True)
-    peak = meter.peak_bytes - baseline
+    baseline = meter.baseline
+    events = meter.timeline[meter.start:meter.end]  # forward and backward only
+    peak = record.peak_bytes - baseline
     point = next((p for p in meter.points if p.live_bytes == peak), None)
     return StepTrace(
-        policy=str(policy), baseline_bytes=baseline, saved_bytes=saved, peak_bytes=peak,
-        peak_phase=meter.peak_phase, peak_op=point.op if point else str(meter.peak_op),
+        policy=str(policy), baseline_bytes=baseline, saved_bytes=record.saved_bytes,
+        peak_bytes=peak, peak_phase=record.peak_phase,
+        peak_op=point.op if point else str(record.peak_op),
         peak_layer=point.layer if point else LOSS, points=meter.points,
         timeline=[e.live_bytes - baseline for e in events],
-        timeline_phases=[e.phase for e in events], baseline_categories=baseline_categories,
+        timeline_phases=[e.phase for e in events],
+        baseline_categories=meter.baseline_categories,
     )
 
 

@@ -1,6 +1,7 @@
 """compare and its tools: exact bytes and FLOPs from hand formulas; timings only exist (> 0)."""
 
 import argparse
+from statistics import median
 
 import matplotlib.image
 import pytest
@@ -46,7 +47,10 @@ def test_compare_measures_every_policy(comparison):
     assert full.recompute_flops == full_recompute_flops(B, T, C, L)
     assert full.saved_bytes < none.saved_bytes and offload.saved_bytes < none.saved_bytes
     assert offload.offload_bytes > 0 and none.offload_bytes == full.offload_bytes == 0
-    assert none.time_ratio == 1.0 and comparison.reference == "none"
+    # the ratios divide medians of the raw step times by none's (the reference)
+    assert comparison.reference == "none"
+    for r in (full, offload):
+        assert r.time_ratio == median(r.times_s) / median(none.times_s)
     assert all(r.fits and r.step_time_s > 0 and len(r.times_s) == 2 for r in comparison.results)
     assert all(r.tokens_per_s == B * T / r.step_time_s for r in comparison.results)
 
@@ -132,9 +136,12 @@ def test_policy_lists_keep_a_selective_policys_ops_together():
 
 # ---------------------------------------------------------------- the step's parts, batch sizes
 def test_measure_split_times_each_part():
-    split = measure_split(TINY, batch_size=B, rounds=2)
-    assert min(split.forward_s, split.backward_s, split.optimizer_s) > 0
-    assert split.step_s == pytest.approx(split.forward_s + split.backward_s + split.optimizer_s)
+    split = measure_split(TINY, batch_size=B, rounds=3)
+    parts = (split.forward_s, split.backward_s, split.optimizer_s)
+    assert min(parts) > 0
+    # the step is timed on its own; in every step it contains each of its parts, so its median
+    # is at least each part's median
+    assert split.step_s >= max(parts)
 
 
 def test_batch_sweep_under_a_budget(comparison):
