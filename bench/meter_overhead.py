@@ -4,8 +4,11 @@
   B  the same step inside a TorchDispatchMode that only calls each op: the floor any
      dispatch-mode tracker pays (Python runs once per aten op, about 1000 per step)
   C  the same step inside ckpt_course's MemoryMeter (phases labelled)
+  C' the same, with a budget: the step runner then copies parameters and AdamW's state before the
+     optimizer step, so an out-of-memory error there can be undone (ckpt_course.step)
   D  the same step inside torch.distributed._tools.mem_tracker.MemTracker (private torch API)
 
+Every variant runs ckpt_course.step.run_step.
 Steps are interleaved (A B C D A B C D ...) after a warmup so that drift on a shared machine hits
 all alike; we report medians and ratios. Timings are wall clock: on a busy machine run it again.
 
@@ -32,14 +35,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ckpt_course.meter import MemoryMeter
 from ckpt_course.models import GPTConfig, TinyGPT
+from ckpt_course.step import make_batch, make_optimizer, run_step
 from ckpt_course.units import fmt_bytes
 
 
 def plain_step(model, optimizer, batch) -> None:
-    loss = model.loss(batch)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    run_step(model, optimizer, batch)
 
 
 class CallOnly(TorchDispatchMode):
@@ -52,22 +53,19 @@ def call_only_step(model, optimizer, batch) -> None:
         plain_step(model, optimizer, batch)
 
 
-def metered(model, optimizer, batch) -> MemoryMeter:
-    meter = MemoryMeter().track(model, optimizer)
+def metered(model, optimizer, batch, budget=None) -> MemoryMeter:
+    """``run_step`` under a fresh meter. With a budget the step also copies parameters and
+    AdamW's state before the optimizer step, to undo it on an out-of-memory error."""
+    model.zero_grad(set_to_none=True)
+    meter = MemoryMeter(budget=budget).track(model, optimizer)
     with meter:
-        with meter.phase("forward"):
-            loss = model.loss(batch)
-        with meter.phase("backward"):
-            loss.backward()
-        del loss
-        with meter.phase("optimizer"):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        run_step(model, optimizer, batch, meter)
     meter.untrack()
     return meter
 
 
 def tracked(model, optimizer, batch) -> MemTracker:
+    model.zero_grad(set_to_none=True)  # as run_step does before its peak starts
     tracker = MemTracker()  # one per step: it refuses a second forward of the same root module
     tracker.track_external(model, optimizer)
     with tracker:
@@ -83,6 +81,10 @@ def memtracker_peak(tracker: MemTracker) -> dict[str, int]:
 
 def meter_step(model, optimizer, batch) -> int:
     return metered(model, optimizer, batch).peak_bytes
+
+
+def guarded_step(model, optimizer, batch) -> int:
+    return metered(model, optimizer, batch, budget=2**50).peak_bytes  # never reached
 
 
 def memtracker_step(model, optimizer, batch) -> int:
@@ -124,6 +126,7 @@ VARIANTS = {
     "unmetered": plain_step,
     "call-only mode": call_only_step,
     "MemoryMeter": meter_step,
+    "meter + budget": guarded_step,
     "MemTracker": memtracker_step,
 }
 
@@ -147,9 +150,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = TinyGPT(GPTConfig()).to(opts.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    idx, targets = model.example_batch(8)
-    batch = idx.to(opts.device), targets.to(opts.device)
+    optimizer = make_optimizer(model)
+    batch = make_batch(model, 8, device=opts.device)
     args = (model, optimizer, batch)
 
     for _ in range(opts.warmup):
@@ -193,6 +195,7 @@ def main() -> None:
         "memtracker_ms": round(median["MemTracker"] * 1e3, 2),
         "call_only_ratio": round(median["call-only mode"] / base, 3),
         "meter_ratio": round(median["MemoryMeter"] / base, 3),
+        "meter_budget_ratio": round(median["meter + budget"] / base, 3),
         "memtracker_ratio": round(median["MemTracker"] / base, 3),
         "meter_peak_bytes": ours[-1],
         "memtracker_peak_bytes": theirs[-1],

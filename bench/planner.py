@@ -36,6 +36,7 @@ from ckpt_course.models import GPTConfig, TinyGPT
 from ckpt_course.plan import as_policy, make_plan, measure_costs, measure_peaks, predict
 from ckpt_course.policies import applied
 from ckpt_course.recompute import measure_recompute
+from ckpt_course.step import make_optimizer, run_step
 from ckpt_course.units import fmt_bytes, fmt_flops
 
 MODELS = {
@@ -45,16 +46,12 @@ MODELS = {
 
 
 def step(model, optimizer, batch) -> float:
-    start = time.perf_counter()
-    model.loss(batch).backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+    return run_step(model, optimizer, batch).time_s
 
 
 def step_times(model, batch, policies: dict, rounds: int) -> dict[str, float]:
     """Median step time per policy, interleaved, after one warm-up round."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = make_optimizer(model)
     times = {name: [] for name in policies}
     for r in range(rounds + 1):
         for name, policy in policies.items():
@@ -98,7 +95,7 @@ def compile_row(model, batch, fraction: float, rounds: int) -> dict:
     compile_s = time.perf_counter() - start
     model.zero_grad(set_to_none=True)
     saved = sum(b for k, b in storages.items() if k not in params)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = make_optimizer(model)
     eager, compiled = [], []
     for r in range(rounds + 1):
         te = step(model, optimizer, batch)

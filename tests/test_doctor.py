@@ -15,14 +15,6 @@ CFG = GPTConfig(n_layer=4, d_model=64, n_head=4, seq_len=32)
 BATCH = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see tests/test_plan.py: tiny ops on a busy machine
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)

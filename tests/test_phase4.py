@@ -9,14 +9,6 @@ from ckpt_course.models import GPTConfig, TinyGPT
 from ckpt_course.plan import Segments, measure_costs, optimal, predict
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see tests/test_plan.py: tiny ops on a busy machine
-    yield
-    torch.set_num_threads(threads)
-
-
 def right_state(model):
     params = list(model.parameters())
     return 8 * sum(p.numel() for p in params) + 4 * len(params)

@@ -43,7 +43,8 @@ def test_records_carry_loss_peak_saved_and_recompute():
     assert all(r.peak_bytes > r.saved_bytes > 0 for r in records)
     assert records[0].recompute_flops > 0 and records[0].tokens == BATCH * CFG["seq_len"]
     assert records[-1].loss < records[0].loss + 0.5  # it trains, not diverges
-    assert not hasattr(model.blocks[0], "forward") or "forward" not in vars(model.blocks[0])
+    # the policy is undone: no block keeps an instance-level forward that wraps it
+    assert all("forward" not in vars(block) for block in model.blocks)
 
 
 def test_on_step_sees_every_record():
@@ -85,7 +86,7 @@ def test_gradients_are_bit_identical_with_dropout(policy):
 
 def test_bad_inputs_say_what_to_do():
     model = HandTraceNet(width=64)
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match="steps must be a positive whole number"):
         train(model, steps=0)
     with pytest.raises(ValueError, match="accepted"):
         train(model, "every-zero", steps=1)
@@ -113,4 +114,4 @@ def test_steps_of_the_same_shape_peak_alike():
     """Nothing from earlier steps (batches, graphs) lingers into later ones."""
     records = train(TinyGPT(GPTConfig(n_layer=2, **CFG)), "full", steps=4, batch_size=BATCH,
                     progress=False)
-    assert len({r.peak_bytes for r in records[1:]}) == 1  # step 0 has no optimizer state yet
+    assert len({r.peak_bytes for r in records[1:]}) == 1  # step 1 has no optimizer state yet
