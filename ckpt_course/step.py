@@ -26,10 +26,11 @@ model's) and costs one copy of parameters and state per step under a budget; non
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import numbers
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -190,7 +191,9 @@ class StepRecord:
         return f"B={self.batch_size}" + (f" T={self.seq_len}" if self.seq_len else "")
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "meter"}
+        """The fields as plain values, the meter left out."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)
+                if f.name != "meter"}
 
     def __str__(self) -> str:
         if self.peak_bytes is None:
