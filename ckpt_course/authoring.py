@@ -25,8 +25,9 @@ Conventions
   untouched exercise runs its answer cells fine and fails in its check cells, never before.
   `build` refuses a region that would run at the top level of the cell.
 - A *check cell* is a code cell tagged `check:<name>` (and optionally `points:<N>`, default 1);
-  it is one call `checks.<check>(<name>, ...)` of `ckpt_course.checks` (see grading.py). In the exercise it is locked (not editable, not
-  deletable) as a courtesy; the grader does not trust it anyway (see grading.py).
+  it is one call `checks.<check>(<name>, ...)` of `ckpt_course.checks`. In the exercise it is
+  locked (not editable, not deletable) as a courtesy; the grader reads the pristine one anyway
+  (see grading.py).
 - Names are letters, digits, `.`, `_` and `-`, unique per file. Every other cell is copied as is.
 - Cell metadata other than `tags`, `jupyter` and `slideshow` is dropped (jupytext's own
   layout keys would otherwise leak in).
