@@ -62,11 +62,11 @@ import json
 import os
 import re
 import secrets
+import subprocess
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import threading
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import nbformat
@@ -384,18 +384,59 @@ def grade(notebooks, pristine_dir="exercises", timeout: float = 60, jobs: int | 
                 progress(cards[-1])
         return cards
     cards: list[Scorecard | None] = [None] * len(notebooks)
-    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(grade_one, path, pristine_dir, timeout, sandbox): i
-                   for i, path in enumerate(notebooks)}
-        for future in as_completed(futures):
-            i = futures[future]
+    todo, lock = list(enumerate(notebooks))[::-1], threading.Lock()
+
+    def feed_one_process() -> None:
+        """A grader process of its own (checks keep global state: the seed, stdout) that
+        grades notebook after notebook; torch is imported once per process, not per notebook."""
+        proc = None
+        while True:
+            with lock:
+                if not todo:
+                    break
+                i, path = todo.pop()
+            if proc is None:
+                proc = subprocess.Popen([sys.executable, "-c", "from ckpt_course.grading import "
+                                         "_pool_main; _pool_main()"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True)
             try:
-                cards[i] = future.result()
-            except Exception as e:  # the grader's own process died: this row says so
-                cards[i] = Scorecard(notebooks[i], error=f"the grader failed: {e!r}")
+                proc.stdin.write(json.dumps([path, str(pristine_dir), timeout, sandbox]) + "\n")
+                proc.stdin.flush()
+                card = _card_from_dict(json.loads(proc.stdout.readline()))
+            except (OSError, ValueError) as e:  # the grader's own process died: say so, go on
+                card = Scorecard(path, error=f"the grader's process failed: {e!r}")
+                proc.kill()
+                proc = None
+            cards[i] = card
             if progress:
-                progress(cards[i])
+                with lock:
+                    progress(card)
+        if proc is not None:
+            proc.stdin.close()
+            proc.wait()
+
+    threads = [threading.Thread(target=feed_one_process) for _ in range(jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     return cards
+
+
+def _pool_main() -> None:
+    """A grader process: one JSON line in (path, exercises, timeout, sandbox), one scorecard out.
+    The replies go to the original stdout; anything else printed goes to stderr."""
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    for line in sys.stdin:
+        card = grade_one(*json.loads(line))
+        replies.write(json.dumps(asdict(card)) + "\n")
+        replies.flush()
+
+
+def _card_from_dict(data: dict) -> Scorecard:
+    checks = [CheckResult(**c) for c in data.pop("checks")]
+    return Scorecard(**data, checks=checks)
 
 
 # ---------------------------------------------------------------- reports

@@ -8,6 +8,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -341,3 +342,43 @@ def test_command_line_writes_gradebook_and_feedback(course, tmp_path, capsys):
     assert "return 4 * batch" not in report and "2 * layers" not in report
     assert sorted(p.name for p in (tmp_path / "fb").iterdir()) == [
         "ann_0_selftest.md", "ben_0_selftest.md", "cat_0_selftest.md"]
+
+
+@pytest.mark.slow
+def test_processes_the_learner_leaves_behind_are_killed(tmp_path):
+    from ckpt_course.grade_remote import Cell, Session
+
+    source = ("import subprocess\ndef sleeper():\n    return subprocess.Popen(['sleep', '300'], "
+              "start_new_session=True).pid")
+    with Session([Cell("answer a", source, "")], [""], 20, tmp_path) as session:
+        pid = session.call("sleeper", (), {})
+        assert Path(f"/proc/{pid}").exists()
+    assert not Path(f"/proc/{pid}").exists()  # killed and reaped when its worker ended
+
+
+PEAK_ANSWERS = {
+    "chunked": None,  # the solution
+    "whole": "import torch\ndef sum_of_squares(n):\n"
+             "    return float(torch.arange(n, dtype=torch.float64).square().sum())",
+    "forked": "import os, struct, torch\ndef sum_of_squares(n):\n    r, w = os.pipe()\n"
+              "    if os.fork() == 0:  # a child does the work; the parent stays small\n"
+              "        total = float(torch.arange(n, dtype=torch.float64).square().sum())\n"
+              "        os.write(w, struct.pack('d', total))\n        os._exit(0)\n"
+              "    return struct.unpack('d', os.read(r, 8))[0]",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peaks need Linux")
+def test_peak_memory_is_measured_over_the_whole_process_tree(course, tmp_path):
+    solved = nbformat.read(course / "solutions" / "0_peak.ipynb", as_version=4)
+    paths = []
+    for who, source in PEAK_ANSWERS.items():
+        nb = learner(course, stem="0_peak", answers={} if source is None else
+                     {"0.4-peak": source})
+        if source is None:
+            nb.cells = solved.cells
+        paths.append(save(nb, tmp_path / who / "0_peak.ipynb"))
+    cards = grading.grade(paths, course / "exercises", timeout=60, jobs=2)
+    assert [card.score for card in cards] == ["2/2", "0/2", "0/2"]
+    assert all("held all n numbers at once" in card.checks[0].hint for card in cards[1:])
