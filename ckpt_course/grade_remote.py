@@ -268,7 +268,7 @@ class Session:
             if not sys.platform.startswith("linux"):
                 raise OSError(f"peak memory checks need Linux (prctl PR_SET_CHILD_SUBREAPER and "
                               f"os.wait4); this is {sys.platform}")
-            self._reply(worker, request, what)
+            self._reply(worker, {**request, "discard": True}, what)
         except BaseException:
             worker.kill()
             raise
