@@ -24,9 +24,10 @@ Conventions
   Regions must sit inside a function body: an answer cell only *defines* functions, so an
   untouched exercise runs its answer cells fine and fails in its check cells, never before.
   `build` refuses a region that would run at the top level of the cell.
-- A *check cell* is a code cell tagged `check:<name>`; it calls `ckpt_course.checks` (or
-  asserts) with a message that teaches. In the exercise it is locked (not editable, not
-  deletable) as a courtesy; the grader does not trust it anyway (see grading.py).
+- A *check cell* is a code cell tagged `check:<name>` (and optionally `points:<N>`, default 1);
+  it is one call `checks.<check>(<name>, ...)` of `ckpt_course.checks`. In the exercise it is
+  locked (not editable, not deletable) as a courtesy; the grader reads the pristine one anyway
+  (see grading.py).
 - Names are letters, digits, `.`, `_` and `-`, unique per file. Every other cell is copied as is.
 - Cell metadata other than `tags`, `jupyter` and `slideshow` is dropped (jupytext's own
   layout keys would otherwise leak in).
@@ -189,6 +190,10 @@ def render(source: str | Path) -> tuple[object, object]:
         name = answer if answer is not None else check
         if name is not None and not NAME.fullmatch(name):
             raise AuthoringError(f"{source}: bad exercise name {name!r}: use letters, digits, .-_")
+        points = tagged_name(cell, "points")
+        if points is not None and (check is None or not _positive(points)):
+            raise AuthoringError(f"{source}: cell {index}: points:{points} must be a positive "
+                                 "number on a check cell")
         if (answer or check) and cell.cell_type != "code":
             raise AuthoringError(f"{source}: {name} is tagged on a markdown cell; tag a code cell")
         new_id = cell_id("answer" if answer else "check", name) if name else f"cell-{index:02d}"
@@ -213,6 +218,13 @@ def render(source: str | Path) -> tuple[object, object]:
                                       "cells_sha256": cells_sha256(nb)}
         nbformat.validate(nb)
     return solution, exercise
+
+
+def _positive(text: str) -> bool:
+    try:
+        return 0 < float(text) < float("inf")
+    except ValueError:
+        return False
 
 
 def exercise_notebook(source: str | Path):

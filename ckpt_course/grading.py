@@ -1,78 +1,132 @@
-"""Grade learners' notebooks by their answers alone, with nbval, into one scorecard each.
+"""Grade learners' notebooks where their code cannot reach the grade; grade a class.
 
 How a notebook is graded
 1. Find its pristine exercise: `<exercises>/<same file name>` if that file is still pristine
    (its cells match the fingerprint `build` recorded), else a fresh build of
-   `<exercises>/src/<stem>.py`. A learner who works in `exercises/` of their clone edits the
-   very file the build wrote, so the source is what keeps grading honest there. A renamed
-   notebook is matched by the exercise stem `build` wrote into its metadata.
-2. Copy the pristine notebook into a temporary folder and put into it ONLY the sources of the
-   learner's answer cells (matched by their `answer:<name>` tag, else by cell id). Check cells,
-   markdown and setup come from the pristine copy, so edited or deleted checks and stale saved
-   outputs cannot change the grade. A missing answer cell keeps its stub.
-3. Run the copy with `pytest --nbval-lax` in a subprocess (cwd = that folder, as the kernel's),
-   each cell under a time limit, with a whole-notebook limit as a safety net. An IPython profile
-   with `colors = 'nocolor'` keeps ANSI codes out of the tracebacks.
-4. Read the JUnit XML: nbval names items "Cell N" (N counts code cells only). A check passes if
-   its cell passed; a failing one reports the exception's message, never the cell's source.
+   `<exercises>/src/<stem>.py`. A renamed notebook is matched by the exercise stem `build`
+   wrote into its metadata.
+2. Take from the learner's file ONLY the sources of their answer cells (matched by their
+   `answer:<name>` tag, else by cell id; a missing one keeps its stub). Everything else comes
+   from the pristine notebook, so edited, deleted or reordered check cells and saved outputs
+   change nothing.
+3. Read each check cell of the PRISTINE notebook with `ast`: exactly `checks.NAME(a, b, ...)`,
+   `checks` being what the pristine setup imports from `ckpt_course.checks`, and its points
+   from the `points:N` tag (default 1).
+4. A worker process (grade_worker.py) runs the non-check cells in order, then serves calls.
+   Here, in the grader's process, each check function is imported from the installed package,
+   seeded with `checks.set_seed(<secret random>)`, and called with `Remote(name)` proxies:
+   calls cross the process boundary as data (JSON, and tensors as torch.save bytes read back
+   with weights_only=True). The score is the check's return value (None: full marks, a number
+   in [0, 1]: that fraction) or 0 with the hint of the `CheckFailed` it raised (a fraction on
+   it, `CheckFailed.fraction`, gives partial credit with a hint). Any other failure is 0 with
+   a hint naming the learner-side cause: their exception, an exit, a crash, a timeout.
 
-What nbval does after a cell timeout (nbval 0.11): it interrupts the kernel (the cell fails with
-a KeyboardInterrupt traceback) and marks every later cell xfail, which would hide their real
-failures as "skipped". We pass `--runxfail`, so later cells report what really happened. If the
-interrupt does not stop the cell within 5 s, nbval stops the kernel and every later cell fails
-with "Kernel dead on test start", which we report as not run.
+Threat model
+- An answer cell is untrusted code that can do anything Python can in its own process: rebind
+  or monkeypatch `checks` and ckpt_course.checks.*, IPython's machinery, builtins, sys hooks;
+  exit, crash, loop forever, print anything, fork, return objects that lie (__eq__ always True)
+  or that run code when unpickled.
+- None of that reaches the grade: the grade is computed in the grader's process, by check code
+  imported from the package and read from the pristine notebook, from data the worker returns.
+  Only JSON and weights_only tensors are ever deserialised (exact types: no subclasses, no
+  pickle). What the worker prints is never read. Each call has a time limit; on timeout, exit
+  or crash the reaper and then the process group are killed, the hint says which, and the
+  next check gets a fresh worker (a cell that killed one is graded as its stub).
+- The worker confines itself with Linux Landlock before it runs any cell: it can write only to
+  its own temporary folder, read only the Python installation and the ckpt_course package
+  (not the exercises, the submissions, the gradebook), open no TCP connection, and neither
+  signal nor ptrace processes outside its sandbox (the grader, its reaper, neighbours). The
+  reaper is a child subreaper, so processes the learner starts are counted and killed.
+- Residual risks. Without Landlock (not Linux, kernel < 5.13, or blocked) the worker runs
+  with the grader's own user rights: it could read a neighbour's file, write any file the user
+  can (the package, the pristine exercises, the gradebook being written), signal or ptrace the
+  grader; `Scorecard.sandbox` and the command line say so. Even in the sandbox, learner code
+  uses the grader machine's CPU, memory and disk (a fork bomb or a 100 GB allocation is not
+  stopped here), may use UDP and unix sockets by path, and can read world-readable system files.
+  Grading is not a security sandbox for the host: for untrusted classes, run the grader as an
+  unprivileged user in a container (read-only package and submissions, memory and pid
+  limits). Peaks are RSS: shared pages count in each process (so forking only costs more).
 
-The learner's file is only ever read. This module imports no torch, so grading a class is fast.
+The learner's file is only ever read. This module imports no torch; the check modules do.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
 import csv
+import importlib
+import io
 import json
 import os
 import re
-import signal
+import secrets
 import subprocess
 import sys
 import tempfile
-import xml.etree.ElementTree as ET
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import nbformat
 
 from ckpt_course.authoring import cell_id, is_pristine, tagged_name
+from ckpt_course.grade_remote import Cell, Session
 
-HINT_LINES = 8
-ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+CHECK_PACKAGE = "ckpt_course.checks"
+HINT_CHARS = 600
 
 
 class GradingError(ValueError):
-    """Notebooks that cannot be graded at all: missing, not a notebook, no pristine exercise."""
+    """A notebook that cannot be graded: unreadable, not an exercise, or a broken exercise."""
 
 
 @dataclass
 class CheckResult:
     name: str
-    passed: bool
-    hint: str = ""  # why it failed: the first lines of the exception, never the answer
+    earned: float
+    points: float
+    hint: str = ""  # why points were lost: never the answer
+
+    @property
+    def passed(self) -> bool:
+        return self.earned >= self.points
 
 
 @dataclass
 class Scorecard:
     notebook: str
+    exercise: str = ""
     checks: list[CheckResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # failures outside check cells, and why
+    error: str = ""  # why the notebook could not be graded at all
+    sandbox: str = ""  # why the worker ran without its sandbox ("" = sandboxed)
 
     @property
-    def passed(self) -> int:
-        return sum(c.passed for c in self.checks)
+    def earned(self) -> float:
+        return sum(c.earned for c in self.checks)
+
+    @property
+    def points(self) -> float:
+        return sum(c.points for c in self.checks)
 
     @property
     def score(self) -> str:
-        return f"{self.passed}/{len(self.checks)}"
+        return f"{_num(self.earned)}/{_num(self.points)}"
+
+    @property
+    def full_marks(self) -> bool:
+        return not self.error and all(c.passed for c in self.checks)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str  # the cell's check:<name>
+    module: str  # e.g. ckpt_course.checks.phase1
+    function: str
+    args: tuple[str, ...]  # the names the notebook defines, passed as Remote proxies
+    points: float
 
 
 # ---------------------------------------------------------------- finding the pristine copy
@@ -100,9 +154,9 @@ def find_pristine(notebook: Path, pristine_dir: Path):
                            f"there to rebuild it: restore it (`git checkout -- {path}`) or pass "
                            "--exercises DIR with untouched copies")
     known = sorted(p.name for p in pristine_dir.glob("*.ipynb"))
-    raise GradingError(f"{notebook}: no exercise of that name in {pristine_dir} (it has: "
-                       f"{', '.join(known) or 'nothing'}); pass --exercises DIR, the folder the "
-                       "exercises were built into")
+    raise GradingError(f"no exercise named {stem!r} in {pristine_dir} (it has: "
+                       f"{', '.join(known) or 'nothing'}): is it a notebook of this course? "
+                       "Else pass --exercises DIR, the folder the exercises were built into")
 
 
 def _candidates(pristine_dir: Path, stem: str) -> tuple[Path, Path]:
@@ -113,25 +167,30 @@ def _stem_from_metadata(notebook: Path) -> str | None:
     try:
         nb = json.loads(notebook.read_text(encoding="utf-8"))
         return nb["metadata"]["ckpt_course"]["exercise"]
-    except (ValueError, KeyError, TypeError, OSError):
+    except (ValueError, KeyError, TypeError, OSError, UnicodeError):
         return None
 
 
-def _check_inputs(notebooks: list[Path], pristine_dir: Path) -> list:
-    """Every notebook's pristine exercise; all the problems at once, before running anything."""
-    problems, pristines = [], []
-    for path in notebooks:
-        try:
-            if not path.is_file():
-                raise GradingError(f"{path}: no such file")
-            if path.suffix != ".ipynb":
-                raise GradingError(f"{path}: not a notebook (expected a .ipynb file)")
-            pristines.append(find_pristine(path, pristine_dir))
-        except GradingError as e:
-            problems.append(str(e))
-    if problems:
-        raise GradingError("\n".join(problems))
-    return pristines
+def read_learner(path: Path):
+    """The learner's notebook, or GradingError with the real reason it cannot be read."""
+    if not path.exists():
+        raise GradingError("no such file")
+    if path.is_dir():
+        raise GradingError("a folder, not a notebook")
+    if path.suffix != ".ipynb":
+        raise GradingError("not a notebook (expected a .ipynb file)")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise GradingError(f"could not read the file: {e.strerror}") from None
+    except UnicodeError:
+        raise GradingError("not a notebook: the file is not UTF-8 text") from None
+    if not text.strip():
+        raise GradingError("the file is empty: was the notebook saved?")
+    try:
+        return nbformat.reads(text, as_version=4)
+    except Exception as e:  # JSON errors, nbformat's own: all mean "not a notebook"
+        raise GradingError(f"not a notebook: {_first_line(str(e))}") from None
 
 
 # ---------------------------------------------------------------- transplanting answers
@@ -165,191 +224,220 @@ def _find_answer(learner, name: str):
     return (tagged or by_id or [None])[-1]
 
 
-# ---------------------------------------------------------------- running nbval
+# ---------------------------------------------------------------- reading the checks
 
 
-def _profile(ipython_dir: Path) -> Path:
-    profile = ipython_dir / "profile_default"
-    profile.mkdir(parents=True, exist_ok=True)
-    (profile / "ipython_config.py").write_text(
-        "c.InteractiveShell.colors = 'nocolor'\n"  # tracebacks without ANSI codes
-        "c.HistoryManager.enabled = False\n"  # kernels graded at once share this profile
-    )
-    return ipython_dir
+def parse_checks(pristine) -> list[Check]:
+    """Each check cell of the pristine notebook as a Check, or GradingError (an author's bug)."""
+    code = [c for c in pristine.cells if c.cell_type == "code"]
+    aliases = _check_imports([c for c in code if tagged_name(c, "check") is None])
+    return [_parse_check(c, aliases) for c in code if tagged_name(c, "check") is not None]
 
 
-def run_nbval(notebook: Path, ipython_dir: Path, timeout: float, total_timeout: float):
-    """Run one notebook under nbval -> ({code cell index: failure text or None}, output).
-
-    The dict is None when the whole-notebook safety net stopped the run.
-    """
-    folder = notebook.parent
-    (folder / "pytest.ini").write_text("[pytest]\n")  # rootdir here: no outside config leaks in
-    junit = folder / "junit.xml"
-    cmd = [sys.executable, "-m", "pytest", "-p", "nbval.plugin", "-p", "no:cacheprovider",
-           "--nbval-lax", "--nbval-current-env", f"--nbval-cell-timeout={timeout:g}",
-           "--runxfail", "--color=no", "-q", f"--junitxml={junit}", notebook.name]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    env.update(IPYTHONDIR=str(ipython_dir), PYTEST_DISABLE_PLUGIN_AUTOLOAD="1",
-               PYDEVD_DISABLE_FILE_VALIDATION="1", JUPYTER_PLATFORM_DIRS="1")
-    proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=total_timeout)
-    except subprocess.TimeoutExpired:
-        _kill_tree(proc)
-        return None, ""
-    if not junit.exists():
-        return {}, output
-    return _read_junit(junit), output
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """Kill pytest and the kernel it started (the kernel runs in a session of its own)."""
-    pids = _descendants(proc.pid)
-    os.killpg(proc.pid, signal.SIGKILL)
-    for pid in pids:
+def _check_imports(cells) -> dict[str, str]:
+    """{name: module} for every module under ckpt_course.checks the setup cells import."""
+    aliases = {}
+    for cell in cells:
         try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.communicate()
-
-
-def _descendants(pid: int) -> list[int]:
-    """Child processes of `pid`, recursively (Linux /proc; elsewhere the kernel's own parent
-    poller makes it exit once pytest is gone)."""
-    try:
-        tasks = Path(f"/proc/{pid}/task").iterdir()
-        children = [int(c) for t in tasks for c in (t / "children").read_text().split()]
-    except OSError:
-        return []
-    return children + [d for c in children for d in _descendants(c)]
-
-
-def _read_junit(path: Path) -> dict[int, str | None]:
-    results = {}
-    for case in ET.parse(path).iter("testcase"):
-        match = re.fullmatch(r"Cell (\d+)", case.get("name", ""))
-        if not match:
+            tree = ast.parse(cell.source)
+        except SyntaxError:
             continue
-        message = None
-        for child in case:
-            text = child.text or child.get("message") or child.tag  # message may be cut short
-            if child.tag == "error" and text.startswith("failed on teardown"):
-                continue  # the kernel shutting down after the last cell; the cell itself ran
-            if child.tag in ("failure", "error", "skipped"):
-                message = text if child.tag != "skipped" else f"not run ({text})"
-        results[int(match.group(1))] = message
-    return results
+        for node in tree.body:
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for alias in node.names:
+                    aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+            elif isinstance(node, ast.Import):
+                aliases.update((a.asname, a.name) for a in node.names if a.asname)
+    return {k: v for k, v in aliases.items()
+            if v == CHECK_PACKAGE or v.startswith(CHECK_PACKAGE + ".")}
 
 
-# ---------------------------------------------------------------- from nbval's text to a hint
+def _parse_check(cell, aliases: dict[str, str]) -> Check:
+    name = tagged_name(cell, "check")
+    form = (f"check {name}: a check cell must be one call `checks.<check>(<name>, ...)`, "
+            f"`checks` imported from {CHECK_PACKAGE} in a setup cell")
+    try:
+        body = ast.parse(cell.source).body
+    except SyntaxError as e:
+        raise GradingError(f"{form} (line {e.lineno}: {e.msg})") from None
+    call = body[0].value if len(body) == 1 and isinstance(body[0], ast.Expr) else None
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+            and isinstance(call.func.value, ast.Name) and call.func.value.id in aliases
+            and not call.keywords and all(isinstance(a, ast.Name) for a in call.args)):
+        raise GradingError(form)
+    return Check(name, aliases[call.func.value.id], call.func.attr,
+                 tuple(a.id for a in call.args), _points(cell, name))
 
 
-def hint(message: str, timeout: float) -> str:
-    """nbval's failure text -> the few lines a learner needs (no cell source, no colours)."""
-    text = ANSI.sub("", message)
-    if "Kernel dead" in text:
-        return "not run: the kernel was stopped after an earlier cell ran out of time"
-    reason = re.search(r"^Cell \d+: (.*)$", text, re.M)
-    if reason and "Failed to interrupt" in reason.group(1):
-        return (f"ran out of time ({timeout:g} s per cell), ignored the interrupt and its "
-                "kernel was stopped: an endless loop?")
-    if reason and "Timeout" in reason.group(1):
-        return f"ran out of time ({timeout:g} s per cell) and was interrupted: an endless loop?"
-    _, _, traceback = text.partition("\nTraceback:\n")
-    lines = [line.rstrip() for line in traceback.strip("\n").splitlines()]
-    headers = [m for line in lines
-               if (m := re.match(r"(\S+)\s+Traceback \(most recent call last\)", line))]
-    if headers:  # an ordinary exception (the last one, if chained): from "Name: message" on
-        ename = headers[-1].group(1)
-        starts = [i for i, line in enumerate(lines) if line.split(":")[0] == ename]
-        lines = lines[starts[-1]:] if starts else lines[-1:]
-    elif lines:  # SyntaxError and friends: "Cell In[1], line 3 / code / ^ / SyntaxError: ..."
-        where = re.search(r"line (\d+)", "\n".join(lines))
-        lines = [lines[-1] + (f" (line {where.group(1)} of the cell)" if where else "")]
-    else:
-        lines = [reason.group(1)] if reason else text.strip().splitlines()[:1] or ["failed"]
-    return "\n".join(lines[:HINT_LINES]).strip()
+def _points(cell, name: str) -> float:
+    text = tagged_name(cell, "points")
+    try:
+        points = 1.0 if text is None else float(text)
+    except ValueError:
+        points = -1.0
+    if not points > 0 or points == float("inf"):
+        raise GradingError(f"check {name}: points:{text} must be a positive number")
+    return points
 
 
-# ---------------------------------------------------------------- grading
+# ---------------------------------------------------------------- grading one notebook
 
 
-def grade(notebooks, pristine_dir="exercises", timeout=60, total_timeout=None, jobs=1,
-          progress=None) -> list[Scorecard]:
-    """Grade each learner notebook against its pristine exercise; one Scorecard each.
-
-    timeout: seconds per cell. total_timeout: seconds per notebook, a safety net (default:
-    enough for every code cell to time out, plus a minute to start). jobs: notebooks graded at
-    once. progress: called with each Scorecard as it is done.
-    """
-    notebooks, pristine_dir = [Path(n) for n in notebooks], Path(pristine_dir)
-    pristines = _check_inputs(notebooks, pristine_dir)
-    with tempfile.TemporaryDirectory(prefix="ckpt-grade-") as tmp:
-        ipython_dir = _profile(Path(tmp) / "ipython")
-
-        def one(i: int) -> Scorecard:
-            folder = Path(tmp) / f"{i:04d}"
-            folder.mkdir()
-            card = grade_one(notebooks[i], pristines[i], folder, ipython_dir, timeout,
-                             total_timeout)
-            if progress:
-                progress(card)
-            return card
-
-        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            return list(pool.map(one, range(len(notebooks))))
-
-
-def grade_one(path: Path, pristine, folder: Path, ipython_dir: Path, timeout: float,
-              total_timeout: float | None = None) -> Scorecard:
-    checks = [(i, tagged_name(c, "check")) for i, c in enumerate(_code_cells(pristine))]
-    checks = [(i, name) for i, name in checks if name is not None]
+def grade_one(path, pristine_dir="exercises", timeout: float = 60,
+              sandbox: bool = True) -> Scorecard:
+    """Grade one learner notebook; problems with the file land in `Scorecard.error`."""
+    path, pristine_dir = Path(path), Path(pristine_dir)
     card = Scorecard(str(path))
     try:
-        learner = nbformat.read(path, as_version=4)
-    except Exception as e:  # a student's broken file must not stop the class
-        card.notes.append(f"could not read the notebook: {e}")
-        card.checks = [CheckResult(n, False, "not graded: the notebook could not be read")
-                       for _, n in checks]
+        learner = read_learner(path)
+    except GradingError as e:
+        learner, card.error = None, str(e)
+    try:
+        pristine = find_pristine(path, pristine_dir)
+        checks = parse_checks(pristine)
+    except GradingError as e:
+        card.error = card.error or str(e)
+        return card
+    card.exercise = pristine.metadata.get("ckpt_course", {}).get("exercise", path.stem)
+    if learner is None:
+        card.checks = [CheckResult(c.name, 0.0, c.points, f"not graded: {card.error}")
+                       for c in checks]
         return card
     graded, card.notes = transplant(pristine, learner)
-    copy = folder / path.name
-    nbformat.write(graded, copy)
-    code = _code_cells(graded)
-    if total_timeout is None:
-        total_timeout = 60 + (timeout + 10) * len(code)
-    results, output = run_nbval(copy, ipython_dir, timeout, total_timeout)
-    if results is None:
-        why = f"not graded: the notebook ran longer than {total_timeout:g} s in all"
-        card.checks = [CheckResult(n, False, why) for _, n in checks]
-        return card
-    for i, cell in enumerate(code):
-        name = tagged_name(cell, "check")
-        if i not in results:
-            why = "not run: nbval gave no result; its output ends with:\n" + _tail(output)
-            if name is not None:
-                card.checks.append(CheckResult(name, False, why))
-            continue
-        failure = results[i]
-        if name is not None:
-            card.checks.append(CheckResult(name, failure is None,
-                                           "" if failure is None else hint(failure, timeout)))
-        elif failure is not None:
-            what = tagged_name(cell, "answer")
-            label = f"answer {what}" if what else f"code cell {i + 1}"
-            card.notes.append(f"{label} failed: {hint(failure, timeout)}")
+    cells = _worker_cells(graded, pristine)
+    with tempfile.TemporaryDirectory(prefix="ckpt-grade-") as tmp, \
+            Session(cells, [c.pristine for c in cells], timeout, Path(tmp), sandbox) as session:
+        card.checks = [run_check(check, session) for check in checks]
+        card.notes += session.notes
+        card.sandbox = session.unsandboxed
     return card
 
 
-def _code_cells(nb) -> list:
-    return [c for c in nb.cells if c.cell_type == "code"]
+def _worker_cells(graded, pristine) -> list[Cell]:
+    """The non-check code cells, in the pristine order: what the worker runs."""
+    cells = []
+    for number, (mine, original) in enumerate(zip(graded.cells, pristine.cells, strict=True), 1):
+        if mine.cell_type != "code" or tagged_name(mine, "check") is not None:
+            continue
+        answer = tagged_name(mine, "answer")
+        label = f"answer {answer}" if answer else f"cell {number} (setup)"
+        cells.append(Cell(label, mine.source, original.source))
+    return cells
 
 
-def _tail(output: str, lines: int = 5) -> str:
-    return "\n".join(ANSI.sub("", output).strip().splitlines()[-lines:])
+def run_check(check: Check, session: Session) -> CheckResult:
+    """Call the package's check with Remote proxies; score from what it returns or raises."""
+    import ckpt_course.checks as package
+    from ckpt_course.checks import CheckFailed
+
+    module = importlib.import_module(check.module)
+    function = getattr(module, check.function, None)
+    set_seed = getattr(module, "set_seed", None) or getattr(package, "set_seed", None)
+    if function is None or set_seed is None:
+        missing = check.function if function is None else "set_seed"
+        return CheckResult(check.name, 0.0, check.points,
+                           f"not graded: {check.module} has no {missing} (a course bug)")
+    set_seed(secrets.randbits(32))  # inputs the learner cannot have seen
+    printed = io.StringIO()  # a check giving partial credit prints the failed parts' hints
+    try:
+        with contextlib.redirect_stdout(printed):
+            outcome = function(*(session.remote(name) for name in check.args))
+    except CheckFailed as e:  # LearnerError and WorkerGone too: their message is the hint
+        fraction, hint = getattr(e, "fraction", 0.0), str(e)
+    except Exception as e:  # the check choked on what came back: say what, not where
+        fraction = 0.0
+        hint = ("the check could not use what your code returned: "
+                f"{type(e).__name__}: {_first_line(str(e))}")
+    else:
+        fraction = 1.0 if outcome is None else outcome
+        hint = "" if outcome is None else printed.getvalue().strip()
+    if type(fraction) not in (int, float) or not 0 <= fraction <= 1:
+        fraction, hint = 0.0, f"not graded: the check gave {fraction!r} (a course bug)"
+    return CheckResult(check.name, round(check.points * fraction, 4), check.points,
+                       hint[:HINT_CHARS])
+
+
+def _first_line(text: str) -> str:
+    return (text.strip().splitlines() or [""])[0][:200]
+
+
+# ---------------------------------------------------------------- grading a class
+
+
+def grade(notebooks, pristine_dir="exercises", timeout: float = 60, jobs: int | None = None,
+          progress=None, sandbox: bool = True) -> list[Scorecard]:
+    """Grade each notebook (one Scorecard each, in order), `jobs` at once (default: the cores).
+
+    timeout: seconds per cell and per call. progress: called with each Scorecard when done.
+    """
+    if type(timeout) not in (int, float) or not 0 < timeout < float("inf"):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if not Path(pristine_dir).is_dir():
+        raise ValueError(f"no exercises folder {pristine_dir}: pass the folder the exercises "
+                         "were built into (--exercises DIR)")
+    notebooks = [str(n) for n in notebooks]
+    jobs = max(1, min(len(notebooks), jobs or os.cpu_count() or 1))
+    if jobs == 1:
+        cards = []
+        for path in notebooks:
+            cards.append(grade_one(path, pristine_dir, timeout, sandbox))
+            if progress:
+                progress(cards[-1])
+        return cards
+    cards: list[Scorecard | None] = [None] * len(notebooks)
+    todo, lock = list(enumerate(notebooks))[::-1], threading.Lock()
+
+    def feed_one_process() -> None:
+        """A grader process of its own (checks keep global state: the seed, stdout) that
+        grades notebook after notebook; torch is imported once per process, not per notebook."""
+        proc = None
+        while True:
+            with lock:
+                if not todo:
+                    break
+                i, path = todo.pop()
+            if proc is None:
+                proc = subprocess.Popen([sys.executable, "-c", "from ckpt_course.grading import "
+                                         "_pool_main; _pool_main()"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True)
+            try:
+                proc.stdin.write(json.dumps([path, str(pristine_dir), timeout, sandbox]) + "\n")
+                proc.stdin.flush()
+                card = _card_from_dict(json.loads(proc.stdout.readline()))
+            except (OSError, ValueError) as e:  # the grader's own process died: say so, go on
+                card = Scorecard(path, error=f"the grader's process failed: {e!r}")
+                proc.kill()
+                proc = None
+            cards[i] = card
+            if progress:
+                with lock:
+                    progress(card)
+        if proc is not None:
+            proc.stdin.close()
+            proc.wait()
+
+    threads = [threading.Thread(target=feed_one_process) for _ in range(jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return cards
+
+
+def _pool_main() -> None:
+    """A grader process: one JSON line in (path, exercises, timeout, sandbox), one scorecard out.
+    The replies go to the original stdout; anything else printed goes to stderr."""
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    for line in sys.stdin:
+        card = grade_one(*json.loads(line))
+        replies.write(json.dumps(asdict(card)) + "\n")
+        replies.flush()
+
+
+def _card_from_dict(data: dict) -> Scorecard:
+    checks = [CheckResult(**c) for c in data.pop("checks")]
+    return Scorecard(**data, checks=checks)
 
 
 # ---------------------------------------------------------------- reports
@@ -358,64 +446,140 @@ def _tail(output: str, lines: int = 5) -> str:
 def format_scorecards(cards: list[Scorecard]) -> str:
     out = []
     for card in cards:
-        out.append(f"{card.notebook}  {card.score}")
+        if card.error and not card.checks:
+            out.append(f"{card.notebook}  not graded: {card.error}")
+            continue
+        out.append(f"{card.notebook}  {card.score}" + (f"  (not graded: {card.error})"
+                                                       if card.error else ""))
         width = max((len(c.name) for c in card.checks), default=0)
         for check in card.checks:
-            mark = "ok  " if check.passed else "FAIL"
+            mark = "ok  " if check.passed else "PART" if check.earned else "FAIL"
             first, *rest = (check.hint or "").splitlines() or [""]
-            out.append(f"  {mark} {check.name:<{width}}  {first}".rstrip())
-            out.extend(" " * (9 + width) + line for line in rest)
+            points = f"{_num(check.earned)}/{_num(check.points)}"
+            out.append(f"  {mark} {check.name:<{width}}  {points:>5}  {first}".rstrip())
+            out.extend(" " * (16 + width) + line for line in rest)
         out.extend(f"  note: {note}" for note in card.notes)
     return "\n".join(out)
 
 
 def write_csv(cards: list[Scorecard], path) -> None:
-    """One row per notebook x check: notebook, check, passed (1/0), hint."""
+    """A gradebook: one row per notebook, one column per check (points earned), the total
+    (`score`) and the `max_score` (nbgrader's names), and why a row could not be graded."""
+    columns = list(dict.fromkeys(c.name for card in cards for c in card.checks))
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["notebook", "check", "passed", "hint"])
+        writer.writerow(["notebook", "exercise", *columns, "score", "max_score", "error"])
         for card in cards:
-            for check in card.checks:
-                writer.writerow([card.notebook, check.name, int(check.passed), check.hint])
+            earned = {c.name: _num(c.earned) for c in card.checks}
+            writer.writerow([card.notebook, card.exercise, *(earned.get(n, "") for n in columns),
+                             _num(card.earned), _num(card.points) if card.checks else "",
+                             card.error])
 
 
 def write_json(cards: list[Scorecard], path) -> None:
-    data = [{**asdict(card), "score": card.score, "passed": card.passed,
-             "total": len(card.checks)} for card in cards]
+    data = [{**asdict(card), "score": card.score, "earned": card.earned, "points": card.points}
+            for card in cards]
     Path(path).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+
+
+def write_feedback(cards: list[Scorecard], folder) -> list[Path]:
+    """One markdown report per learner: each check, its points and hint; never an answer."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for card, name in zip(cards, _report_names([c.notebook for c in cards]), strict=True):
+        lines = [f"# Feedback on {Path(card.notebook).name}", ""]
+        if card.exercise:
+            lines.append(f"Exercise: `{card.exercise}`  ")
+        if card.error:
+            lines.append(f"**Not graded:** {card.error}")
+        if card.checks:
+            lines += [f"Score: **{card.score}**", "", "| check | points | |", "|---|---|---|"]
+            lines += [f"| {c.name} | {_num(c.earned)}/{_num(c.points)} | "
+                      f"{'passed' if c.passed else 'see below'} |" for c in card.checks]
+        for check in (c for c in card.checks if not c.passed):
+            lines += ["", f"## {check.name}", "", *(f"    {line}" for line in
+                                                   check.hint.splitlines())]
+        if card.notes:
+            lines += ["", "## Notes", "", *(f"- {note}" for note in card.notes)]
+        path = folder / name
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def _report_names(notebooks: list[str]) -> list[str]:
+    """File names for the reports, unique: the notebooks' paths from their common folder."""
+    paths = [Path(n).resolve().with_suffix("") for n in notebooks]
+    root = Path(os.path.commonpath([p.parent for p in paths])) if paths else Path()
+    names, seen = [], set()
+    for p in paths:
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", "_".join(p.relative_to(root).parts)) or "notebook"
+        name, k = f"{base}.md", 2
+        while name in seen:
+            name, k = f"{base}-{k}.md", k + 1
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
 
 
 # ---------------------------------------------------------------- command line
 
 
+def positive_seconds(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
+    return value
+
+
 def add_grade_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from ckpt_course.units import positive_int
+
     parser.add_argument("notebooks", nargs="+", metavar="NOTEBOOK", help="learners' .ipynb files")
     parser.add_argument("--exercises", default="exercises", metavar="DIR",
                         help="folder of the pristine exercises (and src/), default: exercises")
-    parser.add_argument("--timeout", type=float, default=60, metavar="S",
-                        help="seconds allowed per cell (default 60)")
-    parser.add_argument("--jobs", type=int, default=1, help="notebooks graded at once")
-    parser.add_argument("--csv", metavar="FILE", help="write one row per notebook x check")
+    parser.add_argument("--timeout", type=positive_seconds, default=60, metavar="S",
+                        help="seconds allowed per cell and per checked call (default 60)")
+    parser.add_argument("--jobs", type=positive_int, default=None,
+                        help="notebooks graded at once (default: the number of cores)")
+    parser.add_argument("--csv", metavar="FILE", help="write a gradebook: a row per notebook")
     parser.add_argument("--json", metavar="FILE", help="write the scorecards as JSON")
+    parser.add_argument("--feedback", metavar="DIR", help="write each learner a markdown report")
     return parser
 
 
 def run_grade(args) -> int:
-    """0: every check passed; 1: some failed; 2: nothing could be graded (bad input)."""
+    """0: every notebook graded with full marks; 1: some lost points or could not be graded;
+    2: bad options (nothing graded)."""
     try:
         cards = grade(args.notebooks, args.exercises, args.timeout, jobs=args.jobs,
                       progress=lambda card: print(format_scorecards([card]), flush=True))
-    except GradingError as e:
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    failed = [c for c in cards if c.error]
     if len(cards) > 1:
-        total = sum(len(c.checks) for c in cards)
-        print(f"\n{len(cards)} notebooks, {sum(c.passed for c in cards)}/{total} checks passed")
+        print(f"\n{len(cards)} notebooks, {sum(c.earned for c in cards):g}/"
+              f"{sum(c.points for c in cards):g} points; {len(failed)} could not be graded")
+    for why in sorted({c.sandbox for c in cards if c.sandbox}):
+        print(f"warning: learners' code ran without a sandbox ({why}); see grading.py",
+              file=sys.stderr)
     if args.csv:
         write_csv(cards, args.csv)
     if args.json:
         write_json(cards, args.json)
-    return 0 if all(c.passed == len(c.checks) for c in cards) else 1
+    if args.feedback:
+        write_feedback(cards, args.feedback)
+    return 0 if all(c.full_marks for c in cards) else 1
 
 
 def grade_main(argv=None) -> int:

@@ -1,0 +1,92 @@
+"""The grader's self-test exercise (tests/fixtures/src/0_selftest.py, 0_peak.py): tiny checks
+that use every part of the check protocol (data calls, tensors, partial credit, peaks), so the
+grader and its adversarial suite are tested without the course's slow phases."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from . import CheckFailed, expect
+
+try:
+    from . import peak_of, seed, set_seed
+except ImportError:  # until checks/__init__ has the protocol helpers (exercises branch)
+    _seed = [0]
+
+    def seed() -> int:
+        return _seed[0]
+
+    def set_seed(value: int) -> None:
+        _seed[0] = value
+
+    def peak_of(fn, *args, like=None) -> int:
+        remote = like if isinstance(fn, str) else fn
+        return remote.reference_peak(fn, *args) if isinstance(fn, str) else remote.peak(*args)
+
+__all__ = ["CheckFailed", "bytes_of", "tape_count", "doubled", "low_peak", "chunked_squares",
+           "set_seed"]
+
+
+def _rng(salt: str) -> random.Random:
+    return random.Random(f"{seed()}:{salt}")
+
+
+def bytes_of(fn) -> None:
+    """0.1: fn(batch, width) -> bytes of a float32 (batch, width) activation."""
+    rng = _rng("bytes")
+    for _ in range(3):
+        batch, width = rng.randint(2, 99), rng.randint(2, 99)
+        got = fn(batch, width)
+        expect(type(got) is int and got == 4 * batch * width,
+               f"predicted_bytes({batch}, {width}) returned {got!r}. Count the elements "
+               "(batch x width), then the bytes of one float32.")
+
+
+def tape_count(fn) -> float | None:
+    """0.2, two parts for partial credit: the tape grows linearly; two tensors per layer."""
+    rng = _rng("tape")
+    small, big = rng.randint(2, 9), rng.randint(10, 40)
+    a, b = fn(small), fn(big)
+    linear = type(a) is int and type(b) is int and a * big == b * small
+    exact = linear and a == 2 * small
+    if linear and exact:
+        return None
+    if not linear:
+        raise CheckFailed("the tape grows linearly with depth: k times the layers keep k times "
+                          "the tensors")
+    print("two per layer: each Linear+ReLU pair keeps its input and its ReLU output")
+    return 0.5
+
+
+def doubled(fn) -> None:
+    """0.3: fn(x) -> 2 * x, a tensor in and a tensor out."""
+    rng = _rng("doubled")
+    x = torch.randn(rng.randint(2, 9), rng.randint(2, 9),
+                    generator=torch.Generator().manual_seed(rng.randrange(2**31)))
+    got = fn(x)
+    expect(isinstance(got, torch.Tensor) and got.shape == x.shape and torch.equal(got, 2 * x),
+           f"doubled(x) of shape {tuple(x.shape)} must return a tensor of the same shape, "
+           "each element twice x's")
+
+
+def chunked_squares(n: int) -> float:
+    """The trusted probe for low_peak: sum of i**2 for i < n, a million at a time."""
+    total = 0.0
+    for start in range(0, n, 2**20):
+        total += torch.arange(start, min(n, start + 2**20), dtype=torch.float64).square().sum()
+    return float(total)
+
+
+def low_peak(fn) -> None:
+    """0.4 (0_peak.py): fn(n) -> sum of i**2 for i < n, without holding all n at once."""
+    n = _rng("peak").randint(20_000_000, 24_000_000)  # float64: 160-190 MB per whole tensor
+    got = fn(n)
+    want = (n - 1) * n * (2 * n - 1) / 6
+    expect(type(got) is float and abs(got - want) <= 1e-9 * want,
+           f"sum_of_squares({n}) returned {got!r}: the sum of i*i for i in range(n), a float")
+    mine = peak_of(fn, n)
+    reference = peak_of("ckpt_course.checks.selftest:chunked_squares", n, like=fn)
+    expect(mine <= reference + 100 * 2**20,
+           "right sum, but it held all n numbers at once: add them up a chunk at a time")
