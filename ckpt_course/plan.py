@@ -5,24 +5,12 @@ A model is a chain: a prefix (embeddings), blocks 0..L-1, a suffix (final norm, 
 forward and recomputes its blocks once at the start of its backward, a plain block keeps its tape.
 ``optimal(costs, budget)`` finds, by an exact dynamic program over the chain, the placement with
 the fewest recomputed FLOPs whose predicted peak fits the budget (like rotor, or Griewank's
-revolve restricted to one level of recomputation). ``Segments`` makes it a policy::
+revolve restricted to one level of recomputation). ``Prediction.policy`` is the placement as
+a ``Segments`` policy (``segments:0-2,5``), which every command and ``train`` accept::
 
     costs = measure_costs(model, batch_size=8)  # or config_costs("70b", 1, 4096): fake tensors
     plan = make_plan(costs, budget="40MiB")     # print(plan): the plan next to none/full/sqrt
     train(model, plan.policy, budget="40MiB")   # fits, and peaks where predict() said
-
-What is measured (``measure_costs``; ``config_costs`` does it for one fake block times L)
-Each block alone, under a ``MemoryMeter``, with a stand-in for the block above (its backward
-makes the gradient of the block's output) and below (it keeps the gradient of the input):
-the bytes of its input and output, what its forward keeps besides them, whether it keeps its
-input or output (ReLU's output is kept by ReLU *and* by the next Linear: counted once), the peaks
-of its forward, of its forward inside a checkpoint, of the recompute (which torch's
-non-reentrant checkpoint stops at the last saved tensor), and of its backward, plain and after a
-recompute (checkpoint hands each recomputed tensor over once, so it dies as soon as the op that
-reads it is done: a little earlier than in a plain backward). Each backward is measured twice:
-with the block's input kept alive by someone else, and without. FLOPs come from
-``FlopCounterMode``. The prefix and suffix are measured on the model with its blocks cut out,
-the optimizer step on the real optimizer.
 
 The memory model (live bytes, as the meter counts them), for a placement:
 - forward, segment s: F0 + Kept(<s) + s's input if no block before keeps it + s's own peak.
@@ -40,23 +28,22 @@ course models). Against the meter (``measure_peaks``: AdamW steps on one batch, 
 exact to the byte for the tiny GPT (sdpa or naive attention, with or without dropout), Llama
 and the hand-trace net, for every placement tried; tests check it. ``accumulate=True`` measures
 a micro-batch after the first under gradient accumulation (every gradient already there), also
-exact. ``shard`` (FSDP / ZeRO-3) and ``config_costs``' optimizer terms are estimates.
-The measuring lives in ``costs.py``; this module predicts and plans.
+exact. ``sharding.shard`` (FSDP / ZeRO-3) and ``config_costs``' optimizer terms are estimates.
+The measuring lives in ``costs.py`` (its docstring says what is measured); this module predicts
+and plans.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from .costs import Backward, ChainCosts, config_by_name, config_costs, config_names, measure_costs
+from .costs import Backward, ChainCosts, config_costs, measure_costs  # noqa: F401 (re-exported)
 from .meter import MemoryMeter, parse_budget
-from .policies import Policy, applied
+from .policies import NoCheckpoint, Policy, Segments, _Segmented, applied, parse_policy
 from .train import training_step
 from .units import fmt_bytes, fmt_flops
 
@@ -98,81 +85,8 @@ def all_placements(n: int):
             yield (*rest[:-1], (rest[-1][0], n, True))
 
 
-# ---------------------------------------------------------------- the policy
-@dataclass(frozen=True)
-class Segments(Policy):
-    """Checkpoint exactly the given block ranges; every other block runs plain.
-
-    ``Segments(((0, 3), (5, 6)))`` checkpoints blocks 0-2 as one segment (one stored input, one
-    recompute of three blocks) and block 5 alone. Ranges are half-open ``(start, stop)``, as
-    ``range``. Written as text: ``segments:0-2,5`` (inclusive block numbers).
-    """
-
-    ranges: tuple[tuple[int, int], ...] = ()
-
-    def __post_init__(self):
-        try:
-            ranges = tuple(sorted((int(a), int(b)) for a, b in self.ranges))
-        except (TypeError, ValueError):
-            raise ValueError(f"Segments needs (start, stop) pairs of block numbers, e.g. "
-                             f"((0, 3), (5, 6)); got {self.ranges!r}") from None
-        for k, (a, b) in enumerate(ranges):
-            after = ranges[k + 1][0] if k + 1 < len(ranges) else math.inf
-            if not 0 <= a < b <= after:
-                raise ValueError(f"segments must be non-empty, start at block 0 or later and not "
-                                 f"overlap; got {list(ranges)}")
-        object.__setattr__(self, "ranges", ranges)
-
-    @classmethod
-    def parse(cls, text: str) -> Segments:
-        """``"0-2,5"`` -> ``Segments(((0, 3), (5, 6)))``: inclusive block numbers; ``a-b`` is one
-        segment, ``a..b`` is blocks a to b each checkpointed alone."""
-        body = text.strip().removeprefix("segments:")
-        ranges = []
-        for part in filter(None, (p.strip() for p in body.split(","))):
-            each = ".." in part
-            first, _, last = part.partition(".." if each else "-")
-            if part == "none":
-                continue
-            if not first.isdigit() or (last and not last.isdigit()):
-                raise ValueError(f"bad segments {text!r}: write inclusive block numbers, 'a-b' for "
-                                 f"one segment, 'a..b' for each block alone: 'segments:0-2,5..7'")
-            a, b = int(first), int(last or first) + 1
-            ranges += [(k, k + 1) for k in range(a, b)] if each else [(a, b)]
-        return cls(tuple(ranges))
-
-    def segments(self, n_blocks: int) -> list[range]:
-        if self.ranges and self.ranges[-1][1] > n_blocks:
-            raise ValueError(f"{self} reaches block {self.ranges[-1][1] - 1}, but the model has "
-                             f"{n_blocks} blocks (0..{n_blocks - 1})")
-        return [range(a, b) for a, b in self.ranges]
-
-    def run(self, segment, x, store):
-        return checkpoint(segment, x, use_reentrant=False)
-
-    def _what(self, n_blocks):
-        return "backward recomputes each checkpointed segment's forward once; other blocks plain"
-
-    def __str__(self):
-        parts, k, r = [], 0, self.ranges
-        while k < len(r):  # runs of single blocks, one after another, read "a..b"
-            m = k
-            while m + 1 < len(r) and r[m][1] - r[m][0] == 1 and r[m + 1] == (r[m][1], r[m][1] + 1):
-                m += 1
-            a, b = r[k]
-            parts.append(f"{a}..{r[m][0]}" if m > k + 1 else f"{a}" if b == a + 1 and m == k
-                         else f"{a}-{b - 1}" if m == k else f"{a},{r[m][0]}")
-            k = m + 1
-        return "segments:" + (",".join(parts) or "none")
-
-
-def as_policy(spec) -> Policy:
-    """``parse_policy`` that also reads ``"segments:0-2,5"``."""
-    from .policies import parse_policy
-
-    if isinstance(spec, str) and spec.strip().lower().startswith("segments:"):
-        return Segments.parse(spec)
-    return parse_policy(spec)
+# The planner's name for parse_policy, kept for callers written against it.
+as_policy = parse_policy
 
 
 # ---------------------------------------------------------------- the memory model
@@ -330,11 +244,9 @@ def predict(costs: ChainCosts, placement) -> Prediction:
 
 
 def as_placement(n: int, placement) -> Placement:
-    """A placement from a placement, a ``Segments``, or a policy string like "every-2"."""
+    """A placement from a placement, a whole-block policy, or its string like "every-2"."""
     if isinstance(placement, (str, Policy)):
-        from .policies import NoCheckpoint, _Segmented
-
-        policy = as_policy(placement)
+        policy = parse_policy(placement)
         if not isinstance(policy, (Segments, _Segmented, NoCheckpoint)):
             raise ValueError(f"the planner models whole-block checkpointing (none, full, every-K, "
                              f"sqrt, segments:...), not {policy}")
@@ -442,7 +354,7 @@ def measure_peaks(model: nn.Module, policy="none", batch_size: int | None = None
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     meter, peaks = MemoryMeter(), []
-    with torch.random.fork_rng(devices=[]), applied(model, as_policy(policy)), meter:
+    with torch.random.fork_rng(devices=[]), applied(model, parse_policy(policy)), meter:
         meter.track(model, optimizer)
         for _ in range(steps):
             training_step(model, optimizer, batch, meter)
@@ -600,82 +512,3 @@ def min_devices(costs: ChainCosts, budget, most: int = 1024) -> tuple[int, Predi
             return n, best
         n *= 2
     return None
-
-
-# ---------------------------------------------------------------- the command line
-def _budget_arg(text: str):
-    import argparse
-
-    try:
-        return parse_budget(text)
-    except (TypeError, ValueError) as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _config_arg(text: str):
-    import argparse
-
-    try:
-        return config_by_name(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _count_arg(text: str) -> int:
-    import argparse
-
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return int(text)
-
-
-def add_plan_arguments(parser) -> None:
-    """``ckpt-course plan``: --model or --config, --batch, --seq, --budget, --devices."""
-    what = parser.add_mutually_exclusive_group()
-    what.add_argument("--model", choices=("hand-trace", "gpt", "llama-tiny"),
-                      help="a course model, measured for real (default: gpt)")
-    what.add_argument("--config", type=_config_arg, metavar="NAME",
-                      help=f"a config measured on fake tensors: {', '.join(config_names())}")
-    parser.add_argument("--layers", type=_count_arg, help="number of blocks (course models)")
-    parser.add_argument("--batch", type=_count_arg, help="batch size (default: 8; configs 1)")
-    parser.add_argument("--seq", type=_count_arg, help="sequence length")
-    parser.add_argument("--budget", type=_budget_arg, required=True,
-                        help="memory per device, e.g. 80GiB or 40MiB")
-    parser.add_argument("--devices", type=_count_arg, default=1,
-                        help="shard parameters, gradients and optimizer state over N devices "
-                             "(FSDP / ZeRO-3 estimate; default 1)")
-    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
-                        help="dtype of a --config (default bf16)")
-
-
-def costs_from_args(args) -> ChainCosts:
-    """The measured costs that ``args`` (from ``add_plan_arguments``) describe."""
-    if args.config is not None:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-        seq = args.seq or args.config.seq_len
-        return config_costs(args.config, args.batch or 1, seq, dtype)
-    from .cli import build_model
-
-    name = args.model or "gpt"
-    model = build_model(name, args.layers)
-    batch = args.batch or (512 if name == "hand-trace" else 8)
-    return measure_costs(model, batch, args.seq)
-
-
-def run_plan(args) -> int:
-    """Print the plan. Exit code 0 if a placement fits, 1 if none does (the report says why
-    and, for configs, how many devices sharding needs)."""
-    costs = shard(costs_from_args(args), args.devices)
-    plan = make_plan(costs, args.budget)
-    print(plan.report())
-    if plan.fits:
-        return 0
-    if args.config is not None:
-        found = min_devices(costs, args.budget)
-        if found is not None:
-            n, best = found
-            print(f"Sharded over {n * args.devices} devices it fits: {best.policy}, peak "
-                  f"{fmt_bytes(best.peak_bytes)} per device, recompute {best.overhead:+.1%} of a "
-                  f"step (ckpt-course plan ... --devices {n * args.devices}).")
-    return 1
-

@@ -5,7 +5,6 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import (
     CheckpointPolicy,
-    checkpoint,
     checkpoint_sequential,
     create_selective_checkpoint_contexts,
 )
@@ -74,16 +73,9 @@ def test_every_policy_gives_bit_identical_gradients(name, policy):
     assert all(torch.equal(got[n], expected[n]) for n in expected), policy
 
 
-class FullWithoutRng(EveryK):
-    """``full`` with ``preserve_rng_state=False``: the recompute draws fresh dropout masks."""
-
-    def run(self, segment, x, store):
-        return checkpoint(segment, x, use_reentrant=False, preserve_rng_state=False)
-
-
 def test_without_preserved_rng_state_dropout_gradients_differ():
     model, batch, expected = reference("gpt-naive")
-    with applied(model, FullWithoutRng(1)):
+    with applied(model, "segments:0..3;preserve_rng_state=False"):
         got = gradients(model, batch)
     # the recompute drew new dropout masks, so backward used masks forward never applied
     assert not torch.equal(got["blocks.0.mlp.0.weight"], expected["blocks.0.mlp.0.weight"])
@@ -103,10 +95,9 @@ def test_naming_ops_alone_is_not_enough_for_selective_dropout():
         return CheckpointPolicy.PREFER_RECOMPUTE if recompute else CheckpointPolicy.MUST_SAVE
 
     class NaiveSelective(EveryK):
-        def run(self, segment, x, store):
-            context_fn = functools.partial(create_selective_checkpoint_contexts, naive_policy,
-                                           allow_cache_entry_mutation=True)
-            return checkpoint(segment, x, use_reentrant=False, context_fn=context_fn)
+        def context_fn(self):
+            return create_selective_checkpoint_contexts(naive_policy,
+                                                        allow_cache_entry_mutation=True)
 
     with applied(model, NaiveSelective(1)):
         wrong = gradients(model, batch)
