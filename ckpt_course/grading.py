@@ -27,7 +27,6 @@ The learner's file is only ever read. This module imports no torch, so grading a
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -383,46 +382,3 @@ def write_json(cards: list[Scorecard], path) -> None:
     data = [{**asdict(card), "score": card.score, "passed": card.passed,
              "total": len(card.checks)} for card in cards]
     Path(path).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-
-
-# ---------------------------------------------------------------- command line
-
-
-def add_grade_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("notebooks", nargs="+", metavar="NOTEBOOK", help="learners' .ipynb files")
-    parser.add_argument("--exercises", default="exercises", metavar="DIR",
-                        help="folder of the pristine exercises (and src/), default: exercises")
-    parser.add_argument("--timeout", type=float, default=60, metavar="S",
-                        help="seconds allowed per cell (default 60)")
-    parser.add_argument("--jobs", type=int, default=1, help="notebooks graded at once")
-    parser.add_argument("--csv", metavar="FILE", help="write one row per notebook x check")
-    parser.add_argument("--json", metavar="FILE", help="write the scorecards as JSON")
-    return parser
-
-
-def run_grade(args) -> int:
-    """0: every check passed; 1: some failed; 2: nothing could be graded (bad input)."""
-    try:
-        cards = grade(args.notebooks, args.exercises, args.timeout, jobs=args.jobs,
-                      progress=lambda card: print(format_scorecards([card]), flush=True))
-    except GradingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if len(cards) > 1:
-        total = sum(len(c.checks) for c in cards)
-        print(f"\n{len(cards)} notebooks, {sum(c.passed for c in cards)}/{total} checks passed")
-    if args.csv:
-        write_csv(cards, args.csv)
-    if args.json:
-        write_json(cards, args.json)
-    return 0 if all(c.passed == len(c.checks) for c in cards) else 1
-
-
-def grade_main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="ckpt-course grade",
-                                     description="Grade notebooks by their answer cells.")
-    return run_grade(add_grade_arguments(parser).parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(grade_main())

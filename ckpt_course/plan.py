@@ -36,12 +36,12 @@ and plans.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .costs import Backward, ChainCosts, config_costs, measure_costs  # noqa: F401 (re-exported)
+from .costs import ChainCosts, config_costs, measure_costs  # noqa: F401 (re-exported)
 from .meter import MemoryMeter, parse_budget
 from .policies import NoCheckpoint, Policy, Segments, _Segmented, applied, parse_policy
 from .train import training_step
@@ -266,7 +266,21 @@ def as_placement(n: int, placement) -> Placement:
 # ---------------------------------------------------------------- the dynamic program
 def optimal(costs: ChainCosts, budget) -> Prediction | None:
     """The placement with the fewest recomputed FLOPs whose predicted peak fits ``budget``
-    (bytes, or a string like "40MiB"), or None if none fits. Exact for the memory model.
+    (bytes, or a string like "40MiB"), and among those the lowest peak; None if none fits.
+    Exact for the memory model. The DP below finds the fewest FLOPs; asking it again just under
+    the peak it found, until the FLOPs go up, gives the lowest peak at those FLOPs (the DP's
+    states know kept bytes, not the peak so far, so it cannot break the tie itself)."""
+    best = _cheapest(costs, parse_budget(budget))
+    while best is not None:
+        lower = _cheapest(costs, best.peak_bytes - 1)
+        if lower is None or lower.recompute_flops > best.recompute_flops:
+            return best
+        best = lower
+    return None
+
+
+def _cheapest(costs: ChainCosts, budget: float) -> Prediction | None:
+    """A placement with the fewest recomputed FLOPs whose predicted peak fits ``budget``.
 
     Scan the chain left to right. A state is (boundary i, does the block before keep x_i?);
     in it we keep every (Kept, FLOPs) pair no other pair beats on both: Kept, the bytes the
@@ -275,7 +289,6 @@ def optimal(costs: ChainCosts, budget) -> Prediction | None:
     from a pair if Kept + its highest moment fits; it adds its kept bytes and recompute.
     About L^2 segments per state, each checked in O(L): fast for L in the hundreds.
     """
-    budget = parse_budget(budget)
     n = costs.n
     start = (0, _left_holds(costs, None, 0))
     fronts = {start: [(0, 0, None)]}  # state -> [(kept, flops, back pointer)]
@@ -326,13 +339,13 @@ def brute_force(costs: ChainCosts, budget) -> Prediction | None:
     budget = parse_budget(budget)
     fits = [p for p in map(functools.partial(predict, costs), all_placements(costs.n))
             if p.peak_bytes <= budget]
-    return min(fits, key=lambda p: (p.recompute_flops, p.kept_bytes), default=None)
+    return min(fits, key=lambda p: (p.recompute_flops, p.peak_bytes), default=None)
 
 
 def optimal_frontier(costs: ChainCosts, most: int = 200) -> list[Prediction]:
-    """The exact memory-recompute frontier: for each peak the model can reach, the least
-    recompute. Walks down from no checkpointing: each step asks the DP for the cheapest
-    placement that peaks strictly lower than the last one found."""
+    """The exact memory-recompute frontier, Pareto points only (each peaks lower and recomputes
+    more than the one before). Walks down from no checkpointing: each step asks for the
+    cheapest placement (lowest peak among equally cheap) peaking strictly below the last."""
     out, budget = [], predict(costs, "none").peak_bytes
     while len(out) < most:
         best = optimal(costs, budget)
@@ -362,37 +375,6 @@ def measure_peaks(model: nn.Module, policy="none", batch_size: int | None = None
     meter.untrack()
     model.zero_grad(set_to_none=True)
     return peaks
-
-
-def shard(costs: ChainCosts, devices: int) -> ChainCosts:
-    """Per-device costs when parameters, gradients and optimizer state are split over
-    ``devices`` (ZeRO-3 / FSDP ``fully_shard``), an estimate: each device keeps 1/N of them,
-    plus the parameters of the block that runs (gathered for its forward and backward) and that
-    block's full gradient until it is reduce-scattered. Activations are not split."""
-    if devices == 1:
-        return costs
-    n = devices
-    block = max((c.grad_bytes for c in costs.layers), default=0)
-    persistent = costs.param_bytes + costs.optimizer_bytes
-    trunk_grads = max(costs.param_bytes - costs.gradient_bytes, 0)
-    t = costs.trunk
-    trunk = replace(
-        t, base_bytes=t.base_bytes - persistent + persistent // n + block,
-        suffix_left=t.suffix_left - trunk_grads + trunk_grads // n,
-        backward_left=t.backward_left - trunk_grads + trunk_grads // n)
-
-    def split(back: Backward, g: int) -> Backward:
-        kept = g - g // n  # what reduce-scatter gives back after the block's backward
-        return replace(back, change_held=back.change_held - kept,
-                       change_free=back.change_free - kept)
-
-    layers = tuple(replace(c, grad_bytes=c.grad_bytes // n,
-                           backward=split(c.backward, c.grad_bytes),
-                           checkpointed_backward=split(c.checkpointed_backward, c.grad_bytes))
-                   for c in costs.layers)
-    return replace(costs, layers=layers, trunk=trunk, name=f"{costs.name} on {n} devices",
-                   param_bytes=costs.param_bytes // n, optimizer_bytes=costs.optimizer_bytes // n,
-                   notes=(*costs.notes, f"sharded over {n} devices (ZeRO-3/FSDP estimate)"))
 
 
 # ---------------------------------------------------------------- the plan and its report
@@ -500,15 +482,3 @@ def make_plan(costs: ChainCosts, budget) -> Plan:
         alternatives[f"every-{k}"] = predict(costs, every_k_placement(n, k))
     alternatives["sqrt"] = predict(costs, "sqrt")
     return Plan(costs, budget, optimal(costs, budget), alternatives)
-
-
-def min_devices(costs: ChainCosts, budget, most: int = 1024) -> tuple[int, Prediction] | None:
-    """The fewest devices (a power of two) over which sharding (``shard``) lets some placement
-    fit ``budget``, and that placement; None if not even ``most`` do."""
-    n = 1
-    while n <= most:
-        best = optimal(shard(costs, n), budget)
-        if best is not None:
-            return n, best
-        n *= 2
-    return None
