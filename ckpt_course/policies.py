@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import sys
 import weakref
 from dataclasses import dataclass, field
 
@@ -580,6 +581,10 @@ class _Region:
             self._previous, self._next = tree_leaves(out), k + 1
         return out
 
+    @property
+    def is_open(self) -> bool:
+        return self._open is not None
+
     def _record(self, k: int, args, kwargs) -> None:
         leaves, spec = tree_flatten((args, kwargs))
         previous = {id(t): i for i, t in enumerate(self._previous or ())
@@ -634,19 +639,34 @@ def _installed(block: nn.Module) -> _Forward | None:
 class AppliedPolicy:
     """What ``apply_policy`` returns: ``remove()`` undoes it; ``stats`` counts offload traffic."""
 
-    def __init__(self, blocks: list[nn.Module], policy: Policy):
+    def __init__(self, model: nn.Module, blocks: list[nn.Module], policy: Policy):
         self.blocks, self.policy, self.store = blocks, policy, HostStore()
         self.stats = self.store.stats
         runs = [block.forward for block in blocks]  # outside any segment: the block's own
+        self.regions = []
         for s in policy.segments(len(blocks)):
             region = _Region(self, [blocks[i] for i in s])
+            self.regions.append(region)
             for k, i in enumerate(s):
                 runs[i] = functools.partial(_call_region, region, k)
         for block, run in zip(blocks, runs, strict=True):
             block.forward = _Forward(self, run)
+        # An error between blocks (in the model's own code, or a module hook) never reaches a
+        # region: the model's forward closes whatever is left open when it ends.
+        self._closer = model.register_forward_hook(self._close_regions, always_call=True)
+
+    def _close_regions(self, module, args, output) -> None:
+        left_open = [r for r in self.regions if r.is_open]
+        for region in left_open:
+            region._abandon()
+        if left_open and sys.exc_info()[0] is None:
+            raise RuntimeError(f"{type(module).__name__}'s forward ended inside a checkpointed "
+                               f"segment: under {self.policy} the model must call every block "
+                               f"of a segment, in order")
 
     def remove(self) -> None:
         """Give the blocks their own forward back. Safe to call twice."""
+        self._closer.remove()
         for block in self.blocks:
             if (forward := _installed(block)) is not None and forward.handle is self:
                 del block.forward
@@ -690,7 +710,7 @@ def apply_policy(model: nn.Module, policy, blocks=None) -> AppliedPolicy:
         if "forward" in vars(block):
             raise RuntimeError(f"block {i} already has an instance-level forward (another "
                                "wrapper?): remove it before applying a checkpoint policy")
-    return AppliedPolicy(blocks, policy)
+    return AppliedPolicy(model, blocks, policy)
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ AdamW steps, and measures on each rank:
 The model for N devices: ``shard(costs, n)`` turns a chain's measured costs into per-device ones
 (ZeRO-3 / FSDP, an estimate), so the planner can place checkpoints on each device and
 ``min_devices`` find how many devices a budget needs. ``per_gpu_bytes`` / ``min_gpus`` are its
-closed form, state / N + activations, for arithmetic by hand.
+closed form, state / N + activations, for arithmetic by hand (tests hold them together).
 """
 
 from __future__ import annotations
@@ -294,8 +294,9 @@ def per_gpu_bytes(n_params: int, n_gpus: int, activation_bytes: int,
     """The closed form of ``shard``'s split: bytes per GPU with the model state fully sharded
     over ``n_gpus``, ``n_params * bytes_per_param / n_gpus + activation_bytes``. The default 12
     bytes per parameter: bf16 parameter (2) + bf16 gradient (2) + two fp32 AdamW moments (8).
-    It leaves out what ``shard`` adds (the running block's gathered parameters and its full
-    gradient, the optimizer's temporaries), so ``min_gpus`` is a lower bound of ``min_devices``."""
+    It adds the activations to the whole state as if both were alive at once, and leaves out
+    what ``shard`` knows (the running block's gathered parameters and full gradient, when each
+    is alive, the optimizer's temporaries): arithmetic by hand; the planner uses ``shard``."""
     if isinstance(n_gpus, bool) or not isinstance(n_gpus, int) or n_gpus < 1:
         raise ValueError(f"n_gpus is a whole number >= 1, got {n_gpus!r}")
     return n_params * bytes_per_param / n_gpus + activation_bytes
