@@ -70,6 +70,8 @@ def checkpointed(placement: Placement) -> tuple[tuple[int, int], ...]:
 
 
 def every_k_placement(n: int, k: int) -> Placement:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"every-K needs an integer K >= 1, got {k!r}")
     return placement_from_checkpointed(n, [(i, min(i + k, n)) for i in range(0, n, k)])
 
 

@@ -239,6 +239,9 @@ def shard(costs: ChainCosts, devices: int) -> ChainCosts:
     ``devices`` (ZeRO-3 / FSDP ``fully_shard``), an estimate: each device keeps 1/N of them,
     plus the parameters of the block that runs (gathered for its forward and backward) and that
     block's full gradient until it is reduce-scattered. Activations are not split."""
+    check = f"devices is a whole number >= 1, got {devices!r}"
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise ValueError(check)
     if devices == 1:
         return costs
     n = devices
