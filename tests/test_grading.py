@@ -10,7 +10,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from ckpt_course import authoring, grading
+from ckpt_course import authoring, cli, grading
 from ckpt_course.authoring import tagged_name
 from ckpt_course.grading import CheckResult, GradingError, Scorecard
 
@@ -141,7 +141,7 @@ def test_bad_inputs_are_all_reported_before_anything_runs(course, tmp_path):
     assert "missing.ipynb: no such file" in message
     assert "notes.txt: not a notebook" in message
     assert "9_other.ipynb: no exercise of that name" in message and "0_toy.ipynb" in message
-    assert grading.grade_main([str(tmp_path / "missing.ipynb"), "--exercises",
+    assert cli.grade_main([str(tmp_path / "missing.ipynb"), "--exercises",
                                str(course / "exercises")]) == 2
 
 
@@ -312,7 +312,7 @@ def test_command_line_grades_a_learner_working_in_their_clone(course, tmp_path, 
     shutil.copytree(course / "exercises", clone)
     save(learner(course, answers=RIGHT), clone / "0_toy.ipynb")
     wrong = save(learner(course), tmp_path / "bob" / "0_toy.ipynb")
-    code = grading.grade_main([str(clone / "0_toy.ipynb"), str(wrong), "--exercises", str(clone),
+    code = cli.grade_main([str(clone / "0_toy.ipynb"), str(wrong), "--exercises", str(clone),
                                "--timeout", "5", "--csv", str(tmp_path / "c.csv"),
                                "--json", str(tmp_path / "c.json")])
     assert code == 1

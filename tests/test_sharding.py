@@ -55,7 +55,6 @@ def test_the_closed_form_is_shard_without_the_running_block():
 
     costs = config_costs("7b", 1, 4096)
     n_params = parameter_count(llama_config("7b"))
-    acts = predict(costs, "full").kept_bytes
     for n in (1, 3, 8, 64):
         sharded = shard(costs, n)
         state = sharded.param_bytes + sharded.optimizer_bytes  # bf16 weights, fp32 Adam moments
