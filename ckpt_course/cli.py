@@ -12,7 +12,10 @@ import re
 import sys
 from pathlib import Path
 
+from .costs import config_by_name, config_names
+from .meter import parse_budget
 from .models import COURSE_MODELS, build_model, longest_sequence
+from .policies import OP_NAMES, parse_policy
 
 MODEL_CHOICES = tuple(COURSE_MODELS)
 
@@ -31,61 +34,42 @@ def positive_int(text: str) -> int:
     return value
 
 
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1) such as 0.1, got "
-                                         f"{text!r}")
-    return value
+def _float_where(ok, what: str):
+    """An argparse type: a number for which ``ok`` holds, or a usage error saying ``what``."""
+    def check(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return check
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0 such as 60, got "
-                                         f"{text!r}")
-    return value
+_probability = _float_where(lambda v: 0 <= v < 1, "a probability in [0, 1) such as 0.1")
+_seconds = _float_where(lambda v: v > 0, "a number of seconds > 0 such as 60")
 
 
-def _budget_arg(text: str):
-    from .meter import parse_budget
-
-    try:
-        return parse_budget(text)
-    except (TypeError, ValueError) as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _config_arg(text: str):
-    from .costs import config_by_name
-
-    try:
-        return config_by_name(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+def _from_api(parse):
+    """An argparse type from one of the package's parsers: its error becomes the usage error."""
+    def check(text: str):
+        try:
+            return parse(text)
+        except (TypeError, ValueError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return check
 
 
-def _policy_arg(text: str) -> str:
-    from .policies import parse_policy
-
-    try:
-        return str(parse_policy(text))
-    except (TypeError, ValueError) as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+_budget_arg = _from_api(parse_budget)
+_config_arg = _from_api(config_by_name)
+_policy_arg = _from_api(lambda text: str(parse_policy(text)))
 
 
 def split_policies(text: str) -> list[str]:
     """'none,full,selective:save=mm,sdpa,offload' -> ['none', 'full', 'selective:save=mm,sdpa',
     'offload']: an op name after a selective policy, or a block after segments, belongs to it.
     ';' also separates (a segments policy's ';preserve_rng_state=False' stays with it)."""
-    from .policies import OP_NAMES
-
     if ";" in text:
         out: list[str] = []
         for part in (p.strip() for p in text.split(";")):
@@ -265,8 +249,6 @@ def run_compare(args) -> int:
 # ---------------------------------------------------------------- plan
 def add_plan_arguments(parser) -> None:
     """``ckpt-course plan``: --model or --config, --batch, --seq, --budget, --devices."""
-    from .costs import config_names
-
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--model", choices=MODEL_CHOICES,
                       help="a course model, measured for real (default: gpt)")

@@ -344,10 +344,6 @@ def longest_sequence(model: nn.Module) -> int | None:
     return getattr(cfg, "seq_len", None)
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def sized(cpu, gpu):
     """The one switch between lesson sizes: ``gpu`` when CUDA is present, else ``cpu``."""
     return gpu if torch.cuda.is_available() else cpu

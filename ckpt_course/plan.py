@@ -405,16 +405,6 @@ class Plan:
                    if (name == "full" or name.startswith("every-")) and p.peak_bytes <= self.budget]
         return min(fitting, key=lambda item: item[1].recompute_flops, default=None)
 
-    def frontier(self) -> list[tuple[str, Prediction]]:
-        """The alternatives no other beats on both peak and recompute, by peak (and optimal)."""
-        rows = sorted(self.alternatives.items(), key=lambda kv: (kv[1].peak_bytes,
-                                                                 kv[1].recompute_flops))
-        out = []
-        for name, p in rows:
-            if not out or p.recompute_flops < out[-1][1].recompute_flops:
-                out.append((name, p))
-        return out
-
     def lowest_peak(self) -> tuple[str, Prediction]:
         return min(self.alternatives.items(), key=lambda kv: kv[1].peak_bytes)
 
