@@ -495,3 +495,15 @@ def test_segments_text():
     assert parse_policy("segments:4..6") == Segments(((4, 5), (5, 6), (6, 7)))
     assert str(Segments(((1, 2),), False)) == "segments:1;preserve_rng_state=False"
     assert Segments.parse("0-1") == Segments(((0, 2),))
+
+
+@pytest.mark.parametrize("policy", ["every-2", "segments:0-1,3", "offload"])
+def test_train_runs_a_model_whose_blocks_take_keywords(policy):
+    from ckpt_course.train import train
+
+    def losses(p):
+        torch.manual_seed(0)
+        return [r.loss for r in train(Decoder(as_tuple=True), p, steps=2, batch_size=2,
+                                      progress=False)]
+
+    assert losses(policy) == losses("none")
