@@ -43,7 +43,7 @@ What `build` writes
   match its fingerprint is pristine; one that does not has been edited.
 
 Workflow
-- Authors edit `exercises/src/*.py`, then `python -m ckpt_course.authoring` (build_all).
+- Authors edit `exercises/src/*.py`, then `ckpt-course build-exercises` (build_all).
 - Learners work in `exercises/` of their own clone and grade with `ckpt-course grade`.
   A rebuild never destroys their work: an exercise notebook is overwritten only when it is
   absent or still pristine. An edited one makes `build` stop and say so; move it elsewhere
@@ -52,12 +52,10 @@ Workflow
 
 from __future__ import annotations
 
-import argparse
 import ast
 import hashlib
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -357,45 +355,4 @@ def check_fresh(src_dir="exercises/src", solutions_dir="solutions", exercises_di
     if stale:
         names = ", ".join(str(p) for p in stale)
         raise AuthoringError(f"out of date with {src_dir}: {names}. Rebuild them with "
-                             "`python -m ckpt_course.authoring` and commit the result.")
-
-
-# ---------------------------------------------------------------- command line
-
-
-def add_build_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--src", default="exercises/src", help="folder of percent-format sources")
-    parser.add_argument("--solutions", default="solutions", help="where solutions are written")
-    parser.add_argument("--exercises", default="exercises", help="where exercises are written")
-    parser.add_argument("--force", action="store_true",
-                        help="overwrite exercise notebooks even if someone edited them")
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 if a notebook is out of date")
-    return parser
-
-
-def run_build(args) -> int:
-    try:
-        if args.check:
-            check_fresh(args.src, args.solutions, args.exercises)
-            print("all notebooks are up to date")
-            return 0
-        written = build_all(args.src, args.solutions, args.exercises, args.force)
-    except AuthoringError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for path in written:
-        print(f"wrote {path}")
-    if not written:
-        print("all notebooks are up to date")
-    return 0
-
-
-def build_main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ckpt_course.authoring",
-                                     description="Build exercise and solution notebooks.")
-    return run_build(add_build_arguments(parser).parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(build_main())
+                             "`ckpt-course build-exercises` and commit the result.")

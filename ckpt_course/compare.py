@@ -11,32 +11,28 @@ table: peak bytes, saved bytes, recompute FLOPs, offload traffic, median step ti
 
 The other tools of the lesson live here too: ``measure_split`` (forward, backward and optimizer
 time of a step), ``batch_sweep`` (tokens/s against batch size under a memory budget),
-``rank_ops`` and ``selective_from_ranking`` (which ops are cheap to recompute for the bytes they
-hold), ``layer_memory`` (what one block of a big config keeps under a policy, on fake tensors),
-and the ``ckpt-course compare`` command line (``add_compare_arguments`` / ``run_compare``).
+``layer_memory`` (what one block of a big config keeps under a policy, on fake tensors). Ranking
+ops for selective checkpointing lives in ``ranking.py`` (re-exported here for the lessons).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import html
-import math
-import re
 import statistics
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from .meter import MemoryMeter, parse_budget
 from .models import GPTBlock, GPTConfig, Llama, LlamaBlock, LlamaConfig, TinyGPT
-from .policies import OP_NAMES, EveryK, Offload, Policy, Selective, applied, parse_policy
-from .recompute import counting, measure_recompute
+from .policies import Offload, Policy, applied, parse_policy
+from .ranking import OpCost, format_ranking, rank_ops, selective_from_ranking  # noqa: F401
+from .recompute import measure_recompute
 from .step import StepRecord, batch_tokens, make_batch, make_optimizer, run_step
 from .train import train
-from .units import MiB, fmt_bytes, fmt_flops, positive_int
+from .units import MiB, fmt_bytes, fmt_flops
 
 DEFAULT_POLICIES = ("none", "full", "every-2", "selective:save=mm,sdpa", "offload")
 
@@ -402,128 +398,6 @@ def best_fit(points: list[SweepPoint], policy) -> SweepPoint | None:
     return max(fitting, key=lambda p: p.batch_size, default=None)
 
 
-# ---------------------------------------------------------------- which ops to recompute
-SHORT_NAMES = {aten: short for short, atens in OP_NAMES.items() if short != "attn-core"
-               for aten in atens}  # "addmm" -> "mm", "native_layer_norm" -> "layernorm", ...
-BLOCK_INPUT = "input"  # the block's input: made before the block, kept by every policy
-
-
-@dataclass(frozen=True)
-class OpCost:
-    """One kind of op in a block: the saved bytes it produced and what recomputing it costs."""
-
-    op: str  # short policy name ("mm", "sdpa", "gelu", "layernorm"), else the aten name ("add")
-    saved_bytes: int  # bytes of saved storages this op made (what saving its outputs keeps)
-    flops: int  # its forward FLOPs in the block (what recomputing it costs; 0 = elementwise)
-    calls: int
-
-    @property
-    def nameable(self) -> bool:
-        """Can a selective policy name it (``selective:save=<op>``)?"""
-        return self.op in OP_NAMES
-
-    @property
-    def bytes_per_flop(self) -> float:
-        """Bytes freed per FLOP of recompute: infinite for ops that cost no FLOPs."""
-        if self.flops == 0:
-            return math.inf if self.saved_bytes else 0.0
-        return self.saved_bytes / self.flops
-
-
-class _Producers(TorchDispatchMode):
-    """Remembers which aten op made each storage (views and in-place ops keep the first)."""
-
-    def __init__(self):
-        super().__init__()
-        self.made: dict[int, tuple[object, str]] = {}  # id(storage) -> (storage, op name)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                self.made.setdefault(id(storage), (storage, func.overloadpacket.__name__))
-        return out
-
-
-def _block_input(model, batch, index: int) -> torch.Tensor:
-    """What block ``index`` receives in a forward of ``model.loss(batch)``."""
-    seen = []
-    hook = model.blocks[index].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    try:
-        with torch.no_grad():
-            model.loss(batch)
-    finally:
-        hook.remove()
-    return seen[0].detach().requires_grad_()
-
-
-def rank_ops(model, batch_size: int = 8, seq_len: int | None = None, block: int = 0,
-             seed: int = 0) -> list[OpCost]:
-    """Every kind of op of one block, ranked by saved bytes per recompute FLOP (best first).
-
-    Saved bytes: the block's tape (every storage autograd saves, deduplicated, parameters left
-    out), each storage credited to the op that made it, which is what keeping that op's output
-    keeps. FLOPs: the op's forward FLOPs, counted by ``recompute.counting``.
-    """
-    batch = _batch(model, batch_size, seq_len, seed, _device(model))
-    x = _block_input(model, batch, block)
-    module = model.blocks[block]
-    params = {id(p.untyped_storage()) for p in [*module.parameters(), *module.buffers()]}
-    saved = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if id(storage) not in params:
-            saved[id(storage)] = storage
-        return t
-
-    producers = _Producers()
-    producers.made[id(x.untyped_storage())] = (x.untyped_storage(), BLOCK_INPUT)
-    with counting() as counts, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with producers:
-            module(x)
-    by_op: dict[str, list[int]] = {}  # op -> [saved bytes, flops, calls]
-    for key, storage in saved.items():
-        op = producers.made[key][1]
-        by_op.setdefault(SHORT_NAMES.get(op, op), [0, 0, 0])[0] += storage.nbytes()
-    for name, n in counts.ops.items():
-        op = name.removeprefix("aten.")
-        entry = by_op.setdefault(SHORT_NAMES.get(op, op), [0, 0, 0])
-        entry[1] += counts.flops_by_op.get(name, 0)
-        entry[2] += n
-    costs = [OpCost(op, b, f, c) for op, (b, f, c) in by_op.items() if b or f]
-    return sorted(costs, key=lambda c: (-c.bytes_per_flop, -c.saved_bytes, c.op))
-
-
-def selective_from_ranking(ranking: list[OpCost], max_recompute_flops: int = 0) -> Policy:
-    """A selective policy from a ranking: recompute ops from the top of the ranking (most bytes
-    per FLOP) while their FLOPs add up to at most ``max_recompute_flops``; save the rest.
-
-    Only nameable ops can be saved; the others are recomputed anyway (save-mode recomputes all
-    it is not told to keep). When nothing is left to save the policy is ``full``.
-    """
-    spent, save = 0, []
-    for cost in ranking:
-        if cost.op == BLOCK_INPUT:
-            continue
-        if spent + cost.flops <= max_recompute_flops:
-            spent += cost.flops
-        elif cost.nameable:
-            save.append(cost.op)
-    save.sort(key=list(OP_NAMES).index)  # a canonical order: "mm,sdpa" however they ranked
-    return Selective(tuple(save), "save") if save else EveryK(1)
-
-
-def format_ranking(ranking: list[OpCost]) -> str:
-    lines = [f"{'op':<16} {'saved':>11} {'FLOPs':>12} {'bytes/FLOP':>11}  calls"]
-    for c in ranking:
-        ratio = "inf" if c.bytes_per_flop == math.inf else f"{c.bytes_per_flop:.4f}"
-        lines.append(f"{c.op:<16} {fmt_bytes(c.saved_bytes):>11} {fmt_flops(c.flops):>12} "
-                     f"{ratio:>11}  {c.calls}")
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------- one block of a big config
 class _OneBlock(nn.Module):
     def __init__(self, block):
@@ -565,87 +439,3 @@ def layer_memory(cfg: GPTConfig | LlamaConfig, batch_size: int, seq_len: int, po
                 return meter.live_bytes - before - y.untyped_storage().nbytes()
     finally:
         torch.set_default_dtype(old)
-
-
-# ---------------------------------------------------------------- command line
-def split_policies(text: str) -> list[str]:
-    """'none,full,selective:save=mm,sdpa,offload' -> ['none', 'full', 'selective:save=mm,sdpa',
-    'offload']: an op name after a selective policy belongs to it. ';' also separates."""
-    if ";" in text:
-        return [p.strip() for p in text.split(";") if p.strip()]
-    out: list[str] = []
-    for token in (t.strip() for t in text.split(",")):
-        if not token:
-            continue
-        if out and out[-1].lower().startswith("selective:") and token.lower() in OP_NAMES:
-            out[-1] += "," + token
-        else:
-            out.append(token)
-    return out
-
-
-def _policy_list(text: str) -> list[str]:
-    names = split_policies(text)
-    try:
-        return [str(p) for p in _policies(names)]
-    except (ValueError, TypeError) as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _budget(text: str):
-    try:
-        return parse_budget(text)
-    except (ValueError, TypeError) as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _device_name(text: str) -> str:
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
-        raise argparse.ArgumentTypeError(f"device is cpu, cuda or cuda:N, got {text!r}")
-    if text.startswith("cuda") and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError("cuda was asked for but torch sees no CUDA device")
-    return text
-
-
-def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``ckpt-course compare`` (a tiny GPT; every size can be changed)."""
-    d = GPTConfig()
-    parser.add_argument("--policies", type=_policy_list, default=",".join(DEFAULT_POLICIES),
-                        help="comma-separated policies (default: %(default)s); an op list of a "
-                             "selective policy stays with it, or separate policies with ';'")
-    parser.add_argument("--layers", type=positive_int, default=d.n_layer,
-                        help="number of blocks (default: %(default)s)")
-    parser.add_argument("--width", type=positive_int, default=d.d_model,
-                        help="model width d_model (default: %(default)s)")
-    parser.add_argument("--heads", type=positive_int, default=d.n_head,
-                        help="attention heads; must divide --width (default: %(default)s)")
-    parser.add_argument("--batch", type=positive_int, default=8, help="batch size (default: 8)")
-    parser.add_argument("--seq", type=positive_int, default=d.seq_len,
-                        help="sequence length (default: %(default)s)")
-    parser.add_argument("--steps", type=positive_int, default=6,
-                        help="timed, interleaved rounds per policy (default: %(default)s)")
-    parser.add_argument("--budget", type=_budget, default=None,
-                        help="memory budget, e.g. 32MiB: policies over it are reported as OOM")
-    parser.add_argument("--device", type=_device_name, default="cpu",
-                        help="cpu or cuda (default: cpu)")
-    parser.add_argument("--out", default="compare.png",
-                        help="where to write the plot, a PNG (default: %(default)s)")
-
-
-def run_compare(args) -> int:
-    """Run ``compare`` on the embedded tiny GPT; print the table; write the plot to ``--out``."""
-    if args.width % args.heads:
-        raise ValueError(f"--heads ({args.heads}) must divide --width ({args.width}), "
-                         f"e.g. --heads {math.gcd(args.width, 4)}")
-    if not str(args.out).lower().endswith(".png"):
-        raise ValueError(f"--out names a PNG file (ending in .png), got {args.out!r}")
-    cfg = GPTConfig(n_layer=args.layers, d_model=args.width, n_head=args.heads,
-                    seq_len=args.seq)
-    result = compare(cfg, args.policies, steps=args.steps, batch_size=args.batch,
-                     device=args.device, budget=args.budget, live=False)
-    print(f"tiny GPT: {args.layers} layers, width {args.width}, {args.heads} heads")
-    print(result)
-    result.save_png(args.out)
-    print(f"plot written to {args.out}")
-    return 0
-

@@ -1,23 +1,36 @@
 """What the planner needs to know about a model, measured: each block's bytes and FLOPs.
 
-``measure_costs(model)`` runs each block alone under a ``MemoryMeter`` (see ``plan.py``'s
-docstring for exactly what is measured and the memory model that uses it) and returns
+``measure_costs(model)`` runs each block alone under a ``MemoryMeter`` and returns
 ``ChainCosts``; ``config_costs("70b", batch, seq)`` does the same for one block of a big config on
-fake tensors, times L. ``plan.py`` turns these costs into predictions and placements.
+fake tensors, times L. ``plan.py`` turns these costs into predictions and placements (its
+docstring gives the memory model that uses them).
+
+What is measured (``measure_costs``; ``config_costs`` does it for one fake block times L)
+Each block alone, under a ``MemoryMeter``, with a stand-in for the block above (its backward
+makes the gradient of the block's output) and below (it keeps the gradient of the input):
+the bytes of its input and output, what its forward keeps besides them, whether it keeps its
+input or output (ReLU's output is kept by ReLU *and* by the next Linear: counted once), the peaks
+of its forward, of its forward inside a checkpoint, of the recompute (which torch's
+non-reentrant checkpoint stops at the last saved tensor), and of its backward, plain and after a
+recompute (checkpoint hands each recomputed tensor over once, so it dies as soon as the op that
+reads it is done: a little earlier than in a plain backward). Each backward is measured twice:
+with the block's input kept alive by someone else, and without. FLOPs come from
+``FlopCounterMode``. The prefix and suffix are measured on the model with its blocks cut out,
+the optimizer step on the real optimizer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .meter import MemoryMeter
-from .policies import Policy, applied
+from .policies import find_blocks
 from .recompute import EXTRA_FLOP_FORMULAS
 
 
@@ -396,25 +409,34 @@ class _Cut(torch.autograd.Function):
         return g, None, None, None, None, None
 
 
-@dataclass(frozen=True)
-class _CutOut(Policy):
-    like: torch.Tensor = field(compare=False)
-    meter: _Meter = field(compare=False)
-    stash: list = field(compare=False)
-    keep_output: bool = False
+@contextlib.contextmanager
+def _blocks_cut_out(model, like, meter, stash, keep_output: bool):
+    """Inside, the model's first block runs ``_Cut`` and the other blocks pass their input
+    through: the trunk runs as if the blocks had no cost. (Instance forwards, removed after, as
+    policies install theirs; the module tree stays whole, so every parameter is still counted.)"""
+    blocks = find_blocks(model)
 
-    def segments(self, n_blocks):
-        return [range(0, n_blocks)]
-
-    def run(self, segment, x, store):
+    def cut(x, *args, **kwargs):
         anchor = torch.empty(0, requires_grad=True)  # makes the output need a gradient
-        return _Cut.apply(x, anchor, self.like, self.meter, self.stash, self.keep_output)
+        return _Cut.apply(x, anchor, like, meter, stash, keep_output)
+
+    for block, forward in zip(blocks, [cut] + [_pass_through] * (len(blocks) - 1), strict=True):
+        block.forward = forward
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
+
+
+def _pass_through(x, *args, **kwargs):
+    return x
 
 
 def _run_trunk(model, batch, like, keep_output: bool, accumulate: bool = False):
     meter, stash = _Meter(), []
     _existing_gradients(model, accumulate)
-    with applied(model, _CutOut(like, meter, stash, keep_output)), meter:
+    with _blocks_cut_out(model, like, meter, stash, keep_output), meter:
         meter.track(model)
         start = meter.live_bytes
         with meter.phase("forward"):
@@ -438,7 +460,7 @@ def _run_trunk(model, batch, like, keep_output: bool, accumulate: bool = False):
 
 def _trunk_flops(model, batch, like) -> int:
     counter = _flop_counter()
-    with applied(model, _CutOut(like, _Meter(), [], False)), counter:
+    with _blocks_cut_out(model, like, _Meter(), [], False), counter:
         model.loss(batch).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
@@ -534,8 +556,6 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
     ``train`` runs it (AdamW unless ``optimizer`` says otherwise; ``None``: no optimizer).
     ``accumulate``: a micro-batch after the first under gradient accumulation, where every
     gradient exists from the start."""
-    from .policies import find_blocks
-
     blocks = find_blocks(model)
     model.train()
     size = {} if batch_size is None else {"batch_size": batch_size}

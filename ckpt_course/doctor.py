@@ -24,7 +24,6 @@ cheapest fix the planner finds, apply it, and show that it fits and what it cost
 
 from __future__ import annotations
 
-import argparse
 import copy
 import re
 import statistics
@@ -35,19 +34,10 @@ from torch import nn
 
 from .meter import MemoryMeter, parse_budget
 from .models import GPTConfig, TinyGPT
-from .plan import (
-    Prediction,
-    _budget_arg,
-    _count_arg,
-    as_policy,
-    measure_costs,
-    min_devices,
-    optimal,
-    predict,
-    shard,
-)
+from .plan import Prediction, as_policy, measure_costs, optimal, predict
 from .policies import applied
 from .recompute import measure_recompute
+from .sharding import min_devices, shard
 from .step import StepRecord, check_run, make_batch, make_optimizer, run_step, seeded
 from .units import fmt_bytes, fmt_flops
 
@@ -564,31 +554,3 @@ def demo(timing: bool = True) -> DoctorReport:
     with seeded(0):
         model = TinyGPT(DEMO_CONFIG)
     return doctor(model, None, DEMO_BATCH, timing=timing)
-
-
-# ---------------------------------------------------------------- the command line
-def add_doctor_arguments(parser: argparse.ArgumentParser) -> None:
-    """``ckpt-course doctor``: --model, --layers, --batch, --seq, --budget, --steps."""
-    parser.add_argument("--model", choices=("hand-trace", "gpt", "llama-tiny"), default="gpt",
-                        help="which course model (default: gpt)")
-    parser.add_argument("--layers", type=_count_arg, help="number of blocks")
-    parser.add_argument("--batch", type=_count_arg, help="batch size (default 8; hand-trace 512)")
-    parser.add_argument("--seq", type=_count_arg, help="sequence length")
-    parser.add_argument("--budget", type=_budget_arg, required=True,
-                        help="memory to fit in, e.g. 20MiB (on CPU the meter enforces it)")
-    parser.add_argument("--steps", type=_count_arg, default=3, help="training steps (default 3)")
-    parser.add_argument("--no-timing", action="store_true", help="skip the step-time comparison")
-
-
-def run_doctor(args) -> int:
-    """Print the report. Exit code 0 if the setup fits or the fix was verified to fit, 1 if not
-    (e.g. only sharding would help, which a single process cannot verify)."""
-    from .cli import build_model
-
-    model = build_model(args.model, args.layers)
-    batch = args.batch or (512 if args.model == "hand-trace" else 8)
-    report = doctor(model, args.budget, batch, args.seq, args.steps, timing=not args.no_timing)
-    print(report)
-    fits = report.run.fits or (report.verification is not None and report.verification.run.fits)
-    return 0 if fits else 1
-

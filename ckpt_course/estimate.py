@@ -27,7 +27,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .models import GPTBlock, GPTConfig, Llama, LlamaBlock, LlamaConfig, TinyGPT
 from .tape import record_tape
-from .units import fmt_bytes
+from .units import check_positive_int, fmt_bytes
 
 # Optimizer state per parameter. AdamW keeps two moments (exp_avg, exp_avg_sq); we assume fp32
 # moments, as mixed-precision training does: 2 x 4 bytes. (torch's own AdamW stores them in the
@@ -165,8 +165,8 @@ def _check_config(cfg):
 
 def _check(cfg, batch_size: int, seq_len: int, dtype: torch.dtype):
     _check_config(cfg)
-    if batch_size < 1 or seq_len < 1:
-        raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("seq_len", seq_len)
     if seq_len > cfg.seq_len:
         raise ValueError(f"seq_len {seq_len} is longer than the config's seq_len {cfg.seq_len}; "
                          f"use dataclasses.replace(cfg, seq_len={seq_len})")

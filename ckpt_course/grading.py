@@ -52,7 +52,6 @@ The learner's file is only ever read. This module imports no torch; the check mo
 
 from __future__ import annotations
 
-import argparse
 import ast
 import contextlib
 import csv
@@ -525,68 +524,3 @@ def _report_names(notebooks: list[str]) -> list[str]:
 
 def _num(x: float) -> str:
     return f"{x:g}"
-
-
-# ---------------------------------------------------------------- command line
-
-
-def positive_seconds(text: str) -> float:
-    """An argparse type: a positive, finite number of seconds."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
-    return value
-
-
-def add_grade_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from ckpt_course.units import positive_int
-
-    parser.add_argument("notebooks", nargs="+", metavar="NOTEBOOK", help="learners' .ipynb files")
-    parser.add_argument("--exercises", default="exercises", metavar="DIR",
-                        help="folder of the pristine exercises (and src/), default: exercises")
-    parser.add_argument("--timeout", type=positive_seconds, default=60, metavar="S",
-                        help="seconds allowed per cell and per checked call (default 60)")
-    parser.add_argument("--jobs", type=positive_int, default=None,
-                        help="notebooks graded at once (default: the number of cores)")
-    parser.add_argument("--csv", metavar="FILE", help="write a gradebook: a row per notebook")
-    parser.add_argument("--json", metavar="FILE", help="write the scorecards as JSON")
-    parser.add_argument("--feedback", metavar="DIR", help="write each learner a markdown report")
-    return parser
-
-
-def run_grade(args) -> int:
-    """0: every notebook graded with full marks; 1: some lost points or could not be graded;
-    2: bad options (nothing graded)."""
-    try:
-        cards = grade(args.notebooks, args.exercises, args.timeout, jobs=args.jobs,
-                      progress=lambda card: print(format_scorecards([card]), flush=True))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    failed = [c for c in cards if c.error]
-    if len(cards) > 1:
-        print(f"\n{len(cards)} notebooks, {sum(c.earned for c in cards):g}/"
-              f"{sum(c.points for c in cards):g} points; {len(failed)} could not be graded")
-    for why in sorted({c.sandbox for c in cards if c.sandbox}):
-        print(f"warning: learners' code ran without a sandbox ({why}); see grading.py",
-              file=sys.stderr)
-    if args.csv:
-        write_csv(cards, args.csv)
-    if args.json:
-        write_json(cards, args.json)
-    if args.feedback:
-        write_feedback(cards, args.feedback)
-    return 0 if all(c.full_marks for c in cards) else 1
-
-
-def grade_main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="ckpt-course grade",
-                                     description="Grade notebooks by their answer cells.")
-    return run_grade(add_grade_arguments(parser).parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(grade_main())

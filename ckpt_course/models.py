@@ -24,9 +24,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .units import check_positive_int
+
 
 def _randn(shape, generator):
     return torch.randn(shape, generator=generator)
+
+
+def _batch_shape(batch_size, seq_len, longest: int | None) -> tuple[int, int | None]:
+    """Check an example batch's size (and length, against the model's ``longest``) before any
+    work, with the fix in the message."""
+    check_positive_int("batch_size", batch_size)
+    if seq_len is not None:
+        check_positive_int("seq_len", seq_len)
+        if longest is not None and seq_len > longest:
+            raise ValueError(f"seq_len {seq_len} is longer than the model supports ({longest}, "
+                             f"its config's seq_len): use seq_len <= {longest}, or build the "
+                             f"model with a config of seq_len={seq_len}")
+    return batch_size, seq_len
 
 
 # ---------------------------------------------------------------- the hand-trace net
@@ -46,6 +61,7 @@ class HandTraceNet(nn.Module):
         return x
 
     def example_batch(self, batch_size: int = 512, seq_len=None, generator=None):
+        _batch_shape(batch_size, None, None)
         return (
             _randn((batch_size, self.width), generator),
             _randn((batch_size, self.width), generator),
@@ -137,7 +153,8 @@ class TinyGPT(nn.Module):
         T = idx.shape[1]
         if T > self.cfg.seq_len:
             raise ValueError(
-                f"sequence of {T} tokens is longer than the config's seq_len {self.cfg.seq_len}"
+                f"sequence of {T} tokens is longer than the config's seq_len {self.cfg.seq_len}: "
+                f"use at most {self.cfg.seq_len} tokens, or a config with a longer seq_len"
             )
         x = self.drop(self.tok(idx) + self.pos(torch.arange(T, device=idx.device)))
         for block in self.blocks:
@@ -145,6 +162,7 @@ class TinyGPT(nn.Module):
         return self.head(self.ln_f(x))
 
     def example_batch(self, batch_size: int = 8, seq_len: int | None = None, generator=None):
+        _batch_shape(batch_size, seq_len, self.cfg.seq_len)
         T = seq_len or self.cfg.seq_len
         idx = torch.randint(self.cfg.vocab_size, (batch_size, T + 1), generator=generator)
         return idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
@@ -175,7 +193,10 @@ class LlamaConfig:
         return replace(self, n_layer=n_layer)
 
 
-# Shapes of the Llama 2 family (7B/13B/70B) plus a tiny one that runs for real on a laptop.
+# The shapes of Llama 2 7B, 13B and 70B (6.74B, 13.0B and 68.98B parameters, as published; no
+# weights), a made-up "llama-1b" (Llama 3.2 1B's layer shape with Llama 2's 32000-token vocabulary
+# and an untied head: 1.10B parameters; no published model has it), and a tiny one that runs for
+# real on a laptop.
 LLAMA_PRESETS: dict[str, LlamaConfig] = {
     "llama-tiny": LlamaConfig(4, 128, 4, 2, 344, vocab_size=256, seq_len=128, name="llama-tiny"),
     "llama-1b": LlamaConfig(16, 2048, 32, 8, 8192, vocab_size=32000, seq_len=2048, name="llama-1b"),
@@ -269,12 +290,17 @@ class Llama(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
     def forward(self, idx):
+        if idx.shape[1] > self.cfg.seq_len:
+            raise ValueError(f"sequence of {idx.shape[1]} tokens is longer than the rotary table "
+                             f"(the config's seq_len {self.cfg.seq_len}): use at most "
+                             f"{self.cfg.seq_len} tokens, or a config with a longer seq_len")
         x = self.tok(idx)
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x))
 
     def example_batch(self, batch_size: int = 1, seq_len: int | None = None, generator=None):
+        _batch_shape(batch_size, seq_len, self.cfg.seq_len)
         T = seq_len or self.cfg.seq_len
         idx = torch.randint(self.cfg.vocab_size, (batch_size, T + 1), generator=generator)
         return idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
@@ -285,8 +311,37 @@ class Llama(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+# ---------------------------------------------------------------- the course models by name
+COURSE_MODELS = {"hand-trace": 512, "gpt": 8, "llama-tiny": 8}  # name -> default batch size
+
+
+def build_model(name: str, n_layer: int | None = None, d_model: int | None = None,
+                dropout: float = 0.0) -> nn.Module:
+    """A course model by name (``COURSE_MODELS``), with the config's defaults unless given."""
+    if name not in COURSE_MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(COURSE_MODELS)}")
+    for what, value in (("n_layer", n_layer), ("d_model", d_model)):
+        if value is not None:
+            check_positive_int(what, value)
+    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout is a probability in [0, 1), got {dropout!r}")
+    if name == "hand-trace":
+        if dropout:
+            raise ValueError("the hand-trace net has no dropout: leave dropout at 0")
+        return HandTraceNet(width=d_model or 512, depth=n_layer or 4)
+    if name == "gpt":
+        cfg = GPTConfig(dropout=dropout)
+        return TinyGPT(replace(cfg, n_layer=n_layer or cfg.n_layer, d_model=d_model or cfg.d_model))
+    if d_model is not None or dropout:
+        raise ValueError("llama-tiny has a fixed width and no dropout: give only n_layer")
+    cfg = LLAMA_PRESETS["llama-tiny"]
+    return Llama(cfg.with_layers(n_layer) if n_layer else cfg)
+
+
+def longest_sequence(model: nn.Module) -> int | None:
+    """The longest sequence ``model`` takes (its config's seq_len); None: it takes no sequence."""
+    cfg = getattr(model, "cfg", None)
+    return getattr(cfg, "seq_len", None)
 
 
 def sized(cpu, gpu):

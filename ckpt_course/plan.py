@@ -5,24 +5,12 @@ A model is a chain: a prefix (embeddings), blocks 0..L-1, a suffix (final norm, 
 forward and recomputes its blocks once at the start of its backward, a plain block keeps its tape.
 ``optimal(costs, budget)`` finds, by an exact dynamic program over the chain, the placement with
 the fewest recomputed FLOPs whose predicted peak fits the budget (like rotor, or Griewank's
-revolve restricted to one level of recomputation). ``Segments`` makes it a policy::
+revolve restricted to one level of recomputation). ``Prediction.policy`` is the placement as
+a ``Segments`` policy (``segments:0-2,5``), which every command and ``train`` accept::
 
     costs = measure_costs(model, batch_size=8)  # or config_costs("70b", 1, 4096): fake tensors
     plan = make_plan(costs, budget="40MiB")     # print(plan): the plan next to none/full/sqrt
     train(model, plan.policy, budget="40MiB")   # fits, and peaks where predict() said
-
-What is measured (``measure_costs``; ``config_costs`` does it for one fake block times L)
-Each block alone, under a ``MemoryMeter``, with a stand-in for the block above (its backward
-makes the gradient of the block's output) and below (it keeps the gradient of the input):
-the bytes of its input and output, what its forward keeps besides them, whether it keeps its
-input or output (ReLU's output is kept by ReLU *and* by the next Linear: counted once), the peaks
-of its forward, of its forward inside a checkpoint, of the recompute (which torch's
-non-reentrant checkpoint stops at the last saved tensor), and of its backward, plain and after a
-recompute (checkpoint hands each recomputed tensor over once, so it dies as soon as the op that
-reads it is done: a little earlier than in a plain backward). Each backward is measured twice:
-with the block's input kept alive by someone else, and without. FLOPs come from
-``FlopCounterMode``. The prefix and suffix are measured on the model with its blocks cut out,
-the optimizer step on the real optimizer.
 
 The memory model (live bytes, as the meter counts them), for a placement:
 - forward, segment s: F0 + Kept(<s) + s's input if no block before keeps it + s's own peak.
@@ -40,23 +28,22 @@ course models). Against the meter (``measure_peaks``: AdamW steps on one batch, 
 exact to the byte for the tiny GPT (sdpa or naive attention, with or without dropout), Llama
 and the hand-trace net, for every placement tried; tests check it. ``accumulate=True`` measures
 a micro-batch after the first under gradient accumulation (every gradient already there), also
-exact. ``shard`` (FSDP / ZeRO-3) and ``config_costs``' optimizer terms are estimates.
-The measuring lives in ``costs.py``; this module predicts and plans.
+exact. ``sharding.shard`` (FSDP / ZeRO-3) and ``config_costs``' optimizer terms are estimates.
+The measuring lives in ``costs.py`` (its docstring says what is measured); this module predicts
+and plans.
 """
 
 from __future__ import annotations
 
 import functools
-import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from .costs import Backward, ChainCosts, config_by_name, config_costs, config_names, measure_costs
+from .costs import ChainCosts, config_costs, measure_costs  # noqa: F401 (re-exported)
 from .meter import MemoryMeter, parse_budget
-from .policies import Policy, applied
+from .policies import NoCheckpoint, Policy, Segments, _Segmented, applied, parse_policy
 from .train import training_step
 from .units import fmt_bytes, fmt_flops
 
@@ -83,6 +70,8 @@ def checkpointed(placement: Placement) -> tuple[tuple[int, int], ...]:
 
 
 def every_k_placement(n: int, k: int) -> Placement:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"every-K needs an integer K >= 1, got {k!r}")
     return placement_from_checkpointed(n, [(i, min(i + k, n)) for i in range(0, n, k)])
 
 
@@ -98,81 +87,8 @@ def all_placements(n: int):
             yield (*rest[:-1], (rest[-1][0], n, True))
 
 
-# ---------------------------------------------------------------- the policy
-@dataclass(frozen=True)
-class Segments(Policy):
-    """Checkpoint exactly the given block ranges; every other block runs plain.
-
-    ``Segments(((0, 3), (5, 6)))`` checkpoints blocks 0-2 as one segment (one stored input, one
-    recompute of three blocks) and block 5 alone. Ranges are half-open ``(start, stop)``, as
-    ``range``. Written as text: ``segments:0-2,5`` (inclusive block numbers).
-    """
-
-    ranges: tuple[tuple[int, int], ...] = ()
-
-    def __post_init__(self):
-        try:
-            ranges = tuple(sorted((int(a), int(b)) for a, b in self.ranges))
-        except (TypeError, ValueError):
-            raise ValueError(f"Segments needs (start, stop) pairs of block numbers, e.g. "
-                             f"((0, 3), (5, 6)); got {self.ranges!r}") from None
-        for k, (a, b) in enumerate(ranges):
-            after = ranges[k + 1][0] if k + 1 < len(ranges) else math.inf
-            if not 0 <= a < b <= after:
-                raise ValueError(f"segments must be non-empty, start at block 0 or later and not "
-                                 f"overlap; got {list(ranges)}")
-        object.__setattr__(self, "ranges", ranges)
-
-    @classmethod
-    def parse(cls, text: str) -> Segments:
-        """``"0-2,5"`` -> ``Segments(((0, 3), (5, 6)))``: inclusive block numbers; ``a-b`` is one
-        segment, ``a..b`` is blocks a to b each checkpointed alone."""
-        body = text.strip().removeprefix("segments:")
-        ranges = []
-        for part in filter(None, (p.strip() for p in body.split(","))):
-            each = ".." in part
-            first, _, last = part.partition(".." if each else "-")
-            if part == "none":
-                continue
-            if not first.isdigit() or (last and not last.isdigit()):
-                raise ValueError(f"bad segments {text!r}: write inclusive block numbers, 'a-b' for "
-                                 f"one segment, 'a..b' for each block alone: 'segments:0-2,5..7'")
-            a, b = int(first), int(last or first) + 1
-            ranges += [(k, k + 1) for k in range(a, b)] if each else [(a, b)]
-        return cls(tuple(ranges))
-
-    def segments(self, n_blocks: int) -> list[range]:
-        if self.ranges and self.ranges[-1][1] > n_blocks:
-            raise ValueError(f"{self} reaches block {self.ranges[-1][1] - 1}, but the model has "
-                             f"{n_blocks} blocks (0..{n_blocks - 1})")
-        return [range(a, b) for a, b in self.ranges]
-
-    def run(self, segment, x, store):
-        return checkpoint(segment, x, use_reentrant=False)
-
-    def _what(self, n_blocks):
-        return "backward recomputes each checkpointed segment's forward once; other blocks plain"
-
-    def __str__(self):
-        parts, k, r = [], 0, self.ranges
-        while k < len(r):  # runs of single blocks, one after another, read "a..b"
-            m = k
-            while m + 1 < len(r) and r[m][1] - r[m][0] == 1 and r[m + 1] == (r[m][1], r[m][1] + 1):
-                m += 1
-            a, b = r[k]
-            parts.append(f"{a}..{r[m][0]}" if m > k + 1 else f"{a}" if b == a + 1 and m == k
-                         else f"{a}-{b - 1}" if m == k else f"{a},{r[m][0]}")
-            k = m + 1
-        return "segments:" + (",".join(parts) or "none")
-
-
-def as_policy(spec) -> Policy:
-    """``parse_policy`` that also reads ``"segments:0-2,5"``."""
-    from .policies import parse_policy
-
-    if isinstance(spec, str) and spec.strip().lower().startswith("segments:"):
-        return Segments.parse(spec)
-    return parse_policy(spec)
+# The planner's name for parse_policy, kept for callers written against it.
+as_policy = parse_policy
 
 
 # ---------------------------------------------------------------- the memory model
@@ -330,11 +246,9 @@ def predict(costs: ChainCosts, placement) -> Prediction:
 
 
 def as_placement(n: int, placement) -> Placement:
-    """A placement from a placement, a ``Segments``, or a policy string like "every-2"."""
+    """A placement from a placement, a whole-block policy, or its string like "every-2"."""
     if isinstance(placement, (str, Policy)):
-        from .policies import NoCheckpoint, _Segmented
-
-        policy = as_policy(placement)
+        policy = parse_policy(placement)
         if not isinstance(policy, (Segments, _Segmented, NoCheckpoint)):
             raise ValueError(f"the planner models whole-block checkpointing (none, full, every-K, "
                              f"sqrt, segments:...), not {policy}")
@@ -354,7 +268,21 @@ def as_placement(n: int, placement) -> Placement:
 # ---------------------------------------------------------------- the dynamic program
 def optimal(costs: ChainCosts, budget) -> Prediction | None:
     """The placement with the fewest recomputed FLOPs whose predicted peak fits ``budget``
-    (bytes, or a string like "40MiB"), or None if none fits. Exact for the memory model.
+    (bytes, or a string like "40MiB"), and among those the lowest peak; None if none fits.
+    Exact for the memory model. The DP below finds the fewest FLOPs; asking it again just under
+    the peak it found, until the FLOPs go up, gives the lowest peak at those FLOPs (the DP's
+    states know kept bytes, not the peak so far, so it cannot break the tie itself)."""
+    best = _cheapest(costs, parse_budget(budget))
+    while best is not None:
+        lower = _cheapest(costs, best.peak_bytes - 1)
+        if lower is None or lower.recompute_flops > best.recompute_flops:
+            return best
+        best = lower
+    return None
+
+
+def _cheapest(costs: ChainCosts, budget: float) -> Prediction | None:
+    """A placement with the fewest recomputed FLOPs whose predicted peak fits ``budget``.
 
     Scan the chain left to right. A state is (boundary i, does the block before keep x_i?);
     in it we keep every (Kept, FLOPs) pair no other pair beats on both: Kept, the bytes the
@@ -363,7 +291,6 @@ def optimal(costs: ChainCosts, budget) -> Prediction | None:
     from a pair if Kept + its highest moment fits; it adds its kept bytes and recompute.
     About L^2 segments per state, each checked in O(L): fast for L in the hundreds.
     """
-    budget = parse_budget(budget)
     n = costs.n
     start = (0, _left_holds(costs, None, 0))
     fronts = {start: [(0, 0, None)]}  # state -> [(kept, flops, back pointer)]
@@ -414,13 +341,13 @@ def brute_force(costs: ChainCosts, budget) -> Prediction | None:
     budget = parse_budget(budget)
     fits = [p for p in map(functools.partial(predict, costs), all_placements(costs.n))
             if p.peak_bytes <= budget]
-    return min(fits, key=lambda p: (p.recompute_flops, p.kept_bytes), default=None)
+    return min(fits, key=lambda p: (p.recompute_flops, p.peak_bytes), default=None)
 
 
 def optimal_frontier(costs: ChainCosts, most: int = 200) -> list[Prediction]:
-    """The exact memory-recompute frontier: for each peak the model can reach, the least
-    recompute. Walks down from no checkpointing: each step asks the DP for the cheapest
-    placement that peaks strictly lower than the last one found."""
+    """The exact memory-recompute frontier, Pareto points only (each peaks lower and recomputes
+    more than the one before). Walks down from no checkpointing: each step asks for the
+    cheapest placement (lowest peak among equally cheap) peaking strictly below the last."""
     out, budget = [], predict(costs, "none").peak_bytes
     while len(out) < most:
         best = optimal(costs, budget)
@@ -442,7 +369,7 @@ def measure_peaks(model: nn.Module, policy="none", batch_size: int | None = None
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     meter, peaks = MemoryMeter(), []
-    with torch.random.fork_rng(devices=[]), applied(model, as_policy(policy)), meter:
+    with torch.random.fork_rng(devices=[]), applied(model, parse_policy(policy)), meter:
         meter.track(model, optimizer)
         for _ in range(steps):
             training_step(model, optimizer, batch, meter)
@@ -450,37 +377,6 @@ def measure_peaks(model: nn.Module, policy="none", batch_size: int | None = None
     meter.untrack()
     model.zero_grad(set_to_none=True)
     return peaks
-
-
-def shard(costs: ChainCosts, devices: int) -> ChainCosts:
-    """Per-device costs when parameters, gradients and optimizer state are split over
-    ``devices`` (ZeRO-3 / FSDP ``fully_shard``), an estimate: each device keeps 1/N of them,
-    plus the parameters of the block that runs (gathered for its forward and backward) and that
-    block's full gradient until it is reduce-scattered. Activations are not split."""
-    if devices == 1:
-        return costs
-    n = devices
-    block = max((c.grad_bytes for c in costs.layers), default=0)
-    persistent = costs.param_bytes + costs.optimizer_bytes
-    trunk_grads = max(costs.param_bytes - costs.gradient_bytes, 0)
-    t = costs.trunk
-    trunk = replace(
-        t, base_bytes=t.base_bytes - persistent + persistent // n + block,
-        suffix_left=t.suffix_left - trunk_grads + trunk_grads // n,
-        backward_left=t.backward_left - trunk_grads + trunk_grads // n)
-
-    def split(back: Backward, g: int) -> Backward:
-        kept = g - g // n  # what reduce-scatter gives back after the block's backward
-        return replace(back, change_held=back.change_held - kept,
-                       change_free=back.change_free - kept)
-
-    layers = tuple(replace(c, grad_bytes=c.grad_bytes // n,
-                           backward=split(c.backward, c.grad_bytes),
-                           checkpointed_backward=split(c.checkpointed_backward, c.grad_bytes))
-                   for c in costs.layers)
-    return replace(costs, layers=layers, trunk=trunk, name=f"{costs.name} on {n} devices",
-                   param_bytes=costs.param_bytes // n, optimizer_bytes=costs.optimizer_bytes // n,
-                   notes=(*costs.notes, f"sharded over {n} devices (ZeRO-3/FSDP estimate)"))
 
 
 # ---------------------------------------------------------------- the plan and its report
@@ -508,16 +404,6 @@ class Plan:
         fitting = [(name, p) for name, p in self.alternatives.items()
                    if (name == "full" or name.startswith("every-")) and p.peak_bytes <= self.budget]
         return min(fitting, key=lambda item: item[1].recompute_flops, default=None)
-
-    def frontier(self) -> list[tuple[str, Prediction]]:
-        """The alternatives no other beats on both peak and recompute, by peak (and optimal)."""
-        rows = sorted(self.alternatives.items(), key=lambda kv: (kv[1].peak_bytes,
-                                                                 kv[1].recompute_flops))
-        out = []
-        for name, p in rows:
-            if not out or p.recompute_flops < out[-1][1].recompute_flops:
-                out.append((name, p))
-        return out
 
     def lowest_peak(self) -> tuple[str, Prediction]:
         return min(self.alternatives.items(), key=lambda kv: kv[1].peak_bytes)
@@ -588,94 +474,3 @@ def make_plan(costs: ChainCosts, budget) -> Plan:
         alternatives[f"every-{k}"] = predict(costs, every_k_placement(n, k))
     alternatives["sqrt"] = predict(costs, "sqrt")
     return Plan(costs, budget, optimal(costs, budget), alternatives)
-
-
-def min_devices(costs: ChainCosts, budget, most: int = 1024) -> tuple[int, Prediction] | None:
-    """The fewest devices (a power of two) over which sharding (``shard``) lets some placement
-    fit ``budget``, and that placement; None if not even ``most`` do."""
-    n = 1
-    while n <= most:
-        best = optimal(shard(costs, n), budget)
-        if best is not None:
-            return n, best
-        n *= 2
-    return None
-
-
-# ---------------------------------------------------------------- the command line
-def _budget_arg(text: str):
-    import argparse
-
-    try:
-        return parse_budget(text)
-    except (TypeError, ValueError) as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _config_arg(text: str):
-    import argparse
-
-    try:
-        return config_by_name(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _count_arg(text: str) -> int:
-    import argparse
-
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return int(text)
-
-
-def add_plan_arguments(parser) -> None:
-    """``ckpt-course plan``: --model or --config, --batch, --seq, --budget, --devices."""
-    what = parser.add_mutually_exclusive_group()
-    what.add_argument("--model", choices=("hand-trace", "gpt", "llama-tiny"),
-                      help="a course model, measured for real (default: gpt)")
-    what.add_argument("--config", type=_config_arg, metavar="NAME",
-                      help=f"a config measured on fake tensors: {', '.join(config_names())}")
-    parser.add_argument("--layers", type=_count_arg, help="number of blocks (course models)")
-    parser.add_argument("--batch", type=_count_arg, help="batch size (default: 8; configs 1)")
-    parser.add_argument("--seq", type=_count_arg, help="sequence length")
-    parser.add_argument("--budget", type=_budget_arg, required=True,
-                        help="memory per device, e.g. 80GiB or 40MiB")
-    parser.add_argument("--devices", type=_count_arg, default=1,
-                        help="shard parameters, gradients and optimizer state over N devices "
-                             "(FSDP / ZeRO-3 estimate; default 1)")
-    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
-                        help="dtype of a --config (default bf16)")
-
-
-def costs_from_args(args) -> ChainCosts:
-    """The measured costs that ``args`` (from ``add_plan_arguments``) describe."""
-    if args.config is not None:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-        seq = args.seq or args.config.seq_len
-        return config_costs(args.config, args.batch or 1, seq, dtype)
-    from .cli import build_model
-
-    name = args.model or "gpt"
-    model = build_model(name, args.layers)
-    batch = args.batch or (512 if name == "hand-trace" else 8)
-    return measure_costs(model, batch, args.seq)
-
-
-def run_plan(args) -> int:
-    """Print the plan. Exit code 0 if a placement fits, 1 if none does (the report says why
-    and, for configs, how many devices sharding needs)."""
-    costs = shard(costs_from_args(args), args.devices)
-    plan = make_plan(costs, args.budget)
-    print(plan.report())
-    if plan.fits:
-        return 0
-    if args.config is not None:
-        found = min_devices(costs, args.budget)
-        if found is not None:
-            n, best = found
-            print(f"Sharded over {n * args.devices} devices it fits: {best.policy}, peak "
-                  f"{fmt_bytes(best.peak_bytes)} per device, recompute {best.overhead:+.1%} of a "
-                  f"step (ckpt-course plan ... --devices {n * args.devices}).")
-    return 1
-

@@ -1,22 +1,29 @@
 """Checkpoint policies: which activations a model keeps for backward, and which it recomputes.
 
-A policy acts on ``model.blocks``, the model's sequence of layers (one tensor in, one out)::
+A policy acts on ``model.blocks``, the model's sequence of layers. A block's forward may take
+any positional and keyword arguments, tensors or not, and return a tensor or a tuple (a Hugging
+Face decoder layer: ``layer(hidden_states, attention_mask=..., position_embeddings=(cos, sin))``)::
 
     with applied(model, "every-2"):         # or: handle = apply_policy(model, "every-2")
         model.loss(batch).backward()         #     ...; handle.remove()
 
-The policies, each also written as a short string (``parse_policy``):
+The policies, each written as a short string that ``parse_policy`` reads and ``str`` writes back:
 
 - ``none``: every block keeps everything autograd saves.
-- ``full`` (= ``every-1``): each block runs under ``torch.utils.checkpoint.checkpoint``. Forward
-  keeps only each block's input; backward re-runs the block's forward to rebuild the rest.
-- ``every-K``: segments of K consecutive blocks, one checkpoint call per segment, which keeps only
-  the segment's input. Fewer stored inputs, but backward rebuilds a whole segment at once.
-  Unlike ``torch.utils.checkpoint.checkpoint_sequential``, the last segment is checkpointed too
+- ``full`` (= ``every-1``): each block runs under a non-reentrant ``torch.utils.checkpoint``.
+  Forward keeps only each block's inputs; backward re-runs the block's forward to rebuild the rest.
+- ``every-K``: segments of K consecutive blocks, one checkpoint per segment, which keeps only the
+  segment's inputs. Fewer stored inputs, but backward rebuilds a whole segment at once. Unlike
+  ``torch.utils.checkpoint.checkpoint_sequential``, the last segment is checkpointed too
   (``checkpoint_sequential`` always runs its last segment plainly, so ``segments=1`` saves nothing).
 - ``sqrt``: segments of K = ceil(sqrt(L)) blocks (Chen et al. 2016, "Training deep nets with
   sublinear memory cost"): ceil(L / K) <= K segment inputs stay stored and backward rebuilds one
   segment of K blocks at a time, so memory grows like sqrt(L), not L.
+- ``segments:0-2,5``: checkpoint exactly these segments (inclusive block numbers; ``a-b`` is one
+  segment, ``a..b`` is blocks a to b each alone), every other block plain: what the planner
+  prints. ``segments:none`` checkpoints nothing. ``segments:1;preserve_rng_state=False`` is the
+  switch a home-made checkpoint forgets: the recompute draws new dropout masks, so gradients are
+  no longer those of the forward that ran (lesson 1 shows it).
 - ``selective:save=OPS``: each block checkpointed, but the outputs of the named ops are kept
   (torch's selective activation checkpointing, ``CheckpointPolicy.MUST_SAVE``) and only the rest
   is recomputed. ``save=mm`` keeps the matmuls: backward re-runs only cheap elementwise ops.
@@ -25,14 +32,18 @@ The policies, each also written as a short string (``parse_policy``):
 - ``offload``: nothing is recomputed; each block's saved tensors are copied to host memory in
   forward and copied back in backward (``torch.autograd.graph.saved_tensors_hooks``).
 
-How a policy is applied: the first block of a segment gets an instance ``forward`` that runs the
-whole segment under the policy; the segment's other blocks get a pass-through ``forward``. The
-model's own loop (``for block in self.blocks: x = block(x)``) is unchanged, and ``remove()``
-deletes the instance attributes again: parameters, state_dict and module tree are never touched.
-This assumes the model calls its blocks in order, once each, feeding each output to the next.
+How a policy is applied: each block gets an instance ``forward`` that runs its own forward with
+the arguments the model passed. A segment is one checkpoint region that opens when the model
+calls the segment's first block and closes when its last block returns, so each block still gets
+its own keyword arguments; the recompute replays the segment's blocks with the arguments each
+was called with, feeding each the previous block's recomputed output. ``remove()`` deletes the
+instance attributes again: parameters, state_dict and module tree are never touched. Assumed:
+the model calls a segment's blocks in order, once each, and feeds each output (or one element of
+it) to the next block, with nothing in between that autograd saves.
 
-All checkpointing uses ``use_reentrant=False`` and the default ``preserve_rng_state=True``: the
-recompute replays the same dropout masks, so gradients are bit-identical to no policy.
+All checkpointing is torch's non-reentrant checkpoint (``use_reentrant=False`` behaviour) with
+``preserve_rng_state=True`` unless a segments policy turns it off: the recompute replays the same
+dropout masks, so gradients are bit-identical to no policy.
 """
 
 from __future__ import annotations
@@ -40,22 +51,25 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import sys
 import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from torch.utils.checkpoint import (
     CheckpointPolicy,
-    checkpoint,
+    _checkpoint_without_reentrant_generator,
     create_selective_checkpoint_contexts,
+    noop_context_fn,
 )
 
 from .units import fmt_bytes
 
-ACCEPTED = ("none, full, every-K (K >= 1), sqrt, selective:save=OPS, selective:recompute=OPS, "
-            "attn-core, offload")
+ACCEPTED = ("none, full, every-K (K >= 1), sqrt, segments:a-b,c (inclusive block numbers), "
+            "selective:save=OPS, selective:recompute=OPS, attn-core, offload")
 
 # ---------------------------------------------------------------- op names for selective policies
 _SDPA = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
@@ -98,15 +112,31 @@ def _packets(names: tuple[str, ...]) -> frozenset:
 # ---------------------------------------------------------------- the policies
 @dataclass(frozen=True)
 class Policy:
-    """Base class. A policy cuts the blocks into segments and says how a segment runs."""
+    """Base class. A policy cuts the blocks into segments and says how a segment runs: by
+    default each segment is one checkpoint region (``context_fn`` and ``preserve_rng_state`` as
+    in ``torch.utils.checkpoint.checkpoint``)."""
+
+    preserve_rng_state = True  # a class default; ``Segments`` makes it a field
 
     def segments(self, n_blocks: int) -> list[range]:
         """Blocks grouped as the policy runs them; the first block of each range is a boundary."""
         return [range(i, i + 1) for i in range(n_blocks)]
 
-    def run(self, segment, x: torch.Tensor, store: HostStore) -> torch.Tensor:
-        """Run one segment (a function of one tensor) under the policy."""
-        raise NotImplementedError
+    def context_fn(self):
+        """The (forward, recompute) contexts of one checkpoint region."""
+        return noop_context_fn()
+
+    def region(self, replay, params, store: HostStore, args, kwargs):
+        """A generator that opens the segment's region at its first ``next`` and closes it at
+        the second; ``replay(*args, **kwargs)`` re-runs the segment for the recompute.
+
+        torch's ``checkpoint(fn, ...)`` needs the whole segment as one function, but the model
+        calls each block itself with its own arguments; torch's composable ``checkpoint(module)``
+        (``torch.distributed._composable``) opens and closes the same non-reentrant region from
+        module hooks with this generator, and so do we, from the first and last block's call."""
+        return _checkpoint_without_reentrant_generator(
+            replay, self.preserve_rng_state, self.context_fn, "default", False, True,
+            *args, **kwargs)
 
     def describe(self, n_blocks: int) -> str:
         """Which blocks start a checkpointed segment, in words, e.g. for a lesson's table."""
@@ -116,7 +146,7 @@ class Policy:
                 f"{self._what(n_blocks)}")
 
     def _what(self, n_blocks: int) -> str:
-        return ""
+        return "backward recomputes each segment's forward once"
 
 
 @dataclass(frozen=True)
@@ -132,7 +162,7 @@ class NoCheckpoint(Policy):
 
 
 class _Segmented(Policy):
-    """Segments of ``segment_size(L)`` consecutive blocks, each run as one ``checkpoint`` call."""
+    """Segments of ``segment_size(L)`` consecutive blocks, each one checkpoint region."""
 
     def segment_size(self, n_blocks: int) -> int:
         raise NotImplementedError
@@ -141,21 +171,15 @@ class _Segmented(Policy):
         k = self.segment_size(n_blocks)
         return [range(i, min(i + k, n_blocks)) for i in range(0, n_blocks, k)]
 
-    def run(self, segment, x, store):
-        return checkpoint(segment, x, use_reentrant=False)
-
-    def _what(self, n_blocks):
-        return "backward recomputes each segment's forward once"
-
 
 @dataclass(frozen=True)
 class EveryK(_Segmented):
-    """Segments of ``k`` blocks. ``EveryK(1)`` is ``full``."""
+    """Segments of ``k`` consecutive blocks. ``EveryK(1)`` is ``full``."""
 
     k: int = 1
 
     def __post_init__(self):
-        if not isinstance(self.k, int) or self.k < 1:
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
             raise ValueError(f"every-K needs an integer K >= 1, got {self.k!r}")
 
     def segment_size(self, n_blocks: int) -> int:
@@ -181,6 +205,71 @@ class Sqrt(_Segmented):
 
 
 @dataclass(frozen=True)
+class Segments(Policy):
+    """Checkpoint exactly the given block ranges; every other block runs plain.
+
+    ``Segments(((0, 3), (5, 6)))`` checkpoints blocks 0-2 as one segment (one stored input, one
+    recompute of three blocks) and block 5 alone. Ranges are half-open ``(start, stop)``, as
+    ``range``. Written as text: ``segments:0-2,5`` (inclusive block numbers).
+    """
+
+    ranges: tuple[tuple[int, int], ...] = ()
+    preserve_rng_state: bool = True
+
+    def __post_init__(self):
+        try:
+            ranges = tuple(sorted((_block_number(a), _block_number(b)) for a, b in self.ranges))
+        except (TypeError, ValueError):
+            raise ValueError(f"Segments needs (start, stop) pairs of block numbers, e.g. "
+                             f"((0, 3), (5, 6)); got {self.ranges!r}") from None
+        for k, (a, b) in enumerate(ranges):
+            after = ranges[k + 1][0] if k + 1 < len(ranges) else math.inf
+            if not 0 <= a < b <= after:
+                raise ValueError(f"segments must be non-empty, start at block 0 or later and not "
+                                 f"overlap; got {list(ranges)}")
+        if not isinstance(self.preserve_rng_state, bool):
+            raise TypeError(f"preserve_rng_state is True or False, not {self.preserve_rng_state!r}")
+        object.__setattr__(self, "ranges", ranges)
+
+    @classmethod
+    def parse(cls, text: str) -> Segments:
+        """``"segments:0-2,5"`` -> ``Segments(((0, 3), (5, 6)))``."""
+        policy = parse_policy(text if text.strip().startswith("segments:") else f"segments:{text}")
+        if not isinstance(policy, Segments):
+            raise ValueError(f"{text!r} is not a segments policy (segments:0-2,5)")
+        return policy
+
+    def segments(self, n_blocks: int) -> list[range]:
+        if self.ranges and self.ranges[-1][1] > n_blocks:
+            raise ValueError(f"{self} reaches block {self.ranges[-1][1] - 1}, but the model has "
+                             f"{n_blocks} blocks (0..{n_blocks - 1}): name blocks below {n_blocks}")
+        return [range(a, b) for a, b in self.ranges]
+
+    def _what(self, n_blocks):
+        rng = "" if self.preserve_rng_state else " with fresh random numbers (dropout masks differ)"
+        return f"backward recomputes each checkpointed segment's forward once{rng}; others plain"
+
+    def __str__(self):
+        parts, k, r = [], 0, self.ranges
+        while k < len(r):  # runs of single blocks, one after another, read "a..b"
+            m = k
+            while m + 1 < len(r) and r[m][1] - r[m][0] == 1 and r[m + 1] == (r[m][1], r[m][1] + 1):
+                m += 1
+            a, b = r[k]
+            parts.append(f"{a}..{r[m][0]}" if m > k + 1 else f"{a}" if b == a + 1 and m == k
+                         else f"{a}-{b - 1}" if m == k else f"{a},{r[m][0]}")
+            k = m + 1
+        rng = "" if self.preserve_rng_state else ";preserve_rng_state=False"
+        return "segments:" + (",".join(parts) or "none") + rng
+
+
+def _block_number(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(value)
+    return value
+
+
+@dataclass(frozen=True)
 class Selective(Policy):
     """Each block checkpointed with torch's selective activation checkpointing (SAC).
 
@@ -201,13 +290,11 @@ class Selective(Policy):
             raise ValueError(f"unknown op name(s) {unknown or ['']} in {self}; known: "
                              f"{', '.join(OP_NAMES)}")
 
-    def run(self, segment, x, store):
+    def context_fn(self):
+        # A fresh policy function per region: its bookkeeping covers one region's forward.
         named = _packets(tuple(n for op in self.ops for n in OP_NAMES[op]))
-        # A fresh policy function per call: its bookkeeping covers one region's forward.
-        context_fn = functools.partial(create_selective_checkpoint_contexts,
-                                       _sac_policy(named, self.mode),
-                                       allow_cache_entry_mutation=True)
-        return checkpoint(segment, x, use_reentrant=False, context_fn=context_fn)
+        return create_selective_checkpoint_contexts(_sac_policy(named, self.mode),
+                                                    allow_cache_entry_mutation=True)
 
     def _what(self, n_blocks):
         verb = "keeps the outputs of" if self.mode == "save" else "recomputes only"
@@ -379,9 +466,9 @@ class HostStore:
 class Offload(Policy):
     """Each block runs under a ``HostStore``'s saved-tensor hooks; nothing is recomputed."""
 
-    def run(self, segment, x, store):
-        with store.hooks(segment.parameters()):
-            return segment(x)
+    def region(self, replay, params, store, args, kwargs):
+        with store.hooks(params):
+            yield
 
     def _what(self, n_blocks):
         return "each block's saved tensors go to host memory, nothing is recomputed"
@@ -391,26 +478,28 @@ class Offload(Policy):
 
 
 # ---------------------------------------------------------------- parsing
-def parse_policy(spec) -> Policy:
-    """A ``Policy`` from a string such as ``"every-2"`` or ``"selective:save=mm,sdpa"``.
+_SIMPLE = {"none": NoCheckpoint(), "full": EveryK(1), "sqrt": Sqrt(), "offload": Offload(),
+           "attn-core": Selective(("attn-core",), "recompute")}
 
-    Policy objects pass through unchanged.
-    """
+
+def parse_policy(spec) -> Policy:
+    """A ``Policy`` from a string such as ``"every-2"``, ``"segments:0-2,5"`` or
+    ``"selective:save=mm,sdpa"`` (``str(policy)`` reads back). Policy objects pass through."""
     if isinstance(spec, Policy):
         return spec
     if not isinstance(spec, str):
         raise TypeError(f"a policy is a Policy or a string ({ACCEPTED}), not {type(spec).__name__}")
     s = spec.strip().lower()
-    simple = {"none": NoCheckpoint(), "full": EveryK(1), "sqrt": Sqrt(), "offload": Offload(),
-              "attn-core": Selective(("attn-core",), "recompute")}
-    if s in simple:
-        return simple[s]
+    if s in _SIMPLE:
+        return _SIMPLE[s]
     if s.startswith("every-"):
         k = s.removeprefix("every-")
         if not k.isdigit() or int(k) < 1:
             raise ValueError(f"bad policy {spec!r}: K in every-K must be an integer >= 1; "
                              f"accepted: {ACCEPTED}")
         return EveryK(int(k))
+    if s.startswith("segments:"):
+        return _parse_segments(spec, s.removeprefix("segments:"))
     if s.startswith("selective:"):
         mode, eq, ops = s.removeprefix("selective:").partition("=")
         if not eq or mode not in ("save", "recompute"):
@@ -420,21 +509,116 @@ def parse_policy(spec) -> Policy:
     raise ValueError(f"unknown policy {spec!r}; accepted: {ACCEPTED}")
 
 
+def _parse_segments(spec: str, body: str) -> Segments:
+    body, _, option = body.partition(";")
+    option = option.replace(" ", "")
+    if option not in ("", "preserve_rng_state=false", "preserve_rng_state=true"):
+        raise ValueError(f"bad policy {spec!r}: the only option of segments is "
+                         f"';preserve_rng_state=False'")
+    ranges = []
+    for part in filter(None, (p.strip() for p in body.split(","))):
+        if part == "none":
+            continue
+        each = ".." in part
+        first, _, last = part.partition(".." if each else "-")
+        if not first.strip().isdigit() or (last and not last.strip().isdigit()):
+            raise ValueError(f"bad policy {spec!r}: write inclusive block numbers, 'a-b' for one "
+                             f"segment, 'a..b' for each block alone: 'segments:0-2,5..7'")
+        a, b = int(first), int(last or first) + 1
+        if b <= a:
+            raise ValueError(f"bad policy {spec!r}: in 'a-b' write the first block first")
+        ranges += [(k, k + 1) for k in range(a, b)] if each else [(a, b)]
+    if not ranges and body.strip() != "none":
+        raise ValueError(f"bad policy {spec!r}: name the blocks, e.g. 'segments:0-1,4-5' "
+                         f"(or 'segments:none')")
+    return Segments(tuple(ranges), option != "preserve_rng_state=false")
+
+
 # ---------------------------------------------------------------- applying and removing
-class _Segment:
-    """Consecutive blocks run as one function, with the blocks' own (class) forwards."""
+class _Link:
+    """In a recorded call: "this argument is leaf ``index`` of the previous block's output"."""
 
-    def __init__(self, blocks):
-        self.blocks = list(blocks)
-        self.forwards = [b.forward for b in self.blocks]  # bound before any override
+    def __init__(self, index: int):
+        self.index = index
 
-    def __call__(self, x):
-        for forward in self.forwards:
-            x = forward(x)
-        return x
 
-    def parameters(self):
-        return (p for b in self.blocks for p in b.parameters())
+class _Region:
+    """One segment: its blocks, called by the model one after another, in one region.
+
+    The first block's call opens the region (``policy.region``) with that block's arguments,
+    which the region keeps for the recompute; each later block's arguments are recorded, with
+    the previous block's output replaced by a ``_Link`` (so the region does not keep it alive);
+    the last block's return closes the region. An error inside closes it too, so no hooks stay
+    installed and the model can run again."""
+
+    def __init__(self, handle: AppliedPolicy, blocks: list[nn.Module]):
+        self.handle, self.blocks = handle, blocks
+        self.forwards = [b.forward for b in blocks]  # the blocks' own, bound before any override
+        self._open = None  # the running region's generator
+        self._calls = None  # later blocks' recorded arguments, for this forward's recompute
+        self._previous = None  # the leaves of the last block's output, until the next call
+        self._next = 0
+
+    def __call__(self, k: int, args, kwargs):
+        if k == 0:
+            self._abandon()
+            self._calls = []
+            params = [p for b in self.blocks for p in b.parameters()]
+            replay = functools.partial(_replay, self.forwards, self._calls)
+            self._open = self.handle.policy.region(replay, params, self.handle.store, args, kwargs)
+            next(self._open)
+        else:
+            self._record(k, args, kwargs)
+        try:
+            out = self.forwards[k](*args, **kwargs)
+        except BaseException as error:
+            self._abandon(error)
+            raise
+        if k == len(self.blocks) - 1:
+            region, self._open, self._previous = self._open, None, None
+            next(region, None)  # closes it (the generator ends)
+        else:
+            self._previous, self._next = tree_leaves(out), k + 1
+        return out
+
+    @property
+    def is_open(self) -> bool:
+        return self._open is not None
+
+    def _record(self, k: int, args, kwargs) -> None:
+        leaves, spec = tree_flatten((args, kwargs))
+        previous = {id(t): i for i, t in enumerate(self._previous or ())
+                    if isinstance(t, torch.Tensor)}
+        linked = [_Link(previous[id(t)]) if isinstance(t, torch.Tensor) and id(t) in previous
+                  else t for t in leaves]
+        if self._open is None or k != self._next or not any(isinstance(t, _Link) for t in linked):
+            error = RuntimeError(
+                f"block {k} of a checkpointed segment ran without block {k - 1}'s output: a "
+                f"multi-block segment needs the model to call its blocks in order, feeding each "
+                f"output to the next; use full, selective or offload (one block per segment)")
+            self._abandon(error)
+            raise error
+        self._calls.append((linked, spec))
+
+    def _abandon(self, error: BaseException | None = None) -> None:
+        """Close a region left open (an error in a block, or a forward that stopped early)."""
+        region, self._open, self._previous, self._next = self._open, None, None, 0
+        if region is None:
+            return
+        with contextlib.suppress(BaseException):
+            region.throw(error or RuntimeError("forward stopped inside a checkpointed segment"))
+
+
+def _replay(forwards, calls, *args, **kwargs):
+    """The segment's recompute: each block with its recorded arguments, the links filled in
+    with the previous block's recomputed output."""
+    out = forwards[0](*args, **kwargs)
+    for forward, (linked, spec) in zip(forwards[1:], calls, strict=True):
+        previous = tree_leaves(out)
+        leaves = [previous[t.index] if isinstance(t, _Link) else t for t in linked]
+        args_k, kwargs_k = tree_unflatten(leaves, spec)
+        out = forward(*args_k, **kwargs_k)
+    return out
 
 
 class _Forward:
@@ -443,12 +627,8 @@ class _Forward:
     def __init__(self, handle: AppliedPolicy, run):
         self.handle, self.run = handle, run
 
-    def __call__(self, x):
-        return self.run(x)
-
-
-def _pass_through(x):
-    return x
+    def __call__(self, *args, **kwargs):
+        return self.run(*args, **kwargs)
 
 
 def _installed(block: nn.Module) -> _Forward | None:
@@ -459,20 +639,34 @@ def _installed(block: nn.Module) -> _Forward | None:
 class AppliedPolicy:
     """What ``apply_policy`` returns: ``remove()`` undoes it; ``stats`` counts offload traffic."""
 
-    def __init__(self, blocks: list[nn.Module], policy: Policy):
+    def __init__(self, model: nn.Module, blocks: list[nn.Module], policy: Policy):
         self.blocks, self.policy, self.store = blocks, policy, HostStore()
         self.stats = self.store.stats
         runs = [block.forward for block in blocks]  # outside any segment: the block's own
+        self.regions = []
         for s in policy.segments(len(blocks)):
-            segment = _Segment(blocks[i] for i in s)
-            runs[s.start] = functools.partial(policy.run, segment, store=self.store)
-            for i in s[1:]:
-                runs[i] = _pass_through  # the segment's first block already ran this one
+            region = _Region(self, [blocks[i] for i in s])
+            self.regions.append(region)
+            for k, i in enumerate(s):
+                runs[i] = functools.partial(_call_region, region, k)
         for block, run in zip(blocks, runs, strict=True):
             block.forward = _Forward(self, run)
+        # An error between blocks (in the model's own code, or a module hook) never reaches a
+        # region: the model's forward closes whatever is left open when it ends.
+        self._closer = model.register_forward_hook(self._close_regions, always_call=True)
+
+    def _close_regions(self, module, args, output) -> None:
+        left_open = [r for r in self.regions if r.is_open]
+        for region in left_open:
+            region._abandon()
+        if left_open and sys.exc_info()[0] is None:
+            raise RuntimeError(f"{type(module).__name__}'s forward ended inside a checkpointed "
+                               f"segment: under {self.policy} the model must call every block "
+                               f"of a segment, in order")
 
     def remove(self) -> None:
         """Give the blocks their own forward back. Safe to call twice."""
+        self._closer.remove()
         for block in self.blocks:
             if (forward := _installed(block)) is not None and forward.handle is self:
                 del block.forward
@@ -487,6 +681,10 @@ class AppliedPolicy:
         return f"AppliedPolicy({self.policy}, {len(self.blocks)} blocks)"
 
 
+def _call_region(region: _Region, k: int, *args, **kwargs):
+    return region(k, args, kwargs)
+
+
 def find_blocks(model: nn.Module, blocks=None) -> list[nn.Module]:
     """The blocks a policy acts on: ``blocks`` if given, else ``model.blocks``."""
     if blocks is None:
@@ -494,11 +692,10 @@ def find_blocks(model: nn.Module, blocks=None) -> list[nn.Module]:
         if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
             raise ValueError(
                 f"{type(model).__name__} has no non-empty `blocks`: give the model a `blocks` "
-                "nn.ModuleList of layers (one tensor in, one out), or pass blocks= explicitly")
+                "nn.ModuleList of layers, or pass blocks= explicitly")
     blocks = list(blocks)
     if not blocks or not all(isinstance(b, nn.Module) for b in blocks):
-        raise ValueError("blocks= must be a non-empty sequence of nn.Module layers "
-                         "(one tensor in, one out)")
+        raise ValueError("blocks= must be a non-empty sequence of nn.Module layers")
     return blocks
 
 
@@ -513,7 +710,7 @@ def apply_policy(model: nn.Module, policy, blocks=None) -> AppliedPolicy:
         if "forward" in vars(block):
             raise RuntimeError(f"block {i} already has an instance-level forward (another "
                                "wrapper?): remove it before applying a checkpoint policy")
-    return AppliedPolicy(blocks, policy)
+    return AppliedPolicy(model, blocks, policy)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,11 @@ AdamW steps, and measures on each rank:
   left out), which under full checkpointing are the blocks' inputs plus what the head keeps.
 
 ``measure_single`` measures the same model, policy and batch in this process, without FSDP.
+
+The model for N devices: ``shard(costs, n)`` turns a chain's measured costs into per-device ones
+(ZeRO-3 / FSDP, an estimate), so the planner can place checkpoints on each device and
+``min_devices`` find how many devices a budget needs. ``per_gpu_bytes`` / ``min_gpus`` are its
+closed form, state / N + activations, for arithmetic by hand (tests hold them together).
 """
 
 from __future__ import annotations
@@ -30,13 +35,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .costs import Backward, ChainCosts
+from .meter import parse_budget
 from .models import GPTConfig, TinyGPT
+from .plan import Prediction, optimal
 from .policies import apply_policy
 from .units import fmt_bytes
 
@@ -225,21 +233,83 @@ def run_fsdp(world_size: int = 2, config: GPTConfig = SMALL, policy: str = "full
     return ShardingResult(single, ranks, seconds)
 
 
-# ---------------------------------------------------------------- the arithmetic for N GPUs
+# ---------------------------------------------------------------- the model for N devices
+def shard(costs: ChainCosts, devices: int) -> ChainCosts:
+    """Per-device costs when parameters, gradients and optimizer state are split over
+    ``devices`` (ZeRO-3 / FSDP ``fully_shard``), an estimate: each device keeps 1/N of them,
+    plus the parameters of the block that runs (gathered for its forward and backward) and that
+    block's full gradient until it is reduce-scattered. Activations are not split."""
+    check = f"devices is a whole number >= 1, got {devices!r}"
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise ValueError(check)
+    if devices == 1:
+        return costs
+    n = devices
+    block = max((c.grad_bytes for c in costs.layers), default=0)
+    persistent = costs.param_bytes + costs.optimizer_bytes
+    trunk_grads = max(costs.param_bytes - costs.gradient_bytes, 0)
+    t = costs.trunk
+    trunk = replace(
+        t, base_bytes=t.base_bytes - persistent + persistent // n + block,
+        suffix_left=t.suffix_left - trunk_grads + trunk_grads // n,
+        backward_left=t.backward_left - trunk_grads + trunk_grads // n)
+
+    def split(back: Backward, g: int) -> Backward:
+        kept = g - g // n  # what reduce-scatter gives back after the block's backward
+        return replace(back, change_held=back.change_held - kept,
+                       change_free=back.change_free - kept)
+
+    layers = tuple(replace(c, grad_bytes=c.grad_bytes // n,
+                           backward=split(c.backward, c.grad_bytes),
+                           checkpointed_backward=split(c.checkpointed_backward, c.grad_bytes))
+                   for c in costs.layers)
+    return replace(costs, layers=layers, trunk=trunk, name=f"{costs.name} on {n} devices",
+                   param_bytes=costs.param_bytes // n, optimizer_bytes=costs.optimizer_bytes // n,
+                   notes=(*costs.notes, f"sharded over {n} devices (ZeRO-3/FSDP estimate)"))
+
+
+def min_devices(costs: ChainCosts, budget, most: int = 4096) -> tuple[int, Prediction] | None:
+    """The fewest devices over which sharding (``shard``) lets some placement fit ``budget``,
+    and that placement (the planner's optimum on each device); None if not even ``most`` do.
+    More devices never need more bytes each, so: double until it fits, then bisect."""
+    budget = parse_budget(budget)
+    fits = {}
+
+    def fit(n):
+        if n not in fits:
+            fits[n] = optimal(shard(costs, n), budget)
+        return fits[n]
+
+    high = 1
+    while fit(high) is None:
+        if high >= most:
+            return None
+        high = min(2 * high, most)
+    low = high // 2  # does not fit (or 0)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if fit(mid) is not None else (mid, high)
+    return high, fits[high]
+
+
 def per_gpu_bytes(n_params: int, n_gpus: int, activation_bytes: int,
                   bytes_per_param: float = 2 + 2 + 8) -> float:
-    """Bytes per GPU with the model state fully sharded over ``n_gpus`` (FSDP / ZeRO-3):
-    ``n_params * bytes_per_param / n_gpus + activation_bytes``. The default 12 bytes per
-    parameter: bf16 parameter (2) + bf16 gradient (2) + two fp32 AdamW moments (8)."""
-    if n_gpus < 1:
-        raise ValueError(f"n_gpus must be >= 1, got {n_gpus}")
+    """The closed form of ``shard``'s split: bytes per GPU with the model state fully sharded
+    over ``n_gpus``, ``n_params * bytes_per_param / n_gpus + activation_bytes``. The default 12
+    bytes per parameter: bf16 parameter (2) + bf16 gradient (2) + two fp32 AdamW moments (8).
+    It adds the activations to the whole state as if both were alive at once, and leaves out
+    what ``shard`` knows (the running block's gathered parameters and full gradient, when each
+    is alive, the optimizer's temporaries): arithmetic by hand; the planner uses ``shard``."""
+    if isinstance(n_gpus, bool) or not isinstance(n_gpus, int) or n_gpus < 1:
+        raise ValueError(f"n_gpus is a whole number >= 1, got {n_gpus!r}")
     return n_params * bytes_per_param / n_gpus + activation_bytes
 
 
 def min_gpus(n_params: int, activation_bytes: int, gpu_bytes: float,
              bytes_per_param: float = 2 + 2 + 8) -> int | None:
-    """The fewest GPUs whose share fits ``gpu_bytes``; None if activations alone do not fit
-    (sharding the model state cannot help then: checkpoint, or shard the activations too)."""
+    """The fewest GPUs whose share (``per_gpu_bytes``) fits ``gpu_bytes``; None if activations
+    alone do not fit (sharding the model state cannot help then: checkpoint, or shard the
+    activations too)."""
     room = gpu_bytes - activation_bytes
     if room <= 0:
         return None

@@ -7,9 +7,9 @@ Three questions, each answered by running real steps under a ``MemoryMeter``:
   gradients, optimizer state, activations and temporaries. Measure step 2, not step 1: AdamW
   creates its state (two moments per parameter) during the first ``optimizer.step()``, so only
   from step 2 on is every category present. ``breakdown_sweep`` repeats it over sizes.
-- What does checkpointing ONE block change? ``CheckpointBlocks((1,))`` is a policy that wraps only
-  the named blocks in ``torch.utils.checkpoint``; every tool that takes a policy (``measure_step``,
-  ``measure_recompute``, ``check_gradients``, ``train``) accepts it.
+- What does checkpointing ONE block change? ``CheckpointBlocks((1,))`` is ``segments:1``, the
+  policy that wraps only the named blocks in ``torch.utils.checkpoint``; every tool that takes a
+  policy (``measure_step``, ``measure_recompute``, ``check_gradients``, ``train``) accepts it.
 - How does the segment size N of ``every-N`` move memory and recompute? ``dial(model, batch)``
   measures every N from 1 to L once (saved bytes after forward, peak, recompute FLOPs, the
   live-bytes timeline), so a slider can redraw from the measurements without running anything.
@@ -25,10 +25,9 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from .meter import MemoryMeter
-from .policies import Policy, applied
+from .policies import Segments, applied
 from .recompute import count_step
 from .step import StepRecord, check_run, make_batch, make_optimizer, run_step, seeded
 from .train import measure_step
@@ -81,35 +80,14 @@ def estimate_categories(estimate, policy: str = "none") -> dict[str, int]:
 
 
 # ---------------------------------------------------------------- checkpoint chosen blocks
-@dataclass(frozen=True)
-class CheckpointBlocks(Policy):
-    """Checkpoint only the blocks at ``indices`` (each on its own); the others run plainly.
-
-    ``preserve_rng_state=False`` is the switch a home-made checkpoint forgets: the recompute then
-    draws new dropout masks, and the gradients are no longer those of the forward that ran.
-    """
-
-    indices: tuple[int, ...] = (0,)
-    preserve_rng_state: bool = True
-
-    def __post_init__(self):
-        if not self.indices or not all(isinstance(i, int) and i >= 0 for i in self.indices):
-            raise ValueError(f"indices must be a non-empty tuple of block numbers (ints >= 0), "
-                             f"got {self.indices!r}")
-
-    def segments(self, n_blocks: int) -> list[range]:
-        if max(self.indices) >= n_blocks:
-            raise ValueError(f"block {max(self.indices)} does not exist: the model has "
-                             f"{n_blocks} blocks (0 to {n_blocks - 1})")
-        return [range(i, i + 1) for i in sorted(set(self.indices))]
-
-    def run(self, segment, x, store):
-        return checkpoint(segment, x, use_reentrant=False,
-                          preserve_rng_state=self.preserve_rng_state)
-
-    def __str__(self):
-        rng = "" if self.preserve_rng_state else ", preserve_rng_state=False"
-        return f"checkpoint blocks {list(self.indices)}{rng}"
+def CheckpointBlocks(indices=(0,), preserve_rng_state: bool = True) -> Segments:  # noqa: N802
+    """The ``Segments`` policy that checkpoints only the blocks at ``indices``, each alone
+    (lesson 1's name for it); ``preserve_rng_state=False`` reads
+    ``segments:1;preserve_rng_state=False``."""
+    if not indices or not all(isinstance(i, int) and i >= 0 for i in indices):
+        raise ValueError(f"indices must be a non-empty tuple of block numbers (ints >= 0), "
+                         f"got {indices!r}")
+    return Segments(tuple((i, i + 1) for i in sorted(set(indices))), preserve_rng_state)
 
 
 # ---------------------------------------------------------------- the every-N dial

@@ -1,7 +1,5 @@
 """Bytes and FLOPs formatted in one place, so every table and message reads the same; and the
-command line's counts parsed in one place, so every bad number gets the same clear error."""
-
-import argparse
+API's counts checked in one place, so every bad number gets the same clear error."""
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 
@@ -30,12 +28,10 @@ def fmt_flops(n: float) -> str:
     return f"{int(n)} FLOP"
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1, or a usage error saying so."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+def check_positive_int(name: str, value) -> int:
+    """For the API: ``value`` must be a whole number >= 1 (not a bool, not a float)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} is a whole number >= 1, got {value!r}: pass an int such as 8")
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
+        raise ValueError(f"{name} must be >= 1, got {value}: pass a positive number such as 8")
     return value

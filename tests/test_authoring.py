@@ -7,7 +7,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from ckpt_course import authoring
+from ckpt_course import authoring, cli
 from ckpt_course.authoring import AuthoringError, tagged_name
 
 TOY = Path(__file__).parent / "data" / "src" / "0_toy.py"
@@ -114,7 +114,7 @@ def test_stale_detection(course):
     src, sol, ex = course / "exercises" / "src", course / "solutions", course / "exercises"
     assert authoring.stale_notebooks(src, sol, ex) == []
     authoring.check_fresh(src, sol, ex)
-    assert authoring.build_main(["--src", str(src), "--solutions", str(sol),
+    assert cli.build_main(["--src", str(src), "--solutions", str(sol),
                                  "--exercises", str(ex), "--check"]) == 0
 
     source = src / "0_toy.py"
@@ -122,9 +122,9 @@ def test_stale_detection(course):
                                                  "BATCH, WIDTH, LAYERS = 4, 32, 3"))
     assert authoring.is_stale(source, sol, ex)
     assert authoring.stale_notebooks(src, sol, ex) == [sol / "0_toy.ipynb", ex / "0_toy.ipynb"]
-    with pytest.raises(AuthoringError, match="out of date.*python -m ckpt_course.authoring"):
+    with pytest.raises(AuthoringError, match="out of date.*ckpt-course build-exercises"):
         authoring.check_fresh(src, sol, ex)
-    assert authoring.build_main(["--src", str(src), "--solutions", str(sol),
+    assert cli.build_main(["--src", str(src), "--solutions", str(sol),
                                  "--exercises", str(ex), "--check"]) == 1
 
     # the exercise was still pristine, so a rebuild may replace it without --force
@@ -146,7 +146,7 @@ def test_build_never_overwrites_a_learners_work(course):
     with pytest.raises(AuthoringError, match=r"edits that are not in .*mv .*--force"):
         authoring.build_all(src, sol, ex)
     assert (ex / "0_toy.ipynb").read_bytes() == work
-    assert authoring.build_main(["--src", str(src), "--solutions", str(sol),
+    assert cli.build_main(["--src", str(src), "--solutions", str(sol),
                                  "--exercises", str(ex)]) == 1
     assert (ex / "0_toy.ipynb").read_bytes() == work
 

@@ -82,3 +82,27 @@ def test_reset_exercises_moves_edited_work_aside_and_restores_the_stub(tmp_path,
     assert exercise.read_text() == pristine
     assert "moved to" in capsys.readouterr().out
     assert main(["reset-exercises", "9_nope", "--src", src, "--exercises", folder]) == 2
+
+
+def test_a_policy_the_planner_prints_works_in_every_command(capsys, tmp_path):
+    """``plan`` prints a segments policy; ``train``, ``compare`` and ``train()`` take it back."""
+    from ckpt_course.costs import measure_costs
+    from ckpt_course.models import build_model
+    from ckpt_course.plan import predict
+    from ckpt_course.train import train
+
+    size = ["--model", "gpt", "--layers", "3", "--batch", "4", "--seq", "32"]
+    costs = measure_costs(build_model("gpt", 3), 4, 32)
+    full, none = predict(costs, "full").peak_bytes, predict(costs, "none").peak_bytes
+    assert main(["plan", *size, "--budget", str((full + none) // 2)]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("Optimal: "))
+    policy = line.split()[1]
+    assert policy.startswith("segments:") and policy != "segments:none"
+    assert main(["train", *size, "--steps", "1", "--policy", policy]) == 0
+    assert main(["compare", "--layers", "3", "--width", "32", "--heads", "2", "--seq", "8",
+                 "--batch", "2", "--steps", "1", "--policies", f"none,{policy}",
+                 "--out", str(tmp_path / "compare.png")]) == 0
+    assert policy in capsys.readouterr().out
+    record = train(build_model("gpt", 3), policy, steps=1, batch_size=4, seq_len=32,
+                   progress=False)[0]
+    assert record.recompute_flops == predict(costs, policy).recompute_flops

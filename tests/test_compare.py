@@ -7,17 +7,15 @@ import matplotlib.image
 import pytest
 import torch
 
+from ckpt_course.cli import add_compare_arguments, run_compare, split_policies
 from ckpt_course.compare import (
-    add_compare_arguments,
     batch_sweep,
     best_fit,
     compare,
     layer_memory,
     measure_split,
     rank_ops,
-    run_compare,
     selective_from_ranking,
-    split_policies,
 )
 from ckpt_course.estimate import layer_activation_bytes
 from ckpt_course.models import GPTConfig, TinyGPT

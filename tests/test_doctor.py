@@ -6,7 +6,8 @@ import argparse
 import pytest
 import torch
 
-from ckpt_course.doctor import add_doctor_arguments, doctor, prescribe, run_doctor, run_steps
+from ckpt_course.cli import add_doctor_arguments, run_doctor
+from ckpt_course.doctor import doctor, prescribe, run_steps
 from ckpt_course.models import GPTConfig, TinyGPT
 from ckpt_course.plan import measure_costs, predict
 from ckpt_course.units import KiB, MiB, fmt_bytes

@@ -15,7 +15,7 @@ import pytest
 import torch
 from grading_kit import CHECKS, POINTS, RIGHT, STUB, build_course, hints, learner, results, save
 
-from ckpt_course import authoring, grading
+from ckpt_course import authoring, cli, grading
 from ckpt_course.authoring import AuthoringError, tagged_name
 from ckpt_course.grade_worker import MAX_MESSAGE, WireError, from_wire, receive, to_wire
 from ckpt_course.grading import CheckResult, GradingError, Scorecard
@@ -209,7 +209,7 @@ def test_reports(tmp_path):
                                             ("inf", "positive"), ("abc", "number of seconds")])
 def test_timeout_must_be_a_positive_number_before_any_work(course, capsys, value, message):
     with pytest.raises(SystemExit) as stop:
-        grading.grade_main(["whatever.ipynb", "--timeout", value])
+        cli.grade_main(["whatever.ipynb", "--timeout", value])
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and "whatever" not in err.split("usage")[0]
@@ -218,9 +218,11 @@ def test_timeout_must_be_a_positive_number_before_any_work(course, capsys, value
 
 
 def test_a_missing_exercises_folder_is_a_usage_error(tmp_path, capsys):
-    assert grading.grade_main([str(tmp_path / "a.ipynb"), "--exercises",
-                               str(tmp_path / "nowhere")]) == 2
-    assert "no exercises folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        cli.grade_main([str(tmp_path / "a.ipynb"), "--exercises", str(tmp_path / "nowhere")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "nowhere does not exist" in err and "Traceback" not in err
 
 
 def test_grading_and_authoring_do_not_import_torch():
@@ -326,7 +328,7 @@ def test_command_line_writes_gradebook_and_feedback(course, tmp_path, capsys):
     empty = tmp_path / "cat" / "0_selftest.ipynb"
     empty.parent.mkdir()
     empty.touch()
-    code = grading.grade_main([str(good), str(bad), str(empty), "--exercises",
+    code = cli.grade_main([str(good), str(bad), str(empty), "--exercises",
                                str(course / "exercises"), "--timeout", "20", "--jobs", "1",
                                "--csv", str(tmp_path / "c.csv"), "--feedback",
                                str(tmp_path / "fb")])

@@ -1,13 +1,13 @@
 """The planner: its memory model against the meter, its dynamic program against brute force, the
 closed forms it must reproduce, the Segments policy, configs on fake tensors, the command."""
 
-import argparse
 import math
 import random
 
 import pytest
 import torch
 
+from ckpt_course.cli import main
 from ckpt_course.costs import (
     Backward,
     ChainCosts,
@@ -18,8 +18,6 @@ from ckpt_course.costs import (
 )
 from ckpt_course.models import GPTConfig, HandTraceNet, TinyGPT
 from ckpt_course.plan import (
-    Segments,
-    add_plan_arguments,
     all_placements,
     brute_force,
     checkpointed,
@@ -27,12 +25,14 @@ from ckpt_course.plan import (
     make_plan,
     measure_peaks,
     optimal,
+    optimal_frontier,
     predict,
-    run_plan,
 )
+from ckpt_course.policies import Segments, parse_policy
 from ckpt_course.recompute import measure_recompute
+from ckpt_course.sharding import min_devices, shard
 from ckpt_course.train import train
-from ckpt_course.units import GiB, MiB
+from ckpt_course.units import MiB, fmt_bytes
 
 SMALL_GPT = GPTConfig(n_layer=4, d_model=64, n_head=4, seq_len=32)
 
@@ -73,7 +73,7 @@ def test_all_placements_counts_every_way_to_cut_a_chain():
     assert len(set(all_placements(6))) == sum(1 for _ in all_placements(6))
 
 
-@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("seed", range(60))
 def test_dp_equals_brute_force_on_random_chains(seed):
     rng = random.Random(seed)
     costs = random_costs(rng, rng.randint(1, 7))
@@ -81,9 +81,36 @@ def test_dp_equals_brute_force_on_random_chains(seed):
     for budget in {peaks[0] - 1, peaks[0], peaks[len(peaks) // 3], peaks[-1], peaks[-1] + 5}:
         dp, brute = optimal(costs, max(budget, 1)), brute_force(costs, max(budget, 1))
         assert (dp is None) == (brute is None), f"budget {budget}"
-        if dp is not None:
-            assert dp.recompute_flops == brute.recompute_flops
+        if dp is not None:  # the fewest FLOPs, and among those the lowest peak
+            assert (dp.recompute_flops, dp.peak_bytes) == (brute.recompute_flops,
+                                                           brute.peak_bytes)
             assert dp.peak_bytes <= budget
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_frontier_is_exactly_the_pareto_points_of_every_placement(seed):
+    rng = random.Random(seed)
+    costs = random_costs(rng, rng.randint(1, 6))
+    points = {(p.peak_bytes, p.recompute_flops)
+              for p in map(lambda q: predict(costs, q), all_placements(costs.n))}
+    pareto = sorted(p for p in points
+                    if not any(q != p and q[0] <= p[0] and q[1] <= p[1] for q in points))
+    frontier = sorted((p.peak_bytes, p.recompute_flops) for p in optimal_frontier(costs))
+    assert frontier == pareto
+
+
+def test_equally_cheap_placements_are_broken_by_the_lower_peak():
+    """Two 2-block segments cost the same recompute; the one at the start peaks lower."""
+    costs = ChainCosts((LayerCost.simple(1, 2, 1),) * 4)
+    cheap = {str(Segments(checkpointed(p))): predict(costs, p) for p in all_placements(4)}
+    first, second = cheap["segments:0-1"], cheap["segments:1-2"]
+    assert first.recompute_flops == second.recompute_flops
+    assert first.peak_bytes < second.peak_bytes <= 10
+    best = optimal(costs, 10)
+    assert best.recompute_flops == first.recompute_flops
+    assert best.peak_bytes == min(p.peak_bytes for p in cheap.values()
+                                  if p.recompute_flops == best.recompute_flops and
+                                  p.peak_bytes <= 10)
 
 
 def test_dp_equals_brute_force_on_ten_layers():
@@ -157,8 +184,8 @@ def test_recompute_flops_match_the_counter_for_segments(gpt):
     model, costs = gpt
     batch = model.example_batch(4, generator=torch.Generator().manual_seed(0))
     for policy in ("full", "segments:0-2", "segments:1,2-3"):
-        assert measure_recompute(model, batch, Segments.parse(policy) if ":" in policy
-                                 else policy).flops == predict(costs, policy).recompute_flops
+        assert measure_recompute(model, batch, policy).flops == \
+            predict(costs, policy).recompute_flops
 
 
 def test_micro_batch_costs_predict_accumulation_steps():
@@ -202,55 +229,40 @@ def test_70b_plans_on_fake_tensors_in_seconds():
     costs = config_costs("70b", 1, 4096)
     layer = costs.layers[0]
     assert costs.n == 80 and layer.input_bytes == 4096 * 8192 * 2  # bf16 residual stream
-    # the tape of one layer, ~1.64 GiB as the field notes measured; in bf16 the norm saves a
-    # float32 copy of the block input, not the input itself
-    assert not layer.saves_input and 1.6 * GiB < layer.kept_bytes < 1.7 * GiB
+    # in bf16 the norm saves a float32 copy of the block input, not the input itself
+    assert not layer.saves_input and layer.kept_bytes > 2 * layer.input_bytes
     assert costs.param_bytes == pytest.approx(69e9 * 2, rel=0.01)
     plan = make_plan(costs, "80GiB")
     assert not plan.fits and "parameters alone need" in plan.advice()
 
 
-def parse(*argv):
-    parser = argparse.ArgumentParser(prog="plan", exit_on_error=False)
-    add_plan_arguments(parser)
-    return parser.parse_args(argv)
-
-
 def test_plan_command_prints_the_plan(capsys):
-    args = parse("--model", "hand-trace", "--layers", "3", "--batch", "64", "--budget", "2GiB")
-    assert run_plan(args) == 0
+    argv = ["plan", "--model", "hand-trace", "--layers", "3", "--batch", "64", "--budget", "2GiB"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "optimal: segments:none" in out and "+0.0% of a plain step" in out
 
 
 def test_plan_command_for_70b_says_to_shard(capsys):
-    args = parse("--config", "70b", "--batch", "1", "--seq", "4096", "--budget", "80GiB")
-    assert run_plan(args) == 1
+    assert main(["plan", "--config", "70b", "--batch", "1", "--seq", "4096",
+                 "--budget", "80GiB"]) == 1
     out = capsys.readouterr().out
-    assert "the parameters alone need 128.48 GiB, more than the budget 80.00 GiB" in out
-    assert "Sharded over 16 devices it fits" in out
-
-
-@pytest.mark.parametrize("argv, message", [
-    (("--budget", "lots"), "not understood"),
-    (("--budget=-3GiB",), "not understood"),
-    (("--budget", "0"), "positive"),
-    (("--config", "90b", "--budget", "1GiB"), "unknown config '90b'; choose one of"),
-])
-def test_plan_command_rejects_bad_input_clearly(argv, message, capsys):
-    parser = argparse.ArgumentParser(prog="plan")
-    add_plan_arguments(parser)
-    with pytest.raises(SystemExit):
-        parser.parse_args(argv)
-    assert message in capsys.readouterr().err
+    costs = config_costs("70b", 1, 4096)
+    assert (f"the parameters alone need {fmt_bytes(costs.param_bytes)}, more than the budget "
+            f"80.00 GiB") in out
+    n, best = min_devices(costs, "80GiB")
+    assert optimal(shard(costs, n - 1), "80GiB") is None  # the fewest devices
+    assert f"Sharded over {n} devices it fits: {best.policy}" in out
+    assert parse_policy(str(best.policy)) == best.policy  # a policy every command accepts
 
 
 def test_budget_below_the_parameters_says_so_with_numbers():
     costs = measure_costs(TinyGPT(SMALL_GPT), 4)
     plan = make_plan(costs, 512 * 1024)
     assert plan.best is None
-    assert plan.advice().startswith("the parameters alone need 917.50 KiB, more than the budget "
-                                    "512.00 KiB")
+    assert plan.advice().startswith(f"the parameters alone need {fmt_bytes(costs.param_bytes)}, "
+                                    "more than the budget 512.00 KiB")
+    assert costs.param_bytes > 512 * 1024
     assert "Shard" in plan.advice()
     with pytest.raises(ValueError, match="nothing fits"):
         print(plan.policy)

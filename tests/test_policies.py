@@ -5,7 +5,6 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import (
     CheckpointPolicy,
-    checkpoint,
     checkpoint_sequential,
     create_selective_checkpoint_contexts,
 )
@@ -15,6 +14,7 @@ from ckpt_course.policies import (
     EveryK,
     NoCheckpoint,
     Offload,
+    Segments,
     Selective,
     Sqrt,
     applied,
@@ -74,16 +74,9 @@ def test_every_policy_gives_bit_identical_gradients(name, policy):
     assert all(torch.equal(got[n], expected[n]) for n in expected), policy
 
 
-class FullWithoutRng(EveryK):
-    """``full`` with ``preserve_rng_state=False``: the recompute draws fresh dropout masks."""
-
-    def run(self, segment, x, store):
-        return checkpoint(segment, x, use_reentrant=False, preserve_rng_state=False)
-
-
 def test_without_preserved_rng_state_dropout_gradients_differ():
     model, batch, expected = reference("gpt-naive")
-    with applied(model, FullWithoutRng(1)):
+    with applied(model, "segments:0..3;preserve_rng_state=False"):
         got = gradients(model, batch)
     # the recompute drew new dropout masks, so backward used masks forward never applied
     assert not torch.equal(got["blocks.0.mlp.0.weight"], expected["blocks.0.mlp.0.weight"])
@@ -103,10 +96,9 @@ def test_naming_ops_alone_is_not_enough_for_selective_dropout():
         return CheckpointPolicy.PREFER_RECOMPUTE if recompute else CheckpointPolicy.MUST_SAVE
 
     class NaiveSelective(EveryK):
-        def run(self, segment, x, store):
-            context_fn = functools.partial(create_selective_checkpoint_contexts, naive_policy,
-                                           allow_cache_entry_mutation=True)
-            return checkpoint(segment, x, use_reentrant=False, context_fn=context_fn)
+        def context_fn(self):
+            return create_selective_checkpoint_contexts(naive_policy,
+                                                        allow_cache_entry_mutation=True)
 
     with applied(model, NaiveSelective(1)):
         wrong = gradients(model, batch)
@@ -366,3 +358,152 @@ def test_offload_moves_what_the_tape_says_the_blocks_save():
     with applied(model, "offload") as handle:
         model.loss(batch).backward()
     assert handle.stats.bytes_to_host == handle.stats.bytes_to_device == in_blocks > 0
+
+
+# ---------------------------------------------------------------- blocks with keyword arguments
+class DecoderLayer(nn.Module):
+    """Shaped like a Hugging Face decoder layer: hidden states, keyword tensors (a mask, rotary
+    cos/sin), a non-tensor flag and a per-layer keyword; returns a tuple or a tensor."""
+
+    def __init__(self, index, d=16, as_tuple=True):
+        super().__init__()
+        self.index, self.as_tuple = index, as_tuple
+        self.norm, self.q, self.k, self.v = (nn.LayerNorm(d), nn.Linear(d, d), nn.Linear(d, d),
+                                             nn.Linear(d, d))
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None,
+                use_cache=False, layer_idx=None, **kwargs):
+        assert layer_idx == self.index and use_cache is False and kwargs == {"cache": None}
+        cos, sin = position_embeddings
+        h = self.norm(hidden_states)
+        q, k = self.q(h) * cos + self.k(h) * sin, self.k(h) * cos - self.q(h) * sin
+        att = (q @ k.transpose(-2, -1) / 4 + attention_mask).softmax(-1)
+        x = hidden_states + self.drop(self.drop(att) @ self.v(h)) * (1 + layer_idx)
+        x = x + self.drop(self.mlp(x))
+        return (x, None) if self.as_tuple else x
+
+
+class Decoder(nn.Module):
+    """A model that loops its layers passing keyword arguments, as Hugging Face models do."""
+
+    def __init__(self, as_tuple, n=4, d=16):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(32, d), nn.Linear(d, 32)
+        self.blocks = nn.ModuleList(DecoderLayer(i, d, as_tuple) for i in range(n))
+        self.d = d
+
+    def forward(self, idx):
+        T = idx.shape[1]
+        mask = torch.full((T, T), float("-inf")).triu(1)
+        angles = torch.arange(T)[:, None] * torch.arange(self.d)[None] / self.d
+        cos, sin = angles.cos(), angles.sin()
+        x = self.embed(idx)
+        for i, layer in enumerate(self.blocks):
+            out = layer(x, attention_mask=mask, position_embeddings=(cos, sin), use_cache=False,
+                        layer_idx=i, cache=None)
+            x = out[0] if isinstance(out, tuple) else out
+        return self.head(x)
+
+    def example_batch(self, batch_size=2, seq_len=None, generator=None):
+        idx = torch.randint(32, (batch_size, (seq_len or 8) + 1), generator=generator)
+        return idx[:, :-1], idx[:, 1:]
+
+    def loss(self, batch):
+        idx, targets = batch
+        return nn.functional.cross_entropy(self(idx).flatten(0, 1), targets.flatten())
+
+
+KWARG_POLICIES = ["none", "full", "every-2", "sqrt", "every-4", "segments:0-1,3",
+                  "segments:1-3", "selective:save=mm", "selective:recompute=softmax", "offload"]
+
+
+@pytest.mark.parametrize("as_tuple", [True, False])
+@pytest.mark.parametrize("policy", KWARG_POLICIES)
+def test_blocks_with_keyword_arguments_train_with_bit_identical_gradients(policy, as_tuple):
+    torch.manual_seed(0)
+    model = Decoder(as_tuple).train()
+    batch = model.example_batch(generator=torch.Generator().manual_seed(1))
+    expected = gradients(model, batch)
+    with applied(model, policy):
+        got = gradients(model, batch)
+        again = gradients(model, batch)  # the region closes: a second step runs the same
+    assert all(torch.equal(got[n], expected[n]) and torch.equal(again[n], expected[n])
+               for n in expected), policy
+
+
+@pytest.mark.parametrize("policy", ["every-2", "segments:0-3"])
+def test_a_segment_keeps_only_its_inputs_when_blocks_take_keywords(policy):
+    """Across a segment of blocks called with keywords, only the segment's inputs stay saved."""
+    torch.manual_seed(0)
+    model = Decoder(as_tuple=True)
+    idx = model.example_batch()[0]
+    with applied(model, policy):
+        saves = outer_saves(lambda: model(idx))
+    segments = parse_policy(policy).segments(4)
+    x0 = [t for t in saves if t.shape == (2, 8, 16)]
+    assert len(x0) == len(segments)  # one hidden-states input per segment, nothing inside
+
+
+def test_an_error_inside_a_segment_leaves_no_hooks_installed():
+    torch.manual_seed(0)
+    model = Decoder(as_tuple=True).train()
+    batch = model.example_batch()
+    expected = gradients(model, batch)
+
+    def boom(*args, **kwargs):
+        raise KeyError("boom")
+
+    with applied(model, "every-4"):
+        own = model.blocks[2].forward.run
+        model.blocks[2].forward.run = boom
+        with pytest.raises(KeyError):
+            model.loss(batch)
+        assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+        model.blocks[2].forward.run = own
+        got = gradients(model, batch)
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
+
+
+@pytest.mark.parametrize("policy", ["every-2", "segments:0-1"])
+def test_a_segment_whose_blocks_are_not_chained_says_so(policy):
+    model = HandTraceNet(width=8, depth=4)
+    x = torch.randn(2, 8)
+    with applied(model, policy), pytest.raises(RuntimeError, match="without block 0's output"):
+        model.blocks[0](x)
+        model.blocks[1](x)  # not block 0's output
+
+
+# ---------------------------------------------------------------- one vocabulary
+ALL_POLICIES = [NoCheckpoint(), EveryK(1), EveryK(3), Sqrt(), Offload(), Selective(("mm",)),
+                Selective(("sdpa", "softmax"), "recompute"), Selective(("attn-core",), "recompute"),
+                Segments(()), Segments(((0, 2),)), Segments(((0, 1), (1, 2), (2, 3), (5, 7))),
+                Segments(((1, 2),), preserve_rng_state=False),
+                Segments(((0, 1), (3, 4)), preserve_rng_state=False)]
+
+
+@pytest.mark.parametrize("policy", ALL_POLICIES, ids=str)
+def test_every_policy_type_reads_back_from_its_string(policy):
+    assert parse_policy(str(policy)) == policy
+    assert parse_policy(f" {str(policy).upper()} ") == policy
+
+
+def test_segments_text():
+    assert str(Segments(((0, 1), (1, 2), (2, 3), (5, 7)))) == "segments:0..2,5-6"
+    assert parse_policy("segments:0-2,5") == Segments(((0, 3), (5, 6)))
+    assert parse_policy("segments:4..6") == Segments(((4, 5), (5, 6), (6, 7)))
+    assert str(Segments(((1, 2),), False)) == "segments:1;preserve_rng_state=False"
+    assert Segments.parse("0-1") == Segments(((0, 2),))
+
+
+@pytest.mark.parametrize("policy", ["every-2", "segments:0-1,3", "offload"])
+def test_train_runs_a_model_whose_blocks_take_keywords(policy):
+    from ckpt_course.train import train
+
+    def losses(p):
+        torch.manual_seed(0)
+        return [r.loss for r in train(Decoder(as_tuple=True), p, steps=2, batch_size=2,
+                                      progress=False)]
+
+    assert losses(policy) == losses("none")

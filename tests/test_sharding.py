@@ -42,3 +42,25 @@ def test_the_arithmetic_for_n_gpus():
     assert min_gpus(n_params, gpu + 1, gpu) is None  # activations alone do not fit
     with pytest.raises(ValueError, match="n_gpus"):
         per_gpu_bytes(n_params, 0, acts)
+
+
+def test_the_closed_form_is_shard_without_the_running_block():
+    """``per_gpu_bytes`` is ``shard``'s split of the state in closed form; ``shard`` also knows
+    when activations, gradients and the gathered block are alive, which the closed form adds up
+    as if all were at once."""
+    from ckpt_course.estimate import parameter_count
+    from ckpt_course.models import llama_config
+    from ckpt_course.plan import config_costs, predict
+    from ckpt_course.sharding import min_devices, shard
+
+    costs = config_costs("7b", 1, 4096)
+    n_params = parameter_count(llama_config("7b"))
+    for n in (1, 3, 8, 64):
+        sharded = shard(costs, n)
+        state = sharded.param_bytes + sharded.optimizer_bytes  # bf16 weights, fp32 Adam moments
+        assert abs(state - per_gpu_bytes(n_params, n, 0, bytes_per_param=2 + 8)) < 2
+        # the whole sharded state (weights, gradients, moments) is alive at the optimizer step
+        assert per_gpu_bytes(n_params, n, 0) <= predict(sharded, "full").peak_bytes
+    budget = 24 * 2**30
+    n, best = min_devices(costs, budget)
+    assert best.peak_bytes <= budget < predict(shard(costs, n - 1), "full").peak_bytes

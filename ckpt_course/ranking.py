@@ -1,0 +1,140 @@
+"""Which ops to recompute: one block's ops ranked by the saved bytes they make per FLOP.
+
+``rank_ops(model)`` takes one block's tape (every tensor autograd saves, deduplicated, parameters
+left out) and credits each saved storage to the aten op that made it; recomputing that op frees
+those bytes for its forward FLOPs. ``selective_from_ranking`` turns the ranking into a selective
+policy: recompute from the top while the FLOPs stay under a cap, save the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .policies import OP_NAMES, EveryK, Policy, Selective
+from .recompute import counting
+from .units import fmt_bytes, fmt_flops
+
+SHORT_NAMES = {aten: short for short, atens in OP_NAMES.items() if short != "attn-core"
+               for aten in atens}  # "addmm" -> "mm", "native_layer_norm" -> "layernorm", ...
+BLOCK_INPUT = "input"  # the block's input: made before the block, kept by every policy
+
+
+@dataclass(frozen=True)
+class OpCost:
+    """One kind of op in a block: the saved bytes it produced and what recomputing it costs."""
+
+    op: str  # short policy name ("mm", "sdpa", "gelu", "layernorm"), else the aten name ("add")
+    saved_bytes: int  # bytes of saved storages this op made (what saving its outputs keeps)
+    flops: int  # its forward FLOPs in the block (what recomputing it costs; 0 = elementwise)
+    calls: int
+
+    @property
+    def nameable(self) -> bool:
+        """Can a selective policy name it (``selective:save=<op>``)?"""
+        return self.op in OP_NAMES
+
+    @property
+    def bytes_per_flop(self) -> float:
+        """Bytes freed per FLOP of recompute: infinite for ops that cost no FLOPs."""
+        if self.flops == 0:
+            return math.inf if self.saved_bytes else 0.0
+        return self.saved_bytes / self.flops
+
+
+class _Producers(TorchDispatchMode):
+    """Remembers which aten op made each storage (views and in-place ops keep the first)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made: dict[int, tuple[object, str]] = {}  # id(storage) -> (storage, op name)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                self.made.setdefault(id(storage), (storage, func.overloadpacket.__name__))
+        return out
+
+
+def _block_input(model, batch, index: int) -> torch.Tensor:
+    """What block ``index`` receives in a forward of ``model.loss(batch)``."""
+    seen = []
+    hook = model.blocks[index].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            model.loss(batch)
+    finally:
+        hook.remove()
+    return seen[0].detach().requires_grad_()
+
+
+def rank_ops(model, batch_size: int = 8, seq_len: int | None = None, block: int = 0,
+             seed: int = 0) -> list[OpCost]:
+    """Every kind of op of one block, ranked by saved bytes per recompute FLOP (best first).
+
+    Saved bytes: the block's tape (every storage autograd saves, deduplicated, parameters left
+    out), each storage credited to the op that made it, which is what keeping that op's output
+    keeps. FLOPs: the op's forward FLOPs, counted by ``recompute.counting``.
+    """
+    device = next(model.parameters()).device
+    batch = model.example_batch(batch_size, seq_len, generator=torch.Generator().manual_seed(seed))
+    x = _block_input(model, tuple(t.to(device) for t in batch), block)
+    module = model.blocks[block]
+    params = {id(p.untyped_storage()) for p in [*module.parameters(), *module.buffers()]}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if id(storage) not in params:
+            saved[id(storage)] = storage
+        return t
+
+    producers = _Producers()
+    producers.made[id(x.untyped_storage())] = (x.untyped_storage(), BLOCK_INPUT)
+    with counting() as counts, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with producers:
+            module(x)
+    by_op: dict[str, list[int]] = {}  # op -> [saved bytes, flops, calls]
+    for key, storage in saved.items():
+        op = producers.made[key][1]
+        by_op.setdefault(SHORT_NAMES.get(op, op), [0, 0, 0])[0] += storage.nbytes()
+    for name, n in counts.ops.items():
+        op = name.removeprefix("aten.")
+        entry = by_op.setdefault(SHORT_NAMES.get(op, op), [0, 0, 0])
+        entry[1] += counts.flops_by_op.get(name, 0)
+        entry[2] += n
+    costs = [OpCost(op, b, f, c) for op, (b, f, c) in by_op.items() if b or f]
+    return sorted(costs, key=lambda c: (-c.bytes_per_flop, -c.saved_bytes, c.op))
+
+
+def selective_from_ranking(ranking: list[OpCost], max_recompute_flops: int = 0) -> Policy:
+    """A selective policy from a ranking: recompute ops from the top of the ranking (most bytes
+    per FLOP) while their FLOPs add up to at most ``max_recompute_flops``; save the rest.
+
+    Only nameable ops can be saved; the others are recomputed anyway (save-mode recomputes all
+    it is not told to keep). When nothing is left to save the policy is ``full``.
+    """
+    spent, save = 0, []
+    for cost in ranking:
+        if cost.op == BLOCK_INPUT:
+            continue
+        if spent + cost.flops <= max_recompute_flops:
+            spent += cost.flops
+        elif cost.nameable:
+            save.append(cost.op)
+    save.sort(key=list(OP_NAMES).index)  # a canonical order: "mm,sdpa" however they ranked
+    return Selective(tuple(save), "save") if save else EveryK(1)
+
+
+def format_ranking(ranking: list[OpCost]) -> str:
+    lines = [f"{'op':<16} {'saved':>11} {'FLOPs':>12} {'bytes/FLOP':>11}  calls"]
+    for c in ranking:
+        ratio = "inf" if c.bytes_per_flop == math.inf else f"{c.bytes_per_flop:.4f}"
+        lines.append(f"{c.op:<16} {fmt_bytes(c.saved_bytes):>11} {fmt_flops(c.flops):>12} "
+                     f"{ratio:>11}  {c.calls}")
+    return "\n".join(lines)
