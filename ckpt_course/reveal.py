@@ -19,15 +19,18 @@ RIGHT = "right"
 # A ratio within 10% of a bucket counts as that bucket: typical mistakes are whole factors.
 BUCKET_TOLERANCE = 1.10
 CLOSE_TOLERANCE = 0.02  # within 2% of the derivation: a small term was missed or added
-DEFAULT_WHY: dict[float, str] = {
+BYTE_UNITS = {"B", "bytes", "KiB", "MiB", "GiB", "A", "act"}
+BYTE_WHY: dict[float, str] = {  # typical slips when the answer is a size in memory
     4: "a factor of 4: bytes where float32 elements were meant (4 bytes each)",
     0.25: "you counted elements, not bytes (a float32 is 4 bytes)",
-    2: "you counted something twice: two names for one storage, or both of a pair",
-    0.5: "you counted half: a forward or backward, a pair, or a tensor saved by two ops",
     1024: "a unit slip: KiB against bytes, or MiB against KiB (1024)",
     1 / 1024: "a unit slip: bytes against KiB, or KiB against MiB (1024)",
     2**20 / 10**6: "MiB against MB: 1 MiB is 1.048576 MB",
     10**6 / 2**20: "MB against MiB: 1 MB is 0.954 MiB",
+}
+DEFAULT_WHY: dict = {
+    2: "you counted something twice: two names for one storage, or both of a pair",
+    0.5: "you counted half: a forward or backward, a pair, or a tensor saved by two ops",
     "close": "close: a small term (a bias, a scalar, a counter) was missed or added",
     "over": "an over-estimate: which part of your count is not there? open the derivation",
     "under": "an under-estimate: which part did you leave out? open the derivation",
@@ -43,11 +46,16 @@ def is_number(value) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
-def likely_reason(yours, derived, why: dict | None = None) -> str:
-    """The most likely reason a prediction differs from the derivation (RIGHT when it does not)."""
+def likely_reason(yours, derived, why: dict | None = None, unit: str = "") -> str:
+    """The most likely reason a prediction differs from the derivation (RIGHT when it does not).
+
+    For numbers, `why` maps a ratio yours / derived to a reason (merged over the defaults, and
+    over BYTE_WHY when `unit` is a size); for choices it maps a wrong answer to its reason.
+    """
     if why is not None and not isinstance(why, dict):
         raise TypeError(f"why must be a dict of typical mistakes, got {type(why).__name__}")
-    reasons = {**DEFAULT_WHY, **(why or {})}
+    sizes = BYTE_WHY if unit in BYTE_UNITS else {}
+    reasons = {**DEFAULT_WHY, **sizes, **(why or {})}
     if unanswered(yours):
         return NO_PREDICTION
     if is_number(derived):
@@ -98,7 +106,7 @@ def describe_gap(yours, derived, unit: str = "") -> str:
     if not (is_number(yours) and is_number(derived)) or yours == derived:
         return ""
     diff = f"{yours - derived:+,.6g}{' ' + unit if unit else ''}"
-    if derived == 0:
+    if derived == 0 or abs(yours / derived - 1) < 0.01:  # a ratio of x1 would say nothing
         return f"off by {diff}"
     return f"off by x{yours / derived:.3g} ({diff})"
 
@@ -116,7 +124,7 @@ def format_reveal(yours, derived, measured=None, *, what: str = "", unit: str = 
     head = f"{what}: " if what else ""
     lines = [f"{head}yours {show(yours)} | derivation {show(derived)}"
              + ("" if measured is None else f" | measured {show(measured)}")]
-    reason = likely_reason(yours, derived, why)
+    reason = likely_reason(yours, derived, why, unit)
     gap = describe_gap(yours, derived, unit)
     lines.append(f"  {gap}: {reason}" if gap else f"  {reason}")
     return "\n".join(lines)
@@ -126,7 +134,7 @@ def _fmt(value) -> str:
     if is_number(value):
         return f"{value:,.6g}" if isinstance(value, float) else f"{value:,}"
     if isinstance(value, set | frozenset):
-        return "{" + ", ".join(sorted(map(str, value))) + "}"
+        return "{" + ", ".join(sorted(map(repr, value))) + "}"
     return repr(value)
 
 
