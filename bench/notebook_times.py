@@ -57,10 +57,11 @@ def stamp(text: str) -> float:
 
 
 def answers_in(source: str) -> int:
-    """How many names a Predict cell asks for (its top-level assignments)."""
+    """How many answers a Predict cell asks for (its `my_*` names; 1 in untagged lessons)."""
     tree = ast.parse(source)
-    return sum(len(n.targets) if isinstance(n, ast.Assign) else 1
-               for n in tree.body if isinstance(n, ast.Assign | ast.AnnAssign))
+    names = [t.id for n in tree.body if isinstance(n, ast.Assign)
+             for t in n.targets if isinstance(t, ast.Name) and t.id.startswith("my_")]
+    return max(1, len(names))
 
 
 def section_of(cell, current: str, phase: str) -> str:
