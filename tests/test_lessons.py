@@ -1,0 +1,80 @@
+"""The lessons' shape: commit, then reveal. Each Predict cell holds only the learner's own
+answers (shipped as None); the derivation sits in a collapsed cell; a later cell reveals every
+answer; the notebooks ship without outputs, with the python3 kernel. And a lesson in which a
+learner typed a wrong prediction runs to the end and shows the gap and the reason."""
+
+import ast
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parents[1]
+LESSONS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def tagged(cell, tag):
+    return tag in cell.metadata.get("tags", [])
+
+
+def answers(cell) -> dict[str, ast.expr]:
+    tree = ast.parse(cell.source)
+    return {t.id: node.value for node in tree.body if isinstance(node, ast.Assign)
+            for t in node.targets if isinstance(t, ast.Name) and t.id.startswith("my_")}
+
+
+def revealed(source: str) -> set[str]:
+    return {call.args[0].id for call in ast.walk(ast.parse(source))
+            if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "reveal"
+            and call.args and isinstance(call.args[0], ast.Name)}
+
+
+@pytest.fixture(params=LESSONS, ids=[p.stem for p in LESSONS])
+def lesson(request):
+    return nbformat.read(request.param, as_version=4)
+
+
+def test_every_predict_ships_empty_and_is_revealed_after_its_derivation(lesson):
+    code = [c for c in lesson.cells if c.cell_type == "code"]
+    predicts = [i for i, c in enumerate(code) if tagged(c, "predict")]
+    assert predicts, "a lesson with no Predict"
+    for i in predicts:
+        mine = answers(code[i])
+        assert mine, f"Predict cell {i} asks for no my_* answer"
+        assert all(isinstance(v, ast.Constant) and v.value is None for v in mine.values()), (
+            f"Predict cell {i} must ship its answers as None: {list(mine)}")
+        assert "predicted" not in code[i].source, f"Predict cell {i} gives the derivation away"
+        later = code[i + 1:]
+        shown = next(j for j, c in enumerate(later) if revealed(c.source) & set(mine))
+        assert set(mine) <= set().union(*(revealed(c.source) for c in later)), "not revealed"
+        derivation = [c for c in later[:shown] if tagged(c, "derivation")]
+        assert derivation, f"Predict cell {i}: no derivation cell before its reveal"
+        assert all(c.metadata["jupyter"]["source_hidden"] for c in derivation)
+
+
+def test_lessons_ship_without_outputs_and_with_the_python3_kernel(lesson):
+    assert lesson.metadata.kernelspec["name"] == "python3"
+    for cell in lesson.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None
+
+
+@pytest.mark.slow
+def test_a_wrong_prediction_runs_to_the_end_and_shows_the_gap_and_the_reason():
+    path = ROOT / "notebooks" / "4_diagnose_a_real_oom.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    predict = next(c for c in nb.cells if tagged(c, "predict") and "my_state_bytes" in c.source)
+    # one moment instead of two: the learner forgot exp_avg_sq
+    predict.source = predict.source.replace("my_state_bytes = None",
+                                            "my_state_bytes = 4 * n_elements")
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count for c in code), "the lesson stopped early"
+    text = "".join(o.get("text", "") for c in code for o in c.outputs)
+    line = next(ln for ln in text.splitlines() if ln.startswith("step 2 - step 1: yours"))
+    reason = text.splitlines()[text.splitlines().index(line) + 1]
+    assert "derivation" in line and "measured" in line
+    assert "off by x0.5" in reason and "two moments" in reason
+    assert "no prediction made" in text  # the answers left empty say so
