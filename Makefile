@@ -10,7 +10,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 # nbval compares text; tracebacks without ANSI colour codes read better in its reports.
 export IPYTHONDIR := $(CURDIR)/.venv/ipython
 
-.PHONY: lab test check-fast lint bench install clean-venv
+.PHONY: lab test check-fast lint bench gpu-check install clean-venv
 
 install: $(STAMP)
 
@@ -41,6 +41,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	for f in bench/*.py; do $(BIN)/python $$f || exit 1; done
+
+# Every CUDA path of the course on this machine's GPU, in one table (without CUDA: says so, exits 0).
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py
 
 clean-venv:
 	rm -rf $(VENV)
