@@ -33,8 +33,8 @@ import time
 import torch
 
 from ckpt_course.models import GPTConfig, TinyGPT
-from ckpt_course.plan import as_policy, make_plan, measure_costs, measure_peaks, predict
-from ckpt_course.policies import applied
+from ckpt_course.plan import make_plan, measure_costs, measure_peaks, predict
+from ckpt_course.policies import applied, parse_policy
 from ckpt_course.recompute import measure_recompute
 from ckpt_course.step import make_optimizer, run_step
 from ckpt_course.units import fmt_bytes, fmt_flops
@@ -117,8 +117,8 @@ def bench(name, cfg, batch_size, rounds, with_compile) -> dict:
     every_name, every = plan.best_every_k()
     rows = {"none": predict(costs, "none"), "full": plan.alternatives["full"],
             "sqrt": plan.alternatives["sqrt"], "best every-K": every, "planner": plan.best}
-    policies = {"none": as_policy("none"), "full": as_policy("full"), "sqrt": as_policy("sqrt"),
-                "best every-K": as_policy(every_name), "planner": plan.policy}
+    policies = {name: parse_policy(name) for name in ("none", "full", "sqrt")}
+    policies.update({"best every-K": parse_policy(every_name), "planner": plan.policy})
     batch = model.example_batch(batch_size, generator=torch.Generator().manual_seed(0))
     times = step_times(model, batch, policies, rounds)
     print(f"\n{name}: {costs.n} blocks, d_model {cfg.d_model}, seq {cfg.seq_len}, batch "

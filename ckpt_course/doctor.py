@@ -34,8 +34,8 @@ from torch import nn
 
 from .meter import MemoryMeter, parse_budget
 from .models import GPTConfig, TinyGPT
-from .plan import Prediction, as_policy, measure_costs, optimal, predict
-from .policies import applied
+from .plan import Prediction, measure_costs, optimal, predict
+from .policies import applied, parse_policy
 from .recompute import measure_recompute
 from .sharding import min_devices, shard
 from .step import StepRecord, check_run, make_batch, make_optimizer, run_step, seeded
@@ -224,7 +224,7 @@ def run_steps(model: nn.Module, budget=None, policy="none", batch_size: int = 8,
     device = check_run(model, batch_size=batch_size, steps=steps, seq_len=seq_len,
                        micro_batches=micro_batches)
     budget = None if budget is None else parse_budget(budget)
-    policy = as_policy(policy)
+    policy = parse_policy(policy)
     model = copy.deepcopy(model) if copy_model else model
     model.train()
     cuda = device.type == "cuda"
@@ -464,7 +464,7 @@ def step_time_ratio(model, policy, batch_size, seq_len=None, micro_batches=1, re
     optimizer = make_optimizer(model)
 
     def step(policy, n):
-        with applied(model, as_policy(policy)):
+        with applied(model, parse_policy(policy)):
             return run_step(model, optimizer, list(parts[n])).time_s
 
     step("none", 1), step(policy, micro_batches)  # warm up
@@ -484,7 +484,7 @@ def verify(model, fix: Fix, budget, batch_size: int = 8, seq_len: int | None = N
     if fix.kind in ("policy", "micro-batch"):
         micro = model.example_batch(batch_size // fix.micro_batches, seq_len,
                                     generator=torch.Generator().manual_seed(0))
-        measured = measure_recompute(copy.deepcopy(model), micro, as_policy(fix.policy)).flops
+        measured = measure_recompute(copy.deepcopy(model), micro, parse_policy(fix.policy)).flops
         predicted = fix.predicted.recompute_flops if fix.predicted else None
     ratio = None
     if timing and run.fits and fix.kind in ("policy", "micro-batch", "offload"):

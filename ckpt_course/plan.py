@@ -38,13 +38,12 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from .costs import ChainCosts, config_costs, measure_costs  # noqa: F401 (re-exported)
-from .meter import MemoryMeter, parse_budget
-from .policies import NoCheckpoint, Policy, Segments, _Segmented, applied, parse_policy
-from .train import training_step
+from .meter import parse_budget
+from .policies import NoCheckpoint, Policy, Segments, _Segmented, parse_policy
+from .train import train
 from .units import fmt_bytes, fmt_flops
 
 # ---------------------------------------------------------------- placements
@@ -358,25 +357,15 @@ def optimal_frontier(costs: ChainCosts, most: int = 200) -> list[Prediction]:
     return out
 
 
-def measure_peaks(model: nn.Module, policy="none", batch_size: int | None = None,
+def measure_peaks(model: nn.Module, policy="none", batch_size: int = 8,
                   seq_len: int | None = None, steps: int = 2, seed: int = 0) -> list[int]:
     """Peak live bytes of each of ``steps`` AdamW training steps under ``policy``, measured by
-    the meter: what ``predict`` predicts for a step after the first (optimizer state present).
-    Every step reuses one batch, so earlier batches cannot pile up in the count."""
-    size = {} if batch_size is None else {"batch_size": batch_size}
-    batch = model.example_batch(seq_len=seq_len, generator=torch.Generator().manual_seed(seed),
-                                **size)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    meter, peaks = MemoryMeter(), []
-    with torch.random.fork_rng(devices=[]), applied(model, parse_policy(policy)), meter:
-        meter.track(model, optimizer)
-        for _ in range(steps):
-            training_step(model, optimizer, batch, meter)
-            peaks.append(meter.peak_bytes)
-    meter.untrack()
+    ``train``'s meter: what ``predict`` predicts for a step after the first (optimizer state
+    present). Batches are made outside the meter, as ``predict`` leaves them out."""
+    records = train(model, policy, steps=steps, batch_size=batch_size, seq_len=seq_len,
+                    seed=seed, count_recompute=False, progress=False)
     model.zero_grad(set_to_none=True)
-    return peaks
+    return [r.peak_bytes for r in records]
 
 
 # ---------------------------------------------------------------- the plan and its report

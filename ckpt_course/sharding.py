@@ -46,6 +46,7 @@ from .meter import parse_budget
 from .models import GPTConfig, TinyGPT
 from .plan import Prediction, optimal
 from .policies import apply_policy
+from .step import make_optimizer
 from .units import fmt_bytes
 
 SMALL = GPTConfig(n_layer=2, d_model=64, n_head=4, seq_len=32)
@@ -147,7 +148,7 @@ def measure_single(config: GPTConfig = SMALL, policy: str = "full", batch_size: 
                    steps: int = 2, seed: int = 0) -> RankMemory:
     """The same model, policy and micro-batch in this process, without FSDP."""
     model, batches = _setup(config, policy, batch_size, steps, seed, 0)
-    optimizer = torch.optim.AdamW(model.parameters())
+    optimizer = make_optimizer(model)
     return _train_and_measure(model, optimizer, batches, 0, 1)
 
 
@@ -167,7 +168,7 @@ def _worker(rank: int, world_size: int, port: int, outdir: str, spec: dict) -> N
         for block in model.blocks:
             fully_shard(block)  # each block's parameters all-gathered only while it runs
         fully_shard(model)  # the rest (embeddings, final norm, head)
-        optimizer = torch.optim.AdamW(model.parameters())
+        optimizer = make_optimizer(model)
         result = _train_and_measure(model, optimizer, batches, rank, world_size)
         Path(outdir, f"rank{rank}.json").write_text(json.dumps(asdict(result)))
     finally:

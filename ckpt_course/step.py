@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 
 from .meter import MemoryMeter
+from .models import longest_sequence
 from .units import fmt_bytes
 
 PHASES = ("forward", "backward", "optimizer")
@@ -54,12 +55,6 @@ def _positive_int(name: str, value, example: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive whole number, e.g. {name}={example}; "
                          f"got {value!r}")
-
-
-def max_seq_len(model) -> int | None:
-    """The longest sequence ``model`` supports (its config's ``seq_len``: the positional table
-    of TinyGPT, the rotary table of Llama), or None for a model without sequences."""
-    return getattr(getattr(model, "cfg", None), "seq_len", None)
 
 
 def check_run(model, batch_size=None, steps=None, seq_len=None, micro_batches: int = 1,
@@ -82,7 +77,7 @@ def check_run(model, batch_size=None, steps=None, seq_len=None, micro_batches: i
                          f"{micro_batches}")
     if seq_len is not None:
         _positive_int("seq_len", seq_len, 64)
-        longest = max_seq_len(model)
+        longest = longest_sequence(model)
         if longest is None:
             raise ValueError(f"{type(model).__name__} has no sequence dimension: leave seq_len "
                              "unset")

@@ -28,7 +28,7 @@ from .step import (
     seeded,
 )
 
-__all__ = ["StepRecord", "check_gradients", "measure_step", "train", "training_step"]
+__all__ = ["StepRecord", "check_gradients", "measure_step", "train"]
 
 
 def train(
@@ -86,11 +86,6 @@ def train(
             if meter is not None:
                 meter.untrack()
     return records
-
-
-def training_step(model, optimizer, batch, meter: MemoryMeter | None = None) -> StepRecord:
-    """``ckpt_course.step.run_step`` under its old name (``plan.measure_peaks`` calls it)."""
-    return run_step(model, optimizer, batch, meter)
 
 
 def measure_step(
