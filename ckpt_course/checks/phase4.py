@@ -1,111 +1,170 @@
 """Checks for phase 4, "Diagnose a real OOM and prescribe a policy" (exercises/4_*.ipynb).
 
-Each check measures the right answer on the learner's machine (bytes with the meter, FLOPs with
-``FlopCounterMode``), never timings, and explains a wrong answer without giving the number.
+The learner models and plans a chain of blocks given as plain numbers (``probes.chain_costs``
+turns them into the package planner's ``ChainCosts``): ``{"input": bytes, "blocks": [{"tape":
+bytes, "flops": n, "recompute_flops": n}, ...]}``. A block keeps its tape (input included) in a
+plain run; a checkpointed segment keeps its input. The checks compare with ``plan.predict``,
+``plan.optimal`` and ``plan.brute_force`` on chains and budgets drawn from the run's seed, so the
+package's planner, which takes ``ChainCosts``, is of no use to an answer.
 """
 
 from __future__ import annotations
 
-import torch
-
-from ..doctor import run_steps
-from ..models import GPTConfig, HandTraceNet, TinyGPT
-from ..plan import (
-    Segments,
-    as_policy,
-    checkpointed,
-    measure_costs,
-    optimal,
-    placement_from_checkpointed,
-)
-from ..recompute import measure_recompute
-from ..units import fmt_bytes
-from . import expect, passed
-
-_SMALL = GPTConfig(n_layer=3, d_model=32, n_head=2, seq_len=16)
+from ..plan import Segments, all_placements, brute_force, optimal, predict
+from . import CheckFailed, call, expect, is_int, passed, rng
+from .probes import chain_costs
 
 
-def _measured_adamw_state(model: torch.nn.Module) -> int:
-    """Bytes of AdamW's state after one step, as the meter counts them."""
-    from ..meter import MemoryMeter
+def random_chain(r, n=None, ties=False) -> dict:
+    """A chain of plain numbers; ``ties``: every block the same, so many placements tie."""
+    n = n or r.randint(3, 7)
+    a = 8 * r.randint(2, 6)
+    same = {"tape": a + 8 * r.randint(3, 9), "flops": (f := r.randint(4, 20)),
+            "recompute_flops": r.randint(1, f)}
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    meter = MemoryMeter().track(model, optimizer)
-    meter.untrack()
-    model.zero_grad(set_to_none=True)
-    return meter.breakdown()["optimizer state"]
+    def block():
+        f = r.randint(2, 30)
+        return {"tape": a + 8 * r.randint(1, 12), "flops": f, "recompute_flops": r.randint(1, f)}
 
-
-def adamw_state(adamw_state_bytes) -> None:
-    """Exercise 4.1: ``adamw_state_bytes(model)`` is what AdamW keeps from step 2 on."""
-    torch.manual_seed(0)
-    for model in (TinyGPT(_SMALL), HandTraceNet(width=48, depth=3)):
-        got, want = adamw_state_bytes(model), _measured_adamw_state(model)
-        name = type(model).__name__
-        expect(got == want, (
-            f"adamw_state_bytes({name}) gives {'too many' if got > want else 'too few'} bytes. "
-            "After one step, look at optimizer.state[p] for one parameter p: which tensors does "
-            "AdamW keep, of what shape and dtype? Some grow with the parameter's elements, one "
-            "does not."))
-    passed("AdamW's state, the memory step 2 carries that step 1 did not")
+    return {"input": a, "blocks": [dict(same) if ties else block() for _ in range(n)]}
 
 
-def recompute_flops(recompute_of) -> None:
-    """Exercise 4.2: ``recompute_of(placement, layers)`` predicts what backward recomputes."""
-    torch.manual_seed(0)
-    model = TinyGPT(_SMALL)
-    costs = measure_costs(model, 4)
-    batch = model.example_batch(4, generator=torch.Generator().manual_seed(0))
-    for ranges in (((0, 1),), ((0, 3),), ((0, 1), (1, 3)), ((1, 2),), ()):
-        placement = placement_from_checkpointed(costs.n, ranges)
-        want = measure_recompute(model, batch, Segments(ranges)).flops
-        got = recompute_of(placement, costs.layers)
-        words = str(Segments(ranges))
-        if got != want and ranges:
-            plain_forward = sum(costs.layers[k].forward_flops for a, b in ranges
-                                for k in range(a, b))
-            tail = ("You counted the whole forward of every checkpointed block: torch's "
-                    "non-reentrant checkpoint stops as soon as the last saved tensor is rebuilt, "
-                    "so a segment's last block skips what it computes after that "
-                    "(recompute_flops, not forward_flops)."
-                    if got == plain_forward else
-                    "A checkpointed segment re-runs the forward of each of its blocks once; "
-                    "plain blocks recompute nothing.")
-            side = "too high" if got > want else "too low"
-            expect(False, f"recompute_of for {words} is {side}. " + tail)
-        expect(got == want, f"recompute_of for {words} should be 0: nothing is checkpointed.")
-    passed("recompute = the forward of each checkpointed segment, up to its last save")
+def _placement(got, n: int):
+    """The learner's placement as the package's tuple of (start, stop, checkpointed), or None."""
+    try:
+        out = tuple((int(a), int(b), bool(c)) for a, b, c in got)
+    except (TypeError, ValueError):
+        return None
+    i = 0
+    for a, b, _ in out:
+        if a != i or b <= a:
+            return None
+        i = b
+    return out if i == n else None
 
 
-def capstone(my_policy, model, budget, batch_size: int, seq_len: int | None = None) -> None:
-    """Exercise 4.3: the learner's policy fits ``budget`` when run, and recomputes at most 10%
-    more FLOPs than the planner's optimum."""
-    policy = as_policy(my_policy())
-    run = run_steps(model, budget, policy, batch_size, seq_len, steps=2)
-    if not run.fits:
-        oom = run.oom
-        expect(False, (
-            f"{policy} ran out of memory in step {oom.step}, {oom.phase}, in "
-            f"{oom.module or oom.op} ({fmt_bytes(oom.live_bytes + oom.tried_bytes)} needed, budget "
-            f"{fmt_bytes(budget)}). Which blocks' tapes are alive at that moment? A checkpointed "
-            "block keeps only its input, but a segment of several blocks rebuilds all their "
-            "tapes at once when its backward starts. Try your candidates with "
-            "predict(costs, policy) before running them."))
-    costs = measure_costs(model, batch_size, seq_len)
-    best = optimal(costs, budget)
-    batch = model.example_batch(batch_size, seq_len, generator=torch.Generator().manual_seed(0))
-    flops = measure_recompute(model, batch, policy).flops
-    step = costs.step_flops
-    expect(flops <= 1.1 * best.recompute_flops, (
-        f"{policy} fits, but recomputes {flops / step:.1%} of a plain step's FLOPs: more than 10% "
-        "above the cheapest placement that fits. Checkpointing a block only helps if its tape "
-        "would be alive at the peak: which block's tape is freed first in backward? And do "
-        "you need segments longer than one block?"))
-    n = len(model.blocks)
-    same = checkpointed(best.placement) == tuple((r.start, r.stop) for r in policy.segments(n))
-    passed(f"{policy} fits {fmt_bytes(budget)} (peak {fmt_bytes(run.peak_bytes)}) and recomputes "
-           f"{flops / step:.1%} of a step; the planner's optimum: {best.policy}, "
-           f"{best.recompute_flops / step:.1%}{' (yours)' if same else ''}")
+# ---------------------------------------------------------------- 4.1 the peak of a placement
+def chain_peak(fn) -> None:
+    """4.1: ``fn(chain, placement)`` -> the peak live bytes of one step, as ``plan.predict``."""
+    r = rng("4.1-peak")
+    for trial in range(6):
+        chain = random_chain(r)
+        n = len(chain["blocks"])
+        placements = list(all_placements(n))
+        placement = placements[r.randrange(len(placements))]
+        if trial == 0:
+            placement = tuple((k, k + 1, False) for k in range(n))
+        elif trial == 1:
+            placement = ((0, n, True),)
+        want = predict(chain_costs(chain), placement).peak_bytes
+        got = call(fn, chain, [list(s) for s in placement], name="chain_peak")
+        expect(is_int(got), f"chain_peak(...) returned {got!r}: return bytes as an int")
+        where = str(Segments(tuple((a, b) for a, b, c in placement if c)))
+        if got == want:
+            continue
+        hint = (f"for {where}: the peak is in backward, when a segment's tapes are all alive "
+                "(a checkpointed segment rebuilds every block's tape at once) on top of what the "
+                "segments before it keep (a plain block its tape, a checkpointed segment only its "
+                "input), plus the gradient arriving from above and the one being made")
+        raise CheckFailed(hint)
+    passed("the peak of a placement: the segments before keep, the segment rebuilds, two "
+           "gradients on top")
+
+
+# ---------------------------------------------------------------- 4.2 the planner
+def _recompute(chain, placement) -> int:
+    return predict(chain_costs(chain), placement).recompute_flops
+
+
+def _planner_cases(r):
+    """(chain, budget): exact peaks of optimal placements (a peak equal to the budget fits),
+    one byte below them, a budget nothing fits, and chains of equal blocks (ties)."""
+    cases = []
+    for ties in (False, False, True):
+        chain = random_chain(r, ties=ties)
+        costs = chain_costs(chain)
+        lowest = min(predict(costs, p).peak_bytes for p in all_placements(costs.n))
+        highest = predict(costs, tuple((k, k + 1, False) for k in range(costs.n))).peak_bytes
+        middle = r.randint(lowest, highest)
+        best = optimal(costs, middle)
+        cases += [(chain, best.peak_bytes), (chain, best.peak_bytes - 1), (chain, highest)]
+    cases.append((chain, lowest - 1))
+    return cases
+
+
+def planner(fn) -> None:
+    """4.2: ``fn(chain, budget)`` -> a placement (list of [start, stop, checkpointed]) whose
+    peak fits ``budget`` with the least recompute, or None if nothing fits."""
+    r = rng("4.2-planner")
+    for chain, budget in _planner_cases(r):
+        costs = chain_costs(chain)
+        best = optimal(costs, budget)
+        assert (best is None) == (brute_force(costs, budget) is None)
+        got = call(fn, chain, budget, name="plan_placement")
+        n = len(chain["blocks"])
+        if best is None:
+            expect(got is None, "with this budget no placement fits (not even checkpointing "
+                   "every block), so return None rather than a placement that runs out of memory")
+            continue
+        expect(got is not None, "you returned None, but a placement fits this budget. A peak "
+               "equal to the budget fits (<=, not <)")
+        placement = _placement(got, n)
+        expect(placement is not None, f"plan_placement returned {got!r}: return a list of "
+               f"[start, stop, checkpointed] segments covering blocks 0..{n - 1} in order")
+        p = predict(costs, placement)
+        expect(p.peak_bytes <= budget, "your placement's peak is over the budget: compute each "
+               "candidate's peak as in 4.1 before you pick it")
+        expect(p.recompute_flops == best.recompute_flops,
+               "your placement fits, but another one fits and recomputes less. Did you try "
+               "segments of several blocks (one input kept for all of them)? And a checkpointed "
+               "segment's last block recomputes only up to its last save (recompute_flops)")
+    passed("the planner finds the cheapest placement that fits, at the boundary and on ties")
+
+
+# ---------------------------------------------------------------- 4.3 the capstone
+# The lesson's model (TinyGPT, 6 blocks, d_model 64, seq 64, batch 8, on CPU) as plain numbers:
+# measure_costs' input bytes, input + kept bytes, forward and recompute FLOPs of each (equal)
+# block; tests/test_wrong_answers.py measures them again. Its budget sits between full's and
+# every-2's predicted peaks, as in the lesson.
+LESSON_CHAIN = {"input": 131072, "blocks": [
+    {"tape": 2113536, "flops": 58720256, "recompute_flops": 41943040} for _ in range(6)]}
+
+
+def lesson_budget() -> int:
+    costs = chain_costs(LESSON_CHAIN)
+    full, every2 = predict(costs, "full").peak_bytes, predict(costs, "every-2").peak_bytes
+    return full + (every2 - full) // 2
+
+
+def capstone(fn) -> None:
+    """4.3: ``fn(chain, budget)`` -> a policy string (``"segments:..."``, ``"full"``,
+    ``"every-2"``, ...) that fits with at most 10% more recompute than the optimum; on the
+    lesson's chain and budget, and on chains and budgets the learner has not seen."""
+    r = rng("4.3-capstone")
+    cases = [(LESSON_CHAIN, lesson_budget())]
+    for _ in range(3):
+        chain = random_chain(r, n=r.randint(5, 8))
+        costs = chain_costs(chain)
+        full = predict(costs, "full").peak_bytes
+        none = predict(costs, "none").peak_bytes
+        cases.append((chain, r.randint(full, none)))
+    for k, (chain, budget) in enumerate(cases):
+        costs = chain_costs(chain)
+        best = optimal(costs, budget)
+        got = call(fn, chain, budget, name="my_policy")
+        which = "the lesson's model" if k == 0 else "a chain you have not seen"
+        expect(isinstance(got, str), f"my_policy returned {got!r}: return a policy string such as "
+               "'segments:0..4' or 'every-2'")
+        try:
+            p = predict(costs, got)
+        except ValueError as e:
+            raise CheckFailed(f"on {which}, {got!r} is not a whole-block policy: {e}") from None
+        expect(p.peak_bytes <= budget, f"on {which}, {got} runs out of memory: which blocks' "
+               "tapes are alive at the peak? A checkpointed segment of several blocks rebuilds "
+               "all their tapes at once when its backward starts")
+        expect(p.recompute_flops <= 1.1 * best.recompute_flops,
+               f"on {which}, {got} fits but recomputes more than 10% above the cheapest "
+               "placement that fits: which block's tape is freed first in backward? Does it need "
+               "checkpointing at all?")
+    passed("your policies fit and recompute near the least, on the lesson's model and on chains "
+           "you had not seen")
