@@ -12,7 +12,7 @@ import functools
 
 from ..tape import record_tape
 from ..trace import hand_input, hand_trace_net, recompute_by_op, sum_loss, trace_step
-from . import CheckFailed, expect, passed
+from . import CheckFailed, expect, passed, rng
 
 FLOAT32 = 4  # bytes
 
@@ -42,8 +42,9 @@ def _trace(policy: str, batch: int, width: int, depth: int, free_grads: bool = F
 
 
 @functools.cache
-def _recompute(policy: str, relu_first: bool, batch: int, width: int):
-    return recompute_by_op(hand_trace_net(width=width, relu_first=relu_first), policy, batch)
+def _recompute(policy: str, relu_first: bool, batch: int, width: int, depth: int):
+    net = hand_trace_net(depth=depth, width=width, relu_first=relu_first)
+    return recompute_by_op(net, policy, batch)
 
 
 def _is_int(value) -> bool:
@@ -107,20 +108,24 @@ def check_every2_saved(every2_saved_bytes) -> None:
 
 
 # ---------------------------------------------------------------- 2.3 recompute by op
-RECOMPUTE_CASES = [("full", False, 512, 512), ("every-2", False, 64, 32),
-                   ("full", True, 32, 64), ("every-2", True, 64, 32)]
+def _recompute_cases():
+    """Both policies and block orders, at depths 3 to 7 (odd ones end in a short segment)."""
+    r = rng("2.3-recompute")
+    return [(policy, relu_first, r.choice((16, 32, 48)), r.choice((8, 24, 40)), r.randint(3, 7))
+            for policy in ("full", "every-2") for relu_first in (False, True)
+            for _ in range(2)]
 
 
 def check_recompute(predict_recompute) -> None:
-    """2.3: ``predict_recompute(policy, relu_first, batch, width)`` -> ``{"ops": {op name:
-    count}, "flops": n}`` for the 4-layer net, compared with ``measure_recompute``."""
-    for policy, relu_first, batch, width in RECOMPUTE_CASES:
-        got = _call(predict_recompute, policy, relu_first, batch, width)
+    """2.3: ``predict_recompute(policy, relu_first, batch, width, depth)`` -> ``{"ops": {op
+    name: count}, "flops": n}``, compared with ``measure_recompute``."""
+    for policy, relu_first, batch, width, depth in _recompute_cases():
+        got = _call(predict_recompute, policy, relu_first, batch, width, depth)
         expect(isinstance(got, dict) and set(got) == {"ops", "flops"},
                'return a dict with the keys "ops" (op name -> count) and "flops"')
-        measured = _recompute(policy, relu_first, batch, width)
+        measured = _recompute(policy, relu_first, batch, width, depth)
         block = "ReLU -> Linear" if relu_first else "Linear -> ReLU"
-        where = f"under {policy} with {block} blocks, batch={batch}, width={width}"
+        where = f"under {policy} with {depth} {block} blocks, batch={batch}, width={width}"
         ops = {op: n for op, n in dict(got["ops"]).items() if n}
         missing = sorted(set(measured["ops"]) - set(ops))
         extra = sorted(set(ops) - set(measured["ops"]))

@@ -68,19 +68,19 @@ phase2.check_every2_saved(every2_saved_bytes)
 # %% [markdown]
 # ## Exercise 2.3: recompute by op, not by layer count (lesson section 2.3)
 #
-# For the 4-layer net, predict what backward re-runs under `policy` (`"full"` or `"every-2"`):
+# For a net of `depth` layers, predict what backward re-runs under `policy` (`"full"` or `"every-2"`):
 # the aten ops by name with their counts (`"aten.addmm"`, ...) and their FLOPs, for any `batch`
 # and `width`. With `relu_first=True` every block is ReLU -> Linear instead of Linear -> ReLU:
 # remember where torch stops a re-run.
 
 # %% tags=["answer:2.3-recompute"]
-def predict_recompute(policy, relu_first, batch, width):
+def predict_recompute(policy, relu_first, batch, width, depth):
     ### BEGIN SOLUTION
     addmm_flops = 2 * batch * width * width  # batch x width x width multiply-adds
-    layers, segment = 4, 1 if policy == "full" else 2
+    layers, segment = depth, 1 if policy == "full" else 2
     if relu_first:
         # a region's trailing addmm feeds nothing saved inside it: only the inner ones re-run
-        addmms = (layers // segment) * (segment - 1)
+        addmms = layers - -(-layers // segment)  # blocks minus regions (ceil(depth / segment))
     else:
         addmms = layers  # every ReLU output is saved, so every op before it re-runs
     ops = {"aten.relu": layers, "aten.t": layers}
