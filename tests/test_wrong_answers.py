@@ -2,14 +2,52 @@
 write: constants, answers that ignore an argument, `<` for `<=`, a missed term, a checkpoint that
 keeps the tape, offload hooks that keep the tensor, a planner that stops at one-block segments."""
 
+import functools
 import math
+from pathlib import Path
 
+import nbformat
 import pytest
 import torch
 
-from ckpt_course.checks import CheckFailed, Parts, expect, phase1, phase3, phase4, probes
+from ckpt_course.authoring import tagged_name
+from ckpt_course.checks import CheckFailed, Parts, expect, phase1, phase2, phase3, phase4, probes
 from ckpt_course.costs import measure_costs
 from ckpt_course.models import GPTConfig, TinyGPT
+
+SOLUTIONS = Path(__file__).resolve().parents[1] / "solutions"
+
+
+@functools.cache
+def solution(stem: str) -> dict:
+    """The names a solution notebook defines: its code cells run in order, check cells left out."""
+    names: dict = {}
+    nb = nbformat.read(SOLUTIONS / f"{stem}.ipynb", as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code" and not tagged_name(cell, "check"):
+            exec(compile(cell.source, f"{stem}.ipynb", "exec"), names)  # noqa: S102
+    return names
+
+
+def hand_trace(name):
+    return solution("2_hand_trace")[name]
+
+
+def changed(name, **edits):
+    """The solution's ``name`` with some of its returned dict's entries recomputed by ``edits``:
+    ``key=lambda got, *args: new value``."""
+    def wrong(*args):
+        got = dict(hand_trace(name)(*args))
+        return {**got, **{k: f(got, *args) for k, f in edits.items()}}
+    return wrong
+
+
+def table_edit(policy, key, f):
+    def wrong(width, depth):
+        got = {p: dict(e) for p, e in hand_trace("predict_table")(width, depth).items()}
+        got[policy][key] = f(got[policy][key], width, depth)
+        return got
+    return wrong
 
 
 # ---------------------------------------------------------------- answers
@@ -146,7 +184,34 @@ def choose(measured, fits=lambda p, b: p <= b, key=lambda pf: (pf[1], pf[0])):
     return choose_policy
 
 
+A = 4  # bytes per float32
+
 CASES = {
+    "2.1-tape": (phase2.check_tape, lambda: hand_trace("predict_tape"), [
+        lambda: changed("predict_tape", activations=lambda g, b, w, d: d * b * w * A),  # no x
+        lambda: changed("predict_tape", parameters=lambda g, b, w, d: d * w * w * A),  # W1 too
+        lambda: changed("predict_tape", saved_twice=lambda g, b, w, d: d),  # the last ReLU too
+        lambda: lambda b, w, d: {"activations": 5 * 2**20, "parameters": 3 * 2**20,
+                                 "saved_twice": 3}]),  # the lesson's numbers
+    "2.2-every2": (phase2.check_every2_saved, lambda: hand_trace("every2_saved_bytes"), [
+        lambda: lambda b, w, d: (d // 2 - 1) * b * w * A + A,  # floor: odd depths lose one
+        lambda: lambda b, w, d: (-(-d // 2) - 1) * b * w * A,  # the loss forgotten
+        lambda: lambda b, w, d: -(-d // 2) * b * w * A + A]),  # x counted
+    "2.3-recompute": (phase2.check_recompute, lambda: hand_trace("predict_recompute"), [
+        lambda: lambda p, relu_first, b, w, d: hand_trace("predict_recompute")(p, False, b, w, d),
+        lambda: changed("predict_recompute", flops=lambda g, p, r, b, w, d: g["flops"] // 2),
+        lambda: lambda p, r, b, w, d: hand_trace("predict_recompute")("full", r, b, w, d)]),
+    "2.4-peak": (phase2.check_peak_moment, lambda: hand_trace("predict_peak"), [
+        lambda: lambda f, b, w, d: {"layer": 2, "bytes": (d + 2) * b * w * A},  # as if A = W
+        lambda: lambda f, b, w, d: hand_trace("predict_peak")(False, b, w, d),  # free ignored
+        lambda: changed("predict_peak", bytes=lambda g, *args: g["bytes"] - 8),  # no crumbs
+        lambda: changed("predict_peak", layer=lambda g, f, b, w, d: d if g["layer"] == 1
+                        else g["layer"])]),  # layer 1's addmm forgotten
+    "2.5-table": (phase2.check_policy_table, lambda: hand_trace("predict_table"), [
+        lambda: table_edit("every-2", "saved", lambda v, w, d: v - (d % 2) * w * w * A),
+        lambda: table_edit("none", "saved", lambda v, w, d: v - A),  # the loss forgotten
+        lambda: table_edit("every-2", "peak", lambda v, w, d: v - 2 * w * w * A),  # "it drops"
+        lambda: table_edit("full", "peak", lambda v, w, d: v - (d - 1) * w * A)]),  # no biases
     "1.1-state": (phase1.training_state_bytes, lambda: state, [
         lambda: lambda n: state(n, opt=4), lambda: lambda n: state(1000),
         lambda: lambda n: 16 * n]),
