@@ -241,7 +241,8 @@ CASES = {
         lambda: lambda c, p: sum(b["tape"] for b in c["blocks"]) + 2 * c["input"]]),
     "4.2-planner": (phase4.planner, lambda: planner(), [
         lambda: planner(fits=lambda p, b: p < b), lambda: planner(longest=1),
-        lambda: planner(none_ok=False)]),
+        lambda: planner(none_ok=False),
+        lambda: planner(last=False)]),  # recompute_flops ignored: full flops for every block
     "4.3-capstone": (phase4.capstone, lambda: policy_of(planner()), [
         lambda: lambda c, b: "full", lambda: lambda c, b: "every-2",
         lambda: policy_of(planner(longest=1)), lambda: lambda c, b: "segments:0..4"]),

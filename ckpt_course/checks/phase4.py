@@ -15,17 +15,22 @@ from . import CheckFailed, call, expect, is_int, passed, rng
 from .probes import chain_costs
 
 
-def random_chain(r, n=None, ties=False) -> dict:
-    """A chain of plain numbers; ``ties``: every block the same, so many placements tie."""
+def random_chain(r, n=None, ties=False, same_flops=False) -> dict:
+    """A chain of plain numbers; ``ties``: every block the same, so many placements tie;
+    ``same_flops``: blocks alike but for their ``recompute_flops`` (all different), so only the
+    last block's recompute tells the placements apart."""
     n = n or r.randint(3, 7)
     a = 8 * r.randint(2, 6)
-    same = {"tape": a + 8 * r.randint(3, 9), "flops": (f := r.randint(4, 20)),
+    same = {"tape": a + 8 * r.randint(3, 9), "flops": (f := r.randint(4 + n, 20 + n)),
             "recompute_flops": r.randint(1, f)}
+    recomputes = r.sample(range(1, f + 1), n)
 
     def block():
         f = r.randint(2, 30)
         return {"tape": a + 8 * r.randint(1, 12), "flops": f, "recompute_flops": r.randint(1, f)}
 
+    if same_flops:
+        return {"input": a, "blocks": [dict(same, recompute_flops=c) for c in recomputes]}
     return {"input": a, "blocks": [dict(same) if ties else block() for _ in range(n)]}
 
 
@@ -78,16 +83,22 @@ def _recompute(chain, placement) -> int:
 
 def _planner_cases(r):
     """(chain, budget): exact peaks of optimal placements (a peak equal to the budget fits),
-    one byte below them, a budget nothing fits, and chains of equal blocks (ties)."""
+    one byte below them, a budget nothing fits, one that only segments of several blocks fit,
+    chains of equal blocks (ties), and chains where only ``recompute_flops`` tells the
+    placements apart (a planner that charges every block its full forward fails there)."""
     cases = []
-    for ties in (False, False, True):
-        chain = random_chain(r, ties=ties)
+    for kind in ("random", "random", "ties", "same flops", "same flops"):
+        chain = random_chain(r, ties=kind == "ties", same_flops=kind == "same flops")
         costs = chain_costs(chain)
         lowest = min(predict(costs, p).peak_bytes for p in all_placements(costs.n))
         highest = predict(costs, tuple((k, k + 1, False) for k in range(costs.n))).peak_bytes
         middle = r.randint(lowest, highest)
         best = optimal(costs, middle)
         cases += [(chain, best.peak_bytes), (chain, best.peak_bytes - 1), (chain, highest)]
+        singles = min(predict(costs, p).peak_bytes for p in all_placements(costs.n)
+                      if all(b - a == 1 for a, b, _ in p))
+        if lowest < singles:  # a budget only a segment of several blocks fits
+            cases.append((chain, r.randint(lowest, singles - 1)))
     cases.append((chain, lowest - 1))
     return cases
 
