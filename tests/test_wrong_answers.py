@@ -20,17 +20,24 @@ SOLUTIONS = Path(__file__).resolve().parents[1] / "solutions"
 
 @functools.cache
 def solution(stem: str) -> dict:
-    """The names a solution notebook defines: its code cells run in order, check cells left out."""
+    """The names a solution notebook's answer cells define, after its first (import) cell; the
+    other setup cells (measurements for the learner to read) are left out."""
     names: dict = {}
+    threads = torch.get_num_threads()  # a notebook may pin it; the tests should not inherit that
     nb = nbformat.read(SOLUTIONS / f"{stem}.ipynb", as_version=4)
-    for cell in nb.cells:
-        if cell.cell_type == "code" and not tagged_name(cell, "check"):
-            exec(compile(cell.source, f"{stem}.ipynb", "exec"), names)  # noqa: S102
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    for cell in code[:1] + [c for c in code if tagged_name(c, "answer")]:
+        exec(compile(cell.source, f"{stem}.ipynb", "exec"), names)  # noqa: S102
+    torch.set_num_threads(threads)
     return names
 
 
 def hand_trace(name):
     return solution("2_hand_trace")[name]
+
+
+def choosing(name):
+    return solution("3_choosing_a_policy")[name]
 
 
 def changed(name, **edits):
@@ -233,6 +240,11 @@ CASES = {
     "3.2-per-gpu": (phase3.per_gpu, lambda: lambda n, g, a: n * 12 / g + a, [
         lambda: lambda n, g, a: (n * 12 + a) / g, lambda: lambda n, g, a: n * 12 + a,
         lambda: lambda n, g, a: n * 16 / g + a]),
+    "3.3-attention": (phase3.attention_extra, lambda: choosing("naive_extra_bytes"), [
+        lambda: lambda b, h, t, p: 4 * b * h * t * t + t * t - 4 * b * h * t,  # dropout ignored
+        lambda: lambda b, h, t, p: t * t if p else 4 * b * h * t * t - 4 * b * h * t,  # no mask
+        lambda: lambda b, h, t, p: (12 if p else 4) * b * h * t * t + t * t - 4 * b * h * t,
+        lambda: lambda b, h, t, p: t * t if p else 4 * b * h * t * t + b * h * t * t]),
     "3.4-save": (phase3.ops_to_save, lambda: lambda: {"mm", "sdpa"}, [
         lambda: lambda: {"mm"}, lambda: lambda: {"mm", "sdpa", "gelu"}, lambda: lambda: set()]),
     "4.1-peak": (phase4.chain_peak, lambda: peak, [

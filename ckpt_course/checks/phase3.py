@@ -13,23 +13,15 @@ import functools
 import torch
 
 from ..compare import rank_ops
-from ..estimate import model_memory
+from ..estimate import layer_activation_bytes, model_memory
 from ..models import GPTConfig, TinyGPT, llama_config
 from ..policies import parse_policy
 from ..recompute import measure_recompute
 from ..train import measure_step
-from . import CheckFailed, Parts, call, expect, is_int, passed, peak_of, rng
+from . import CheckFailed, Parts, call, expect, is_int, is_number, passed, peak_of, rng
 
-__all__ = ["CheckFailed", "offload", "per_gpu", "ops_to_save",
+__all__ = ["CheckFailed", "offload", "per_gpu", "attention_extra", "ops_to_save",
            "policy_for_budget", "BUDGET_CANDIDATES"]
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 # ---------------------------------------------------------------- 3.2 offload by hand
@@ -113,8 +105,8 @@ def per_gpu(fn) -> None:
     for n_gpus, policy in cases:
         acts = est.activations[policy]
         expected = (est.param_bytes + est.grad_bytes + est.optimizer_bytes) / n_gpus + acts
-        got = fn(est.n_params, n_gpus, acts)
-        expect(_number(got), f"per_gpu_bytes(...) returned {got!r}: return a number of bytes")
+        got = call(fn, est.n_params, n_gpus, acts, name="per_gpu_bytes")
+        expect(is_number(got), f"per_gpu_bytes(...) returned {got!r}: return a number of bytes")
         if abs(got - expected) <= 1e-6 * expected:
             continue
         if abs(got - (expected - acts) - acts / n_gpus) <= 1e-6 * expected and n_gpus > 1:
@@ -127,6 +119,54 @@ def per_gpu(fn) -> None:
                     "all three are divided among the GPUs, the activations are not")
         raise CheckFailed(hint)
     passed("sharding divides the model's state; only checkpointing shrinks the activations")
+
+
+# ---------------------------------------------------------------- 3.3 naive vs SDPA attention
+@functools.cache
+def _block_saved(attention: str, dropout: float, batch: int, heads: int, seq: int,
+                 head_dim: int) -> int:
+    cfg = GPTConfig(n_layer=1, d_model=heads * head_dim, n_head=heads, seq_len=seq,
+                    dropout=dropout, attention=attention)
+    return layer_activation_bytes(cfg, batch, seq, torch.float32).saved_bytes
+
+
+def attention_extra(fn) -> float | None:
+    """3.3: ``fn(batch, heads, seq, dropout)`` -> the bytes one float32 GPT block in training
+    saves with naive attention beyond the same block with SDPA, measured by the tape (on fake
+    CPU tensors), at sizes the lesson did not use. Partial credit: without and with dropout."""
+    r = rng("3.3-attention")
+    # batch and heads >= 2: with dropout and a batch of 1 the two tapes also differ by a few
+    # batch x seq x d_model copies (measured), which is not what this exercise is about
+    sizes = [(r.randint(2, 4), r.randint(2, 4), r.randrange(8, 72, 4), r.choice((4, 8)))
+             for _ in range(3)]
+    parts = Parts()
+    for dropout, part in ((0.0, "without dropout"), (r.choice((0.1, 0.2, 0.5)), "with dropout")):
+        with parts(part):
+            for batch, heads, seq, head_dim in sizes:
+                want = (_block_saved("naive", dropout, batch, heads, seq, head_dim)
+                        - _block_saved("sdpa", dropout, batch, heads, seq, head_dim))
+                got = call(fn, batch, heads, seq, dropout, name="naive_extra_bytes")
+                expect(is_int(got), f"naive_extra_bytes(...) returned {got!r}: return bytes "
+                       "as an int")
+                where = f"batch {batch}, {heads} heads, T = {seq}, dropout {dropout}"
+                if got == want:
+                    continue
+                if dropout == 0:
+                    hint = (f"{where}: naive attention saves its softmax output (one float per "
+                            "batch, head, query and key) and the causal mask (one bool per "
+                            "query and key, shared by the batch and the heads); SDPA saves one "
+                            "logsumexp per batch, head and query instead")
+                else:
+                    hint = (f"{where}: with dropout, look at which backward nodes the SDPA "
+                            "block's tape holds (record_tape on one GPTBlock in training mode): "
+                            "does SDPA still run its flash kernel? What does each path save "
+                            "that the other does not?")
+                raise CheckFailed(hint)
+    score = parts.score()
+    if score is None:
+        passed("naive attention's extra T x T bytes, with and without dropout: the tape shows "
+               "which kernel SDPA ran, and what it kept")
+    return score
 
 
 # ---------------------------------------------------------------- 3.4

@@ -22,8 +22,9 @@ import torch
 
 from ckpt_course.checks import phase3 as checks
 from ckpt_course.compare import format_ranking, rank_ops
-from ckpt_course.models import GPTConfig, TinyGPT
+from ckpt_course.models import GPTBlock, GPTConfig, TinyGPT  # noqa: F401 - GPTBlock for 3.3
 from ckpt_course.recompute import measure_recompute
+from ckpt_course.tape import record_tape  # noqa: F401 - to look at a tape in 3.3
 from ckpt_course.train import measure_step
 from ckpt_course.units import fmt_bytes, fmt_flops
 
@@ -103,6 +104,35 @@ def per_gpu_bytes(n_params, n_gpus, activation_bytes):
 
 # %% tags=["check:3.2-per-gpu"]
 checks.per_gpu(per_gpu_bytes)
+
+# %% [markdown]
+# ## Exercise 3 (section 3.3): what naive attention saves that SDPA does not
+#
+# One float32 `GPTBlock` in training mode (`GPTConfig(attention="naive")` against the default
+# `"sdpa"`, the same `dropout`), on a `batch x seq x d_model` input with `heads` heads. Write
+# `naive_extra_bytes(batch, heads, seq, dropout)`: how many more bytes the naive block's tape
+# holds than the SDPA block's (batch and heads are 2 or more). The check tries sizes the lesson
+# did not, each without dropout and with it. With dropout, both paths must keep what they need
+# to replay the same dropout mask in backward: think about what each one saves for that, and
+# whether SDPA still runs the same kernel. You can look: `record_tape` (lesson 2.1) on one `GPTBlock` lists every tensor each
+# backward node saved.
+
+# %% tags=["answer:3.3-attention"]
+def naive_extra_bytes(batch, heads, seq, dropout):
+    """Bytes the naive-attention block saves beyond the SDPA block (float32)."""
+    ### BEGIN SOLUTION
+    mask = seq * seq  # the causal mask: one bool per query and key, shared by batch and heads
+    if dropout:
+        # on this CPU, SDPA with dropout runs its math path: it saves the softmax output, the
+        # dropout mask and the dropped probabilities as naive attention does, but builds no mask
+        return mask
+    probabilities = 4 * batch * heads * seq * seq  # the softmax output naive attention keeps
+    logsumexp = 4 * batch * heads * seq  # what flash attention keeps instead
+    return probabilities + mask - logsumexp
+    ### END SOLUTION
+
+# %% tags=["check:3.3-attention", "points:2"]
+checks.attention_extra(naive_extra_bytes)
 
 # %% [markdown]
 # ## Exercise 4 (section 3.4): which ops should a selective policy save?
