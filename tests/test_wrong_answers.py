@@ -12,8 +12,7 @@ import torch
 
 from ckpt_course.authoring import tagged_name
 from ckpt_course.checks import CheckFailed, Parts, expect, phase1, phase2, phase3, phase4, probes
-from ckpt_course.costs import measure_costs
-from ckpt_course.models import GPTConfig, TinyGPT
+from ckpt_course.models import TinyGPT
 
 SOLUTIONS = Path(__file__).resolve().parents[1] / "solutions"
 
@@ -257,7 +256,8 @@ CASES = {
         lambda: planner(last=False)]),  # recompute_flops ignored: full flops for every block
     "4.3-capstone": (phase4.capstone, lambda: policy_of(planner()), [
         lambda: lambda c, b: "full", lambda: lambda c, b: "every-2",
-        lambda: policy_of(planner(longest=1)), lambda: lambda c, b: "segments:0..4"]),
+        lambda: policy_of(planner(longest=1)), lambda: lambda c, b: "segments:0..4",
+        lambda: policy_of(planner(last=False))]),
 }
 
 
@@ -305,10 +305,14 @@ def test_parts_give_partial_credit_and_print_the_missed_hints(capsys):
         none.score()
 
 
-def test_the_lesson_chain_is_what_the_planner_measures():
-    torch.manual_seed(0)
-    costs = measure_costs(TinyGPT(GPTConfig(n_layer=6, d_model=64, n_head=4, seq_len=64)), 8)
-    got = [{"tape": c.input_bytes + c.kept_bytes, "flops": c.forward_flops,
-            "recompute_flops": c.recompute_flops} for c in costs.layers]
-    assert got == phase4.LESSON_CHAIN["blocks"]
-    assert costs.layers[0].input_bytes == phase4.LESSON_CHAIN["input"]
+def test_the_lesson_chain_is_the_lesson_model_measured():
+    chain = phase4.lesson_chain()
+    cfg, batch = phase4.LESSON_CONFIG, phase4.LESSON_BATCH
+    assert len(chain["blocks"]) == cfg.n_layer
+    assert chain["input"] == batch * cfg.seq_len * cfg.d_model * 4  # one float32 block input
+    assert all(b == chain["blocks"][0] for b in chain["blocks"])  # equal blocks
+
+
+def test_a_policy_that_does_not_parse_gets_the_accepted_forms():
+    with pytest.raises(CheckFailed, match="every-K"):
+        phase4.capstone(lambda c, b: "checkpoint blocks 1 to 3")

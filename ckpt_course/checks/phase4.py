@@ -10,7 +10,21 @@ package's planner, which takes ``ChainCosts``, is of no use to an answer.
 
 from __future__ import annotations
 
-from ..plan import Segments, all_placements, brute_force, optimal, predict
+import functools
+
+import torch
+
+from ..costs import ChainCosts, measure_costs
+from ..models import GPTConfig, TinyGPT, course_device, sized
+from ..plan import (
+    Segments,
+    all_placements,
+    as_placement,
+    brute_force,
+    measure_peaks,
+    optimal,
+    predict,
+)
 from . import CheckFailed, call, expect, is_int, passed, rng
 from .probes import chain_costs
 
@@ -77,18 +91,38 @@ def chain_peak(fn) -> None:
 
 
 # ---------------------------------------------------------------- 4.2 the planner
-def _recompute(chain, placement) -> int:
-    return predict(chain_costs(chain), placement).recompute_flops
+def _recompute_decides(chain) -> list[int]:
+    """Budgets (exact peaks) at which every cheapest placement by the blocks' full forward FLOPs
+    recomputes more than the optimum: only a planner that charges a segment's last block its
+    ``recompute_flops`` finds the optimum there."""
+    costs, blocks = chain_costs(chain), chain["blocks"]
+    rows = [(p.peak_bytes, p.recompute_flops,
+             sum(b["flops"] for i, j, c in p.placement if c for b in blocks[i:j]))
+            for p in (predict(costs, q) for q in all_placements(costs.n))]
+    out = []
+    for budget in sorted({peak for peak, _, _ in rows}):
+        fits = [(full, recompute) for peak, recompute, full in rows if peak <= budget]
+        cheapest = min(full for full, _ in fits)
+        if min(rc for full, rc in fits if full == cheapest) > min(rc for _, rc in fits):
+            out.append(budget)
+    return out
 
 
 def _planner_cases(r):
     """(chain, budget): exact peaks of optimal placements (a peak equal to the budget fits),
     one byte below them, a budget nothing fits, one that only segments of several blocks fit,
-    chains of equal blocks (ties), and chains where only ``recompute_flops`` tells the
-    placements apart (a planner that charges every block its full forward fails there)."""
+    chains of equal blocks (ties), and chains alike but for ``recompute_flops`` at budgets where
+    it decides the answer (a planner that charges every block its full forward fails there)."""
     cases = []
-    for kind in ("random", "random", "ties", "same flops", "same flops"):
-        chain = random_chain(r, ties=kind == "ties", same_flops=kind == "same flops")
+    for kind in ("same flops", "same flops", "random", "random", "ties"):
+        if kind == "same flops":
+            deciding = []
+            while not deciding:  # most such chains have a deciding budget; draw until one does
+                chain = random_chain(r, same_flops=True)
+                deciding = _recompute_decides(chain)
+            cases += [(chain, b) for b in r.sample(deciding, min(2, len(deciding)))]
+            continue
+        chain = random_chain(r, ties=kind == "ties")
         costs = chain_costs(chain)
         lowest = min(predict(costs, p).peak_bytes for p in all_placements(costs.n))
         highest = predict(costs, tuple((k, k + 1, False) for k in range(costs.n))).peak_bytes
@@ -99,7 +133,7 @@ def _planner_cases(r):
                       if all(b - a == 1 for a, b, _ in p))
         if lowest < singles:  # a budget only a segment of several blocks fits
             cases.append((chain, r.randint(lowest, singles - 1)))
-    cases.append((chain, lowest - 1))
+    cases.append((chain, lowest - 1))  # the ties chain: nothing fits
     return cases
 
 
@@ -133,43 +167,118 @@ def planner(fn) -> None:
 
 
 # ---------------------------------------------------------------- 4.3 the capstone
-# The lesson's model (TinyGPT, 6 blocks, d_model 64, seq 64, batch 8, on CPU) as plain numbers:
-# measure_costs' input bytes, input + kept bytes, forward and recompute FLOPs of each (equal)
-# block; tests/test_wrong_answers.py measures them again. Its budget sits between full's and
-# every-2's predicted peaks, as in the lesson.
-LESSON_CHAIN = {"input": 131072, "blocks": [
-    {"tape": 2113536, "flops": 58720256, "recompute_flops": 41943040} for _ in range(6)]}
+# The lesson's model and batch (notebooks/4_diagnose_a_real_oom.ipynb), and a smaller one the
+# learner has not seen, for the capstone's runs.
+LESSON_CONFIG = sized(cpu=GPTConfig(n_layer=6, d_model=64, n_head=4, seq_len=64),
+                      gpu=GPTConfig(n_layer=12, d_model=256, n_head=8, seq_len=256))
+LESSON_BATCH = sized(cpu=8, gpu=16)
+# d_model 48 for a vocabulary of 256: the blocks, not the logits, set most placements' peaks
+UNSEEN_CONFIG, UNSEEN_BATCH = GPTConfig(n_layer=5, d_model=48, n_head=4, seq_len=64), 4
+POLICY_FORMS = ("'none', 'full', 'every-K' (K a whole number), or 'segments:...' with inclusive "
+                "block numbers: 'a-b' one segment of blocks a to b, 'a..b' each of blocks a to b "
+                "alone, 'a' block a alone, e.g. 'segments:0-2,5'")
 
 
-def lesson_budget() -> int:
-    costs = chain_costs(LESSON_CHAIN)
+@functools.cache
+def _measured(cfg: GPTConfig, batch: int) -> tuple[TinyGPT, ChainCosts]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = TinyGPT(cfg).to(course_device())
+    return model, measure_costs(model, batch)
+
+
+def as_chain(costs: ChainCosts) -> dict:
+    """A measured model's blocks as the exercise's plain numbers (its trunk, parameters and
+    optimizer state left out)."""
+    return {"input": costs.layers[0].input_bytes,
+            "blocks": [{"tape": c.input_bytes + c.kept_bytes, "flops": c.forward_flops,
+                        "recompute_flops": c.recompute_flops} for c in costs.layers]}
+
+
+def lesson_chain() -> dict:
+    """The lesson's model, measured here at this machine's lesson sizes (12 blocks on a GPU)."""
+    return as_chain(_measured(LESSON_CONFIG, LESSON_BATCH)[1])
+
+
+def _between_full_and_every2(chain: dict) -> int:
+    costs = chain_costs(chain)
     full, every2 = predict(costs, "full").peak_bytes, predict(costs, "every-2").peak_bytes
     return full + (every2 - full) // 2
 
 
+def lesson_budget() -> int:
+    """The lesson chain's budget: halfway between what full and every-2 need, as in the lesson."""
+    return _between_full_and_every2(lesson_chain())
+
+
+def _run_budget(costs: ChainCosts, chain: dict, budget: int) -> int | None:
+    """The real bytes that stand for the chain's ``budget`` on the measured model: halfway
+    between the highest real peak (``predict`` on the measured costs, which the meter matches to
+    the byte) of a placement that fits ``budget`` and the lowest of one that does not; None when
+    the model's trunk makes the two overlap. Every placement is tried up to 8 blocks; above (the
+    GPU's 12-block lesson model) the package's optimum stands for those that fit, every-K for
+    those that do not."""
+    plain = chain_costs(chain)
+    if costs.n <= 8:
+        candidates = list(all_placements(costs.n))
+    else:
+        candidates = [optimal(plain, budget).placement, "full", "none",
+                      *(f"every-{k}" for k in range(2, costs.n + 1))]
+    fit, over = [], []
+    for p in candidates:
+        real = predict(costs, p).peak_bytes
+        (fit if predict(plain, p).peak_bytes <= budget else over).append(real)
+    highest, lowest = max(fit), min(over, default=max(fit) * 2)
+    return (highest + lowest) // 2 if highest < lowest else None
+
+
+def _unseen_run(r) -> tuple[dict, int, int]:
+    """The unseen model's chain, a chain budget where some block must be checkpointed and the
+    real peaks of fitting and unfitting placements stand apart, and the real budget."""
+    _, costs = _measured(UNSEEN_CONFIG, UNSEEN_BATCH)
+    chain = as_chain(costs)
+    plain = chain_costs(chain)
+    peaks = sorted({predict(plain, p).peak_bytes for p in all_placements(costs.n)})
+    usable = [(b, real) for b in peaks[:-1] if (real := _run_budget(costs, chain, b))]
+    budget, real = usable[r.randrange(len(usable))]
+    return chain, budget, real
+
+
+def _placement_of(policy: str, n: int, which: str):
+    try:
+        return as_placement(n, policy)
+    except (TypeError, ValueError) as e:
+        raise CheckFailed(f"on {which}, {policy!r} is not a whole-block policy ({e}); write "
+                          f"{POLICY_FORMS}") from None
+
+
 def capstone(fn) -> None:
     """4.3: ``fn(chain, budget)`` -> a policy string (``"segments:..."``, ``"full"``,
-    ``"every-2"``, ...) that fits with at most 10% more recompute than the optimum; on the
-    lesson's chain and budget, and on chains and budgets the learner has not seen."""
+    ``"every-2"``, ...) that fits with at most 10% more recompute than the optimum: on the
+    lesson's chain and budget, on chains and budgets the learner has not seen, then RUN on the
+    lesson's model and on an unseen smaller one (``measure_peaks``, two AdamW steps) under the
+    real bytes that stand for the chain's budget (``_run_budget``)."""
     r = rng("4.3-capstone")
-    cases = [(LESSON_CHAIN, lesson_budget())]
-    for _ in range(3):
+    cases = [(lesson_chain(), lesson_budget(), "the lesson's model")]
+    for k in range(4):
         chain = random_chain(r, n=r.randint(5, 8))
         costs = chain_costs(chain)
         full = predict(costs, "full").peak_bytes
         none = predict(costs, "none").peak_bytes
-        cases.append((chain, r.randint(full, none)))
-    for k, (chain, budget) in enumerate(cases):
+        singles = min(predict(costs, p).peak_bytes for p in all_placements(costs.n)
+                      if all(b - a == 1 for a, b, _ in p))
+        lowest = min(predict(costs, p).peak_bytes for p in all_placements(costs.n))
+        budget = (r.randint(lowest, singles - 1) if k == 0 and lowest < singles
+                  else r.randint(full, none))  # first: only a segment of several blocks fits
+        cases.append((chain, budget, "a chain you have not seen"))
+    policies = []
+    for chain, budget, which in cases:
         costs = chain_costs(chain)
         best = optimal(costs, budget)
         got = call(fn, chain, budget, name="my_policy")
-        which = "the lesson's model" if k == 0 else "a chain you have not seen"
-        expect(isinstance(got, str), f"my_policy returned {got!r}: return a policy string such as "
-               "'segments:0..4' or 'every-2'")
-        try:
-            p = predict(costs, got)
-        except ValueError as e:
-            raise CheckFailed(f"on {which}, {got!r} is not a whole-block policy: {e}") from None
+        expect(isinstance(got, str), f"my_policy returned {got!r}: return a policy string, "
+               f"{POLICY_FORMS}")
+        p = predict(costs, _placement_of(got, costs.n, which))
         expect(p.peak_bytes <= budget, f"on {which}, {got} runs out of memory: which blocks' "
                "tapes are alive at the peak? A checkpointed segment of several blocks rebuilds "
                "all their tapes at once when its backward starts")
@@ -177,5 +286,26 @@ def capstone(fn) -> None:
                f"on {which}, {got} fits but recomputes more than 10% above the cheapest "
                "placement that fits: which block's tape is freed first in backward? Does it need "
                "checkpointing at all?")
+        policies.append(got)
+    lesson_model, lesson_costs = _measured(LESSON_CONFIG, LESSON_BATCH)
+    unseen_chain, unseen_budget, unseen_real = _unseen_run(r)
+    unseen = call(fn, unseen_chain, unseen_budget, name="my_policy")
+    expect(isinstance(unseen, str), f"my_policy returned {unseen!r}: return a policy string, "
+           f"{POLICY_FORMS}")
+    _placement_of(unseen, len(unseen_chain["blocks"]), "a model you have not seen")
+    # the lesson's budget stands apart from every real peak at the CPU sizes; should the trunk
+    # ever blur it, the highest real peak that fits is the budget (a right plan still fits)
+    lesson_real = (_run_budget(lesson_costs, cases[0][0], cases[0][1])
+                   or predict(lesson_costs, optimal(chain_costs(cases[0][0]),
+                                                    cases[0][1]).placement).peak_bytes)
+    runs = [(lesson_model, LESSON_BATCH, policies[0], lesson_real, "the lesson's model"),
+            (_measured(UNSEEN_CONFIG, UNSEEN_BATCH)[0], UNSEEN_BATCH, unseen, unseen_real,
+             "a model you have not seen")]
+    for model, batch, policy, real_budget, which in runs:
+        peak = max(measure_peaks(model, policy, batch_size=batch))
+        expect(peak <= real_budget,
+               f"run on {which}, {policy} peaked above the budget: the plain numbers leave out "
+               "the trunk, parameters and optimizer state, which are the same for every "
+               "placement; did your policy fit the chain's budget with the least recompute?")
     passed("your policies fit and recompute near the least, on the lesson's model and on chains "
-           "you had not seen")
+           "you had not seen, and they fit when run on the lesson's model and on another")

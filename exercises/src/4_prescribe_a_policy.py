@@ -99,19 +99,23 @@ phase4.planner(plan_placement)
 # %% [markdown]
 # ## 4.3 Capstone: the lesson's OOM, prescribed
 #
-# The lesson's model, measured by the planner, is `phase4.LESSON_CHAIN` (six equal GPT blocks);
-# its budget sits between what checkpointing every block needs and what every-2 needs:
+# The lesson's model, measured by the planner, is `phase4.lesson_chain()` (six equal GPT blocks
+# on a CPU, twelve on a GPU: the lesson sizes this machine uses); its budget sits between what
+# checkpointing every block needs and what every-2 needs:
 
 # %%
-LESSON_BUDGET = phase4.lesson_budget()
-print(phase4.LESSON_CHAIN["blocks"][0], "input", phase4.LESSON_CHAIN["input"])
+LESSON_CHAIN, LESSON_BUDGET = phase4.lesson_chain(), phase4.lesson_budget()
+print(len(LESSON_CHAIN["blocks"]), "blocks like", LESSON_CHAIN["blocks"][0],
+      "input", LESSON_CHAIN["input"])
 print("budget", LESSON_BUDGET, "bytes")
 
 # %% [markdown]
 # Write `my_policy(chain, budget)`: a policy string the course runs (`"full"`, `"every-2"`, or
 # `"segments:0-2,5"`: `a-b` is one segment of blocks a to b, `a..b` checkpoints each of blocks a
 # to b alone) that fits with at most 10% more recompute than the cheapest placement. The check
-# runs it on the lesson's chain and budget and on chains and budgets you have not seen.
+# asks it for the lesson's chain and budget and for chains and budgets you have not seen, then
+# runs your policies for real (two AdamW steps, metered) on the lesson's model and on a smaller
+# model you have not seen, under the real bytes that stand for the chain's budget.
 
 # %% tags=["answer:4.3-capstone"]
 def my_policy(chain, budget):
