@@ -45,8 +45,8 @@ class WireError(ValueError):
 
 def to_wire(value) -> tuple[bytes, list[bytes]]:
     """Data -> (JSON bytes, tensor blobs). Data: None, bool, int, float, str, list, tuple,
-    set, frozenset, dict, plain CPU torch.Tensor. Exact types only: a subclass (an int whose __eq__ lies, a
-    proxy) is refused, as is anything else, so nothing but data ever crosses."""
+    set, frozenset, dict, plain CPU torch.Tensor. Exact types only: a subclass (an int whose
+    __eq__ lies, a proxy) is refused, as is anything else, so nothing but data ever crosses."""
     blobs: list[bytes] = []
 
     def encode(x):
