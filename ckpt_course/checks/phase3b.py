@@ -15,17 +15,7 @@ from ..models import GPTConfig, TinyGPT
 from ..pitfalls import BN_FIXES, CHECKPOINT_KWARGS, block_gradients, bn_experiment
 from ..policies import parse_policy
 from ..train import train
-from . import CheckFailed, expect, passed
-
-try:
-    from . import rng
-except ImportError:  # until checks/__init__ has the protocol helpers (exercises branch)
-    import random
-
-    def rng(salt: str) -> random.Random:
-        from . import selftest
-
-        return random.Random(f"{selftest.seed()}:{salt}")
+from . import CheckFailed, expect, passed, rng
 
 __all__ = ["CheckFailed", "PITFALLS", "frozen_fix", "rng_fix", "bn_fix"]
 
