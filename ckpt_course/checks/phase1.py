@@ -13,6 +13,7 @@ import torch
 
 from ..meter import MemoryMeter
 from ..models import GPTBlock, GPTConfig, HandTraceNet, TinyGPT
+from ..step import make_optimizer
 from ..tape import record_tape
 from ..train import measure_step
 from . import CheckFailed, Parts, call, expect, is_int, is_number, passed, peak_of, rng
@@ -27,7 +28,7 @@ def _state_after_one_step(cfg: GPTConfig):
     and the bytes of AdamW's step counters (one scalar per parameter tensor)."""
     torch.manual_seed(0)
     model = TinyGPT(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = make_optimizer(model)
     model.loss(model.example_batch(2, generator=torch.Generator().manual_seed(0))).backward()
     optimizer.step()  # the state appears here; gradients stay (no zero_grad)
     measured = MemoryMeter().track(model, optimizer).breakdown()
