@@ -3,6 +3,7 @@ closed forms it must reproduce, the Segments policy, configs on fake tensors, th
 
 import math
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from ckpt_course.costs import (
     Backward,
     ChainCosts,
     LayerCost,
+    OptionCost,
     TrunkCost,
     config_costs,
     measure_costs,
@@ -26,6 +28,8 @@ from ckpt_course.plan import (
     measure_peaks,
     optimal,
     optimal_frontier,
+    placement_cost,
+    placement_policy,
     predict,
 )
 from ckpt_course.policies import Segments, parse_policy
@@ -170,6 +174,7 @@ def test_predicted_peak_is_the_meters_peak_for_the_hand_trace_net():
 
 def test_optimal_placement_fits_when_trained_and_recomputes_what_it_predicts(gpt):
     model, costs = gpt
+    costs = replace(costs, menu=())  # plain and checkpointed only: the single-level anchors
     full, none = predict(costs, "full").peak_bytes, predict(costs, "none").peak_bytes
     budget = (full + none) // 2
     plan = make_plan(costs, budget)
@@ -267,3 +272,83 @@ def test_budget_below_the_parameters_says_so_with_numbers():
     with pytest.raises(ValueError, match="nothing fits"):
         print(plan.policy)
     assert make_plan(costs, 100 * MiB).best.recompute_flops == 0
+
+
+# ---------------------------------------------------------------- the per-block menu
+def random_menu_costs(rng: random.Random, n: int, n_options: int) -> ChainCosts:
+    """A random chain whose blocks also have ``n_options`` menu options, each an arbitrary
+    plain-like LayerCost with its own recompute, host bytes and time."""
+    costs = random_costs(rng, n)
+    names = ["selective:save=mm,sdpa", "selective:save=sdpa", "offload"][:n_options]
+    base = random_costs(rng, n * n_options).layers
+    menu = tuple({name: OptionCost(base[k * n_options + m], rng.randint(0, 30),
+                                   rng.randint(0, 50) * (name == "offload"))
+                  for m, name in enumerate(names)} for k in range(n))
+    times = tuple({"none": rng.random(), "full": 1 + rng.random(),
+                   **{name: 1 + rng.random() for name in names}} for _ in range(n))
+    return replace(costs, menu=menu, times=times)
+
+
+@pytest.mark.parametrize("n, n_options, seeds", [(3, 3, 12), (5, 2, 6), (6, 1, 4), (8, 1, 1)])
+@pytest.mark.parametrize("objective", ["time", "flops"])
+def test_menu_dp_equals_brute_force_over_every_menu(n, n_options, seeds, objective):
+    for seed in range(seeds):
+        rng = random.Random(1000 * n + seed)
+        costs = random_menu_costs(rng, n, n_options)
+        predictions = [predict(costs, p) for p in all_placements(n, costs)]
+        peaks = sorted(p.peak_bytes for p in predictions)
+        for budget in (peaks[0] - 1, peaks[0], peaks[len(peaks) // 4], peaks[len(peaks) // 2],
+                       peaks[-1]):
+            dp, brute = optimal(costs, budget, objective), brute_force(costs, budget, objective)
+            assert (dp is None) == (brute is None), (seed, budget)
+            if dp is not None:  # the least cost, and among those the lowest peak
+                assert (placement_cost(costs, dp.placement, objective), dp.peak_bytes) == (
+                    placement_cost(costs, brute.placement, objective), brute.peak_bytes)
+                assert dp.peak_bytes <= budget
+
+
+def test_menu_policies_round_trip_through_the_vocabulary():
+    costs = random_menu_costs(random.Random(3), 5, 3)
+    for placement in list(all_placements(5, costs))[::37]:
+        policy = placement_policy(placement)
+        assert parse_policy(str(policy)) == policy
+        assert predict(costs, str(policy)).placement == placement
+
+
+@pytest.fixture(scope="module")
+def gpt8():
+    torch.manual_seed(0)
+    model = TinyGPT(GPTConfig(n_layer=8, d_model=32, n_head=2, seq_len=16))
+    return model, measure_costs(model, 2)
+
+
+def test_predicted_peak_and_recompute_are_the_meters_for_every_menu_of_two_blocks():
+    torch.manual_seed(0)
+    model = TinyGPT(GPTConfig(n_layer=2, d_model=64, n_head=4, seq_len=32))
+    costs = measure_costs(model, 4)
+    assert len(costs.menu[0]) == 4  # three selective variants and offload
+    batch = model.example_batch(4, generator=torch.Generator().manual_seed(0))
+    for placement in all_placements(2, costs):
+        policy, p = placement_policy(placement), predict(costs, placement)
+        assert p.peak_bytes == measure_peaks(model, policy, 4)[1], policy
+        assert p.recompute_flops == measure_recompute(model, batch, policy).flops, policy
+
+
+def test_predicted_peak_is_the_meters_for_a_sample_of_menus_on_eight_blocks(gpt8):
+    model, costs = gpt8
+    rng = random.Random(8)
+    kinds = [False, True, *costs.menu[0]]
+    for _ in range(12):
+        placement = tuple((k, k + 1, rng.choice(kinds)) for k in range(8))
+        policy = placement_policy(placement)
+        assert predict(costs, placement).peak_bytes == measure_peaks(model, policy, 2)[1], policy
+
+
+def test_offload_is_priced_by_time_not_flops(gpt8):
+    _, costs = gpt8
+    none = predict(costs, "none").peak_bytes
+    by_flops = optimal(costs, none - 1, "flops")
+    assert "offload" not in str(by_flops.policy)
+    assert predict(costs, "offload").host_bytes == 8 * costs.menu[0]["offload"].host_bytes > 0
+    with pytest.raises(ValueError, match="times=True"):
+        optimal(costs, none, "time")
