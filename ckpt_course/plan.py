@@ -663,3 +663,130 @@ def block_table(costs: ChainCosts, prediction: Prediction) -> list[dict]:
 
 def _span_text(i: int, j: int) -> str:
     return f"{i}" if j == i + 1 else f"{i}-{j - 1}"
+
+
+# ---------------------------------------------------------------- nested recomputation
+# Below the single-level minimum, a checkpointed segment's recompute can checkpoint again
+# (Griewank's revolve, written as nested torch.utils.checkpoint: ``menu:0-7=full(0-3(0-1))``).
+# The nested model is Griewank's: what a block keeps for its backward is its input, memory is
+# the bytes of the block inputs alive at once, the cost the recomputed forwards. A checkpointed
+# segment [i, j) recomputes its blocks once (the last one up to its last save), storing its
+# children's inputs on the way; then it reverses its children, last first. A tree is
+# (start, stop, children): a child of one block is a plain block (its input is its tape).
+Tree = tuple[int, int, tuple]
+
+
+@dataclass(frozen=True)
+class NestedPrediction:
+    tree: tuple[Tree, ...]  # the top-level segments, covering 0..L-1
+    stored_bytes: int  # the most block-input bytes alive at once
+    recompute_flops: int
+
+    @property
+    def policy(self) -> Menu:
+        return Menu(tuple((a, b, "full", _inner(c)) for a, b, c in self.tree if b > a + 1))
+
+
+def _inner(children) -> tuple:
+    """Children of more than one block are nested checkpoints; one-block ones run plain."""
+    return tuple((a, b, _inner(c)) for a, b, c in children if b > a + 1)
+
+
+def _pass_flops(costs: ChainCosts, i: int, j: int) -> int:
+    return segment_recompute_flops(costs, (i, j, True))
+
+
+def nested_optimal(costs: ChainCosts, budget: int) -> NestedPrediction | None:
+    """The nested tree with the fewest recomputed FLOPs whose stored block inputs never exceed
+    ``budget`` bytes (Griewank's model above); None if even one input at a time is too much.
+    Exact: equals Griewank's binomial optimum on uniform chains and brute force on small ones."""
+    x = [_boundary_bytes(costs, k) for k in range(costs.n)] if costs.n else []
+
+    @functools.cache
+    def reverse(i, j, room):  # reverse [i, j) with x_i stored, in ``room`` bytes: (cost, tree)
+        if x[i] > room:
+            return math.inf, None
+        if j == i + 1:
+            return 0, (i, j, ())
+        cost, children = split(i, j, room, False)
+        if children is None:
+            return math.inf, None
+        return _pass_flops(costs, i, j) + cost, (i, j, children)
+
+    @functools.cache
+    def split(i, j, room, whole_allowed):  # children covering [i, j), first starting at i
+        best = reverse(i, j, room) if whole_allowed else (math.inf, None)
+        best = (best[0], (best[1],)) if best[1] is not None else (math.inf, None)
+        for m in range(i + 1, j):
+            first, tree = reverse(i, m, room)
+            if first == math.inf:
+                continue
+            rest, trees = split(m, j, room - x[i], True)
+            if first + rest < best[0]:
+                best = (first + rest, (tree, *trees))
+        return best
+
+    cost, tree = split(0, costs.n, int(budget), True)
+    if tree is None or cost == math.inf:
+        return None
+    return NestedPrediction(tree, simulate_nested(costs, tree)[0], cost)
+
+
+def simulate_nested(costs: ChainCosts, tree) -> tuple[int, int]:
+    """(most stored bytes, recomputed FLOPs) of a nested tree, by stepping through it: the
+    forward stores the top-level segments' inputs; each segment's backward recomputes it,
+    storing its children's inputs, and reverses them last first. An independent check of
+    ``nested_optimal``'s recursion (tests), and the prediction for a given tree."""
+    stored, peak, flops = [], 0, 0
+
+    def reverse_children(children, top):
+        nonlocal peak, flops
+        for k, (a, _, _) in enumerate(children):  # store each child's input (the first
+            stored.append(0 if k == 0 and not top else _boundary_bytes(costs, a))  # is ours)
+            peak = max(peak, sum(stored))
+        for a, b, grand in reversed(children):
+            if b > a + 1:
+                flops += _pass_flops(costs, a, b)
+                reverse_children(_fill(a, b, grand), False)
+            stored.pop()
+
+    reverse_children(tuple(tree), True)
+    return peak, flops
+
+
+def _fill(a: int, b: int, children) -> tuple:
+    """Children of [a, b) with the one-block children a policy leaves out put back."""
+    out, k = [], a
+    for c in children:
+        out += [(m, m + 1, ()) for m in range(k, c[0])] + [c]
+        k = c[1]
+    return tuple(out + [(m, m + 1, ()) for m in range(k, b)])
+
+
+def all_trees(i: int, j: int, top: bool = True):
+    """Every nested tree over [i, j) (children of a segment are a composition of it into
+    smaller parts): for brute force."""
+    for cut in _compositions(i, j, allow_whole=top):
+        options = [[(a, b, ())] if b == a + 1 else
+                   [(a, b, c) for c in all_trees(a, b, False)] for a, b in cut]
+        yield from (tuple(p) for p in _product(options))
+
+
+def _compositions(i, j, allow_whole):
+    if i == j:
+        yield ()
+        return
+    for m in range(i + 1, j + 1):
+        for rest in _compositions(m, j, True):
+            parts = ((i, m), *rest)
+            if allow_whole or parts != ((i, j),):
+                yield parts
+
+
+def _product(lists):
+    if not lists:
+        yield ()
+        return
+    for head in lists[0]:
+        for rest in _product(lists[1:]):
+            yield (head, *rest)

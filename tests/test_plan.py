@@ -352,3 +352,78 @@ def test_offload_is_priced_by_time_not_flops(gpt8):
     assert predict(costs, "offload").host_bytes == 8 * costs.menu[0]["offload"].host_bytes > 0
     with pytest.raises(ValueError, match="times=True"):
         optimal(costs, none, "time")
+
+
+# ---------------------------------------------------------------- nested recomputation
+def _griewank_forward_steps(n: int, slots: int) -> int:
+    """Griewank & Walther's minimal number of forward steps to reverse n steps with ``slots``
+    checkpoints: r n - C(slots + r, slots + 1), r the least with C(slots + r, slots) >= n."""
+    r = 0
+    while math.comb(slots + r, slots) < n:
+        r += 1
+    return r * n - math.comb(slots + r, slots + 1)
+
+
+UNIT = replace(LayerCost.simple(1, 0, 1), recompute_flops=0)  # its tape is its input
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8, 13, 32])
+def test_nested_equals_griewanks_binomial_optimum_on_uniform_chains(n):
+    """Stored inputs s = Griewank's s - 1 checkpoints + the one being reversed; the first sweep
+    (n forwards, the last one taped) is the plain step, so recompute = t(n, s - 1) + 1 - n."""
+    from ckpt_course.plan import nested_optimal
+
+    costs = ChainCosts((UNIT,) * n)
+    assert nested_optimal(costs, 1) is None
+    for s in range(2, n + 1):
+        best = nested_optimal(costs, s)
+        assert best.recompute_flops == _griewank_forward_steps(n, s - 1) + 1 - n
+        assert best.stored_bytes <= s
+
+
+def test_nesting_reaches_below_the_single_level_minimum():
+    from ckpt_course.plan import nested_optimal
+
+    costs = ChainCosts((UNIT,) * 32)
+    single = optimal_frontier(costs)[-1]  # the single-level minimum
+    assert optimal(costs, single.peak_bytes - 1) is None
+    stored = single.kept_bytes + 1  # the segment inputs + the block being reversed
+    assert nested_optimal(costs, stored - 1) is not None
+    nested = nested_optimal(costs, 2)
+    assert nested is not None and nested.stored_bytes == 2 < stored
+    assert parse_policy(str(nested.policy)) == nested.policy
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_nested_equals_brute_force_on_small_heterogeneous_chains(seed):
+    from ckpt_course.plan import all_trees, nested_optimal, simulate_nested
+
+    rng = random.Random(seed)
+    n = rng.randint(2, 6)
+    costs = ChainCosts(tuple(replace(LayerCost.simple(rng.randint(1, 9), 0, rng.randint(1, 9)),
+                                     recompute_flops=rng.randint(0, 5)) for _ in range(n)))
+    results = [simulate_nested(costs, t) for t in all_trees(0, n)]
+    for budget in sorted({peak for peak, _ in results}):
+        best = nested_optimal(costs, budget)
+        assert best.recompute_flops == min(f for p, f in results if p <= budget)
+        assert best.stored_bytes <= budget
+
+
+def test_nested_policy_runs_and_recomputes_what_the_tree_predicts(gpt):
+    from ckpt_course.plan import _fill, simulate_nested
+
+    model, costs = gpt
+    batch = model.example_batch(4, generator=torch.Generator().manual_seed(0))
+    for policy in ("menu:0-3=full(0-1)", "menu:0-3=full(0-2(0-1))", "menu:0-3=full(1-2)"):
+        tree = _fill(0, 4, tuple((a, b, c) for a, b, _, c in parse_policy(policy).items))
+        assert measure_recompute(model, batch, policy).flops == simulate_nested(costs, tree)[1]
+    torch.manual_seed(0)
+    reference = TinyGPT(SMALL_GPT)
+    nested = TinyGPT(SMALL_GPT)
+    nested.load_state_dict(reference.state_dict())
+    reference.loss(batch).backward()
+    from ckpt_course.policies import applied
+    with applied(nested, "menu:0-3=full(0-2(0-1))"):
+        nested.loss(batch).backward()
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(reference.parameters(),
+                                                           nested.parameters(), strict=True))
