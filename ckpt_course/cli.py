@@ -275,7 +275,7 @@ def costs_from_args(args):
     """The measured costs that ``args`` (from ``add_plan_arguments``) describe."""
     import torch
 
-    from .costs import config_costs, measure_costs
+    from .costs import MENU, config_costs, measure_costs
 
     if args.config is not None:
         if args.layers is not None:
@@ -291,12 +291,12 @@ def costs_from_args(args):
                              "flops")
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16,
                  "fp32": torch.float32}[args.dtype or "bf16"]
-        return config_costs(args.config, args.batch or 1, seq, dtype)
+        return config_costs(args.config, args.batch or 1, seq, dtype, menu=MENU)
     if args.dtype is not None:
         raise ValueError("--dtype applies to a --config; course models run in fp32: drop --dtype")
     args.model = args.model or "gpt"
     model, batch_size, seq = _course_model(args)
-    return measure_costs(model, batch_size, seq, times=args.objective != "flops")
+    return measure_costs(model, batch_size, seq, menu=MENU, times=args.objective != "flops")
 
 
 def run_plan(args) -> int:

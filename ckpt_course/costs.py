@@ -631,15 +631,15 @@ def _layer_key(block: nn.Module, x: torch.Tensor):
 
 
 def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int | None = None,
-                  seed: int = 0, optimizer=_adamw_lr0, accumulate: bool = False, menu=MENU,
+                  seed: int = 0, optimizer=_adamw_lr0, accumulate: bool = False, menu=(),
                   times: bool = False, rounds: int = 15) -> ChainCosts:
     """Measure every block and the trunk of a course model (``.blocks``, ``.example_batch``,
     ``.loss``) for one training step on a batch of ``batch_size`` x ``seq_len``, the way
     ``train`` runs it (AdamW unless ``optimizer`` says otherwise; ``None``: no optimizer).
     ``accumulate``: a micro-batch after the first under gradient accumulation, where every
     gradient exists from the start. ``menu``: the one-block options measured for each distinct
-    block (``()``: plain and checkpointed only); ``times``: also time each option (``rounds``
-    interleaved medians), for the planner's time objective."""
+    block (``MENU``; the default ``()``: plain and checkpointed only); ``times``: also time
+    each option (``rounds`` interleaved medians), for the planner's time objective."""
     blocks = find_blocks(model)
     model.train()
     size = {} if batch_size is None else {"batch_size": batch_size}
@@ -708,7 +708,7 @@ def config_names() -> list[str]:
 
 
 def config_costs(cfg, batch_size: int, seq_len: int, dtype: torch.dtype = torch.bfloat16,
-                 optimizer: str = "adamw", menu=MENU) -> ChainCosts:
+                 optimizer: str = "adamw", menu=()) -> ChainCosts:
     """Costs of a config (``LlamaConfig`` or ``GPTConfig``, or a name such as "70b") measured
     on fake tensors: one block, times ``n_layer``, and the trunk on a one-block model.
 

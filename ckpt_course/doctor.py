@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .costs import MENU
 from .meter import MemoryMeter, parse_budget
 from .models import GPTConfig, TinyGPT
 from .plan import Prediction, measure_costs, optimal, predict
@@ -341,7 +342,7 @@ def prescribe(model: nn.Module, budget, batch_size: int = 8, seq_len: int | None
     """The cheapest fix the planner finds, in order: a checkpoint placement; a placement and a
     smaller micro-batch with gradient accumulation; offload; sharding. With the arithmetic."""
     budget = parse_budget(budget)
-    costs = measure_costs(model, batch_size, seq_len)
+    costs = measure_costs(model, batch_size, seq_len, menu=MENU)  # prescribe from the menu
     none = predict(costs, "none")
     lines = [f"Without checkpointing the planner predicts a peak of {fmt_bytes(none.peak_bytes)} "
              f"({none.where}): parameters {fmt_bytes(costs.param_bytes)} + optimizer state "
@@ -369,7 +370,7 @@ def prescribe(model: nn.Module, budget, batch_size: int = 8, seq_len: int | None
     lines.append(f"No placement fits: the lowest, every block checkpointed, still peaks at "
                  f"{fmt_bytes(full.peak_bytes)} ({full.where}).")
     for parts in _divisors_above_one(batch_size):
-        micro = measure_costs(model, batch_size // parts, seq_len, accumulate=True)
+        micro = measure_costs(model, batch_size // parts, seq_len, accumulate=True, menu=MENU)
         best = optimal(micro, budget)
         if best is not None:
             grads = micro.trunk.base_bytes - costs.trunk.base_bytes

@@ -35,6 +35,7 @@ and plans.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 from dataclasses import dataclass
@@ -390,10 +391,10 @@ def optimal(costs: ChainCosts, budget, objective=None) -> Prediction | None:
     cost; asking it again just under the peak it found, until the cost goes up, gives the lowest
     peak at that cost (the DP's states know kept bytes, not the peak so far, so it cannot break
     the tie itself)."""
-    cost = objective_fn(costs, objective)
-    best = _cheapest(costs, parse_budget(budget), cost)
+    cost, table = objective_fn(costs, objective), {}
+    best = _cheapest(costs, parse_budget(budget), cost, table)
     while best is not None:
-        lower = _cheapest(costs, best.peak_bytes - 1, cost)
+        lower = _cheapest(costs, best.peak_bytes - 1, cost, table)
         if lower is None or placement_cost(costs, lower.placement, cost) > placement_cost(
                 costs, best.placement, cost):
             return best
@@ -410,7 +411,18 @@ def _segments_from(costs: ChainCosts, i: int):
         yield (i, j, True)
 
 
-def _cheapest(costs: ChainCosts, budget: float, cost) -> Prediction | None:
+def _moves(costs: ChainCosts, i: int, left: bool, cost, table: dict) -> list:
+    """(segment, highest moment, kept bytes, cost, next state) of every segment from state
+    (i, left): the same for every budget, so computed once per ``optimal`` call."""
+    if (i, left) not in table:
+        table[i, left] = [
+            (seg, max(e[0] for e in segment_events(costs, seg, left)),
+             segment_kept(costs, seg, left), extra, (seg[1], _left_holds(costs, seg, seg[1])))
+            for seg in _segments_from(costs, i) if (extra := cost(costs, seg)) is not None]
+    return table[i, left]
+
+
+def _cheapest(costs: ChainCosts, budget: float, cost, table: dict) -> Prediction | None:
     """A placement with the least cost whose predicted peak fits ``budget``.
 
     Scan the chain left to right. A state is (boundary i, does the block before keep x_i?);
@@ -428,19 +440,13 @@ def _cheapest(costs: ChainCosts, budget: float, cost) -> Prediction | None:
             front = fronts.get((i, left))
             if not front:
                 continue
-            front[:] = _pareto(front)
-            for seg in _segments_from(costs, i):
-                j = seg[1]
-                top = max(e[0] for e in segment_events(costs, seg, left))
-                kept = segment_kept(costs, seg, left)
-                extra = cost(costs, seg)
-                if extra is None:
-                    continue
-                nxt = (j, _left_holds(costs, seg, j))
-                for index, (k, f, _) in enumerate(front):
-                    if k + top <= budget:
-                        fronts.setdefault(nxt, []).append(
-                            (k + kept, f + extra, ((i, left), index, seg)))
+            front[:] = _pareto(front)  # fewest kept bytes first: the ones that fit, a prefix
+            kepts, state = [k for k, _, _ in front], (i, left)
+            for seg, top, kept, extra, nxt in _moves(costs, i, left, cost, table):
+                fit = bisect.bisect_right(kepts, budget - top)
+                fronts.setdefault(nxt, []).extend(
+                    [(k + kept, f + extra, (state, index, seg))
+                     for index, (k, f, _) in enumerate(front[:fit])])
     best = None
     for left in (False, True):
         for k, f, back in _pareto(fronts.get((n, left), [])):
@@ -460,10 +466,14 @@ def _cheapest(costs: ChainCosts, budget: float, cost) -> Prediction | None:
 def _pareto(points):
     """Keep the points no other point beats on both kept bytes and FLOPs (fewest bytes first)."""
     out = []
-    for p in sorted(points, key=lambda p: (p[0], p[1])):
+    for p in sorted(points, key=_first_two):
         if not out or p[1] < out[-1][1]:
             out.append(p)
     return out
+
+
+def _first_two(p):
+    return p[0], p[1]
 
 
 def brute_force(costs: ChainCosts, budget, objective=None) -> Prediction | None:

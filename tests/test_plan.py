@@ -10,6 +10,7 @@ import torch
 
 from ckpt_course.cli import main
 from ckpt_course.costs import (
+    MENU,
     Backward,
     ChainCosts,
     LayerCost,
@@ -174,7 +175,6 @@ def test_predicted_peak_is_the_meters_peak_for_the_hand_trace_net():
 
 def test_optimal_placement_fits_when_trained_and_recomputes_what_it_predicts(gpt):
     model, costs = gpt
-    costs = replace(costs, menu=())  # plain and checkpointed only: the single-level anchors
     full, none = predict(costs, "full").peak_bytes, predict(costs, "none").peak_bytes
     budget = (full + none) // 2
     plan = make_plan(costs, budget)
@@ -252,7 +252,7 @@ def test_plan_command_for_70b_says_to_shard(capsys):
     assert main(["plan", "--config", "70b", "--batch", "1", "--seq", "4096",
                  "--budget", "80GiB"]) == 1
     out = capsys.readouterr().out
-    costs = config_costs("70b", 1, 4096)
+    costs = config_costs("70b", 1, 4096, menu=MENU)
     assert (f"the parameters alone need {fmt_bytes(costs.param_bytes)}, more than the budget "
             f"80.00 GiB") in out
     n, best = min_devices(costs, "80GiB")
@@ -319,13 +319,13 @@ def test_menu_policies_round_trip_through_the_vocabulary():
 def gpt8():
     torch.manual_seed(0)
     model = TinyGPT(GPTConfig(n_layer=8, d_model=32, n_head=2, seq_len=16))
-    return model, measure_costs(model, 2)
+    return model, measure_costs(model, 2, menu=MENU)
 
 
 def test_predicted_peak_and_recompute_are_the_meters_for_every_menu_of_two_blocks():
     torch.manual_seed(0)
     model = TinyGPT(GPTConfig(n_layer=2, d_model=64, n_head=4, seq_len=32))
-    costs = measure_costs(model, 4)
+    costs = measure_costs(model, 4, menu=MENU)
     assert len(costs.menu[0]) == 4  # three selective variants and offload
     batch = model.example_batch(4, generator=torch.Generator().manual_seed(0))
     for placement in all_placements(2, costs):
