@@ -68,7 +68,8 @@ _policy_arg = _from_api(lambda text: str(parse_policy(text)))
 
 def split_policies(text: str) -> list[str]:
     """'none,full,selective:save=mm,sdpa,offload' -> ['none', 'full', 'selective:save=mm,sdpa',
-    'offload']: an op name after a selective policy, or a block after segments, belongs to it.
+    'offload']: an op name after a selective policy, or a block after segments or menu (and an
+    op name inside a menu), belongs to it.
     ';' also separates (a segments policy's ';preserve_rng_state=False' stays with it)."""
     if ";" in text:
         out: list[str] = []
@@ -84,7 +85,8 @@ def split_policies(text: str) -> list[str]:
             continue
         last = out[-1].lower() if out else ""
         if (last.startswith("selective:") and token.lower() in OP_NAMES) or (
-                last.startswith("segments:") and re.fullmatch(r"\d+([-.]+\d+)?(;.*)?", token)):
+                last.startswith("segments:") and re.fullmatch(r"\d+([-.]+\d+)?(;.*)?", token)) or (
+                last.startswith("menu:") and (token[0].isdigit() or token.lower() in OP_NAMES)):
             out[-1] += "," + token
         else:
             out.append(token)
@@ -264,13 +266,16 @@ def add_plan_arguments(parser) -> None:
                              "(FSDP / ZeRO-3 estimate; default 1)")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                         help="dtype of a --config (default bf16)")
+    parser.add_argument("--objective", choices=("time", "flops"), default=None,
+                        help="what the plan minimises: measured time (default for --model) or "
+                             "recomputed FLOPs (default, and the only one, for --config)")
 
 
 def costs_from_args(args):
     """The measured costs that ``args`` (from ``add_plan_arguments``) describe."""
     import torch
 
-    from .costs import config_costs, measure_costs
+    from .costs import MENU, config_costs, measure_costs
 
     if args.config is not None:
         if args.layers is not None:
@@ -280,14 +285,18 @@ def costs_from_args(args):
         if seq > args.config.seq_len:
             raise ValueError(f"--seq {seq} is longer than the config supports "
                              f"({args.config.seq_len}): use --seq {args.config.seq_len} or less")
+        if args.objective == "time":
+            raise ValueError("--objective time needs a course model measured for real "
+                             "(--model); a --config is costed on fake tensors: use --objective "
+                             "flops")
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16,
                  "fp32": torch.float32}[args.dtype or "bf16"]
-        return config_costs(args.config, args.batch or 1, seq, dtype)
+        return config_costs(args.config, args.batch or 1, seq, dtype, menu=MENU)
     if args.dtype is not None:
         raise ValueError("--dtype applies to a --config; course models run in fp32: drop --dtype")
     args.model = args.model or "gpt"
     model, batch_size, seq = _course_model(args)
-    return measure_costs(model, batch_size, seq)
+    return measure_costs(model, batch_size, seq, menu=MENU, times=args.objective != "flops")
 
 
 def run_plan(args) -> int:
@@ -298,7 +307,7 @@ def run_plan(args) -> int:
     from .units import fmt_bytes
 
     costs = shard(costs_from_args(args), args.devices)
-    plan = make_plan(costs, args.budget)
+    plan = make_plan(costs, args.budget, args.objective)
     print(plan.report())
     if plan.fits:
         return 0

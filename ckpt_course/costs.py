@@ -95,6 +95,23 @@ class LayerCost:
 
 
 @dataclass(frozen=True)
+class OptionCost:
+    """One block under a one-block option (selective, offload), measured as a plain block is:
+    the option's region is part of the block, so the memory model treats it as a plain block
+    with these numbers. ``recompute_flops``: what its backward runs beyond a plain backward."""
+
+    layer: LayerCost
+    recompute_flops: int = 0
+    host_bytes: int = 0  # offload: bytes its forward copies to host memory
+
+
+# The menu every block gets: torch's selective checkpointing (keep matmul and attention outputs;
+# keep only attention's; recompute only the elementwise activations) and offload to host.
+MENU = ("selective:save=mm,sdpa", "selective:save=sdpa", "selective:recompute=gelu,silu,relu",
+        "offload")
+
+
+@dataclass(frozen=True)
 class TrunkCost:
     """Everything but the blocks: prefix (embeddings), suffix (norm, head, loss), optimizer."""
 
@@ -138,6 +155,11 @@ class ChainCosts:
     param_bytes: int = 0  # parameters and buffers (in trunk.base_bytes)
     optimizer_bytes: int = 0  # optimizer state (in trunk.base_bytes)
     notes: tuple[str, ...] = ()  # assumptions behind the numbers, for the report
+    # per block: option (a one-block policy string, see MENU) -> the block measured under it
+    menu: tuple[dict[str, OptionCost], ...] = ()
+    # per block: option ("none", "full" and the menu's) -> measured seconds of its forward +
+    # backward alone (interleaved medians); empty when not measured (fake tensors)
+    times: tuple[dict[str, float], ...] = ()
 
     @property
     def n(self) -> int:
@@ -356,30 +378,89 @@ def measure_layer(block: nn.Module, x_like: torch.Tensor, accumulate: bool = Fal
                                                       accumulate)
         block.zero_grad(set_to_none=True)
         forward_flops, recompute_flops, backward_flops = _layer_flops(block, x_like)
-    (m, held), (_, free) = runs[False, True], runs[False, False]
-    start, a_out = held["start"], held["a_out"]
-    fwd_start, fwd_stop = m.marks["start"], m.marks["forward"]
-
-    def backward(checkpointed, begin):
-        (peak_h, change_h), (peak_f, change_f) = (_window(*runs[checkpointed, keep], begin)
-                                                  for keep in (True, False))
-        return Backward(peak_h, peak_f, change_h, change_f)
-
     ckpt_meter, ckpt = runs[True, True]
     recompute_peak, recompute_kept = _window(ckpt_meter, ckpt, "backward", "checkpointed_backward")
+    return replace(
+        _plain_cost(runs, forward_flops, backward_flops), recompute_flops=recompute_flops,
+        forward_peak_unsaved=_window(ckpt_meter, ckpt, "start", "forward")[0],
+        recompute_peak=recompute_peak, recompute_kept=recompute_kept,
+        checkpointed_backward=_backward(runs, True, "checkpointed_backward"))
+
+
+def _backward(runs, checkpointed: bool, begin: str) -> Backward:
+    (peak_h, change_h), (peak_f, change_f) = (_window(*runs[checkpointed, keep], begin)
+                                              for keep in (True, False))
+    return Backward(peak_h, peak_f, change_h, change_f)
+
+
+def _plain_cost(runs, forward_flops: int, backward_flops: int) -> LayerCost:
+    """The plain-block part of a LayerCost, from the plain runs (input held and not)."""
+    (m, held), (_, free) = runs[False, True], runs[False, False]
+    start, a_out = held["start"], held["a_out"]
     return LayerCost(
         input_bytes=held["a_in"], output_bytes=a_out,
         saved_bytes=held["kept"] - a_out * free["saves_output"],
         saves_input=free["saves_input"], saves_output=free["saves_output"],
-        forward_flops=forward_flops, recompute_flops=recompute_flops,
-        backward_flops=backward_flops, grad_bytes=held["grad_bytes"],
-        needs_input_grad=held["needs_input_grad"],
-        forward_peak=m.window_peak(fwd_start, fwd_stop, start) - start,
-        forward_peak_unsaved=_window(ckpt_meter, ckpt, "start", "forward")[0],
-        recompute_peak=recompute_peak, recompute_kept=recompute_kept,
-        backward=backward(False, "backward"),
-        checkpointed_backward=backward(True, "checkpointed_backward"),
-    )
+        forward_flops=forward_flops, backward_flops=backward_flops,
+        grad_bytes=held["grad_bytes"], needs_input_grad=held["needs_input_grad"],
+        forward_peak=m.window_peak(m.marks["start"], m.marks["forward"], start) - start,
+        backward=_backward(runs, False, "backward"))
+
+
+def measure_option(block: nn.Module, x_like: torch.Tensor, option: str, plain: LayerCost,
+                   accumulate: bool = False) -> OptionCost:
+    """``block`` under a one-block ``option`` (``MENU``), measured as a plain block: two runs
+    under a meter (input held by someone else, and not) and one to count FLOPs."""
+    from .policies import applied
+
+    with torch.random.fork_rng(devices=[]), applied(block, option, blocks=[block]) as handle:
+        runs = {}
+        for keep in (True, False):
+            handle.stats.reset()
+            runs[False, keep] = _run_layer(block, x_like, keep, False, accumulate)
+        host = handle.stats.bytes_to_host
+        block.zero_grad(set_to_none=True)
+        forward_flops, _, backward_flops = _layer_flops(block, x_like)
+    layer = _plain_cost(runs, forward_flops, backward_flops)
+    return OptionCost(layer, backward_flops - plain.backward_flops, host)
+
+
+def measure_menu(block: nn.Module, x_like: torch.Tensor, plain: LayerCost, options=MENU,
+                 accumulate: bool = False) -> dict[str, OptionCost]:
+    """Each option of the menu for one block; an option the block cannot run is left out."""
+    out = {}
+    for option in options:
+        try:
+            out[option] = measure_option(block, x_like, option, plain, accumulate)
+        except (RuntimeError, ValueError):
+            continue  # e.g. a selective variant naming ops the block does not have is fine,
+            # but one that torch refuses (an op it cannot cache) is no option
+    return out
+
+
+def measure_times(block: nn.Module, x_like: torch.Tensor, options, rounds: int = 15
+                  ) -> dict[str, float]:
+    """Seconds of one forward + backward of ``block`` alone under each option ("none", "full"
+    and one-block policies), interleaved round by round, median over ``rounds`` after one
+    warm-up: the time model's per-block numbers (ckpt_course.timing may replace them)."""
+    import statistics
+    import time
+
+    from .policies import applied
+
+    times = {o: [] for o in options}
+    with torch.random.fork_rng(devices=[]):
+        for r in range(rounds + 1):
+            for option in options:
+                with applied(block, option, blocks=[block]):
+                    x = x_like.detach().clone().requires_grad_(x_like.requires_grad)
+                    start = time.perf_counter()
+                    out = block(x)
+                    out.backward(torch.ones_like(out))
+                    if r:
+                        times[option].append(time.perf_counter() - start)
+                block.zero_grad(set_to_none=True)
+    return {o: statistics.median(t) for o, t in times.items()}
 
 
 class _Cut(torch.autograd.Function):
@@ -550,12 +631,15 @@ def _layer_key(block: nn.Module, x: torch.Tensor):
 
 
 def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int | None = None,
-                  seed: int = 0, optimizer=_adamw_lr0, accumulate: bool = False) -> ChainCosts:
+                  seed: int = 0, optimizer=_adamw_lr0, accumulate: bool = False, menu=(),
+                  times: bool = False, rounds: int = 15) -> ChainCosts:
     """Measure every block and the trunk of a course model (``.blocks``, ``.example_batch``,
     ``.loss``) for one training step on a batch of ``batch_size`` x ``seq_len``, the way
     ``train`` runs it (AdamW unless ``optimizer`` says otherwise; ``None``: no optimizer).
     ``accumulate``: a micro-batch after the first under gradient accumulation, where every
-    gradient exists from the start."""
+    gradient exists from the start. ``menu``: the one-block options measured for each distinct
+    block (``MENU``; the default ``()``: plain and checkpointed only); ``times``: also time
+    each option (``rounds`` interleaved medians), for the planner's time objective."""
     blocks = find_blocks(model)
     model.train()
     size = {} if batch_size is None else {"batch_size": batch_size}
@@ -577,12 +661,17 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
     finally:
         for h in handles:
             h.remove()
-    cache, layers = {}, []
+    cache, layers, menus, timed = {}, [], [], []
     for block, x in zip(blocks, inputs, strict=True):
         key = _layer_key(block, x)
         if key not in cache:
-            cache[key] = measure_layer(block, x, accumulate)
-        layers.append(cache[key])
+            layer = measure_layer(block, x, accumulate)
+            options = measure_menu(block, x, layer, menu, accumulate)
+            cache[key] = (layer, options, measure_times(block, x, ("none", "full", *options),
+                                                        rounds) if times else None)
+        layers.append(cache[key][0])
+        menus.append(cache[key][1])
+        timed.append(cache[key][2])
     trunk = measure_trunk(model, batch, outputs[0], accumulate)
     params = sum(t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()])
     state = 0
@@ -591,8 +680,9 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
         trunk = replace(trunk, base_bytes=trunk.base_bytes + state, optimizer_peak=peak)
     shape = "x".join(map(str, batch[0].shape))
     name = f"{type(model).__name__} (batch {shape}{', accumulating' if accumulate else ''})"
-    return ChainCosts(tuple(layers), trunk, name=name,
-                      param_bytes=params, optimizer_bytes=state)
+    return ChainCosts(tuple(layers), trunk, name=name, param_bytes=params,
+                      optimizer_bytes=state, menu=tuple(menus) if menu else (),
+                      times=tuple(timed) if times else ())
 
 
 # ---------------------------------------------------------------- big configs, on fake tensors
@@ -618,7 +708,7 @@ def config_names() -> list[str]:
 
 
 def config_costs(cfg, batch_size: int, seq_len: int, dtype: torch.dtype = torch.bfloat16,
-                 optimizer: str = "adamw") -> ChainCosts:
+                 optimizer: str = "adamw", menu=()) -> ChainCosts:
     """Costs of a config (``LlamaConfig`` or ``GPTConfig``, or a name such as "70b") measured
     on fake tensors: one block, times ``n_layer``, and the trunk on a one-block model.
 
@@ -639,6 +729,7 @@ def config_costs(cfg, batch_size: int, seq_len: int, dtype: torch.dtype = torch.
         block = estimate._block(cfg).train()
         x = torch.randn(batch_size, seq_len, cfg.d_model, requires_grad=True)
         layer = measure_layer(block, x)
+        options = measure_menu(block, x, layer, menu)
         one = (Llama(cfg.with_layers(1)) if not isinstance(cfg, GPTConfig)
                else TinyGPT(replace(cfg, n_layer=1))).train()
         batch = one.example_batch(batch_size, seq_len)
@@ -653,6 +744,7 @@ def config_costs(cfg, batch_size: int, seq_len: int, dtype: torch.dtype = torch.
              f"activations; {optimizer} state {estimate.OPTIMIZER_BYTES_PER_PARAM[optimizer]} B "
              f"per parameter",)
     return ChainCosts((layer,) * cfg.n_layer, trunk, name=getattr(cfg, "name", "gpt"),
-                      param_bytes=params, optimizer_bytes=state, notes=notes)
+                      param_bytes=params, optimizer_bytes=state, notes=notes,
+                      menu=(options,) * cfg.n_layer if menu else ())
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .costs import MENU
 from .meter import MemoryMeter, parse_budget
 from .models import GPTConfig, TinyGPT
 from .plan import Prediction, measure_costs, optimal, predict
@@ -337,11 +338,14 @@ def _divisors_above_one(n: int) -> list[int]:
     return [d for d in range(2, n + 1) if n % d == 0]
 
 
-def prescribe(model: nn.Module, budget, batch_size: int = 8, seq_len: int | None = None) -> Fix:
-    """The cheapest fix the planner finds, in order: a checkpoint placement; a placement and a
-    smaller micro-batch with gradient accumulation; offload; sharding. With the arithmetic."""
+def prescribe(model: nn.Module, budget, batch_size: int = 8, seq_len: int | None = None,
+              menu=MENU) -> Fix:
+    """The cheapest fix the planner finds, in order: a placement from the ``menu`` (every block
+    plain, checkpointed, selective or offloaded; ``()``: plain or checkpointed only); a
+    placement and a smaller micro-batch with gradient accumulation; offload; sharding. With
+    the arithmetic."""
     budget = parse_budget(budget)
-    costs = measure_costs(model, batch_size, seq_len)
+    costs = measure_costs(model, batch_size, seq_len, menu=menu)
     none = predict(costs, "none")
     lines = [f"Without checkpointing the planner predicts a peak of {fmt_bytes(none.peak_bytes)} "
              f"({none.where}): parameters {fmt_bytes(costs.param_bytes)} + optimizer state "
@@ -369,7 +373,7 @@ def prescribe(model: nn.Module, budget, batch_size: int = 8, seq_len: int | None
     lines.append(f"No placement fits: the lowest, every block checkpointed, still peaks at "
                  f"{fmt_bytes(full.peak_bytes)} ({full.where}).")
     for parts in _divisors_above_one(batch_size):
-        micro = measure_costs(model, batch_size // parts, seq_len, accumulate=True)
+        micro = measure_costs(model, batch_size // parts, seq_len, accumulate=True, menu=menu)
         best = optimal(micro, budget)
         if best is not None:
             grads = micro.trunk.base_bytes - costs.trunk.base_bytes
@@ -525,7 +529,7 @@ def demo_budget(model: nn.Module, batch_size: int = 8, seq_len: int | None = Non
 
 
 def doctor(model: nn.Module, budget=None, batch_size: int = 8, seq_len: int | None = None,
-           steps: int = 3, policy="none", timing: bool = True) -> DoctorReport:
+           steps: int = 3, policy="none", timing: bool = True, menu=MENU) -> DoctorReport:
     """Diagnose, prescribe, verify (see the module docstring). Without a ``budget``, lesson 4's
     demo: the budget that makes step 2 run out of memory (``demo_budget``), said first."""
     note = ""
@@ -537,7 +541,7 @@ def doctor(model: nn.Module, budget=None, batch_size: int = 8, seq_len: int | No
     run = run_steps(model, budget, policy, batch_size, seq_len, steps)
     if run.oom is None:
         return DoctorReport(budget, run, None, None, note)
-    fix = prescribe(model, budget, batch_size, seq_len)
+    fix = prescribe(model, budget, batch_size, seq_len, menu)
     verification = None
     if fix.kind in ("policy", "micro-batch", "offload"):
         verification = verify(model, fix, budget, batch_size, seq_len, steps, timing)

@@ -35,20 +35,42 @@ and plans.
 
 from __future__ import annotations
 
+import bisect
 import functools
+import math
 from dataclasses import dataclass
 
 from torch import nn
 
-from .costs import ChainCosts, config_costs, measure_costs  # noqa: F401 (re-exported)
+from .costs import ChainCosts, LayerCost, config_costs, measure_costs  # noqa: F401 (re-exported)
 from .meter import parse_budget
-from .policies import NoCheckpoint, Policy, Segments, _Segmented, parse_policy
+from .policies import (
+    Menu,
+    NoCheckpoint,
+    Offload,
+    Policy,
+    Segments,
+    Selective,
+    _Segmented,
+    parse_policy,
+)
 from .train import train
 from .units import fmt_bytes, fmt_flops
 
 # ---------------------------------------------------------------- placements
-# A placement: segments covering blocks 0..L-1 in order, each (start, stop, checkpointed).
-Placement = tuple[tuple[int, int, bool], ...]
+# A placement: segments covering blocks 0..L-1 in order, each (start, stop, kind): kind False
+# is a plain block, True a checkpointed segment, a string a one-block option of the menu
+# (``costs.MENU``: "selective:save=mm,sdpa", "offload", ...), measured as a plain block.
+Placement = tuple[tuple[int, int, bool | str], ...]
+
+
+def _is_ckpt(kind) -> bool:
+    return kind is True
+
+
+def _as_plain(costs: ChainCosts, k: int, kind) -> LayerCost:
+    """The LayerCost block k runs as outside a checkpoint: its own, or under its option."""
+    return costs.menu[k][kind].layer if isinstance(kind, str) else costs.layers[k]
 
 
 def placement_from_checkpointed(n: int, ranges) -> Placement:
@@ -65,7 +87,7 @@ def placement_from_checkpointed(n: int, ranges) -> Placement:
 
 
 def checkpointed(placement: Placement) -> tuple[tuple[int, int], ...]:
-    return tuple((i, j) for i, j, c in placement if c)
+    return tuple((i, j) for i, j, c in placement if c is True)
 
 
 def every_k_placement(n: int, k: int) -> Placement:
@@ -74,17 +96,79 @@ def every_k_placement(n: int, k: int) -> Placement:
     return placement_from_checkpointed(n, [(i, min(i + k, n)) for i in range(0, n, k)])
 
 
-def all_placements(n: int):
-    """Every placement of ``n`` blocks (F(2n+1) of them, about 2.6^n): for brute force."""
+def all_placements(n: int, options=None):
+    """Every placement of ``n`` blocks (F(2n+1) of them, about 2.6^n): for brute force.
+    ``options(k)``: the menu options block k may also take (a ChainCosts' menu: all of them)."""
+    if isinstance(options, ChainCosts):
+        menu = options.menu
+        options = (lambda k: tuple(menu[k])) if menu else None
     if n == 0:
         yield ()
         return
-    for rest in all_placements(n - 1):  # extend a placement of blocks 0..n-2 by block n-1
+    for rest in all_placements(n - 1, options):  # extend a placement of blocks 0..n-2
         yield (*rest, (n - 1, n, False))
         yield (*rest, (n - 1, n, True))
-        if rest and rest[-1][2]:
+        if rest and rest[-1][2] is True:
             yield (*rest[:-1], (rest[-1][0], n, True))
+        for option in options(n - 1) if options else ():
+            yield (*rest, (n - 1, n, option))
 
+
+
+# ---------------------------------------------------------------- the objective
+def _extra_ns(costs: ChainCosts, k: int, option: str) -> int:
+    """Measured extra nanoseconds of block k under ``option`` over plain (never below 0: an
+    option cannot be faster than plain, a negative difference is timing noise)."""
+    times = costs.times[k]
+    return max(0, round((times[option] - times["none"]) * 1e9))
+
+
+def segment_time_ns(costs: ChainCosts, seg) -> int:
+    """The time model: a segment's extra step time over plain, from the per-block times of
+    ``costs.times`` (a checkpointed segment: each of its blocks' extra time under full)."""
+    i, j, kind = seg
+    if kind is False:
+        return 0
+    if isinstance(kind, str):
+        return _extra_ns(costs, i, kind)
+    return sum(_extra_ns(costs, k, "full") for k in range(i, j))
+
+
+def segment_flops(costs: ChainCosts, seg) -> int | None:
+    """Recomputed FLOPs, in 1/1024 FLOP; None (not an option) for offload: FLOPs cannot price a
+    copy, and at zero FLOPs it would win everywhere (the time objective prices it by its
+    measured time). Each selective option adds 1/1024 FLOP, so that a tie (a variant that
+    recomputes only ops the counter gives no FLOPs, such as GELU) goes to the plain block."""
+    if seg[2] == "offload":
+        return None
+    return segment_recompute_flops(costs, seg) * 1024 + isinstance(seg[2], str)
+
+
+OBJECTIVES = {"flops": segment_flops, "time": segment_time_ns}
+
+
+def objective_fn(costs: ChainCosts, objective=None):
+    """``"time"`` (the default when ``costs.times`` were measured), ``"flops"``, or a function
+    ``(costs, segment) -> int`` (None: the segment is not an option): what the planner
+    minimises, added up over segments."""
+    if objective is None:
+        objective = "time" if costs.times else "flops"
+    if callable(objective):
+        return objective
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective is 'time' or 'flops' (or a function of (costs, segment)), "
+                         f"not {objective!r}")
+    if objective == "time" and not costs.times:
+        raise ValueError("the time objective needs measured times: measure_costs(..., "
+                         "times=True), or use objective='flops'")
+    return OBJECTIVES[objective]
+
+
+def placement_cost(costs: ChainCosts, placement, objective=None) -> float:
+    """The objective added up over the segments (infinite if one is not an option)."""
+    cost = objective_fn(costs, objective)
+    values = [cost(costs, seg) for seg in as_placement(costs.n, placement)]
+    return math.inf if None in values else sum(values)
 
 
 # ---------------------------------------------------------------- the memory model
@@ -98,7 +182,7 @@ def _left_holds(costs: ChainCosts, prev, k: int) -> bool:
     x_0, the prefix or the caller (a batch made outside the meter)?"""
     if k == 0:
         return costs.trunk.prefix_keeps_input
-    return not prev[2] and costs.layers[k - 1].saves_output
+    return prev[2] is not True and _as_plain(costs, k - 1, prev[2]).saves_output
 
 
 def _boundary_bytes(costs: ChainCosts, k: int) -> int:
@@ -112,31 +196,35 @@ def segment_kept(costs: ChainCosts, seg, left_held: bool) -> int:
     """Bytes segment ``seg`` keeps from its forward to its backward: its input if no block before
     keeps it (a checkpoint always keeps it; a plain block if it saves it), and a plain block's
     tape."""
-    i, j, ckpt = seg
+    i, j, kind = seg
     x = 0 if left_held else _boundary_bytes(costs, i)
-    if ckpt:
+    if kind is True:
         return x
-    c = costs.layers[i]
+    c = _as_plain(costs, i, kind)
     return x * c.saves_input + c.kept_bytes
 
 
 def segment_recompute_flops(costs: ChainCosts, seg) -> int:
     """A checkpointed segment re-runs its blocks' forwards; the last one stops at its last save."""
-    i, j, ckpt = seg
-    if not ckpt:
+    i, j, kind = seg
+    if isinstance(kind, str):
+        return costs.menu[i][kind].recompute_flops
+    if not kind:
         return 0
     return sum(c.forward_flops for c in costs.layers[i:j - 1]) + costs.layers[j - 1].recompute_flops
 
 
 def segment_events(costs: ChainCosts, seg, left_held: bool) -> list[Event]:
     """The peak moments of segment ``seg``'s forward and backward, minus Kept(<seg)."""
-    i, j, ckpt = seg
+    i, j, kind = seg
+    ckpt = kind is True
     layers, trunk = costs.layers, costs.trunk
     x_i = 0 if left_held else _boundary_bytes(costs, i)
+    label = kind if isinstance(kind, str) else ""
     # forward: parameters, optimizer state, the prefix's tape, x_i, then the block(s)
     t = trunk.base_bytes + trunk.prefix_kept + x_i
     if not ckpt:
-        events = [(t + layers[i].forward_peak, "forward", i, "")]
+        events = [(t + _as_plain(costs, i, kind).forward_peak, "forward", i, label)]
     else:
         events = [(t + (_boundary_bytes(costs, k) if k > i else 0)
                    + layers[k].forward_peak_unsaved, "forward", k, "checkpointed")
@@ -161,8 +249,8 @@ def segment_events(costs: ChainCosts, seg, left_held: bool) -> list[Event]:
         if ckpt:  # the checkpoint keeps x_i to the end; x_k inside, if the block below saves it
             held, back = k == i or layers[k - 1].saves_output, c.checkpointed_backward
         else:
-            held, back = left_held, c.backward
-        events.append((t + back.peak(held), "backward", k, "checkpointed" if ckpt else ""))
+            held, back = left_held, _as_plain(costs, k, kind).backward
+        events.append((t + back.peak(held), "backward", k, "checkpointed" if ckpt else label))
         t += back.change(held)
     return events
 
@@ -198,7 +286,7 @@ def describe_event(event: Event) -> str:
         return f"{phase} of the {detail} ({what})"
     if phase == "recompute":
         return f"recompute of block {k} (segment {detail}), at the start of its backward"
-    return f"{phase} of block {k}" + (" (checkpointed)" if detail else "")
+    return f"{phase} of block {k}" + (f" ({detail})" if detail else "")
 
 
 @dataclass(frozen=True)
@@ -213,10 +301,13 @@ class Prediction:
     recompute_flops: int
     kept_bytes: int  # what forward keeps for backward, all segments together
     step_flops: int  # forward + backward FLOPs of a plain step
+    extra_time_s: float | None = None  # the time model's extra seconds over plain, if timed
+    host_bytes: int = 0  # what offloaded blocks copy to host memory
 
     @property
-    def policy(self) -> Segments:
-        return Segments(checkpointed(self.placement))
+    def policy(self) -> Policy:
+        """``segments:...`` when every block is plain or checkpointed, else ``menu:...``."""
+        return placement_policy(self.placement)
 
     @property
     def overhead(self) -> float:
@@ -237,19 +328,45 @@ def predict(costs: ChainCosts, placement) -> Prediction:
     last_held = _left_holds(costs, prev, costs.n) if prev is not None else True
     events += trunk_events(costs, kept, last_held)
     top = max(events, key=lambda e: e[0])
+    extra = (sum(map(functools.partial(segment_time_ns, costs), placement)) / 1e9
+             if costs.times else None)
+    host = sum(costs.menu[i][kind].host_bytes for i, _, kind in placement
+               if isinstance(kind, str))
     return Prediction(placement, top[0], describe_event(top), top[1], top[2], flops, kept,
-                      costs.step_flops)
+                      costs.step_flops, extra, host)
+
+
+def placement_policy(placement: Placement) -> Policy:
+    """A placement as a policy string every command accepts."""
+    if all(isinstance(kind, bool) for _, _, kind in placement):
+        return Segments(checkpointed(placement))
+    return Menu(tuple((i, j, "full" if kind is True else kind, ())
+                      for i, j, kind in placement if kind is not False))
 
 
 def as_placement(n: int, placement) -> Placement:
     """A placement from a placement, a whole-block policy, or its string like "every-2"."""
     if isinstance(placement, (str, Policy)):
         policy = parse_policy(placement)
+        if isinstance(policy, (Selective, Offload)):  # everywhere: a menu with one option
+            policy = Menu(tuple((k, k + 1, str(policy), ()) for k in range(n)))
+        if isinstance(policy, Menu):
+            if any(children for *_, children in policy.items):
+                raise ValueError(f"{policy} nests; nested placements are planned by "
+                                 f"nested_optimal and predicted by predict_nested")
+            kinds = {i: (j, True if o == "full" else o) for i, j, o, _ in policy.items}
+            out, k = [], 0
+            while k < n:
+                j, kind = kinds.get(k, (k + 1, False))
+                out.append((k, j, kind))
+                k = j
+            return as_placement(n, out)
         if not isinstance(policy, (Segments, _Segmented, NoCheckpoint)):
-            raise ValueError(f"the planner models whole-block checkpointing (none, full, every-K, "
-                             f"sqrt, segments:...), not {policy}")
+            raise ValueError(f"the planner models none, full, every-K, sqrt, segments:..., "
+                             f"selective:..., offload and menu:..., not {policy}")
         return placement_from_checkpointed(n, [(r.start, r.stop) for r in policy.segments(n)])
-    placement = tuple((int(a), int(b), bool(c)) for a, b, c in placement)
+    placement = tuple((int(a), int(b), c if isinstance(c, str) else bool(c))
+                      for a, b, c in placement)
     i = 0
     for a, b, _ in placement:
         if a != i or b <= a:
@@ -262,23 +379,48 @@ def as_placement(n: int, placement) -> Placement:
 
 
 # ---------------------------------------------------------------- the dynamic program
-def optimal(costs: ChainCosts, budget) -> Prediction | None:
-    """The placement with the fewest recomputed FLOPs whose predicted peak fits ``budget``
-    (bytes, or a string like "40MiB"), and among those the lowest peak; None if none fits.
-    Exact for the memory model. The DP below finds the fewest FLOPs; asking it again just under
-    the peak it found, until the FLOPs go up, gives the lowest peak at those FLOPs (the DP's
-    states know kept bytes, not the peak so far, so it cannot break the tie itself)."""
-    best = _cheapest(costs, parse_budget(budget))
+def optimal(costs: ChainCosts, budget, objective=None) -> Prediction | None:
+    """The placement with the least ``objective`` (predicted extra time by default when
+    ``costs.times`` were measured, else recomputed FLOPs; see ``objective_fn``) whose predicted
+    peak fits ``budget`` (bytes, or a string like "40MiB"), and among those the lowest peak;
+    None if none fits. Every block may be plain, in a checkpointed segment, or (``costs.menu``)
+    under one of its menu's options. Exact for the memory model. The DP below finds the least
+    cost; asking it again just under the peak it found, until the cost goes up, gives the lowest
+    peak at that cost (the DP's states know kept bytes, not the peak so far, so it cannot break
+    the tie itself)."""
+    cost, table = objective_fn(costs, objective), {}
+    best = _cheapest(costs, parse_budget(budget), cost, table)
     while best is not None:
-        lower = _cheapest(costs, best.peak_bytes - 1)
-        if lower is None or lower.recompute_flops > best.recompute_flops:
+        lower = _cheapest(costs, best.peak_bytes - 1, cost, table)
+        if lower is None or placement_cost(costs, lower.placement, cost) > placement_cost(
+                costs, best.placement, cost):
             return best
         best = lower
     return None
 
 
-def _cheapest(costs: ChainCosts, budget: float) -> Prediction | None:
-    """A placement with the fewest recomputed FLOPs whose predicted peak fits ``budget``.
+def _segments_from(costs: ChainCosts, i: int):
+    """Every segment the DP may start at block i: checkpointed i..j-1, plain, each option."""
+    yield (i, i + 1, False)
+    for option in costs.menu[i] if costs.menu else ():
+        yield (i, i + 1, option)
+    for j in range(i + 1, costs.n + 1):
+        yield (i, j, True)
+
+
+def _moves(costs: ChainCosts, i: int, left: bool, cost, table: dict) -> list:
+    """(segment, highest moment, kept bytes, cost, next state) of every segment from state
+    (i, left): the same for every budget, so computed once per ``optimal`` call."""
+    if (i, left) not in table:
+        table[i, left] = [
+            (seg, max(e[0] for e in segment_events(costs, seg, left)),
+             segment_kept(costs, seg, left), extra, (seg[1], _left_holds(costs, seg, seg[1])))
+            for seg in _segments_from(costs, i) if (extra := cost(costs, seg)) is not None]
+    return table[i, left]
+
+
+def _cheapest(costs: ChainCosts, budget: float, cost, table: dict) -> Prediction | None:
+    """A placement with the least cost whose predicted peak fits ``budget``.
 
     Scan the chain left to right. A state is (boundary i, does the block before keep x_i?);
     in it we keep every (Kept, FLOPs) pair no other pair beats on both: Kept, the bytes the
@@ -295,18 +437,13 @@ def _cheapest(costs: ChainCosts, budget: float) -> Prediction | None:
             front = fronts.get((i, left))
             if not front:
                 continue
-            front[:] = _pareto(front)
-            for j in range(i + 1, n + 1):
-                for ckpt in ((False, True) if j == i + 1 else (True,)):
-                    seg = (i, j, ckpt)
-                    top = max(e[0] for e in segment_events(costs, seg, left))
-                    kept = segment_kept(costs, seg, left)
-                    flops = segment_recompute_flops(costs, seg)
-                    nxt = (j, _left_holds(costs, seg, j))
-                    for index, (k, f, _) in enumerate(front):
-                        if k + top <= budget:
-                            fronts.setdefault(nxt, []).append(
-                                (k + kept, f + flops, ((i, left), index, seg)))
+            front[:] = _pareto(front)  # fewest kept bytes first: the ones that fit, a prefix
+            kepts, state = [k for k, _, _ in front], (i, left)
+            for seg, top, kept, extra, nxt in _moves(costs, i, left, cost, table):
+                fit = bisect.bisect_right(kepts, budget - top)
+                fronts.setdefault(nxt, []).extend(
+                    [(k + kept, f + extra, (state, index, seg))
+                     for index, (k, f, _) in enumerate(front[:fit])])
     best = None
     for left in (False, True):
         for k, f, back in _pareto(fronts.get((n, left), [])):
@@ -326,27 +463,32 @@ def _cheapest(costs: ChainCosts, budget: float) -> Prediction | None:
 def _pareto(points):
     """Keep the points no other point beats on both kept bytes and FLOPs (fewest bytes first)."""
     out = []
-    for p in sorted(points, key=lambda p: (p[0], p[1])):
+    for p in sorted(points, key=_first_two):
         if not out or p[1] < out[-1][1]:
             out.append(p)
     return out
 
 
-def brute_force(costs: ChainCosts, budget) -> Prediction | None:
-    """The same answer as ``optimal`` by trying every placement (about 2.6^L): for tests."""
-    budget = parse_budget(budget)
-    fits = [p for p in map(functools.partial(predict, costs), all_placements(costs.n))
-            if p.peak_bytes <= budget]
-    return min(fits, key=lambda p: (p.recompute_flops, p.peak_bytes), default=None)
+def _first_two(p):
+    return p[0], p[1]
 
 
-def optimal_frontier(costs: ChainCosts, most: int = 200) -> list[Prediction]:
-    """The exact memory-recompute frontier, Pareto points only (each peaks lower and recomputes
-    more than the one before). Walks down from no checkpointing: each step asks for the
-    cheapest placement (lowest peak among equally cheap) peaking strictly below the last."""
+def brute_force(costs: ChainCosts, budget, objective=None) -> Prediction | None:
+    """The same answer as ``optimal`` by trying every placement, menus included: for tests."""
+    budget, cost = parse_budget(budget), objective_fn(costs, objective)
+    fits = [p for p in map(functools.partial(predict, costs), all_placements(costs.n, costs))
+            if p.peak_bytes <= budget and placement_cost(costs, p.placement, cost) < math.inf]
+    return min(fits, key=lambda p: (placement_cost(costs, p.placement, cost), p.peak_bytes),
+               default=None)
+
+
+def optimal_frontier(costs: ChainCosts, most: int = 200, objective=None) -> list[Prediction]:
+    """The exact memory-cost frontier, Pareto points only (each peaks lower and costs more than
+    the one before). Walks down from no checkpointing: each step asks for the cheapest
+    placement (lowest peak among equally cheap) peaking strictly below the last."""
     out, budget = [], predict(costs, "none").peak_bytes
     while len(out) < most:
-        best = optimal(costs, budget)
+        best = optimal(costs, budget, objective)
         if best is None:
             break
         out.append(best)
@@ -373,14 +515,15 @@ class Plan:
     costs: ChainCosts
     budget: float
     best: Prediction | None  # None: nothing fits
-    alternatives: dict[str, Prediction]  # "none", "full", "every-2", ..., "sqrt"
+    alternatives: dict[str, Prediction]  # "none", "full", "every-2", ..., "sqrt", menu options
+    objective: str = "flops"
 
     @property
     def fits(self) -> bool:
         return self.best is not None
 
     @property
-    def policy(self) -> Segments:
+    def policy(self) -> Policy:
         if self.best is None:
             raise ValueError(f"nothing fits in {fmt_bytes(self.budget)}: {self.advice()}")
         return self.best.policy
@@ -413,12 +556,37 @@ class Plan:
         """One row per policy compared, for printing or pandas."""
         rows = [("optimal", self.best)] if self.best is not None else []
         every = self.best_every_k()
-        names = ["none", "full", "every-2", "sqrt"] + ([every[0]] if every else [])
+        options = [n for n in self.alternatives if n.startswith(("selective:", "offload"))]
+        names = ["none", "full", "every-2", "sqrt"] + ([every[0]] if every else []) + options
         rows += [(n, self.alternatives[n]) for n in dict.fromkeys(names) if n in self.alternatives]
         return [dict(policy=n if n != "optimal" else f"optimal: {p.policy}",
                      peak_bytes=p.peak_bytes, fits=p.peak_bytes <= self.budget,
-                     recompute_flops=p.recompute_flops, overhead=p.overhead, where=p.where)
+                     recompute_flops=p.recompute_flops, overhead=p.overhead, where=p.where,
+                     extra_time_s=p.extra_time_s)
                 for n, p in rows]
+
+    def explain(self) -> str:
+        """One paragraph: why each block got its option."""
+        if self.best is None:
+            return f"Nothing fits: {self.advice()}."
+        rows = block_table(self.costs, self.best)
+        chosen = [r for r in rows if r["option"] != "plain"]
+        price = "predicted extra time" if self.objective == "time" else "recomputed FLOPs"
+        if not chosen:
+            return (f"Every block runs plain: the plain step peaks at "
+                    f"{fmt_bytes(self.best.peak_bytes)}, within the budget, so nothing needs to "
+                    f"be kept less.")
+        plain = [r["blocks"] for r in rows if r["option"] == "plain"]
+        words = "; ".join(f"block {r['blocks']} {r['option']} (keeps {fmt_bytes(r['kept_bytes'])})"
+                          for r in chosen)
+        return (f"The budget {fmt_bytes(self.budget)} is below the plain step's peak "
+                f"({fmt_bytes(self.alternatives['none'].peak_bytes)}), so some blocks must keep "
+                f"less. The planner tried every option for every block and kept the combination "
+                f"with the least {price} that fits: {words}. "
+                + (f"Blocks {', '.join(plain)} stay plain: the budget has room for their tapes, "
+                   f"and plain costs nothing. " if plain else "")
+                + f"Its peak, {fmt_bytes(self.best.peak_bytes)}, is at {self.best.where}; "
+                f"any option that keeps less elsewhere would cost more {price}.")
 
     def report(self) -> str:
         c = self.costs
@@ -432,13 +600,25 @@ class Plan:
                  f"{fmt_bytes(layer.input_bytes)} (its input) checkpointed; forward "
                  f"{fmt_flops(layer.forward_flops)}; a plain step {fmt_flops(c.step_flops)}",
                  *(f"  ({note})" for note in c.notes), ""]
-        head = f"  {'policy':<34} {'peak':>11}  {'fits':<4} {'recompute':>12} {'of a step':>9}"
+        head = (f"  {'policy':<34} {'peak':>11}  {'fits':<4} {'recompute':>12} {'of a step':>9}"
+                + (f" {'+time':>9}" if c.times else ""))
         lines += [head, "  " + "-" * (len(head) - 2)]
         for r in self.table():
+            time = f" {r['extra_time_s'] * 1e3:>7.2f}ms" if c.times else ""
             lines.append(f"  {r['policy'][:34]:<34} {fmt_bytes(r['peak_bytes']):>11}  "
                          f"{'yes' if r['fits'] else 'no':<4} {fmt_flops(r['recompute_flops']):>12} "
-                         f"{r['overhead']:>+9.1%}")
+                         f"{r['overhead']:>+9.1%}{time}")
         lines.append("")
+        if self.best is not None:
+            lines.append(f"Per block (objective: {self.objective}):")
+            lines.append(f"  {'blocks':<7} {'option':<36} {'keeps':>11} {'recompute':>12}"
+                         + (f" {'+time':>9}" if c.times else ""))
+            for r in block_table(c, self.best):
+                time = f" {r['extra_time_s'] * 1e3:>7.2f}ms" if c.times else ""
+                lines.append(f"  {r['blocks']:<7} {r['option'][:36]:<36} "
+                             f"{fmt_bytes(r['kept_bytes']):>11} "
+                             f"{fmt_flops(r['recompute_flops']):>12}{time}")
+            lines += ["", self.explain(), ""]
         if self.best is None:
             lines.append(f"Nothing fits: {self.advice()}.")
         else:
@@ -451,12 +631,169 @@ class Plan:
     __str__ = report
 
 
-def make_plan(costs: ChainCosts, budget) -> Plan:
-    """The optimal placement under ``budget`` and the usual policies' predictions."""
+def make_plan(costs: ChainCosts, budget, objective=None) -> Plan:
+    """The optimal placement under ``budget`` (least ``objective``: see ``objective_fn``) and
+    the usual policies' predictions, each menu option everywhere among them."""
     budget = parse_budget(budget)
     n = costs.n
     alternatives = {"none": predict(costs, "none"), "full": predict(costs, "full")}
     for k in range(2, n + 1):
         alternatives[f"every-{k}"] = predict(costs, every_k_placement(n, k))
     alternatives["sqrt"] = predict(costs, "sqrt")
-    return Plan(costs, budget, optimal(costs, budget), alternatives)
+    for option in costs.menu[0] if costs.menu else ():
+        if all(option in m for m in costs.menu):
+            alternatives[option] = predict(costs, option)
+    cost = objective_fn(costs, objective)
+    name = objective if isinstance(objective, str) else (
+        "time" if objective is None and costs.times else "flops" if objective is None
+        else getattr(objective, "__name__", "custom"))
+    return Plan(costs, budget, optimal(costs, budget, cost), alternatives, name)
+
+
+def block_table(costs: ChainCosts, prediction: Prediction) -> list[dict]:
+    """One row per block of a placement: its option, what it keeps, recomputes and costs."""
+    rows, prev = [], None
+    for seg in prediction.placement:
+        i, j, kind = seg
+        left = _left_holds(costs, prev, i)
+        option = "plain" if kind is False else kind if isinstance(kind, str) else (
+            "full" if j == i + 1 else f"full, segment {i}-{j - 1}")
+        extra = segment_time_ns(costs, seg) / 1e9 if costs.times else None
+        rows.append(dict(blocks=_span_text(i, j), option=option,
+                         kept_bytes=segment_kept(costs, seg, left),
+                         recompute_flops=segment_recompute_flops(costs, seg),
+                         host_bytes=costs.menu[i][kind].host_bytes if isinstance(kind, str) else 0,
+                         extra_time_s=extra))
+        prev = seg
+    return rows
+
+
+def _span_text(i: int, j: int) -> str:
+    return f"{i}" if j == i + 1 else f"{i}-{j - 1}"
+
+
+# ---------------------------------------------------------------- nested recomputation
+# Below the single-level minimum, a checkpointed segment's recompute can checkpoint again
+# (Griewank's revolve, written as nested torch.utils.checkpoint: ``menu:0-7=full(0-3(0-1))``).
+# The nested model is Griewank's: what a block keeps for its backward is its input, memory is
+# the bytes of the block inputs alive at once, the cost the recomputed forwards. A checkpointed
+# segment [i, j) recomputes its blocks once (the last one up to its last save), storing its
+# children's inputs on the way; then it reverses its children, last first. A tree is
+# (start, stop, children): a child of one block is a plain block (its input is its tape).
+Tree = tuple[int, int, tuple]
+
+
+@dataclass(frozen=True)
+class NestedPrediction:
+    tree: tuple[Tree, ...]  # the top-level segments, covering 0..L-1
+    stored_bytes: int  # the most block-input bytes alive at once
+    recompute_flops: int
+
+    @property
+    def policy(self) -> Menu:
+        return Menu(tuple((a, b, "full", _inner(c)) for a, b, c in self.tree if b > a + 1))
+
+
+def _inner(children) -> tuple:
+    """Children of more than one block are nested checkpoints; one-block ones run plain."""
+    return tuple((a, b, _inner(c)) for a, b, c in children if b > a + 1)
+
+
+def _pass_flops(costs: ChainCosts, i: int, j: int) -> int:
+    return segment_recompute_flops(costs, (i, j, True))
+
+
+def nested_optimal(costs: ChainCosts, budget: int) -> NestedPrediction | None:
+    """The nested tree with the fewest recomputed FLOPs whose stored block inputs never exceed
+    ``budget`` bytes (Griewank's model above); None if even one input at a time is too much.
+    Exact: equals Griewank's binomial optimum on uniform chains and brute force on small ones."""
+    x = [_boundary_bytes(costs, k) for k in range(costs.n)] if costs.n else []
+
+    @functools.cache
+    def reverse(i, j, room):  # reverse [i, j) with x_i stored, in ``room`` bytes: (cost, tree)
+        if x[i] > room:
+            return math.inf, None
+        if j == i + 1:
+            return 0, (i, j, ())
+        cost, children = split(i, j, room, False)
+        if children is None:
+            return math.inf, None
+        return _pass_flops(costs, i, j) + cost, (i, j, children)
+
+    @functools.cache
+    def split(i, j, room, whole_allowed):  # children covering [i, j), first starting at i
+        best = reverse(i, j, room) if whole_allowed else (math.inf, None)
+        best = (best[0], (best[1],)) if best[1] is not None else (math.inf, None)
+        for m in range(i + 1, j):
+            first, tree = reverse(i, m, room)
+            if first == math.inf:
+                continue
+            rest, trees = split(m, j, room - x[i], True)
+            if first + rest < best[0]:
+                best = (first + rest, (tree, *trees))
+        return best
+
+    cost, tree = split(0, costs.n, int(budget), True)
+    if tree is None or cost == math.inf:
+        return None
+    return NestedPrediction(tree, simulate_nested(costs, tree)[0], cost)
+
+
+def simulate_nested(costs: ChainCosts, tree) -> tuple[int, int]:
+    """(most stored bytes, recomputed FLOPs) of a nested tree, by stepping through it: the
+    forward stores the top-level segments' inputs; each segment's backward recomputes it,
+    storing its children's inputs, and reverses them last first. An independent check of
+    ``nested_optimal``'s recursion (tests), and the prediction for a given tree."""
+    stored, peak, flops = [], 0, 0
+
+    def reverse_children(children, top):
+        nonlocal peak, flops
+        for k, (a, _, _) in enumerate(children):  # store each child's input (the first
+            stored.append(0 if k == 0 and not top else _boundary_bytes(costs, a))  # is ours)
+            peak = max(peak, sum(stored))
+        for a, b, grand in reversed(children):
+            if b > a + 1:
+                flops += _pass_flops(costs, a, b)
+                reverse_children(_fill(a, b, grand), False)
+            stored.pop()
+
+    reverse_children(tuple(tree), True)
+    return peak, flops
+
+
+def _fill(a: int, b: int, children) -> tuple:
+    """Children of [a, b) with the one-block children a policy leaves out put back."""
+    out, k = [], a
+    for c in children:
+        out += [(m, m + 1, ()) for m in range(k, c[0])] + [c]
+        k = c[1]
+    return tuple(out + [(m, m + 1, ()) for m in range(k, b)])
+
+
+def all_trees(i: int, j: int, top: bool = True):
+    """Every nested tree over [i, j) (children of a segment are a composition of it into
+    smaller parts): for brute force."""
+    for cut in _compositions(i, j, allow_whole=top):
+        options = [[(a, b, ())] if b == a + 1 else
+                   [(a, b, c) for c in all_trees(a, b, False)] for a, b in cut]
+        yield from (tuple(p) for p in _product(options))
+
+
+def _compositions(i, j, allow_whole):
+    if i == j:
+        yield ()
+        return
+    for m in range(i + 1, j + 1):
+        for rest in _compositions(m, j, True):
+            parts = ((i, m), *rest)
+            if allow_whole or parts != ((i, j),):
+                yield parts
+
+
+def _product(lists):
+    if not lists:
+        yield ()
+        return
+    for head in lists[0]:
+        for rest in _product(lists[1:]):
+            yield (head, *rest)

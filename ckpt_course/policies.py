@@ -69,7 +69,8 @@ from torch.utils.checkpoint import (
 from .units import fmt_bytes
 
 ACCEPTED = ("none, full, every-K (K >= 1), sqrt, segments:a-b,c (inclusive block numbers), "
-            "selective:save=OPS, selective:recompute=OPS, attn-core, offload")
+            "selective:save=OPS, selective:recompute=OPS, attn-core, offload, "
+            "menu:0-1=full,2=selective:save=mm,3=offload,4-7=full(4-5)")
 
 # ---------------------------------------------------------------- op names for selective policies
 _SDPA = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
@@ -121,6 +122,10 @@ class Policy:
     def segments(self, n_blocks: int) -> list[range]:
         """Blocks grouped as the policy runs them; the first block of each range is a boundary."""
         return [range(i, i + 1) for i in range(n_blocks)]
+
+    def segment_policies(self, n_blocks: int) -> list[tuple[range, Policy]]:
+        """Each segment with the policy its region runs under (a ``Menu`` mixes them)."""
+        return [(s, self) for s in self.segments(n_blocks)]
 
     def context_fn(self):
         """The (forward, recompute) contexts of one checkpoint region."""
@@ -477,6 +482,182 @@ class Offload(Policy):
         return "offload"
 
 
+# ---------------------------------------------------------------- a menu: an option per block
+# A nested checkpoint: (start, stop, children), half-open; its recompute checkpoints each child
+# again (recursively), the other blocks of the segment run plain in the recompute.
+Nest = tuple[int, int, tuple]
+
+
+@dataclass(frozen=True)
+class Nested(Policy):
+    """One checkpoint region whose recompute checkpoints ``children`` (sub-segments) again:
+    Griewank's multi-level recomputation with nested non-reentrant ``torch.utils.checkpoint``.
+    Only inside a ``Menu`` (``menu:0-7=full(0-3(0-1),4-5)``)."""
+
+    children: tuple[Nest, ...] = ()
+
+    def __str__(self):
+        return "full" + _children_text(self.children)
+
+
+def _children_text(children) -> str:
+    if not children:
+        return ""
+    return "(" + ",".join(_span(a, b) + _children_text(c) for a, b, c in children) + ")"
+
+
+def _span(a: int, b: int, sep: str = "-") -> str:
+    return f"{a}" if b == a + 1 else f"{a}{sep}{b - 1}"
+
+
+@dataclass(frozen=True)
+class Menu(Policy):
+    """An option per block: what the planner prints when it mixes them.
+
+    ``items``: (start, stop, option, children), half-open, ordered; ``option`` is ``"full"``
+    (one checkpoint over start..stop-1, with ``children`` checkpointed again in its recompute:
+    nesting) or a one-block policy string (``selective:...``, ``offload``), then stop = start + 1.
+    Blocks in no item run plain. Text: ``menu:0-1=full,2..3=selective:save=mm,sdpa,4=offload``;
+    for ``full``, ``a-b`` is one segment and ``a..b`` each block alone; other options act on one
+    block, so ``a-b`` and ``a..b`` both mean each block alone. ``menu:0-7=full(0-3(0-1),4-5)``:
+    blocks 0-7 one checkpoint whose recompute checkpoints 0-3 (whose recompute checkpoints 0-1)
+    and 4-5."""
+
+    items: tuple[tuple[int, int, str, tuple], ...] = ()
+
+    def __post_init__(self):
+        items = tuple((int(a), int(b), str(o), tuple(c)) for a, b, o, c in self.items)
+        previous = 0
+        for a, b, option, children in items:
+            if not previous <= a < b:
+                raise ValueError(f"menu items must be ordered, non-empty and not overlap; got "
+                                 f"{[i[:3] for i in items]}")
+            if option != "full":
+                if b != a + 1 or children:
+                    raise ValueError(f"{option} acts on one block; write {a}..{b - 1}={option}")
+                if not isinstance(parse_policy(option), (Selective, Offload)):
+                    raise ValueError(f"a menu option is full, selective:... or offload, not "
+                                     f"{option!r}")
+            _check_children(a, b, children)
+            previous = b
+        object.__setattr__(self, "items", items)
+
+    def segments(self, n_blocks: int) -> list[range]:
+        return [s for s, _ in self.segment_policies(n_blocks)]
+
+    def segment_policies(self, n_blocks: int) -> list[tuple[range, Policy]]:
+        if self.items and self.items[-1][1] > n_blocks:
+            raise ValueError(f"{self} reaches block {self.items[-1][1] - 1}, but the model has "
+                             f"{n_blocks} blocks: name blocks below {n_blocks}")
+        return [(range(a, b), Nested(c) if o == "full" else parse_policy(o))
+                for a, b, o, c in self.items]
+
+    def _what(self, n_blocks):
+        return "each block runs under its own option; blocks not named run plain"
+
+    def __str__(self):
+        parts, k, items = [], 0, self.items
+        while k < len(items):  # runs of one-block items with one option read "a..b=option"
+            a, b, option, children = items[k]
+            m = k
+            while (m + 1 < len(items) and items[m + 1][:3] == (items[m][1], items[m][1] + 1, option)
+                   and b == a + 1 and not children and not items[m + 1][3]):
+                m += 1
+            span = _span(a, b) if m == k else f"{a}..{items[m][0]}"
+            parts.append(f"{span}={option}{_children_text(children)}")
+            k = m + 1
+        return "menu:" + (",".join(parts) or "none")
+
+
+def _check_children(a: int, b: int, children) -> None:
+    previous = a
+    for c in children:
+        ca, cb, grand = c
+        if not previous <= ca < cb <= b or (ca, cb) == (a, b):
+            raise ValueError(f"nested segments must lie inside {_span(a, b)}, be smaller, ordered "
+                             f"and not overlap; got {_span(ca, cb)}")
+        _check_children(ca, cb, grand)
+        previous = cb
+
+
+def _split_top(text: str) -> list[str]:
+    """Split at commas outside parentheses."""
+    parts, depth, start = [], 0, 0
+    for k, ch in enumerate(text):
+        depth += (ch == "(") - (ch == ")")
+        if depth < 0:
+            raise ValueError("unbalanced parentheses")
+        if ch == "," and depth == 0:
+            parts.append(text[start:k])
+            start = k + 1
+    if depth:
+        raise ValueError("unbalanced parentheses")
+    return [*parts, text[start:]]
+
+
+def _parse_span(text: str) -> tuple[int, int, bool]:
+    each = ".." in text
+    first, _, last = text.partition(".." if each else "-")
+    if not first.strip().isdigit() or (last and not last.strip().isdigit()):
+        raise ValueError(f"write inclusive block numbers 'a-b' or 'a..b', not {text!r}")
+    a, b = int(first), int(last or first) + 1
+    if b <= a:
+        raise ValueError(f"in {text!r} write the first block first")
+    return a, b, each
+
+
+def _parse_children(text: str) -> tuple:
+    text = text.strip()
+    if not text:
+        return ()
+    if not (text.startswith("(") and text.endswith(")")):
+        raise ValueError(f"nested segments go in parentheses after full: full(0-3,4-5), "
+                         f"not full{text}")
+    children = []
+    for part in _split_top(text[1:-1]):
+        head, paren, rest = part.strip().partition("(")
+        a, b, each = _parse_span(head)
+        if each:
+            raise ValueError("a nested segment is one span 'a-b'")
+        children.append((a, b, _parse_children(paren + rest)))
+    return tuple(children)
+
+
+def _parse_menu(spec: str, body: str) -> Menu:
+    import re
+
+    fix = ("write 'menu:0-1=full,2=selective:save=mm,sdpa,3=offload' (inclusive block numbers; "
+           "full(4-5) nests)")
+    if body.strip() == "none":
+        return Menu()
+    pieces = []
+    try:
+        for piece in _split_top(body):  # a piece without 'N=' continues an op list: mm,sdpa
+            if re.match(r"\s*\d+\s*((-|\.\.)\s*\d+\s*)?=", piece) or not pieces:
+                pieces.append(piece)
+            else:
+                pieces[-1] += "," + piece
+        items = []
+        for piece in pieces:
+            span, eq, option = piece.partition("=")
+            if not eq:
+                raise ValueError(f"{piece!r} names no option")
+            a, b, each = _parse_span(span)
+            option = option.strip()
+            if option.startswith("full"):
+                children = _parse_children(option.removeprefix("full"))
+                if each and children:
+                    raise ValueError("nest one span: a-b=full(...)")
+                items += ([(k, k + 1, "full", ()) for k in range(a, b)] if each
+                          else [(a, b, "full", children)])
+            else:
+                option = str(parse_policy(option))
+                items += [(k, k + 1, option, ()) for k in range(a, b)]
+        return Menu(tuple(items))
+    except ValueError as error:
+        raise ValueError(f"bad policy {spec!r}: {error}; {fix}") from None
+
+
 # ---------------------------------------------------------------- parsing
 _SIMPLE = {"none": NoCheckpoint(), "full": EveryK(1), "sqrt": Sqrt(), "offload": Offload(),
            "attn-core": Selective(("attn-core",), "recompute")}
@@ -500,6 +681,8 @@ def parse_policy(spec) -> Policy:
         return EveryK(int(k))
     if s.startswith("segments:"):
         return _parse_segments(spec, s.removeprefix("segments:"))
+    if s.startswith("menu:"):
+        return _parse_menu(spec, s.removeprefix("menu:"))
     if s.startswith("selective:"):
         mode, eq, ops = s.removeprefix("selective:").partition("=")
         if not eq or mode not in ("save", "recompute"):
@@ -551,9 +734,11 @@ class _Region:
     the last block's return closes the region. An error inside closes it too, so no hooks stay
     installed and the model can run again."""
 
-    def __init__(self, handle: AppliedPolicy, blocks: list[nn.Module]):
-        self.handle, self.blocks = handle, blocks
-        self.forwards = [b.forward for b in blocks]  # the blocks' own, bound before any override
+    def __init__(self, handle: AppliedPolicy, blocks: list[nn.Module], policy: Policy,
+                 forwards=None):
+        self.handle, self.blocks, self.policy = handle, blocks, policy
+        # the blocks' own, bound before any override; under nesting, the inner regions' calls
+        self.forwards = forwards or [b.forward for b in blocks]
         self._open = None  # the running region's generator
         self._calls = None  # later blocks' recorded arguments, for this forward's recompute
         self._previous = None  # the leaves of the last block's output, until the next call
@@ -565,7 +750,7 @@ class _Region:
             self._calls = []
             params = [p for b in self.blocks for p in b.parameters()]
             replay = functools.partial(_replay, self.forwards, self._calls)
-            self._open = self.handle.policy.region(replay, params, self.handle.store, args, kwargs)
+            self._open = self.policy.region(replay, params, self.handle.store, args, kwargs)
             next(self._open)
         else:
             self._record(k, args, kwargs)
@@ -644,9 +829,8 @@ class AppliedPolicy:
         self.stats = self.store.stats
         runs = [block.forward for block in blocks]  # outside any segment: the block's own
         self.regions = []
-        for s in policy.segments(len(blocks)):
-            region = _Region(self, [blocks[i] for i in s])
-            self.regions.append(region)
+        for s, sub in policy.segment_policies(len(blocks)):
+            region = self._region(blocks, s, sub)
             for k, i in enumerate(s):
                 runs[i] = functools.partial(_call_region, region, k)
         for block, run in zip(blocks, runs, strict=True):
@@ -654,6 +838,18 @@ class AppliedPolicy:
         # An error between blocks (in the model's own code, or a module hook) never reaches a
         # region: the model's forward closes whatever is left open when it ends.
         self._closer = model.register_forward_hook(self._close_regions, always_call=True)
+
+    def _region(self, blocks, s: range, policy: Policy) -> _Region:
+        """The region of segment ``s``; a nested checkpoint's blocks run through its children's
+        regions, in its forward and in its recompute alike, so each child checkpoints again."""
+        forwards = [b.forward for b in blocks[s.start:s.stop]]
+        for a, b, children in getattr(policy, "children", ()):
+            inner = self._region(blocks, range(a, b), Nested(children))
+            for k in range(a, b):
+                forwards[k - s.start] = functools.partial(_call_region, inner, k - a)
+        region = _Region(self, blocks[s.start:s.stop], policy, forwards)
+        self.regions.append(region)
+        return region
 
     def _close_regions(self, module, args, output) -> None:
         left_open = [r for r in self.regions if r.is_open]

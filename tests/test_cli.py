@@ -85,19 +85,21 @@ def test_reset_exercises_moves_edited_work_aside_and_restores_the_stub(tmp_path,
 
 
 def test_a_policy_the_planner_prints_works_in_every_command(capsys, tmp_path):
-    """``plan`` prints a segments policy; ``train``, ``compare`` and ``train()`` take it back."""
-    from ckpt_course.costs import measure_costs
+    """``plan`` prints a segments or menu policy; ``train``, ``compare`` and ``train()`` take it
+    back."""
+    from ckpt_course.costs import MENU, measure_costs
     from ckpt_course.models import build_model
     from ckpt_course.plan import predict
     from ckpt_course.train import train
 
     size = ["--model", "gpt", "--layers", "3", "--batch", "4", "--seq", "32"]
-    costs = measure_costs(build_model("gpt", 3), 4, 32)
+    costs = measure_costs(build_model("gpt", 3), 4, 32, menu=MENU)
     full, none = predict(costs, "full").peak_bytes, predict(costs, "none").peak_bytes
     assert main(["plan", *size, "--budget", str((full + none) // 2)]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("Optimal: "))
     policy = line.split()[1]
-    assert policy.startswith("segments:") and policy != "segments:none"
+    assert policy.startswith(("segments:", "menu:")) and policy not in ("segments:none",
+                                                                         "menu:none")
     assert main(["train", *size, "--steps", "1", "--policy", policy]) == 0
     assert main(["compare", "--layers", "3", "--width", "32", "--heads", "2", "--seq", "8",
                  "--batch", "2", "--steps", "1", "--policies", f"none,{policy}",

@@ -3,15 +3,18 @@ closed forms it must reproduce, the Segments policy, configs on fake tensors, th
 
 import math
 import random
+from dataclasses import replace
 
 import pytest
 import torch
 
 from ckpt_course.cli import main
 from ckpt_course.costs import (
+    MENU,
     Backward,
     ChainCosts,
     LayerCost,
+    OptionCost,
     TrunkCost,
     config_costs,
     measure_costs,
@@ -26,6 +29,8 @@ from ckpt_course.plan import (
     measure_peaks,
     optimal,
     optimal_frontier,
+    placement_cost,
+    placement_policy,
     predict,
 )
 from ckpt_course.policies import Segments, parse_policy
@@ -247,7 +252,7 @@ def test_plan_command_for_70b_says_to_shard(capsys):
     assert main(["plan", "--config", "70b", "--batch", "1", "--seq", "4096",
                  "--budget", "80GiB"]) == 1
     out = capsys.readouterr().out
-    costs = config_costs("70b", 1, 4096)
+    costs = config_costs("70b", 1, 4096, menu=MENU)
     assert (f"the parameters alone need {fmt_bytes(costs.param_bytes)}, more than the budget "
             f"80.00 GiB") in out
     n, best = min_devices(costs, "80GiB")
@@ -267,3 +272,158 @@ def test_budget_below_the_parameters_says_so_with_numbers():
     with pytest.raises(ValueError, match="nothing fits"):
         print(plan.policy)
     assert make_plan(costs, 100 * MiB).best.recompute_flops == 0
+
+
+# ---------------------------------------------------------------- the per-block menu
+def random_menu_costs(rng: random.Random, n: int, n_options: int) -> ChainCosts:
+    """A random chain whose blocks also have ``n_options`` menu options, each an arbitrary
+    plain-like LayerCost with its own recompute, host bytes and time."""
+    costs = random_costs(rng, n)
+    names = ["selective:save=mm,sdpa", "selective:save=sdpa", "offload"][:n_options]
+    base = random_costs(rng, n * n_options).layers
+    menu = tuple({name: OptionCost(base[k * n_options + m], rng.randint(0, 30),
+                                   rng.randint(0, 50) * (name == "offload"))
+                  for m, name in enumerate(names)} for k in range(n))
+    times = tuple({"none": rng.random(), "full": 1 + rng.random(),
+                   **{name: 1 + rng.random() for name in names}} for _ in range(n))
+    return replace(costs, menu=menu, times=times)
+
+
+@pytest.mark.parametrize("n, n_options, seeds", [(3, 3, 12), (5, 2, 6), (6, 1, 4), (8, 1, 1)])
+@pytest.mark.parametrize("objective", ["time", "flops"])
+def test_menu_dp_equals_brute_force_over_every_menu(n, n_options, seeds, objective):
+    for seed in range(seeds):
+        rng = random.Random(1000 * n + seed)
+        costs = random_menu_costs(rng, n, n_options)
+        predictions = [predict(costs, p) for p in all_placements(n, costs)]
+        peaks = sorted(p.peak_bytes for p in predictions)
+        for budget in (peaks[0] - 1, peaks[0], peaks[len(peaks) // 4], peaks[len(peaks) // 2],
+                       peaks[-1]):
+            dp, brute = optimal(costs, budget, objective), brute_force(costs, budget, objective)
+            assert (dp is None) == (brute is None), (seed, budget)
+            if dp is not None:  # the least cost, and among those the lowest peak
+                assert (placement_cost(costs, dp.placement, objective), dp.peak_bytes) == (
+                    placement_cost(costs, brute.placement, objective), brute.peak_bytes)
+                assert dp.peak_bytes <= budget
+
+
+def test_menu_policies_round_trip_through_the_vocabulary():
+    costs = random_menu_costs(random.Random(3), 5, 3)
+    for placement in list(all_placements(5, costs))[::37]:
+        policy = placement_policy(placement)
+        assert parse_policy(str(policy)) == policy
+        assert predict(costs, str(policy)).placement == placement
+
+
+@pytest.fixture(scope="module")
+def gpt8():
+    torch.manual_seed(0)
+    model = TinyGPT(GPTConfig(n_layer=8, d_model=32, n_head=2, seq_len=16))
+    return model, measure_costs(model, 2, menu=MENU)
+
+
+def test_predicted_peak_and_recompute_are_the_meters_for_every_menu_of_two_blocks():
+    torch.manual_seed(0)
+    model = TinyGPT(GPTConfig(n_layer=2, d_model=64, n_head=4, seq_len=32))
+    costs = measure_costs(model, 4, menu=MENU)
+    assert len(costs.menu[0]) == 4  # three selective variants and offload
+    batch = model.example_batch(4, generator=torch.Generator().manual_seed(0))
+    for placement in all_placements(2, costs):
+        policy, p = placement_policy(placement), predict(costs, placement)
+        assert p.peak_bytes == measure_peaks(model, policy, 4)[1], policy
+        assert p.recompute_flops == measure_recompute(model, batch, policy).flops, policy
+
+
+def test_predicted_peak_is_the_meters_for_a_sample_of_menus_on_eight_blocks(gpt8):
+    model, costs = gpt8
+    rng = random.Random(8)
+    kinds = [False, True, *costs.menu[0]]
+    for _ in range(12):
+        placement = tuple((k, k + 1, rng.choice(kinds)) for k in range(8))
+        policy = placement_policy(placement)
+        assert predict(costs, placement).peak_bytes == measure_peaks(model, policy, 2)[1], policy
+
+
+def test_offload_is_priced_by_time_not_flops(gpt8):
+    _, costs = gpt8
+    none = predict(costs, "none").peak_bytes
+    by_flops = optimal(costs, none - 1, "flops")
+    assert "offload" not in str(by_flops.policy)
+    assert predict(costs, "offload").host_bytes == 8 * costs.menu[0]["offload"].host_bytes > 0
+    with pytest.raises(ValueError, match="times=True"):
+        optimal(costs, none, "time")
+
+
+# ---------------------------------------------------------------- nested recomputation
+def _griewank_forward_steps(n: int, slots: int) -> int:
+    """Griewank & Walther's minimal number of forward steps to reverse n steps with ``slots``
+    checkpoints: r n - C(slots + r, slots + 1), r the least with C(slots + r, slots) >= n."""
+    r = 0
+    while math.comb(slots + r, slots) < n:
+        r += 1
+    return r * n - math.comb(slots + r, slots + 1)
+
+
+UNIT = replace(LayerCost.simple(1, 0, 1), recompute_flops=0)  # its tape is its input
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8, 13, 32])
+def test_nested_equals_griewanks_binomial_optimum_on_uniform_chains(n):
+    """Stored inputs s = Griewank's s - 1 checkpoints + the one being reversed; the first sweep
+    (n forwards, the last one taped) is the plain step, so recompute = t(n, s - 1) + 1 - n."""
+    from ckpt_course.plan import nested_optimal
+
+    costs = ChainCosts((UNIT,) * n)
+    assert nested_optimal(costs, 1) is None
+    for s in range(2, n + 1):
+        best = nested_optimal(costs, s)
+        assert best.recompute_flops == _griewank_forward_steps(n, s - 1) + 1 - n
+        assert best.stored_bytes <= s
+
+
+def test_nesting_reaches_below_the_single_level_minimum():
+    from ckpt_course.plan import nested_optimal
+
+    costs = ChainCosts((UNIT,) * 32)
+    single = optimal_frontier(costs)[-1]  # the single-level minimum
+    assert optimal(costs, single.peak_bytes - 1) is None
+    stored = single.kept_bytes + 1  # the segment inputs + the block being reversed
+    assert nested_optimal(costs, stored - 1) is not None
+    nested = nested_optimal(costs, 2)
+    assert nested is not None and nested.stored_bytes == 2 < stored
+    assert parse_policy(str(nested.policy)) == nested.policy
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_nested_equals_brute_force_on_small_heterogeneous_chains(seed):
+    from ckpt_course.plan import all_trees, nested_optimal, simulate_nested
+
+    rng = random.Random(seed)
+    n = rng.randint(2, 6)
+    costs = ChainCosts(tuple(replace(LayerCost.simple(rng.randint(1, 9), 0, rng.randint(1, 9)),
+                                     recompute_flops=rng.randint(0, 5)) for _ in range(n)))
+    results = [simulate_nested(costs, t) for t in all_trees(0, n)]
+    for budget in sorted({peak for peak, _ in results}):
+        best = nested_optimal(costs, budget)
+        assert best.recompute_flops == min(f for p, f in results if p <= budget)
+        assert best.stored_bytes <= budget
+
+
+def test_nested_policy_runs_and_recomputes_what_the_tree_predicts(gpt):
+    from ckpt_course.plan import _fill, simulate_nested
+
+    model, costs = gpt
+    batch = model.example_batch(4, generator=torch.Generator().manual_seed(0))
+    for policy in ("menu:0-3=full(0-1)", "menu:0-3=full(0-2(0-1))", "menu:0-3=full(1-2)"):
+        tree = _fill(0, 4, tuple((a, b, c) for a, b, _, c in parse_policy(policy).items))
+        assert measure_recompute(model, batch, policy).flops == simulate_nested(costs, tree)[1]
+    torch.manual_seed(0)
+    reference = TinyGPT(SMALL_GPT)
+    nested = TinyGPT(SMALL_GPT)
+    nested.load_state_dict(reference.state_dict())
+    reference.loss(batch).backward()
+    from ckpt_course.policies import applied
+    with applied(nested, "menu:0-3=full(0-2(0-1))"):
+        nested.loss(batch).backward()
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(reference.parameters(),
+                                                           nested.parameters(), strict=True))
