@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import step
 from .meter import MemoryMeter
 from .policies import find_blocks
 from .recompute import EXTRA_FLOP_FORMULAS
@@ -620,7 +621,7 @@ def _optimizer_cost(model: nn.Module, make_optimizer) -> tuple[int, int]:
 
 
 def _adamw_lr0(params):
-    return torch.optim.AdamW(params, lr=0.0)  # train()'s optimizer, changing nothing
+    return step.make_optimizer(params, lr=0.0)  # train()'s optimizer, changing nothing
 
 
 def _layer_key(block: nn.Module, x: torch.Tensor):

@@ -318,6 +318,11 @@ class Prediction:
 def predict(costs: ChainCosts, placement) -> Prediction:
     """The memory model for one placement (or policy): peak live bytes, where, recompute."""
     placement = as_placement(costs.n, placement)
+    for k, _, kind in placement:
+        if isinstance(kind, str) and (not costs.menu or kind not in costs.menu[k]):
+            raise ValueError(f"block {k} runs {kind}, an option these costs did not measure: "
+                             "measure them with measure_costs(..., menu=MENU), or use a "
+                             "whole-block policy (none, full, every-K, sqrt, segments:...)")
     events, kept, flops, prev = [], 0, 0, None
     for seg in placement:
         left = _left_holds(costs, prev, seg[0])
