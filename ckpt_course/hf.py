@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +135,12 @@ def longest(config) -> int:
 
 
 # ---------------------------------------------------------------- the wrapper
+def _sliced_rotary(rotary, x, position_ids):
+    """The rotary module's forward, made once: the first positions of the shared tables."""
+    n = position_ids.shape[-1]
+    return rotary.shared_cos[:, :n], rotary.shared_sin[:, :n]
+
+
 @dataclass(frozen=True)
 class HFSizes:
     """What the course reads from a model's ``cfg``: its longest sequence and vocabulary."""
@@ -204,12 +211,7 @@ class HFCausalLM(nn.Module):
             for module in (rotary, *self.blocks):
                 module.register_buffer("shared_cos", cos, persistent=False)
                 module.register_buffer("shared_sin", sin, persistent=False)
-
-            def sliced(x, position_ids, rotary=rotary):
-                n = position_ids.shape[-1]
-                return rotary.shared_cos[:, :n], rotary.shared_sin[:, :n]
-
-            rotary.forward = sliced
+            rotary.forward = types.MethodType(_sliced_rotary, rotary)  # deepcopy-safe
 
     def forward(self, idx):
         if idx.shape[1] > self.cfg.seq_len:
@@ -262,3 +264,154 @@ def parameter_count(config) -> int:
     with FakeTensorMode():
         lm = build(config).lm
         return sum(p.numel() for p in lm.parameters())
+
+
+# ---------------------------------------------------------------- full size, on fake tensors
+def hf_config_costs(config, batch_size: int, seq_len: int, dtype: torch.dtype = torch.bfloat16,
+                    master_weights: bool = False):
+    """``costs.config_costs`` for a transformers config: a one-layer model of it built on fake
+    tensors and measured by ``measure_costs`` (its block and trunk, from the model's own code),
+    the block repeated ``num_hidden_layers`` times. Parameters, gradients and activations in
+    ``dtype``; AdamW state as ``estimate`` assumes (two fp32 moments), plus a fp32 master copy
+    (4 B per parameter) if ``master_weights``."""
+    from dataclasses import replace
+
+    from . import estimate
+    from .costs import ChainCosts, measure_costs
+
+    config = load_config(config)
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("seq_len", seq_len)
+    if seq_len > longest(config):
+        raise ValueError(f"seq_len {seq_len} is longer than {config.name_or_path} allows "
+                         f"({longest(config)} positions): use seq_len <= {longest(config)}")
+    n_layer, n_params = config.num_hidden_layers, parameter_count(config)
+    one = config.__class__(**config.to_diff_dict())
+    one.num_hidden_layers = 1
+    _set_positions(one, seq_len)
+    with estimate._fake(dtype), torch.random.fork_rng(devices=[]):
+        model = build(one)
+        measured = measure_costs(model, batch_size, seq_len, optimizer=None)
+        largest = max(p.numel() for p in model.parameters())
+    per_param = estimate.OPTIMIZER_BYTES_PER_PARAM["adamw"] + 4 * master_weights
+    params, state = n_params * dtype.itemsize, n_params * per_param
+    trunk = replace(measured.trunk, base_bytes=params + state, optimizer_peak=2 * 4 * largest)
+    name = config.name_or_path or config.model_type
+    notes = (f"{name} on fake tensors: one {type(model.blocks[0]).__name__} measured, times "
+             f"{n_layer}; {str(dtype).removeprefix('torch.')} parameters, gradients and "
+             f"activations; AdamW state {per_param} B per parameter"
+             f"{' (fp32 master weights included)' if master_weights else ''}",)
+    return ChainCosts(measured.layers * n_layer, trunk, name=name, param_bytes=params,
+                      optimizer_bytes=state, notes=notes)
+
+
+# ---------------------------------------------------------------- the plan, handed back
+@dataclass(frozen=True)
+class Handback:
+    """A placement in the user's own terms: ``code`` runs on a transformers model ``model``."""
+
+    placement: tuple
+    expressed: tuple  # the placement the code applies (the plan's, or the closest expressible)
+    code: str
+    kind: str  # "transformers", "check_fn" or "none"
+    note: str = ""
+
+    def __str__(self) -> str:
+        return (f"{self.note}\n" if self.note else "") + self.code
+
+    def apply(self, model: nn.Module) -> None:
+        """Run ``code`` on ``model`` (an ``HFCausalLM`` or its transformers model)."""
+        lm = model.lm if isinstance(model, HFCausalLM) else model
+        exec(compile(self.code, "<handback>", "exec"), {"model": lm})
+
+
+def _single_blocks(placement) -> tuple[int, ...] | None:
+    """The checkpointed blocks if each checkpointed segment is one block, else None."""
+    ranges = [(i, j) for i, j, c in placement if c]
+    return None if any(j - i > 1 for i, j in ranges) else tuple(i for i, _ in ranges)
+
+
+def _each_alone(n: int, blocks) -> tuple:
+    from .plan import placement_from_checkpointed
+
+    return placement_from_checkpointed(n, [(k, k + 1) for k in blocks])
+
+
+def _layers_path(model: nn.Module) -> str:
+    lm = model.lm if isinstance(model, HFCausalLM) else model
+    blocks = model.blocks if isinstance(model, HFCausalLM) else find_decoder_layers(lm)
+    return next(name for name, m in lm.named_modules() if m is blocks)
+
+
+def handback(placement, n: int, layers: str = "model.layers", costs=None) -> Handback:
+    """The code that applies ``placement`` (of ``n`` blocks) to a transformers model:
+
+    - every ``n_every``-th block checkpointed (0, k, 2k, ...), each alone: transformers'
+      ``model.activation_checkpointing_enable(every_n_layers=k)`` (transformers 5.x; each
+      checkpointed layer runs ``torch.utils.checkpoint`` with ``use_reentrant=False``);
+    - other single blocks: ``apply_activation_checkpointing(model, check_fn=...)`` on them;
+    - a segment of several blocks is one checkpoint around several layers, which neither can
+      express: given ``costs``, the cheapest expressible placement that peaks no higher is
+      handed back instead (else each block of the segment alone), with a note."""
+    from .plan import Placement, as_placement, predict  # noqa: F401
+
+    placement = as_placement(n, placement)
+    blocks = _single_blocks(placement)
+    note = ""
+    if blocks is None:
+        want = predict(costs, placement) if costs is not None else None
+        blocks = _closest_expressible(placement, n, costs, want)
+        note = ("# the plan checkpoints several layers as one segment, which per-layer "
+                "checkpointing cannot express;\n# this applies the cheapest per-layer placement "
+                "that peaks no higher" + ("" if costs is not None else " (each layer alone)"))
+    if not blocks:
+        code = "# nothing to checkpoint: train as is\nmodel.activation_checkpointing_disable()"
+        return Handback(placement, _each_alone(n, ()), code, "none", note)
+    k = blocks[1] - blocks[0] if len(blocks) > 1 else n
+    if blocks[0] == 0 and blocks == tuple(range(0, n, k)):
+        code = ("model.activation_checkpointing_enable(\n"
+                "    activation_checkpointing_kwargs={\"use_reentrant\": False}, "
+                f"every_n_layers={k})")
+        return Handback(placement, _each_alone(n, blocks), code, "transformers", note)
+    code = ("from functools import partial\n"
+            "from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (\n"
+            "    CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)\n\n"
+            f"chosen = {{id(model.{layers}[i]) for i in {list(blocks)}}}\n"
+            "apply_activation_checkpointing(\n"
+            "    model, checkpoint_wrapper_fn=partial(checkpoint_wrapper, "
+            "checkpoint_impl=CheckpointImpl.NO_REENTRANT),\n"
+            "    check_fn=lambda module: id(module) in chosen)")
+    return Handback(placement, _each_alone(n, blocks), code, "check_fn", note)
+
+
+def _closest_expressible(placement, n: int, costs, want) -> tuple[int, ...]:
+    """Per-layer placements (the first m blocks, or every k-th), the cheapest whose predicted
+    peak is at most ``want``'s; without costs, each block of every segment alone."""
+    from .plan import predict
+
+    inside = tuple(k for i, j, c in placement if c for k in range(i, j))
+    if costs is None:
+        return inside
+    options = {tuple(range(m)) for m in range(n + 1)} | {tuple(range(0, n, k))
+                                                        for k in range(1, n + 1)}
+    fits = [(predict(costs, _each_alone(n, b)), b) for b in options]
+    fits = [(p.recompute_flops, p.peak_bytes, b) for p, b in fits
+            if p.peak_bytes <= want.peak_bytes]
+    return min(fits)[2] if fits else tuple(range(n))
+
+
+def verify_handback(model: HFCausalLM, handback_: Handback, batch_size: int = 2,
+                    seq_len: int | None = None) -> tuple[int, int]:
+    """(predicted, measured) peak of ``handback_`` applied to a fresh copy of ``model``: the
+    course's meter around transformers' own checkpointing (no course policy installed)."""
+    import copy
+
+    from .costs import measure_costs
+    from .plan import measure_peaks, predict
+
+    costs = measure_costs(model, batch_size, seq_len)
+    predicted = predict(costs, handback_.expressed).peak_bytes
+    fresh = copy.deepcopy(model)
+    handback_.apply(fresh)
+    measured = measure_peaks(fresh, "none", batch_size=batch_size, seq_len=seq_len)[-1]
+    return predicted, measured
