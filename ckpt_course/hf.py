@@ -242,19 +242,34 @@ def build(config, layers: str | None = None, seed: int = 0, attn: str = "sdpa") 
 
     config = load_config(config)
     config._attn_implementation = attn
-    if not _is_causal_lm(config):
-        raise ValueError(f"{config.model_type} has no causal-LM head in transformers: give a "
-                         f"decoder-only config (llama, mistral, qwen2, gpt2, ...)")
+    check_causal_lm(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         lm = AutoModelForCausalLM.from_config(config)
     return HFCausalLM(lm.train(), layers)
 
 
-def _is_causal_lm(config) -> bool:
+def check_causal_lm(config) -> None:
+    """A one-line error unless transformers builds ``config`` as a causal LM (a stack of
+    repeated decoder layers under a language-model head)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"model_type {config.model_type!r} is not a causal LM with repeated "
+                         f"decoder layers: give a decoder-only config (llama, mistral, qwen2, "
+                         f"gpt2, ...)")
+
+
+def small_model(config, n_layer: int | None = None, batch_size: int | None = None,
+                seq_len: int | None = None) -> tuple[HFCausalLM, int, int]:
+    """The small real instance of ``config`` (``small_config``) for the doctor and lessons, with
+    its batch size and sequence length; a sequence longer than the config allows is refused."""
+    config = load_config(config)
+    seq = seq_len or 64
+    if seq > longest(config):
+        raise ValueError(f"--seq {seq} is longer than {config.name_or_path} allows "
+                         f"({longest(config)} positions): use --seq {longest(config)} or less")
+    return build(small_config(config, n_layer or 4, seq_len=seq)), batch_size or 4, seq
 
 
 def parameter_count(config) -> int:
