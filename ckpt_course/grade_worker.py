@@ -45,8 +45,8 @@ class WireError(ValueError):
 
 def to_wire(value) -> tuple[bytes, list[bytes]]:
     """Data -> (JSON bytes, tensor blobs). Data: None, bool, int, float, str, list, tuple,
-    dict, plain CPU torch.Tensor. Exact types only: a subclass (an int whose __eq__ lies, a
-    proxy) is refused, as is anything else, so nothing but data ever crosses."""
+    set, frozenset, dict, plain CPU torch.Tensor. Exact types only: a subclass (an int whose
+    __eq__ lies, a proxy) is refused, as is anything else, so nothing but data ever crosses."""
     blobs: list[bytes] = []
 
     def encode(x):
@@ -59,11 +59,13 @@ def to_wire(value) -> tuple[bytes, list[bytes]]:
             return {"tuple": [encode(v) for v in x]}
         if kind is dict:
             return {"dict": [[encode(k), encode(v)] for k, v in x.items()]}
+        if kind in (set, frozenset):
+            return {kind.__name__: [encode(v) for v in x]}
         if _is_plain_tensor(x):
             blobs.append(tensor_bytes(x))
             return {"tensor": len(blobs) - 1}
         raise WireError(f"a {kind.__module__}.{kind.__qualname__} is not data: return only "
-                        "numbers, strings, bools, None, lists, tuples, dicts and tensors")
+                        "numbers, strings, bools, None, lists, tuples, sets, dicts and tensors")
 
     return json.dumps(encode(value)).encode(), blobs
 
@@ -84,7 +86,10 @@ def from_wire(text: bytes, blobs: list[bytes]):
             return tuple(decode(v) for v in x["tuple"])
         if set(x) == {"dict"} and isinstance(x["dict"], list):
             pairs = [(decode(k), decode(v)) for k, v in x["dict"]]
-            return {(tuple(k) if isinstance(k, list) else k): v for k, v in pairs}
+            return {_hashable(k): v for k, v in pairs}
+        for kind in (set, frozenset):
+            if set(x) == {kind.__name__} and isinstance(x[kind.__name__], list):
+                return kind(_hashable(decode(v)) for v in x[kind.__name__])
         if set(x) == {"tensor"} and type(x["tensor"]) is int and 0 <= x["tensor"] < len(blobs):
             return _load_tensor(blobs[x["tensor"]])
         raise WireError(f"unknown object {sorted(x)!r}")
@@ -93,6 +98,10 @@ def from_wire(text: bytes, blobs: list[bytes]):
         return decode(tree)
     except (TypeError, ValueError, RecursionError) as e:
         raise WireError(f"not data: {e}") from None
+
+
+def _hashable(x):
+    return tuple(x) if isinstance(x, list) else x
 
 
 def tensor_bytes(t) -> bytes:

@@ -86,9 +86,6 @@ def all_placements(n: int):
             yield (*rest[:-1], (rest[-1][0], n, True))
 
 
-# The planner's name for parse_policy, kept for callers written against it.
-as_policy = parse_policy
-
 
 # ---------------------------------------------------------------- the memory model
 # An event is one moment the model predicts: (live bytes, phase, block, detail). Segment events

@@ -186,28 +186,20 @@ def _loopback_interface() -> str | None:
     return next((n for n in ("lo", "lo0") if n in names), None)
 
 
-def run_fsdp(world_size: int = 2, config: GPTConfig = SMALL, policy: str = "full",
-             batch_size: int = 4, steps: int = 2, seed: int = 0,
-             timeout_s: float = 120) -> ShardingResult:
-    """Start ``world_size`` CPU processes running FSDP2 over gloo; return what each measured,
-    with the same run in one process without FSDP for comparison.
-
-    Each rank is a fresh ``python -m ckpt_course.sharding`` process (like torchrun's workers), so
-    it never re-runs the caller's script or notebook."""
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size is a number of processes >= 1, got {world_size!r}")
-    spec = {"config": {f.name: getattr(config, f.name) for f in fields(config)},
-            "policy": str(policy), "batch_size": batch_size, "steps": steps, "seed": seed}
+def launch_ranks(module: str, world_size: int, spec: dict, timeout_s: float = 120,
+                 what: str = "FSDP") -> list:
+    """Start ``world_size`` fresh ``python -m <module> RANK WORLD_SIZE PORT OUTDIR SPEC``
+    processes (like torchrun's workers, so none re-runs the caller's script or notebook) that
+    meet over gloo on 127.0.0.1; return what each rank wrote to ``OUTDIR/rank<r>.json``."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     interface = _loopback_interface()
     if interface:
         env.setdefault("GLOO_SOCKET_IFNAME", interface)  # gloo's own links over localhost too
-    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as outdir:
         port = _free_port()
         procs = [subprocess.Popen(
-            [sys.executable, "-m", "ckpt_course.sharding", str(rank), str(world_size), str(port),
-             outdir, json.dumps(spec)],
+            [sys.executable, "-m", module, str(rank), str(world_size), str(port), outdir,
+             json.dumps(spec)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for rank in range(world_size)]
         deadline = time.monotonic() + timeout_s
@@ -215,7 +207,7 @@ def run_fsdp(world_size: int = 2, config: GPTConfig = SMALL, policy: str = "full
             outputs = [p.communicate(timeout=max(0.1, deadline - time.monotonic()))[0]
                        for p in procs]
         except subprocess.TimeoutExpired:
-            raise TimeoutError(f"the {world_size} FSDP processes did not finish in "
+            raise TimeoutError(f"the {world_size} {what} processes did not finish in "
                                f"{timeout_s:.0f} s; is the machine busy? try timeout_s=300"
                                ) from None
         finally:
@@ -225,10 +217,24 @@ def run_fsdp(world_size: int = 2, config: GPTConfig = SMALL, policy: str = "full
                     p.wait()
         for rank, (p, out) in enumerate(zip(procs, outputs, strict=True)):
             if p.returncode != 0:
-                raise RuntimeError(f"FSDP rank {rank} failed (exit {p.returncode}):\n"
+                raise RuntimeError(f"{what} rank {rank} failed (exit {p.returncode}):\n"
                                    f"{out[-3000:]}")
-        ranks = [RankMemory(**json.loads(Path(outdir, f"rank{r}.json").read_text()))
-                 for r in range(world_size)]
+        return [json.loads(Path(outdir, f"rank{r}.json").read_text())
+                for r in range(world_size)]
+
+
+def run_fsdp(world_size: int = 2, config: GPTConfig = SMALL, policy: str = "full",
+             batch_size: int = 4, steps: int = 2, seed: int = 0,
+             timeout_s: float = 120) -> ShardingResult:
+    """Start ``world_size`` CPU processes running FSDP2 over gloo (``launch_ranks``); return
+    what each measured, with the same run in one process without FSDP for comparison."""
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size is a number of processes >= 1, got {world_size!r}")
+    spec = {"config": {f.name: getattr(config, f.name) for f in fields(config)},
+            "policy": str(policy), "batch_size": batch_size, "steps": steps, "seed": seed}
+    start = time.perf_counter()
+    ranks = [RankMemory(**r) for r in launch_ranks("ckpt_course.sharding", world_size, spec,
+                                                    timeout_s)]
     seconds = time.perf_counter() - start
     single = measure_single(config, policy, batch_size, steps, seed)
     return ShardingResult(single, ranks, seconds)

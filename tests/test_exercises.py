@@ -45,3 +45,28 @@ def test_untouched_exercise_fails_at_each_check_and_nowhere_else(source):
     assert checks, f"{path.name} has no check cells"
     assert failing == checks, f"fails outside: {failing - checks}; passes: {checks - failing}"
     assert {errors[c] for c in checks} == {"NotImplementedError"}
+
+
+@pytest.mark.slow
+def test_the_grader_gives_every_solution_full_marks_and_every_stub_none(tmp_path):
+    """The real grader (worker processes, secret seeds, RSS peaks) on what the course ships:
+    each solution earns every point, each untouched exercise earns none."""
+    from ckpt_course.grading import grade
+
+    names = [s.stem + ".ipynb" for s in SOURCES]
+    copies = []
+    for folder in ("solutions", "exercises"):
+        (tmp_path / folder).mkdir()
+        for name in names:
+            copy = tmp_path / folder / name
+            copy.write_bytes((ROOT / folder / name).read_bytes())
+            copies.append(copy)
+    cards = grade(copies, ROOT / "exercises", timeout=120, jobs=2)
+    for card in cards:
+        assert not card.error, (card.notebook, card.error)
+        assert card.checks, card.notebook
+        if "/solutions/" in card.notebook:
+            assert card.full_marks, (card.notebook, [(c.name, c.hint) for c in card.checks
+                                                     if not c.passed])
+        else:
+            assert card.earned == 0, (card.notebook, [c.name for c in card.checks if c.passed])

@@ -11,8 +11,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ckpt_course import plots, sweeps  # noqa: E402
-from ckpt_course.checks import CheckFailed  # noqa: E402
-from ckpt_course.checks import phase1 as checks  # noqa: E402
 from ckpt_course.estimate import model_memory  # noqa: E402
 from ckpt_course.meter import CATEGORIES  # noqa: E402
 from ckpt_course.models import GPTConfig, HandTraceNet, TinyGPT  # noqa: E402
@@ -162,67 +160,3 @@ def test_dial_figure_and_slider_redraw_from_the_measurements():
     slider = widget.children[0]
     assert slider.description == "N" and (slider.min, slider.max) == (1, 4)
     assert slider.value == d.best().n
-
-
-# ---------------------------------------------------------------- exercise checks
-def right_state(n):
-    return {"parameters": 4 * n, "gradients": 4 * n, "optimizer state": 8 * n}
-
-
-def right_pick(n_layers, act, budget):
-    return min(range(1, n_layers + 1), key=lambda n: math.ceil(n_layers / n) + n)
-
-
-@pytest.mark.parametrize("check, answer", [
-    (checks.training_state_bytes, right_state),
-    (checks.activation_ratio, lambda b, s: b * s),
-    (checks.mlp_saved_bytes, lambda b, t, d: 36 * b * t * d),
-    (checks.checkpoint_saving, lambda tape, block, x: tape.by_module()[block] - x),
-    (checks.pick_n, right_pick),
-])
-def test_right_answers_pass(check, answer, capsys):
-    check(answer)
-    assert capsys.readouterr().out.startswith("Correct")
-
-
-def hint(check, answer) -> str:
-    with pytest.raises(CheckFailed) as failure:
-        check(answer)
-    return str(failure.value)
-
-
-def test_state_hint_names_what_adamw_keeps_not_the_bytes():
-    n, _, _ = checks._state_after_one_step(GPTConfig(n_layer=1, **checks.SMALL))
-    text = hint(checks.training_state_bytes, lambda n: {**right_state(n), "optimizer state": 0})
-    assert "two running averages" in text and str(8 * n) not in text
-    assert "dict" in hint(checks.training_state_bytes, lambda n: 16 * n)
-
-
-def test_ratio_hint_points_at_the_sequence_dimension():
-    text = hint(checks.activation_ratio, lambda b, s: b * s * s)
-    assert "sequence" in text and "T x T" in text
-
-
-def test_mlp_hints_name_the_missed_tape_row_or_the_counted_weights():
-    # bytes: 4 x (1 + 4 + 4) x B T d. Leave out a 4d-wide tensor, then the d-wide one.
-    text = hint(checks.mlp_saved_bytes, lambda b, t, d: 20 * b * t * d)
-    assert "GeluBackward0.self of module mlp.1" in text or "of module mlp.2" in text
-    assert "AddmmBackward0.mat1 of module mlp.0" in hint(checks.mlp_saved_bytes,
-                                                         lambda b, t, d: 32 * b * t * d)
-    weights = 4 * (16 * 64 + 64 * 16)  # mlp.0 and mlp.2 weights at d_model 16
-    text = hint(checks.mlp_saved_bytes, lambda b, t, d: 36 * b * t * d + weights)
-    assert "parameters" in text and str(36 * 2 * 8 * 16) not in text
-    assert "4 bytes" in hint(checks.mlp_saved_bytes, lambda b, t, d: 9 * b * t * d)
-    assert "int" in hint(checks.mlp_saved_bytes, lambda b, t, d: 36.0 * b * t * d)
-
-
-def test_one_block_hint_says_the_input_stays():
-    text = hint(checks.checkpoint_saving, lambda tape, block, x: tape.by_module()[block])
-    assert "keeps the block's input" in text
-    text = hint(checks.checkpoint_saving, lambda tape, block, x: tape.activation_bytes - x)
-    assert "other blocks keep theirs" in text
-
-
-def test_pick_n_runs_the_answer_and_refuses_an_n_over_budget():
-    assert "over the budget" in hint(checks.pick_n, lambda n_layers, act, budget: 1)
-    assert "from 1 to 9" in hint(checks.pick_n, lambda n_layers, act, budget: 0)

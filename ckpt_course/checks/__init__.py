@@ -1,10 +1,33 @@
-"""Exercise checks, one module per phase (``phase1`` ... ``phase4``).
+"""Exercise checks, one module per phase (``phase1`` ... ``phase4``), and what they share.
 
-A check measures the right answer with ckpt_course on the learner's machine (bytes, counts,
-FLOPs: never timings), compares it with the learner's, and on a mismatch raises ``CheckFailed``
-with a hint that teaches: what was expected, in words, and which part of the tape was missed;
-never the number itself.
+The protocol (PROTOCOL.md, grading.py): a check calls the learner's callables with DATA only
+(None, bool, int, float, str, lists/tuples/dicts of them, plain CPU tensors) and uses only the
+data they return, so the grader can run it in its own process against ``Remote`` proxies of a
+worker that holds the learner's code. A check never inspects a function object.
+
+- Inputs come from ``rng()`` (a ``random.Random``) seeded by ``seed()``: fixed in a notebook, so
+  a learner sees the same hints on every run; the grader picks a secret one with ``set_seed``.
+  Sizes, blocks and budgets differ from those the lessons and the exercise cells show.
+- A wrong answer raises ``CheckFailed(hint)``; the hint says what was missed, never the number.
+- Points: the check cell's ``points:N`` tag (read by the grader). Partial credit: a check made of
+  independent parts uses ``Parts``; it returns the fraction of parts passed when some pass and
+  some fail, *after printing each failed part's hint* (the grader scores the return value; the
+  printed hints are for the learner's notebook). When no part passes it raises ``CheckFailed``
+  with the hints, as any check does. A check that returns None scored full marks.
+- ``peak_of(fn, *args)``: the peak memory of one call. Locally ``fn`` is a plain function: the
+  call runs here under ``MemoryMeter`` and the result is exact live tensor bytes. In the grader
+  ``fn`` is a ``Remote``: the call runs in a fresh worker and the result is that process's peak
+  RSS. ``peak_of("ckpt_course.checks.probes:name", *args, like=fn)`` measures a trusted probe the
+  same way as ``fn`` is measured, so checks only ever compare peaks of the same kind.
 """
+
+from __future__ import annotations
+
+import importlib
+import random
+
+DEFAULT_SEED = 20240611  # what a notebook uses; the grader overrides it with set_seed
+_seed = DEFAULT_SEED
 
 
 class CheckFailed(AssertionError):
@@ -22,3 +45,137 @@ def expect(condition: bool, hint: str) -> None:
 
 def passed(what: str) -> None:
     print(f"Correct: {what}")
+
+
+# ---------------------------------------------------------------- seeds
+def seed() -> int:
+    """The seed of this grading run (fixed in a notebook, secret in the grader)."""
+    return _seed
+
+
+def set_seed(value: int) -> None:
+    """Set the seed the next checks draw their inputs from (the grader calls it)."""
+    global _seed
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"set_seed needs an int, got {type(value).__name__}")
+    _seed = value
+
+
+def rng(salt: str) -> random.Random:
+    """A generator for one check, from the run's seed and the check's name: each check draws the
+    same inputs whatever ran before it."""
+    return random.Random(f"{_seed}:{salt}")
+
+
+# ---------------------------------------------------------------- calling the learner
+def call(fn, *args, name: str = "your function"):
+    """``fn(*args)``, with whatever it raises turned into a hint (NotImplementedError, an
+    untouched stub, goes through as itself)."""
+    try:
+        return fn(*args)
+    except NotImplementedError:
+        raise
+    except CheckFailed:
+        raise
+    except Exception as e:  # noqa: BLE001 - the learner's code may raise anything
+        shown = ", ".join(_short(a) for a in args)
+        raise CheckFailed(f"{name}({shown}) raised {type(e).__name__}: {e}") from None
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# ---------------------------------------------------------------- partial credit
+class Parts:
+    """Independent parts of one check, for partial credit::
+
+        parts = Parts()
+        with parts("the gradients"):
+            expect(...)
+        with parts("the bytes moved"):
+            expect(...)
+        return parts.score()  # None: all passed; a fraction: some did (their hints printed)
+
+    A part fails on ``CheckFailed``; anything else (a stub's NotImplementedError) propagates.
+    """
+
+    def __init__(self):
+        self.passed: list[str] = []
+        self.failed: list[tuple[str, str]] = []
+
+    def __call__(self, name: str):
+        return _Part(self, name)
+
+    def score(self) -> float | None:
+        total = len(self.passed) + len(self.failed)
+        if not self.failed:
+            return None
+        hints = "; ".join(f"{name}: {hint}" for name, hint in self.failed)
+        if not self.passed:
+            raise CheckFailed(hints)
+        for name, hint in self.failed:
+            print(f"Not yet ({name}): {hint}")
+        print(f"Partly right: {', '.join(self.passed)} ({len(self.passed)}/{total})")
+        return len(self.passed) / total
+
+
+class _Part:
+    def __init__(self, parts: Parts, name: str):
+        self.parts, self.name = parts, name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if kind is None:
+            self.parts.passed.append(self.name)
+            return False
+        if issubclass(kind, CheckFailed):
+            self.parts.failed.append((self.name, str(error)))
+            return True
+        return False
+
+
+# ---------------------------------------------------------------- memory
+def peak_of(fn, *args, like=None) -> int:
+    """Peak memory of ``fn(*args)``: comparable only with other ``peak_of`` results.
+
+    ``fn`` is a callable, or ``"module:function"`` naming a trusted probe, measured the way
+    ``like`` (the learner's callable) is measured. A ``Remote`` (its type has ``peak`` and
+    ``reference_peak``) measures in a fresh worker process (peak RSS); anything else runs here
+    under ``MemoryMeter`` (exact live tensor bytes).
+    """
+    remote = fn if not isinstance(fn, str) else like
+    if remote is not None and callable(getattr(type(remote), "peak", None)):
+        if isinstance(fn, str):
+            return int(remote.reference_peak(fn, *args))
+        return int(remote.peak(*args))
+    target = _probe(fn) if isinstance(fn, str) else fn
+    return _metered_peak(target, *args)
+
+
+def _probe(spec: str):
+    module, _, name = spec.partition(":")
+    if not module.startswith("ckpt_course.checks.probes") or not name:
+        raise ValueError(f"a probe is 'ckpt_course.checks.probes:<function>', not {spec!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def _metered_peak(fn, *args) -> int:
+    from ..meter import MemoryMeter
+
+    meter = MemoryMeter()
+    with meter:
+        result = fn(*args)
+    del result
+    return meter.peak_bytes

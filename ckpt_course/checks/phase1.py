@@ -1,30 +1,24 @@
 """Checks for phase 1, "Why activations eat your memory" (exercises/src/1_why_activations.py).
 
-Each check measures the right answer here and now with ckpt_course (a real AdamW step, the tape,
-a meter), calls the learner's function on the same sizes, and raises ``CheckFailed`` with a hint
-that says what was expected in words and which tape entry was missed, never the number.
-Sizes are tiny: every check runs in well under a second on a laptop CPU.
+Each check draws sizes the lesson does not show (``checks.rng``), measures the right answer with
+ckpt_course (a real AdamW step, the tape, the meter), calls the learner's function with plain
+numbers, and raises ``CheckFailed`` with a hint that says what was missed, never the number.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from ..meter import MemoryMeter
 from ..models import GPTBlock, GPTConfig, HandTraceNet, TinyGPT
-from ..sweeps import CheckpointBlocks
 from ..tape import record_tape
 from ..train import measure_step
-from . import CheckFailed, expect, passed
+from . import CheckFailed, Parts, call, expect, is_int, is_number, passed, peak_of, rng
 
 __all__ = ["CheckFailed", "training_state_bytes", "activation_ratio", "mlp_saved_bytes",
-           "checkpoint_saving", "pick_n"]
-
-SMALL = dict(d_model=32, n_head=2, seq_len=32, vocab_size=64)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+           "hand_checkpoint", "pick_n"]
 
 
 # ---------------------------------------------------------------- 1.1
@@ -42,14 +36,22 @@ def _state_after_one_step(cfg: GPTConfig):
     return sum(p.numel() for p in model.parameters()), measured, counters
 
 
+def _small_gpt(r, **over) -> GPTConfig:
+    heads = r.choice((1, 2, 4))
+    return GPTConfig(**{"n_layer": r.randint(1, 3), "d_model": heads * r.choice((8, 12, 16)),
+                        "n_head": heads, "seq_len": r.choice((8, 12, 16)),
+                        "vocab_size": r.choice((40, 64, 96)), **over})
+
+
 def training_state_bytes(fn) -> None:
     """1.1: ``fn(n_params)`` -> {"parameters", "gradients", "optimizer state"} in bytes, for an
     fp32 model trained with AdamW (AdamW's 4-byte step counters left out)."""
-    for cfg in (GPTConfig(n_layer=1, **SMALL), GPTConfig(n_layer=3, **SMALL)):
-        n, measured, counters = _state_after_one_step(cfg)
-        got = fn(n)
+    r = rng("1.1-state")
+    for _ in range(2):
+        n, measured, counters = _state_after_one_step(_small_gpt(r))
+        got = call(fn, n, name="training_state_bytes")
         expect(isinstance(got, dict), f"training_state_bytes({n}) returned "
-               f"{type(got).__name__} {got!r}; return a dict with the keys 'parameters', "
+               f"{type(got).__name__}; return a dict with the keys 'parameters', "
                "'gradients' and 'optimizer state'")
         missing = [k for k in ("parameters", "gradients", "optimizer state") if k not in got]
         expect(not missing, f"the dict lacks {missing}")
@@ -69,19 +71,20 @@ def training_state_bytes(fn) -> None:
 def activation_ratio(fn) -> None:
     """1.1: ``fn(batch_factor, seq_factor)`` -> how many times the activation bytes (saved by
     forward) of an SDPA GPT grow when batch and sequence length grow by those factors."""
+    r = rng("1.1-scaling")
     torch.manual_seed(0)
-    model = TinyGPT(GPTConfig(n_layer=2, **SMALL))
-    b, t = 2, 8
+    model = TinyGPT(_small_gpt(r, n_layer=2, seq_len=64))
+    b, t = 2, 4
 
     def saved(batch_size, seq_len):
         return measure_step(model, "none", batch_size=batch_size, seq_len=seq_len).saved_bytes
 
     base = saved(b, t)
-    for fb, ft in ((2, 1), (1, 2), (2, 4), (3, 2)):
+    cases = [(r.randint(2, 4), 1), (1, r.randint(2, 4)), (r.randint(2, 3), r.randint(2, 4))]
+    for fb, ft in cases:
         measured = saved(b * fb, t * ft) / base
-        got = fn(fb, ft)
-        expect(isinstance(got, (int, float)) and not isinstance(got, bool),
-               f"activation_ratio({fb}, {ft}) returned {got!r}: return a number")
+        got = call(fn, fb, ft, name="activation_ratio")
+        expect(is_number(got), f"activation_ratio({fb}, {ft}) returned {got!r}: return a number")
         which = "batch" if ft == 1 else "sequence" if fb == 1 else "batch and sequence"
         expect(abs(got - measured) <= 0.02 * measured,
                f"activation_ratio({fb}, {ft}): growing the {which} changed the measured "
@@ -99,14 +102,16 @@ def _mlp_rows(tape):
 def mlp_saved_bytes(fn) -> None:
     """1.2: ``fn(batch, seq, d_model)`` -> bytes the MLP of one GPT block (fp32, no dropout)
     keeps for backward: activations only, parameters excluded."""
-    for b, t, d in ((2, 8, 16), (3, 5, 32)):
+    r = rng("1.2-mlp")
+    for _ in range(3):
+        b, t, d = r.randint(1, 5), r.randint(3, 12), 2 * r.randint(4, 20)
         torch.manual_seed(0)
         block = GPTBlock(GPTConfig(d_model=d, n_head=2, seq_len=t))
         rows = _mlp_rows(record_tape(block, torch.randn(b, t, d)))
         acts = [e for e in rows if not e.is_param]
         measured = sum(e.nbytes for e in acts)
-        got = fn(b, t, d)
-        expect(_is_int(got), f"mlp_saved_bytes({b}, {t}, {d}) returned {got!r}: return bytes as "
+        got = call(fn, b, t, d, name="mlp_saved_bytes")
+        expect(is_int(got), f"mlp_saved_bytes({b}, {t}, {d}) returned {got!r}: return bytes as "
                "an int")
         if got == measured:
             continue
@@ -114,8 +119,8 @@ def mlp_saved_bytes(fn) -> None:
         extra_params = sum(e.nbytes for e in rows if e.is_param)
         if missed:
             e = missed[0]
-            hint = (f"you left out one tensor: {e.label} of module {e.module} (shape "
-                    f"{'x'.join(map(str, e.shape))}). Read the tape: record_tape(block, x)")
+            hint = (f"you left out one tensor: {e.label} of module {e.module}. Read the tape: "
+                    "record_tape(block, x)")
         elif got == measured + extra_params:
             hint = ("you counted the weights (AddmmBackward0.mat2 rows): they are parameters, "
                     "which exist anyway; the question is about activations only")
@@ -129,59 +134,108 @@ def mlp_saved_bytes(fn) -> None:
     passed("the MLP's tape, read off by hand")
 
 
-# ---------------------------------------------------------------- 1.3
-def checkpoint_saving(fn) -> None:
-    """1.3: ``fn(tape, block, input_bytes)`` -> how many fewer bytes forward leaves for backward
-    when only ``block`` (e.g. "blocks.1") runs under ``torch.utils.checkpoint``."""
-    torch.manual_seed(0)
-    model = TinyGPT(GPTConfig(n_layer=3, dropout=0.1, **SMALL))
-    b, t = 2, 16
-    batch = model.example_batch(b, t, generator=torch.Generator().manual_seed(0))
-    tape = record_tape(model.loss, batch, model=model)
-    plain = measure_step(model, "none", batch=batch).saved_bytes
-    input_bytes = b * t * SMALL["d_model"] * 4
-    for i in (1, 0, 2):
-        block = f"blocks.{i}"
-        measured = plain - measure_step(model, CheckpointBlocks((i,)), batch=batch).saved_bytes
-        got = fn(tape, block, input_bytes)
-        expect(_is_int(got), f"checkpoint_saving(tape, {block!r}, ...) returned {got!r}: "
-               "return bytes as an int")
-        if got == measured:
-            continue
-        if got == tape.by_module()[block]:
-            hint = ("the checkpoint cannot forget everything: it keeps the block's input, "
-                    "to run the block again in backward")
-        elif got == tape.activation_bytes - input_bytes:
-            hint = "only the checkpointed block forgets its rows; the other blocks keep theirs"
-        else:
-            hint = ("what the block's rows of the tape hold (tape.by_module() sums them per "
-                    "block), less what the checkpoint keeps to run the block again")
-        raise CheckFailed(f"checkpoint_saving(tape, {block!r}, input_bytes): {hint}")
-    passed("checkpointing one block forgets exactly its tape, less its input")
+# ---------------------------------------------------------------- 1.3 checkpointing by hand
+def _small_spec(r) -> dict:
+    return {"seed": r.randrange(10**6), "batch": r.randint(5, 40), "width": r.randint(3, 12),
+            "hidden": r.randint(6, 24), "blocks": r.randint(2, 4),
+            "dropout": r.choice((0.2, 0.35, 0.5))}
+
+
+# Sized so that the blocks' tapes (about 26 MiB a block) dwarf what a checkpoint keeps (one
+# 16 MiB input a block): the plain run peaks about 240 MB above the checkpointed one.
+PEAK_SPEC = {"batch": 2**18, "width": 16, "hidden": 16, "blocks": 6, "dropout": 0.2}
+
+
+def _same(got, want) -> bool:
+    return (isinstance(got, torch.Tensor) and got.shape == want.shape
+            and got.dtype == want.dtype and torch.equal(got, want))
+
+
+def hand_checkpoint(run_with_my_checkpoint) -> float | None:
+    """1.3: ``run_with_my_checkpoint(spec)`` (the exercise's setup cell runs the learner's
+    ``MyCheckpoint`` on the blocks of ``probes.mlp_blocks(spec)``) must give bit-identical
+    results to ``torch.utils.checkpoint`` under dropout, leave the random stream as it found
+    it, and peak as low as ``torch.utils.checkpoint`` does. Partial credit: 3 parts."""
+    from . import probes
+
+    r = rng("1.3-by-hand")
+    parts = Parts()
+    specs = [_small_spec(r) for _ in range(2)]
+    results = [(spec, call(run_with_my_checkpoint, spec, name="run_with_my_checkpoint"))
+               for spec in specs]
+    with parts("gradients"):
+        for spec, got in results:
+            want = probes.torch_checkpoint(spec)
+            expect(isinstance(got, dict) and _same(got.get("out"), want["out"]),
+                   "the output differs from the block's own forward: forward should just run "
+                   "the block (without building a graph) and return its output")
+            grads = got.get("grads")
+            ok = (_same(got.get("x_grad"), want["x_grad"]) and isinstance(grads, list)
+                  and len(grads) == len(want["grads"])
+                  and all(_same(g, w) for g, w in zip(grads, want["grads"], strict=True)))
+            expect(ok, "the gradients are not bit-identical to torch.utils.checkpoint's under "
+                   "dropout. Does backward rerun the block with the random state forward had "
+                   "(torch.get_rng_state() saved in forward, set again before the rerun)? Does it "
+                   "return the gradient of the input, and accumulate the parameters' gradients?")
+    with parts("the random stream"):
+        for spec, got in results:
+            want = probes.torch_checkpoint(spec)
+            expect(_same(got.get("rng_after"), want["rng_after"]),
+                   "after backward, the random numbers drawn next differ from a plain run's: "
+                   "setting the saved RNG state for the rerun moved the global generator. Rerun "
+                   "inside torch.random.fork_rng() so the stream is put back afterwards")
+    with parts("memory"):
+        spec = {**PEAK_SPEC, "seed": r.randrange(10**6)}
+        reference = peak_of("ckpt_course.checks.probes:torch_checkpoint", spec,
+                            like=run_with_my_checkpoint)
+        no_checkpoint = peak_of("ckpt_course.checks.probes:plain", spec,
+                                like=run_with_my_checkpoint)
+        mine = peak_of(run_with_my_checkpoint, spec)
+        expect(mine <= reference + 0.25 * (no_checkpoint - reference),
+               "your checkpoint peaks about as high as no checkpointing: forward keeps more than "
+               "the block's input. Run the block under torch.no_grad() in forward and save only "
+               "the input (ctx.save_for_backward(x)); rebuild the rest in backward")
+    score = parts.score()
+    if score is None:
+        passed("your checkpoint keeps only the input, reruns forward with the same dropout "
+               "masks, and gives torch.utils.checkpoint's gradients to the bit")
+    return score
 
 
 # ---------------------------------------------------------------- 1.4
-PICK_N_CASES = ((9, 6.5), (16, 8.5), (12, 7.5))  # (layers, budget in activations)
+def _dial_peak(n_layers: int, n: int) -> int:
+    """every-N on the chain, in activations: segment inputs kept + one segment rebuilt."""
+    return math.ceil(n_layers / n) + n
 
 
 def pick_n(fn) -> None:
-    """1.4: ``fn(n_layers, activation_bytes, budget)`` -> a segment size N for ``every-N`` whose
-    peak above parameters and batch fits ``budget`` bytes, on a chain of Linear+ReLU layers."""
-    width, batch_size = 32, 2048
-    act = width * batch_size * 4
-    for n_layers, budget_acts in PICK_N_CASES:
-        budget = int(budget_acts * act)
+    """1.4: ``fn(n_layers, activation_bytes, budget)`` -> the largest N for ``every-N`` whose
+    peak (segment inputs + one segment rebuilt, in activations) fits ``budget`` bytes, on a
+    chain of Linear+ReLU layers; the check runs it and measures the peak."""
+    r = rng("1.4-pick-n")
+    width = 32
+    for _ in range(4):
+        n_layers, batch_size = r.randint(7, 20), r.choice((512, 768, 1024))
+        act = width * batch_size * 4
+        lowest = min(_dial_peak(n_layers, n) for n in range(1, n_layers + 1))
+        k = r.choice((lowest, lowest + 1, lowest + r.randint(2, 5)))  # budgets right at a peak
+        budget = k * act
+        want = max(n for n in range(1, n_layers + 1) if _dial_peak(n_layers, n) <= k)
+        got = call(fn, n_layers, act, budget, name="pick_n")
+        expect(is_int(got) and 1 <= got <= n_layers,
+               f"pick_n({n_layers}, ...) returned {got!r}: return a whole number of layers per "
+               f"segment, from 1 to {n_layers}")
         model = HandTraceNet(width=width, depth=n_layers)
         batch = model.example_batch(batch_size, generator=torch.Generator().manual_seed(0))
-        n = fn(n_layers, act, budget)
-        expect(_is_int(n) and 1 <= n <= n_layers,
-               f"pick_n({n_layers}, ...) returned {n!r}: return a whole number of layers per "
-               f"segment, from 1 to {n_layers}")
-        step = measure_step(model, f"every-{n}", batch=batch,
+        step = measure_step(model, f"every-{got}", batch=batch,
                             loss_fn=lambda b, m=model: m(b[0]).sum())
-        expect(step.peak_above_baseline <= budget,
-               f"pick_n({n_layers}, ...) = {n}: every-{n} went over the budget. Forward keeps "
-               f"about ceil(L/N) segment inputs, and backward rebuilds N layers at once on top "
-               "of them: the peak is lowest where the two balance")
-    passed("the dial turned to the bottom of the U for each depth")
-
+        weight_grads = sum(p.numel() * 4 for p in model.parameters())
+        expect(step.peak_above_baseline <= budget + weight_grads,
+               f"pick_n({n_layers}, ...) = {got}: every-{got} went over the budget. Forward keeps "
+               "about ceil(L/N) segment inputs, and backward rebuilds N layers at once on top "
+               "of them")
+        expect(got == want,
+               f"pick_n({n_layers}, ...) = {got} fits, but a larger N fits too: the question asks "
+               "for the largest. Does your answer depend on the budget at all? And a peak equal "
+               "to the budget fits (<=, not <)")
+    passed("the dial turned as far as each budget allows")

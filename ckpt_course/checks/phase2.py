@@ -12,20 +12,10 @@ import functools
 
 from ..tape import record_tape
 from ..trace import hand_input, hand_trace_net, recompute_by_op, sum_loss, trace_step
-from . import CheckFailed, expect, passed
+from . import Parts, call, expect, is_int, passed, rng
 
 FLOAT32 = 4  # bytes
 
-
-def _call(fn, *args):
-    """The learner's answer for these arguments, with a readable error if it breaks."""
-    try:
-        return fn(*args)
-    except NotImplementedError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the learner's code may raise anything
-        raise CheckFailed(f"your function raised {type(e).__name__}: {e} "
-                             f"when called with {args}") from e
 
 
 # Measurements are exact and deterministic, so each is taken once per session and reused.
@@ -42,23 +32,30 @@ def _trace(policy: str, batch: int, width: int, depth: int, free_grads: bool = F
 
 
 @functools.cache
-def _recompute(policy: str, relu_first: bool, batch: int, width: int):
-    return recompute_by_op(hand_trace_net(width=width, relu_first=relu_first), policy, batch)
+def _recompute(policy: str, relu_first: bool, batch: int, width: int, depth: int):
+    net = hand_trace_net(depth=depth, width=width, relu_first=relu_first)
+    return recompute_by_op(net, policy, batch)
 
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # ---------------------------------------------------------------- 2.1 the tape
-TAPE_SIZES = [(512, 512, 4), (64, 32, 3), (16, 8, 6)]
+def _sizes(salt: str, n: int = 3) -> list[tuple[int, int, int]]:
+    """``n`` random (batch, width, depth), batch != width (so an activation and a weight differ
+    in size, unlike the lesson's 512 x 512 x 4), one depth odd and one even at least."""
+    r = rng(salt)
+    out = []
+    for k in range(n):
+        width = r.randrange(8, 72, 8)
+        batch = r.choice([b for b in range(4, 96, 4) if b != width])
+        out.append((batch, width, r.choice((3, 5, 7) if k % 2 else (2, 4, 6))))
+    return out
 
 
 def check_tape(predict_tape) -> None:
     """2.1: ``predict_tape(batch, width, depth)`` -> ``{"activations": bytes, "parameters":
     bytes, "saved_twice": count}``, compared with ``record_tape`` of ``net(x).sum()``."""
-    for batch, width, depth in TAPE_SIZES:
-        got = _call(predict_tape, batch, width, depth)
+    for batch, width, depth in _sizes("2.1-tape"):
+        got = call(predict_tape, batch, width, depth, name="predict_tape")
         where = f"for batch={batch}, width={width}, depth={depth}"
         expect(isinstance(got, dict) and set(got) == {"activations", "parameters", "saved_twice"},
                'return a dict with the keys "activations", "parameters" and "saved_twice"')
@@ -80,15 +77,13 @@ def check_tape(predict_tape) -> None:
 
 
 # ---------------------------------------------------------------- 2.2 every-2 saved set
-EVERY2_SIZES = [(512, 512, 4), (64, 32, 5), (64, 32, 6)]
-
 
 def check_every2_saved(every2_saved_bytes) -> None:
     """2.2: ``every2_saved_bytes(batch, width, depth)`` -> bytes forward leaves alive under
     every-2, above parameters + x, compared with the meter."""
-    for batch, width, depth in EVERY2_SIZES:
-        got = _call(every2_saved_bytes, batch, width, depth)
-        expect(_is_int(got), "return a whole number of bytes (an int)")
+    for batch, width, depth in _sizes("2.2-every2", 4):
+        got = call(every2_saved_bytes, batch, width, depth, name="every2_saved_bytes")
+        expect(is_int(got), "return a whole number of bytes (an int)")
         measured = _trace("every-2", batch, width, depth).saved_bytes
         activation = batch * width * FLOAT32
         where = f"for batch={batch}, width={width}, depth={depth}"
@@ -107,20 +102,25 @@ def check_every2_saved(every2_saved_bytes) -> None:
 
 
 # ---------------------------------------------------------------- 2.3 recompute by op
-RECOMPUTE_CASES = [("full", False, 512, 512), ("every-2", False, 64, 32),
-                   ("full", True, 32, 64), ("every-2", True, 64, 32)]
+def _recompute_cases():
+    """Both policies and block orders, at depths 3 to 7 (odd ones end in a short segment)."""
+    r = rng("2.3-recompute")
+    return [(policy, relu_first, r.choice((16, 32, 48)), r.choice((8, 24, 40)), r.randint(3, 7))
+            for policy in ("full", "every-2") for relu_first in (False, True)
+            for _ in range(2)]
 
 
 def check_recompute(predict_recompute) -> None:
-    """2.3: ``predict_recompute(policy, relu_first, batch, width)`` -> ``{"ops": {op name:
-    count}, "flops": n}`` for the 4-layer net, compared with ``measure_recompute``."""
-    for policy, relu_first, batch, width in RECOMPUTE_CASES:
-        got = _call(predict_recompute, policy, relu_first, batch, width)
+    """2.3: ``predict_recompute(policy, relu_first, batch, width, depth)`` -> ``{"ops": {op
+    name: count}, "flops": n}``, compared with ``measure_recompute``."""
+    for policy, relu_first, batch, width, depth in _recompute_cases():
+        got = call(predict_recompute, policy, relu_first, batch, width, depth,
+                   name="predict_recompute")
         expect(isinstance(got, dict) and set(got) == {"ops", "flops"},
                'return a dict with the keys "ops" (op name -> count) and "flops"')
-        measured = _recompute(policy, relu_first, batch, width)
+        measured = _recompute(policy, relu_first, batch, width, depth)
         block = "ReLU -> Linear" if relu_first else "Linear -> ReLU"
-        where = f"under {policy} with {block} blocks, batch={batch}, width={width}"
+        where = f"under {policy} with {depth} {block} blocks, batch={batch}, width={width}"
         ops = {op: n for op, n in dict(got["ops"]).items() if n}
         missing = sorted(set(measured["ops"]) - set(ops))
         extra = sorted(set(ops) - set(measured["ops"]))
@@ -142,45 +142,77 @@ def check_recompute(predict_recompute) -> None:
 
 
 # ---------------------------------------------------------------- 2.4 the peak's moment
-PEAK_CASES = [("none", False), ("every-2", False), ("none", True), ("every-2", True)]
+def _peak_cases():
+    """(free_grads, batch, width, depth) in the three regimes of an activation A = batch x width
+    against a weight gradient W = width x width: batch < width / 2 (W > 2A), width / 2 < batch <
+    width, batch > width; each with gradients kept and freed."""
+    r = rng("2.4-peak")
+    cases = []
+    for free_grads in (False, True):
+        for regime in ("W > 2A", "A < W < 2A", "A > W"):
+            width = r.randrange(16, 80, 8)
+            batch = {"W > 2A": r.randint(2, width // 2 - 1),
+                     "A < W < 2A": r.randint(width // 2 + 1, width - 1),
+                     "A > W": r.randint(width + 1, 2 * width)}[regime]
+            cases.append((free_grads, batch, width, r.randint(3, 7)))
+    return cases
 
 
-def check_peak_moment(peak_moment) -> None:
-    """2.4: ``peak_moment(policy, free_grads)`` -> ``(phase, layer)`` of the step's peak on the
-    4-layer net (the first moment it is reached), compared with ``trace_step``."""
-    for policy, free_grads in PEAK_CASES:
-        got = _call(peak_moment, policy, free_grads)
-        expect(isinstance(got, tuple) and len(got) == 2,
-               'return a tuple (phase, layer), e.g. ("forward", 3)')
-        phase, layer = got
-        t = _trace(policy, 512, 512, 4, free_grads)
-        grads = ("gradients freed as they arrive" if free_grads
-                 else "gradients kept for the optimizer")
-        where = f"under {policy} with {grads}"
-        expect(phase == t.peak_phase,
-               f"{where}: the phase is wrong. Forward ends holding the saved set: which phase "
-               "adds tensors of its own on top of it before freeing any?")
-        expect(layer == t.peak_layer,
-               f"{where}: the layer is wrong (layers count 1..4, backward visits 4 first). "
-               + ("Each layer's backward frees one activation and adds one weight gradient of "
-                  "the same size, so the MiB tie: the 2 KiB bias gradients decide. Where have "
-                  "the most of them piled up?" if not free_grads else
-                  "With gradients dropped at once nothing piles up: when are the most saved "
-                  "activations still alive?"))
-    passed("the peak is a backward moment: where gradients pile up, or, once they are freed, "
-           "at the start of backward where the activations are")
+def check_peak_moment(predict_peak) -> float | None:
+    """2.4: ``predict_peak(free_grads, batch, width, depth)`` -> ``{"layer": k, "bytes": n}``:
+    the layer whose backward first reaches the step's peak under ``none``, and the peak (above
+    parameters + x), compared with ``trace_step``. Partial credit: the layer, the bytes."""
+    parts = Parts()
+    results = []
+    for free_grads, batch, width, depth in _peak_cases():
+        got = call(predict_peak, free_grads, batch, width, depth, name="predict_peak")
+        expect(isinstance(got, dict) and set(got) == {"layer", "bytes"},
+               'return a dict {"layer": k, "bytes": n}')
+        results.append((got, _trace("none", batch, width, depth, free_grads), free_grads,
+                        batch * width * FLOAT32,
+                        f"batch={batch}, width={width}, depth={depth}, gradients "
+                        + ("freed as they arrive" if free_grads else "kept")))
+    with parts("the layer"):
+        for got, t, _, _, where in results:
+            expect(got["layer"] == t.peak_layer,
+                   f"{where}: the layer is wrong. Write each backward moment as activations "
+                   "(batch x width) plus weight gradients (width x width): at layer k's ReLU "
+                   "backward and at its addmm backward, what is alive? Which moment is highest "
+                   "depends on which of the two sizes is larger; on a tie the first one counts "
+                   "(backward visits the last layer first), and layer 1's addmm makes no "
+                   "gradient for x.")
+    with parts("the bytes"):
+        for got, t, free_grads, activation, where in results:
+            off = got["bytes"] - t.peak_bytes if is_int(got["bytes"]) else None
+            expect(off == 0,
+                   f"{where}: the peak's bytes are off"
+                   + (": return an int" if off is None else
+                      ", by less than one activation: the crumbs. The loss and its seed gradient "
+                      "(4 bytes each), and each weight gradient's bias gradient (width x 4)"
+                      if abs(off) < activation else
+                      ". Count the tensors alive at the peak's moment: the activations still "
+                      "needed, the gradient in, the gradients out, and the weight gradients "
+                      + ("of this layer only (the others are freed)" if free_grads else
+                         "of every layer above, kept for the optimizer")))
+    score = parts.score()
+    if score is None:
+        passed("the peak's moment and height: where the gradients pile up when weights are "
+               "large, at the start of backward when activations are, or when gradients are "
+               "freed")
+    return score
 
 
 # ---------------------------------------------------------------- 2.5 the full table
-TABLE_SIZES = [(512, 4), (64, 6), (32, 5)]
 POLICIES = ("none", "full", "every-2")
 
 
 def check_policy_table(predict_table) -> None:
     """2.5: ``predict_table(width, depth)`` -> ``{policy: {"saved": bytes, "peak": bytes}}`` for
     none, full and every-2, batch = width, above parameters + x, compared with ``trace_step``."""
-    for width, depth in TABLE_SIZES:
-        got = _call(predict_table, width, depth)
+    r = rng("2.5-table")
+    for depth in (r.choice((3, 5, 7)), r.choice((2, 4, 6, 8))):
+        width = r.randrange(8, 72, 8)
+        got = call(predict_table, width, depth, name="predict_table")
         expect(isinstance(got, dict) and set(got) == set(POLICIES),
                f"return a dict with one entry per policy: {', '.join(POLICIES)}")
         for policy in POLICIES:

@@ -9,7 +9,6 @@ was missed, never the number. No check reads a clock.
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
 
 import torch
 
@@ -19,60 +18,74 @@ from ..models import GPTConfig, TinyGPT, llama_config
 from ..policies import parse_policy
 from ..recompute import measure_recompute
 from ..train import measure_step
-from . import CheckFailed, expect, passed
+from . import CheckFailed, Parts, call, expect, is_int, is_number, passed, peak_of, rng
 
-__all__ = ["CheckFailed", "full_recompute", "per_gpu", "attention_bytes", "ops_to_save",
+__all__ = ["CheckFailed", "offload", "per_gpu", "attention_extra", "ops_to_save",
            "policy_for_budget", "BUDGET_CANDIDATES"]
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+# ---------------------------------------------------------------- 3.2 offload by hand
+# Sized so that the chain's saved activations (16 MiB each, about 17 of them) dwarf what an
+# offloading run keeps in memory at once: about 250 MB between the two peaks.
+OFFLOAD_PEAK_SPEC = {"batch": 2**18, "width": 16, "blocks": 16}
 
 
-def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+def _same(got, want) -> bool:
+    return (isinstance(got, torch.Tensor) and got.shape == want.shape
+            and got.dtype == want.dtype and torch.equal(got, want))
 
 
-# ---------------------------------------------------------------- 3.1
-def _block_flops(B, T, C) -> dict[str, int]:
-    """Forward FLOPs of each matmul-like op of one GPT block: 2 x m x n x k per matmul."""
-    return {"qkv": 2 * B * T * C * 3 * C, "attention": 4 * B * T * T * C,
-            "proj": 2 * B * T * C * C, "fc1": 2 * B * T * C * 4 * C, "fc2": 2 * B * T * 4 * C * C}
+def offload(run_with_my_offload) -> float | None:
+    """3.2: ``run_with_my_offload(spec)`` (the setup cell runs the learner's pack/unpack hooks on
+    ``probes.relu_chain(spec)`` with a ``probes.Host``) must move the bytes the reference moves
+    (parameters stay, a tensor saved twice goes once), give bit-identical gradients, and peak as
+    low as the reference. Partial credit: 3 parts."""
+    from . import probes
 
-
-def full_recompute(fn) -> None:
-    """3.1: ``fn(batch, seq, d_model, n_layer)`` -> the FLOPs backward recomputes under ``full``
-    on a TinyGPT (sdpa attention), as ``measure_recompute`` counts them."""
-    for B, T, C, L in ((2, 16, 32, 2), (3, 32, 64, 3)):
-        torch.manual_seed(0)
-        model = TinyGPT(GPTConfig(n_layer=L, d_model=C, n_head=4, seq_len=T))
-        batch = model.example_batch(B, generator=torch.Generator().manual_seed(0))
-        recompute = measure_recompute(model, batch, "full")
-        got = fn(B, T, C, L)
-        expect(_number(got), f"full_recompute_flops({B}, {T}, {C}, {L}) returned {got!r}: "
-               "return a number of FLOPs")
-        if got == recompute.flops:
-            continue
-        parts = _block_flops(B, T, C)
-        whole = L * sum(parts.values())
-        if got == whole:
-            hint = ("you counted every matmul of every block, one too many: torch's "
-                    "non-reentrant checkpoint stops re-running a block as soon as every tensor "
-                    "backward needs is rebuilt. Which matmul's output does backward never read?")
-        elif got == recompute.forward_flops:
-            hint = ("you counted the whole forward, head included: only the blocks are "
-                    "checkpointed; the embedding, final norm, head and loss are not re-run")
-        elif got in (whole - L * parts["attention"], recompute.flops - L * parts["attention"]):
-            hint = ("attention has two matmuls of its own, Q K^T and P V: 2 x B x T x T x C FLOPs "
-                    "each, per block; flash attention counts them too")
-        elif got in (2 * recompute.flops, 3 * recompute.flops):
-            hint = ("recompute re-runs forward once, not backward: count the forward FLOPs of "
-                    "what is re-run (2 x m x n x k per matmul)")
-        else:
-            hint = ("count 2 x m x n x k FLOPs per matmul of a block (qkv, attention's two, proj, "
-                    "the MLP's), drop the one torch never re-runs, and multiply by the layers")
-        raise CheckFailed(hint)
-    passed("full recomputes a bit less than one forward of the blocks, and nothing else")
+    r = rng("3.2-offload")
+    parts = Parts()
+    specs = [{"seed": r.randrange(10**6), "batch": r.randint(4, 40), "width": r.randint(3, 12),
+              "blocks": r.randint(2, 5)} for _ in range(2)]
+    results = [(spec, call(run_with_my_offload, spec, name="run_with_my_offload"))
+               for spec in specs]
+    expect(all(isinstance(got, dict) for _, got in results),
+           "run_with_my_offload should return the setup cell's dict: run it unchanged")
+    with parts("gradients"):
+        for spec, got in results:
+            want = probes.no_offload(spec)
+            grads = got.get("grads")
+            ok = (isinstance(grads, list) and len(grads) == len(want["grads"])
+                  and all(_same(g, w) for g, w in zip(grads, want["grads"], strict=True)))
+            expect(ok, "the gradients differ from a run without hooks: unpack must give back "
+                   "exactly the tensor pack was given (same values, shape and dtype)")
+    with parts("bytes moved"):
+        for spec, got in results:
+            want = probes.offload(spec)
+            moved = got.get("bytes_to_host")
+            expect(is_int(moved) and moved > 0, "nothing went to the host: pack should put() "
+                   "each saved activation in the host store and return the handle")
+            expect(moved <= want["bytes_to_host"],
+                   "too many bytes went to the host. Parameters (and views of them, such as "
+                   "the weight.t() a Linear saves) are in device memory anyway: leave them. "
+                   "And ReLU's output is saved twice (by the ReLU and by the next Linear): "
+                   "send its storage once")
+            expect(moved == want["bytes_to_host"], "too few bytes went to the host: every saved "
+                   "activation should go, the input of the first Linear too")
+            expect(got.get("bytes_back", 0) >= moved, "backward did not get() everything back")
+    with parts("memory"):
+        spec = {**OFFLOAD_PEAK_SPEC, "seed": r.randrange(10**6)}
+        reference = peak_of("ckpt_course.checks.probes:offload", spec, like=run_with_my_offload)
+        kept = peak_of("ckpt_course.checks.probes:no_offload", spec, like=run_with_my_offload)
+        mine = peak_of(run_with_my_offload, spec)
+        expect(mine <= reference + 0.25 * (kept - reference),
+               "the bytes went to the host, but the peak is as high as without offloading: "
+               "something still holds each saved tensor (pack returning or storing it, a cache "
+               "keyed by the tensor itself...). Keep only the handle")
+    score = parts.score()
+    if score is None:
+        passed("your hooks move each saved activation out once, bring it back on demand, and "
+               "the gradients are bit-identical")
+    return score
 
 
 # ---------------------------------------------------------------- 3.2
@@ -86,11 +99,14 @@ def per_gpu(fn) -> None:
     with AdamW (fp32 moments), its state fully sharded (FSDP / ZeRO-3) over ``n_gpus``."""
     est = _llama_70b()
     per_param = (est.param_bytes + est.grad_bytes + est.optimizer_bytes) / est.n_params
-    for n_gpus, policy in ((1, "none"), (8, "full"), (16, "full"), (64, "none")):
+    r = rng("3.2-per-gpu")
+    cases = [(1, "none"), (r.choice((2, 4, 8)), "full"), (r.choice((3, 6, 12, 24)), "none"),
+             (r.choice((16, 32, 48, 64)), r.choice(("none", "full")))]
+    for n_gpus, policy in cases:
         acts = est.activations[policy]
         expected = (est.param_bytes + est.grad_bytes + est.optimizer_bytes) / n_gpus + acts
-        got = fn(est.n_params, n_gpus, acts)
-        expect(_number(got), f"per_gpu_bytes(...) returned {got!r}: return a number of bytes")
+        got = call(fn, est.n_params, n_gpus, acts, name="per_gpu_bytes")
+        expect(is_number(got), f"per_gpu_bytes(...) returned {got!r}: return a number of bytes")
         if abs(got - expected) <= 1e-6 * expected:
             continue
         if abs(got - (expected - acts) - acts / n_gpus) <= 1e-6 * expected and n_gpus > 1:
@@ -105,36 +121,52 @@ def per_gpu(fn) -> None:
     passed("sharding divides the model's state; only checkpointing shrinks the activations")
 
 
-# ---------------------------------------------------------------- 3.3
-def attention_bytes(fn) -> None:
-    """3.3: ``fn(batch, heads, seq)`` -> bytes one block of a float32 TinyGPT with naive attention
-    saves beyond the same block with ``scaled_dot_product_attention``."""
-    for B, H, T in ((1, 2, 16), (2, 4, 64), (3, 2, 40)):
-        cfg = GPTConfig(d_model=8 * H, n_head=H, seq_len=T)
-        naive = layer_activation_bytes(replace(cfg, attention="naive"), B, T,
-                                       torch.float32).saved_bytes
-        sdpa = layer_activation_bytes(cfg, B, T, torch.float32).saved_bytes
-        measured = naive - sdpa
-        got = fn(B, H, T)
-        expect(_number(got), f"attention_extra_bytes({B}, {H}, {T}) returned {got!r}: "
-               "return a number of bytes")
-        if got == measured:
-            continue
-        if got == measured - T * T:
-            hint = ("masked_fill saves its causal mask too: a T x T bool tensor (1 byte each), "
-                    "made once and shared by the whole batch")
-        elif got in (measured + 4 * B * H * T, measured + 4 * B * H * T + T * T):
-            hint = ("sdpa does keep a small extra tensor per row: the logsumexp, one float32 per "
-                    "(batch, head, query); it is on the sdpa side, so subtract it")
-        elif got == measured + 4 * B * H * T * T:
-            hint = ("the softmax output is saved once: the softmax backward and the P @ V matmul "
-                    "share that storage (the tape shows it saved twice, stored once)")
-        else:
-            hint = ("naive attention keeps a T x T float32 matrix per batch and head (the "
-                    "softmax output) and a T x T bool mask; flash attention keeps neither, only a "
-                    "logsumexp per query row. Read both tapes: record_tape(block, x)")
-        raise CheckFailed(hint)
-    passed("naive attention grows with T^2; flash attention's extra memory grows with T")
+# ---------------------------------------------------------------- 3.3 naive vs SDPA attention
+@functools.cache
+def _block_saved(attention: str, dropout: float, batch: int, heads: int, seq: int,
+                 head_dim: int) -> int:
+    cfg = GPTConfig(n_layer=1, d_model=heads * head_dim, n_head=heads, seq_len=seq,
+                    dropout=dropout, attention=attention)
+    return layer_activation_bytes(cfg, batch, seq, torch.float32).saved_bytes
+
+
+def attention_extra(fn) -> float | None:
+    """3.3: ``fn(batch, heads, seq, dropout)`` -> the bytes one float32 GPT block in training
+    saves with naive attention beyond the same block with SDPA, measured by the tape (on fake
+    CPU tensors), at sizes the lesson did not use. Partial credit: without and with dropout."""
+    r = rng("3.3-attention")
+    # batch and heads >= 2: with dropout and a batch of 1 the two tapes also differ by a few
+    # batch x seq x d_model copies (measured), which is not what this exercise is about
+    sizes = [(r.randint(2, 4), r.randint(2, 4), r.randrange(8, 72, 4), r.choice((4, 8)))
+             for _ in range(3)]
+    parts = Parts()
+    for dropout, part in ((0.0, "without dropout"), (r.choice((0.1, 0.2, 0.5)), "with dropout")):
+        with parts(part):
+            for batch, heads, seq, head_dim in sizes:
+                want = (_block_saved("naive", dropout, batch, heads, seq, head_dim)
+                        - _block_saved("sdpa", dropout, batch, heads, seq, head_dim))
+                got = call(fn, batch, heads, seq, dropout, name="naive_extra_bytes")
+                expect(is_int(got), f"naive_extra_bytes(...) returned {got!r}: return bytes "
+                       "as an int")
+                where = f"batch {batch}, {heads} heads, T = {seq}, dropout {dropout}"
+                if got == want:
+                    continue
+                if dropout == 0:
+                    hint = (f"{where}: naive attention saves its softmax output (one float per "
+                            "batch, head, query and key) and the causal mask (one bool per "
+                            "query and key, shared by the batch and the heads); SDPA saves one "
+                            "logsumexp per batch, head and query instead")
+                else:
+                    hint = (f"{where}: with dropout, look at which backward nodes the SDPA "
+                            "block's tape holds (record_tape on one GPTBlock in training mode): "
+                            "does SDPA still run its flash kernel? What does each path save "
+                            "that the other does not?")
+                raise CheckFailed(hint)
+    score = parts.score()
+    if score is None:
+        passed("naive attention's extra T x T bytes, with and without dropout: the tape shows "
+               "which kernel SDPA ran, and what it kept")
+    return score
 
 
 # ---------------------------------------------------------------- 3.4
@@ -183,8 +215,10 @@ def policy_for_budget(fn) -> None:
     ``TinyGPT(BUDGET_CONFIG)`` with batch ``BUDGET_BATCH``."""
     rows = _candidates()
     peaks = sorted({peak for peak, _, _ in rows})
-    budgets = [(a + b) // 2 for a, b in zip(peaks, peaks[1:], strict=False)] + [peaks[-1]]
-    for budget in budgets[::2] + budgets[1::2]:
+    # every measured peak exactly (a peak equal to the budget fits), and one byte below each
+    budgets = peaks + [p - 1 for p in peaks[1:]]
+    rng("3.4-budget").shuffle(budgets)
+    for budget in budgets:
         fitting = sorted((flops, peak, name) for peak, flops, name in rows if peak <= budget)
         got = fn(budget)
         try:

@@ -4,33 +4,13 @@ grader and its adversarial suite are tested without the course's slow phases."""
 
 from __future__ import annotations
 
-import random
-
 import torch
 
-from . import CheckFailed, expect
-
-try:
-    from . import peak_of, seed, set_seed
-except ImportError:  # until checks/__init__ has the protocol helpers (exercises branch)
-    _seed = [0]
-
-    def seed() -> int:
-        return _seed[0]
-
-    def set_seed(value: int) -> None:
-        _seed[0] = value
-
-    def peak_of(fn, *args, like=None) -> int:
-        remote = like if isinstance(fn, str) else fn
-        return remote.reference_peak(fn, *args) if isinstance(fn, str) else remote.peak(*args)
+from . import CheckFailed, expect, peak_of, set_seed
+from . import rng as _rng
 
 __all__ = ["CheckFailed", "bytes_of", "tape_count", "doubled", "low_peak", "chunked_squares",
            "set_seed"]
-
-
-def _rng(salt: str) -> random.Random:
-    return random.Random(f"{seed()}:{salt}")
 
 
 def bytes_of(fn) -> None:

@@ -99,48 +99,76 @@ def mlp_saved_bytes(batch, seq, d_model):
 checks.mlp_saved_bytes(mlp_saved_bytes)
 
 # %% [markdown]
-# ## Exercise 4 (section 1.3): predict what checkpointing one block saves
+# ## Exercise 4 (section 1.3): write checkpointing yourself
 #
-# Wrap one block (say `"blocks.1"`) of a GPT in `torch.utils.checkpoint`: forward runs it without
-# keeping its tape, and backward runs it again. From the tape recorded **without** checkpointing
-# and the size of the block's input, predict how many fewer bytes forward leaves behind.
+# The lesson wraps a block in `torch.utils.checkpoint`. Now build it: a `torch.autograd.Function`
+# whose `forward(ctx, block, x)` runs `block(x)` **without keeping its tape** (only `x` is saved)
+# and whose `backward(ctx, grad_out)` runs the block again with gradients on, backpropagates
+# `grad_out` through that rerun and returns the gradient of `x` (and `None` for `block`).
 #
-# `tape.by_module()` sums the tape's activation bytes per block: `{"blocks.0": ..., ...}`.
+# The blocks have dropout. The rerun must draw the same dropout masks as forward did, so save the
+# random state in forward (`torch.get_rng_state()`) and set it again for the rerun; and leave
+# the random stream of the rest of training as it was (`torch.random.fork_rng()`).
+#
+# The check runs the setup cell's `run_with_my_checkpoint` on blocks and sizes you have not seen
+# and compares with `torch.utils.checkpoint`: output, gradients (to the bit), the random numbers
+# drawn afterwards, and the peak memory (it must keep only each block's input).
+
+# %% tags=["answer:1.3-by-hand"]
+class MyCheckpoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, block, x):
+        ### BEGIN SOLUTION
+        ctx.block = block
+        ctx.rng_state = torch.get_rng_state()  # dropout must draw the same masks in the rerun
+        ctx.save_for_backward(x)  # the only tensor kept: forward runs without a graph
+        return block(x)
+        ### END SOLUTION
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ### BEGIN SOLUTION
+        (x,) = ctx.saved_tensors
+        x = x.detach().requires_grad_(x.requires_grad)
+        with torch.random.fork_rng(), torch.enable_grad():  # fork: the stream goes on unchanged
+            torch.set_rng_state(ctx.rng_state)
+            out = ctx.block(x)
+        torch.autograd.backward(out, grad_out)  # parameters' .grad accumulate here
+        return None, x.grad
+        ### END SOLUTION
 
 # %%
-model = TinyGPT(GPTConfig(n_layer=3, d_model=32, n_head=2, seq_len=16, dropout=0.1))
-tape = record_tape(model.loss, model.example_batch(2), model=model)
-{name: b for name, b in tape.by_module().items() if name.startswith("blocks")}
+from ckpt_course.checks import probes  # noqa: E402
 
-# %% tags=["answer:1.3-one-block"]
-def checkpoint_saving(tape, block, input_bytes):
-    """Bytes forward no longer keeps when only `block` is checkpointed."""
-    ### BEGIN SOLUTION
-    return tape.by_module()[block] - input_bytes  # the checkpoint keeps the input to rerun it
-    ### END SOLUTION
 
-# %% tags=["check:1.3-one-block"]
-checks.checkpoint_saving(checkpoint_saving)
+def run_with_my_checkpoint(spec):
+    """Blocks and input from `spec`, each block through MyCheckpoint; results as plain data."""
+    return probes.run_blocks(spec, MyCheckpoint.apply)
+
+# %% tags=["check:1.3-by-hand", "points:3"]
+checks.hand_checkpoint(run_with_my_checkpoint)
 
 # %% [markdown]
-# ## Exercise 5 (section 1.4): turn the dial to fit a budget
+# ## Exercise 5 (section 1.4): turn the dial as far as the budget allows
 #
 # A chain of `n_layers` Linear+ReLU layers (`HandTraceNet`): each layer's activation is
-# `activation_bytes`, and each layer keeps about one activation for backward. Under `every-N`,
-# the memory above the parameters and the batch must stay within `budget` bytes. Return an N
-# that fits. (The check runs your N and measures the peak; the budgets are tight.)
+# `activation_bytes`. Under `every-N`, forward keeps `ceil(n_layers / N)` segment inputs and
+# backward rebuilds one segment of `N` activations on top of them: count the peak as
+# `ceil(n_layers / N) + N` activations (the weight gradients, a few KiB, are on the house).
+# Longer segments mean fewer checkpoint calls, so return the **largest** N whose peak fits
+# `budget` bytes (a peak equal to the budget fits). The check runs your N and measures it.
 
 # %% tags=["answer:1.4-pick-n"]
 def pick_n(n_layers, activation_bytes, budget):
-    """A segment size N whose peak fits the budget."""
+    """The largest segment size N whose peak fits the budget."""
     ### BEGIN SOLUTION
     def peak(n):  # segment inputs kept through forward + one segment rebuilt in backward
         return (math.ceil(n_layers / n) + n) * activation_bytes
 
-    return min(range(1, n_layers + 1), key=peak)
+    return max(n for n in range(1, n_layers + 1) if peak(n) <= budget)
     ### END SOLUTION
 
-# %% tags=["check:1.4-pick-n"]
+# %% tags=["check:1.4-pick-n", "points:2"]
 checks.pick_n(pick_n)
 
 # %% [markdown]

@@ -15,8 +15,9 @@
 # `net.blocks[k - 1]`).
 #
 # Write each function so that it *computes* the answer from its arguments: every check calls it
-# on several sizes and compares with what the tape, the meter or the recompute counter measures,
-# to the byte. Run the check cell under each answer; a failed check says what you missed.
+# on sizes it draws at random (batch and width differ, unlike the lesson's 512 x 512) and
+# compares with what the tape, the meter or the recompute counter measures, to the byte. Run the
+# check cell under each answer; a failed check says what you missed.
 
 # %%
 from ckpt_course.checks import phase2
@@ -68,19 +69,19 @@ phase2.check_every2_saved(every2_saved_bytes)
 # %% [markdown]
 # ## Exercise 2.3: recompute by op, not by layer count (lesson section 2.3)
 #
-# For the 4-layer net, predict what backward re-runs under `policy` (`"full"` or `"every-2"`):
+# For a net of `depth` layers, predict what backward re-runs under `policy` (`"full"` or `"every-2"`):
 # the aten ops by name with their counts (`"aten.addmm"`, ...) and their FLOPs, for any `batch`
 # and `width`. With `relu_first=True` every block is ReLU -> Linear instead of Linear -> ReLU:
 # remember where torch stops a re-run.
 
 # %% tags=["answer:2.3-recompute"]
-def predict_recompute(policy, relu_first, batch, width):
+def predict_recompute(policy, relu_first, batch, width, depth):
     ### BEGIN SOLUTION
     addmm_flops = 2 * batch * width * width  # batch x width x width multiply-adds
-    layers, segment = 4, 1 if policy == "full" else 2
+    layers, segment = depth, 1 if policy == "full" else 2
     if relu_first:
         # a region's trailing addmm feeds nothing saved inside it: only the inner ones re-run
-        addmms = (layers // segment) * (segment - 1)
+        addmms = layers - -(-layers // segment)  # blocks minus regions (ceil(depth / segment))
     else:
         addmms = layers  # every ReLU output is saved, so every op before it re-runs
     ops = {"aten.relu": layers, "aten.t": layers}
@@ -93,23 +94,41 @@ def predict_recompute(policy, relu_first, batch, width):
 phase2.check_recompute(predict_recompute)
 
 # %% [markdown]
-# ## Exercise 2.4: when the peak happens (lesson section 2.4)
+# ## Exercise 2.4: when the peak happens, and how high (lesson section 2.4)
 #
-# For the 4-layer net (batch = width = 512), give the phase (`"forward"` or `"backward"`) and the
-# layer (1..4) running at the first moment the step reaches its peak, under `policy` (`"none"`
-# or `"every-2"`), with gradients kept for the optimizer (`free_grads=False`) or dropped as soon
-# as each is complete (`free_grads=True`).
+# The lesson's net had batch = width, so an activation `A` (batch x width) and a weight
+# gradient `W` (width x width) were the same size and every layer's backward tied at 6A. Here
+# they differ. Under `none`, predict the layer whose backward *first* reaches the step's peak
+# and the peak itself in bytes above parameters + `x`, with gradients kept for the optimizer
+# (`free_grads=False`) or dropped as soon as each is complete (`free_grads=True`).
+#
+# Write each backward moment down: at layer k's ReLU backward and at its addmm backward, which
+# activations are still needed, which gradients are alive? The check tries nets where `W` is more
+# than twice `A`, between `A` and `2A`, and smaller than `A`.
 
 # %% tags=["answer:2.4-peak"]
-def peak_moment(policy, free_grads):
+def predict_peak(free_grads, batch, width, depth):
     ### BEGIN SOLUTION
-    if free_grads:
-        return ("backward", 4)  # nothing piles up: the start of backward holds the most
-    return ("backward", 2)  # MiB tie at every layer; layer 2 has the most bias gradients
+    a, w, bias = batch * width * FLOAT32, width * width * FLOAT32, width * FLOAT32
+    crumbs = 2 * FLOAT32  # the loss and its seed gradient
+
+    def made(n):  # weight + bias gradients of n layers above, unless freed
+        return 0 if free_grads else n * (w + bias)
+
+    moments = [(depth, (depth + 1) * a + w + bias)]  # layer L's addmm: h1..h(L-1), gz, gh, gW
+    for k in range(depth - 1, 0, -1):  # backward visits L, L-1, ..., 1
+        moments.append((k, (k + 2) * a + made(depth - k)))  # ReLU: h1..hk, gh in, gz out
+        if k > 1:  # addmm: h1..h(k-1), gz in, gh(k-1) out, gW
+            moments.append((k, (k + 1) * a + w + bias + made(depth - k)))
+        else:  # x needs no gradient: no gh0
+            moments.append((k, a + w + bias + made(depth - 1)))
+    top = max(b for _, b in moments)
+    layer = next(k for k, b in moments if b == top)  # the first moment at the peak
+    return {"layer": layer, "bytes": top + crumbs}
     ### END SOLUTION
 
-# %% tags=["check:2.4-peak"]
-phase2.check_peak_moment(peak_moment)
+# %% tags=["check:2.4-peak", "points:2"]
+phase2.check_peak_moment(predict_peak)
 
 # %% [markdown]
 # ## Exercise 2.5: the full table (lesson section 2.5)

@@ -22,8 +22,9 @@ import torch
 
 from ckpt_course.checks import phase3 as checks
 from ckpt_course.compare import format_ranking, rank_ops
-from ckpt_course.models import GPTConfig, TinyGPT
+from ckpt_course.models import GPTBlock, GPTConfig, TinyGPT  # noqa: F401 - GPTBlock for 3.3
 from ckpt_course.recompute import measure_recompute
+from ckpt_course.tape import record_tape  # noqa: F401 - to look at a tape in 3.3
 from ckpt_course.train import measure_step
 from ckpt_course.units import fmt_bytes, fmt_flops
 
@@ -31,31 +32,59 @@ torch.manual_seed(0)
 torch.set_num_threads(1)  # steadier on a busy 2-core CPU; the checks count bytes and FLOPs
 
 # %% [markdown]
-# ## Exercise 1 (section 3.1): the FLOPs full checkpointing re-runs
+# ## Exercise 1 (section 3.2): offload the tape by hand
 #
-# A `TinyGPT` block is `x + attn(ln1(x))`, then `+ mlp(ln2(.))`: attention projects to q, k, v
-# with one Linear(C, 3C), runs `scaled_dot_product_attention` (causal), and projects back with a
-# Linear(C, C); the MLP is Linear(C, 4C) -> GELU -> Linear(4C, C). Under `full`, what does backward
-# recompute, in FLOPs, for a batch of `batch` sequences of `seq` tokens, width `d_model`, and
-# `n_layer` blocks? A (m x k) @ (k x n) matmul costs 2mkn FLOPs; the FLOP counter counts
-# attention's two matmuls in full, causal or not. Not everything in a block is re-run.
+# Offloading keeps every activation but not in device memory: `saved_tensors_hooks(pack,
+# unpack)` hands each tensor autograd saves to `pack`, keeps whatever `pack` returns, and gives
+# that to `unpack` when backward needs the tensor. Write `offload_hooks(host, params)` returning
+# `(pack, unpack)`: `pack` sends a saved tensor to `host` (`host.put(t)` returns a handle) and
+# returns the handle; `unpack` brings it back (`host.get(handle)`). Two things to get right:
+# - parameters (and views of them: a Linear saves `weight.t()`) are in device memory anyway:
+#   return them as they are (compare storages: `t.untyped_storage().data_ptr()`);
+# - ReLU's output is saved twice (by the ReLU and by the next Linear): send it once. A freed
+#   storage's address can be reused, so also check it is still the same storage object (a
+#   `weakref.ref` to `t.untyped_storage()`).
+#
+# The check runs the setup cell's `run_with_my_offload` on chains you have not seen: bytes moved,
+# gradients (to the bit) and peak memory, against a reference.
 
-# %% tags=["answer:3.1-recompute"]
-def full_recompute_flops(batch, seq, d_model, n_layer):
-    """FLOPs that backward re-runs under the `full` policy."""
+# %% tags=["answer:3.2-offload"]
+import weakref  # noqa: E402
+
+
+def offload_hooks(host, params):
+    """(pack, unpack) hooks that move saved activations to `host` and back."""
     ### BEGIN SOLUTION
-    B, T, C = batch, seq, d_model
-    qkv = 2 * B * T * C * 3 * C
-    attention = 4 * B * T * T * C  # Q K^T and P V
-    proj = 2 * B * T * C * C
-    fc1 = 2 * B * T * C * 4 * C
-    # fc2 is never re-run: backward needs its input (GELU's output), never its output, and
-    # torch's non-reentrant checkpoint stops once every saved tensor is rebuilt
-    return n_layer * (qkv + attention + proj + fc1)
+    param_storages = {p.untyped_storage().data_ptr() for p in params}
+    sent = {}  # storage address -> (weak reference to the storage, handle)
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() in param_storages:
+            return t  # a parameter or a view of one: it stays in device memory
+        key = (storage.data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in sent and sent[key][0]() is storage:
+            return sent[key][1]  # saved twice: one copy on the host is enough
+        handle = host.put(t)
+        sent[key] = (weakref.ref(storage), handle)
+        return handle
+
+    def unpack(handle):
+        return handle if isinstance(handle, torch.Tensor) else host.get(handle)
+
+    return pack, unpack
     ### END SOLUTION
 
-# %% tags=["check:3.1-recompute"]
-checks.full_recompute(full_recompute_flops)
+# %%
+from ckpt_course.checks import probes  # noqa: E402
+
+
+def run_with_my_offload(spec):
+    """The chain of `spec` under your hooks, with a fresh host store; results as plain data."""
+    return probes.run_offloaded(spec, offload_hooks)
+
+# %% tags=["check:3.2-offload", "points:3"]
+checks.offload(run_with_my_offload)
 
 # %% [markdown]
 # ## Exercise 2 (section 3.2): bytes per GPU with the model state sharded
@@ -77,34 +106,33 @@ def per_gpu_bytes(n_params, n_gpus, activation_bytes):
 checks.per_gpu(per_gpu_bytes)
 
 # %% [markdown]
-# ## Exercise 3 (section 3.3): what flash attention does not keep
+# ## Exercise 3 (section 3.3): what naive attention saves that SDPA does not
 #
-# One block of a float32 `TinyGPT`, `attention="naive"` against `attention="sdpa"`, with `batch`
-# sequences of `seq` tokens and `heads` heads (no dropout). How many bytes more does the naive
-# block keep for backward? Look at both tapes first: the cell below prints the attention rows.
-
-# %%
-from ckpt_course.tape import record_tape  # noqa: E402
-
-for attention in ("naive", "sdpa"):
-    block = TinyGPT(GPTConfig(n_layer=1, d_model=16, n_head=2, seq_len=8,
-                              attention=attention)).blocks[0]
-    tape = record_tape(block, torch.randn(1, 8, 16, requires_grad=True))
-    print(attention, [(e.label, e.shape, str(e.dtype)) for e in tape.entries
-                      if e.module.startswith("attn") and not e.is_param])
+# One float32 `GPTBlock` in training mode (`GPTConfig(attention="naive")` against the default
+# `"sdpa"`, the same `dropout`), on a `batch x seq x d_model` input with `heads` heads. Write
+# `naive_extra_bytes(batch, heads, seq, dropout)`: how many more bytes the naive block's tape
+# holds than the SDPA block's (batch and heads are 2 or more). The check tries sizes the lesson
+# did not, each without dropout and with it. With dropout, both paths must keep what they need
+# to replay the same dropout mask in backward: think about what each one saves for that, and
+# whether SDPA still runs the same kernel. You can look: `record_tape` (lesson 2.1) on one `GPTBlock` lists every tensor each
+# backward node saved.
 
 # %% tags=["answer:3.3-attention"]
-def attention_extra_bytes(batch, heads, seq):
-    """Bytes a naive-attention block saves beyond an SDPA block (float32)."""
+def naive_extra_bytes(batch, heads, seq, dropout):
+    """Bytes the naive-attention block saves beyond the SDPA block (float32)."""
     ### BEGIN SOLUTION
-    softmax_output = 4 * batch * heads * seq * seq  # P, float32, shared with the P @ V matmul
-    causal_mask = seq * seq  # a T x T bool, one byte each, broadcast over the batch
-    logsumexp = 4 * batch * heads * seq  # kept by SDPA only: one float per query row
-    return softmax_output + causal_mask - logsumexp
+    mask = seq * seq  # the causal mask: one bool per query and key, shared by batch and heads
+    if dropout:
+        # on this CPU, SDPA with dropout runs its math path: it saves the softmax output, the
+        # dropout mask and the dropped probabilities as naive attention does, but builds no mask
+        return mask
+    probabilities = 4 * batch * heads * seq * seq  # the softmax output naive attention keeps
+    logsumexp = 4 * batch * heads * seq  # what flash attention keeps instead
+    return probabilities + mask - logsumexp
     ### END SOLUTION
 
-# %% tags=["check:3.3-attention"]
-checks.attention_bytes(attention_extra_bytes)
+# %% tags=["check:3.3-attention", "points:2"]
+checks.attention_extra(naive_extra_bytes)
 
 # %% [markdown]
 # ## Exercise 4 (section 3.4): which ops should a selective policy save?

@@ -9,109 +9,122 @@
 # %% [markdown]
 # # 4. Prescribe a checkpoint policy (capstone)
 #
-# Lesson: `notebooks/4_diagnose_a_real_oom.ipynb`. Fill in each function between the lines the
-# stub marks, run the notebook, and let the check below each answer measure it. Grade with
-# `ckpt-course grade exercises/4_prescribe_a_policy.ipynb`.
+# Lesson: `notebooks/4_diagnose_a_real_oom.ipynb`. There the package's planner (`make_plan`,
+# `doctor`) found the placement; here you build one. A model is a chain of blocks given as plain
+# numbers, the way the planner sees it:
 #
-# - **4.1** (lesson 4.1) The bytes step 2 carries that step 1 did not.
-# - **4.2** (lesson 4.3) What backward recomputes for a placement, from per-block numbers.
-# - **4.3** (lessons 4.2-4.4) The capstone: a real OOM; write the policy that fits with the
-#   least recompute. The check runs it.
+#     chain = {"input": a,                       # bytes of a block's input (all blocks alike)
+#              "blocks": [{"tape": t,            # bytes a plain block keeps, its input included
+#                          "flops": f,           # its forward FLOPs
+#                          "recompute_flops": r} # its forward up to its last saved tensor
+#                         , ...]}
+#
+# A *placement* is a list of segments `[start, stop, checkpointed]` covering the blocks in order,
+# e.g. `[[0, 2, True], [2, 3, False]]` (a plain segment is one block). Nothing else is live
+# (no parameters, no trunk): only what the blocks keep and the gradients flowing through them.
+#
+# - **4.1** The peak of a placement.
+# - **4.2** The planner: the placement with the least recompute that fits a budget.
+# - **4.3** The capstone: prescribe a policy for the lesson's OOM, and for chains you have not seen.
 
 # %%
-import torch
-
 from ckpt_course.checks import phase4
-from ckpt_course.doctor import explain, run_steps
-from ckpt_course.models import GPTConfig, TinyGPT, sized
-from ckpt_course.plan import Segments, measure_costs, predict
-from ckpt_course.units import fmt_bytes, fmt_flops
 
-torch.manual_seed(0)
-CFG = sized(cpu=GPTConfig(n_layer=6, d_model=64, n_head=4, seq_len=64),
-            gpu=GPTConfig(n_layer=12, d_model=256, n_head=8, seq_len=256))
-BATCH = sized(cpu=8, gpu=16)
-model = TinyGPT(CFG)
+example = {"input": 16, "blocks": [{"tape": 64, "flops": 10, "recompute_flops": 6},
+                                   {"tape": 48, "flops": 8, "recompute_flops": 8},
+                                   {"tape": 80, "flops": 12, "recompute_flops": 9}]}
 
 # %% [markdown]
-# ## 4.1 What step 2 carries
+# ## 4.1 The peak of a placement
 #
-# AdamW creates its state in the first `optimizer.step()`. Write the bytes of that state for any
-# model (float32 parameters): what does `optimizer.state[p]` hold for a parameter `p`?
+# Forward runs the segments in order: a plain block keeps its tape, a checkpointed segment keeps
+# only its input. Backward runs them in reverse; a segment's backward starts with the gradient of
+# its output alive, a checkpointed segment first rebuilds the tapes of all its blocks, and each
+# block's backward makes the gradient of its input (one `input` of bytes) before it frees its tape.
+# Write the peak live bytes of a step.
 
-# %% tags=["answer:4.1-adamw-state"]
-def adamw_state_bytes(model):
+# %% tags=["answer:4.1-peak"]
+def chain_peak(chain, placement):
     ### BEGIN SOLUTION
-    params = list(model.parameters())
-    return sum(2 * 4 * p.numel() for p in params) + 4 * len(params)
-    ### END SOLUTION
-
-
-# %% tags=["check:4.1-adamw-state"]
-phase4.adamw_state(adamw_state_bytes)
-
-# %% [markdown]
-# ## 4.2 What a placement recomputes
-#
-# A placement is a tuple of segments `(start, stop, checkpointed)` covering the blocks in order,
-# e.g. `((0, 2, True), (2, 3, False))`. The planner measured, for each block, `forward_flops`
-# (its whole forward) and `recompute_flops` (its forward up to the last tensor it saves for
-# backward). Write the FLOPs backward recomputes. Remember how torch's non-reentrant
-# checkpoint ends a recompute.
-
-# %% tags=["answer:4.2-recompute"]
-def recompute_of(placement, layers):
-    ### BEGIN SOLUTION
-    total = 0
+    a, blocks = chain["input"], chain["blocks"]
+    kept = peak = 0  # kept: what the segments before this one keep
     for start, stop, checkpointed in placement:
-        if checkpointed:
-            total += sum(c.forward_flops for c in layers[start:stop - 1])
-            total += layers[stop - 1].recompute_flops
-    return total
+        tapes = sum(b["tape"] for b in blocks[start:stop])  # all alive in this segment's backward
+        peak = max(peak, kept + tapes + 2 * a)  # + gradient of the output + gradient of the input
+        kept += a if checkpointed else tapes
+    return peak
     ### END SOLUTION
 
 
-# %% tags=["check:4.2-recompute"]
-phase4.recompute_flops(recompute_of)
+# %% tags=["check:4.1-peak", "points:2"]
+phase4.chain_peak(chain_peak)
 
 # %% [markdown]
-# ## 4.3 Capstone: a real OOM; write the policy
+# ## 4.2 The planner
 #
-# The budget below sits between what checkpointing every block needs and what every-2 needs.
-# First, what happens without a policy, and what the doctor sees:
+# Write `plan_placement(chain, budget)`: the placement whose peak fits `budget` (a peak equal to
+# the budget fits) with the fewest recomputed FLOPs, or `None` if none fits. A checkpointed
+# segment recomputes the forward of each of its blocks, except that the last one stops at its
+# last saved tensor (`recompute_flops`); a plain block recomputes nothing. Any of several equally
+# cheap placements is right. Chains in the check have up to 8 blocks: trying every placement is
+# fine, a dynamic program is better.
 
-# %%
-costs = measure_costs(model, BATCH)
-full, every2 = predict(costs, "full"), predict(costs, "every-2")
-BUDGET = full.peak_bytes + (every2.peak_bytes - full.peak_bytes) // 2
-run = run_steps(model, BUDGET, "none", BATCH, steps=2)
-print(f"budget {fmt_bytes(BUDGET)}")
-print(explain(run.oom, run.steps))
+# %% tags=["answer:4.2-planner"]
+def plan_placement(chain, budget):
+    ### BEGIN SOLUTION
+    blocks = chain["blocks"]
+
+    def placements(i):  # every way to cover blocks i.. with segments
+        if i == len(blocks):
+            yield []
+            return
+        for rest in placements(i + 1):
+            yield [[i, i + 1, False], *rest]
+        for j in range(i + 1, len(blocks) + 1):
+            for rest in placements(j):
+                yield [[i, j, True], *rest]
+
+    def recompute(placement):
+        return sum(sum(b["flops"] for b in blocks[i:j - 1]) + blocks[j - 1]["recompute_flops"]
+                   for i, j, checkpointed in placement if checkpointed)
+
+    fits = [p for p in placements(0) if chain_peak(chain, p) <= budget]
+    return min(fits, key=recompute, default=None)
+    ### END SOLUTION
+
+
+# %% tags=["check:4.2-planner", "points:3"]
+phase4.planner(plan_placement)
 
 # %% [markdown]
-# Your tools: `predict(costs, policy)` gives the planner's peak and recompute for any policy
-# (`"full"`, `"every-2"`, `"segments:0-2,4"`: `a-b` is one segment of blocks a to b, `a..b`
-# checkpoints each of blocks a to b alone), without running it:
+# ## 4.3 Capstone: the lesson's OOM, prescribed
+#
+# The lesson's model, measured by the planner, is `phase4.lesson_chain()` (six equal GPT blocks
+# on a CPU, twelve on a GPU: the lesson sizes this machine uses); its budget sits between what
+# checkpointing every block needs and what every-2 needs:
 
 # %%
-for policy in ("none", "full", "every-2", "sqrt", "segments:0-1,3"):
-    p = predict(costs, policy)
-    print(f"{policy:<16} peak {fmt_bytes(p.peak_bytes):>11}  recompute "
-          f"{fmt_flops(p.recompute_flops):>13} ({p.overhead:+.1%})  peak at {p.where}")
+LESSON_CHAIN, LESSON_BUDGET = phase4.lesson_chain(), phase4.lesson_budget()
+print(len(LESSON_CHAIN["blocks"]), "blocks like", LESSON_CHAIN["blocks"][0],
+      "input", LESSON_CHAIN["input"])
+print("budget", LESSON_BUDGET, "bytes")
 
 # %% [markdown]
-# Write the policy that fits the budget when run, with at most 10% more recompute than the
-# cheapest placement that fits. (`full` fits, but is not cheap enough.) Return a policy string
-# or a `Segments`. Think about which tapes are alive at the peak, and which block's tape
-# backward frees first.
+# Write `my_policy(chain, budget)`: a policy string the course runs (`"full"`, `"every-2"`, or
+# `"segments:0-2,5"`: `a-b` is one segment of blocks a to b, `a..b` checkpoints each of blocks a
+# to b alone) that fits with at most 10% more recompute than the cheapest placement. The check
+# asks it for the lesson's chain and budget and for chains and budgets you have not seen, then
+# runs your policies for real (two AdamW steps, metered) on the lesson's model and on a smaller
+# model you have not seen, under the real bytes that stand for the chain's budget.
 
 # %% tags=["answer:4.3-capstone"]
-def my_policy():
+def my_policy(chain, budget):
     ### BEGIN SOLUTION
-    # blocks 0-4 checkpointed one by one; block 5's tape dies first in backward: keep it plain
-    return Segments.parse("segments:0..4")
+    placement = plan_placement(chain, budget)
+    parts = [f"{i}-{j - 1}" for i, j, checkpointed in placement if checkpointed]
+    return "segments:" + (",".join(parts) or "none")
     ### END SOLUTION
 
 
-# %% tags=["check:4.3-capstone"]
-phase4.capstone(my_policy, model, BUDGET, BATCH)
+# %% tags=["check:4.3-capstone", "points:3"]
+phase4.capstone(my_policy)
