@@ -28,12 +28,14 @@ from __future__ import annotations
 import json
 import os
 import types
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .units import check_positive_int
 
@@ -173,6 +175,31 @@ def find_decoder_layers(model: nn.Module, path: str | None = None) -> nn.ModuleL
                      f"of blocks): checkpoint policies need one; pass layers='path.to.list'")
 
 
+@contextmanager
+def _as_if_real():
+    """transformers takes a FakeTensor for a trace (its mask code cannot read fake values), so
+    on fake tensors it builds an explicit s x s causal mask and repeats the key/value heads for
+    SDPA, which the real run does not: the tape would hold both. The real run here has no cache
+    (offset 0) and one sequence per row (positions 0..T-1, nothing packed): fake tensors are
+    given those answers."""
+    from transformers import masking_utils
+
+    decide = masking_utils._ignore_causal_mask_sdpa
+    packed = masking_utils.find_packed_sequence_indices
+
+    def ignore_mask(padding_mask, q_length, kv_length, q_offset, *args, **kwargs):
+        q_offset = 0 if isinstance(q_offset, FakeTensor) else q_offset
+        return decide(padding_mask, q_length, kv_length, q_offset, *args, **kwargs)
+
+    masking_utils._ignore_causal_mask_sdpa = ignore_mask
+    masking_utils.find_packed_sequence_indices = lambda ids: None
+    try:
+        yield
+    finally:
+        masking_utils._ignore_causal_mask_sdpa = decide
+        masking_utils.find_packed_sequence_indices = packed
+
+
 class HFCausalLM(nn.Module):
     """A causal LM (a transformers ``...ForCausalLM``, or any module mapping token ids to logits)
     with the course protocol. ``layers``: the path of its block list if not found by itself."""
@@ -217,7 +244,8 @@ class HFCausalLM(nn.Module):
         if idx.shape[1] > self.cfg.seq_len:
             raise ValueError(f"sequence of {idx.shape[1]} tokens is longer than the config "
                              f"allows ({self.cfg.seq_len}): use at most {self.cfg.seq_len}")
-        out = self.lm(input_ids=idx, use_cache=False) if self.cfg.vocab_size else self.lm(idx)
+        with _as_if_real() if isinstance(idx, FakeTensor) else nullcontext():
+            out = self.lm(input_ids=idx, use_cache=False) if self.cfg.vocab_size else self.lm(idx)
         return getattr(out, "logits", out)
 
     def example_batch(self, batch_size: int = 2, seq_len: int | None = None, generator=None):
@@ -430,3 +458,87 @@ def verify_handback(model: HFCausalLM, handback_: Handback, batch_size: int = 2,
     handback_.apply(fresh)
     measured = measure_peaks(fresh, "none", batch_size=batch_size, seq_len=seq_len)[-1]
     return predicted, measured
+
+
+# ---------------------------------------------------------------- the formula, term by term
+@dataclass(frozen=True)
+class Term:
+    """One term of Korthikanti et al.'s per-layer activations, sbh(34 + 5as/h) bytes (2-byte
+    activations, 1-byte dropout masks), next to the measured tape rows that make it."""
+
+    name: str
+    paper: int  # the paper's bytes
+    measured: int  # bytes of the tape's storages that make this term
+    rows: tuple[str, ...]  # "module: op.attr" of those storages
+
+
+# (term, paper's bytes in units of sbh or, for "as2b", a*s*s*b)
+PAPER = (("norm inputs", 4, "sbh"), ("QKV projection input", 2, "sbh"), ("Q, K, V", 6, "sbh"),
+         ("softmax output, its dropout mask and output", 5, "as2b"),
+         ("attention output (out-projection input)", 2, "sbh"), ("dropout masks", 2, "sbh"),
+         ("MLP input", 2, "sbh"), ("activation function (GeLU input)", 8, "sbh"),
+         ("MLP second linear input", 8, "sbh"), ("not in the paper", 0, "sbh"))
+
+
+def _term_of(entry, hidden: int) -> str:
+    """Which paper term a saved storage of a decoder layer belongs to, by its module and op."""
+    module, op, attr = entry.module.split(".")[-1], entry.op, entry.attr
+    if "Dropout" in op or entry.dtype == torch.bool:
+        return "dropout masks"
+    if "norm" in module or module.startswith("ln_"):
+        return "norm inputs" if entry.shape[-1] == hidden else "not in the paper"
+    if op.startswith("ScaledDotProduct"):
+        return {"query": "Q, K, V", "key": "Q, K, V", "value": "Q, K, V",
+                "logsumexp": "softmax output, its dropout mask and output",
+                "output": "attention output (out-projection input)"}.get(attr, "not in the paper")
+    if module in ("c_attn", "q_proj", "k_proj", "v_proj", "qkv_proj"):
+        return "QKV projection input"
+    if module in ("o_proj", "out_proj") or entry.module.endswith("attn.c_proj"):
+        return "attention output (out-projection input)"
+    if module in ("c_fc", "gate_proj", "up_proj", "fc1", "gate_up_proj"):
+        return "MLP input"
+    if module in ("c_proj", "down_proj", "fc2"):
+        return "MLP second linear input"
+    return "activation function (GeLU input)" if "mlp" in entry.module else "not in the paper"
+
+
+def formula_terms(tape, config, batch_size: int, seq_len: int) -> list[Term]:
+    """The tape of one decoder layer of ``config`` (run on ``batch_size`` x ``seq_len`` tokens)
+    next to Korthikanti et al.'s sbh(34 + 5as/h), term by term: every activation storage of the
+    tape is assigned to exactly one term (``_term_of``), so ``sum(measured)`` is the tape's
+    activation bytes and ``sum(paper)`` the formula."""
+    h, a = config.hidden_size, config.num_attention_heads
+    unit = {"sbh": seq_len * batch_size * h, "as2b": a * seq_len * seq_len * batch_size}
+    rows: dict[str, list] = {name: [] for name, _, _ in PAPER}
+    for entry in tape.entries:
+        if not entry.is_param:
+            rows[_term_of(entry, h)].append(entry)
+    return [Term(name, k * unit[per], sum(e.nbytes for e in rows[name]),
+                 tuple(f"{e.module}: {e.label}" for e in rows[name])) for name, k, per in PAPER]
+
+
+def layer_tape(config, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32,
+               fake: bool = False):
+    """The tape of the first decoder layer of ``config`` on ``batch_size`` x ``seq_len`` tokens:
+    built for real (small configs) or, with ``fake``, on fake tensors (any size)."""
+    import copy
+
+    from . import estimate
+    from .tape import record_tape
+
+    one = copy.deepcopy(load_config(config))
+    one.num_hidden_layers = 1
+    if getattr(one, "layer_types", None):
+        one.layer_types = one.layer_types[:1]
+    if longest(one) < seq_len:
+        _set_positions(one, seq_len)
+    old = torch.get_default_dtype()
+    with estimate._fake(dtype) if fake else nullcontext(), torch.random.fork_rng(devices=[]):
+        torch.set_default_dtype(dtype)
+        try:
+            model = build(one)
+            model(torch.zeros(batch_size, seq_len, dtype=torch.long))  # the layer's kwargs
+            x = torch.randn(batch_size, seq_len, one.hidden_size, requires_grad=True)
+            return record_tape(model.blocks[0], x)
+        finally:
+            torch.set_default_dtype(old)

@@ -112,3 +112,49 @@ def test_plan_command_hands_back_a_transformers_call(capsys):
     out = capsys.readouterr().out
     assert "16 blocks" in out and "In transformers:" in out
     assert "every_n_layers=1" in out  # full: every layer checkpointed
+
+
+# ---------------------------------------------------------------- the formula, term by term
+def small_tape(name, fake=False, dtype=torch.float32, b=2, s=32):
+    cfg = hf.small_config(hf.load_config(name), n_layer=1, seq_len=s)
+    return cfg, hf.layer_tape(cfg, b, s, dtype, fake=fake)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-3.1-8b", "qwen2.5-7b"])
+def test_fake_tensors_save_what_the_real_run_saves(name):
+    # transformers takes fake tensors for a trace: an s x s mask and repeated K/V, unless told
+    _, real = small_tape(name)
+    _, fake = small_tape(name, fake=True)
+    assert [(e.label, e.shape) for e in fake.entries] == [(e.label, e.shape) for e in real.entries]
+    assert fake.activation_bytes == real.activation_bytes
+
+
+def test_formula_terms_split_a_gpt2_tape_and_add_up_to_the_paper():
+    b, s = 2, 32
+    cfg, tape = small_tape("gpt2", b=b, s=s)
+    h, a = cfg.hidden_size, cfg.num_attention_heads
+    terms = {t.name: t for t in hf.formula_terms(tape, cfg, b, s)}
+    assert sum(t.paper for t in terms.values()) == s * b * h * (34 + 5 * a * s // h)
+    assert sum(t.measured for t in terms.values()) == tape.activation_bytes
+    sbh = s * b * h
+    # where GPT-2 does what the paper assumes, a term is the paper's at 4 bytes, not 2
+    for name in ("norm inputs", "QKV projection input", "Q, K, V", "MLP input",
+                 "attention output (out-projection input)", "MLP second linear input"):
+        assert terms[name].measured == 2 * terms[name].paper, name
+    assert terms["dropout masks"].measured == 0  # dropout off
+    softmax = terms["softmax output, its dropout mask and output"]
+    assert softmax.measured == 4 * a * s * b  # SDPA keeps only logsumexp, no s x s tensor
+    assert terms["activation function (GeLU input)"].measured == 4 * (4 * 4 * sbh)  # gelu_new
+
+
+def test_formula_terms_of_a_llama_layer_show_gqa_swiglu_and_rmsnorm():
+    b, s = 2, 32
+    cfg, tape = small_tape("llama-3.1-8b", b=b, s=s)
+    h, a, kv, i = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                   cfg.intermediate_size)
+    terms = {t.name: t for t in hf.formula_terms(tape, cfg, b, s)}
+    assert sum(t.measured for t in terms.values()) == tape.activation_bytes
+    assert terms["Q, K, V"].measured == 4 * s * b * (h + 2 * h * kv // a)  # grouped K, V
+    assert terms["activation function (GeLU input)"].measured == 3 * 4 * s * b * i  # SwiGLU
+    assert terms["MLP second linear input"].measured == 4 * s * b * i
+    assert terms["norm inputs"].measured == 2 * 2 * 4 * s * b * h  # input and normalised input
