@@ -66,6 +66,26 @@ _config_arg = _from_api(config_by_name)
 _policy_arg = _from_api(lambda text: str(parse_policy(text)))
 
 
+def _hf_config_arg(text: str):
+    """A transformers config by shipped name or config.json path, checked to be a causal LM."""
+    from . import hf
+
+    def load(name):
+        config = hf.load_config(name)
+        hf.check_causal_lm(config)
+        return config
+    return _from_api(load)(text)
+
+
+def _hf_config_option(parser_or_group) -> None:
+    from .hf import config_names as hf_names
+
+    parser_or_group.add_argument(
+        "--hf-config", type=_hf_config_arg, metavar="NAME_OR_PATH",
+        help=f"a Hugging Face causal LM from its config.json ({', '.join(hf_names())}, or a "
+             f"path); never downloads")
+
+
 def split_policies(text: str) -> list[str]:
     """'none,full,selective:save=mm,sdpa,offload' -> ['none', 'full', 'selective:save=mm,sdpa',
     'offload']: an op name after a selective policy, or a block after segments or menu (and an
@@ -256,6 +276,7 @@ def add_plan_arguments(parser) -> None:
                       help="a course model, measured for real (default: gpt)")
     what.add_argument("--config", type=_config_arg, metavar="NAME",
                       help=f"a config measured on fake tensors: {', '.join(config_names())}")
+    _hf_config_option(what)
     parser.add_argument("--layers", type=positive_int, help="number of blocks (course models)")
     parser.add_argument("--batch", type=positive_int, help="batch size (default: 8; configs 1)")
     parser.add_argument("--seq", type=positive_int, help="sequence length")
@@ -265,7 +286,9 @@ def add_plan_arguments(parser) -> None:
                         help="shard parameters, gradients and optimizer state over N devices "
                              "(FSDP / ZeRO-3 estimate; default 1)")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
-                        help="dtype of a --config (default bf16)")
+                        help="dtype of a --config or --hf-config (default bf16)")
+    parser.add_argument("--master-weights", action="store_true",
+                        help="--hf-config: count a fp32 master copy of the weights (4 B/param)")
     parser.add_argument("--objective", choices=("time", "flops"), default=None,
                         help="what the plan minimises: measured time (default for --model) or "
                              "recomputed FLOPs (default, and the only one, for --config)")
@@ -277,6 +300,26 @@ def costs_from_args(args):
 
     from .costs import MENU, config_costs, measure_costs
 
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if args.objective == "time" and (args.config is not None
+                                     or getattr(args, "hf_config", None) is not None):
+        raise ValueError("--objective time needs a course model measured for real (--model); a "
+                         "config is costed on fake tensors: use --objective flops")
+    if getattr(args, "hf_config", None) is not None:
+        from .hf import hf_config_costs, longest
+
+        if args.layers is not None:
+            raise ValueError("--layers applies to course models; an --hf-config has its own depth "
+                             f"({args.hf_config.num_hidden_layers} layers): drop --layers")
+        seq = args.seq or min(longest(args.hf_config), 4096)
+        if seq > longest(args.hf_config):
+            raise ValueError(f"--seq {seq} is longer than the config allows "
+                             f"({longest(args.hf_config)}): use --seq {longest(args.hf_config)} "
+                             f"or less")
+        return hf_config_costs(args.hf_config, args.batch or 1, seq, dtype[args.dtype or "bf16"],
+                               args.master_weights)
+    if args.master_weights:
+        raise ValueError("--master-weights applies to an --hf-config: drop it")
     if args.config is not None:
         if args.layers is not None:
             raise ValueError(f"--layers applies to course models (--model); a named config has "
@@ -285,13 +328,8 @@ def costs_from_args(args):
         if seq > args.config.seq_len:
             raise ValueError(f"--seq {seq} is longer than the config supports "
                              f"({args.config.seq_len}): use --seq {args.config.seq_len} or less")
-        if args.objective == "time":
-            raise ValueError("--objective time needs a course model measured for real "
-                             "(--model); a --config is costed on fake tensors: use --objective "
-                             "flops")
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16,
-                 "fp32": torch.float32}[args.dtype or "bf16"]
-        return config_costs(args.config, args.batch or 1, seq, dtype, menu=MENU)
+        return config_costs(args.config, args.batch or 1, seq, dtype[args.dtype or "bf16"],
+                            menu=MENU)
     if args.dtype is not None:
         raise ValueError("--dtype applies to a --config; course models run in fp32: drop --dtype")
     args.model = args.model or "gpt"
@@ -309,9 +347,13 @@ def run_plan(args) -> int:
     costs = shard(costs_from_args(args), args.devices)
     plan = make_plan(costs, args.budget, args.objective)
     print(plan.report())
+    if plan.fits and args.hf_config is not None:
+        from .hf import handback
+
+        print("\nIn transformers:\n" + str(handback(plan.best.placement, costs.n, costs=costs)))
     if plan.fits:
         return 0
-    if args.config is not None:
+    if args.config is not None or args.hf_config is not None:
         found = min_devices(costs, args.budget)
         if found is not None:
             n, best = found
@@ -331,6 +373,7 @@ def add_doctor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=positive_int, default=3,
                         help="training steps (default 3)")
     parser.add_argument("--no-timing", action="store_true", help="skip the step-time comparison")
+    _hf_config_option(parser)
 
 
 def run_doctor(args) -> int:
@@ -340,13 +383,24 @@ def run_doctor(args) -> int:
     from .doctor import demo, doctor
 
     as_given = (args.model, args.layers, args.batch, args.seq) == ("gpt", None, None, None)
-    if args.budget is None and as_given:
+    if args.hf_config is not None:
+        from .hf import small_model
+
+        model, batch_size, seq = small_model(args.hf_config, args.layers, args.batch, args.seq)
+        print(f"{model.cfg.name}: random weights, measured for real")
+        report = doctor(model, args.budget, batch_size, seq, args.steps,
+                        timing=not args.no_timing)
+    elif args.budget is None and as_given:
         report = demo(timing=not args.no_timing)
     else:
         model, batch_size, seq = _course_model(args)
         report = doctor(model, args.budget, batch_size, seq, args.steps,
                         timing=not args.no_timing)
     print(report)
+    if args.hf_config is not None and report.fix is not None and report.fix.kind == "policy":
+        from .hf import handback
+
+        print("\nIn transformers:\n" + str(handback(report.fix.policy, len(model.blocks))))
     fits = report.run.fits or (report.verification is not None and report.verification.run.fits)
     return 0 if fits else 1
 

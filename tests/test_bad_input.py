@@ -26,6 +26,7 @@ def files(tmp_path_factory):
     (root / "a_file").write_text("not a folder")
     (root / "a_folder").mkdir()
     (root / "x.ipynb").write_text("{}")
+    (root / "vit.json").write_text('{"model_type": "vit"}')  # no decoder layers
     return root
 
 
@@ -99,6 +100,12 @@ CLI = [
     (["grade", "{tmp}/x.ipynb", "--jobs", "0"], "at least 1"),
     (["grade", "{tmp}/x.ipynb", "--exercises", "{tmp}/missing"], "check the path"),
     ([], "required: command"),
+    (["plan", "--hf-config", "llama-9000", "--budget", "1GiB"], "give a config.json path"),
+    (["plan", "--hf-config", "{tmp}/a_file", "--budget", "1GiB"], "is not valid JSON"),
+    (["plan", "--hf-config", "{tmp}/x.ipynb", "--budget", "1GiB"], "has no \"model_type\""),
+    (["plan", "--hf-config", "{tmp}/vit.json", "--budget", "1GiB"], "repeated decoder layers"),
+    (["plan", "--hf-config", "gpt2", "--seq", "2048", "--budget", "1GiB"], "--seq 1024 or less"),
+    (["doctor", "--hf-config", "gpt2", "--seq", "2048"], "--seq 1024 or less"),
 ]
 
 
