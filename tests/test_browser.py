@@ -8,6 +8,7 @@ artifacts/browser/. Skipped, with the reason, where Chromium is not installed (C
 
 from __future__ import annotations
 
+import ast
 import re
 import time
 from pathlib import Path
@@ -89,8 +90,18 @@ def test_lesson_runs_clean_in_jupyterlab(page, lesson):
 
 
 def uses_live_plot(lesson: Path) -> bool:
-    pattern = r"ckpt_course\.live|LivePlot|\bcompare\("  # compare() draws a live plot
-    return bool(re.search(pattern, lesson.read_text()))
+    """A LivePlot, or a compare() call that keeps its live plot (``live=False`` turns it off)."""
+    if re.search(r"ckpt_course\.live|LivePlot", lesson.read_text()):
+        return True
+    for cell in nbformat.read(lesson, as_version=4).cells:
+        if cell.cell_type != "code" or cell.source.lstrip().startswith("%"):
+            continue
+        for node in ast.walk(ast.parse(cell.source)):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "compare":
+                live = [k.value for k in node.keywords if k.arg == "live"]
+                if not (live and isinstance(live[0], ast.Constant) and live[0].value is False):
+                    return True
+    return False
 
 
 def check_slider_redraws(page: LabPage, lesson: Path) -> None:
