@@ -112,6 +112,22 @@ MENU = ("selective:save=mm,sdpa", "selective:save=sdpa", "selective:recompute=ge
         "offload")
 
 
+def check_menu(menu) -> tuple[str, ...]:
+    """The menu as a tuple of one-block option strings (selective:..., offload), or a one-line
+    error naming the fix, before anything is measured."""
+    from .policies import Offload, Selective, parse_policy
+
+    fix = f"pass a tuple of one-block options such as costs.MENU = {MENU}"
+    if isinstance(menu, str) or not isinstance(menu, (tuple, list)):
+        raise TypeError(f"menu: {fix}; got {menu!r}")
+    for option in menu:
+        if not isinstance(option, str) or not isinstance(parse_policy(option), (Selective,
+                                                                                 Offload)):
+            raise ValueError(f"menu option {option!r} is not a one-block option (full and "
+                             f"plain are always tried): {fix}")
+    return tuple(menu)
+
+
 @dataclass(frozen=True)
 class TrunkCost:
     """Everything but the blocks: prefix (embeddings), suffix (norm, head, loss), optimizer."""
@@ -641,6 +657,10 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
     gradient exists from the start. ``menu``: the one-block options measured for each distinct
     block (``MENU``; the default ``()``: plain and checkpointed only); ``times``: also time
     each option (``rounds`` interleaved medians), for the planner's time objective."""
+    menu = check_menu(menu)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds is a whole number of timing rounds >= 1, such as 15; got "
+                         f"{rounds!r}")
     blocks = find_blocks(model)
     model.train()
     size = {} if batch_size is None else {"batch_size": batch_size}
@@ -720,6 +740,7 @@ def config_costs(cfg, batch_size: int, seq_len: int, dtype: torch.dtype = torch.
     from . import estimate
     from .models import GPTConfig, Llama, TinyGPT
 
+    menu = check_menu(menu)
     if isinstance(cfg, str):
         cfg = config_by_name(cfg)
     estimate._check(cfg, batch_size, seq_len, dtype)

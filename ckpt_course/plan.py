@@ -51,6 +51,7 @@ from .policies import (
     Policy,
     Segments,
     Selective,
+    _check_children,
     _Segmented,
     parse_policy,
 )
@@ -358,7 +359,8 @@ def as_placement(n: int, placement) -> Placement:
         if isinstance(policy, Menu):
             if any(children for *_, children in policy.items):
                 raise ValueError(f"{policy} nests; nested placements are planned by "
-                                 f"nested_optimal and predicted by predict_nested")
+                                 f"nested_optimal and predicted by simulate_nested")
+            policy.segment_policies(n)  # blocks beyond the model: one line naming the fix
             kinds = {i: (j, True if o == "full" else o) for i, j, o, _ in policy.items}
             out, k = [], 0
             while k < n:
@@ -712,6 +714,7 @@ def nested_optimal(costs: ChainCosts, budget: int) -> NestedPrediction | None:
     """The nested tree with the fewest recomputed FLOPs whose stored block inputs never exceed
     ``budget`` bytes (Griewank's model above); None if even one input at a time is too much.
     Exact: equals Griewank's binomial optimum on uniform chains and brute force on small ones."""
+    budget = parse_budget(budget)
     x = [_boundary_bytes(costs, k) for k in range(costs.n)] if costs.n else []
 
     @functools.cache
@@ -749,6 +752,7 @@ def simulate_nested(costs: ChainCosts, tree) -> tuple[int, int]:
     forward stores the top-level segments' inputs; each segment's backward recomputes it,
     storing its children's inputs, and reverses them last first. An independent check of
     ``nested_optimal``'s recursion (tests), and the prediction for a given tree."""
+    _check_tree(costs.n, tree)
     stored, peak, flops = [], 0, 0
 
     def reverse_children(children, top):
@@ -764,6 +768,23 @@ def simulate_nested(costs: ChainCosts, tree) -> tuple[int, int]:
 
     reverse_children(tuple(tree), True)
     return peak, flops
+
+
+def _check_tree(n: int, tree) -> None:
+    """A tree's top-level segments cover blocks 0..n-1 in order; children lie inside them."""
+    fix = (f"a nested tree is ((start, stop, children), ...) covering blocks 0..{n - 1} in "
+           f"order, e.g. nested_optimal(costs, budget).tree")
+    try:
+        k = 0
+        for a, b, children in tree:
+            if a != k or b <= a:
+                raise ValueError
+            _check_children(a, b, children)
+            k = b
+    except (TypeError, ValueError):
+        raise ValueError(f"{fix}; got {tree!r}") from None
+    if k != n:
+        raise ValueError(f"{fix}; got {tree!r}")
 
 
 def _fill(a: int, b: int, children) -> tuple:

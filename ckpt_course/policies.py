@@ -526,7 +526,13 @@ class Menu(Policy):
     items: tuple[tuple[int, int, str, tuple], ...] = ()
 
     def __post_init__(self):
-        items = tuple((int(a), int(b), str(o), tuple(c)) for a, b, o, c in self.items)
+        try:
+            items = tuple((_block_number(a), _block_number(b), str(o), tuple(c))
+                          for a, b, o, c in self.items)
+        except (TypeError, ValueError):
+            raise ValueError(f"menu items are (start, stop, option, children) with whole block "
+                             f"numbers, e.g. ((0, 2, 'full', ()), (2, 3, 'offload', ())); got "
+                             f"{self.items!r}") from None
         previous = 0
         for a, b, option, children in items:
             if not previous <= a < b:
@@ -567,6 +573,12 @@ class Menu(Policy):
             parts.append(f"{span}={option}{_children_text(children)}")
             k = m + 1
         return "menu:" + (",".join(parts) or "none")
+
+
+def _block_number(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(k)
+    return k
 
 
 def _check_children(a: int, b: int, children) -> None:

@@ -10,6 +10,7 @@ import nbformat
 import pytest
 import torch
 
+from ckpt_course import plan
 from ckpt_course.authoring import tagged_name
 from ckpt_course.checks import CheckFailed, Parts, expect, phase1, phase2, phase3, phase4, probes
 from ckpt_course.models import TinyGPT
@@ -311,6 +312,27 @@ def test_the_lesson_chain_is_the_lesson_model_measured():
     assert len(chain["blocks"]) == cfg.n_layer
     assert chain["input"] == batch * cfg.seq_len * cfg.d_model * 4  # one float32 block input
     assert all(b == chain["blocks"][0] for b in chain["blocks"])  # equal blocks
+
+
+def _menu_optimum(chain, budget):
+    """A learner who plans the blocks' options too (the package's planner on the chain)."""
+    return str(plan.optimal(probes.chain_costs(chain), budget, "flops").policy)
+
+
+def test_a_mix_of_options_is_accepted_and_judged_against_the_menus_optimum(capsys):
+    chain, budget = phase4.lesson_chain(), phase4.lesson_budget()
+    mix = _menu_optimum(chain, budget)
+    assert "selective" in mix  # the lesson's budget is one where a mix beats a single level
+    assert phase4.capstone(_menu_optimum) is None and "Correct" in capsys.readouterr().out
+    everywhere = f"menu:0..{len(chain['blocks']) - 1}=selective:save=mm,sdpa"
+    wrong = [lambda c, b: everywhere,  # keeps too much: does not fit
+             lambda c, b: _menu_optimum(c, b).replace("save=mm,sdpa", "save=sdpa"),  # too dear
+             lambda c, b: _menu_optimum(c, b).replace("selective:save=mm,sdpa", "offload")]
+    for answer in wrong:
+        with pytest.raises(CheckFailed):
+            phase4.capstone(answer)
+    with pytest.raises(CheckFailed, match="lists no options"):  # a random chain has none
+        phase4.capstone(lambda c, b: _menu_optimum(chain, budget))
 
 
 def test_a_policy_that_does_not_parse_gets_the_accepted_forms():

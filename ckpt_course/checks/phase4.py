@@ -5,7 +5,9 @@ turns them into the package planner's ``ChainCosts``): ``{"input": bytes, "block
 bytes, "flops": n, "recompute_flops": n}, ...]}``. A block keeps its tape (input included) in a
 plain run; a checkpointed segment keeps its input. The checks compare with ``plan.predict``,
 ``plan.optimal`` and ``plan.brute_force`` on chains and budgets drawn from the run's seed, so the
-package's planner, which takes ``ChainCosts``, is of no use to an answer.
+package's planner, which takes ``ChainCosts``, is of no use to an answer. A measured model's
+chain also lists each block's menu options (``"options"``: selective variants, their tape and
+recomputed FLOPs), so the capstone accepts a ``menu:`` mix judged against the menu's optimum.
 """
 
 from __future__ import annotations
@@ -14,15 +16,16 @@ import functools
 
 import torch
 
-from ..costs import ChainCosts, measure_costs
+from ..costs import MENU, ChainCosts, measure_costs
 from ..models import GPTConfig, TinyGPT, course_device, sized
 from ..plan import (
+    Menu,
     Segments,
     all_placements,
-    as_placement,
     brute_force,
     measure_peaks,
     optimal,
+    parse_policy,
     predict,
 )
 from . import CheckFailed, call, expect, is_int, passed, rng
@@ -176,7 +179,11 @@ LESSON_BATCH = sized(cpu=8, gpu=16)
 UNSEEN_CONFIG, UNSEEN_BATCH = GPTConfig(n_layer=5, d_model=48, n_head=4, seq_len=64), 4
 POLICY_FORMS = ("'none', 'full', 'every-K' (K a whole number), or 'segments:...' with inclusive "
                 "block numbers: 'a-b' one segment of blocks a to b, 'a..b' each of blocks a to b "
-                "alone, 'a' block a alone, e.g. 'segments:0-2,5'")
+                "alone, 'a' block a alone, e.g. 'segments:0-2,5'; or a mix, 'menu:0-1=full,"
+                "2=selective:save=sdpa', with the options a block lists")
+# The options a measured chain lists per block: the menu's selective variants (FLOPs price them;
+# offload, a copy, has no FLOP price, and this exercise's objective is recomputed FLOPs).
+CHAIN_MENU = tuple(o for o in MENU if o.startswith("selective:"))
 
 
 @functools.cache
@@ -184,15 +191,19 @@ def _measured(cfg: GPTConfig, batch: int) -> tuple[TinyGPT, ChainCosts]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = TinyGPT(cfg).to(course_device())
-    return model, measure_costs(model, batch)
+    return model, measure_costs(model, batch, menu=CHAIN_MENU)
 
 
 def as_chain(costs: ChainCosts) -> dict:
     """A measured model's blocks as the exercise's plain numbers (its trunk, parameters and
-    optimizer state left out)."""
+    optimizer state left out), each with its menu's options (``"options"``)."""
     return {"input": costs.layers[0].input_bytes,
             "blocks": [{"tape": c.input_bytes + c.kept_bytes, "flops": c.forward_flops,
-                        "recompute_flops": c.recompute_flops} for c in costs.layers]}
+                        "recompute_flops": c.recompute_flops,
+                        "options": {name: {"tape": c.input_bytes + o.layer.kept_bytes,
+                                           "recompute_flops": o.recompute_flops}
+                                    for name, o in menu.items()}}
+                       for c, menu in zip(costs.layers, costs.menu, strict=True)]}
 
 
 def lesson_chain() -> dict:
@@ -211,19 +222,20 @@ def lesson_budget() -> int:
     return _between_full_and_every2(lesson_chain())
 
 
-def _run_budget(costs: ChainCosts, chain: dict, budget: int) -> int | None:
+def _run_budget(costs: ChainCosts, chain: dict, budget: int, extra=()) -> int | None:
     """The real bytes that stand for the chain's ``budget`` on the measured model: halfway
     between the highest real peak (``predict`` on the measured costs, which the meter matches to
     the byte) of a placement that fits ``budget`` and the lowest of one that does not; None when
     the model's trunk makes the two overlap. Every placement is tried up to 8 blocks; above (the
     GPU's 12-block lesson model) the package's optimum stands for those that fit, every-K for
-    those that do not."""
+    those that do not. ``extra``: placements tried too (a learner's mix of options)."""
     plain = chain_costs(chain)
     if costs.n <= 8:
         candidates = list(all_placements(costs.n))
     else:
-        candidates = [optimal(plain, budget).placement, "full", "none",
-                      *(f"every-{k}" for k in range(2, costs.n + 1))]
+        candidates = [optimal(chain_costs(chain, options=False), budget).placement, "full",
+                      "none", *(f"every-{k}" for k in range(2, costs.n + 1))]
+    candidates += list(extra)
     fit, over = [], []
     for p in candidates:
         real = predict(costs, p).peak_bytes
@@ -238,23 +250,52 @@ def _unseen_run(r) -> tuple[dict, int, int]:
     _, costs = _measured(UNSEEN_CONFIG, UNSEEN_BATCH)
     chain = as_chain(costs)
     plain = chain_costs(chain)
-    peaks = sorted({predict(plain, p).peak_bytes for p in all_placements(costs.n)})
+    peaks = sorted({predict(plain, p).peak_bytes for p in all_placements(costs.n)})  # single
     usable = [(b, real) for b in peaks[:-1] if (real := _run_budget(costs, chain, b))]
     budget, real = usable[r.randrange(len(usable))]
     return chain, budget, real
 
 
-def _placement_of(policy: str, n: int, which: str):
+def _placement_of(policy: str, chain: dict, which: str):
+    """The learner's policy as a placement of ``chain``, and whether it mixes in options."""
+    blocks = chain["blocks"]
+    listed = sorted({o for b in blocks for o in b.get("options", {})})
+    offered = (f"this chain's blocks list {', '.join(listed)}" if listed else
+               "this chain lists no options: its blocks run plain or full")
     try:
-        return as_placement(n, policy)
+        parsed = parse_policy(policy)
+        mixes = isinstance(parsed, Menu) and any(o != "full" for _, _, o, _ in parsed.items)
+        for a, _, option, _ in parsed.items if mixes else ():
+            if option != "full" and a < len(blocks) and option not in blocks[a].get("options", {}):
+                raise CheckFailed(f"on {which}, block {a} offers no {option}: {offered}")
+        return predict(chain_costs(chain, options=mixes), parsed).placement, mixes
     except (TypeError, ValueError) as e:
-        raise CheckFailed(f"on {which}, {policy!r} is not a whole-block policy ({e}); write "
+        raise CheckFailed(f"on {which}, {policy!r} is not a policy for this chain ({e}); write "
                           f"{POLICY_FORMS}") from None
+
+
+def _judge(chain: dict, budget: int, which: str, policy):
+    """A policy fits the chain's budget and recomputes at most 10% over the optimum of its own
+    search: the single-level one for plain and full blocks, the menu's for a mix of options."""
+    expect(isinstance(policy, str), f"my_policy returned {policy!r}: return a policy string, "
+           f"{POLICY_FORMS}")
+    placement, mixes = _placement_of(policy, chain, which)
+    costs = chain_costs(chain, options=mixes)
+    best, p = optimal(costs, budget, "flops"), predict(costs, placement)
+    expect(p.peak_bytes <= budget, f"on {which}, {policy} runs out of memory: which blocks' "
+           "tapes are alive at the peak? A checkpointed segment of several blocks rebuilds "
+           "all their tapes at once when its backward starts")
+    expect(p.recompute_flops <= 1.1 * best.recompute_flops,
+           f"on {which}, {policy} fits but recomputes more than 10% above the cheapest "
+           + ("mix of the blocks' options" if mixes else "placement") + " that fits: which "
+           "block's tape is freed first in backward? Does it need checkpointing at all?")
+    return policy, placement, mixes
 
 
 def capstone(fn) -> None:
     """4.3: ``fn(chain, budget)`` -> a policy string (``"segments:..."``, ``"full"``,
-    ``"every-2"``, ...) that fits with at most 10% more recompute than the optimum: on the
+    ``"every-2"``, ..., or a ``"menu:..."`` mix of the options a measured chain's blocks list)
+    that fits with at most 10% more recompute than the optimum of its own search: on the
     lesson's chain and budget, on chains and budgets the learner has not seen, then RUN on the
     lesson's model and on an unseen smaller one (``measure_peaks``, two AdamW steps) under the
     real bytes that stand for the chain's budget (``_run_budget``)."""
@@ -271,36 +312,24 @@ def capstone(fn) -> None:
         budget = (r.randint(lowest, singles - 1) if k == 0 and lowest < singles
                   else r.randint(full, none))  # first: only a segment of several blocks fits
         cases.append((chain, budget, "a chain you have not seen"))
-    policies = []
-    for chain, budget, which in cases:
-        costs = chain_costs(chain)
-        best = optimal(costs, budget)
-        got = call(fn, chain, budget, name="my_policy")
-        expect(isinstance(got, str), f"my_policy returned {got!r}: return a policy string, "
-               f"{POLICY_FORMS}")
-        p = predict(costs, _placement_of(got, costs.n, which))
-        expect(p.peak_bytes <= budget, f"on {which}, {got} runs out of memory: which blocks' "
-               "tapes are alive at the peak? A checkpointed segment of several blocks rebuilds "
-               "all their tapes at once when its backward starts")
-        expect(p.recompute_flops <= 1.1 * best.recompute_flops,
-               f"on {which}, {got} fits but recomputes more than 10% above the cheapest "
-               "placement that fits: which block's tape is freed first in backward? Does it need "
-               "checkpointing at all?")
-        policies.append(got)
+    judged = [_judge(*case, call(fn, *case[:2], name="my_policy")) for case in cases]
     lesson_model, lesson_costs = _measured(LESSON_CONFIG, LESSON_BATCH)
     unseen_chain, unseen_budget, unseen_real = _unseen_run(r)
     unseen = call(fn, unseen_chain, unseen_budget, name="my_policy")
-    expect(isinstance(unseen, str), f"my_policy returned {unseen!r}: return a policy string, "
-           f"{POLICY_FORMS}")
-    _placement_of(unseen, len(unseen_chain["blocks"]), "a model you have not seen")
+    _, unseen_placement, unseen_mixes = _judge(unseen_chain, unseen_budget,
+                                               "a model you have not seen", unseen)
+    unseen_model, unseen_costs = _measured(UNSEEN_CONFIG, UNSEEN_BATCH)
+    if unseen_mixes:  # the real bytes that stand for the budget, with the learner's mix tried
+        unseen_real = (_run_budget(unseen_costs, unseen_chain, unseen_budget, [unseen_placement])
+                       or predict(unseen_costs, unseen_placement).peak_bytes)
+    (chain, budget, _), (lesson_policy, lesson_placement, lesson_mixes) = cases[0], judged[0]
     # the lesson's budget stands apart from every real peak at the CPU sizes; should the trunk
     # ever blur it, the highest real peak that fits is the budget (a right plan still fits)
-    lesson_real = (_run_budget(lesson_costs, cases[0][0], cases[0][1])
-                   or predict(lesson_costs, optimal(chain_costs(cases[0][0]),
-                                                    cases[0][1]).placement).peak_bytes)
-    runs = [(lesson_model, LESSON_BATCH, policies[0], lesson_real, "the lesson's model"),
-            (_measured(UNSEEN_CONFIG, UNSEEN_BATCH)[0], UNSEEN_BATCH, unseen, unseen_real,
-             "a model you have not seen")]
+    lesson_real = (_run_budget(lesson_costs, chain, budget, [lesson_placement] * lesson_mixes)
+                   or predict(lesson_costs, lesson_placement if lesson_mixes else optimal(
+                       chain_costs(chain, options=False), budget).placement).peak_bytes)
+    runs = [(lesson_model, LESSON_BATCH, lesson_policy, lesson_real, "the lesson's model"),
+            (unseen_model, UNSEEN_BATCH, unseen, unseen_real, "a model you have not seen")]
     for model, batch, policy, real_budget, which in runs:
         peak = max(measure_peaks(model, policy, batch_size=batch))
         expect(peak <= real_budget,

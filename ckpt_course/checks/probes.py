@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.checkpoint import checkpoint
 
-from ..costs import ChainCosts, LayerCost, TrunkCost
+from ..costs import ChainCosts, LayerCost, OptionCost, TrunkCost
 
 
 # ---------------------------------------------------------------- hand-written checkpoint
@@ -151,14 +151,25 @@ def no_offload(spec: dict) -> dict:
 
 
 # ---------------------------------------------------------------- the planner's chain
-def chain_costs(chain: dict) -> ChainCosts:
+def chain_costs(chain: dict, options: bool = True) -> ChainCosts:
     """``{"input": a, "blocks": [{"tape": t, "flops": f, "recompute_flops": r}, ...]}`` (plain
     numbers, the planner exercise's format) as the package planner's ``ChainCosts``.
 
     Each block keeps its input (``a`` bytes) and ``tape - a`` more; its backward frees them and
-    leaves the gradient of its input; nothing else is live (no trunk, no parameters).
+    leaves the gradient of its input; nothing else is live (no trunk, no parameters). A block's
+    ``"options"`` (``{"selective:save=sdpa": {"tape": t, "recompute_flops": r}, ...}``) become
+    its menu: run plain with that tape, recomputing r FLOPs; ``options=False`` leaves them out.
     """
     a = chain["input"]
-    layers = tuple(replace(LayerCost.simple(a, b["tape"] - a, b["flops"]),
-                           recompute_flops=b["recompute_flops"]) for b in chain["blocks"])
-    return ChainCosts(layers, TrunkCost(prefix_keeps_input=False), name="chain")
+
+    def layer(b, tape):
+        return replace(LayerCost.simple(a, tape - a, b["flops"]),
+                       recompute_flops=b["recompute_flops"])
+
+    blocks = chain["blocks"]
+    menu = ()
+    if options and any(b.get("options") for b in blocks):
+        menu = tuple({name: OptionCost(layer(b, o["tape"]), o["recompute_flops"])
+                      for name, o in b.get("options", {}).items()} for b in blocks)
+    return ChainCosts(tuple(layer(b, b["tape"]) for b in blocks), TrunkCost(
+        prefix_keeps_input=False), name="chain", menu=menu)

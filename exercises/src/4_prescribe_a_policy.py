@@ -112,7 +112,10 @@ print("budget", LESSON_BUDGET, "bytes")
 # %% [markdown]
 # Write `my_policy(chain, budget)`: a policy string the course runs (`"full"`, `"every-2"`, or
 # `"segments:0-2,5"`: `a-b` is one segment of blocks a to b, `a..b` checkpoints each of blocks a
-# to b alone) that fits with at most 10% more recompute than the cheapest placement. The check
+# to b alone) that fits with at most 10% more recompute than the cheapest placement. A measured
+# model's blocks also list their selective options (`block["options"]`: each one's tape and
+# recomputed FLOPs, run as a plain block); you may mix them in, as the lesson's menu does
+# (`"menu:0-1=full,2=selective:save=sdpa"`), and a mix is held to the cheapest mix. The check
 # asks it for the lesson's chain and budget and for chains and budgets you have not seen, then
 # runs your policies for real (two AdamW steps, metered) on the lesson's model and on a smaller
 # model you have not seen, under the real bytes that stand for the chain's budget.
