@@ -27,12 +27,13 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils.checkpoint import checkpoint
 
 from .models import longest_sequence
 from .policies import HostStore, Selective, applied, parse_policy
-from .recompute import BOOKKEEPING
+from .recompute import BOOKKEEPING, EXTRA_FLOP_FORMULAS
 from .step import make_batch, make_optimizer, run_step, seeded
 
 OpKey = tuple  # (aten name, shapes of its tensor arguments)
@@ -346,3 +347,24 @@ def predict_policy(model, batch, policy, profile: StepProfile | None = None,
     """``predict(profile_step(model, batch), recomputed(model, batch, policy))``."""
     profile = profile if profile is not None else profile_step(model, batch, seed=seed)
     return predict(profile, recomputed(model, batch, policy, seed))
+
+
+def flop_free(prediction: Prediction) -> dict[str, float]:
+    """The part of a prediction a FLOP model prices at zero: ops without a FLOP formula."""
+    counted = {str(op) for op in (*flop_counter.flop_registry, *EXTRA_FLOP_FORMULAS)}
+    return {op: s for op, s in prediction.op_seconds.items() if op not in counted}
+
+
+def format_predictions(predictions: dict[str, Prediction], measured: dict[str, float]) -> str:
+    """Predicted and measured step-time ratios, with the throughput each policy loses."""
+    lines = [f"{'policy':<24}{'predicted':>10}{'measured':>10}{'throughput lost':>17}  "
+             "FLOP-free ops priced (ms)"]
+    for policy, pred in predictions.items():
+        free = ", ".join(f"{op.removeprefix('aten.')} {s * 1e3:.1f}"
+                         for op, s in list(flop_free(pred).items())[:3])
+        if pred.copy_s:
+            free = ", ".join(filter(None, [free, f"copies {pred.copy_s * 1e3:.1f}"]))
+        lost = 1 - 1 / measured[policy]
+        lines.append(f"{policy:<24}{pred.ratio:>9.2f}x{measured[policy]:>9.2f}x{lost:>16.0%}  "
+                     f"{free or '-'}")
+    return "\n".join(lines)
