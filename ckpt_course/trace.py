@@ -30,12 +30,13 @@ tensor, so it counts under that layer's backward: that is when its memory is liv
 from __future__ import annotations
 
 import html
+import statistics
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
-from .meter import MemoryMeter
+from .meter import MemoryMeter, time_average
 from .models import HandTraceNet
 from .policies import applied, parse_policy
 from .recompute import measure_recompute
@@ -103,11 +104,17 @@ class StepTrace:
     timeline: list[int]  # live bytes after every allocation and free, in order
     timeline_phases: list[str]
     baseline_categories: dict = field(repr=False, default_factory=dict)
+    timeline_seconds: list[float] = field(repr=False, default_factory=list)  # perf_counter
 
     @property
     def average_bytes(self) -> float:
         """Mean live bytes over the timeline (one point per allocation or free, not per second)."""
         return sum(self.timeline) / len(self.timeline)
+
+    @property
+    def time_average_bytes(self) -> float:
+        """Mean live bytes per second of the step: each level weighted by how long it lasted."""
+        return time_average(self.timeline, self.timeline_seconds)
 
     @property
     def peak_point(self) -> OpPoint:
@@ -244,6 +251,7 @@ def trace_step(net: HandTraceNet, policy="none", batch_size: int = 512,
         peak_layer=point.layer if point else LOSS, points=meter.points,
         timeline=[e.live_bytes - baseline for e in events],
         timeline_phases=[e.phase for e in events],
+        timeline_seconds=[e.seconds for e in events],
         baseline_categories=meter.baseline_categories,
     )
 
@@ -291,6 +299,37 @@ def variant_table(results: dict[str, dict[str, StepTrace]]) -> Table:
 
 
 # ---------------------------------------------------------------- recompute, by op
+@dataclass(frozen=True)
+class Fit:
+    """The largest batch a policy fits under a budget, and its measured throughput there."""
+
+    policy: str
+    batch_size: int  # 0 when no batch tried fits
+    peak_bytes: int  # the whole peak at that batch (parameters and x included)
+    tokens_per_s: float  # rows of x per second, median of interleaved rounds
+
+
+def fit_and_throughput(net: HandTraceNet, budget: int, policies=("none", "every-2"),
+                       batch_sizes=(512, 1024, 1536, 2048), rounds: int = 5) -> dict[str, Fit]:
+    """For each policy, the largest of ``batch_sizes`` whose traced peak fits ``budget`` bytes,
+    and its tokens per second there: ``rounds`` untraced steps per policy, taking turns (so
+    that a slow moment of the machine hits both), median of each."""
+    batch: dict[str, tuple[int, int]] = {}
+    for policy in policies:
+        fits = [(b, t.peak_bytes + t.baseline_bytes) for b in batch_sizes
+                if (t := trace_step(net, policy, b)).peak_bytes + t.baseline_bytes <= budget]
+        batch[policy] = max(fits, default=(0, 0))
+    seconds: dict[str, list[float]] = {p: [] for p in policies if batch[p][0]}
+    for _ in range(rounds + 1):  # the first round warms up and is dropped
+        for policy in seconds:
+            x = hand_input(net, batch[policy][0])
+            with applied(net, policy):
+                seconds[policy].append(run_step(net, None, (x,), loss_fn=sum_loss(net)).time_s)
+    net.zero_grad(set_to_none=True)
+    return {p: Fit(p, *batch[p], batch[p][0] / statistics.median(seconds[p][1:])
+                   if p in seconds else 0.0) for p in policies}
+
+
 def recompute_by_op(net: HandTraceNet, policy, batch_size: int = 512, seed: int = 0) -> dict:
     """What backward re-runs under ``policy``: ``{"ops": {op: count}, "flops": n,
     "forward_flops": n, "step_flops": n}`` (FLOPs of matmuls, as FlopCounterMode counts them).
@@ -349,7 +388,8 @@ def trace_table(traces: dict[str, StepTrace]) -> Table:
     return Table(
         {"policy": name, "saved after forward": fmt_bytes(t.saved_bytes),
          "peak": fmt_bytes(t.peak_bytes), "peak at": f"{t.peak_phase}, layer {t.peak_layer}, "
-         f"{t.peak_op}", "average": fmt_bytes(t.average_bytes)}
+         f"{t.peak_op}", "average": fmt_bytes(t.average_bytes),
+         "average over time": fmt_bytes(t.time_average_bytes)}
         for name, t in traces.items()
     )
 
