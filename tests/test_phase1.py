@@ -226,3 +226,22 @@ def test_one_block_hint_says_the_input_stays():
 def test_pick_n_runs_the_answer_and_refuses_an_n_over_budget():
     assert "over the budget" in hint(checks.pick_n, lambda n_layers, act, budget: 1)
     assert "from 1 to 9" in hint(checks.pick_n, lambda n_layers, act, budget: 0)
+
+
+def test_autocast_step_saves_bf16_for_matmuls_and_keeps_layer_norm_inputs_in_fp32():
+    model = TinyGPT(GPTConfig(n_layer=1, d_model=32, n_head=2, seq_len=16, vocab_size=64))
+    batch = model.example_batch(2, generator=torch.Generator().manual_seed(0))
+    plain, mixed, by_dtype = sweeps.autocast_step(model, batch)
+    assert plain.saved_bytes / 2 < mixed.saved_bytes < plain.saved_bytes
+    assert by_dtype["bfloat16"] > 0 and by_dtype["float32"] > 0
+    assert all(p.grad is None and p.dtype == torch.float32 for p in model.parameters())
+    fp32_tape = record_tape(model.loss, batch, model=model)
+    assert {e.dtype for e in fp32_tape.entries if e.dtype.is_floating_point} == {torch.float32}
+    layer_norm = [e for e in record_tape(lambda b: _autocast_loss(model, b), batch, model=model)
+                  .entries if e.op == "NativeLayerNormBackward0" and e.attr == "input"]
+    assert layer_norm and all(e.dtype == torch.float32 for e in layer_norm)
+
+
+def _autocast_loss(model, batch):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return model.loss(batch)
