@@ -30,7 +30,6 @@ tensor, so it counts under that layer's backward: that is when its memory is liv
 from __future__ import annotations
 
 import html
-import statistics
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -299,37 +298,6 @@ def variant_table(results: dict[str, dict[str, StepTrace]]) -> Table:
 
 
 # ---------------------------------------------------------------- recompute, by op
-@dataclass(frozen=True)
-class Fit:
-    """The largest batch a policy fits under a budget, and its measured throughput there."""
-
-    policy: str
-    batch_size: int  # 0 when no batch tried fits
-    peak_bytes: int  # the whole peak at that batch (parameters and x included)
-    tokens_per_s: float  # rows of x per second, median of interleaved rounds
-
-
-def fit_and_throughput(net: HandTraceNet, budget: int, policies=("none", "every-2"),
-                       batch_sizes=(512, 1024, 1536, 2048), rounds: int = 5) -> dict[str, Fit]:
-    """For each policy, the largest of ``batch_sizes`` whose traced peak fits ``budget`` bytes,
-    and its tokens per second there: ``rounds`` untraced steps per policy, taking turns (so
-    that a slow moment of the machine hits both), median of each."""
-    batch: dict[str, tuple[int, int]] = {}
-    for policy in policies:
-        fits = [(b, t.peak_bytes + t.baseline_bytes) for b in batch_sizes
-                if (t := trace_step(net, policy, b)).peak_bytes + t.baseline_bytes <= budget]
-        batch[policy] = max(fits, default=(0, 0))
-    seconds: dict[str, list[float]] = {p: [] for p in policies if batch[p][0]}
-    for _ in range(rounds + 1):  # the first round warms up and is dropped
-        for policy in seconds:
-            x = hand_input(net, batch[policy][0])
-            with applied(net, policy):
-                seconds[policy].append(run_step(net, None, (x,), loss_fn=sum_loss(net)).time_s)
-    net.zero_grad(set_to_none=True)
-    return {p: Fit(p, *batch[p], batch[p][0] / statistics.median(seconds[p][1:])
-                   if p in seconds else 0.0) for p in policies}
-
-
 def recompute_by_op(net: HandTraceNet, policy, batch_size: int = 512, seed: int = 0) -> dict:
     """What backward re-runs under ``policy``: ``{"ops": {op: count}, "flops": n,
     "forward_flops": n, "step_flops": n}`` (FLOPs of matmuls, as FlopCounterMode counts them).

@@ -13,7 +13,6 @@ from ckpt_course.tape import record_tape
 from ckpt_course.trace import (
     LOSS,
     compare_variants,
-    fit_and_throughput,
     hand_input,
     hand_trace_net,
     layer_table,
@@ -102,20 +101,6 @@ def test_timeline_average_and_layer_starts(traces):
         seconds = t.timeline_seconds
         assert len(seconds) == len(t.timeline) and seconds == sorted(seconds)
         assert 0 < t.time_average_bytes < t.peak_bytes
-
-
-def test_fit_and_throughput_finds_the_largest_batch_under_the_budget():
-    net = hand_trace_net(width=64)
-    sizes = (64, 128, 256)
-    peaks = {p: [trace_step(net, p, b) for b in sizes] for p in ("none", "every-2")}
-    whole = {p: [t.peak_bytes + t.baseline_bytes for t in ts] for p, ts in peaks.items()}
-    budget = whole["every-2"][2]  # every-2 fits the largest batch exactly (<=), none does not
-    assert whole["none"][1] <= budget < whole["none"][2]
-    fits = fit_and_throughput(net, budget, batch_sizes=sizes, rounds=1)
-    assert (fits["none"].batch_size, fits["every-2"].batch_size) == (128, 256)
-    assert fits["every-2"].peak_bytes == budget and fits["none"].tokens_per_s > 0
-    nothing = fit_and_throughput(net, 1, batch_sizes=sizes, rounds=1)["none"]
-    assert (nothing.batch_size, nothing.tokens_per_s) == (0, 0.0)
 
 
 def test_checkpointing_lowers_the_peak_only_when_activations_make_it():
