@@ -70,6 +70,7 @@ class _Runner:
         self.handle = applied(model, policy)
         self.handle.__enter__()
         self.times: list[float] = []
+        self.forward_times: list[float] = []  # the forward phase of each timed step
         self.last: StepRecord | None = None
 
     def step(self) -> float:
@@ -87,6 +88,7 @@ def _interleaved(runners, rounds: int, on_step=None) -> None:
     for r in range(rounds):
         for runner in runners:
             runner.times.append(runner.step())
+            runner.forward_times.append(runner.last.phase_s["forward"])
             if on_step is not None:
                 on_step(runner, r)
 
@@ -107,6 +109,7 @@ class PolicyResult:
     time_ratio: float | None = None  # step_time_s / the reference policy's
     tokens_per_s: float | None = None
     times_s: list[float] = field(default_factory=list, repr=False)
+    forward_time_s: float | None = None  # median forward phase of the timed steps
 
     @property
     def recompute_share(self) -> float:
@@ -261,6 +264,7 @@ def compare(model_or_config=None, policies=DEFAULT_POLICIES, steps: int = 6, bat
         res = by_name[str(runner.policy)]
         res.times_s = runner.times
         res.step_time_s = statistics.median(runner.times)
+        res.forward_time_s = statistics.median(runner.forward_times)
         res.tokens_per_s = tokens / res.step_time_s
     timed = [r for r in results if r.step_time_s is not None]
     reference = by_name.get("none") if by_name.get("none") in timed else (timed or [None])[0]

@@ -31,7 +31,10 @@ from .units import check_positive_int, fmt_bytes
 
 # Optimizer state per parameter. AdamW keeps two moments (exp_avg, exp_avg_sq); we assume fp32
 # moments, as mixed-precision training does: 2 x 4 bytes. (torch's own AdamW stores them in the
-# parameter's dtype; a fp32 master copy of the weights would add 4 bytes more.)
+# parameter's dtype.) The common mixed-precision recipe also keeps a fp32 master copy of the
+# weights, which the optimizer updates (bf16 weights are rounded from it): ``master_weights=True``
+# adds those 4 bytes, 12 -> 16 bytes per parameter with AdamW.
+MASTER_BYTES_PER_PARAM = 4
 OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "adam": 8, "sgd-momentum": 4, "sgd": 0}
 
 
@@ -66,12 +69,22 @@ class MemoryEstimate:
     layer: LayerActivations
     non_block_bytes: int  # saved outside the blocks: embedding indices, final norm, head, loss
     activations: dict[str, int]  # policy ("none", "full") -> activation bytes at the peak
+    master_bytes: int = 0  # fp32 master weights (``master_weights=True``)
+
+    @property
+    def state_bytes(self) -> int:
+        """Weights, gradients, optimizer state and master weights: what no policy touches."""
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.master_bytes
+
+    @property
+    def bytes_per_param(self) -> float:
+        return self.state_bytes / self.n_params
 
     def total(self, policy: str = "none") -> int:
         """Every category at once: an upper bound (gradients grow as activations are freed)."""
         if policy not in self.activations:
             raise ValueError(f"unknown policy {policy!r}; choose one of {list(self.activations)}")
-        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activations[policy]
+        return self.state_bytes + self.activations[policy]
 
     @property
     def totals(self) -> dict[str, int]:
@@ -84,6 +97,9 @@ class MemoryEstimate:
             ("optimizer", f"{self.optimizer}, {self.optimizer_bytes_per_param} B/param",
              self.optimizer_bytes),
         ]
+        if self.master_bytes:
+            rows.append(("master weights", f"fp32, {MASTER_BYTES_PER_PARAM} B/param",
+                         self.master_bytes))
         for policy, b in self.activations.items():
             rows.append((f"activations ({policy})", "", b))
         for policy, b in self.totals.items():
@@ -111,7 +127,8 @@ def layer_activation_bytes(cfg: LlamaConfig | GPTConfig, batch_size: int, seq_le
 
 
 def model_memory(cfg: LlamaConfig | GPTConfig, batch_size: int, seq_len: int,
-                 dtype: torch.dtype = torch.bfloat16, optimizer: str = "adamw") -> MemoryEstimate:
+                 dtype: torch.dtype = torch.bfloat16, optimizer: str = "adamw",
+                 master_weights: bool = False) -> MemoryEstimate:
     """Parameters, gradients, optimizer state and activations of a training step, without
     allocating any of it. Activations for two policies:
 
@@ -119,8 +136,15 @@ def model_memory(cfg: LlamaConfig | GPTConfig, batch_size: int, seq_len: int,
     - "full" (every block checkpointed): each block keeps only its input; backward recomputes one
       block at a time. The peak is the larger of the start of backward (inputs + what is saved
       outside the blocks) and the recompute of the last block (inputs + one block's tape).
+
+    ``master_weights``: also a fp32 copy of the weights (mixed precision's usual recipe).
     """
     _check(cfg, batch_size, seq_len, dtype)
+    if not isinstance(master_weights, bool):
+        raise TypeError(f"master_weights is True or False, not {master_weights!r}")
+    if master_weights and dtype == torch.float32:
+        raise ValueError("master weights are fp32 copies of bf16/fp16 weights: with "
+                         "dtype=torch.float32 leave master_weights=False")
     if optimizer not in OPTIMIZER_BYTES_PER_PARAM:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of "
                          f"{list(OPTIMIZER_BYTES_PER_PARAM)}")
@@ -137,6 +161,7 @@ def model_memory(cfg: LlamaConfig | GPTConfig, batch_size: int, seq_len: int,
         grad_bytes=n_params * dtype.itemsize, optimizer=optimizer,
         optimizer_bytes_per_param=per_param, optimizer_bytes=n_params * per_param,
         layer=layer, non_block_bytes=non_block,
+        master_bytes=n_params * MASTER_BYTES_PER_PARAM if master_weights else 0,
         activations={
             "none": L * layer.saved_bytes + non_block,
             "full": L * layer.input_bytes + max(non_block, layer.saved_bytes),

@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import time
 import weakref
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -65,6 +66,15 @@ class TimelinePoint(NamedTuple):
     index: int  # counts allocations and frees, in order
     live_bytes: int
     phase: str | None
+    seconds: float = 0.0  # time.perf_counter() when it happened: how long each level lasted
+
+
+def time_average(levels: list, seconds: list) -> float:
+    """Mean of ``levels[i]``, each held from ``seconds[i]`` to ``seconds[i + 1]``."""
+    if len(levels) < 2 or seconds[-1] <= seconds[0]:
+        return float(levels[0]) if levels else 0.0
+    held = sum(level * (b - a) for level, a, b in zip(levels, seconds, seconds[1:], strict=False))
+    return held / (seconds[-1] - seconds[0])
 
 
 class _StorageRef(weakref.ref):
@@ -191,7 +201,8 @@ class MemoryMeter(TorchDispatchMode):
             self._mark()
 
     def _mark(self) -> None:
-        self.timeline.append(TimelinePoint(len(self.timeline), self.live_bytes, self._phase))
+        self.timeline.append(TimelinePoint(len(self.timeline), self.live_bytes, self._phase,
+                                           time.perf_counter()))
 
     def _new_peak(self, func) -> None:
         self.peak_bytes = self.live_bytes
@@ -311,6 +322,13 @@ class MemoryMeter(TorchDispatchMode):
         """Mean live bytes over the timeline's points: one point per allocation or free."""
         points = self._points()
         return sum(p.live_bytes for p in points) / len(points) if points else 0.0
+
+    def timeline_time_average(self) -> float:
+        """Mean live bytes over time: each level weighted by how long it lasted (to the next
+        point). This is what the memory holds per second, where the event average gives a
+        burst of tiny allocations as much weight as a long matmul."""
+        return time_average([p.live_bytes for p in self._points()],
+                            [p.seconds for p in self._points()])
 
     def _points(self) -> list[TimelinePoint]:
         if self.timeline is None:

@@ -5,6 +5,7 @@
 - ``timeline(meter)``: live bytes after every allocation and free of a step, forward and backward
   shaded, the peak and the average marked. The shape is the lesson: memory climbs through forward
   as the tape is written and falls through backward as it is read.
+- ``batch_sweep_figure(points, budget)``: peak and tokens/s against batch size, per policy.
 - ``dial_figure(dial, n)``: the every-N dial measured by ``ckpt_course.sweeps.dial``: saved and
   peak memory, and recompute FLOPs, against N, with sqrt(L) marked; ``dial_slider(dial)`` puts an
   ipywidgets slider on it that redraws from the measurements.
@@ -180,3 +181,26 @@ def dial_slider(dial, description: str = "N"):
         plt.show()
 
     return widgets.interactive(draw, N=slider)
+
+
+# ---------------------------------------------------------------- batch size under a budget
+def batch_sweep_figure(points, budget=None, axes=None):
+    """``compare.batch_sweep``'s points: peak memory against batch size per policy (the budget
+    dashed), and tokens/s of the batches that fit."""
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
+    ax_mem, ax_tps = axes
+    for policy in dict.fromkeys(p.policy for p in points):
+        pts = [p for p in points if p.policy == policy]
+        ax_mem.plot([p.batch_size for p in pts], [p.peak_bytes / MiB for p in pts], "o-",
+                    label=policy)
+        fit = [p for p in pts if p.fits]
+        ax_tps.plot([p.batch_size for p in fit], [p.tokens_per_s for p in fit], "o-",
+                    label=policy)
+    if budget is not None:
+        ax_mem.axhline(budget / MiB, color="red", linestyle="--", label="budget")
+    ax_mem.set(xscale="log", xlabel="batch size", ylabel="peak memory (MiB)")
+    ax_tps.set(xscale="log", xlabel="batch size (only those that fit)", ylabel="tokens / s")
+    ax_mem.legend()
+    ax_tps.legend()
+    return axes

@@ -1,14 +1,18 @@
-"""Which ops to recompute: one block's ops ranked by the saved bytes they make per FLOP.
+"""Which ops to recompute: one block's ops ranked by the saved bytes they make per unit of cost.
 
 ``rank_ops(model)`` takes one block's tape (every tensor autograd saves, deduplicated, parameters
 left out) and credits each saved storage to the aten op that made it; recomputing that op frees
-those bytes for its forward FLOPs. ``selective_from_ranking`` turns the ranking into a selective
-policy: recompute from the top while the FLOPs stay under a cap, save the rest.
+those bytes for its forward FLOPs, and for its forward *time*, measured op by op
+(``timing.OpTimer``). FLOPs score every elementwise op, norm and view at zero, so a FLOP ranking
+always says "recompute them all"; the measured time does not. ``rank_ops(..., by="time")`` ranks
+by bytes per second. ``selective_from_ranking`` turns a ranking into a selective policy: recompute
+from the top while the FLOPs (or seconds) stay under a cap, save the rest.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +35,7 @@ class OpCost:
     saved_bytes: int  # bytes of saved storages this op made (what saving its outputs keeps)
     flops: int  # its forward FLOPs in the block (what recomputing it costs; 0 = elementwise)
     calls: int
+    seconds: float = 0.0  # its measured forward time in the block (median of a few forwards)
 
     @property
     def nameable(self) -> bool:
@@ -43,6 +48,13 @@ class OpCost:
         if self.flops == 0:
             return math.inf if self.saved_bytes else 0.0
         return self.saved_bytes / self.flops
+
+    @property
+    def bytes_per_second(self) -> float:
+        """Bytes freed per second of measured recompute time."""
+        if self.seconds == 0:
+            return math.inf if self.saved_bytes else 0.0
+        return self.saved_bytes / self.seconds
 
 
 class _Producers(TorchDispatchMode):
@@ -74,13 +86,17 @@ def _block_input(model, batch, index: int) -> torch.Tensor:
 
 
 def rank_ops(model, batch_size: int = 8, seq_len: int | None = None, block: int = 0,
-             seed: int = 0) -> list[OpCost]:
-    """Every kind of op of one block, ranked by saved bytes per recompute FLOP (best first).
+             seed: int = 0, by: str = "flops", rounds: int = 5) -> list[OpCost]:
+    """Every kind of op of one block, ranked by saved bytes per recompute FLOP (``by="flops"``)
+    or per second of measured forward time (``by="time"``), best first.
 
     Saved bytes: the block's tape (every storage autograd saves, deduplicated, parameters left
     out), each storage credited to the op that made it, which is what keeping that op's output
-    keeps. FLOPs: the op's forward FLOPs, counted by ``recompute.counting``.
+    keeps. FLOPs: the op's forward FLOPs, counted by ``recompute.counting``. Seconds: the op's
+    forward time, median of ``rounds`` forwards of the block timed op by op.
     """
+    if by not in RANK_BY:
+        raise ValueError(f"by must be one of {', '.join(RANK_BY)}, not {by!r}")
     device = next(model.parameters()).device
     batch = model.example_batch(batch_size, seq_len, generator=torch.Generator().manual_seed(seed))
     x = _block_input(model, tuple(t.to(device) for t in batch), block)
@@ -108,13 +124,37 @@ def rank_ops(model, batch_size: int = 8, seq_len: int | None = None, block: int 
         entry = by_op.setdefault(SHORT_NAMES.get(op, op), [0, 0, 0])
         entry[1] += counts.flops_by_op.get(name, 0)
         entry[2] += n
-    costs = [OpCost(op, b, f, c) for op, (b, f, c) in by_op.items() if b or f]
-    return sorted(costs, key=lambda c: (-c.bytes_per_flop, -c.saved_bytes, c.op))
+    seconds = _forward_seconds(module, x, rounds)
+    costs = [OpCost(op, b, f, c, seconds.get(op, 0.0)) for op, (b, f, c) in by_op.items()
+             if b or f]
+    return sorted(costs, key=RANK_BY[by])
 
 
-def selective_from_ranking(ranking: list[OpCost], max_recompute_flops: int = 0) -> Policy:
-    """A selective policy from a ranking: recompute ops from the top of the ranking (most bytes
-    per FLOP) while their FLOPs add up to at most ``max_recompute_flops``; save the rest.
+RANK_BY = {"flops": lambda c: (-c.bytes_per_flop, -c.saved_bytes, c.op),
+           "time": lambda c: (-c.bytes_per_second, -c.saved_bytes, c.op)}
+
+
+def _forward_seconds(module, x, rounds: int) -> dict[str, float]:
+    """Median forward seconds per op kind (short names) over ``rounds`` forwards, after one."""
+    from .timing import OpTimer  # timing imports policies, which ranking's importers load first
+
+    runs = []
+    for _ in range(rounds + 1):
+        with OpTimer(x.device) as timer:
+            module(x)
+        per_kind: dict[str, float] = {}
+        for (name, _), s in timer.seconds.items():
+            op = name.removeprefix("aten.")
+            per_kind[SHORT_NAMES.get(op, op)] = per_kind.get(SHORT_NAMES.get(op, op), 0.0) + s
+        runs.append(per_kind)
+    return {op: statistics.median(r.get(op, 0.0) for r in runs[1:]) for op in runs[0]}
+
+
+def selective_from_ranking(ranking: list[OpCost], max_recompute_flops: int = 0,
+                           max_recompute_s: float | None = None) -> Policy:
+    """A selective policy from a ranking: recompute ops from the top of the ranking while their
+    FLOPs add up to at most ``max_recompute_flops`` (or, given ``max_recompute_s``, their measured
+    seconds to at most that); save the rest.
 
     Only nameable ops can be saved; the others are recomputed anyway (save-mode recomputes all
     it is not told to keep). When nothing is left to save the policy is ``full``.
@@ -123,8 +163,10 @@ def selective_from_ranking(ranking: list[OpCost], max_recompute_flops: int = 0) 
     for cost in ranking:
         if cost.op == BLOCK_INPUT:
             continue
-        if spent + cost.flops <= max_recompute_flops:
-            spent += cost.flops
+        price, cap = ((cost.flops, max_recompute_flops) if max_recompute_s is None
+                      else (cost.seconds, max_recompute_s))
+        if spent + price <= cap:
+            spent += price
         elif cost.nameable:
             save.append(cost.op)
     save.sort(key=list(OP_NAMES).index)  # a canonical order: "mm,sdpa" however they ranked
@@ -132,9 +174,11 @@ def selective_from_ranking(ranking: list[OpCost], max_recompute_flops: int = 0) 
 
 
 def format_ranking(ranking: list[OpCost]) -> str:
-    lines = [f"{'op':<16} {'saved':>11} {'FLOPs':>12} {'bytes/FLOP':>11}  calls"]
+    lines = [f"{'op':<16} {'saved':>11} {'FLOPs':>12} {'bytes/FLOP':>11} {'time':>9} "
+             f"{'MB/ms':>7}  calls"]
     for c in ranking:
         ratio = "inf" if c.bytes_per_flop == math.inf else f"{c.bytes_per_flop:.4f}"
+        rate = "inf" if c.bytes_per_second == math.inf else f"{c.bytes_per_second / 1e9:.1f}"
         lines.append(f"{c.op:<16} {fmt_bytes(c.saved_bytes):>11} {fmt_flops(c.flops):>12} "
-                     f"{ratio:>11}  {c.calls}")
+                     f"{ratio:>11} {c.seconds * 1e3:>7.2f}ms {rate:>7}  {c.calls}")
     return "\n".join(lines)

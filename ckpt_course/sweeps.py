@@ -30,6 +30,7 @@ from .meter import MemoryMeter
 from .policies import Segments, applied
 from .recompute import count_step
 from .step import StepRecord, check_run, make_batch, make_optimizer, run_step, seeded
+from .tape import record_tape
 from .train import measure_step
 from .units import fmt_bytes, fmt_flops
 
@@ -69,6 +70,24 @@ def step_breakdown(model, batch_size: int, seq_len: int | None = None, step: int
 def breakdown_sweep(model, sizes, step: int = 2) -> list[StepRecord]:
     """``step_breakdown`` for each ``(batch_size, seq_len)`` in ``sizes``."""
     return [step_breakdown(model, b, t, step=step) for b, t in sizes]
+
+
+def autocast_step(model, batch, dtype=torch.bfloat16) -> tuple[StepRecord, StepRecord, dict]:
+    """One forward + backward in fp32 and one under ``torch.autocast`` (``dtype``), each measured
+    with the meter; and the autocast tape's activation bytes by dtype: what autocast leaves in
+    fp32 (ops on its fp32 list, such as layer norm and log-softmax, save fp32 tensors)."""
+    def mixed_loss(part):
+        with torch.autocast(_device(model).type, dtype=dtype):
+            return model.loss(part)
+
+    plain = measure_step(model, batch=batch)
+    mixed = measure_step(model, batch=batch, loss_fn=mixed_loss)
+    by_dtype: dict[str, int] = {}
+    for entry in record_tape(mixed_loss, batch, model=model).entries:
+        if not entry.is_param:
+            name = str(entry.dtype).removeprefix("torch.")
+            by_dtype[name] = by_dtype.get(name, 0) + entry.nbytes
+    return plain, mixed, by_dtype
 
 
 def estimate_categories(estimate, policy: str = "none") -> dict[str, int]:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .meter import MemoryMeter
+from .meter import MemoryMeter, time_average
 from .models import HandTraceNet
 from .policies import applied, parse_policy
 from .recompute import measure_recompute
@@ -103,11 +103,17 @@ class StepTrace:
     timeline: list[int]  # live bytes after every allocation and free, in order
     timeline_phases: list[str]
     baseline_categories: dict = field(repr=False, default_factory=dict)
+    timeline_seconds: list[float] = field(repr=False, default_factory=list)  # perf_counter
 
     @property
     def average_bytes(self) -> float:
         """Mean live bytes over the timeline (one point per allocation or free, not per second)."""
         return sum(self.timeline) / len(self.timeline)
+
+    @property
+    def time_average_bytes(self) -> float:
+        """Mean live bytes per second of the step: each level weighted by how long it lasted."""
+        return time_average(self.timeline, self.timeline_seconds)
 
     @property
     def peak_point(self) -> OpPoint:
@@ -244,6 +250,7 @@ def trace_step(net: HandTraceNet, policy="none", batch_size: int = 512,
         peak_layer=point.layer if point else LOSS, points=meter.points,
         timeline=[e.live_bytes - baseline for e in events],
         timeline_phases=[e.phase for e in events],
+        timeline_seconds=[e.seconds for e in events],
         baseline_categories=meter.baseline_categories,
     )
 
@@ -349,7 +356,8 @@ def trace_table(traces: dict[str, StepTrace]) -> Table:
     return Table(
         {"policy": name, "saved after forward": fmt_bytes(t.saved_bytes),
          "peak": fmt_bytes(t.peak_bytes), "peak at": f"{t.peak_phase}, layer {t.peak_layer}, "
-         f"{t.peak_op}", "average": fmt_bytes(t.average_bytes)}
+         f"{t.peak_op}", "average": fmt_bytes(t.average_bytes),
+         "average over time": fmt_bytes(t.time_average_bytes)}
         for name, t in traces.items()
     )
 

@@ -50,6 +50,7 @@ def test_compare_measures_every_policy(comparison):
     for r in (full, offload):
         assert r.time_ratio == median(r.times_s) / median(none.times_s)
     assert all(r.fits and r.step_time_s > 0 and len(r.times_s) == 2 for r in comparison.results)
+    assert all(0 < r.forward_time_s < r.step_time_s for r in comparison.results)
     assert all(r.tokens_per_s == B * T / r.step_time_s for r in comparison.results)
 
 

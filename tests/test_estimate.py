@@ -96,3 +96,15 @@ def test_bad_input_says_what_to_do():
         model_memory(cfg, 1, 16, dtype=torch.int8)
     with pytest.raises(TypeError, match="LlamaConfig or GPTConfig"):
         parameter_count("70b")
+
+
+def test_master_weights_make_adamw_mixed_precision_16_bytes_per_parameter():
+
+    cfg = llama_config("llama-7b")
+    plain = model_memory(cfg, 1, 256)
+    master = model_memory(cfg, 1, 256, master_weights=True)
+    assert plain.bytes_per_param == 2 + 2 + 8 and master.bytes_per_param == 2 + 2 + 8 + 4
+    assert master.total("full") - plain.total("full") == 4 * plain.n_params
+    assert "master weights" in str(master) and "master" not in str(plain)
+    with pytest.raises(ValueError, match="master_weights=False"):
+        model_memory(cfg, 1, 256, dtype=torch.float32, master_weights=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ckpt_course.meter import CATEGORIES, MemoryMeter, parse_budget
+from ckpt_course.meter import CATEGORIES, MemoryMeter, parse_budget, time_average
 from ckpt_course.models import HandTraceNet
 from ckpt_course.units import GiB, MiB
 
@@ -220,8 +220,16 @@ def test_timeline_rises_through_forward_and_falls_through_backward():
     assert meter.timeline_peak() == meter.peak_bytes == points[peak].live_bytes
     assert [p.index for p in points] == list(range(len(points)))
     assert points[-1].live_bytes < meter.timeline_average() < meter.peak_bytes
+    assert [p.seconds for p in points] == sorted(p.seconds for p in points)
+    assert points[0].live_bytes < meter.timeline_time_average() < meter.peak_bytes
     with pytest.raises(ValueError, match="timeline=True"):
         MemoryMeter().timeline_peak()
+
+
+def test_time_average_weights_each_level_by_how_long_it_lasted():
+    # 10 bytes for 3 s, then 40 bytes for 1 s; the last level (0) ends the timeline
+    assert time_average([10, 40, 0], [0.0, 3.0, 4.0]) == (10 * 3 + 40 * 1) / 4
+    assert time_average([], []) == 0.0 and time_average([7], [1.0]) == 7.0
 
 
 def test_categories_and_cuda_stats_on_cpu():

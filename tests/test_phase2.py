@@ -94,6 +94,10 @@ def test_timeline_average_and_layer_starts(traces):
         starts = list(t.layer_starts().values())
         assert starts == sorted(starts) and len(starts) == 4
     assert traces["every-2"].average_bytes < traces["none"].average_bytes
+    for t in traces.values():
+        seconds = t.timeline_seconds
+        assert len(seconds) == len(t.timeline) and seconds == sorted(seconds)
+        assert 0 < t.time_average_bytes < t.peak_bytes
 
 
 def test_checkpointing_lowers_the_peak_only_when_activations_make_it():
