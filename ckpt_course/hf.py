@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
+from .models import next_token_loss, token_batch
 from .units import check_positive_int
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the Hub, even by accident
@@ -254,13 +254,11 @@ class HFCausalLM(nn.Module):
         if T > self.cfg.seq_len:
             raise ValueError(f"seq_len {T} is longer than the config allows ({self.cfg.seq_len}"
                              f"): use seq_len <= {self.cfg.seq_len}")
-        idx = torch.randint(self.cfg.vocab_size, (batch_size, T + 1), generator=generator)
-        return idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
+        return token_batch(self.cfg.vocab_size, batch_size, T, generator)
 
     def loss(self, batch):
         idx, targets = batch
-        logits = self(idx)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return next_token_loss(self(idx), targets)
 
 
 def build(config, layers: str | None = None, seed: int = 0, attn: str = "sdpa") -> HFCausalLM:

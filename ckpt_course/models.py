@@ -31,6 +31,18 @@ def _randn(shape, generator):
     return torch.randn(shape, generator=generator)
 
 
+def token_batch(vocab_size: int, batch_size: int, seq_len: int, generator=None) -> tuple:
+    """A language model's batch: random token ids and the same ids shifted by one (targets)."""
+    idx = torch.randint(vocab_size, (batch_size, seq_len + 1), generator=generator)
+    return idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of next-token logits, in fp32 (a no-op for fp32 logits) as mixed precision
+    computes it."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.to(logits.device).flatten())
+
+
 def _batch_shape(batch_size, seq_len, longest: int | None) -> tuple[int, int | None]:
     """Check an example batch's size (and length, against the model's ``longest``) before any
     work, with the fix in the message."""
@@ -163,14 +175,11 @@ class TinyGPT(nn.Module):
 
     def example_batch(self, batch_size: int = 8, seq_len: int | None = None, generator=None):
         _batch_shape(batch_size, seq_len, self.cfg.seq_len)
-        T = seq_len or self.cfg.seq_len
-        idx = torch.randint(self.cfg.vocab_size, (batch_size, T + 1), generator=generator)
-        return idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
+        return token_batch(self.cfg.vocab_size, batch_size, seq_len or self.cfg.seq_len, generator)
 
     def loss(self, batch):
         idx, targets = batch
-        logits = self(idx.to(self.head.weight.device))
-        return F.cross_entropy(logits.flatten(0, 1), targets.to(logits.device).flatten())
+        return next_token_loss(self(idx.to(self.head.weight.device)), targets)
 
 
 # ---------------------------------------------------------------- Llama-style configs
@@ -301,14 +310,11 @@ class Llama(nn.Module):
 
     def example_batch(self, batch_size: int = 1, seq_len: int | None = None, generator=None):
         _batch_shape(batch_size, seq_len, self.cfg.seq_len)
-        T = seq_len or self.cfg.seq_len
-        idx = torch.randint(self.cfg.vocab_size, (batch_size, T + 1), generator=generator)
-        return idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
+        return token_batch(self.cfg.vocab_size, batch_size, seq_len or self.cfg.seq_len, generator)
 
     def loss(self, batch):
         idx, targets = batch
-        logits = self(idx)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return next_token_loss(self(idx), targets)
 
 
 # ---------------------------------------------------------------- the course models by name

@@ -73,7 +73,7 @@ class _Producers(TorchDispatchMode):
         return out
 
 
-def _block_input(model, batch, index: int) -> torch.Tensor:
+def block_input(model, batch, index: int) -> torch.Tensor:
     """What block ``index`` receives in a forward of ``model.loss(batch)``."""
     seen = []
     hook = model.blocks[index].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
@@ -99,7 +99,7 @@ def rank_ops(model, batch_size: int = 8, seq_len: int | None = None, block: int 
         raise ValueError(f"by must be one of {', '.join(RANK_BY)}, not {by!r}")
     device = next(model.parameters()).device
     batch = model.example_batch(batch_size, seq_len, generator=torch.Generator().manual_seed(seed))
-    x = _block_input(model, tuple(t.to(device) for t in batch), block)
+    x = block_input(model, tuple(t.to(device) for t in batch), block)
     module = model.blocks[block]
     params = {id(p.untyped_storage()) for p in [*module.parameters(), *module.buffers()]}
     saved = {}

@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .models import longest_sequence
 from .policies import HostStore, Selective, applied, parse_policy
+from .ranking import block_input
 from .recompute import BOOKKEEPING, EXTRA_FLOP_FORMULAS
 from .step import make_batch, make_optimizer, run_step, seeded
 
@@ -188,7 +189,7 @@ def selective_seconds_per_op(model, policy: Selective, repeats: int = 15) -> flo
     so that the ops themselves are nearly free), under ``policy`` minus a plain checkpoint of
     the same block, divided by the block's ops."""
     block = model.blocks[0]
-    x = _block_input(model, make_batch(model, 1, 1 if longest_sequence(model) else None))
+    x = block_input(model, make_batch(model, 1, 1 if longest_sequence(model) else None), 0)
     ops = OpTimer()
     with ops, torch.no_grad():
         block(x)
@@ -203,15 +204,6 @@ def selective_seconds_per_op(model, policy: Selective, repeats: int = 15) -> flo
     return max(0.0, s["selective"] - s["checkpoint"]) / sum(ops.calls.values())
 
 
-def _block_input(model, batch) -> torch.Tensor:
-    seen = []
-    hook = model.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    try:
-        with torch.no_grad():
-            model.loss(batch)
-    finally:
-        hook.remove()
-    return seen[0].detach().requires_grad_()
 
 
 def _profiled_pass(model, batch, seed, device) -> tuple[OpTimer, OpTimer]:
