@@ -35,7 +35,7 @@ SECONDS_PER_EXTRA_ANSWER = 30
 # Seed 000's minutes per lesson; the capstone (phase 4) is one 18-minute lesson.
 TARGET_MIN = {"1.1": 6, "1.2": 6, "1.3": 6, "1.4": 7, "2.1": 7, "2.2": 7, "2.3": 7, "2.4": 6,
               "2.5": 7, "3.1": 7, "3.2": 7, "3.3": 7, "3.4": 8, "4": 18}
-SECTION = re.compile(r"^## (\d+\.\d+)\b", re.M)
+SECTION = re.compile(r"^## (\d+[a-z]?\.\d+)\b", re.M)
 
 
 def run_cell_seconds(nb, path: Path) -> list[float]:
