@@ -205,6 +205,25 @@ def cmd_tape(args) -> int:
     return 0
 
 
+def cmd_trace(args) -> int:
+    """One training step's memory timeline as PyTorch's memory_viz HTML (course or HF model)."""
+    from .memviz import step_timeline_html
+    from .units import fmt_bytes
+
+    if args.hf_config is not None:
+        from .hf import small_model
+
+        model, batch_size, seq = small_model(args.hf_config, args.layers, args.batch, args.seq)
+    else:
+        model, batch_size, seq = _course_model(args)
+    html, peak = step_timeline_html(model, args.policy, batch_size, seq)
+    args.html.write_text(html, encoding="utf-8")
+    print(f"wrote {args.html}: one AdamW step under {args.policy}, peak {fmt_bytes(peak)} of live "
+          "tensor bytes (the meter's; the page shows the allocator's). Open it in a browser "
+          "(it loads PyTorch's memory_viz viewer from the web).")
+    return 0
+
+
 def cmd_train(args) -> int:
     from .train import train
     from .units import fmt_bytes, fmt_flops
@@ -511,6 +530,13 @@ def make_parser() -> argparse.ArgumentParser:
         return p
 
     command("tape", cmd_tape, "print the activation tape of one forward pass")
+    trace = command("trace", cmd_trace, "write one training step's memory timeline as HTML "
+                    "(PyTorch's memory_viz)")
+    _hf_config_option(trace)
+    trace.add_argument("--policy", type=_policy_arg, default="none",
+                       help="the checkpoint policy of the step (default: none)")
+    trace.add_argument("--html", type=_output_file(".html"), required=True, metavar="FILE",
+                       help="where the page goes, e.g. step.html")
     train = command("train", cmd_train, "train a course model under a policy and print each step")
     train.add_argument("--policy", type=_policy_arg, default="none",
                        help="none, full, every-K, sqrt, segments:a-b,c, selective:save=OPS, "
