@@ -1,4 +1,4 @@
-"""One training step's memory timeline as memory_viz HTML (ckpt_course.memviz, ckpt-course trace)."""
+"""One training step's memory timeline as memory_viz HTML (memviz.py, `ckpt-course trace`)."""
 
 import base64
 import json
