@@ -202,13 +202,11 @@ class LlamaConfig:
         return replace(self, n_layer=n_layer)
 
 
-# The shapes of Llama 2 7B, 13B and 70B (6.74B, 13.0B and 68.98B parameters, as published; no
-# weights), a made-up "llama-1b" (Llama 3.2 1B's layer shape with Llama 2's 32000-token vocabulary
-# and an untied head: 1.10B parameters; no published model has it), and a tiny one that runs for
-# real on a laptop.
+# The shapes of Llama 2 7B, 13B and 70B (6.74B, 13.0B and 68.98B parameters, as published and
+# asserted in tests; no weights), and a tiny one that runs for real on a laptop. Real Llama 3,
+# Mistral, Qwen and GPT-2 configs: ckpt_course.hf.
 LLAMA_PRESETS: dict[str, LlamaConfig] = {
     "llama-tiny": LlamaConfig(4, 128, 4, 2, 344, vocab_size=256, seq_len=128, name="llama-tiny"),
-    "llama-1b": LlamaConfig(16, 2048, 32, 8, 8192, vocab_size=32000, seq_len=2048, name="llama-1b"),
     "llama-7b": LlamaConfig(32, 4096, 32, 32, 11008, name="llama-7b"),
     "llama-13b": LlamaConfig(40, 5120, 40, 40, 13824, name="llama-13b"),
     "llama-70b": LlamaConfig(80, 8192, 64, 8, 28672, name="llama-70b"),
