@@ -226,8 +226,9 @@ def oom_bar(oom, budget: int, ax=None):
     ax = _axes(ax, figsize=(9, 1.8))
     parts = [("parameters", oom.breakdown.get("parameters", 0)),
              ("AdamW state", oom.breakdown.get("optimizer state", 0)),
-             *((name.replace("blocks.", "block "), b) for name, b in sorted(oom.by_layer.items())
-               if name.startswith("blocks."))]
+             *((name.replace("blocks.", "block "), b)
+               for name, b in sorted(oom.by_layer.items(), key=lambda kv: (len(kv[0]), kv[0]))
+               if name.startswith("blocks."))]  # blocks.2 before blocks.10
     left = 0.0
     for name, nbytes in parts:
         ax.barh(0, nbytes / MiB, left=left, edgecolor="white")

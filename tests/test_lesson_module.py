@@ -39,10 +39,11 @@ def test_lesson_4_figures_draw_what_they_are_given():
     ax = plots.step_timelines(timeline, budget=5 * MiB)
     assert [list(line.get_ydata()) for line in ax.get_lines()] == [[1, 2], [4], [5, 5]]
     oom = NS(breakdown={"parameters": MiB, "optimizer state": 2 * MiB},
-             by_layer={"blocks.1": 3 * MiB, "blocks.0": 4 * MiB, "head": 9 * MiB})
+             by_layer={"blocks.10": MiB, "blocks.1": 3 * MiB, "blocks.0": 4 * MiB, "head": 9 * MiB})
     ax = plots.oom_bar(oom, budget=20 * MiB)
-    assert [t.get_text() for t in ax.texts] == ["parameters", "AdamW state", "block 0", "block 1"]
-    assert [p.get_width() for p in ax.patches] == [1, 2, 4, 3]  # the head is not a block
+    assert [t.get_text() for t in ax.texts] == ["parameters", "AdamW state", "block 0", "block 1",
+                                                "block 10"]  # in block order, not as text
+    assert [p.get_width() for p in ax.patches] == [1, 2, 4, 3, 1]  # the head is not a block
     point = NS(peak_bytes=2 * MiB, overhead=0.25)
     ax = plots.frontier_figure({"f": [NS(peak_bytes=3 * MiB, overhead=0.0), point]},
                                {"a": point, "b": point}, [(point, "star")], budget=3 * MiB)
