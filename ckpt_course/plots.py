@@ -204,3 +204,80 @@ def batch_sweep_figure(points, budget=None, axes=None):
     ax_mem.legend()
     ax_tps.legend()
     return axes
+
+
+# ---------------------------------------------------------------- lesson 4: the OOM and the plan
+def step_timelines(timeline, budget: int, steps=(1, 2), ax=None):
+    """``doctor.run_steps(..., timeline=True).timeline`` ((step, live bytes, phase) tuples): live
+    MiB of each step from its forward on, one line per step, the budget dashed."""
+    ax = _axes(ax, figsize=(9, 3.2))
+    for k in steps:
+        ax.plot([b / MiB for s, b, phase in timeline if s == k and phase is not None],
+                label=f"step {k}")
+    ax.axhline(budget / MiB, color="black", ls="--", label="budget")
+    ax.set(xlabel="allocations and frees, in order", ylabel="live MiB")
+    ax.legend()
+    return ax
+
+
+def oom_bar(oom, budget: int, ax=None):
+    """One stacked bar of what was live at an ``OOMReport``: parameters, AdamW state, then each
+    block's bytes in order; the budget dashed. Only the blocks are checkpointing's to give back."""
+    ax = _axes(ax, figsize=(9, 1.8))
+    parts = [("parameters", oom.breakdown.get("parameters", 0)),
+             ("AdamW state", oom.breakdown.get("optimizer state", 0)),
+             *((name.replace("blocks.", "block "), b)
+               for name, b in sorted(oom.by_layer.items(), key=lambda kv: (len(kv[0]), kv[0]))
+               if name.startswith("blocks."))]  # blocks.2 before blocks.10
+    left = 0.0
+    for name, nbytes in parts:
+        ax.barh(0, nbytes / MiB, left=left, edgecolor="white")
+        ax.text(left + nbytes / MiB / 2, 0, name, ha="center", va="center", fontsize=8,
+                rotation=90)
+        left += nbytes / MiB
+    ax.axvline(budget / MiB, color="black", ls="--")
+    ax.set_yticks([])
+    ax.set_xlabel("MiB live when it ran out of memory (dashed: budget)")
+    return ax
+
+
+def frontier_figure(frontiers: dict, alternatives: dict | None = None, stars=(), budget=None,
+                    ax=None):
+    """Recompute (% of a plain step) against predicted peak. ``frontiers``: {label: list of
+    ``plan.Prediction``} drawn as step curves (at a budget b the optimum is the point with the
+    largest peak <= b); ``alternatives``: {name: Prediction} as grey dots, equal ones sharing a
+    label; ``stars``: (Prediction, label) pairs; ``budget`` dashed; the "+33%" rule dotted."""
+    ax = _axes(ax, figsize=(8, 4))
+    for label, points in frontiers.items():
+        points = sorted(points, key=lambda p: p.peak_bytes)
+        ax.step([p.peak_bytes / MiB for p in points], [100 * p.overhead for p in points],
+                where="post", label=label)
+    names: dict[tuple, list[str]] = {}
+    for name, p in (alternatives or {}).items():
+        names.setdefault((p.peak_bytes / MiB, 100 * p.overhead), []).append(name)
+    for xy, same in names.items():
+        ax.plot(*xy, "o", color="tab:gray", ms=4)
+        ax.annotate(" = ".join(same), xy, fontsize=7, textcoords="offset points", xytext=(4, 3))
+    for p, label in stars:
+        ax.plot(p.peak_bytes / MiB, 100 * p.overhead, "*", ms=12, label=label)
+    if budget is not None:
+        ax.axvline(budget / MiB, color="black", ls="--", label="budget")
+    ax.axhline(100 / 3, color="tab:red", ls=":", label='the "+33%" rule')
+    ax.set(xlabel="predicted peak (MiB)", ylabel="recompute, % of a plain step's FLOPs")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def nested_figure(single: dict, nested: dict, ax=None):
+    """Forwards re-run against block inputs stored at once: ``single`` {stored: recompute} of the
+    single-level frontier as a step curve, ``nested`` {stored: NestedPrediction} as points, the
+    single-level minimum dotted (below it only nesting fits)."""
+    ax = _axes(ax, figsize=(7, 3.2))
+    ks = sorted(single)
+    ax.step(ks, [single[k] for k in ks], where="post", label="single level")
+    ss = sorted(nested)
+    ax.plot(ss, [nested[s].recompute_flops for s in ss], "o-", label="nested")
+    ax.axvline(ks[0], color="gray", ls=":", label="single-level minimum")
+    ax.set(xlabel="block inputs stored at once", ylabel="forwards re-run", yscale="log")
+    ax.legend()
+    return ax

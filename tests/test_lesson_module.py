@@ -29,3 +29,25 @@ def test_batch_sweep_figure_draws_each_policy_and_only_fitting_batches_for_throu
     assert [len(line.get_xdata()) for line in ax_tps.get_lines()] == [1, 2]
     assert [line.get_label() for line in ax_mem.get_lines()] == ["none", "full", "budget"]
     assert ax_mem.get_lines()[-1].get_ydata()[0] == 20
+
+
+def test_lesson_4_figures_draw_what_they_are_given():
+    from types import SimpleNamespace as NS
+
+    timeline = [(1, 1 * MiB, "forward"), (1, 2 * MiB, "backward"), (2, 3 * MiB, None),
+                (2, 4 * MiB, "forward")]
+    ax = plots.step_timelines(timeline, budget=5 * MiB)
+    assert [list(line.get_ydata()) for line in ax.get_lines()] == [[1, 2], [4], [5, 5]]
+    oom = NS(breakdown={"parameters": MiB, "optimizer state": 2 * MiB},
+             by_layer={"blocks.10": MiB, "blocks.1": 3 * MiB, "blocks.0": 4 * MiB, "head": 9 * MiB})
+    ax = plots.oom_bar(oom, budget=20 * MiB)
+    assert [t.get_text() for t in ax.texts] == ["parameters", "AdamW state", "block 0", "block 1",
+                                                "block 10"]  # in block order, not as text
+    assert [p.get_width() for p in ax.patches] == [1, 2, 4, 3, 1]  # the head is not a block
+    point = NS(peak_bytes=2 * MiB, overhead=0.25)
+    ax = plots.frontier_figure({"f": [NS(peak_bytes=3 * MiB, overhead=0.0), point]},
+                               {"a": point, "b": point}, [(point, "star")], budget=3 * MiB)
+    assert list(ax.get_lines()[0].get_xdata()) == [2, 3]  # sorted by peak
+    assert [t.get_text() for t in ax.texts] == ["a = b"]  # equal alternatives share a label
+    ax = plots.nested_figure({3: 10, 5: 4}, {2: NS(recompute_flops=30), 3: NS(recompute_flops=10)})
+    assert ax.get_lines()[-1].get_xdata()[0] == 3  # the single-level minimum
