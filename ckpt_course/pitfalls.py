@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import resource
 import sys
 from dataclasses import dataclass
@@ -341,16 +340,14 @@ def _run_case(reentrant, twice, find_unused, static, ddp: bool, steps: int = 2) 
 def _ddp_worker(rank: int, world_size: int, port: int, outdir: str, spec: dict) -> None:
     import torch.distributed as dist
 
+    from .sharding import leave_rank
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size)
     result = {name: _run_case(*DDP_CASES[name], ddp=True) for name in spec["cases"]}
     Path(outdir, f"rank{rank}.json").write_text(json.dumps(result))
-    # A case that raised mid-backward can leave DDP's reducer with a bucket in flight; tearing
-    # the process group down then aborts the process ("terminate called without an active
-    # exception", seen under load). The results are written: leave without C++ teardown.
-    sys.stdout.flush()
-    os._exit(0)
+    leave_rank()  # a case that raised mid-backward leaves DDP's reducer with a bucket in flight
 
 
 def ddp_cases(cases=tuple(DDP_CASES), timeout_s: float = 120) -> dict[str, dict]:
