@@ -248,6 +248,7 @@ def test_plan_command_prints_the_plan(capsys):
     assert "optimal: segments:none" in out and "+0.0% of a plain step" in out
 
 
+@pytest.mark.slow  # builds the 70B config's costs on fake tensors: seconds
 def test_plan_command_for_70b_says_to_shard(capsys):
     assert main(["plan", "--config", "70b", "--batch", "1", "--seq", "4096",
                  "--budget", "80GiB"]) == 1
@@ -289,7 +290,9 @@ def random_menu_costs(rng: random.Random, n: int, n_options: int) -> ChainCosts:
     return replace(costs, menu=menu, times=times)
 
 
-@pytest.mark.parametrize("n, n_options, seeds", [(3, 3, 12), (5, 2, 6), (6, 1, 4), (8, 1, 1)])
+@pytest.mark.parametrize("n, n_options, seeds", [
+    (3, 3, 12), (5, 2, 6), (6, 1, 4),
+    pytest.param(8, 1, 1, marks=pytest.mark.slow)])  # 8 blocks: brute force takes seconds
 @pytest.mark.parametrize("objective", ["time", "flops"])
 def test_menu_dp_equals_brute_force_over_every_menu(n, n_options, seeds, objective):
     for seed in range(seeds):

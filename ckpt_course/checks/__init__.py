@@ -164,6 +164,15 @@ def peak_of(fn, *args, like=None) -> int:
     return _metered_peak(target, *args)
 
 
+def expect_peak_near(fn, spec, reference: str, without: str, hint: str) -> None:
+    """``fn(spec)`` must peak like the trusted probe ``reference`` (the mechanism done right):
+    within a quarter of the gap between it and ``without`` (no mechanism at all). One rule for
+    every memory claim, measured the same way for all three (see ``peak_of``)."""
+    right = peak_of(f"ckpt_course.checks.probes:{reference}", spec, like=fn)
+    none = peak_of(f"ckpt_course.checks.probes:{without}", spec, like=fn)
+    expect(peak_of(fn, spec) <= right + 0.25 * (none - right), hint)
+
+
 def _probe(spec: str):
     module, _, name = spec.partition(":")
     if not module.startswith("ckpt_course.checks.probes") or not name:

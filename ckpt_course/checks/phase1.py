@@ -16,7 +16,7 @@ from ..models import GPTBlock, GPTConfig, HandTraceNet, TinyGPT
 from ..step import make_optimizer
 from ..tape import record_tape
 from ..train import measure_step
-from . import CheckFailed, Parts, call, expect, is_int, is_number, passed, peak_of, rng
+from . import CheckFailed, Parts, call, expect, expect_peak_near, is_int, is_number, passed, rng
 
 __all__ = ["CheckFailed", "training_state_bytes", "activation_ratio", "mlp_saved_bytes",
            "hand_checkpoint", "pick_n"]
@@ -187,15 +187,11 @@ def hand_checkpoint(run_with_my_checkpoint) -> float | None:
                    "inside torch.random.fork_rng() so the stream is put back afterwards")
     with parts("memory"):
         spec = {**PEAK_SPEC, "seed": r.randrange(10**6)}
-        reference = peak_of("ckpt_course.checks.probes:torch_checkpoint", spec,
-                            like=run_with_my_checkpoint)
-        no_checkpoint = peak_of("ckpt_course.checks.probes:plain", spec,
-                                like=run_with_my_checkpoint)
-        mine = peak_of(run_with_my_checkpoint, spec)
-        expect(mine <= reference + 0.25 * (no_checkpoint - reference),
-               "your checkpoint peaks about as high as no checkpointing: forward keeps more than "
-               "the block's input. Run the block under torch.no_grad() in forward and save only "
-               "the input (ctx.save_for_backward(x)); rebuild the rest in backward")
+        expect_peak_near(
+            run_with_my_checkpoint, spec, "torch_checkpoint", "plain",
+            "your checkpoint peaks about as high as no checkpointing: forward keeps more than "
+            "the block's input. Run the block under torch.no_grad() in forward and save only "
+            "the input (ctx.save_for_backward(x)); rebuild the rest in backward")
     score = parts.score()
     if score is None:
         passed("your checkpoint keeps only the input, reruns forward with the same dropout "
