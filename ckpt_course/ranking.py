@@ -86,14 +86,16 @@ def block_input(model, batch, index: int) -> torch.Tensor:
 
 
 def rank_ops(model, batch_size: int = 8, seq_len: int | None = None, block: int = 0,
-             seed: int = 0, by: str = "flops", rounds: int = 5) -> list[OpCost]:
+             seed: int = 0, by: str = "flops", rounds: int = 5,
+             op_seconds: dict[str, float] | None = None) -> list[OpCost]:
     """Every kind of op of one block, ranked by saved bytes per recompute FLOP (``by="flops"``)
     or per second of measured forward time (``by="time"``), best first.
 
     Saved bytes: the block's tape (every storage autograd saves, deduplicated, parameters left
     out), each storage credited to the op that made it, which is what keeping that op's output
     keeps. FLOPs: the op's forward FLOPs, counted by ``recompute.counting``. Seconds: the op's
-    forward time, median of ``rounds`` forwards of the block timed op by op.
+    forward time, median of ``rounds`` forwards of the block timed op by op, or the times given in
+    ``op_seconds`` (short op name -> seconds; what tests and replays use instead of a clock).
     """
     if by not in RANK_BY:
         raise ValueError(f"by must be one of {', '.join(RANK_BY)}, not {by!r}")
@@ -124,7 +126,7 @@ def rank_ops(model, batch_size: int = 8, seq_len: int | None = None, block: int 
         entry = by_op.setdefault(SHORT_NAMES.get(op, op), [0, 0, 0])
         entry[1] += counts.flops_by_op.get(name, 0)
         entry[2] += n
-    seconds = _forward_seconds(module, x, rounds)
+    seconds = _forward_seconds(module, x, rounds) if op_seconds is None else op_seconds
     costs = [OpCost(op, b, f, c, seconds.get(op, 0.0)) for op, (b, f, c) in by_op.items()
              if b or f]
     return sorted(costs, key=RANK_BY[by])
@@ -152,20 +154,23 @@ def _forward_seconds(module, x, rounds: int) -> dict[str, float]:
 
 def selective_from_ranking(ranking: list[OpCost], max_recompute_flops: int = 0,
                            max_recompute_s: float | None = None) -> Policy:
-    """A selective policy from a ranking: recompute ops from the top of the ranking while their
-    FLOPs add up to at most ``max_recompute_flops`` (or, given ``max_recompute_s``, their measured
-    seconds to at most that); save the rest.
+    """A selective policy from a ranking: recompute the longest prefix of the ranking whose FLOPs
+    add up to at most ``max_recompute_flops`` (or, given ``max_recompute_s``, whose measured
+    seconds add up to at most that); save the rest.
 
-    Only nameable ops can be saved; the others are recomputed anyway (save-mode recomputes all
-    it is not told to keep). When nothing is left to save the policy is ``full``.
+    A prefix, not a knapsack that skips an op that does not fit and takes a cheaper one further
+    down: the prefix is monotone (a larger cap never saves more ops), so the dial a lesson turns
+    moves one way. Only nameable ops can be saved; the others are recomputed anyway (save-mode
+    recomputes all it is not told to keep). When nothing is left to save the policy is ``full``.
     """
-    spent, save = 0, []
+    spent, save, within_cap = 0, [], True
     for cost in ranking:
         if cost.op == BLOCK_INPUT:
             continue
         price, cap = ((cost.flops, max_recompute_flops) if max_recompute_s is None
                       else (cost.seconds, max_recompute_s))
-        if spent + price <= cap:
+        within_cap = within_cap and spent + price <= cap
+        if within_cap:
             spent += price
         elif cost.nameable:
             save.append(cost.op)

@@ -61,13 +61,29 @@ def test_a_record_without_peak_takes_the_policys_last_peak():
     assert offsets(live.axes[0]) == [(1.0, 2.0), (1.0, 2.0)]
 
 
+class FakeClock:
+    """Seconds that move only when told: each reading advances by ``tick``."""
+
+    def __init__(self, tick: float):
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
 def test_live_mode_keeps_drawing_under_its_share_of_the_time():
-    live = LivePlot(mode="live", min_interval_s=0, max_share=1e-6)
+    # every clock reading is 1 s later, so a redraw "costs" 1 s: with a 10% share, the first
+    # step draws (1 s of drawing in the first 1 s is not yet counted), then drawing must wait
+    live = LivePlot(mode="live", min_interval_s=0, max_share=0.1, clock=FakeClock(1.0))
     for step in range(5):
         live(record("none", step, peak=MiB))
-    assert live.redraws == 1  # the first step draws; then drawing is over its share of time
-    assert live.draw_seconds > 0
-    patient = LivePlot(mode="live", min_interval_s=3600, max_share=0.999)
+    assert live.redraws == 1 and live.draw_seconds == 1.0
+    generous = LivePlot(mode="live", min_interval_s=0, max_share=0.9, clock=FakeClock(1.0))
+    for step in range(5):
+        generous(record("none", step, peak=MiB))
+    assert generous.redraws > 1
+    patient = LivePlot(mode="live", min_interval_s=3600, max_share=0.999, clock=FakeClock(1.0))
     patient(record("none", 0, peak=MiB))
     assert patient.redraws == 0  # not before the minimum interval
 
