@@ -77,6 +77,9 @@ class LayerCost:
     # after a recompute: checkpoint hands each saved tensor over once, so it dies as soon as
     # the op that reads it is done, a little earlier than in a plain backward
     checkpointed_backward: Backward = Backward()
+    # it returns its input itself (nn.Identity, Dropout(0)): x_{k+1} is x_k, it saves nothing,
+    # and under any policy it keeps nothing (a checkpoint that saves nothing keeps no input)
+    returns_input: bool = False
 
     @property
     def kept_bytes(self) -> int:
@@ -324,6 +327,8 @@ def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: 
             out = run(x)
         meter.mark("forward")
         x_ref, out_ref, a_out = _storage_ref(x), _storage_ref(out), out.untyped_storage().nbytes()
+        x_at = x.untyped_storage().data_ptr()  # 0 on fake tensors: only ``is`` tells then
+        returns_input = out is x or x_at != 0 and out.untyped_storage().data_ptr() == x_at
         a_in = x.untyped_storage().nbytes()
         sink = _Sink.apply(out, meter)
         del out
@@ -331,12 +336,17 @@ def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: 
             del x
         info = dict(start=start, kept=meter.live_bytes - start, a_in=a_in, a_out=a_out,
                     saves_input=x_ref() is not None, saves_output=out_ref() is not None,
+                    returns_input=returns_input,
                     last_pack=packs[-1] if packs else meter.marks["start"])
         if sink.requires_grad:
             with meter.phase("backward"):
                 torch.autograd.backward(sink, torch.empty(0, device=sink.device))
         info.update(grad_bytes=0 if accumulate else _grad_bytes(block),
                     needs_input_grad=bool(stash), end=meter.live_bytes)
+        if checkpointed and "backward" in meter.marks and "recomputed" not in meter.marks:
+            # it saved nothing (nn.Identity, Dropout(0)), so no recompute ran: an empty one
+            meter.marks["recomputed"] = meter.marks["checkpointed_backward"] = \
+                meter.marks["backward"]
         del sink
         stash.clear()
     meter.untrack()
@@ -420,6 +430,7 @@ def _plain_cost(runs, forward_flops: int, backward_flops: int) -> LayerCost:
         saves_input=free["saves_input"], saves_output=free["saves_output"],
         forward_flops=forward_flops, backward_flops=backward_flops,
         grad_bytes=held["grad_bytes"], needs_input_grad=held["needs_input_grad"],
+        returns_input=held["returns_input"],
         forward_peak=m.window_peak(m.marks["start"], m.marks["forward"], start) - start,
         backward=_backward(runs, False, "backward"))
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 import bisect
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -118,10 +118,12 @@ def all_placements(n: int, options=None):
 
 # ---------------------------------------------------------------- the objective
 def _extra_ns(costs: ChainCosts, k: int, option: str) -> int:
-    """Measured extra nanoseconds of block k under ``option`` over plain (never below 0: an
-    option cannot be faster than plain, a negative difference is timing noise)."""
+    """Measured extra nanoseconds of block k under ``option`` over plain, and at least 1: an
+    option does all plain does and more, so a difference at or below zero is timing noise, and
+    plain must still win the tie (clipped to 0, offload everywhere would tie with no
+    checkpointing and win on its lower peak)."""
     times = costs.times[k]
-    return max(0, round((times[option] - times["none"]) * 1e9))
+    return max(1, round((times[option] - times["none"]) * 1e9))
 
 
 def segment_time_ns(costs: ChainCosts, seg) -> int:
@@ -135,14 +137,32 @@ def segment_time_ns(costs: ChainCosts, seg) -> int:
     return sum(_extra_ns(costs, k, "full") for k in range(i, j))
 
 
-def segment_flops(costs: ChainCosts, seg) -> int | None:
-    """Recomputed FLOPs, in 1/1024 FLOP; None (not an option) for offload: FLOPs cannot price a
-    copy, and at zero FLOPs it would win everywhere (the time objective prices it by its
-    measured time). Each selective option adds 1/1024 FLOP, so that a tie (a variant that
-    recomputes only ops the counter gives no FLOPs, such as GELU) goes to the plain block."""
-    if seg[2] == "offload":
-        return None
+def segment_flops(costs: ChainCosts, seg) -> int:
+    """Recomputed FLOPs, in 1/1024 FLOP. Each selective option adds 1/1024 FLOP, so that a tie
+    (a variant that recomputes only ops the counter gives no FLOPs, such as GELU) goes to the
+    plain block. FLOPs cannot price a copy, and at zero FLOPs offload would win everywhere, so
+    offload is the last resort: it costs (its host bytes + 1) x more than all the recompute
+    the chain could ever do, so the plan offloads only where nothing else fits, and then the
+    fewest bytes (the time objective prices it by its measured time)."""
+    if isinstance(seg[2], str) and seg[2].startswith("offload"):
+        return (costs.menu[seg[0]][seg[2]].host_bytes + 1) * _flops_ceiling(costs)
     return segment_recompute_flops(costs, seg) * 1024 + isinstance(seg[2], str)
+
+
+_CEILINGS: dict[int, tuple[ChainCosts, int]] = {}
+
+
+def _flops_ceiling(costs: ChainCosts) -> int:
+    """More than any placement's recompute in ``segment_flops``' units (cached per chain)."""
+    cached = _CEILINGS.get(id(costs))
+    if cached is None or cached[0] is not costs:
+        most = sum(max([c.forward_flops, *(o.recompute_flops for o in options.values())])
+                   for c, options in zip(costs.layers, costs.menu or [{}] * costs.n,
+                                         strict=True))
+        cached = _CEILINGS[id(costs)] = (costs, 1024 * most + costs.n + 1)
+        while len(_CEILINGS) > 8:
+            _CEILINGS.pop(next(iter(_CEILINGS)))
+    return cached[1]
 
 
 OBJECTIVES = {"flops": segment_flops, "time": segment_time_ns}
@@ -319,6 +339,12 @@ class Prediction:
 def predict(costs: ChainCosts, placement) -> Prediction:
     """The memory model for one placement (or policy): peak live bytes, where, recompute."""
     placement = as_placement(costs.n, placement)
+    folded = _folded(costs)
+    if folded is not None:  # blocks that return their input: predicted on the chain without
+        short, real = folded
+        p = predict(short, _fold_placement(placement, real))
+        top = _unfold_event((p.peak_bytes, p.phase, p.block, p.where), real, costs.n)
+        return replace(p, placement=placement, block=top[2], where=_unfold_where(p, real))
     for k, _, kind in placement:
         if isinstance(kind, str) and (not costs.menu or kind not in costs.menu[k]):
             raise ValueError(f"block {k} runs {kind}, an option these costs did not measure: "
@@ -385,6 +411,63 @@ def as_placement(n: int, placement) -> Placement:
     return placement
 
 
+# ---------------------------------------------------------------- blocks that pass through
+# A block that returns its input itself (nn.Identity, Dropout(0)) saves nothing and makes no new
+# tensor: x_{k+1} is x_k. Under any policy it keeps nothing (a checkpoint whose region saves
+# nothing keeps no input either), so the chain is planned and predicted without it; a segment
+# of several blocks that includes it recomputes it for free.
+def _folded(costs: ChainCosts) -> tuple[ChainCosts, tuple[int, ...]] | None:
+    """The chain without its pass-through blocks and the indices of the blocks kept; None if
+    there are none."""
+    real = tuple(k for k, c in enumerate(costs.layers) if not c.returns_input)
+    if len(real) == costs.n:
+        return None
+    return replace(costs, layers=tuple(costs.layers[k] for k in real),
+                   menu=tuple(costs.menu[k] for k in real) if costs.menu else (),
+                   times=tuple(costs.times[k] for k in real) if costs.times else ()), real
+
+
+def _fold_placement(placement: Placement, real: tuple[int, ...]) -> Placement:
+    """A placement of the whole chain as one of the chain without pass-through blocks: a segment
+    of pass-through blocks only is dropped (it keeps nothing under any option)."""
+    index = {k: m for m, k in enumerate(real)}
+    out = []
+    for i, j, kind in placement:
+        inside = [index[k] for k in range(i, j) if k in index]
+        if inside:
+            out.append((inside[0], inside[-1] + 1, kind))
+    return tuple(out)
+
+
+def _unfold_placement(placement: Placement, real: tuple[int, ...], n: int) -> Placement:
+    """The inverse: each segment spans its first to its last real block; the pass-through
+    blocks between segments run plain."""
+    out, k = [], 0
+    for a, b, kind in placement:
+        i, j = real[a], real[b - 1] + 1
+        out += [(m, m + 1, False) for m in range(k, i)] + [(i, j, kind)]
+        k = j
+    return tuple(out + [(m, m + 1, False) for m in range(k, n)])
+
+
+def _unfold_event(event: Event, real: tuple[int, ...], n: int) -> Event:
+    live, phase, k, detail = event
+    return live, phase, real[k] if 0 <= k < len(real) else (n if k >= 0 else k), detail
+
+
+def _unfold_where(p: Prediction, real: tuple[int, ...]) -> str:
+    """The folded prediction's words with the real block numbers."""
+    import re
+
+    def number(match):
+        k = int(match[2])
+        return match[1] + str(real[k] if k < len(real) else k)
+
+    where = re.sub(r"(block )(\d+)", number, p.where)
+    return re.sub(r"(segment )(\d+)-(\d+)", lambda m: f"segment {real[int(m[2])]}-"
+                  f"{real[int(m[3])]}", where)
+
+
 # ---------------------------------------------------------------- the dynamic program
 def optimal(costs: ChainCosts, budget, objective=None) -> Prediction | None:
     """The placement with the least ``objective`` (predicted extra time by default when
@@ -396,6 +479,12 @@ def optimal(costs: ChainCosts, budget, objective=None) -> Prediction | None:
     peak at that cost (the DP's states know kept bytes, not the peak so far, so it cannot break
     the tie itself)."""
     cost, table = objective_fn(costs, objective), {}
+    folded = _folded(costs)
+    if folded is not None:
+        short, real = folded
+        best = optimal(short, budget, cost)
+        return None if best is None else predict(
+            costs, _unfold_placement(best.placement, real, costs.n))
     best = _cheapest(costs, parse_budget(budget), cost, table)
     while best is not None:
         lower = _cheapest(costs, best.peak_bytes - 1, cost, table)

@@ -411,8 +411,10 @@ class HostStore:
     CUDA (any non-CPU device): ``torch.autograd.graph.save_on_cpu(pin_memory=True)`` makes the
     copies. On a CPU-only machine the "host" is this store: copies are made with every dispatch
     mode disabled, so a memory meter (a ``TorchDispatchMode``) sees them leave; the copy back in
-    backward is a fresh tensor the meter does see. Parameters (and views of them, such as the
-    ``weight.t()`` Linear saves) stay put: they are in device memory anyway. A tensor saved twice
+    backward is a fresh tensor the meter does see. Parameters and buffers (and views of them,
+    such as the ``weight.t()`` Linear saves, or a slice of a rotary table all layers share) stay
+    put: they are in device memory anyway, and a host copy of a shared one would come back once
+    and stay on the device from the last block's backward to the first's. A tensor saved twice
     (ReLU's output, saved again by the next block's matmul) goes to host once and comes back once:
     the copy back is shared by its uses in backward and dropped after the last one.
     """
@@ -760,7 +762,7 @@ class _Region:
         if k == 0:
             self._abandon()
             self._calls = []
-            params = [p for b in self.blocks for p in b.parameters()]
+            params = [t for b in self.blocks for t in (*b.parameters(), *b.buffers())]
             replay = functools.partial(_replay, self.forwards, self._calls)
             self._open = self.policy.region(replay, params, self.handle.store, args, kwargs)
             next(self._open)
