@@ -35,10 +35,10 @@ from torch import nn
 from .costs import MENU
 from .meter import MemoryMeter, parse_budget
 from .models import GPTConfig, TinyGPT
-from .plan import Prediction, measure_costs, optimal, predict
+from .plan import Prediction, _optimal, measure_costs, predict, segment_flops
 from .policies import applied, parse_policy
 from .recompute import measure_recompute
-from .sharding import min_devices, shard
+from .sharding import _min_devices, shard
 from .step import StepRecord, check_run, make_batch, make_optimizer, run_step, seeded
 from .units import fmt_bytes, fmt_flops
 
@@ -222,9 +222,15 @@ def run_steps(model: nn.Module, budget=None, policy="none", batch_size: int = 8,
     stop at the first out-of-memory error. A fresh batch every step (not counted by the meter,
     as ``train`` and ``predict``); dropout seeded by ``seed``; the model is copied first unless
     ``copy_model=False``. ``timeline``: keep live bytes after every allocation and free."""
+    return _run_steps(model, None if budget is None else parse_budget(budget), policy,
+                      batch_size, seq_len, steps, micro_batches, seed, copy_model, timeline)
+
+
+def _run_steps(model, budget: float | None, policy, batch_size, seq_len=None, steps=3,
+               micro_batches=1, seed=0, copy_model=True, timeline=False) -> Run:
+    """``run_steps`` with the budget already parsed (bytes, or None)."""
     device = check_run(model, batch_size=batch_size, steps=steps, seq_len=seq_len,
                        micro_batches=micro_batches)
-    budget = None if budget is None else parse_budget(budget)
     policy = parse_policy(policy)
     model = copy.deepcopy(model) if copy_model else model
     model.train()
@@ -344,7 +350,11 @@ def prescribe(model: nn.Module, budget, batch_size: int = 8, seq_len: int | None
     plain, checkpointed, selective or offloaded; ``()``: plain or checkpointed only); a
     placement and a smaller micro-batch with gradient accumulation; offload; sharding. With
     the arithmetic."""
-    budget = parse_budget(budget)
+    return _prescribe(model, parse_budget(budget), batch_size, seq_len, menu)
+
+
+def _prescribe(model, budget: float, batch_size: int, seq_len, menu) -> Fix:
+    """``prescribe`` with the budget already parsed (bytes)."""
     costs = measure_costs(model, batch_size, seq_len, menu=menu)
     none = predict(costs, "none")
     lines = [f"Without checkpointing the planner predicts a peak of {fmt_bytes(none.peak_bytes)} "
@@ -355,7 +365,7 @@ def prescribe(model: nn.Module, budget, batch_size: int = 8, seq_len: int | None
         return Fix("none", predicted=none, arithmetic=lines + ["It fits as it is."])
     if costs.param_bytes >= budget:
         return _shard_or_offload(costs, budget, lines, params_alone=True)
-    best = optimal(costs, budget)
+    best = _optimal(costs, budget, _recompute_only)
     if best is not None:
         lines.append(_placement_words(best, budget))
         return Fix("policy", str(best.policy), predicted=best, arithmetic=lines)
@@ -374,7 +384,7 @@ def prescribe(model: nn.Module, budget, batch_size: int = 8, seq_len: int | None
                  f"{fmt_bytes(full.peak_bytes)} ({full.where}).")
     for parts in _divisors_above_one(batch_size):
         micro = measure_costs(model, batch_size // parts, seq_len, accumulate=True, menu=menu)
-        best = optimal(micro, budget)
+        best = _optimal(micro, budget, _recompute_only)
         if best is not None:
             grads = micro.trunk.base_bytes - costs.trunk.base_bytes
             lines.append(f"Micro-batches of {batch_size // parts} ({parts} per step, gradients "
@@ -386,6 +396,12 @@ def prescribe(model: nn.Module, budget, batch_size: int = 8, seq_len: int | None
     lines.append(f"Not even micro-batches of 1 sample fit ({fmt_bytes(budget)}).")
     return _shard_or_offload(costs, budget, lines, params_alone=False, model=model,
                              batch_size=batch_size, seq_len=seq_len)
+
+
+def _recompute_only(costs, segment) -> int | None:
+    """The FLOPs objective without offload: the doctor tries recompute, then micro-batches,
+    and offloads only after both (``_shard_or_offload``)."""
+    return None if segment[2] == "offload" else segment_flops(costs, segment)
 
 
 def _placement_words(best: Prediction, budget: float, lowercase: bool = False) -> str:
@@ -405,7 +421,7 @@ def _shard_or_offload(costs, budget, lines, params_alone, model=None, batch_size
                      f"state {fmt_bytes(fixed)}), more than the budget {fmt_bytes(budget)}: no "
                      f"checkpoint policy, micro-batch or activation offload can help.")
     elif model is not None:  # offload the saved tensors to host memory: measure it
-        run = run_steps(model, None, "offload", batch_size, seq_len, steps=2)
+        run = _run_steps(model, None, "offload", batch_size, seq_len, steps=2)
         if run.peak_bytes <= budget:
             lines.append(f"Offload every block's saved tensors to host memory: the measured "
                          f"peak is {fmt_bytes(run.peak_bytes)}, for "
@@ -413,7 +429,7 @@ def _shard_or_offload(costs, budget, lines, params_alone, model=None, batch_size
             return Fix("offload", "offload", arithmetic=lines)
         lines.append(f"Offloading the saved tensors still peaks at {fmt_bytes(run.peak_bytes)} "
                      f"(measured).")
-    found = min_devices(costs, budget)
+    found = _min_devices(costs, budget)
     if found is None:
         full = predict(shard(costs, 1024), "full")
         lines.append(f"Sharding splits parameters, gradients and optimizer state, not "
@@ -482,8 +498,13 @@ def step_time_ratio(model, policy, batch_size, seq_len=None, micro_batches=1, re
 def verify(model, fix: Fix, budget, batch_size: int = 8, seq_len: int | None = None,
            steps: int = 3, timing: bool = True) -> Verification:
     """Run the prescription under the same budget; compare with the prediction."""
-    run = run_steps(model, budget, fix.policy, batch_size, seq_len, steps,
-                    micro_batches=fix.micro_batches)
+    return _verify(model, fix, parse_budget(budget), batch_size, seq_len, steps, timing)
+
+
+def _verify(model, fix: Fix, budget: float, batch_size, seq_len, steps, timing) -> Verification:
+    """``verify`` with the budget already parsed (bytes)."""
+    run = _run_steps(model, budget, fix.policy, batch_size, seq_len, steps,
+                     micro_batches=fix.micro_batches)
     measured = predicted = None
     if fix.kind in ("policy", "micro-batch"):
         micro = model.example_batch(batch_size // fix.micro_batches, seq_len,
@@ -523,8 +544,8 @@ class DoctorReport:
 def demo_budget(model: nn.Module, batch_size: int = 8, seq_len: int | None = None) -> float:
     """Lesson 4's budget: a quarter of the way from step 1's peak to step 2's, so step 1 fits
     and step 2, carrying AdamW's state, runs out of memory."""
-    step1, step2 = (s.peak_bytes for s in run_steps(model, None, "none", batch_size, seq_len,
-                                                    steps=2).steps)
+    step1, step2 = (s.peak_bytes for s in _run_steps(model, None, "none", batch_size, seq_len,
+                                                     steps=2).steps)
     return step1 + (step2 - step1) // 4
 
 
@@ -537,14 +558,14 @@ def doctor(model: nn.Module, budget=None, batch_size: int = 8, seq_len: int | No
         budget = demo_budget(model, batch_size, seq_len)
         note = (f"No budget given: lesson 4's demo. Budget {fmt_bytes(budget)}, between step 1's "
                 f"peak and step 2's, so step 2 runs out of memory (AdamW's state appears).")
-    budget = parse_budget(budget)
-    run = run_steps(model, budget, policy, batch_size, seq_len, steps)
+    budget = parse_budget(budget)  # once, here: everything below takes bytes
+    run = _run_steps(model, budget, policy, batch_size, seq_len, steps)
     if run.oom is None:
         return DoctorReport(budget, run, None, None, note)
-    fix = prescribe(model, budget, batch_size, seq_len, menu)
+    fix = _prescribe(model, budget, batch_size, seq_len, menu)
     verification = None
     if fix.kind in ("policy", "micro-batch", "offload"):
-        verification = verify(model, fix, budget, batch_size, seq_len, steps, timing)
+        verification = _verify(model, fix, budget, batch_size, seq_len, steps, timing)
     return DoctorReport(budget, run, fix, verification, note)
 
 

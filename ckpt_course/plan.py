@@ -478,14 +478,19 @@ def optimal(costs: ChainCosts, budget, objective=None) -> Prediction | None:
     cost; asking it again just under the peak it found, until the cost goes up, gives the lowest
     peak at that cost (the DP's states know kept bytes, not the peak so far, so it cannot break
     the tie itself)."""
+    return _optimal(costs, parse_budget(budget), objective)
+
+
+def _optimal(costs: ChainCosts, budget: float, objective=None) -> Prediction | None:
+    """``optimal`` with the budget already parsed (bytes)."""
     cost, table = objective_fn(costs, objective), {}
     folded = _folded(costs)
     if folded is not None:
         short, real = folded
-        best = optimal(short, budget, cost)
+        best = _optimal(short, budget, cost)
         return None if best is None else predict(
             costs, _unfold_placement(best.placement, real, costs.n))
-    best = _cheapest(costs, parse_budget(budget), cost, table)
+    best = _cheapest(costs, budget, cost, table)
     while best is not None:
         lower = _cheapest(costs, best.peak_bytes - 1, cost, table)
         if lower is None or placement_cost(costs, lower.placement, cost) > placement_cost(
@@ -584,7 +589,7 @@ def optimal_frontier(costs: ChainCosts, most: int = 200, objective=None) -> list
     placement (lowest peak among equally cheap) peaking strictly below the last."""
     out, budget = [], predict(costs, "none").peak_bytes
     while len(out) < most:
-        best = optimal(costs, budget, objective)
+        best = _optimal(costs, budget, objective)
         if best is None:
             break
         out.append(best)
@@ -743,7 +748,7 @@ def make_plan(costs: ChainCosts, budget, objective=None) -> Plan:
     name = objective if isinstance(objective, str) else (
         "time" if objective is None and costs.times else "flops" if objective is None
         else getattr(objective, "__name__", "custom"))
-    return Plan(costs, budget, optimal(costs, budget, cost), alternatives, name)
+    return Plan(costs, budget, _optimal(costs, budget, cost), alternatives, name)
 
 
 def block_table(costs: ChainCosts, prediction: Prediction) -> list[dict]:

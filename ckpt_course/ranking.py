@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .policies import OP_NAMES, EveryK, Policy, Selective
 from .recompute import counting
+from .timing import OpTimer, block_input  # noqa: F401 (block_input re-exported)
 from .units import fmt_bytes, fmt_flops
 
 SHORT_NAMES = {aten: short for short, atens in OP_NAMES.items() if short != "attn-core"
@@ -71,18 +72,6 @@ class _Producers(TorchDispatchMode):
                 storage = t.untyped_storage()
                 self.made.setdefault(id(storage), (storage, func.overloadpacket.__name__))
         return out
-
-
-def block_input(model, batch, index: int) -> torch.Tensor:
-    """What block ``index`` receives in a forward of ``model.loss(batch)``."""
-    seen = []
-    hook = model.blocks[index].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    try:
-        with torch.no_grad():
-            model.loss(batch)
-    finally:
-        hook.remove()
-    return seen[0].detach().requires_grad_()
 
 
 def rank_ops(model, batch_size: int = 8, seq_len: int | None = None, block: int = 0,
@@ -138,8 +127,6 @@ RANK_BY = {"flops": lambda c: (-c.bytes_per_flop, -c.saved_bytes, c.op),
 
 def _forward_seconds(module, x, rounds: int) -> dict[str, float]:
     """Median forward seconds per op kind (short names) over ``rounds`` forwards, after one."""
-    from .timing import OpTimer  # timing imports policies, which ranking's importers load first
-
     runs = []
     for _ in range(rounds + 1):
         with OpTimer(x.device) as timer:

@@ -44,7 +44,7 @@ from torch import nn
 from .costs import Backward, ChainCosts
 from .meter import parse_budget
 from .models import GPTConfig, TinyGPT
-from .plan import Prediction, optimal
+from .plan import Prediction, _optimal
 from .policies import apply_policy
 from .step import make_optimizer
 from .units import fmt_bytes
@@ -291,12 +291,16 @@ def min_devices(costs: ChainCosts, budget, most: int = 4096) -> tuple[int, Predi
     """The fewest devices over which sharding (``shard``) lets some placement fit ``budget``,
     and that placement (the planner's optimum on each device); None if not even ``most`` do.
     More devices never need more bytes each, so: double until it fits, then bisect."""
-    budget = parse_budget(budget)
+    return _min_devices(costs, parse_budget(budget), most)
+
+
+def _min_devices(costs: ChainCosts, budget: float, most: int = 4096):
+    """``min_devices`` with the budget already parsed (bytes)."""
     fits = {}
 
     def fit(n):
         if n not in fits:
-            fits[n] = optimal(shard(costs, n), budget)
+            fits[n] = _optimal(shard(costs, n), budget)
         return fits[n]
 
     high = 1

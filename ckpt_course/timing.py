@@ -33,7 +33,6 @@ from torch.utils.checkpoint import checkpoint
 
 from .models import longest_sequence
 from .policies import HostStore, Selective, applied, parse_policy
-from .ranking import block_input
 from .recompute import BOOKKEEPING, EXTRA_FLOP_FORMULAS
 from .step import make_batch, make_optimizer, run_step, seeded
 
@@ -204,6 +203,18 @@ def selective_seconds_per_op(model, policy: Selective, repeats: int = 15) -> flo
     return max(0.0, s["selective"] - s["checkpoint"]) / sum(ops.calls.values())
 
 
+
+
+def block_input(model, batch, index: int) -> torch.Tensor:
+    """What block ``index`` receives in a forward of ``model.loss(batch)``."""
+    seen = []
+    hook = model.blocks[index].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            model.loss(batch)
+    finally:
+        hook.remove()
+    return seen[0].detach().requires_grad_()
 
 
 def _profiled_pass(model, batch, seed, device) -> tuple[OpTimer, OpTimer]:

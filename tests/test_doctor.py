@@ -118,3 +118,23 @@ def test_doctor_command_rejects_bad_input(argv, message, capsys):
     with pytest.raises(SystemExit):
         parser().parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_the_budget_is_parsed_once_where_it_enters(model, monkeypatch):
+    """The doctor parses its budget and hands bytes down: running the steps, prescribing
+    (the planner, sharding) and verifying never parse it again."""
+    from ckpt_course import doctor as doctor_module
+    from ckpt_course import plan, sharding
+    from ckpt_course.meter import parse_budget
+
+    parsed = []
+
+    def counting(budget):
+        parsed.append(budget)
+        return parse_budget(budget)
+
+    for module in (doctor_module, plan, sharding):
+        monkeypatch.setattr(module, "parse_budget", counting)
+    report = doctor(model, "4.5MiB", BATCH, timing=False)
+    assert report.fix.kind == "policy" and report.verification.run.fits
+    assert parsed == ["4.5MiB"]

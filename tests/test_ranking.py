@@ -69,3 +69,14 @@ def test_the_cap_takes_a_prefix_never_skips_to_a_cheaper_op():
 def test_rank_by_must_be_known():
     with pytest.raises(ValueError, match="flops, time"):
         rank_ops(TinyGPT(GPTConfig(d_model=32, n_head=2, seq_len=16)), batch_size=2, by="bytes")
+
+
+def test_ranking_and_timing_do_not_import_each_other():
+    """timing (the op timer, a block's input) sits below ranking: ranking imports it, never the
+    other way round (checked in a fresh interpreter, where nothing else loaded ranking)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ckpt_course.timing; "
+            "assert 'ckpt_course.ranking' not in sys.modules, 'timing imports ranking'")
+    subprocess.run([sys.executable, "-c", code], check=True)
