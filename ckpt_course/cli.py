@@ -173,8 +173,26 @@ def _folder(must_exist: bool):
 
 
 # ---------------------------------------------------------------- course models
+class _Typed(argparse.Action):
+    """Stores the value and notes in ``args.typed`` that it was typed, not defaulted, so that
+    an option naming the same thing as another (--model, --hf-config) can be refused."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.typed = {*getattr(namespace, "typed", ()), self.dest}
+
+
+def _hf_small_model(args):
+    """The small instance of --hf-config (``hf.small_model``); --model next to it is refused."""
+    from .hf import small_model
+
+    if "model" in getattr(args, "typed", ()):
+        raise ValueError("--model and --hf-config both name the model: drop one of them")
+    return small_model(args.hf_config, args.layers, args.batch, args.seq)
+
+
 def _model_arguments(parser, default="gpt"):
-    parser.add_argument("--model", choices=MODEL_CHOICES, default=default,
+    parser.add_argument("--model", choices=MODEL_CHOICES, default=default, action=_Typed,
                         help="which course model (default: %(default)s)")
     parser.add_argument("--layers", type=positive_int, help="number of blocks")
     parser.add_argument("--batch", type=positive_int,
@@ -211,9 +229,7 @@ def cmd_trace(args) -> int:
     from .units import fmt_bytes
 
     if args.hf_config is not None:
-        from .hf import small_model
-
-        model, batch_size, seq = small_model(args.hf_config, args.layers, args.batch, args.seq)
+        model, batch_size, seq = _hf_small_model(args)
     else:
         model, batch_size, seq = _course_model(args)
     html, peak = step_timeline_html(model, args.policy, batch_size, seq)
@@ -369,7 +385,8 @@ def run_plan(args) -> int:
     if plan.fits and args.hf_config is not None:
         from .hf import handback
 
-        print("\nIn transformers:\n" + str(handback(plan.best.placement, costs.n, costs=costs)))
+        code = handback(plan.best.placement, costs.n, args.hf_config, costs)
+        print("\nIn transformers:\n" + str(code))
     if plan.fits:
         return 0
     if args.config is not None or args.hf_config is not None:
@@ -403,9 +420,7 @@ def run_doctor(args) -> int:
 
     as_given = (args.model, args.layers, args.batch, args.seq) == ("gpt", None, None, None)
     if args.hf_config is not None:
-        from .hf import small_model
-
-        model, batch_size, seq = small_model(args.hf_config, args.layers, args.batch, args.seq)
+        model, batch_size, seq = _hf_small_model(args)
         print(f"{model.cfg.name}: random weights, measured for real")
         report = doctor(model, args.budget, batch_size, seq, args.steps,
                         timing=not args.no_timing)
@@ -419,7 +434,7 @@ def run_doctor(args) -> int:
     if args.hf_config is not None and report.fix is not None and report.fix.kind == "policy":
         from .hf import handback
 
-        print("\nIn transformers:\n" + str(handback(report.fix.policy, len(model.blocks))))
+        print("\nIn transformers:\n" + str(handback(report.fix.policy, len(model.blocks), model)))
     fits = report.run.fits or (report.verification is not None and report.verification.run.fits)
     return 0 if fits else 1
 

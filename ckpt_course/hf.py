@@ -49,39 +49,146 @@ def config_names() -> list[str]:
 
 
 # ---------------------------------------------------------------- configs
-def load_config(name_or_path):
-    """A transformers config from a shipped name (``config_names()``) or a ``config.json`` path
-    (or a folder holding one); one-line errors for an unknown name, bad JSON or an unknown
-    ``model_type``."""
-    from transformers import PretrainedConfig
+# The decoder-only architectures whose size fields are checked here (and tested: hf_configs/).
+SUPPORTED = ("gpt2", "llama", "mistral", "qwen2")
 
-    if isinstance(name_or_path, PretrainedConfig):
-        return name_or_path
-    text = str(name_or_path)
-    path = CONFIG_DIR / f"{text.lower()}.json"
-    if not path.is_file():
-        path = Path(text)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise ValueError(f"unknown model config {text!r}: give a config.json path or one of "
-                             f"{', '.join(config_names())}")
+# Bounds on a config's sizes, far above any published decoder (Llama 3.1 405B: 126 layers,
+# 16384 wide, 53248 MLP, a 128K vocabulary; Gemma 3: 262K): beyond them a value is a typo, and
+# an unbounded layer count would make the planner (one cost row per layer) run for hours.
+MAX_LAYERS = 1024
+MAX_WIDTH = 2**17  # hidden_size, intermediate_size (also at most 64 x hidden_size)
+MAX_VOCAB = 2**22
+MAX_POSITIONS = 2**25
+MAX_MLP_RATIO = 64
+
+# transformers' names (GPT-2 maps them to n_layer, n_head, n_embd, n_positions itself)
+_SIZE_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
+                "intermediate_size", "n_inner", "head_dim", "vocab_size",
+                "max_position_embeddings")
+_OPTIONAL = ("num_key_value_heads", "intermediate_size", "n_inner", "head_dim")  # None: default
+
+
+def _json_key(config_class, name: str) -> str:
+    """The key a config.json of ``config_class`` writes ``name`` under (GPT-2: n_layer, ...)."""
+    return getattr(config_class, "attribute_map", {}).get(name, name)
+
+
+def _check_whole(key: str, value, where: str) -> None:
+    """One size field: a whole number >= 1 (JSON 12.0, true and "12" are not)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{where}: {key} must be a whole number >= 1, got {value!r}: write it "
+                         f"without quotes or a decimal point, e.g. \"{key}\": 16")
+    if value < 1:
+        raise ValueError(f"{where}: {key} must be >= 1, got {value}: a model has at least one "
+                         f"of each; write e.g. \"{key}\": 16")
+
+
+def check_model_type(kind, where: str = "config") -> None:
+    """A one-line error unless ``kind`` is a supported decoder-only causal LM, naming them."""
+    if kind not in SUPPORTED if isinstance(kind, str) else True:
+        raise ValueError(f"{where}: model_type {kind!r} is not a supported causal LM with "
+                         f"repeated decoder layers (encoders such as bert and encoder-decoders "
+                         f"such as t5 are not): use one of {', '.join(SUPPORTED)}")
+
+
+def check_config(config, where: str | None = None) -> None:
+    """Every size of ``config`` checked, each error one line naming the field and the fix: whole
+    numbers >= 1, heads dividing the width, key/value heads dividing the heads, and the bounds
+    above (so no size makes a tool hang)."""
+    where = where or (getattr(config, "name_or_path", "") or "config")
+    check_model_type(getattr(config, "model_type", None), where)
+    cls = type(config)
+    values = {}
+    for name in _SIZE_FIELDS:
+        if not hasattr(config, name):
+            continue
+        value = getattr(config, name)
+        if value is None and name in _OPTIONAL:
+            continue
+        _check_whole(_json_key(cls, name), value, where)
+        values[name] = value
+    key = lambda name: _json_key(cls, name)  # noqa: E731
+    heads, hidden = values["num_attention_heads"], values["hidden_size"]
+    for name, most in (("num_hidden_layers", MAX_LAYERS), ("hidden_size", MAX_WIDTH),
+                       ("intermediate_size", MAX_WIDTH), ("n_inner", MAX_WIDTH),
+                       ("vocab_size", MAX_VOCAB), ("max_position_embeddings", MAX_POSITIONS)):
+        if values.get(name, 0) > most:
+            raise ValueError(f"{where}: {key(name)} {values[name]:,} is beyond what this course "
+                             f"plans (at most {most:,}; the largest published models use far "
+                             f"less): check the value")
+    if hidden % heads:
+        fixed = hidden // heads * heads or heads
+        raise ValueError(f"{where}: {key('hidden_size')} {hidden} is not a multiple of "
+                         f"{key('num_attention_heads')} {heads}: each head gets hidden_size / "
+                         f"heads dimensions; use e.g. {key('hidden_size')} {fixed}")
+    kv = values.get("num_key_value_heads", heads)
+    if heads % kv:
+        raise ValueError(f"{where}: num_key_value_heads {kv} does not divide num_attention_heads "
+                         f"{heads}: grouped-query attention shares each key/value head among "
+                         f"equally many query heads; use a divisor such as "
+                         f"{max(d for d in range(1, kv + 1) if heads % d == 0)}")
+    ffn = values.get("intermediate_size") or values.get("n_inner")
+    if ffn is not None and ffn > MAX_MLP_RATIO * hidden:
+        raise ValueError(f"{where}: the MLP width {ffn} is more than {MAX_MLP_RATIO} x "
+                         f"{key('hidden_size')} {hidden}: check intermediate_size (published "
+                         f"models use 2.5 to 8 x)")
+
+
+def _read_json(path: Path) -> dict:
     try:
         values = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON ({error}): fix the file or give another "
                          f"config.json") from None
+    except OSError as error:
+        raise ValueError(f"{path} cannot be read ({error.strerror}): check the path") from None
     if not isinstance(values, dict) or "model_type" not in values:
         raise ValueError(f"{path} has no \"model_type\": a transformers config.json names its "
                          f"architecture, e.g. \"model_type\": \"llama\"")
-    from transformers import CONFIG_MAPPING
+    return values
 
+
+def load_config(name_or_path):
+    """A transformers config from a shipped name (``config_names()``), a ``config.json`` path
+    (or a folder holding one) or a config object, checked (``check_config``) before anything
+    is built: this is where a config enters the package, so every tool gets the same one-line
+    errors."""
+    from transformers import CONFIG_MAPPING, PretrainedConfig
+
+    if isinstance(name_or_path, PretrainedConfig):
+        check_config(name_or_path)
+        return name_or_path
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"config must be a shipped name ({', '.join(config_names())}), a "
+                        f"config.json path or a transformers config, got "
+                        f"{type(name_or_path).__name__}")
+    text = str(name_or_path)
+    path = CONFIG_DIR / f"{text.lower()}.json"
+    if not text or "/" in text or not path.is_file():
+        path = Path(text)
+        if path.is_dir():
+            path = path / "config.json"
+        if not text or not path.is_file():
+            raise ValueError(f"unknown model config {text!r}: give a config.json path or one of "
+                             f"{', '.join(config_names())}")
+    values = _read_json(path)
     kind = values.pop("model_type")
-    if kind not in CONFIG_MAPPING:
-        raise ValueError(f"{path}: model_type {kind!r} is not known to this transformers; use "
-                         f"one such as llama, mistral, qwen2 or gpt2")
-    config = CONFIG_MAPPING[kind](**values)
+    check_model_type(kind, str(path))
+    cls = CONFIG_MAPPING[kind]
+    for name in _SIZE_FIELDS:  # the types first: transformers' own errors span lines
+        key = _json_key(cls, name)
+        for written in {key, name} & values.keys():
+            if not (values[written] is None and name in _OPTIONAL):
+                _check_whole(written, values[written], str(path))
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        config = cls(**values)
+    except (TypeError, ValueError, StrictDataclassError) as error:  # strict fields: one line
+        reason = " ".join(line.strip() for line in str(error).splitlines())
+        raise ValueError(f"{path}: {reason}: fix that field") from None
     config.name_or_path = path.stem if path.parent == CONFIG_DIR else str(path)
+    check_config(config, str(path))
     return config
 
 
@@ -99,14 +206,15 @@ def small_config(config, n_layer: int = 4, width: int = 64, n_head: int = 4, voc
     heads, hidden = config.num_attention_heads, config.hidden_size
     kv = getattr(config, "num_key_value_heads", None) or heads
     small.num_hidden_layers, small.hidden_size, small.num_attention_heads = n_layer, width, n_head
-    if hasattr(config, "num_key_value_heads"):
-        small.num_key_value_heads = max(1, n_head * kv // heads)
+    if hasattr(config, "num_key_value_heads"):  # the same grouping, or the closest that divides
+        small.num_key_value_heads = max(d for d in range(1, n_head + 1)
+                                        if n_head % d == 0 and d <= max(1, n_head * kv // heads))
     if getattr(config, "head_dim", None):
         small.head_dim = width // n_head
     ffn = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
     if ffn:
         small.__setattr__("intermediate_size" if hasattr(config, "intermediate_size")
-                          else "n_inner", width * ffn // hidden)
+                          else "n_inner", max(1, width * ffn // hidden))
     small.vocab_size = vocab
     _set_positions(small, seq_len)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -280,10 +388,8 @@ def check_causal_lm(config) -> None:
     repeated decoder layers under a language-model head)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ValueError(f"model_type {config.model_type!r} is not a causal LM with repeated "
-                         f"decoder layers: give a decoder-only config (llama, mistral, qwen2, "
-                         f"gpt2, ...)")
+    check_model_type(config.model_type, getattr(config, "name_or_path", "") or "config")
+    assert config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # every SUPPORTED one is
 
 
 def small_model(config, n_layer: int | None = None, batch_size: int | None = None,
@@ -291,20 +397,37 @@ def small_model(config, n_layer: int | None = None, batch_size: int | None = Non
     """The small real instance of ``config`` (``small_config``) for the doctor and lessons, with
     its batch size and sequence length; a sequence longer than the config allows is refused."""
     config = load_config(config)
-    seq = seq_len or 64
+    n_layer = 4 if n_layer is None else check_positive_int("n_layer", n_layer)
+    batch_size = 4 if batch_size is None else check_positive_int("batch_size", batch_size)
+    seq = min(64, longest(config)) if seq_len is None else check_positive_int("seq_len", seq_len)
     if seq > longest(config):
         raise ValueError(f"--seq {seq} is longer than {config.name_or_path} allows "
                          f"({longest(config)} positions): use --seq {longest(config)} or less")
-    return build(small_config(config, n_layer or 4, seq_len=seq)), batch_size or 4, seq
+    return build(small_config(config, n_layer, seq_len=seq)), batch_size, seq
+
+
+def with_layers(config, n_layer: int):
+    """A copy of ``config`` with ``n_layer`` decoder layers (its per-layer lists cut to match)."""
+    import copy
+
+    one = copy.deepcopy(load_config(config))
+    one.num_hidden_layers = n_layer
+    if getattr(one, "layer_types", None):
+        one.layer_types = one.layer_types[:n_layer]
+    return one
 
 
 def parameter_count(config) -> int:
-    """Exact parameter count of the full config, built on fake tensors (nothing allocated)."""
+    """Exact parameter count of the full config: a one-layer and a two-layer model built on
+    fake tensors (nothing allocated), their difference being one layer's, so that the time does
+    not grow with the depth (the decoder layers of one config are alike)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    config = load_config(config)
     with FakeTensorMode():
-        lm = build(config).lm
-        return sum(p.numel() for p in lm.parameters())
+        one, two = (sum(p.numel() for p in build(with_layers(config, n)).lm.parameters())
+                    for n in (1, 2))
+    return one + (two - one) * (config.num_hidden_layers - 1)
 
 
 # ---------------------------------------------------------------- full size, on fake tensors
@@ -327,8 +450,7 @@ def hf_config_costs(config, batch_size: int, seq_len: int, dtype: torch.dtype = 
         raise ValueError(f"seq_len {seq_len} is longer than {config.name_or_path} allows "
                          f"({longest(config)} positions): use seq_len <= {longest(config)}")
     n_layer, n_params = config.num_hidden_layers, parameter_count(config)
-    one = config.__class__(**config.to_diff_dict())
-    one.num_hidden_layers = 1
+    one = with_layers(config, 1)
     _set_positions(one, seq_len)
     with estimate._fake(dtype), torch.random.fork_rng(devices=[]):
         model = build(one)
@@ -384,8 +506,29 @@ def _layers_path(model: nn.Module) -> str:
     return next(name for name, m in lm.named_modules() if m is blocks)
 
 
-def handback(placement, n: int, layers: str = "model.layers", costs=None) -> Handback:
-    """The code that applies ``placement`` (of ``n`` blocks) to a transformers model:
+def layers_path(model_or_config) -> str:
+    """Where the decoder layers of a transformers model sit, e.g. "transformer.h" (GPT-2) or
+    "model.layers" (Llama): found in the model itself, or in a one-layer model of a config built
+    on fake tensors (nothing allocated)."""
+    if isinstance(model_or_config, nn.Module):
+        return _layers_path(model_or_config)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        return _layers_path(build(with_layers(model_or_config, 1)))
+
+
+# the layers of any transformers decoder, in order, when the caller does not say where they sit
+_ANY_DECODER = ("from transformers.modeling_layers import GradientCheckpointingLayer\n"
+                "layers = [m for m in model.modules() if isinstance(m, "
+                "GradientCheckpointingLayer)]\n")
+
+
+def handback(placement, n: int, layers=None, costs=None) -> Handback:
+    """The code that applies ``placement`` (of ``n`` blocks) to a transformers model ``model``.
+    ``layers`` says where its decoder layers sit: their path ("transformer.h"), the model, or
+    its config object (``layers_path``); without it the code finds them by transformers' class
+    of decoder layers. The forms:
 
     - every ``n_every``-th block checkpointed (0, k, 2k, ...), each alone: transformers'
       ``model.activation_checkpointing_enable(every_n_layers=k)`` (transformers 5.x; each
@@ -414,10 +557,14 @@ def handback(placement, n: int, layers: str = "model.layers", costs=None) -> Han
                 "    activation_checkpointing_kwargs={\"use_reentrant\": False}, "
                 f"every_n_layers={k})")
         return Handback(placement, _each_alone(n, blocks), code, "transformers", note)
+    if layers is not None and not isinstance(layers, str):
+        layers = layers_path(layers)
     code = ("from functools import partial\n"
             "from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (\n"
-            "    CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)\n\n"
-            f"chosen = {{id(model.{layers}[i]) for i in {list(blocks)}}}\n"
+            "    CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)\n"
+            + (_ANY_DECODER if layers is None else "") + "\n"
+            f"chosen = {{id({'layers' if layers is None else 'model.' + layers}[i]) "
+            f"for i in {list(blocks)}}}\n"
             "apply_activation_checkpointing(\n"
             "    model, checkpoint_wrapper_fn=partial(checkpoint_wrapper, "
             "checkpoint_impl=CheckpointImpl.NO_REENTRANT),\n"
@@ -519,15 +666,10 @@ def layer_tape(config, batch_size: int, seq_len: int, dtype: torch.dtype = torch
                fake: bool = False):
     """The tape of the first decoder layer of ``config`` on ``batch_size`` x ``seq_len`` tokens:
     built for real (small configs) or, with ``fake``, on fake tensors (any size)."""
-    import copy
-
     from . import estimate
     from .tape import record_tape
 
-    one = copy.deepcopy(load_config(config))
-    one.num_hidden_layers = 1
-    if getattr(one, "layer_types", None):
-        one.layer_types = one.layer_types[:1]
+    one = with_layers(config, 1)
     if longest(one) < seq_len:
         _set_positions(one, seq_len)
     old = torch.get_default_dtype()
