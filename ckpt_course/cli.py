@@ -138,38 +138,105 @@ def _device_name(text: str) -> str:
     return text
 
 
-def _output_file(suffix: str | None = None):
-    """An argparse type for a file to write: its folder must exist and be writable now, so a
-    long run does not fail at its end."""
+# Folders of the operating system: an output path inside one is a slip (or, run as root, a
+# way to damage the machine), never a learner's file.
+SYSTEM_FOLDERS = tuple(Path(p) for p in ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32",
+                                         "/lib64", "/proc", "/sbin", "/sys", "/usr"))
+
+
+def _is_system_path(path: Path) -> bool:
+    resolved = path.resolve()
+    return any(resolved == s or s in resolved.parents for s in SYSTEM_FOLDERS)
+
+
+def _check_writable_folder(folder: Path, text: str) -> None:
+    """``folder`` (where ``text`` is to be written) exists as a folder and can be written."""
+    import os
+
+    if folder.exists() and not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {folder} is a file, not a folder "
+                                         f"(choose a path in a folder)")
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text}: the folder {folder} does not "
+                                         f"exist (create it first with `mkdir -p {folder}`, or "
+                                         f"choose another path)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: the folder {folder} is not "
+                                         f"writable (choose a folder of your own)")
+
+
+def _output_file(suffix: str):
+    """An argparse type for a file to write, checked before any work (a long run must not fail
+    at its end): a ``suffix`` file name, not a folder, not a system path, in a folder that exists
+    and is writable. An existing file is refused later, in ``refuse_replacing``, unless --force."""
     def check(text: str) -> Path:
-        path = Path(text)
-        if suffix and path.suffix.lower() != suffix:
-            raise argparse.ArgumentTypeError(f"expected a {suffix} file name, got {text!r}")
-        folder = path.parent
-        if path.is_dir():
-            raise argparse.ArgumentTypeError(f"{text} is a folder: name a file in it")
-        if not folder.is_dir():
-            raise argparse.ArgumentTypeError(f"cannot write {text}: the folder {folder} does not "
-                                             f"exist (create it first, or choose another path)")
         import os
 
-        if not os.access(folder, os.W_OK):
-            raise argparse.ArgumentTypeError(f"cannot write {text}: the folder {folder} is not "
-                                             f"writable")
+        path = Path(text)
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"give a file name, e.g. out{suffix}")
+        if text.endswith(("/", os.sep)) or path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text} is a folder: name a file in it, e.g. "
+                                             f"{path / ('out' + suffix)}")
+        if path.suffix.lower() != suffix:
+            raise argparse.ArgumentTypeError(f"expected a {suffix} file name, got {text!r} (e.g. "
+                                             f"{path.with_suffix(suffix).name})")
+        if _is_system_path(path):
+            raise argparse.ArgumentTypeError(f"{text} is in a system folder: write to a folder "
+                                             f"of your own, e.g. ./{path.name}")
+        _check_writable_folder(path.parent, text)
+        if path.exists() and not path.is_file():
+            raise argparse.ArgumentTypeError(f"{text} exists and is not a regular file: choose "
+                                             f"another name")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise argparse.ArgumentTypeError(f"{text} is read-only: choose another name")
         return path
     return check
+
+
+def _output_folder(text: str) -> Path:
+    """An argparse type for a folder to write files into: not a file, not a system path; made
+    if missing, so its nearest existing parent must be a writable folder."""
+    path = Path(text)
+    if not text.strip():
+        raise argparse.ArgumentTypeError("give a folder name, e.g. feedback/")
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder: name a folder")
+    if _is_system_path(path):
+        raise argparse.ArgumentTypeError(f"{text} is in a system folder: write to a folder of "
+                                         f"your own, e.g. ./{path.name or 'out'}")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    _check_writable_folder(existing, text)
+    return path
 
 
 def _folder(must_exist: bool):
     """An argparse type for a folder: never a file; ``must_exist`` for one that is read."""
     def check(text: str) -> Path:
         path = Path(text)
+        if not text.strip():
+            raise argparse.ArgumentTypeError("give a folder name")
         if path.exists() and not path.is_dir():
             raise argparse.ArgumentTypeError(f"{text} is a file, not a folder: name a folder")
         if must_exist and not path.is_dir():
             raise argparse.ArgumentTypeError(f"folder {text} does not exist: check the path")
         return path
     return check
+
+
+def _force_option(parser) -> None:
+    parser.add_argument("--force", action="store_true",
+                        help="replace output files that exist already (never done without it)")
+
+
+def refuse_replacing(paths, force: bool) -> None:
+    """Before any work: an output file that exists already is someone's; replace it only with
+    --force. One error naming the first such file."""
+    existing = [p for p in paths if p is not None and Path(p).exists()]
+    if existing and not force:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise ValueError(f"{existing[0]} exists{more}: pass --force to replace it, or choose "
+                         f"another name")
 
 
 # ---------------------------------------------------------------- course models
@@ -205,9 +272,14 @@ def cmd_tape(args) -> int:
     return 0
 
 
+def trace_outputs(args) -> list[Path]:
+    """The files ``trace`` writes: the page and, beside it, memory_viz's snapshot."""
+    return [args.html, args.html.with_suffix(".pickle")]
+
+
 def cmd_trace(args) -> int:
-    """One training step's memory timeline as PyTorch's memory_viz HTML (course or HF model)."""
-    from .memviz import step_timeline_html
+    """One training step's memory timeline: an offline page and memory_viz's snapshot."""
+    from .memviz import MEMORY_VIZ_URL, step_timeline, timeline_page
     from .units import fmt_bytes
 
     if args.hf_config is not None:
@@ -216,11 +288,16 @@ def cmd_trace(args) -> int:
         model, batch_size, seq = small_model(args.hf_config, args.layers, args.batch, args.seq)
     else:
         model, batch_size, seq = _course_model(args)
-    html, peak = step_timeline_html(model, args.policy, batch_size, seq)
-    args.html.write_text(html, encoding="utf-8")
-    print(f"wrote {args.html}: one AdamW step under {args.policy}, peak {fmt_bytes(peak)} of live "
-          "tensor bytes (the meter's; the page shows the allocator's). Open it in a browser "
-          "(it loads PyTorch's memory_viz viewer from the web).")
+    html_path, snapshot_path = trace_outputs(args)
+    timeline = step_timeline(model, args.policy, batch_size, seq)
+    html_path.write_text(timeline_page(timeline, snapshot_path.name), encoding="utf-8")
+    snapshot_path.write_bytes(timeline.snapshot)
+    print(f"wrote {html_path}: one AdamW step under {args.policy}, peak "
+          f"{fmt_bytes(timeline.peak_bytes)} of live tensor bytes (the meter's, exact). Open it in "
+          "any browser, offline: drag to zoom, hover a point for its op, phase, category and "
+          "bytes.")
+    print(f"wrote {snapshot_path}: the same step for PyTorch's memory_viz (drag it onto "
+          f"{MEMORY_VIZ_URL}; allocator bytes, with Python stacks).")
     return 0
 
 
@@ -265,8 +342,10 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="memory budget, e.g. 32MiB: policies over it are reported as OOM")
     parser.add_argument("--device", type=_device_name, default="cpu",
                         help="cpu or cuda (default: cpu)")
-    parser.add_argument("--out", type=_output_file(".png"), default=Path("compare.png"),
+    parser.add_argument("--out", type=_output_file(".png"), default="compare.png",
                         help="where to write the plot, a PNG (default: %(default)s)")
+    _force_option(parser)
+    parser.set_defaults(outputs=lambda args: [args.out])
 
 
 def run_compare(args) -> int:
@@ -438,9 +517,21 @@ def add_grade_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="write a gradebook: a row per notebook, a column per check")
     parser.add_argument("--json", type=_output_file(".json"), metavar="FILE",
                         help="write the scorecards as JSON")
-    parser.add_argument("--feedback", type=_folder(must_exist=False), metavar="DIR",
+    parser.add_argument("--feedback", type=_output_folder, metavar="DIR",
                         help="write each learner a markdown report of their checks and hints")
+    _force_option(parser)
+    parser.set_defaults(outputs=grade_outputs)
     return parser
+
+
+def grade_outputs(args) -> list[Path]:
+    """The files ``grade`` writes: gradebook, scorecards, and one report per learner."""
+    outputs = [args.csv, args.json]
+    if args.feedback is not None:
+        from .grading import _report_names  # the names write_feedback will use
+
+        outputs += [args.feedback / name for name in _report_names(args.notebooks)]
+    return outputs
 
 
 def run_grade(args) -> int:
@@ -505,16 +596,42 @@ def run_build(args) -> int:
 
 
 def cmd_reset(args) -> int:
-    from .authoring import AuthoringError, reset_exercises
+    from .authoring import reset_exercises
 
-    try:
-        backups = reset_exercises(args.names, args.src, args.exercises)
-    except AuthoringError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    backups = reset_exercises(args.names, args.src, args.exercises)  # ValueError: usage error
     for backup in backups:
         print(f"your edited notebook was moved to {backup}")
     print("exercises reset to their pristine state")
+    return 0
+
+
+# ---------------------------------------------------------------- the learner's copy
+def add_copy_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--course", type=_folder(must_exist=True), default=None, metavar="DIR",
+                        help="the course's clone (default: the one this package is in)")
+    parser.add_argument("--into", type=_output_folder, default=None, metavar="DIR",
+                        help="your copy (default: the copy you are in, else my-course/ in the "
+                             "course)")
+
+
+def _copy_paths(args) -> tuple[Path, Path]:
+    from .workcopy import course_root, find_copy
+
+    course = args.course or course_root()
+    return course, args.into or find_copy(course)
+
+
+def cmd_sync(args) -> int:
+    from .workcopy import sync_course
+
+    print(sync_course(*_copy_paths(args)))
+    return 0
+
+
+def cmd_reset_lessons(args) -> int:
+    from .workcopy import reset_lessons
+
+    print(reset_lessons(args.names, *_copy_paths(args)))
     return 0
 
 
@@ -524,19 +641,22 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name, run, help, add=None):
-        p = sub.add_parser(name, help=help)
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(run=run, parser=p, outputs=lambda args: [])
         (add or _model_arguments)(p)
-        p.set_defaults(run=run)
         return p
 
     command("tape", cmd_tape, "print the activation tape of one forward pass")
-    trace = command("trace", cmd_trace, "write one training step's memory timeline as HTML "
-                    "(PyTorch's memory_viz)")
+    trace = command("trace", cmd_trace, "write one training step's memory timeline: an "
+                    "offline HTML page and PyTorch's memory_viz snapshot")
     _hf_config_option(trace)
     trace.add_argument("--policy", type=_policy_arg, default="none",
                        help="the checkpoint policy of the step (default: none)")
     trace.add_argument("--html", type=_output_file(".html"), required=True, metavar="FILE",
-                       help="where the page goes, e.g. step.html")
+                       help="where the page goes, e.g. step.html (FILE.pickle, memory_viz's "
+                            "snapshot, goes beside it)")
+    _force_option(trace)
+    trace.set_defaults(outputs=trace_outputs)
     train = command("train", cmd_train, "train a course model under a policy and print each step")
     train.add_argument("--policy", type=_policy_arg, default="none",
                        help="none, full, every-K, sqrt, segments:a-b,c, selective:save=OPS, "
@@ -564,16 +684,33 @@ def make_parser() -> argparse.ArgumentParser:
 
     command("reset-exercises", cmd_reset, "fresh exercise notebooks; edited ones are moved to "
             "backups/", reset_arguments)
+    command("sync-course", cmd_sync, "copy the lessons and exercises into your own folder "
+            "(my-course/), or bring a course update into it, keeping your work",
+            add_copy_arguments)
+
+    def reset_lessons_arguments(p):
+        p.add_argument("names", nargs="*", metavar="NAME", help="lessons or exercises, e.g. "
+                       "1_why_activations_eat_memory (all if none)")
+        add_copy_arguments(p)
+
+    command("reset-lessons", cmd_reset_lessons, "fresh copies of lessons or exercises in your "
+            "folder; yours are moved to backups/", reset_lessons_arguments)
     return parser
 
 
 def main(argv=None) -> int:
+    """Parse, refuse to replace existing outputs (before any work), run. Bad input, seen by the
+    parser or by the work itself, exits with code 2 and one line naming the fix."""
     parser = make_parser()
     args = parser.parse_args(argv)
     try:
+        refuse_replacing(args.outputs(args), getattr(args, "force", False))
         return args.run(args)
     except ValueError as error:  # bad input the parser could not see, e.g. --seq too long
-        parser.error(str(error).splitlines()[0])
+        args.parser.error(str(error).strip().splitlines()[0])
+    except OSError as error:  # a write that failed anyway (disk full, a file that went away)
+        args.parser.error(f"{error.strerror or error}: {error.filename or ''} (check the path "
+                          f"and free space)")
 
 
 def build_main(argv=None) -> int:
