@@ -34,6 +34,26 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _at_most(upper: int, why: str):
+    """``positive_int`` bounded above, so that no size makes a command hang or exhaust memory
+    (the memory guard, ``check_step_fits``, catches what the bounds let through)."""
+    def check(text: str) -> int:
+        value = positive_int(text)
+        if value > upper:
+            raise argparse.ArgumentTypeError(f"expected at most {upper:,} ({why}), got {value:,}")
+        return value
+    return check
+
+
+_layers = _at_most(512, "a course model of more blocks teaches nothing more")
+_batch = _at_most(1_000_000, "a batch beyond that is an error, not a size")
+_seq = _at_most(1_000_000, "longer than any model's context")
+_width = _at_most(65_536, "wider than any real model")
+_steps = _at_most(10_000, "more steps only take longer")
+_devices = _at_most(1_000_000, "more devices than any cluster")
+_jobs = _at_most(256, "more processes than any machine's cores")
+
+
 def _float_where(ok, what: str):
     """An argparse type: a number for which ``ok`` holds, or a usage error saying ``what``."""
     def check(text: str) -> float:
@@ -176,8 +196,8 @@ def _output_file(suffix: str):
         if not text.strip():
             raise argparse.ArgumentTypeError(f"give a file name, e.g. out{suffix}")
         if text.endswith(("/", os.sep)) or path.is_dir():
-            raise argparse.ArgumentTypeError(f"{text} is a folder: name a file in it, e.g. "
-                                             f"{path / ('out' + suffix)}")
+            raise argparse.ArgumentTypeError(f"{text} is a folder: give a {suffix} file name "
+                                             f"in it, e.g. {path / ('out' + suffix)}")
         if path.suffix.lower() != suffix:
             raise argparse.ArgumentTypeError(f"expected a {suffix} file name, got {text!r} (e.g. "
                                              f"{path.with_suffix(suffix).name})")
@@ -240,17 +260,48 @@ def refuse_replacing(paths, force: bool) -> None:
 
 
 # ---------------------------------------------------------------- course models
-def _model_arguments(parser, default="gpt"):
-    parser.add_argument("--model", choices=MODEL_CHOICES, default=default,
-                        help="which course model (default: %(default)s)")
-    parser.add_argument("--layers", type=positive_int, help="number of blocks")
-    parser.add_argument("--batch", type=positive_int,
-                        help="batch size (default: 8; hand-trace 512)")
-    parser.add_argument("--seq", type=positive_int, help="sequence length (GPT and Llama)")
+def _model_arguments(parser):
+    parser.add_argument("--model", choices=MODEL_CHOICES, default=None,
+                        help="which course model (default: gpt)")
+    parser.add_argument("--layers", type=_layers, help="number of blocks")
+    parser.add_argument("--batch", type=_batch, help="batch size (default: 8; hand-trace 512)")
+    parser.add_argument("--seq", type=_seq, help="sequence length (GPT and Llama)")
+
+
+def _available_memory() -> int | None:
+    """Bytes this machine can still give (Linux's MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def guess_step_bytes(n_params: int, width: int, n_layer: int, tokens: int, vocab: int) -> int:
+    """A generous guess of one fp32 AdamW step's memory: 16 B per parameter (weights, gradients,
+    two moments) plus what the step saves, about 32 floats per token per layer and width and the
+    logits four times over. A guard against sizes far beyond the machine, not a prediction (the
+    lessons measure those)."""
+    return 16 * n_params + 4 * tokens * (32 * width * n_layer + 4 * vocab)
+
+
+def check_step_fits(n_params, width, n_layer, tokens, vocab, what: str,
+                    options: str = "--batch, --seq or --layers") -> None:
+    """Before any work: refuse a size whose step could not fit in this machine's free memory
+    (it would swap for hours or be killed, not fail cleanly)."""
+    need, free = guess_step_bytes(n_params, width, n_layer, tokens, vocab), _available_memory()
+    if free is not None and need > free:
+        from .units import fmt_bytes
+
+        raise ValueError(f"{what} needs about {fmt_bytes(need)} for one training step, more than "
+                         f"the {fmt_bytes(free)} this machine has free: use a smaller {options}")
 
 
 def _course_model(args, dropout: float = 0.0):
     """The model ``args`` name, its batch size and sequence length, checked before any work."""
+    args.model = args.model or "gpt"
     if args.model == "hand-trace" and args.seq is not None:
         raise ValueError("--seq applies to GPT and Llama; the hand-trace net takes no sequence: "
                          "drop --seq")
@@ -259,7 +310,24 @@ def _course_model(args, dropout: float = 0.0):
     if args.seq is not None and longest is not None and args.seq > longest:
         raise ValueError(f"--seq {args.seq} is longer than {args.model} supports ({longest}, its "
                          f"position table): use --seq {longest} or less")
-    return model, args.batch or COURSE_MODELS[args.model], args.seq
+    batch_size = args.batch or COURSE_MODELS[args.model]
+    cfg = getattr(model, "cfg", None)
+    width = getattr(cfg, "d_model", None) or max(p.shape[-1] for p in model.parameters())
+    tokens = batch_size * (args.seq or getattr(cfg, "seq_len", 1))
+    check_step_fits(sum(p.numel() for p in model.parameters()), width, len(model.blocks), tokens,
+                    getattr(cfg, "vocab_size", 0), f"{args.model} at batch {batch_size}")
+    return model, batch_size, args.seq
+
+
+def _model_of(args):
+    """A course model (--model) or a small real instance of an --hf-config, never both."""
+    if args.hf_config is None:
+        return _course_model(args)
+    if args.model is not None:
+        raise ValueError(f"--model {args.model} and --hf-config name two models: drop one")
+    from .hf import small_model
+
+    return small_model(args.hf_config, args.layers, args.batch, args.seq)
 
 
 # ---------------------------------------------------------------- tape, train
@@ -282,12 +350,7 @@ def cmd_trace(args) -> int:
     from .memviz import MEMORY_VIZ_URL, step_timeline, timeline_page
     from .units import fmt_bytes
 
-    if args.hf_config is not None:
-        from .hf import small_model
-
-        model, batch_size, seq = small_model(args.hf_config, args.layers, args.batch, args.seq)
-    else:
-        model, batch_size, seq = _course_model(args)
+    model, batch_size, seq = _model_of(args)
     html_path, snapshot_path = trace_outputs(args)
     timeline = step_timeline(model, args.policy, batch_size, seq)
     html_path.write_text(timeline_page(timeline, snapshot_path.name), encoding="utf-8")
@@ -327,16 +390,16 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated policies (default: {','.join(DEFAULT_POLICIES)}); "
                              "an op list of a selective policy stays with it, or separate "
                              "policies with ';'")
-    parser.add_argument("--layers", type=positive_int, default=d.n_layer,
+    parser.add_argument("--layers", type=_layers, default=d.n_layer,
                         help="number of blocks (default: %(default)s)")
-    parser.add_argument("--width", type=positive_int, default=d.d_model,
+    parser.add_argument("--width", type=_width, default=d.d_model,
                         help="model width d_model (default: %(default)s)")
-    parser.add_argument("--heads", type=positive_int, default=d.n_head,
+    parser.add_argument("--heads", type=_width, default=d.n_head,
                         help="attention heads; must divide --width (default: %(default)s)")
-    parser.add_argument("--batch", type=positive_int, default=8, help="batch size (default: 8)")
-    parser.add_argument("--seq", type=positive_int, default=d.seq_len,
+    parser.add_argument("--batch", type=_batch, default=8, help="batch size (default: 8)")
+    parser.add_argument("--seq", type=_seq, default=d.seq_len,
                         help="sequence length (default: %(default)s)")
-    parser.add_argument("--steps", type=positive_int, default=6,
+    parser.add_argument("--steps", type=_at_most(1000, "the ratios settle long before"), default=6,
                         help="timed, interleaved rounds per policy (default: %(default)s)")
     parser.add_argument("--budget", type=_budget_arg, default=None,
                         help="memory budget, e.g. 32MiB: policies over it are reported as OOM")
@@ -357,6 +420,10 @@ def run_compare(args) -> int:
         raise ValueError(f"--heads ({args.heads}) must divide --width ({args.width}), "
                          f"e.g. --heads {math.gcd(args.width, 4)}")
     cfg = GPTConfig(n_layer=args.layers, d_model=args.width, n_head=args.heads, seq_len=args.seq)
+    check_step_fits(13 * cfg.n_layer * cfg.d_model ** 2 + 2 * cfg.vocab_size * cfg.d_model,
+                    cfg.d_model, cfg.n_layer, args.batch * args.seq, cfg.vocab_size,
+                    f"a tiny GPT of width {cfg.d_model} at batch {args.batch}",
+                    "--batch, --seq, --layers or --width")
     result = compare(cfg, args.policies, steps=args.steps, batch_size=args.batch,
                      device=args.device, budget=args.budget, live=False)
     print(f"tiny GPT: {args.layers} layers, width {args.width}, {args.heads} heads")
@@ -375,12 +442,12 @@ def add_plan_arguments(parser) -> None:
     what.add_argument("--config", type=_config_arg, metavar="NAME",
                       help=f"a config measured on fake tensors: {', '.join(config_names())}")
     _hf_config_option(what)
-    parser.add_argument("--layers", type=positive_int, help="number of blocks (course models)")
-    parser.add_argument("--batch", type=positive_int, help="batch size (default: 8; configs 1)")
-    parser.add_argument("--seq", type=positive_int, help="sequence length")
+    parser.add_argument("--layers", type=_layers, help="number of blocks (course models)")
+    parser.add_argument("--batch", type=_batch, help="batch size (default: 8; configs 1)")
+    parser.add_argument("--seq", type=_seq, help="sequence length")
     parser.add_argument("--budget", type=_budget_arg, required=True,
                         help="memory per device, e.g. 80GiB or 40MiB")
-    parser.add_argument("--devices", type=positive_int, default=1,
+    parser.add_argument("--devices", type=_devices, default=1,
                         help="shard parameters, gradients and optimizer state over N devices "
                              "(FSDP / ZeRO-3 estimate; default 1)")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
@@ -468,7 +535,7 @@ def add_doctor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=_budget_arg,
                         help="memory to fit in, e.g. 20MiB (on CPU the meter enforces it); "
                         "without it, lesson 4's demo: a budget that step 2 overflows")
-    parser.add_argument("--steps", type=positive_int, default=3,
+    parser.add_argument("--steps", type=_at_most(100, "the fix is verified in a few"), default=3,
                         help="training steps (default 3)")
     parser.add_argument("--no-timing", action="store_true", help="skip the step-time comparison")
     _hf_config_option(parser)
@@ -480,11 +547,10 @@ def run_doctor(args) -> int:
     no model options: lesson 4's demo, which says so in its first line."""
     from .doctor import demo, doctor
 
-    as_given = (args.model, args.layers, args.batch, args.seq) == ("gpt", None, None, None)
+    as_given = (args.model in (None, "gpt") and (args.layers, args.batch, args.seq)
+                == (None, None, None))
     if args.hf_config is not None:
-        from .hf import small_model
-
-        model, batch_size, seq = small_model(args.hf_config, args.layers, args.batch, args.seq)
+        model, batch_size, seq = _model_of(args)
         print(f"{model.cfg.name}: random weights, measured for real")
         report = doctor(model, args.budget, batch_size, seq, args.steps,
                         timing=not args.no_timing)
@@ -511,7 +577,7 @@ def add_grade_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="folder of the pristine exercises (and src/), default: exercises")
     parser.add_argument("--timeout", type=_seconds, default=60, metavar="S",
                         help="seconds allowed per cell and per checked call (default 60)")
-    parser.add_argument("--jobs", type=positive_int, default=None,
+    parser.add_argument("--jobs", type=_jobs, default=None,
                         help="notebooks graded at once (default: the number of cores)")
     parser.add_argument("--csv", type=_output_file(".csv"), metavar="FILE",
                         help="write a gradebook: a row per notebook, a column per check")
@@ -661,7 +727,7 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--policy", type=_policy_arg, default="none",
                        help="none, full, every-K, sqrt, segments:a-b,c, selective:save=OPS, "
                             "selective:recompute=OPS, offload (default: none)")
-    train.add_argument("--steps", type=positive_int, default=3)
+    train.add_argument("--steps", type=_steps, default=3)
     train.add_argument("--dropout", type=_probability, default=0.0)
     train.add_argument("--device", type=_device_name, default=None,
                        help="cpu or cuda (default: cpu)")
