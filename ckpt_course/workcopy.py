@@ -230,21 +230,17 @@ def _copy_file(source: Path, target: Path) -> None:
 
 
 def reset_lessons(names, course: Path, copy: Path, stamp: str | None = None) -> SyncReport:
-    """Fresh copies of the lessons and exercises named (stem or file name; all if none): each of
-    the learner's that differs from the course's is moved to a backup first."""
+    """Fresh copies of the lessons and exercises named (all if none): each of the learner's that
+    differs from the course's is moved to a backup first. A name is a stem or file name
+    (``3b_pitfalls``, ``1_why_activations_eat_memory.ipynb``), or with its folder
+    (``exercises/3b_pitfalls``) where a lesson and an exercise share the stem."""
     course, copy = Path(course), Path(copy)
     check_copy_folder(copy, course)
     notebooks = [n for n in course_files(course) if n.endswith(".ipynb")]
-    wanted = {Path(n).stem for n in names}
-    chosen = [n for n in notebooks if not wanted or Path(n).stem in wanted]
-    unknown = wanted - {Path(n).stem for n in chosen}
-    if unknown:
-        known = ", ".join(sorted({Path(n).stem for n in notebooks}))
-        raise WorkCopyError(f"no lesson or exercise named {', '.join(sorted(unknown))}; the "
-                            f"course has: {known}")
+    chosen = [n for name in names for n in _named(name, notebooks)] if names else notebooks
     _precheck(copy, chosen)
     recorded, report = _read_manifest(copy), SyncReport(copy)
-    for name in chosen:
+    for name in dict.fromkeys(chosen):
         source, target = course / name, copy / name
         if target.exists() and _digest(target) != _digest(source):
             report.backups.append(move_to_backup(target, _backup_folder(copy, name), stamp))
@@ -258,3 +254,19 @@ def reset_lessons(names, course: Path, copy: Path, stamp: str | None = None) -> 
             recorded[name] = _digest(course / name)
     _write_manifest(copy, recorded)
     return report
+
+
+def _named(name: str, notebooks: list[str]) -> list[str]:
+    """The one notebook ``name`` means, or an error that lists what there is."""
+    wanted = Path(name).with_suffix("") if name.endswith(".ipynb") else Path(name)
+    if len(wanted.parts) > 1:
+        found = [n for n in notebooks if Path(n).with_suffix("") == wanted]
+    else:
+        found = [n for n in notebooks if Path(n).stem == wanted.name]
+    if len(found) == 1:
+        return found
+    if found:
+        raise WorkCopyError(f"{name} names a lesson and an exercise: say which, "
+                            f"{' or '.join(str(Path(n).with_suffix('')) for n in found)}")
+    known = ", ".join(sorted({Path(n).stem for n in notebooks}))
+    raise WorkCopyError(f"no lesson or exercise named {name}; the course has: {known}")

@@ -150,3 +150,15 @@ def test_make_lab_opens_the_ignored_copy_not_the_tracked_lessons():
     if ignored.returncode == 128:
         pytest.skip("not a git checkout")
     assert ignored.returncode == 0, "my-course/ must be ignored by git"
+
+
+def test_a_stem_shared_by_a_lesson_and_an_exercise_must_say_which(course, tmp_path):
+    (course / "exercises" / "2_b.ipynb").write_text("exercise b")
+    copy = tmp_path / "my-course"
+    sync_course(course, copy)
+    (copy / "exercises" / "2_b.ipynb").write_text("my answers")
+    with pytest.raises(WorkCopyError, match="notebooks/2_b or exercises/2_b"):
+        reset_lessons(["2_b"], course, copy)
+    report = reset_lessons(["notebooks/2_b"], course, copy)
+    assert report.fresh == ["notebooks/2_b.ipynb"] and report.backups == []
+    assert (copy / "exercises" / "2_b.ipynb").read_text() == "my answers"
