@@ -22,10 +22,14 @@ $(STAMP): requirements.txt pyproject.toml
 	echo "c.InteractiveShell.colors = 'nocolor'" > $(IPYTHONDIR)/profile_default/ipython_config.py
 	touch $(STAMP)
 
-# JupyterLab on localhost only, behind its token (printed in the URL it shows).
+# JupyterLab on localhost only, behind its token (printed in the URL it shows), in the learner's
+# own copy of the lessons and exercises (ignored by git, made on the first run, updated by later
+# runs without touching the learner's edits): running the course never modifies a tracked file.
+COPY ?= my-course
 lab: $(STAMP)
+	$(BIN)/ckpt-course sync-course --into $(COPY)
 	$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.port=$(PORT) \
-		--ServerApp.root_dir=$(CURDIR) --LabApp.default_url=/lab/tree/notebooks $(ROOT_FLAG)
+		--ServerApp.root_dir=$(CURDIR)/$(COPY) --LabApp.default_url=/lab/tree/notebooks $(ROOT_FLAG)
 
 # Everything: unit tests, notebooks (lessons and solutions) through nbval, grading, CLI.
 test: $(STAMP)

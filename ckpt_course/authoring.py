@@ -56,7 +56,6 @@ import ast
 import hashlib
 import json
 import re
-import time
 from pathlib import Path
 
 import nbformat
@@ -284,7 +283,10 @@ def _safe_to_replace(path: Path, new_text: str) -> bool:
     """Absent, identical, or still pristine since the build that wrote it."""
     if not path.exists():
         return True
-    old_text = path.read_text(encoding="utf-8")
+    try:
+        old_text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeError):  # not text we can read: someone's file, leave it
+        return False
     if old_text == new_text:
         return True
     try:
@@ -306,26 +308,35 @@ def build_all(src_dir="exercises/src", solutions_dir="solutions", exercises_dir=
     return [p for s in sources(src_dir) for p in build(s, solutions_dir, exercises_dir, force)]
 
 
-def reset_exercises(names=(), src_dir="exercises/src", exercises_dir="exercises") -> list[Path]:
+def reset_exercises(names=(), src_dir="exercises/src", exercises_dir="exercises",
+                    stamp: str | None = None) -> list[Path]:
     """Give learners fresh exercise notebooks without losing their work.
 
     Each edited exercise (all of them, or those whose stem or file name is in ``names``) is moved
-    to ``<exercises_dir>/backups/<stem>-<time>.ipynb`` first, then rebuilt pristine. Returns the
-    backups made. Solutions are left alone.
+    to ``<exercises_dir>/backups/<stem>-<stamp>[-N].ipynb`` first, then rebuilt pristine; a backup
+    never replaces a file (``workcopy.move_to_backup``). Every path is checked before anything is
+    moved. Returns the backups made. Solutions are left alone.
     """
+    from .workcopy import WorkCopyError, check_backup_folder, check_replaceable, move_to_backup
+
     chosen = [s for s in sources(src_dir) if not names or s.stem in {Path(n).stem for n in names}]
     unknown = {Path(n).stem for n in names} - {s.stem for s in chosen}
     if unknown:
         raise AuthoringError(f"no exercise named {', '.join(sorted(unknown))} in {src_dir}")
-    stamp, backups = time.strftime("%Y%m%d-%H%M%S"), []
-    for source in chosen:
-        exercise = Path(exercises_dir) / f"{source.stem}.ipynb"
+    backup_folder = Path(exercises_dir) / "backups"
+    exercises = [Path(exercises_dir) / f"{source.stem}.ipynb" for source in chosen]
+    try:
+        check_backup_folder(backup_folder)
+        for exercise in exercises:
+            check_replaceable(exercise)
+    except WorkCopyError as error:
+        raise AuthoringError(str(error)) from None
+    backups = []
+    for source, exercise in zip(chosen, exercises, strict=True):
         text = to_text(exercise_notebook(source))
         if not _safe_to_replace(exercise, text):
-            backup = Path(exercises_dir) / "backups" / f"{source.stem}-{stamp}.ipynb"
-            backup.parent.mkdir(parents=True, exist_ok=True)
-            exercise.rename(backup)  # a move, never a copy-and-overwrite: the work stays whole
-            backups.append(backup)
+            backups.append(move_to_backup(exercise, backup_folder, stamp))
+        exercise.parent.mkdir(parents=True, exist_ok=True)
         exercise.write_text(text, encoding="utf-8")
     return backups
 

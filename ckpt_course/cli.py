@@ -34,6 +34,26 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _at_most(upper: int, why: str):
+    """``positive_int`` bounded above, so that no size makes a command hang or exhaust memory
+    (the memory guard, ``check_step_fits``, catches what the bounds let through)."""
+    def check(text: str) -> int:
+        value = positive_int(text)
+        if value > upper:
+            raise argparse.ArgumentTypeError(f"expected at most {upper:,} ({why}), got {value:,}")
+        return value
+    return check
+
+
+_layers = _at_most(512, "a course model of more blocks teaches nothing more")
+_batch = _at_most(1_000_000, "a batch beyond that is an error, not a size")
+_seq = _at_most(1_000_000, "longer than any model's context")
+_width = _at_most(65_536, "wider than any real model")
+_steps = _at_most(10_000, "more steps only take longer")
+_devices = _at_most(1_000_000, "more devices than any cluster")
+_jobs = _at_most(256, "more processes than any machine's cores")
+
+
 def _float_where(ok, what: str):
     """An argparse type: a number for which ``ok`` holds, or a usage error saying ``what``."""
     def check(text: str) -> float:
@@ -138,32 +158,84 @@ def _device_name(text: str) -> str:
     return text
 
 
-def _output_file(suffix: str | None = None):
-    """An argparse type for a file to write: its folder must exist and be writable now, so a
-    long run does not fail at its end."""
+# Folders of the operating system: an output path inside one is a slip (or, run as root, a
+# way to damage the machine), never a learner's file.
+SYSTEM_FOLDERS = tuple(Path(p) for p in ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32",
+                                         "/lib64", "/proc", "/sbin", "/sys", "/usr"))
+
+
+def _is_system_path(path: Path) -> bool:
+    resolved = path.resolve()
+    return any(resolved == s or s in resolved.parents for s in SYSTEM_FOLDERS)
+
+
+def _check_writable_folder(folder: Path, text: str) -> None:
+    """``folder`` (where ``text`` is to be written) exists as a folder and can be written."""
+    import os
+
+    if folder.exists() and not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {folder} is a file, not a folder "
+                                         f"(choose a path in a folder)")
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text}: the folder {folder} does not "
+                                         f"exist (create it first with `mkdir -p {folder}`, or "
+                                         f"choose another path)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: the folder {folder} is not "
+                                         f"writable (choose a folder of your own)")
+
+
+def _output_file(suffix: str):
+    """An argparse type for a file to write, checked before any work (a long run must not fail
+    at its end): a ``suffix`` file name, not a folder, not a system path, in a folder that exists
+    and is writable. An existing file is refused later, in ``refuse_replacing``, unless --force."""
     def check(text: str) -> Path:
-        path = Path(text)
-        if suffix and path.suffix.lower() != suffix:
-            raise argparse.ArgumentTypeError(f"expected a {suffix} file name, got {text!r}")
-        folder = path.parent
-        if path.is_dir():
-            raise argparse.ArgumentTypeError(f"{text} is a folder: name a file in it")
-        if not folder.is_dir():
-            raise argparse.ArgumentTypeError(f"cannot write {text}: the folder {folder} does not "
-                                             f"exist (create it first, or choose another path)")
         import os
 
-        if not os.access(folder, os.W_OK):
-            raise argparse.ArgumentTypeError(f"cannot write {text}: the folder {folder} is not "
-                                             f"writable")
+        path = Path(text)
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"give a file name, e.g. out{suffix}")
+        if text.endswith(("/", os.sep)) or path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text} is a folder: give a {suffix} file name "
+                                             f"in it, e.g. {path / ('out' + suffix)}")
+        if path.suffix.lower() != suffix:
+            raise argparse.ArgumentTypeError(f"expected a {suffix} file name, got {text!r} (e.g. "
+                                             f"{path.with_suffix(suffix).name})")
+        if _is_system_path(path):
+            raise argparse.ArgumentTypeError(f"{text} is in a system folder: write to a folder "
+                                             f"of your own, e.g. ./{path.name}")
+        _check_writable_folder(path.parent, text)
+        if path.exists() and not path.is_file():
+            raise argparse.ArgumentTypeError(f"{text} exists and is not a regular file: choose "
+                                             f"another name")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise argparse.ArgumentTypeError(f"{text} is read-only: choose another name")
         return path
     return check
+
+
+def _output_folder(text: str) -> Path:
+    """An argparse type for a folder to write files into: not a file, not a system path; made
+    if missing, so its nearest existing parent must be a writable folder."""
+    path = Path(text)
+    if not text.strip():
+        raise argparse.ArgumentTypeError("give a folder name, e.g. feedback/")
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder: name a folder")
+    if _is_system_path(path):
+        raise argparse.ArgumentTypeError(f"{text} is in a system folder: write to a folder of "
+                                         f"your own, e.g. ./{path.name or 'out'}")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    _check_writable_folder(existing, text)
+    return path
 
 
 def _folder(must_exist: bool):
     """An argparse type for a folder: never a file; ``must_exist`` for one that is read."""
     def check(text: str) -> Path:
         path = Path(text)
+        if not text.strip():
+            raise argparse.ArgumentTypeError("give a folder name")
         if path.exists() and not path.is_dir():
             raise argparse.ArgumentTypeError(f"{text} is a file, not a folder: name a folder")
         if must_exist and not path.is_dir():
@@ -172,36 +244,64 @@ def _folder(must_exist: bool):
     return check
 
 
+def _force_option(parser) -> None:
+    parser.add_argument("--force", action="store_true",
+                        help="replace output files that exist already (never done without it)")
+
+
+def refuse_replacing(paths, force: bool) -> None:
+    """Before any work: an output file that exists already is someone's; replace it only with
+    --force. One error naming the first such file."""
+    existing = [p for p in paths if p is not None and Path(p).exists()]
+    if existing and not force:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise ValueError(f"{existing[0]} exists{more}: pass --force to replace it, or choose "
+                         f"another name")
+
+
 # ---------------------------------------------------------------- course models
-class _Typed(argparse.Action):
-    """Stores the value and notes in ``args.typed`` that it was typed, not defaulted, so that
-    an option naming the same thing as another (--model, --hf-config) can be refused."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, values)
-        namespace.typed = {*getattr(namespace, "typed", ()), self.dest}
-
-
-def _hf_small_model(args):
-    """The small instance of --hf-config (``hf.small_model``); --model next to it is refused."""
-    from .hf import small_model
-
-    if "model" in getattr(args, "typed", ()):
-        raise ValueError("--model and --hf-config both name the model: drop one of them")
-    return small_model(args.hf_config, args.layers, args.batch, args.seq)
+def _model_arguments(parser):
+    parser.add_argument("--model", choices=MODEL_CHOICES, default=None,
+                        help="which course model (default: gpt)")
+    parser.add_argument("--layers", type=_layers, help="number of blocks")
+    parser.add_argument("--batch", type=_batch, help="batch size (default: 8; hand-trace 512)")
+    parser.add_argument("--seq", type=_seq, help="sequence length (GPT and Llama)")
 
 
-def _model_arguments(parser, default="gpt"):
-    parser.add_argument("--model", choices=MODEL_CHOICES, default=default, action=_Typed,
-                        help="which course model (default: %(default)s)")
-    parser.add_argument("--layers", type=positive_int, help="number of blocks")
-    parser.add_argument("--batch", type=positive_int,
-                        help="batch size (default: 8; hand-trace 512)")
-    parser.add_argument("--seq", type=positive_int, help="sequence length (GPT and Llama)")
+def _available_memory() -> int | None:
+    """Bytes this machine can still give (Linux's MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def guess_step_bytes(n_params: int, width: int, n_layer: int, tokens: int, vocab: int) -> int:
+    """A generous guess of one fp32 AdamW step's memory: 16 B per parameter (weights, gradients,
+    two moments) plus what the step saves, about 32 floats per token per layer and width and the
+    logits four times over. A guard against sizes far beyond the machine, not a prediction (the
+    lessons measure those)."""
+    return 16 * n_params + 4 * tokens * (32 * width * n_layer + 4 * vocab)
+
+
+def check_step_fits(n_params, width, n_layer, tokens, vocab, what: str,
+                    options: str = "--batch, --seq or --layers") -> None:
+    """Before any work: refuse a size whose step could not fit in this machine's free memory
+    (it would swap for hours or be killed, not fail cleanly)."""
+    need, free = guess_step_bytes(n_params, width, n_layer, tokens, vocab), _available_memory()
+    if free is not None and need > free:
+        from .units import fmt_bytes
+
+        raise ValueError(f"{what} needs about {fmt_bytes(need)} for one training step, more than "
+                         f"the {fmt_bytes(free)} this machine has free: use a smaller {options}")
 
 
 def _course_model(args, dropout: float = 0.0):
     """The model ``args`` name, its batch size and sequence length, checked before any work."""
+    args.model = args.model or "gpt"
     if args.model == "hand-trace" and args.seq is not None:
         raise ValueError("--seq applies to GPT and Llama; the hand-trace net takes no sequence: "
                          "drop --seq")
@@ -210,7 +310,24 @@ def _course_model(args, dropout: float = 0.0):
     if args.seq is not None and longest is not None and args.seq > longest:
         raise ValueError(f"--seq {args.seq} is longer than {args.model} supports ({longest}, its "
                          f"position table): use --seq {longest} or less")
-    return model, args.batch or COURSE_MODELS[args.model], args.seq
+    batch_size = args.batch or COURSE_MODELS[args.model]
+    cfg = getattr(model, "cfg", None)
+    width = getattr(cfg, "d_model", None) or max(p.shape[-1] for p in model.parameters())
+    tokens = batch_size * (args.seq or getattr(cfg, "seq_len", 1))
+    check_step_fits(sum(p.numel() for p in model.parameters()), width, len(model.blocks), tokens,
+                    getattr(cfg, "vocab_size", 0), f"{args.model} at batch {batch_size}")
+    return model, batch_size, args.seq
+
+
+def _model_of(args):
+    """A course model (--model) or a small real instance of an --hf-config, never both."""
+    if args.hf_config is None:
+        return _course_model(args)
+    if args.model is not None:
+        raise ValueError(f"--model {args.model} and --hf-config name two models: drop one")
+    from .hf import small_model
+
+    return small_model(args.hf_config, args.layers, args.batch, args.seq)
 
 
 # ---------------------------------------------------------------- tape, train
@@ -223,20 +340,27 @@ def cmd_tape(args) -> int:
     return 0
 
 
+def trace_outputs(args) -> list[Path]:
+    """The files ``trace`` writes: the page and, beside it, memory_viz's snapshot."""
+    return [args.html, args.html.with_suffix(".pickle")]
+
+
 def cmd_trace(args) -> int:
-    """One training step's memory timeline as PyTorch's memory_viz HTML (course or HF model)."""
-    from .memviz import step_timeline_html
+    """One training step's memory timeline: an offline page and memory_viz's snapshot."""
+    from .memviz import MEMORY_VIZ_URL, step_timeline, timeline_page
     from .units import fmt_bytes
 
-    if args.hf_config is not None:
-        model, batch_size, seq = _hf_small_model(args)
-    else:
-        model, batch_size, seq = _course_model(args)
-    html, peak = step_timeline_html(model, args.policy, batch_size, seq)
-    args.html.write_text(html, encoding="utf-8")
-    print(f"wrote {args.html}: one AdamW step under {args.policy}, peak {fmt_bytes(peak)} of live "
-          "tensor bytes (the meter's; the page shows the allocator's). Open it in a browser "
-          "(it loads PyTorch's memory_viz viewer from the web).")
+    model, batch_size, seq = _model_of(args)
+    html_path, snapshot_path = trace_outputs(args)
+    timeline = step_timeline(model, args.policy, batch_size, seq)
+    html_path.write_text(timeline_page(timeline, snapshot_path.name), encoding="utf-8")
+    snapshot_path.write_bytes(timeline.snapshot)
+    print(f"wrote {html_path}: one AdamW step under {args.policy}, peak "
+          f"{fmt_bytes(timeline.peak_bytes)} of live tensor bytes (the meter's, exact). Open it in "
+          "any browser, offline: drag to zoom, hover a point for its op, phase, category and "
+          "bytes.")
+    print(f"wrote {snapshot_path}: the same step for PyTorch's memory_viz (drag it onto "
+          f"{MEMORY_VIZ_URL}; allocator bytes, with Python stacks).")
     return 0
 
 
@@ -266,23 +390,25 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated policies (default: {','.join(DEFAULT_POLICIES)}); "
                              "an op list of a selective policy stays with it, or separate "
                              "policies with ';'")
-    parser.add_argument("--layers", type=positive_int, default=d.n_layer,
+    parser.add_argument("--layers", type=_layers, default=d.n_layer,
                         help="number of blocks (default: %(default)s)")
-    parser.add_argument("--width", type=positive_int, default=d.d_model,
+    parser.add_argument("--width", type=_width, default=d.d_model,
                         help="model width d_model (default: %(default)s)")
-    parser.add_argument("--heads", type=positive_int, default=d.n_head,
+    parser.add_argument("--heads", type=_width, default=d.n_head,
                         help="attention heads; must divide --width (default: %(default)s)")
-    parser.add_argument("--batch", type=positive_int, default=8, help="batch size (default: 8)")
-    parser.add_argument("--seq", type=positive_int, default=d.seq_len,
+    parser.add_argument("--batch", type=_batch, default=8, help="batch size (default: 8)")
+    parser.add_argument("--seq", type=_seq, default=d.seq_len,
                         help="sequence length (default: %(default)s)")
-    parser.add_argument("--steps", type=positive_int, default=6,
+    parser.add_argument("--steps", type=_at_most(1000, "the ratios settle long before"), default=6,
                         help="timed, interleaved rounds per policy (default: %(default)s)")
     parser.add_argument("--budget", type=_budget_arg, default=None,
                         help="memory budget, e.g. 32MiB: policies over it are reported as OOM")
     parser.add_argument("--device", type=_device_name, default="cpu",
                         help="cpu or cuda (default: cpu)")
-    parser.add_argument("--out", type=_output_file(".png"), default=Path("compare.png"),
+    parser.add_argument("--out", type=_output_file(".png"), default="compare.png",
                         help="where to write the plot, a PNG (default: %(default)s)")
+    _force_option(parser)
+    parser.set_defaults(outputs=lambda args: [args.out])
 
 
 def run_compare(args) -> int:
@@ -294,6 +420,10 @@ def run_compare(args) -> int:
         raise ValueError(f"--heads ({args.heads}) must divide --width ({args.width}), "
                          f"e.g. --heads {math.gcd(args.width, 4)}")
     cfg = GPTConfig(n_layer=args.layers, d_model=args.width, n_head=args.heads, seq_len=args.seq)
+    check_step_fits(13 * cfg.n_layer * cfg.d_model ** 2 + 2 * cfg.vocab_size * cfg.d_model,
+                    cfg.d_model, cfg.n_layer, args.batch * args.seq, cfg.vocab_size,
+                    f"a tiny GPT of width {cfg.d_model} at batch {args.batch}",
+                    "--batch, --seq, --layers or --width")
     result = compare(cfg, args.policies, steps=args.steps, batch_size=args.batch,
                      device=args.device, budget=args.budget, live=False)
     print(f"tiny GPT: {args.layers} layers, width {args.width}, {args.heads} heads")
@@ -312,12 +442,12 @@ def add_plan_arguments(parser) -> None:
     what.add_argument("--config", type=_config_arg, metavar="NAME",
                       help=f"a config measured on fake tensors: {', '.join(config_names())}")
     _hf_config_option(what)
-    parser.add_argument("--layers", type=positive_int, help="number of blocks (course models)")
-    parser.add_argument("--batch", type=positive_int, help="batch size (default: 8; configs 1)")
-    parser.add_argument("--seq", type=positive_int, help="sequence length")
+    parser.add_argument("--layers", type=_layers, help="number of blocks (course models)")
+    parser.add_argument("--batch", type=_batch, help="batch size (default: 8; configs 1)")
+    parser.add_argument("--seq", type=_seq, help="sequence length")
     parser.add_argument("--budget", type=_budget_arg, required=True,
                         help="memory per device, e.g. 80GiB or 40MiB")
-    parser.add_argument("--devices", type=positive_int, default=1,
+    parser.add_argument("--devices", type=_devices, default=1,
                         help="shard parameters, gradients and optimizer state over N devices "
                              "(FSDP / ZeRO-3 estimate; default 1)")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
@@ -406,7 +536,7 @@ def add_doctor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=_budget_arg,
                         help="memory to fit in, e.g. 20MiB (on CPU the meter enforces it); "
                         "without it, lesson 4's demo: a budget that step 2 overflows")
-    parser.add_argument("--steps", type=positive_int, default=3,
+    parser.add_argument("--steps", type=_at_most(100, "the fix is verified in a few"), default=3,
                         help="training steps (default 3)")
     parser.add_argument("--no-timing", action="store_true", help="skip the step-time comparison")
     _hf_config_option(parser)
@@ -418,9 +548,10 @@ def run_doctor(args) -> int:
     no model options: lesson 4's demo, which says so in its first line."""
     from .doctor import demo, doctor
 
-    as_given = (args.model, args.layers, args.batch, args.seq) == ("gpt", None, None, None)
+    as_given = (args.model in (None, "gpt") and (args.layers, args.batch, args.seq)
+                == (None, None, None))
     if args.hf_config is not None:
-        model, batch_size, seq = _hf_small_model(args)
+        model, batch_size, seq = _model_of(args)
         print(f"{model.cfg.name}: random weights, measured for real")
         report = doctor(model, args.budget, batch_size, seq, args.steps,
                         timing=not args.no_timing)
@@ -447,15 +578,27 @@ def add_grade_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="folder of the pristine exercises (and src/), default: exercises")
     parser.add_argument("--timeout", type=_seconds, default=60, metavar="S",
                         help="seconds allowed per cell and per checked call (default 60)")
-    parser.add_argument("--jobs", type=positive_int, default=None,
+    parser.add_argument("--jobs", type=_jobs, default=None,
                         help="notebooks graded at once (default: the number of cores)")
     parser.add_argument("--csv", type=_output_file(".csv"), metavar="FILE",
                         help="write a gradebook: a row per notebook, a column per check")
     parser.add_argument("--json", type=_output_file(".json"), metavar="FILE",
                         help="write the scorecards as JSON")
-    parser.add_argument("--feedback", type=_folder(must_exist=False), metavar="DIR",
+    parser.add_argument("--feedback", type=_output_folder, metavar="DIR",
                         help="write each learner a markdown report of their checks and hints")
+    _force_option(parser)
+    parser.set_defaults(outputs=grade_outputs)
     return parser
+
+
+def grade_outputs(args) -> list[Path]:
+    """The files ``grade`` writes: gradebook, scorecards, and one report per learner."""
+    outputs = [args.csv, args.json]
+    if args.feedback is not None:
+        from .grading import _report_names  # the names write_feedback will use
+
+        outputs += [args.feedback / name for name in _report_names(args.notebooks)]
+    return outputs
 
 
 def run_grade(args) -> int:
@@ -520,16 +663,42 @@ def run_build(args) -> int:
 
 
 def cmd_reset(args) -> int:
-    from .authoring import AuthoringError, reset_exercises
+    from .authoring import reset_exercises
 
-    try:
-        backups = reset_exercises(args.names, args.src, args.exercises)
-    except AuthoringError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    backups = reset_exercises(args.names, args.src, args.exercises)  # ValueError: usage error
     for backup in backups:
         print(f"your edited notebook was moved to {backup}")
     print("exercises reset to their pristine state")
+    return 0
+
+
+# ---------------------------------------------------------------- the learner's copy
+def add_copy_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--course", type=_folder(must_exist=True), default=None, metavar="DIR",
+                        help="the course's clone (default: the one this package is in)")
+    parser.add_argument("--into", type=_output_folder, default=None, metavar="DIR",
+                        help="your copy (default: the copy you are in, else my-course/ in the "
+                             "course)")
+
+
+def _copy_paths(args) -> tuple[Path, Path]:
+    from .workcopy import course_root, find_copy
+
+    course = args.course or course_root()
+    return course, args.into or find_copy(course)
+
+
+def cmd_sync(args) -> int:
+    from .workcopy import sync_course
+
+    print(sync_course(*_copy_paths(args)))
+    return 0
+
+
+def cmd_reset_lessons(args) -> int:
+    from .workcopy import reset_lessons
+
+    print(reset_lessons(args.names, *_copy_paths(args)))
     return 0
 
 
@@ -539,24 +708,27 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name, run, help, add=None):
-        p = sub.add_parser(name, help=help)
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(run=run, parser=p, outputs=lambda args: [])
         (add or _model_arguments)(p)
-        p.set_defaults(run=run)
         return p
 
     command("tape", cmd_tape, "print the activation tape of one forward pass")
-    trace = command("trace", cmd_trace, "write one training step's memory timeline as HTML "
-                    "(PyTorch's memory_viz)")
+    trace = command("trace", cmd_trace, "write one training step's memory timeline: an "
+                    "offline HTML page and PyTorch's memory_viz snapshot")
     _hf_config_option(trace)
     trace.add_argument("--policy", type=_policy_arg, default="none",
                        help="the checkpoint policy of the step (default: none)")
     trace.add_argument("--html", type=_output_file(".html"), required=True, metavar="FILE",
-                       help="where the page goes, e.g. step.html")
+                       help="where the page goes, e.g. step.html (FILE.pickle, memory_viz's "
+                            "snapshot, goes beside it)")
+    _force_option(trace)
+    trace.set_defaults(outputs=trace_outputs)
     train = command("train", cmd_train, "train a course model under a policy and print each step")
     train.add_argument("--policy", type=_policy_arg, default="none",
                        help="none, full, every-K, sqrt, segments:a-b,c, selective:save=OPS, "
                             "selective:recompute=OPS, offload (default: none)")
-    train.add_argument("--steps", type=positive_int, default=3)
+    train.add_argument("--steps", type=_steps, default=3)
     train.add_argument("--dropout", type=_probability, default=0.0)
     train.add_argument("--device", type=_device_name, default=None,
                        help="cpu or cuda (default: cpu)")
@@ -579,16 +751,33 @@ def make_parser() -> argparse.ArgumentParser:
 
     command("reset-exercises", cmd_reset, "fresh exercise notebooks; edited ones are moved to "
             "backups/", reset_arguments)
+    command("sync-course", cmd_sync, "copy the lessons and exercises into your own folder "
+            "(my-course/), or bring a course update into it, keeping your work",
+            add_copy_arguments)
+
+    def reset_lessons_arguments(p):
+        p.add_argument("names", nargs="*", metavar="NAME", help="lessons or exercises, e.g. "
+                       "1_why_activations_eat_memory (all if none)")
+        add_copy_arguments(p)
+
+    command("reset-lessons", cmd_reset_lessons, "fresh copies of lessons or exercises in your "
+            "folder; yours are moved to backups/", reset_lessons_arguments)
     return parser
 
 
 def main(argv=None) -> int:
+    """Parse, refuse to replace existing outputs (before any work), run. Bad input, seen by the
+    parser or by the work itself, exits with code 2 and one line naming the fix."""
     parser = make_parser()
     args = parser.parse_args(argv)
     try:
+        refuse_replacing(args.outputs(args), getattr(args, "force", False))
         return args.run(args)
     except ValueError as error:  # bad input the parser could not see, e.g. --seq too long
-        parser.error(str(error).splitlines()[0])
+        args.parser.error(str(error).strip().splitlines()[0])
+    except OSError as error:  # a write that failed anyway (disk full, a file that went away)
+        args.parser.error(f"{error.strerror or error}: {error.filename or ''} (check the path "
+                          f"and free space)")
 
 
 def build_main(argv=None) -> int:

@@ -234,3 +234,76 @@ def test_a_region_inside_a_nested_block_of_a_function_is_fine(tmp_path):
 def test_build_all_needs_sources(tmp_path):
     with pytest.raises(AuthoringError, match="no exercise sources"):
         authoring.build_all(tmp_path)
+
+
+# ---------------------------------------------------------------- reset-exercises keeps every edit
+def edit(course, text):
+    exercise = course / "exercises" / "0_toy.ipynb"
+    exercise.write_text(exercise.read_text().replace("raise NotImplementedError", text))
+    return exercise.read_text()
+
+
+def reset(course, stamp=None):
+    return authoring.reset_exercises((), course / "exercises" / "src", course / "exercises",
+                                     stamp=stamp)
+
+
+def test_two_resets_in_the_same_second_keep_both_edits(course):
+    pristine = (course / "exercises" / "0_toy.ipynb").read_text()
+    first = edit(course, "return 1  # first try")
+    [backup1] = reset(course, stamp="20260101-120000")
+    second = edit(course, "return 2  # second try")
+    [backup2] = reset(course, stamp="20260101-120000")  # the same second
+    assert backup1 != backup2 and backup1.parent == backup2.parent
+    assert backup1.read_text() == first and backup2.read_text() == second
+    assert backup1.name == "0_toy-20260101-120000.ipynb"
+    assert backup2.name == "0_toy-20260101-120000-2.ipynb"
+    assert (course / "exercises" / "0_toy.ipynb").read_text() == pristine
+
+
+def test_a_file_already_at_the_backup_name_is_never_replaced(course):
+    backups = course / "exercises" / "backups"
+    backups.mkdir()
+    (backups / "0_toy-20260101-120000.ipynb").write_text("someone's file")
+    edited = edit(course, "return 3")
+    [backup] = reset(course, stamp="20260101-120000")
+    assert (backups / "0_toy-20260101-120000.ipynb").read_text() == "someone's file"
+    assert backup.read_text() == edited
+
+
+def test_a_pristine_exercise_is_reset_without_a_backup(course):
+    assert reset(course) == []
+    assert not (course / "exercises" / "backups").exists()
+
+
+@pytest.mark.parametrize("situation, message", [
+    ("exercise is a folder", "is a folder, not a notebook"),
+    ("backups is a file", "is a file, but backups go into a folder"),
+])
+def test_a_reset_that_cannot_keep_the_work_is_refused_before_any_move(course, situation,
+                                                                      message, capsys):
+    exercise, backups = course / "exercises" / "0_toy.ipynb", course / "exercises" / "backups"
+    if situation == "exercise is a folder":
+        exercise.unlink()
+        exercise.mkdir()
+        (exercise / "notes.txt").write_text("mine")
+    else:
+        edited = edit(course, "return 4")
+        backups.write_text("a file named backups")
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["reset-exercises", "--src", str(course / "exercises" / "src"),
+                  "--exercises", str(course / "exercises")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "\n".join(err)
+    if situation == "exercise is a folder":
+        assert (exercise / "notes.txt").read_text() == "mine"
+    else:
+        assert exercise.read_text() == edited and backups.read_text() == "a file named backups"
+
+
+def test_an_unreadable_exercise_is_backed_up_not_lost(course):
+    exercise = course / "exercises" / "0_toy.ipynb"
+    exercise.write_bytes(b"\xff\xfe not a notebook")
+    [backup] = reset(course)
+    assert backup.read_bytes() == b"\xff\xfe not a notebook"

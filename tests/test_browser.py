@@ -157,3 +157,54 @@ def test_exercise_accepts_a_right_answer_and_hints_at_a_wrong_one(page):
     errors = [o for o in page.cells()[check]["outputs"] if o.get("output_type") == "error"]
     assert errors and errors[0]["ename"] in ("CheckFailed", "AssertionError"), errors
     assert len(errors[0]["evalue"]) > 20, "a wrong answer must get a hint that teaches"
+
+
+# ---------------------------------------------------------------- `ckpt-course trace --html`
+@pytest.fixture(scope="module")
+def trace_page(tmp_path_factory):
+    """The page `ckpt-course trace` writes, for a small model (one step, a few seconds)."""
+    from ckpt_course import cli
+
+    out = tmp_path_factory.mktemp("trace") / "step.html"
+    assert cli.main(["trace", "--model", "gpt", "--layers", "2", "--batch", "2", "--seq", "16",
+                     "--policy", "full", "--html", str(out)]) == 0
+    return out
+
+
+def test_the_trace_page_draws_offline_with_its_peak_and_hover(browser, trace_page):
+    """Network blocked: the page draws its plot (an SVG with the timeline's line), shows the
+    peak's label, and a hover over the peak names its op, phase, category and bytes."""
+    context = browser.new_context(viewport={"width": 1200, "height": 700}, offline=True)
+    requested = []
+
+    def block(route):
+        requested.append(route.request.url)
+        route.abort()
+
+    context.route(re.compile(r"^(?!file:).*"), block)  # anything but the file itself
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(trace_page.as_uri())
+    page.wait_for_selector("#memory-timeline .main-svg", timeout=30_000)
+    lines = page.locator("#memory-timeline g.trace.scatter path.js-line")
+    drawn = [len(lines.nth(i).get_attribute("d") or "") for i in range(lines.count())]
+    assert max(drawn) > 2000, "the timeline is drawn (hundreds of points)"
+    peak_label = page.locator("#memory-timeline .annotation-text", has_text="peak")
+    assert peak_label.count() == 1
+    assert re.search(r"peak [\d.]+ [KM]iB \(\w+, (forward|backward|optimizer)\)",
+                     peak_label.text_content())
+    peak_point = page.locator("#memory-timeline g.trace.scatter path.point").last
+    box = peak_point.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    hover = page.locator("#memory-timeline .hoverlayer .hovertext").first
+    hover = hover.text_content(timeout=10_000)
+    assert re.search(r"\w+ \((forward|backward|optimizer)\)", hover), hover  # op (phase)
+    assert re.search(r"allocated [\d.]+ [KM]?i?B of (activations|temporaries|gradients|"
+                     r"optimizer state|parameters)", hover), hover
+    assert "live:" in hover
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "trace-page.png"))
+    context.close()
+    assert requested == [], f"the page asked the network for {requested}"
+    assert errors == []

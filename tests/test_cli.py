@@ -81,7 +81,9 @@ def test_reset_exercises_moves_edited_work_aside_and_restores_the_stub(tmp_path,
     assert len(backups) == 1 and backups[0].read_text() == edited  # the learner's work, whole
     assert exercise.read_text() == pristine
     assert "moved to" in capsys.readouterr().out
-    assert main(["reset-exercises", "9_nope", "--src", src, "--exercises", folder]) == 2
+    with pytest.raises(SystemExit) as stop:
+        main(["reset-exercises", "9_nope", "--src", src, "--exercises", folder])
+    assert stop.value.code == 2
 
 
 def test_a_policy_the_planner_prints_works_in_every_command(capsys, tmp_path):
