@@ -423,11 +423,18 @@ class Rules:
         self.enforced = True
         sys.meta_path[:0] = [_Blocker(t) for t in self.targets if ":" not in t]
         guards: dict[tuple[int, str], object] = {}
+        files = {f for f, _ in self.qualified} | set(self.owner)
+        real: dict[str, str] = {}  # co_filename -> its real path (realpath is slow)
         for obj in gc.get_objects():
             if type(obj) is not _FunctionType:
                 continue
             code = obj.__code__
-            rule = self._rule_of(code.co_filename, obj.__qualname__)
+            name = code.co_filename
+            if name not in real:
+                real[name] = os.path.realpath(name) if name.endswith(".py") else ""
+            if real[name] not in files:
+                continue
+            rule = self._rule_of(real[name], obj.__qualname__)
             if rule is not None:
                 key = (len(code.co_freevars), rule)
                 if key not in guards:
@@ -441,10 +448,7 @@ class Rules:
             os.close(self.ruleset)
         return self.why_not
 
-    def _rule_of(self, filename: str, qualname: str) -> str | None:
-        if not filename.endswith(".py"):
-            return None
-        path = os.path.realpath(filename)
+    def _rule_of(self, path: str, qualname: str) -> str | None:
         return self.owner.get(path) or next(
             (name for (f, q), name in self.qualified.items()
              if f == path and (qualname == q or qualname.startswith(q + "."))), None)
@@ -643,6 +647,8 @@ def _answer(request: dict, namespace: dict) -> dict:
         else:
             raise NameError(f"name {request['call']!r} is not defined")
         result = fn(*args, **kwargs)
+        if request.get("digest") == "value":  # a memory run whose small result is checked
+            return {"returned": result}
         if "digest" in request:  # a memory run: only the peak and the result's digest count
             return {"returned": digest(result, request["digest"])}
         return {"returned": result}

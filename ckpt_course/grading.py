@@ -1,51 +1,100 @@
 """Grade learners' notebooks where their code cannot reach the grade; grade a class.
 
 How a notebook is graded
-1. Find its pristine exercise: `<exercises>/<same file name>` if that file is still pristine
-   (its cells match the fingerprint `build` recorded), else a fresh build of
-   `<exercises>/src/<stem>.py`. A renamed notebook is matched by the exercise stem `build`
-   wrote into its metadata.
-2. Take from the learner's file ONLY the sources of their answer cells (matched by their
+1. Read the file once: a regular file (a link to one is fine) of at most 20 MB, UTF-8 with or
+   without a byte-order mark; anything else (a FIFO, a device, a link loop, a folder) is a row
+   with the reason, never a hang or a traceback.
+2. Its exercise: the bare name `build` wrote into its metadata (`ckpt_course.exercise`), else
+   the file's stem; it must be one of the course's own exercises (`<exercises>/src/*.py`,
+   `<exercises>/*.ipynb`). A path, an unknown name or a look-alike is refused with the reason.
+   The pristine notebook is always the course's: `<exercises>/<name>.ipynb` if it is an
+   untouched *exercise* (role and fingerprint as built; never a solution), else a fresh build
+   of `<exercises>/src/<name>.py`. A file holding none of the exercise's answer cells is
+   reported (with the answer names it does hold), not silently zeroed; a file named like one
+   exercise whose metadata names another is graded as the metadata says, with a note.
+3. Take from the learner's file ONLY the sources of their answer cells (matched by their
    `answer:<name>` tag, else by cell id; a missing one keeps its stub). Everything else comes
    from the pristine notebook, so edited, deleted or reordered check cells and saved outputs
    change nothing.
-3. Read each check cell of the PRISTINE notebook with `ast`: exactly `checks.NAME(a, b, ...)`,
+4. Read each check cell of the PRISTINE notebook with `ast`: exactly `checks.NAME(a, b, ...)`,
    `checks` being what the pristine setup imports from `ckpt_course.checks`, and its points
    from the `points:N` tag (default 1).
-4. A worker process (grade_worker.py) runs the non-check cells in order, then serves calls.
-   Here, in the grader's process, each check function is imported from the installed package,
-   seeded with `checks.set_seed(<secret random>)`, and called with `Remote(name)` proxies:
-   calls cross the process boundary as data (JSON, and tensors as torch.save bytes read back
-   with weights_only=True). The score is the check's return value (None: full marks, a number
-   in [0, 1]: that fraction) or 0 with the hint of the `CheckFailed` it raised (a fraction on
-   it, `CheckFailed.fraction`, gives partial credit with a hint). Any other failure is 0 with
-   a hint naming the learner-side cause: their exception, an exit, a crash, a timeout.
+5. A worker process (grade_worker.py) runs the non-check cells in order; each check is called
+   right after the cells above its check cell, as in the notebook (a later cell cannot change
+   what an earlier check sees). Here, in the grader's process, each check function is imported
+   from the installed package, seeded with `checks.set_seed(<secret random>)`, and called with
+   `Remote(name)` proxies: calls cross the process boundary as data (JSON, and tensors as
+   torch.save bytes read back with weights_only=True). The score is the check's return value
+   (None: full marks, a number in [0, 1]: that fraction) or 0 with the hint of the
+   `CheckFailed` it raised (a fraction on it gives partial credit with a hint). Any other
+   failure is 0 with a hint naming the learner-side cause: their exception, an exit, a crash,
+   a timeout, a rule broken.
+6. Each row's text (hints, notes, errors, file names) is one clean line (`clean`): learner
+   text cannot print a row of its own. Duplicates (the same changed answers) are flagged.
 
-Threat model
-- An answer cell is untrusted code that can do anything Python can in its own process: rebind
-  or monkeypatch `checks` and ckpt_course.checks.*, IPython's machinery, builtins, sys hooks;
-  exit, crash, loop forever, print anything, fork, return objects that lie (__eq__ always True)
-  or that run code when unpickled.
-- None of that reaches the grade: the grade is computed in the grader's process, by check code
-  imported from the package and read from the pristine notebook, from data the worker returns.
-  Only JSON and weights_only tensors are ever deserialised (exact types: no subclasses, no
-  pickle). What the worker prints is never read. Each call has a time limit; on timeout, exit
-  or crash the reaper and then the process group are killed, the hint says which, and the
-  next check gets a fresh worker (a cell that killed one is graded as its stub).
-- The worker confines itself with Linux Landlock before it runs any cell: it can write only to
-  its own temporary folder, read only the Python installation and the ckpt_course package
-  (not the exercises, the submissions, the gradebook), open no TCP connection, and neither
-  signal nor ptrace processes outside its sandbox (the grader, its reaper, neighbours). The
-  reaper is a child subreaper, so processes the learner starts are counted and killed.
-- Residual risks. Without Landlock (not Linux, kernel < 5.13, or blocked) the worker runs
-  with the grader's own user rights: it could read a neighbour's file, write any file the user
-  can (the package, the pristine exercises, the gradebook being written), signal or ptrace the
-  grader; `Scorecard.sandbox` and the command line say so. Even in the sandbox, learner code
-  uses the grader machine's CPU, memory and disk (a fork bomb or a 100 GB allocation is not
-  stopped here), may use UDP and unix sockets by path, and can read world-readable system files.
+Threat model: an answer cell is untrusted code that can do anything Python can in its own
+process (rebind or monkeypatch `checks`, ckpt_course, IPython, builtins, sys hooks; exit,
+crash, loop, print anything, fork, setsid, return lying objects), written by someone who has
+read this code. Per class of attack, what is defended and what is not:
+
+- The grade. Computed in the grader's process by check code imported from the package, read
+  from the pristine notebook, on data the worker returns: only JSON and weights_only tensors
+  are deserialised (exact types, no pickle); what the worker prints is never read. Inputs come
+  from a secret seed. Each call has a time limit; a cell that kills a worker (exit, crash,
+  timeout) is graded as its stub in a fresh worker.
+- Identity (step 2). The learner chooses only a name among the course's exercises; the
+  pristine copy, the check cells and the points never come from anything they hand in.
+- Build-it rules. Each check declares what its answer may not use (`@checks.forbids`); every
+  notebook also forbids `ckpt_course.checks.references` (the reference implementations). From
+  the first answer cell on, the worker (grade_worker.Rules) replaces the code of every
+  function object of a forbidden module (or class) with a body raising "rule broken: ...
+  <target>", found through gc, so attributes, `sys.modules`, `importlib`, `__import__`,
+  subclasses, `__wrapped__`, closures and `gc.get_objects` all reach the poisoned objects;
+  forbidden modules cannot be imported; and a second Landlock layer makes their files and
+  bytecode caches unreadable (no reload, no exec of the source, no marshal of the .pyc). The
+  hint names the rule. NOT defended: an answer that re-types the forbidden code (from memory,
+  from the course's public repository, or from another copy of the same code on disk, e.g. a
+  vendored torch in another environment the worker can read), that builds the mechanism from
+  torch's lower-level pieces (saved_tensors_hooks, autograd.Function) in a different way than
+  intended, or that measures instead of predicting with tools no rule names (its own
+  saved_tensors_hooks, torch's profiler). `save_on_cpu` and the planner's classes are poisoned
+  but the modules that hold them (torch.autograd.graph) stay readable: their source could be
+  re-executed. Native code (ctypes into torch's C++ library) is not covered.
+- Memory checks. The memory run's sizes are drawn from the secret seed; its result is checked
+  against the reference's (a SHA-256 of the tensors' bytes), so an answer that detects the
+  memory run (by size, by inspecting the worker's frames) and skips the work fails; counters
+  are measured by trusted code: the peak by the reaper (sum of the tree's ru_maxrss), the
+  bytes offloaded by the reaper reading the host store's pipe (not `host.bytes_to_host`).
+  NOT defended: an answer can write padding into that pipe, so "bytes moved" is a lower bound
+  the answer can raise to the reference's count (it cannot lower it, and the memory part still
+  needs the bytes really gone); peaks are RSS, so shared pages count in each process.
+- The class. Every file ends as one row (step 1); a grader failure on one file is a row of its
+  own and exit code 3 (`EXIT_GRADER_FAILED`), distinct from 1 (not all full marks) and 2 (bad
+  options). Learner strings the checks parse in the grader are size-checked first
+  (`checks.learner_policy`: a policy string is at most 300 characters with numbers up to the
+  chain's size, so `segments:0..3000000` is refused before it is expanded); returned data is
+  capped at 32 MB a message. The worker's temporary folder is removed with errors ignored.
+- Processes. The reaper unshares a user, PID and network namespace where the kernel allows
+  (`user,pid,net` here; `pid,net` as root without user namespaces; else `net`; else none) and
+  forks the namespace's init: when the worker ends, kill(-1) ends every process of the
+  namespace, setsid'd and double-forked ones included, and the namespace dies with the outer
+  reaper (PDEATHSIG). Without a PID namespace the reaper is a child subreaper and kills every
+  descendant found in /proc, repeatedly, until none is left. The user namespace also takes
+  root's powers over the host away (no chattr +i, no mounts).
+- What the worker can see. Its environment is built from scratch (`worker_environment`:
+  PATH, locale, its own folder as HOME/TMPDIR, PYTHONPATH to the package): nothing of the
+  grader's. Landlock (first layer) lets it write only its own folder, read only the system,
+  the Python installation and the package, open no TCP port, and neither signal nor ptrace
+  (so neither read /proc/<pid>/environ nor memory of) processes outside its sandbox. In a
+  network namespace it has no network at all (no UDP, no abstract unix sockets to the host).
+  NOT defended: world-readable system files and other processes' /proc/<pid>/cmdline (the
+  secret seed is on no command line); without a network namespace, UDP and unix sockets by
+  path; CPU, memory and disk use (a fork bomb or a 100 GB allocation is not stopped here).
+- Without Landlock (not Linux, kernel < 5.13, or blocked) the worker runs with the grader's
+  own rights (it could read a neighbour's file, write the package or the gradebook, signal the
+  grader) and forbidden files stay readable; `Scorecard.sandbox` and the command line say so.
   Grading is not a security sandbox for the host: for untrusted classes, run the grader as an
-  unprivileged user in a container (read-only package and submissions, memory and pid
-  limits). Peaks are RSS: shared pages count in each process (so forking only costs more).
+  unprivileged user in a container (read-only package and submissions, memory and pid limits).
 
 The learner's file is only ever read. This module imports no torch; the check modules do.
 """
@@ -239,17 +288,22 @@ def _read_regular_file(path: Path) -> bytes:
     except OSError as e:
         why = "a symbolic link loop" if e.errno == errno.ELOOP else e.strerror
         raise GradingError(f"could not read the file: {why}") from None
-    with os.fdopen(fd, "rb") as f:
+    try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
             raise GradingError("a folder, not a notebook")
         if not stat.S_ISREG(mode):
             raise GradingError("not a regular file (a FIFO, a device or a socket): hand in the "
                                ".ipynb file itself")
-        try:
-            data = f.read(MAX_NOTEBOOK_BYTES + 1)
-        except OSError as e:
-            raise GradingError(f"could not read the file: {e.strerror}") from None
+        chunks, size = [], 0
+        while size <= MAX_NOTEBOOK_BYTES and (chunk := os.read(fd, 2**20)):
+            chunks.append(chunk)
+            size += len(chunk)
+        data = b"".join(chunks)
+    except OSError as e:
+        raise GradingError(f"could not read the file: {e.strerror}") from None
+    finally:
+        os.close(fd)
     if len(data) > MAX_NOTEBOOK_BYTES:
         raise GradingError(f"larger than {MAX_NOTEBOOK_BYTES // 2**20} MB: clear the outputs "
                            "(Edit > Clear Outputs of All Cells), save, and hand it in again")

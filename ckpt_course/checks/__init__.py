@@ -201,8 +201,9 @@ def peak_of(fn, *args, like=None) -> int:
 
 def measure(fn, spec, like=None, keys=None) -> dict:
     """One memory run of ``fn(spec)`` (or of the probe ``"module:function"``, measured like
-    ``like``): ``{"peak": bytes, "digest": of the result (its ``keys``), "host_bytes": bytes its
-    host store received}``. In the grader a ``Remote`` runs it in a fresh worker, where the
+    ``like``): ``{"peak": bytes, "digest": of the result (its ``keys``; ``keys="value"``: the
+    result itself, for a small one), "host_bytes": bytes its host store received}``. In the
+    grader a ``Remote`` runs it in a fresh worker, where the
     peak is the tree's RSS and the host bytes are counted by the trusted reaper; here it runs
     under ``MemoryMeter`` and the host bytes are the result's own ``"bytes_to_host"``."""
     remote = fn if not isinstance(fn, str) else like
@@ -218,7 +219,8 @@ def measure(fn, spec, like=None, keys=None) -> dict:
     with meter:
         result = target(spec)
     host = result.get("bytes_to_host", 0) if isinstance(result, dict) else 0
-    return {"peak": meter.peak_bytes, "digest": digest(result, keys), "host_bytes": host}
+    value = result if keys == "value" else digest(result, keys)
+    return {"peak": meter.peak_bytes, "digest": value, "host_bytes": host}
 
 
 def memory_runs(fn, spec, reference: str, without: str, keys=None) -> dict:
