@@ -75,7 +75,9 @@ class AuthoringError(ValueError):
 
 def tagged_name(cell, prefix: str) -> str | None:
     """The <name> of a cell tagged `<prefix>:<name>` (prefix 'answer' or 'check'), else None."""
-    for tag in cell.get("metadata", {}).get("tags", []):
+    metadata = cell.get("metadata", {}) if isinstance(cell, dict) else {}
+    tags = metadata.get("tags", []) if isinstance(metadata, dict) else []
+    for tag in tags if isinstance(tags, list) else []:
         if isinstance(tag, str) and tag.startswith(prefix + ":"):
             return tag[len(prefix) + 1 :]
     return None

@@ -603,21 +603,35 @@ def grade_outputs(args) -> list[Path]:
 
 def run_grade(args) -> int:
     """0: every notebook graded with full marks; 1: some lost points or could not be graded;
-    2: bad options (nothing graded)."""
-    from .grading import format_scorecards, grade, write_csv, write_feedback, write_json
+    2: bad options (nothing graded); 3: the grader itself failed (on a file, or at all)."""
+    from . import grading
 
     try:
-        cards = grade(args.notebooks, args.exercises, args.timeout, jobs=args.jobs,
-                      progress=lambda card: print(format_scorecards([card]), flush=True))
+        return _grade_class(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return grading.EXIT_USAGE
+    except Exception as e:  # a grader bug: one line, its own exit code, never a traceback
+        print(f"error: the grader failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return grading.EXIT_GRADER_FAILED
+
+
+def _grade_class(args) -> int:
+    from . import grading
+    from .grading import format_scorecards, grade, write_csv, write_feedback, write_json
+
+    cards = grade(args.notebooks, args.exercises, args.timeout, jobs=args.jobs,
+                  progress=lambda card: print(format_scorecards([card]), flush=True))
     failed = [c for c in cards if c.error]
     if len(cards) > 1:
         print(f"\n{len(cards)} notebooks, {sum(c.earned for c in cards):g}/"
               f"{sum(c.points for c in cards):g} points; {len(failed)} could not be graded")
+    for card in cards:
+        if card.duplicate_of:
+            print(f"warning: {grading.clean(card.notebook)} has the same answers as "
+                  f"{grading.clean(card.duplicate_of)}", file=sys.stderr)
     for why in sorted({c.sandbox for c in cards if c.sandbox}):
-        print(f"warning: learners' code ran without a sandbox ({why}); see grading.py",
+        print(f"warning: learners' code ran without a full sandbox ({why}); see grading.py",
               file=sys.stderr)
     if args.csv:
         write_csv(cards, args.csv)
@@ -625,7 +639,11 @@ def run_grade(args) -> int:
         write_json(cards, args.json)
     if args.feedback:
         write_feedback(cards, args.feedback)
-    return 0 if all(c.full_marks for c in cards) else 1
+    if any(c.grader_failed for c in cards):
+        print("error: the grader failed on some files (see their rows): exit code 3",
+              file=sys.stderr)
+        return grading.EXIT_GRADER_FAILED
+    return grading.EXIT_FULL_MARKS if all(c.full_marks for c in cards) else grading.EXIT_NOT_FULL
 
 
 # ---------------------------------------------------------------- build-exercises, reset-exercises

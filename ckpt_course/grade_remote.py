@@ -45,34 +45,45 @@ class Cell:
     label: str  # "answer 1.1-state" or "code cell 3": what a note names
     source: str  # what the worker runs: the learner's answer, or the pristine cell
     pristine: str  # what runs instead if `source` kills the worker
+    answer: bool = False  # an answer cell: the exercise's rules hold from the first one on
 
 
 # ---------------------------------------------------------------- one process tree
 
 
+def worker_environment(folder: Path) -> dict[str, str]:
+    """The worker's whole environment: nothing of the grader's (its variables may hold tokens or
+    paths), only what Python, torch and the package need, all pointing into the worker's folder."""
+    import ckpt_course
+
+    home = str(folder)
+    return {"PATH": os.defpath, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": home,
+            "TMPDIR": home, "IPYTHONDIR": home, "MPLCONFIGDIR": home, "MPLBACKEND": "Agg",
+            "PYTHONPATH": str(Path(ckpt_course.__file__).resolve().parents[1]),
+            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONNOUSERSITE": "1", "PYTHONHASHSEED": "0",
+            "CKPT_COURSE_HEADLESS": "1", "HF_HUB_OFFLINE": "1",
+            # Peaks are RSS, so freed tensors must leave it: a fixed mmap threshold makes glibc
+            # map every block over 64 KiB on its own and unmap it when freed. With the default
+            # (dynamic) threshold, freed blocks stay in the heap and an offloading run peaked
+            # above a plain one (1097 vs 1003 MiB; fixed: 479 vs 703).
+            "MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
 class Worker:
     """A reaper process and, under it, a worker that has run `sources` and serves calls."""
 
-    def __init__(self, sources: list[str], folder: Path, sandbox: bool):
+    def __init__(self, folder: Path, sandbox: bool, rules: tuple[str, ...] = ()):
         req_r, self.req = os.pipe()
         self.rep, rep_w = os.pipe()
-        home = str(folder)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-        env.update(HOME=home, TMPDIR=home, IPYTHONDIR=home, MPLCONFIGDIR=home,
-                   PYTHONDONTWRITEBYTECODE="1",
-                   # Peaks are RSS, so freed tensors must leave it: a fixed mmap threshold makes
-                   # glibc map every block over 64 KiB on its own and unmap it when freed. With
-                   # the default (dynamic) threshold, freed blocks stay in the heap and an
-                   # offloading run peaked above a plain one (1097 vs 1003 MiB; fixed: 479 vs 703).
-                   MALLOC_MMAP_THRESHOLD_="65536")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ckpt_course.grade_worker", "reap", str(req_r), str(rep_w)],
-            cwd=folder, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, pass_fds=(req_r, rep_w), start_new_session=True)
+            cwd=folder, env=worker_environment(folder), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, pass_fds=(req_r, rep_w),
+            start_new_session=True)
         os.close(req_r)
         os.close(rep_w)
         self.report: dict | None = None
-        self._send({"cells": sources, "sandbox": sandbox}, "starting")
+        self._send({"sandbox": sandbox, "rules": list(rules)}, "starting")
 
     def receive(self, timeout: float, what: str):
         """The worker's next message, or WorkerGone saying why there is none."""
@@ -174,40 +185,54 @@ class Worker:
 
 
 class Session:
-    """One learner's notebook in workers; `remote(name)` proxies for the checks."""
+    """One learner's notebook in workers; `remote(name)` proxies for the checks.
 
-    def __init__(self, cells: list[Cell], pristine: list[str], timeout: float, root: Path,
-                 sandbox: bool = True):
-        self.cells, self.pristine, self.timeout, self.root = cells, pristine, timeout, root
+    `position` is how many cells a check sees (those above its check cell, as in the notebook):
+    the worker runs cells up to it before the next call, and a fresh worker (after a crash, or
+    for a peak) replays the same cells. `rules`: what the answers may not use (grade_worker)."""
+
+    def __init__(self, cells: list[Cell], timeout: float, root: Path, sandbox: bool = True,
+                 rules: tuple[str, ...] = ()):
+        self.cells, self.timeout, self.root, self.rules = cells, timeout, root, tuple(rules)
         self.sandbox, self.notes, self.unsandboxed = sandbox, [], ""
+        self.position = len(cells)
         self.dead: set[int] = set()  # cells that killed a worker: run as pristine stubs
+        self.noted: set[int] = set()  # cells whose error is already in the notes
         self._worker: Worker | None = None
-        self._noted = False
+        self._ran = 0  # cells the current worker has run
 
     def remote(self, name: str) -> Remote:
         return Remote(self, name)
 
     def call(self, name: str, args, kwargs):
-        if self._worker is None:
-            self._worker = self._start()
+        worker = self._ready()
         try:
-            return self._reply(self._worker, {"call": name, "args": list(args),
-                                              "kwargs": kwargs}, _what(name, args))
+            return self._reply(worker, {"call": name, "args": list(args),
+                                        "kwargs": kwargs}, _what(name, args))
         except WorkerGone:
             self._worker = None  # the next call gets a fresh one
             raise
 
-    def peak(self, name: str, args, kwargs) -> int:
-        request = {"call": name, "args": list(args), "kwargs": kwargs}
-        return self._peak(self._start(), request, _what(name, args))
+    def measure(self, name: str, args, kwargs, keys) -> dict:
+        """Run one call in a fresh worker with the learner's cells -> {"peak": RSS bytes of its
+        tree, "digest": of the result's `keys`, "host_bytes": what went to the host store}."""
+        request = {"call": name, "args": list(args), "kwargs": kwargs, "digest": keys}
+        return self._measure(self._fresh(learner=True), request, _what(name, args))
 
-    def reference_peak(self, probe: str, args, kwargs) -> int:
+    def measure_reference(self, probe: str, args, kwargs, keys) -> dict:
+        """The same for a trusted probe, in a fresh worker with the pristine cells only."""
         module, _, function = probe.partition(":")
         if not module.startswith(PROBE_PACKAGE) or not function.isidentifier():
             raise ValueError(f"reference probe {probe!r}: expected "
                              f"'{PROBE_PACKAGE}<module>:<function>'")
-        request = {"probe": probe, "args": list(args), "kwargs": kwargs}
-        return self._peak(self._start(self.pristine), request, f"the reference {function}")
+        request = {"probe": probe, "args": list(args), "kwargs": kwargs, "digest": keys}
+        return self._measure(self._fresh(learner=False), request, f"the reference {function}")
+
+    def peak(self, name: str, args, kwargs) -> int:
+        return self.measure(name, args, kwargs, None)["peak"]
+
+    def reference_peak(self, probe: str, args, kwargs) -> int:
+        return self.measure_reference(probe, args, kwargs, None)["peak"]
 
     def close(self) -> None:
         if self._worker is not None:
@@ -219,43 +244,61 @@ class Session:
 
     def __exit__(self, *exc):
         self.close()
+        return False
 
-    def _start(self, sources: list[str] | None = None) -> Worker:
-        """A worker that has run the cells. A cell that kills it (exit, crash, timeout) is
-        noted and replaced by its pristine source, and a new worker starts."""
-        learner = sources is None
+    # -- workers
+    def _ready(self) -> Worker:
+        """The worker, having run the cells up to `position`. A cell that kills it (exit, crash,
+        timeout) is noted, replaced by its pristine source, and a new worker replays."""
         while True:
-            if learner:
-                sources = [c.pristine if i in self.dead else c.source
-                           for i, c in enumerate(self.cells)]
-            worker = Worker(sources, Path(tempfile.mkdtemp(dir=self.root)), self.sandbox)
+            if self._worker is None or self._ran > self.position:
+                if self._worker is not None:
+                    self._worker.kill()
+                self._worker, self._ran = self._start(trusted=False), 0
             try:
-                self.unsandboxed = worker.receive(self.timeout, "starting")["sandbox"]
-                errors = self._run_cells(worker, sources, learner)
+                while self._ran < self.position:
+                    self._run_cell(self._worker, self._ran, learner=True)
+                    self._ran += 1
+                return self._worker
             except _CellKilled as e:
-                if not learner or e.index in self.dead:
+                self._worker = None
+                if e.index in self.dead:
                     raise WorkerGone(e.why) from None
                 self.dead.add(e.index)
+                self.noted.add(e.index)
                 self.notes.append(f"{self.cells[e.index].label}: {e.why}; graded as the stub")
-                continue
-            if learner and not self._noted:
-                self._noted = True
-                self.notes += [f"{self.cells[i].label} failed: {error['type']}: "
-                               f"{error['message']}" for i, error in errors]
-            return worker
 
-    def _run_cells(self, worker: Worker, sources: list[str], learner: bool):
-        errors = []
-        for i, _ in enumerate(sources):
-            what = f"running {self.cells[i].label}" if learner else "running the exercise"
-            try:
-                worker.receive(self.timeout, what)  # "running"
-                error = worker.receive(self.timeout, what)["error"]
-            except WorkerGone as e:
-                raise _CellKilled(i, str(e)) from None
-            if error is not None:
-                errors.append((i, error))
-        return errors
+    def _fresh(self, learner: bool) -> Worker:
+        """A new worker that has run the cells up to `position`: the learner's (dead ones as
+        stubs) or the pristine ones (no rules: trusted code only)."""
+        worker = self._start(trusted=not learner)
+        try:
+            for i in range(self.position):
+                self._run_cell(worker, i, learner)
+        except _CellKilled as e:
+            raise WorkerGone(e.why) from None
+        return worker
+
+    def _start(self, trusted: bool) -> Worker:
+        worker = Worker(Path(tempfile.mkdtemp(dir=self.root)), self.sandbox,
+                        () if trusted else self.rules)
+        reply = worker.receive(self.timeout, "starting")
+        if not trusted:
+            self.unsandboxed = reply["sandbox"]
+        return worker
+
+    def _run_cell(self, worker: Worker, i: int, learner: bool) -> None:
+        cell = self.cells[i]
+        source = cell.source if learner and i not in self.dead else cell.pristine
+        what = f"running {cell.label}" if learner else "running the exercise"
+        try:
+            error = worker.request({"run": source, "answer": learner and cell.answer},
+                                   self.timeout, what)["error"]
+        except WorkerGone as e:
+            raise _CellKilled(i, str(e)) from None
+        if learner and error is not None and i not in self.noted:
+            self.noted.add(i)
+            self.notes.append(f"{cell.label} failed: {error['type']}: {error['message']}")
 
     def _reply(self, worker: Worker, request: dict, what: str):
         reply = worker.request(request, self.timeout, f"running {what}")
@@ -267,20 +310,22 @@ class Session:
         raise LearnerError(f"{what} returned something that is not data: "
                            f"{reply.get('not_data', reply)}")
 
-    def _peak(self, worker: Worker, request: dict, what: str) -> int:
-        """Run one call in a fresh worker, let it end -> the peak RSS of its whole tree."""
+    def _measure(self, worker: Worker, request: dict, what: str) -> dict:
+        """Run one call in a fresh worker, let it end -> its tree's peak RSS, the digest of the
+        result and the bytes its host store received (the last two counted by the reaper)."""
         try:
             if not sys.platform.startswith("linux"):
                 raise OSError(f"peak memory checks need Linux (prctl PR_SET_CHILD_SUBREAPER and "
                               f"os.wait4); this is {sys.platform}")
-            self._reply(worker, {**request, "discard": True}, what)
+            digest = self._reply(worker, request, what)
         except BaseException:
             worker.kill()
             raise
         report = worker.close(self.timeout)
         if not report.get("peak"):
             raise WorkerGone("the worker's peak memory could not be measured")
-        return report["peak"]
+        return {"peak": report["peak"], "digest": digest,
+                "host_bytes": report.get("host_bytes", 0)}
 
 
 class _CellKilled(Exception):
@@ -306,6 +351,13 @@ class Remote:
         """Peak RSS (bytes) of a fresh worker without the learner's answers running `probe`
         ("ckpt_course.checks.<module>:<function>") on the same arguments."""
         return self._session.reference_peak(probe, args, kwargs)
+
+    def measure(self, *args, keys=None) -> dict:
+        """{"peak", "digest", "host_bytes"} of this call in a fresh worker (Session.measure)."""
+        return self._session.measure(self._name, args, {}, keys)
+
+    def measure_reference(self, probe: str, *args, keys=None) -> dict:
+        return self._session.measure_reference(probe, args, {}, keys)
 
     def __repr__(self) -> str:
         return f"Remote({self._name!r})"

@@ -59,20 +59,49 @@ def test_answer_found_by_id_when_its_tag_was_lost(course):
 
 def test_pristine_comes_from_the_built_notebook_or_its_source(course, tmp_path):
     built = (course / "exercises" / "0_selftest.ipynb").read_text()
-    mine = save(learner(course, answers=RIGHT), tmp_path / "alice" / "0_selftest.ipynb")
-    assert authoring.to_text(grading.find_pristine(mine, course / "exercises")) == built
+    assert authoring.to_text(grading.find_pristine("0_selftest", course / "exercises")) == built
 
     clone = tmp_path / "clone" / "exercises"  # a learner working in exercises/ of their clone
     shutil.copytree(course / "exercises", clone)
     save(learner(course, answers=RIGHT), clone / "0_selftest.ipynb")
-    assert authoring.to_text(grading.find_pristine(clone / "0_selftest.ipynb", clone)) == built
+    assert authoring.to_text(grading.find_pristine("0_selftest", clone)) == built
     shutil.rmtree(clone / "src")
     with pytest.raises(GradingError, match="has been edited since it was built.*git checkout"):
-        grading.find_pristine(clone / "0_selftest.ipynb", clone)
+        grading.find_pristine("0_selftest", clone)
 
-    renamed = save(learner(course), tmp_path / "alice" / "my attempt.ipynb")
-    found = grading.find_pristine(renamed, course / "exercises")
-    assert found.metadata.ckpt_course["exercise"] == "0_selftest"
+
+def test_a_solution_in_the_exercises_folder_is_never_taken_as_pristine(course, tmp_path):
+    folder = tmp_path / "exercises"
+    shutil.copytree(course / "exercises", folder)
+    shutil.copy(course / "solutions" / "0_selftest.ipynb", folder / "0_selftest.ipynb")
+    found = grading.find_pristine("0_selftest", folder)  # rebuilt from src: the exercise
+    assert authoring.to_text(found) == (course / "exercises" / "0_selftest.ipynb").read_text()
+
+
+def test_the_exercise_is_named_by_metadata_or_file_name(course, tmp_path):
+    folder = course / "exercises"
+    renamed = learner(course)
+    assert grading.exercise_of(renamed, Path("my attempt.ipynb"), folder) == ("0_selftest", [])
+    assert grading.exercise_of({}, Path("0_peak.ipynb"), folder) == ("0_peak", [])
+    name, notes = grading.exercise_of(renamed, Path("0_peak.ipynb"), folder)
+    assert name == "0_selftest" and notes == [
+        "the file is named like exercise 0_peak but holds exercise 0_selftest (its metadata): "
+        "graded as 0_selftest"]
+
+
+@pytest.mark.parametrize("named, message", [
+    ("../solutions/0_selftest", "not a bare exercise name"),
+    ("/abs/0_selftest", "not a bare exercise name"),
+    ("0_selftest.ipynb", "not a bare exercise name"),
+    ("..", "not a bare exercise name"),
+    (["0_selftest"], "not a bare exercise name"),
+    ("9_unknown", "which this course does not have"),
+])
+def test_metadata_may_only_name_one_of_the_course_exercises(course, named, message):
+    nb = learner(course)
+    nb.metadata["ckpt_course"]["exercise"] = named
+    with pytest.raises(GradingError, match=message):
+        grading.exercise_of(nb, Path("0_selftest.ipynb"), course / "exercises")
 
 
 @pytest.mark.parametrize("name, content, reason", [
@@ -83,6 +112,7 @@ def test_pristine_comes_from_the_built_notebook_or_its_source(course, tmp_path):
     ("latin.ipynb", "{é}".encode("latin-1"), "not UTF-8"),
     ("broken.ipynb", b"{ not json", "not a notebook: "),
     ("list.ipynb", b"[1, 2]", "not a notebook: "),
+    ("huge.ipynb", b" " * (grading.MAX_NOTEBOOK_BYTES + 1), "larger than 20 MB"),
 ])
 def test_unreadable_files_say_why(tmp_path, name, content, reason):
     path = tmp_path / name
@@ -90,6 +120,60 @@ def test_unreadable_files_say_why(tmp_path, name, content, reason):
         path.write_bytes(content)
     with pytest.raises(GradingError, match=reason.replace("(", r"\(").replace(")", r"\)")):
         grading.read_learner(path)
+
+
+def test_fifos_links_and_folders_are_refused_without_blocking(tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo.ipynb"
+    os.mkfifo(fifo)  # nobody writes to it: reading it would block for ever
+    loop = tmp_path / "loop.ipynb"
+    loop.symlink_to(loop)
+    (tmp_path / "folder.ipynb").mkdir()
+    for path, reason in ((fifo, "not a regular file"), (loop, "a symbolic link loop"),
+                         (tmp_path / "folder.ipynb", "a folder, not a notebook")):
+        with pytest.raises(GradingError, match=reason):
+            grading.read_learner(path)
+
+
+def test_a_byte_order_mark_is_fine(course, tmp_path):
+    path = tmp_path / "0_selftest.ipynb"
+    path.write_bytes(b"\xef\xbb\xbf" + nbformat.writes(learner(course)).encode())
+    nb, _ = grading.read_learner(path)
+    assert nb.metadata.ckpt_course["exercise"] == "0_selftest"
+
+
+def test_learner_text_reaches_every_report_as_one_line(tmp_path):
+    fake = "boom\nmallory.ipynb  2/2\n  ok   a    2/2"
+    cards = [Scorecard("x\nevil.ipynb  2/2", "0_x", [CheckResult("a", 0, 2, f"raised E: {fake}")],
+                       [f"answer a failed: E: {fake}"], error="")]
+    lines = grading.format_scorecards(cards).splitlines()
+    assert len(lines) == 3 and not any(line.startswith("mallory") for line in lines)
+    grading.write_csv(cards, tmp_path / "c.csv")
+    assert len((tmp_path / "c.csv").read_text().splitlines()) == 2
+    report = grading.write_feedback(cards, tmp_path / "fb")[0].read_text()
+    assert "\nmallory" not in report and "\n  ok" not in report
+    formula = [Scorecard("=HYPERLINK(1).ipynb", error="=cmd|' /C calc'!A0")]
+    grading.write_csv(formula, tmp_path / "f.csv")
+    row = list(csv.reader(open(tmp_path / "f.csv", newline="")))[1]
+    assert row[0].startswith("'=") and row[-2].startswith("'=")
+
+
+def test_duplicates_are_flagged():
+    cards = [Scorecard("a.ipynb", "0_x", answers_sha256="1"), Scorecard("b.ipynb", "0_x"),
+             Scorecard("c.ipynb", "0_x", answers_sha256="1"),
+             Scorecard("d.ipynb", "0_y", answers_sha256="1")]
+    grading.flag_duplicates(cards)
+    assert [c.duplicate_of for c in cards] == ["", "", "a.ipynb", ""]
+    assert cards[2].notes == ["duplicate: the same answers as a.ipynb"]
+
+
+def test_learner_text_is_one_clean_line():
+    text = "boom\nalice.ipynb  2/2\r\n  ok   0.1  2/2\x1b[2J\u202eevil\u2028x\ty"
+    cleaned = grading.clean(text)
+    assert "\n" not in cleaned and "\r" not in cleaned and "\x1b" not in cleaned
+    assert "\u202e" not in cleaned and "\u2028" not in cleaned
+    assert cleaned == "boom / alice.ipynb  2/2 / ok   0.1  2/2 [2J evil / x y"
 
 
 def test_checks_are_read_from_the_pristine_check_cells(course):
@@ -180,17 +264,18 @@ def test_reports(tmp_path):
              Scorecard("c/carol.ipynb", error="the file is empty: was the notebook saved?")]
     assert grading.format_scorecards(cards).splitlines() == [
         "a/alice.ipynb  2.5/3", "  ok   a    2/2", "  PART b  0.5/1  b: two per layer",
-        "b/bob.ipynb  1/3", "  FAIL a    0/2  Error: x", "                 y",
+        "b/bob.ipynb  1/3", "  FAIL a    0/2  Error: x / y",
         "  ok   b    1/1", "  note: answer c failed: boom",
         "c/carol.ipynb  not graded: the file is empty: was the notebook saved?"]
 
     grading.write_csv(cards, tmp_path / "class.csv")
     with open(tmp_path / "class.csv", newline="") as f:
         rows = list(csv.reader(f))
-    assert rows == [["notebook", "exercise", "a", "b", "score", "max_score", "error"],
-                    ["a/alice.ipynb", "0_x", "2", "0.5", "2.5", "3", ""],
-                    ["b/bob.ipynb", "0_x", "0", "1", "1", "3", ""],
-                    ["c/carol.ipynb", "", "", "", "0", "", cards[2].error]]
+    assert rows == [["notebook", "exercise", "a", "b", "score", "max_score", "error",
+                     "duplicate_of"],
+                    ["a/alice.ipynb", "0_x", "2", "0.5", "2.5", "3", "", ""],
+                    ["b/bob.ipynb", "0_x", "0", "1", "1", "3", "", ""],
+                    ["c/carol.ipynb", "", "", "", "0", "", cards[2].error, ""]]
 
     grading.write_json(cards, tmp_path / "class.json")
     data = json.loads((tmp_path / "class.json").read_text())
@@ -202,7 +287,7 @@ def test_reports(tmp_path):
     assert [p.name for p in written] == ["a_alice.md", "b_bob.md", "c_carol.md"]
     bob = written[1].read_text()
     assert "Score: **1/3**" in bob and "| a | 0/2 | see below |" in bob
-    assert "## a\n\n    Error: x\n    y" in bob and "- answer c failed: boom" in bob
+    assert "## a\n\n    Error: x / y" in bob and "- answer c failed: boom" in bob
     assert "**Not graded:** the file is empty" in written[2].read_text()
 
 
@@ -385,3 +470,80 @@ def test_peak_memory_is_measured_over_the_whole_process_tree(course, tmp_path):
     cards = grading.grade(paths, course / "exercises", timeout=60, jobs=2)
     assert [card.score for card in cards] == ["2/2", "0/2", "0/2"]
     assert all("held all n numbers at once" in card.checks[0].hint for card in cards[1:])
+
+
+def test_rules_poison_every_route_and_leave_no_original_code():
+    """In a process of its own (the rules are for good): after Rules.enforce, torch's checkpoint
+    raises by every route, no original code object of it survives (so none can be rebuilt),
+    its file is unreadable, and what the exercise still needs (saved_tensors_hooks) works."""
+    code = """
+import gc, importlib, sys, types, weakref
+import torch, torch.utils.checkpoint as c
+from ckpt_course.grade_worker import Rules
+codes = [weakref.ref(o.__code__) for o in gc.get_objects() if type(o) is types.FunctionType
+         and o.__code__.co_filename.endswith('torch/utils/checkpoint.py')]
+Rules(['torch.utils.checkpoint', 'torch.autograd.graph:save_on_cpu']).enforce()
+gc.collect()
+assert codes and all(w() is None for w in codes), 'an original code object survived'
+x = torch.ones(2)
+routes = [lambda: c.checkpoint(lambda t: t, x, use_reentrant=False),
+          lambda: sys.modules['torch.utils.checkpoint'].checkpoint_sequential([], 1, x),
+          lambda: importlib.import_module('torch.utils.checkpoint').CheckpointFunction.apply(
+              lambda t: t, False, x),
+          lambda: type('Mine', (c.CheckpointFunction,), {}).apply(lambda t: t, False, x),
+          lambda: torch.autograd.graph.save_on_cpu()]
+for route in routes:
+    try:
+        route()
+    except PermissionError as e:
+        assert 'rule broken' in str(e), e
+    else:
+        raise AssertionError('a route worked')
+try:
+    open(c.__file__).read()
+except PermissionError:
+    pass
+else:
+    raise AssertionError('the source is readable')
+with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+    (x.requires_grad_() * 2).sum().backward()
+print('ok')
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("segments:0..3000000", "numbers in this policy go up to 64"),
+    ("segments:" + "0," * 400, "a policy string of 809 characters"),
+    ("every-99999999999999999999", "numbers in this policy go up to 64"),
+])
+def test_learner_policies_are_size_checked_before_they_are_parsed(text, message):
+    import tracemalloc
+
+    from ckpt_course.checks import CheckFailed, learner_policy
+
+    tracemalloc.start()
+    with pytest.raises(CheckFailed, match=message):
+        learner_policy(text, largest=64)
+    assert tracemalloc.get_traced_memory()[1] < 2**20  # nothing was expanded
+    tracemalloc.stop()
+    assert str(learner_policy("segments:0-2,5", largest=64)) == "segments:0-2,5"
+
+
+def test_a_grader_failure_has_its_own_exit_code(course, tmp_path, capsys, monkeypatch):
+    path = save(learner(course, answers=RIGHT), tmp_path / "0_selftest.ipynb")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug\nwith two lines")
+
+    monkeypatch.setattr(grading, "_grade_into", broken)
+    code = cli.grade_main([str(path), "--exercises", str(course / "exercises"), "--jobs", "1"])
+    assert code == grading.EXIT_GRADER_FAILED == 3
+    out, err = capsys.readouterr()
+    assert "the grader failed on this file: RuntimeError: a bug" in out
+    assert "exit code 3" in err and "Traceback" not in out + err
+    monkeypatch.setattr(grading, "grade", broken)
+    assert cli.grade_main([str(path), "--exercises", str(course / "exercises")]) == 3
+    assert "error: the grader failed: RuntimeError" in capsys.readouterr().err

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import random
+import re
 
 DEFAULT_SEED = 20240611  # what a notebook uses; the grader overrides it with set_seed
 _seed = DEFAULT_SEED
@@ -36,6 +37,18 @@ class CheckFailed(AssertionError):
     def _render_traceback_(self) -> list[str]:
         # IPython shows this instead of a traceback: the hint, not the checker's own code.
         return [f"CheckFailed: {self}"]
+
+
+def forbids(*targets: str):
+    """Declare what a check's answer may not use: modules ("torch.utils.checkpoint", all of its
+    code) or classes and functions ("torch.autograd.graph:save_on_cpu"). In the grader's worker
+    they are unusable from the first answer cell on (grade_worker.apply_rules), and a call that
+    reaches one raises PermissionError("rule broken: ...") naming it, which the hint shows."""
+    def mark(check):
+        check.forbidden = tuple(targets)
+        return check
+
+    return mark
 
 
 def expect(condition: bool, hint: str) -> None:
@@ -93,6 +106,28 @@ def is_int(x) -> bool:
 
 def is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+MAX_POLICY_CHARS = 300
+
+
+def learner_policy(text, largest: int = 1000):
+    """A policy string an answer returned, parsed only once it is small: at most
+    MAX_POLICY_CHARS characters and no number above ``largest`` (a block count, a K), so a short
+    string such as ``segments:0..3000000`` cannot make the grader build millions of segments.
+    Raises CheckFailed saying what is wrong, TypeError/ValueError as parse_policy does."""
+    from ..policies import parse_policy
+
+    if not isinstance(text, str):
+        raise TypeError(f"a policy is a string, not {type(text).__name__}")
+    if len(text) > MAX_POLICY_CHARS:
+        raise CheckFailed(f"a policy string of {len(text):,} characters: a policy for this "
+                          f"exercise fits in {MAX_POLICY_CHARS}")
+    too_big = [n for n in re.findall(r"\d+", text) if len(n) > 6 or int(n) > largest]
+    if too_big:
+        raise CheckFailed(f"{_short(text)} names {too_big[0][:12]}: numbers in this policy go "
+                          f"up to {largest}")
+    return parse_policy(text)
 
 
 # ---------------------------------------------------------------- partial credit
@@ -164,18 +199,55 @@ def peak_of(fn, *args, like=None) -> int:
     return _metered_peak(target, *args)
 
 
-def expect_peak_near(fn, spec, reference: str, without: str, hint: str) -> None:
-    """``fn(spec)`` must peak like the trusted probe ``reference`` (the mechanism done right):
-    within a quarter of the gap between it and ``without`` (no mechanism at all). One rule for
-    every memory claim, measured the same way for all three (see ``peak_of``)."""
-    right = peak_of(f"ckpt_course.checks.probes:{reference}", spec, like=fn)
-    none = peak_of(f"ckpt_course.checks.probes:{without}", spec, like=fn)
-    expect(peak_of(fn, spec) <= right + 0.25 * (none - right), hint)
+def measure(fn, spec, like=None, keys=None) -> dict:
+    """One memory run of ``fn(spec)`` (or of the probe ``"module:function"``, measured like
+    ``like``): ``{"peak": bytes, "digest": of the result (its ``keys``; ``keys="value"``: the
+    result itself, for a small one), "host_bytes": bytes its host store received}``. In the
+    grader a ``Remote`` runs it in a fresh worker, where the
+    peak is the tree's RSS and the host bytes are counted by the trusted reaper; here it runs
+    under ``MemoryMeter`` and the host bytes are the result's own ``"bytes_to_host"``."""
+    remote = fn if not isinstance(fn, str) else like
+    if remote is not None and callable(getattr(type(remote), "measure", None)):
+        if isinstance(fn, str):
+            return remote.measure_reference(fn, spec, keys=keys)
+        return remote.measure(spec, keys=keys)
+    from ..grade_worker import digest
+    from ..meter import MemoryMeter
+
+    target = _probe(fn) if isinstance(fn, str) else fn
+    meter = MemoryMeter()
+    with meter:
+        result = target(spec)
+    host = result.get("bytes_to_host", 0) if isinstance(result, dict) else 0
+    value = result if keys == "value" else digest(result, keys)
+    return {"peak": meter.peak_bytes, "digest": value, "host_bytes": host}
+
+
+def memory_runs(fn, spec, reference: str, without: str, keys=None) -> dict:
+    """The three memory runs a memory claim is judged on (see ``measure``): ``"mine"``,
+    ``"reference"`` (the mechanism done right, from ``references``) and ``"none"`` (no
+    mechanism at all, from ``probes``), all measured the same way."""
+    return {"mine": measure(fn, spec, keys=keys),
+            "reference": measure(f"ckpt_course.checks.references:{reference}", spec, like=fn,
+                                 keys=keys),
+            "none": measure(f"ckpt_course.checks.probes:{without}", spec, like=fn)}
+
+
+def expect_peak_near(runs: dict, hint: str, result_hint: str = "") -> None:
+    """One rule for every memory claim: the learner's memory run gives the reference's result
+    (so it cannot be told apart and skipped) and peaks like the reference: within a quarter of
+    the gap between it and no mechanism at all."""
+    mine, right, none = runs["mine"], runs["reference"], runs["none"]
+    expect(mine["digest"] == right["digest"], result_hint or
+           "in the memory run (a bigger input) your result differs from the reference's: it "
+           "must be right at every size, not only at the small ones")
+    expect(mine["peak"] <= right["peak"] + 0.25 * (none["peak"] - right["peak"]), hint)
 
 
 def _probe(spec: str):
     module, _, name = spec.partition(":")
-    if not module.startswith("ckpt_course.checks.probes") or not name:
+    if module not in ("ckpt_course.checks.probes", "ckpt_course.checks.references",
+                      "ckpt_course.checks.selftest") or not name:
         raise ValueError(f"a probe is 'ckpt_course.checks.probes:<function>', not {spec!r}")
     return getattr(importlib.import_module(module), name)
 

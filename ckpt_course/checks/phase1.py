@@ -16,7 +16,19 @@ from ..models import GPTBlock, GPTConfig, HandTraceNet, TinyGPT
 from ..step import make_optimizer
 from ..tape import record_tape
 from ..train import measure_step
-from . import CheckFailed, Parts, call, expect, expect_peak_near, is_int, is_number, passed, rng
+from . import (
+    CheckFailed,
+    Parts,
+    call,
+    expect,
+    expect_peak_near,
+    forbids,
+    is_int,
+    is_number,
+    memory_runs,
+    passed,
+    rng,
+)
 
 __all__ = ["CheckFailed", "training_state_bytes", "activation_ratio", "mlp_saved_bytes",
            "hand_checkpoint", "pick_n"]
@@ -142,9 +154,13 @@ def _small_spec(r) -> dict:
             "dropout": r.choice((0.2, 0.35, 0.5))}
 
 
-# Sized so that the blocks' tapes (about 26 MiB a block) dwarf what a checkpoint keeps (one
-# 16 MiB input a block): the plain run peaks about 240 MB above the checkpointed one.
-PEAK_SPEC = {"batch": 2**18, "width": 16, "hidden": 16, "blocks": 6, "dropout": 0.2}
+def _peak_spec(r) -> dict:
+    """The memory run's blocks, drawn from the run's seed (so an answer cannot tell the memory
+    run by its size): the blocks' tapes (about 26 MiB a block at batch 2**18, width 16) dwarf
+    what a checkpoint keeps (one input a block): the plain run peaks about 240 MB above."""
+    return {"seed": r.randrange(10**6), "batch": r.randint(200_000, 300_000),
+            "width": r.choice((14, 16, 18)), "hidden": r.choice((14, 16, 18)),
+            "blocks": r.randint(5, 7), "dropout": r.choice((0.2, 0.35))}
 
 
 def _same(got, want) -> bool:
@@ -152,12 +168,13 @@ def _same(got, want) -> bool:
             and got.dtype == want.dtype and torch.equal(got, want))
 
 
+@forbids("torch.utils.checkpoint")
 def hand_checkpoint(run_with_my_checkpoint) -> float | None:
     """1.3: ``run_with_my_checkpoint(spec)`` (the exercise's setup cell runs the learner's
     ``MyCheckpoint`` on the blocks of ``probes.mlp_blocks(spec)``) must give bit-identical
     results to ``torch.utils.checkpoint`` under dropout, leave the random stream as it found
     it, and peak as low as ``torch.utils.checkpoint`` does. Partial credit: 3 parts."""
-    from . import probes
+    from . import references
 
     r = rng("1.3-by-hand")
     parts = Parts()
@@ -166,7 +183,7 @@ def hand_checkpoint(run_with_my_checkpoint) -> float | None:
                for spec in specs]
     with parts("gradients"):
         for spec, got in results:
-            want = probes.torch_checkpoint(spec)
+            want = references.torch_checkpoint(spec)
             expect(isinstance(got, dict) and _same(got.get("out"), want["out"]),
                    "the output differs from the block's own forward: forward should just run "
                    "the block (without building a graph) and return its output")
@@ -180,15 +197,15 @@ def hand_checkpoint(run_with_my_checkpoint) -> float | None:
                    "return the gradient of the input, and accumulate the parameters' gradients?")
     with parts("the random stream"):
         for spec, got in results:
-            want = probes.torch_checkpoint(spec)
+            want = references.torch_checkpoint(spec)
             expect(_same(got.get("rng_after"), want["rng_after"]),
                    "after backward, the random numbers drawn next differ from a plain run's: "
                    "setting the saved RNG state for the rerun moved the global generator. Rerun "
                    "inside torch.random.fork_rng() so the stream is put back afterwards")
     with parts("memory"):
-        spec = {**PEAK_SPEC, "seed": r.randrange(10**6)}
+        runs = memory_runs(run_with_my_checkpoint, _peak_spec(r), "torch_checkpoint", "plain")
         expect_peak_near(
-            run_with_my_checkpoint, spec, "torch_checkpoint", "plain",
+            runs,
             "your checkpoint peaks about as high as no checkpointing: forward keeps more than "
             "the block's input. Run the block under torch.no_grad() in forward and save only "
             "the input (ctx.save_for_backward(x)); rebuild the rest in backward")

@@ -12,7 +12,12 @@ import functools
 
 from ..tape import record_tape
 from ..trace import hand_input, hand_trace_net, recompute_by_op, sum_loss, trace_step
-from . import Parts, call, expect, is_int, passed, rng
+from . import Parts, call, expect, forbids, is_int, passed, rng
+
+# Predict by reasoning: an answer may not measure (the tape, the step trace, the meter, the
+# recompute counter, the checks' own helpers).
+PREDICT_RULES = ("ckpt_course.tape", "ckpt_course.trace", "ckpt_course.meter",
+                 "ckpt_course.recompute", "ckpt_course.checks")
 
 FLOAT32 = 4  # bytes
 
@@ -51,6 +56,7 @@ def _sizes(salt: str, n: int = 3) -> list[tuple[int, int, int]]:
     return out
 
 
+@forbids(*PREDICT_RULES)
 def check_tape(predict_tape) -> None:
     """2.1: ``predict_tape(batch, width, depth)`` -> ``{"activations": bytes, "parameters":
     bytes, "saved_twice": count}``, compared with ``record_tape`` of ``net(x).sum()``."""
@@ -78,6 +84,7 @@ def check_tape(predict_tape) -> None:
 
 # ---------------------------------------------------------------- 2.2 every-2 saved set
 
+@forbids(*PREDICT_RULES)
 def check_every2_saved(every2_saved_bytes) -> None:
     """2.2: ``every2_saved_bytes(batch, width, depth)`` -> bytes forward leaves alive under
     every-2, above parameters + x, compared with the meter."""
@@ -110,6 +117,7 @@ def _recompute_cases():
             for _ in range(2)]
 
 
+@forbids(*PREDICT_RULES)
 def check_recompute(predict_recompute) -> None:
     """2.3: ``predict_recompute(policy, relu_first, batch, width, depth)`` -> ``{"ops": {op
     name: count}, "flops": n}``, compared with ``measure_recompute``."""
@@ -158,6 +166,7 @@ def _peak_cases():
     return cases
 
 
+@forbids(*PREDICT_RULES)
 def check_peak_moment(predict_peak) -> float | None:
     """2.4: ``predict_peak(free_grads, batch, width, depth)`` -> ``{"layer": k, "bytes": n}``:
     the layer whose backward first reaches the step's peak under ``none``, and the peak (above
@@ -206,6 +215,7 @@ def check_peak_moment(predict_peak) -> float | None:
 POLICIES = ("none", "full", "every-2")
 
 
+@forbids(*PREDICT_RULES)
 def check_policy_table(predict_table) -> None:
     """2.5: ``predict_table(width, depth)`` -> ``{policy: {"saved": bytes, "peak": bytes}}`` for
     none, full and every-2, batch = width, above parameters + x, compared with ``trace_step``."""

@@ -15,19 +15,34 @@ import torch
 from ..compare import rank_ops
 from ..estimate import layer_activation_bytes, model_memory
 from ..models import GPTConfig, TinyGPT, llama_config
-from ..policies import parse_policy
 from ..recompute import measure_recompute
 from ..train import measure_step
-from . import CheckFailed, Parts, call, expect, expect_peak_near, is_int, is_number, passed, rng
+from . import (
+    CheckFailed,
+    Parts,
+    call,
+    expect,
+    expect_peak_near,
+    forbids,
+    is_int,
+    is_number,
+    learner_policy,
+    memory_runs,
+    passed,
+    rng,
+)
 
 __all__ = ["CheckFailed", "offload", "per_gpu", "attention_extra", "ops_to_save",
            "policy_for_budget", "BUDGET_CANDIDATES"]
 
 
 # ---------------------------------------------------------------- 3.2 offload by hand
-# Sized so that the chain's saved activations (16 MiB each, about 17 of them) dwarf what an
-# offloading run keeps in memory at once: about 250 MB between the two peaks.
-OFFLOAD_PEAK_SPEC = {"batch": 2**18, "width": 16, "blocks": 16}
+def _peak_spec(r) -> dict:
+    """The memory run's chain, drawn from the run's seed (an answer cannot tell it by its size):
+    its saved activations (16 MiB each at batch 2**18, width 16, about 17 of them) dwarf what an
+    offloading run keeps in memory at once: about 250 MB between the two peaks."""
+    return {"seed": r.randrange(10**6), "batch": r.randint(200_000, 300_000),
+            "width": r.choice((14, 16, 18)), "blocks": r.randint(14, 18)}
 
 
 def _same(got, want) -> bool:
@@ -35,11 +50,14 @@ def _same(got, want) -> bool:
             and got.dtype == want.dtype and torch.equal(got, want))
 
 
+@forbids("torch.autograd.graph:save_on_cpu", "ckpt_course.policies:HostStore",
+         "ckpt_course.policies:Offload")
 def offload(run_with_my_offload) -> float | None:
     """3.2: ``run_with_my_offload(spec)`` (the setup cell runs the learner's pack/unpack hooks on
-    ``probes.relu_chain(spec)`` with a ``probes.Host``) must move the bytes the reference moves
-    (parameters stay, a tensor saved twice goes once), give bit-identical gradients, and peak as
-    low as the reference. Partial credit: 3 parts."""
+    ``probes.relu_chain(spec)`` with a ``probes.Host``) must give bit-identical gradients, move
+    the bytes the reference moves (parameters stay, a tensor saved twice goes once: counted by
+    the grader, never read from the run's own counters), and peak as low as the reference, with
+    the reference's gradients in that memory run too. Partial credit: 3 parts."""
     from . import probes
 
     r = rng("3.2-offload")
@@ -58,27 +76,29 @@ def offload(run_with_my_offload) -> float | None:
                   and all(_same(g, w) for g, w in zip(grads, want["grads"], strict=True)))
             expect(ok, "the gradients differ from a run without hooks: unpack must give back "
                    "exactly the tensor pack was given (same values, shape and dtype)")
-    with parts("bytes moved"):
-        for spec, got in results:
-            want = probes.offload(spec)
-            moved = got.get("bytes_to_host")
-            expect(is_int(moved) and moved > 0, "nothing went to the host: pack should put() "
-                   "each saved activation in the host store and return the handle")
-            expect(moved <= want["bytes_to_host"],
-                   "too many bytes went to the host. Parameters (and views of them, such as "
-                   "the weight.t() a Linear saves) are in device memory anyway: leave them. "
-                   "And ReLU's output is saved twice (by the ReLU and by the next Linear): "
-                   "send its storage once")
-            expect(moved == want["bytes_to_host"], "too few bytes went to the host: every saved "
-                   "activation should go, the input of the first Linear too")
-            expect(got.get("bytes_back", 0) >= moved, "backward did not get() everything back")
+    try:  # the memory run: its peak, its result, and the bytes the grader saw leave
+        runs = memory_runs(run_with_my_offload, _peak_spec(r), "offload", "no_offload",
+                           keys=("loss", "grads"))
+    except CheckFailed as e:
+        runs, why = None, str(e)
     with parts("memory"):
-        spec = {**OFFLOAD_PEAK_SPEC, "seed": r.randrange(10**6)}
+        expect(runs is not None, why if runs is None else "")
         expect_peak_near(
-            run_with_my_offload, spec, "offload", "no_offload",
-            "the bytes went to the host, but the peak is as high as without offloading: "
+            runs, "the bytes went to the host, but the peak is as high as without offloading: "
             "something still holds each saved tensor (pack returning or storing it, a cache "
             "keyed by the tensor itself...). Keep only the handle")
+    with parts("bytes moved"):
+        expect(runs is not None, why if runs is None else "")
+        moved, want = runs["mine"]["host_bytes"], runs["reference"]["host_bytes"]
+        expect(is_int(moved) and moved > 0, "nothing went to the host: pack should put() "
+               "each saved activation in the host store and return the handle")
+        expect(moved <= want,
+               "too many bytes went to the host. Parameters (and views of them, such as "
+               "the weight.t() a Linear saves) are in device memory anyway: leave them. "
+               "And ReLU's output is saved twice (by the ReLU and by the next Linear): "
+               "send its storage once")
+        expect(moved == want, "too few bytes went to the host: every saved "
+               "activation should go, the input of the first Linear too")
     score = parts.score()
     if score is None:
         passed("your hooks move each saved activation out once, bring it back on demand, and "
@@ -220,7 +240,7 @@ def policy_for_budget(fn) -> None:
         fitting = sorted((flops, peak, name) for peak, flops, name in rows if peak <= budget)
         got = fn(budget)
         try:
-            got = str(parse_policy(got))
+            got = str(learner_policy(got, largest=64))
         except (TypeError, ValueError):
             raise CheckFailed(f"choose_policy({budget}) returned {got!r}: return one of "
                               f"{BUDGET_CANDIDATES}") from None

@@ -13,9 +13,8 @@ import torch
 
 from ..models import GPTConfig, TinyGPT
 from ..pitfalls import BN_FIXES, CHECKPOINT_KWARGS, block_gradients, bn_experiment
-from ..policies import parse_policy
 from ..train import train
-from . import CheckFailed, expect, passed, rng
+from . import CheckFailed, expect, learner_policy, passed, rng
 
 __all__ = ["CheckFailed", "PITFALLS", "frozen_fix", "rng_fix", "bn_fix"]
 
@@ -68,7 +67,7 @@ def rng_fix(fn) -> None:
     got = _answer(fn, ("pitfall", "policy"))
     _named(got, "rng not preserved", "nothing raises; the losses drift from step 2")
     try:
-        policy = parse_policy(got["policy"])
+        policy = learner_policy(got["policy"], largest=64)
     except (TypeError, ValueError) as error:
         raise CheckFailed(f"the policy is not understood: {error}") from None
     r = rng("3b-rng")

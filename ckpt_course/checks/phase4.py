@@ -25,11 +25,14 @@ from ..plan import (
     brute_force,
     measure_peaks,
     optimal,
-    parse_policy,
     predict,
 )
-from . import CheckFailed, call, expect, is_int, passed, rng
+from . import CheckFailed, call, expect, forbids, is_int, learner_policy, passed, rng
 from .probes import chain_costs
+
+# Build the planner: an answer may not use the package's (plan.predict, plan.optimal on
+# probes.chain_costs) nor anything of the checks.
+PLAN_RULES = ("ckpt_course.plan", "ckpt_course.checks")
 
 
 def random_chain(r, n=None, ties=False, same_flops=False) -> dict:
@@ -66,6 +69,7 @@ def _placement(got, n: int):
 
 
 # ---------------------------------------------------------------- 4.1 the peak of a placement
+@forbids(*PLAN_RULES)
 def chain_peak(fn) -> None:
     """4.1: ``fn(chain, placement)`` -> the peak live bytes of one step, as ``plan.predict``."""
     r = rng("4.1-peak")
@@ -140,6 +144,7 @@ def _planner_cases(r):
     return cases
 
 
+@forbids(*PLAN_RULES)
 def planner(fn) -> None:
     """4.2: ``fn(chain, budget)`` -> a placement (list of [start, stop, checkpointed]) whose
     peak fits ``budget`` with the least recompute, or None if nothing fits."""
@@ -263,7 +268,7 @@ def _placement_of(policy: str, chain: dict, which: str):
     offered = (f"this chain's blocks list {', '.join(listed)}" if listed else
                "this chain lists no options: its blocks run plain or full")
     try:
-        parsed = parse_policy(policy)
+        parsed = learner_policy(policy, largest=max(len(blocks), 64))
         mixes = isinstance(parsed, Menu) and any(o != "full" for _, _, o, _ in parsed.items)
         for a, _, option, _ in parsed.items if mixes else ():
             if option != "full" and a < len(blocks) and option not in blocks[a].get("options", {}):
@@ -292,6 +297,7 @@ def _judge(chain: dict, budget: int, which: str, policy):
     return policy, placement, mixes
 
 
+@forbids(*PLAN_RULES)
 def capstone(fn) -> None:
     """4.3: ``fn(chain, budget)`` -> a policy string (``"segments:..."``, ``"full"``,
     ``"every-2"``, ..., or a ``"menu:..."`` mix of the options a measured chain's blocks list)

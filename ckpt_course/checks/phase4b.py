@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from . import CheckFailed, call, expect, is_int, passed, rng
+from . import CheckFailed, call, expect, forbids, is_int, passed, rng
+
+# Predict from the config: an answer may not measure the layer's tape (the check's own helper,
+# hf.layer_tape, record_tape).
+MEASURE_RULES = ("ckpt_course.checks", "ckpt_course.tape", "ckpt_course.hf:layer_tape",
+                 "ckpt_course.hf:formula_terms")
 
 __all__ = ["CheckFailed", "layer_bytes"]
 
@@ -37,6 +42,7 @@ def measured_layer_bytes(sizes: dict) -> int:
     return hf.layer_tape(config, sizes["batch"], sizes["seq"], dtype, fake=True).activation_bytes
 
 
+@forbids(*MEASURE_RULES)
 def layer_bytes(fn) -> None:
     """``fn(hidden, heads, kv_heads, intermediate, seq, batch, dtype_bytes)`` -> bytes one
     Llama-family decoder layer (its input included) saves for backward, checked against the

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from . import CheckFailed, expect, peak_of, set_seed
+from . import CheckFailed, expect, forbids, measure, set_seed
 from . import rng as _rng
 
 __all__ = ["CheckFailed", "bytes_of", "tape_count", "doubled", "low_peak", "chunked_squares",
-           "set_seed"]
+           "built", "set_seed"]
 
 
 def bytes_of(fn) -> None:
@@ -60,13 +60,32 @@ def chunked_squares(n: int) -> float:
 
 
 def low_peak(fn) -> None:
-    """0.4 (0_peak.py): fn(n) -> sum of i**2 for i < n, without holding all n at once."""
+    """0.4 (0_peak.py): fn(n) -> sum of i**2 for i < n, without holding all n at once; the
+    memory run must return the right sum too (so it cannot be told apart and skipped)."""
     n = _rng("peak").randint(20_000_000, 24_000_000)  # float64: 160-190 MB per whole tensor
-    got = fn(n)
     want = (n - 1) * n * (2 * n - 1) / 6
-    expect(type(got) is float and abs(got - want) <= 1e-9 * want,
-           f"sum_of_squares({n}) returned {got!r}: the sum of i*i for i in range(n), a float")
-    mine = peak_of(fn, n)
-    reference = peak_of("ckpt_course.checks.selftest:chunked_squares", n, like=fn)
-    expect(mine <= reference + 100 * 2**20,
+
+    def right(got) -> bool:
+        return type(got) is float and abs(got - want) <= 1e-9 * want
+
+    got = fn(n)
+    expect(right(got), f"sum_of_squares({n}) returned {got!r}: the sum of i*i for i in "
+           "range(n), a float")
+    mine = measure(fn, n, keys="value")
+    reference = measure("ckpt_course.checks.selftest:chunked_squares", n, like=fn, keys="value")
+    expect(right(mine["digest"]), "in the memory run your function returned "
+           f"{mine['digest']!r}: it must give the sum there too")
+    expect(mine["peak"] <= reference["peak"] + 100 * 2**20,
            "right sum, but it held all n numbers at once: add them up a chunk at a time")
+
+
+@forbids("torch.utils.checkpoint", "ckpt_course.checks.selftest:chunked_squares")
+def built(fn) -> None:
+    """0.5 (0_rules.py): fn(x) -> 2 * x, built by hand: the answer may not use torch's
+    checkpoint (nor this module's chunked_squares), whatever route it takes to them."""
+    rng = _rng("built")
+    x = torch.randn(rng.randint(2, 9), rng.randint(2, 9),
+                    generator=torch.Generator().manual_seed(rng.randrange(2**31)))
+    got = fn(x)
+    expect(isinstance(got, torch.Tensor) and torch.equal(got, 2 * x),
+           f"built(x) of shape {tuple(x.shape)} must return 2 * x")
