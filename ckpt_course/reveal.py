@@ -2,17 +2,27 @@
 after the measurement, `reveal` prints it next to the derivation and the measurement, with how far
 off it was and the most likely reason.
 
-The reason comes from `likely_reason`, a pure function: for numbers it buckets the ratio
-yours / derived (x4 and x0.25: bytes against float32 elements; x2: a tensor counted twice, ...);
-a lesson adds its own typical mistakes with `why={ratio: reason}`. For a choice (a name, a
-bool, a tuple, a set) `why` maps a wrong answer to its reason. The lesson's assert never reads
-the learner's answer: it compares the derivation with the measurement.
+A lesson's Check cell names its Predict by key: ``reveal(my_x, derived, measured,
+key="2.2/rerun-order")``. The key's table (ckpt_course/predicts/) says the answer's form, the
+tolerance that counts as right (the measurement's own), and the typical wrong answers with their
+reasons, so no candidate answer sits in the notebook where the learner reads it before predicting.
+`judge` decides, in this order: no answer; the wrong form (a string, a negative, NaN, another
+shape: one sentence on the form expected); right (within the tolerance; a list for a tuple is
+right); a typical wrong answer of the table; a unit slip, named only when the ratio is exactly
+that unit's factor; else the table's over/under reason.
+
+The older call with ``why={ratio: reason}`` (``likely_reason``) still works for the lessons not
+moved to tables yet; it is deprecated. The lesson's assert never reads the learner's answer: it
+compares the derivation with the measurement.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from numbers import Real
+
+from .predicts import Predict, lookup
 
 NO_PREDICTION = "no prediction made: type yours into the Predict cell next time, before running"
 RIGHT = "right"
@@ -138,7 +148,221 @@ def _fmt(value) -> str:
     return repr(value)
 
 
-def reveal(yours, derived, measured=None, *, what: str = "", unit: str = "",
-           why: dict | None = None) -> None:
-    """Print a prediction next to the derivation and the measurement (see format_reveal)."""
-    print(format_reveal(yours, derived, measured, what=what, unit=unit, why=why))
+def reveal(yours, derived, measured=None, *, key: str | None = None, given: dict | None = None,
+           what: str = "", unit: str = "", why: dict | None = None) -> None:
+    """Print a prediction next to the derivation and the measurement, how far off and why.
+
+    key names the Predict's table in ckpt_course/predicts/; given holds the lesson's numbers its
+    rules read (e.g. ``given={"n_tensors": n_tensors}``). Without a key, ``what``, ``unit`` and
+    ``why`` work as before (deprecated).
+    """
+    if key is None:
+        print(format_reveal(yours, derived, measured, what=what, unit=unit, why=why))
+        return
+    if why is not None:
+        raise TypeError("pass key= (the table's typical mistakes) or why=, not both")
+    entry = lookup(key)
+    if os.environ.get(STRICT_ENV):
+        check_table(key, entry, derived)
+    print(format_judged(yours, derived, measured, entry, given or {}))
+
+
+# ------------------------------------------------------------------ the tables' judge
+STRICT_ENV = "CKPT_COURSE_STRICT_TABLES"
+UNIT_FACTOR_TOLERANCE = 1e-3  # a unit slip is named only at the unit's own factor
+WRONG_MATCH_TOLERANCE = 0.01  # a typed-in textbook figure is rounded: 0.33 for 1/3
+BYTE_FACTORS: dict[float, str] = {
+    4: "a factor of exactly 4: bytes where float32 elements were meant (4 bytes each)",
+    1 / 4: "a factor of exactly 1/4: you counted float32 elements, not bytes (4 bytes each)",
+    1024: "a factor of exactly 1024: a unit slip (KiB against bytes, or MiB against KiB)",
+    1 / 1024: "a factor of exactly 1/1024: a unit slip (bytes against KiB, or KiB against MiB)",
+    2**20 / 10**6: "a factor of exactly 1.048576: MiB where MB was meant (1 MiB = 1.048576 MB)",
+    10**6 / 2**20: "a factor of exactly 0.9537: MB where MiB was meant (1 MB = 0.9537 MiB)",
+    2**30 / 10**9: "a factor of exactly 1.0737: GiB where GB was meant (1 GiB = 1.0737 GB)",
+    10**9 / 2**30: "a factor of exactly 0.9313: GB where GiB was meant (1 GB = 0.9313 GiB)",
+}
+MIB_UNIT_FACTORS: dict[float, str] = {  # answers asked in A (1 MiB) or MiB
+    2**20: "that is bytes: the answer is asked in A, 1 A = 1 MiB = 1,048,576 bytes",
+    1024: "that is KiB: the answer is asked in A, 1 A = 1 MiB = 1024 KiB",
+    2**18: "that is float32 elements: the answer is asked in A, 1 A = 1 MiB = 262,144 floats",
+}
+OVER = "more than the derivation: which part of your count is not there? open the derivation"
+OTHER = "not the derivation's answer: open the derivation and compare it item by item"
+UNDER = "less than the derivation: which part did you leave out? open the derivation"
+
+
+class FormError(ValueError):
+    """An answer of the wrong form: its message is the one sentence to print."""
+
+
+def judge(yours, derived, measured, entry: Predict, given: dict | None = None) -> str:
+    """The reason to print for a prediction against a Predict's table (RIGHT when it is right)."""
+    if unanswered(yours):
+        return NO_PREDICTION
+    try:
+        mine = conform(yours, entry, derived)
+        target = conform(measured if entry.judge == "measured" and measured is not None
+                         else derived, entry, derived)
+    except FormError as error:
+        return str(error)
+    if same(mine, target, entry):
+        return RIGHT
+    typical = typical_reason(mine, derived, entry, given or {})
+    if typical:
+        return typical
+    slip = unit_slip(mine, target, entry.unit) if entry.form == "number" else ""
+    if slip:
+        return slip
+    if is_number(mine) and is_number(target):
+        return (entry.over or OVER) if mine > target else (entry.under or UNDER)
+    return entry.other or OTHER
+
+
+def conform(value, entry: Predict, derived):
+    """The answer in the table's form (a list for a tuple is fine), or FormError saying the form."""
+    form = FORM_CHECKS[entry.form]
+    return form(value, entry, derived)
+
+
+def _number(value, entry: Predict, derived, kind: str = "a number"):
+    unit = f" in {entry.unit}" if entry.unit else ""
+    example = f", e.g. {entry.example}" if entry.example else ""
+    expected = f"the answer is {kind}{unit}{example}"
+    if isinstance(value, str):
+        raise FormError(f"{expected}: yours is the text {value!r} (drop the quotes)")
+    if not is_number(value):
+        raise FormError(f"{expected}: yours is a {type(value).__name__}")
+    if math.isnan(value) or math.isinf(value):
+        raise FormError(f"{expected}: yours is {value}, which no measurement gives")
+    if value < 0:
+        raise FormError(f"{expected}: yours is negative, and {entry.what} cannot be")
+    return float(value)
+
+
+def _count(value, entry: Predict, derived):
+    number = _number(value, entry, derived, kind="a whole number")
+    if number != int(number):
+        raise FormError(f"the answer is a whole number (a count): yours is {value}")
+    return int(number)
+
+
+def _tuple(value, entry: Predict, derived):
+    length = entry.length or len(derived)
+    expected = f"the answer is a tuple of {length} items" + (
+        f", e.g. {entry.example}" if entry.example else "")
+    if not isinstance(value, list | tuple):
+        raise FormError(f"{expected}: yours is a {type(value).__name__}")
+    if len(value) != length:
+        raise FormError(f"{expected}: yours has {len(value)}")
+    return tuple(_item(v) for v in value)
+
+
+def _set(value, entry: Predict, derived):
+    expected = "the answer is a set of names" + (f", e.g. {entry.example}" if entry.example else "")
+    if isinstance(value, str) or not isinstance(value, list | tuple | set | frozenset):
+        raise FormError(f"{expected}: yours is a {type(value).__name__}")
+    names = frozenset(_item(v) for v in value)
+    known = {_item(c) for c in entry.choices}
+    if known and not names <= known:
+        odd = sorted(map(repr, names - known))
+        raise FormError(f"{expected} from {sorted(entry.choices)}: {', '.join(odd)} is not one")
+    return names
+
+
+def _dict(value, entry: Predict, derived):
+    keys = tuple(entry.keys or derived)
+    expected = f"the answer is a dict with the keys {list(keys)}" + (
+        f", e.g. {entry.example}" if entry.example else "")
+    if not isinstance(value, dict):
+        raise FormError(f"{expected}: yours is a {type(value).__name__}")
+    if set(value) != set(keys):
+        raise FormError(f"{expected}: yours has {sorted(value, key=repr)}")
+    if not all(is_number(v) and math.isfinite(v) and v >= 0 for v in value.values()):
+        raise FormError(f"{expected}, each a number >= 0")
+    return {k: float(value[k]) for k in keys}
+
+
+def _choice(value, entry: Predict, derived):
+    options = ", ".join(repr(c) for c in entry.choices)
+    if not isinstance(value, str) or _item(value) not in {_item(c) for c in entry.choices}:
+        raise FormError(f"the answer is one of {options}: yours is {value!r}")
+    return _item(value)
+
+
+FORM_CHECKS = {"number": _number, "count": _count, "tuple": _tuple, "set": _set, "dict": _dict,
+               "choice": _choice}
+
+
+def _item(value):
+    """A name compares without case or surrounding blanks; 4.0 is 4."""
+    if isinstance(value, str):
+        return value.strip().lower()
+    if is_number(value) and float(value).is_integer():
+        return int(value)
+    return value
+
+
+def same(mine, target, entry: Predict, tolerance: float | None = None) -> bool:
+    """Equal within the table's tolerance (relative, for numbers and a dict's numbers)."""
+    tol = entry.tolerance if tolerance is None else tolerance
+    if is_number(mine) and is_number(target):
+        return math.isclose(mine, target, rel_tol=max(tol, 1e-9), abs_tol=1e-12)
+    if isinstance(mine, dict) and isinstance(target, dict):
+        return mine.keys() == target.keys() and all(
+            same(mine[k], target[k], entry, tol) for k in mine)
+    return mine == target
+
+
+def typical_reason(mine, derived, entry: Predict, given: dict) -> str:
+    """The reason of the typical wrong answer nearest to yours, '' when none matches."""
+    band = max(entry.tolerance, WRONG_MATCH_TOLERANCE) if entry.form == "number" else 0
+    matches = []
+    for wrong in entry.wrong:
+        try:
+            value = conform(wrong.value(derived, given), entry, derived)
+        except FormError:
+            continue  # a rule that gives no answer of this form at these sizes
+        if same(mine, value, entry, band):
+            distance = abs(math.log(mine / value)) if is_number(mine) and mine and value else 0
+            matches.append((distance, wrong.reason))
+    return min(matches)[1] if matches else ""
+
+
+def unit_slip(mine: float, target: float, unit: str) -> str:
+    """A unit slip's name, only when yours / the target is exactly that unit's factor."""
+    factors = BYTE_FACTORS if unit in ("B", "bytes") else (
+        MIB_UNIT_FACTORS if unit in ("A", "MiB") else {})
+    if not (mine and target):
+        return ""
+    ratio = mine / target
+    for factor, reason in factors.items():
+        if abs(ratio / factor - 1) <= UNIT_FACTOR_TOLERANCE:
+            return reason
+    return ""
+
+
+def format_judged(yours, derived, measured, entry: Predict, given: dict | None = None) -> str:
+    """The reveal's text for a Predict with a table."""
+    suffix = f" {entry.unit}" if entry.unit else ""
+
+    def show(value):
+        return "-" if unanswered(value) else f"{_fmt(value)}{suffix if is_number(value) else ''}"
+
+    line = f"{entry.what}: yours {show(yours)} | derivation {show(derived)}" + (
+        "" if measured is None else f" | measured {show(measured)}")
+    reason = judge(yours, derived, measured, entry, given)
+    if reason == RIGHT and entry.tolerance:
+        reason = f"right (within the measurement's spread, {entry.tolerance:.0%})"
+    target = measured if entry.judge == "measured" and measured is not None else derived
+    gap = describe_gap(yours, target, entry.unit) if reason not in (NO_PREDICTION,) else ""
+    return f"{line}\n  {gap}: {reason}" if gap else f"{line}\n  {reason}"
+
+
+def check_table(key: str, entry: Predict, derived) -> None:
+    """Under CKPT_COURSE_STRICT_TABLES: the lesson's derivation must be its table's answer."""
+    if entry.answer is None:
+        return
+    expected = conform(entry.answer(), entry, derived)
+    if not same(conform(derived, entry, derived), expected, entry, 1e-9):
+        raise AssertionError(f"{key}: the lesson derives {derived!r}, its table's answer() gives "
+                             f"{expected!r}: update ckpt_course/predicts/ or the lesson")
