@@ -281,3 +281,49 @@ def nested_figure(single: dict, nested: dict, ax=None):
     ax.set(xlabel="block inputs stored at once", ylabel="forwards re-run", yscale="log")
     ax.legend()
     return ax
+
+
+# ---------------------------------------------------------------- lessons 3 and 4b
+def gpus_figure(per_gpu: dict, budget: int, ax=None, title=None, top_gb: float | None = None):
+    """``per_gpu`` {policy: {n GPUs: bytes per GPU}} as lines (GB), the GPU's memory dashed: where
+    a line crosses under it, that policy fits on that many GPUs (lesson 3.2). ``top_gb``: the
+    y axis's top (few GPUs need far more than one holds)."""
+    ax = _axes(ax, figsize=(6, 3.6))
+    for policy, by_n in per_gpu.items():
+        ns = sorted(by_n)
+        ax.plot(ns, [by_n[n] / 1e9 for n in ns], "o-", label=policy)
+    ax.axhline(budget / 1e9, color="red", linestyle="--", label=f"{budget / 1e9:.0f} GB")
+    ax.set(xlabel="GPUs (FSDP)", ylabel="GB per GPU", title=title)
+    ax.set_ylim(0, top_gb)
+    ax.legend()
+    return ax
+
+
+def saved_by_length_figure(lengths, saved: dict, ax=None, title="one block, batch 1"):
+    """``saved`` {variant: saved bytes per sequence length} on log-log axes (lesson 3.3: naive
+    attention's T^2 against SDPA's T)."""
+    ax = _axes(ax, figsize=(6, 3.6))
+    for name, ys in saved.items():
+        ax.loglog(lengths, [y / MiB for y in ys], "o-", label=name)
+    ax.set(xlabel="sequence length T", ylabel="saved MiB per layer", title=title)
+    ax.legend()
+    return ax
+
+
+def formula_terms_figure(terms: dict, ax=None,
+                         xlabel="MiB per layer (bf16, batch 1, sequence 4096)"):
+    """``hf.formula_terms`` by name: the paper's bytes and the measured ones per term, side by
+    side on a symlog axis (lesson 4b.2: where a real layer keeps more or less than the formula)."""
+    names = list(terms)
+    ax = _axes(ax, figsize=(8, 0.45 * len(names) + 1))
+    rows = range(len(names))
+    ax.barh([r + 0.2 for r in rows], [terms[n].paper / MiB for n in names], 0.4,
+            label="Korthikanti et al., sbh(34 + 5as/h)")
+    ax.barh([r - 0.2 for r in rows], [terms[n].measured / MiB for n in names], 0.4,
+            label="measured")
+    ax.set_yticks(list(rows), names)
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlabel(xlabel)
+    ax.invert_yaxis()
+    ax.legend(loc="lower right")
+    return ax

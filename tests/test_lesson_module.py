@@ -51,3 +51,19 @@ def test_lesson_4_figures_draw_what_they_are_given():
     assert [t.get_text() for t in ax.texts] == ["a = b"]  # equal alternatives share a label
     ax = plots.nested_figure({3: 10, 5: 4}, {2: NS(recompute_flops=30), 3: NS(recompute_flops=10)})
     assert ax.get_lines()[-1].get_xdata()[0] == 3  # the single-level minimum
+
+
+def test_lesson_3_and_4b_figures_draw_what_they_are_given():
+    from types import SimpleNamespace as NS
+
+    ax = plots.gpus_figure({"full": {8: 90e9, 4: 170e9}}, budget=80 * 10**9, top_gb=400)
+    assert list(ax.get_lines()[0].get_xdata()) == [4, 8]  # sorted by GPU count
+    assert list(ax.get_lines()[0].get_ydata()) == [170, 90]  # in GB
+    assert ax.get_lines()[-1].get_ydata()[0] == 80 and ax.get_ylim() == (0, 400)
+    ax = plots.saved_by_length_figure([128, 256], {"naive": [MiB, 4 * MiB], "sdpa": [MiB, 2 * MiB]})
+    assert [list(line.get_ydata()) for line in ax.get_lines()] == [[1, 4], [1, 2]]
+    assert ax.get_xscale() == ax.get_yscale() == "log"
+    terms = {"a": NS(paper=2 * MiB, measured=MiB), "b": NS(paper=0, measured=3 * MiB)}
+    ax = plots.formula_terms_figure(terms)
+    assert [p.get_width() for p in ax.patches] == [2, 0, 1, 3]  # the paper's bars, then measured
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b"]
