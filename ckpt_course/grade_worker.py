@@ -581,7 +581,7 @@ def digest(value, keys=None) -> str:
 
             t = x.detach().contiguous()
             h.update(f"tensor{t.dtype}{tuple(t.shape)}(".encode())
-            h.update(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # 1-D first: 0-d can't
             h.update(b")")
         else:
             raise WireError(f"a {kind.__module__}.{kind.__qualname__} is not data")
