@@ -179,7 +179,8 @@ class SyncReport:
             ("fresh copy of", self.fresh))
             for name in names]
         lines += [f"kept your {name}: the course has a newer version; `ckpt-course reset-lessons "
-                  f"{Path(name).stem}` gets it (yours goes to backups/)" for name in self.kept]
+                  f"{Path(name).with_suffix('').as_posix()}` gets it (yours goes to backups/)"
+                  for name in self.kept]
         lines += [f"your file was moved to {b}" for b in self.backups]
         return "\n".join(lines + [f"your copy of the course: {self.copy}"])
 

@@ -56,7 +56,10 @@ def test_an_update_reaches_the_learner_and_keeps_their_edits(course, tmp_path):
     [backup] = report.backups
     assert backup.read_text() == "my own notebook called 3_c"
     assert backup == copy / "notebooks" / "backups" / "3_c-20260101-120000.ipynb"
-    assert "reset-lessons 1_a" in str(report)
+    assert "reset-lessons notebooks/1_a`" in str(report)
+    report = reset_lessons(["notebooks/1_a"], course, copy)  # what the sync said to run
+    assert (copy / "notebooks" / "1_a.ipynb").read_text() == "lesson a v2"
+    assert [b.read_text() for b in report.backups] == ["lesson a with my outputs"]
 
 
 def test_reset_lessons_gives_fresh_copies_and_keeps_every_edit(course, tmp_path, capsys):
