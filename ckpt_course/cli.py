@@ -774,6 +774,11 @@ def main(argv=None) -> int:
         return args.run(args)
     except ValueError as error:  # bad input the parser could not see, e.g. --seq too long
         args.parser.error(str(error).strip().splitlines()[0])
+    except BrokenPipeError:  # the reader went away (`ckpt-course plan ... | head`): not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except OSError as error:  # a write that failed anyway (disk full, a file that went away)
         args.parser.error(f"{error.strerror or error}: {error.filename or ''} (check the path "
                           f"and free space)")
