@@ -774,6 +774,13 @@ def main(argv=None) -> int:
         return args.run(args)
     except ValueError as error:  # bad input the parser could not see, e.g. --seq too long
         args.parser.error(str(error).strip().splitlines()[0])
+    except (MemoryError, RuntimeError) as error:  # the allocator's own out of memory
+        if not isinstance(error, MemoryError) and "alloc" not in str(error).lower() \
+                and type(error).__name__ != "OutOfMemoryError":
+            raise
+        said = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+        args.parser.error(f"this machine ran out of memory ({said}): use a smaller --batch, "
+                          f"--seq or --layers")
     except BrokenPipeError:  # the reader went away (`ckpt-course plan ... | head`): not an error
         import os
 
