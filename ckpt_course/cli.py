@@ -765,6 +765,17 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """MemoryError, torch's OutOfMemoryError, or the CPU allocator's "can't allocate memory"."""
+    said = str(error).lower()
+    return (isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in said or "cannot allocate memory" in said)
+
+
 @functools.cache
 def _parser() -> argparse.ArgumentParser:
     """One parser per process (building it takes about 20 ms; parsing does not change it)."""
@@ -779,14 +790,12 @@ def main(argv=None) -> int:
         refuse_replacing(args.outputs(args), getattr(args, "force", False))
         return args.run(args)
     except ValueError as error:  # bad input the parser could not see, e.g. --seq too long
-        args.parser.error(str(error).strip().splitlines()[0])
+        args.parser.error(_first_line(error))
     except (MemoryError, RuntimeError) as error:  # the allocator's own out of memory
-        if not isinstance(error, MemoryError) and "alloc" not in str(error).lower() \
-                and type(error).__name__ != "OutOfMemoryError":
+        if not _out_of_memory(error):
             raise
-        said = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
-        args.parser.error(f"this machine ran out of memory ({said}): use a smaller --batch, "
-                          f"--seq or --layers")
+        args.parser.error(f"this machine ran out of memory ({_first_line(error)[:120]}): use a "
+                          f"smaller --batch, --seq or --layers")
     except BrokenPipeError:  # the reader went away (`ckpt-course plan ... | head`): not an error
         import os
 
