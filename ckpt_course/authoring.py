@@ -44,7 +44,9 @@ What `build` writes
 
 Workflow
 - Authors edit `exercises/src/*.py`, then `ckpt-course build-exercises` (build_all).
-- Learners work in `exercises/` of their own clone and grade with `ckpt-course grade`.
+- Learners work in copies of the exercises, in `my-course/exercises/` (made by `make lab`, see
+  workcopy.py), and grade with `ckpt-course grade`. `reset_exercises` resets an exercises folder
+  in place, moving edited notebooks to backups that never replace a file.
   A rebuild never destroys their work: an exercise notebook is overwritten only when it is
   absent or still pristine. An edited one makes `build` stop and say so; move it elsewhere
   (your answers keep working there) or pass `force=True` / `--force` to overwrite it.

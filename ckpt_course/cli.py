@@ -7,6 +7,7 @@ names the fix (no traceback). The modules hold the work; this file holds all of 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import re
 import sys
@@ -783,16 +784,42 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """MemoryError, torch's OutOfMemoryError, or the CPU allocator's "can't allocate memory"."""
+    said = str(error).lower()
+    return (isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in said or "cannot allocate memory" in said)
+
+
+@functools.cache
+def _parser() -> argparse.ArgumentParser:
+    """One parser per process (building it takes about 20 ms; parsing does not change it)."""
+    return make_parser()
+
+
 def main(argv=None) -> int:
     """Parse, refuse to replace existing outputs (before any work), run. Bad input, seen by the
     parser or by the work itself, exits with code 2 and one line naming the fix."""
-    parser = make_parser()
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     try:
         refuse_replacing(args.outputs(args), getattr(args, "force", False))
         return args.run(args)
     except ValueError as error:  # bad input the parser could not see, e.g. --seq too long
-        args.parser.error(str(error).strip().splitlines()[0])
+        args.parser.error(_first_line(error))
+    except (MemoryError, RuntimeError) as error:  # the allocator's own out of memory
+        if not _out_of_memory(error):
+            raise
+        args.parser.error(f"this machine ran out of memory ({_first_line(error)[:120]}): use a "
+                          f"smaller --batch, --seq or --layers")
+    except BrokenPipeError:  # the reader went away (`ckpt-course plan ... | head`): not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except OSError as error:  # a write that failed anyway (disk full, a file that went away)
         args.parser.error(f"{error.strerror or error}: {error.filename or ''} (check the path "
                           f"and free space)")

@@ -22,8 +22,11 @@ are the allocator's, so they may round up and include blocks the meter does not 
 from __future__ import annotations
 
 import html as html_escape
+import os
 import pickle
+import sys
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -137,12 +140,33 @@ def _profiled_snapshot(model, optimizer, batch, device) -> bytes:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities, profile_memory=True, record_shapes=True,
-                                with_stack=True) as profile:
+    with _native_stderr_silenced(), torch.profiler.profile(
+            activities=activities, profile_memory=True, record_shapes=True,
+            with_stack=True) as profile:
         run_step(model, optimizer, batch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return pickle.dumps(_profile_to_snapshot(profile))
+
+
+@contextmanager
+def _native_stderr_silenced():
+    """The profiler's C++ side prints start/stop lines and a warning about blocks allocated before
+    it started (AdamW's state) straight to file descriptor 2; a learner would read them as
+    errors. Python's own errors are unaffected: they are raised, and printed after this."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real descriptor 2 (some notebook hosts)
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 # ---------------------------------------------------------------- the page

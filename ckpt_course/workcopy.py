@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +137,20 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _course_digest(course: Path, name: str) -> str:
+    """The digest to record for a file copied from the course: that of the committed version
+    where git has one. A lesson a learner ran in the clone itself, before copies existed, differs
+    from it, so its copy counts as the learner's and no update ever replaces it."""
+    try:
+        done = subprocess.run(["git", "-C", str(course), "show", f"HEAD:{name}"],
+                              capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        done = None
+    if done is None or done.returncode != 0:
+        return _digest(course / name)  # not a clone, or not committed: the file as it is
+    return hashlib.sha256(done.stdout).hexdigest()
+
+
 def course_files(course: Path) -> list[str]:
     """Relative paths of every file the copy holds, e.g. 'notebooks/1_why....ipynb'."""
     found = []
@@ -179,7 +194,8 @@ class SyncReport:
             ("fresh copy of", self.fresh))
             for name in names]
         lines += [f"kept your {name}: the course has a newer version; `ckpt-course reset-lessons "
-                  f"{Path(name).stem}` gets it (yours goes to backups/)" for name in self.kept]
+                  f"{Path(name).with_suffix('').as_posix()}` gets it (yours goes to backups/)"
+                  for name in self.kept]
         lines += [f"your file was moved to {b}" for b in self.backups]
         return "\n".join(lines + [f"your copy of the course: {self.copy}"])
 
@@ -204,22 +220,22 @@ def sync_course(course: Path, copy: Path, stamp: str | None = None) -> SyncRepor
     _precheck(copy, names)
     recorded, report = _read_manifest(copy), SyncReport(copy)
     for name in names:
-        source, target, new = course / name, copy / name, _digest(course / name)
+        target = copy / name
+        if target.exists() and _digest(target) == _digest(course / name):
+            recorded.setdefault(name, _course_digest(course, name))
+            continue  # already the course's version
         if not target.exists():
             (report.restored if name in recorded else report.copied).append(name)
-        elif _digest(target) == new:
-            pass
         elif name not in recorded:  # the learner's own file where a new course file goes
             report.backups.append(move_to_backup(target, _backup_folder(copy, name), stamp))
             report.copied.append(name)
-        elif _digest(target) == recorded[name]:
+        elif _digest(target) == recorded[name]:  # untouched since it was copied
             report.updated.append(name)
-        else:
+        else:  # the learner's: kept, whatever the course did
             report.kept.append(name)
             continue
-        if not target.exists() or name in report.updated:
-            _copy_file(source, target)
-        recorded[name] = new
+        _copy_file(course / name, target)
+        recorded[name] = _course_digest(course, name)
     _write_manifest(copy, recorded)
     return report
 
@@ -247,11 +263,11 @@ def reset_lessons(names, course: Path, copy: Path, stamp: str | None = None) -> 
         if not target.exists():
             _copy_file(source, target)
         report.fresh.append(name)
-        recorded[name] = _digest(source)
+        recorded[name] = _course_digest(course, name)
     for name in course_files(course):  # the exercises' sources, which grading reads
         if name.endswith(".py") and not (copy / name).exists():
             _copy_file(course / name, copy / name)
-            recorded[name] = _digest(course / name)
+            recorded[name] = _course_digest(course, name)
     _write_manifest(copy, recorded)
     return report
 

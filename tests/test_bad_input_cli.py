@@ -305,3 +305,30 @@ def test_a_real_process_exits_2_with_one_line(argv, fix):
                           text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert fix in done.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("error", [
+    MemoryError(),
+    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 "
+                 "bytes. Error code 12 (Cannot allocate memory)"),
+])
+def test_the_allocators_out_of_memory_is_one_line(monkeypatch, capsys, error):
+    """What the memory guard lets through (another process took the memory meanwhile) still
+    ends in one line, not a traceback."""
+    def allocate(*args, **kwargs):
+        raise error
+    monkeypatch.setattr("ckpt_course.tape.record_tape", allocate)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["tape", "--model", "hand-trace", "--batch", "2"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "ran out of memory" in err.strip().splitlines()[-1]
+    assert "smaller --batch" in err.strip().splitlines()[-1]
+
+
+def test_another_runtime_error_is_not_disguised(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the course")
+    monkeypatch.setattr("ckpt_course.tape.record_tape", broken)
+    with pytest.raises(RuntimeError, match="a bug in the course"):
+        cli.main(["tape", "--model", "hand-trace", "--batch", "2"])

@@ -110,3 +110,26 @@ def test_a_policy_the_planner_prints_works_in_every_command(capsys, tmp_path):
     record = train(build_model("gpt", 3), policy, steps=1, batch_size=4, seq_len=32,
                    progress=False)[0]
     assert record.recompute_flops == predict(costs, policy).recompute_flops
+
+
+def test_two_resets_in_a_row_keep_both_edits(tmp_path, capsys):
+    """However fast they follow each other (the same second, often), no backup replaces
+    another."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "exercises" / "src"
+    src.mkdir(parents=True)
+    shutil.copy(root / "exercises" / "src" / "1_why_activations.py", src)
+    args = ["--src", str(src), "--exercises", str(tmp_path / "exercises")]
+    assert main(["reset-exercises", *args]) == 0
+    exercise = tmp_path / "exercises" / "1_why_activations.ipynb"
+    pristine = exercise.read_text()
+    edits = []
+    for answer in ("return 1  # first", "return 2  # second"):
+        exercise.write_text(pristine.replace("raise NotImplementedError", answer, 1))
+        edits.append(exercise.read_text())
+        assert main(["reset-exercises", *args]) == 0
+    backups = sorted((tmp_path / "exercises" / "backups").iterdir())
+    assert sorted(b.read_text() for b in backups) == sorted(edits)
+    assert exercise.read_text() == pristine

@@ -56,7 +56,10 @@ def test_an_update_reaches_the_learner_and_keeps_their_edits(course, tmp_path):
     [backup] = report.backups
     assert backup.read_text() == "my own notebook called 3_c"
     assert backup == copy / "notebooks" / "backups" / "3_c-20260101-120000.ipynb"
-    assert "reset-lessons 1_a" in str(report)
+    assert "reset-lessons notebooks/1_a`" in str(report)
+    report = reset_lessons(["notebooks/1_a"], course, copy)  # what the sync said to run
+    assert (copy / "notebooks" / "1_a.ipynb").read_text() == "lesson a v2"
+    assert [b.read_text() for b in report.backups] == ["lesson a with my outputs"]
 
 
 def test_reset_lessons_gives_fresh_copies_and_keeps_every_edit(course, tmp_path, capsys):
@@ -162,3 +165,23 @@ def test_a_stem_shared_by_a_lesson_and_an_exercise_must_say_which(course, tmp_pa
     report = reset_lessons(["notebooks/2_b"], course, copy)
     assert report.fresh == ["notebooks/2_b.ipynb"] and report.backups == []
     assert (copy / "exercises" / "2_b.ipynb").read_text() == "my answers"
+
+
+def test_lessons_run_in_the_clone_before_copies_existed_count_as_the_learners(course, tmp_path):
+    """A learner who ran a lesson in notebooks/ itself (before `make lab` made copies): the first
+    sync copies their run, and no course update ever replaces it."""
+    def git(*args):
+        subprocess.run(["git", "-C", str(course), "-c", "user.name=t", "-c", "user.email=t@t",
+                        *args], check=True, capture_output=True)
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "course v1")
+    (course / "notebooks" / "1_a.ipynb").write_text("lesson a, run in the clone")
+    copy = tmp_path / "my-course"
+    assert "notebooks/1_a.ipynb" in sync_course(course, copy).copied
+    git("checkout", "--", "notebooks")  # what the README tells them to do next
+    (course / "notebooks" / "1_a.ipynb").write_text("lesson a v2")
+    git("commit", "-qam", "course v2")  # their git pull
+    report = sync_course(course, copy)
+    assert report.kept == ["notebooks/1_a.ipynb"]
+    assert (copy / "notebooks" / "1_a.ipynb").read_text() == "lesson a, run in the clone"
