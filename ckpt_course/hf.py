@@ -52,10 +52,11 @@ def config_names() -> list[str]:
 # The decoder-only architectures whose size fields are checked here (and tested: hf_configs/).
 SUPPORTED = ("gpt2", "llama", "mistral", "qwen2")
 
-# Bounds on a config's sizes, far above any published decoder (Llama 3.1 405B: 126 layers,
-# 16384 wide, 53248 MLP, a 128K vocabulary; Gemma 3: 262K): beyond them a value is a typo, and
-# an unbounded layer count would make the planner (one cost row per layer) run for hours.
-MAX_LAYERS = 1024
+# Bounds on a config's sizes, above any published decoder (Llama 3.1 405B: 126 layers, 16384
+# wide, 53248 MLP, a 128K vocabulary; Gemma 3: 262K): beyond them a value is a typo. The layer
+# bound also keeps the planner quick: its time grows with the square of the depth (on 2 busy
+# cores, 22 s at 128 layers, 90 s at 256), so 10^6 layers would run for days.
+MAX_LAYERS = 256
 MAX_WIDTH = 2**17  # hidden_size, intermediate_size (also at most 64 x hidden_size)
 MAX_VOCAB = 2**22
 MAX_POSITIONS = 2**25
@@ -392,6 +393,11 @@ def check_causal_lm(config) -> None:
     assert config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # every SUPPORTED one is
 
 
+# The small instance runs for real: about 8 KiB and 0.5 ms per token and layer on a laptop CPU,
+# so 64K tokens take some GiB and seconds per step; more would look like a hang.
+SMALL_MAX_TOKENS = 2**16
+
+
 def small_model(config, n_layer: int | None = None, batch_size: int | None = None,
                 seq_len: int | None = None) -> tuple[HFCausalLM, int, int]:
     """The small real instance of ``config`` (``small_config``) for the doctor and lessons, with
@@ -403,6 +409,13 @@ def small_model(config, n_layer: int | None = None, batch_size: int | None = Non
     if seq > longest(config):
         raise ValueError(f"--seq {seq} is longer than {config.name_or_path} allows "
                          f"({longest(config)} positions): use --seq {longest(config)} or less")
+    if n_layer > MAX_LAYERS:
+        raise ValueError(f"--layers {n_layer} is more than this course runs (at most "
+                         f"{MAX_LAYERS}): use fewer layers, e.g. --layers 8")
+    if batch_size * seq > SMALL_MAX_TOKENS:
+        raise ValueError(f"--batch {batch_size} x --seq {seq} is {batch_size * seq:,} tokens, more "
+                         f"than the small instance runs for real (at most {SMALL_MAX_TOKENS:,}): "
+                         f"use a smaller batch or sequence")
     return build(small_config(config, n_layer, seq_len=seq)), batch_size, seq
 
 
