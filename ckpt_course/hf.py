@@ -444,6 +444,20 @@ def parameter_count(config) -> int:
 
 
 # ---------------------------------------------------------------- full size, on fake tensors
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+          "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+
+
+def as_dtype(dtype) -> torch.dtype:
+    """A floating-point torch dtype, or its name as the command line writes it ("bf16")."""
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    raise ValueError(f"dtype {dtype!r} is not one the planner models: use torch.bfloat16, "
+                     f"torch.float16 or torch.float32 (or 'bf16', 'fp16', 'fp32')")
+
+
 def hf_config_costs(config, batch_size: int, seq_len: int, dtype: torch.dtype = torch.bfloat16,
                     master_weights: bool = False):
     """``costs.config_costs`` for a transformers config: a one-layer model of it built on fake
@@ -459,6 +473,9 @@ def hf_config_costs(config, batch_size: int, seq_len: int, dtype: torch.dtype = 
     config = load_config(config)
     check_positive_int("batch_size", batch_size)
     check_positive_int("seq_len", seq_len)
+    dtype = as_dtype(dtype)
+    if not isinstance(master_weights, bool):
+        raise TypeError(f"master_weights is True or False, got {master_weights!r}")
     if seq_len > longest(config):
         raise ValueError(f"seq_len {seq_len} is longer than {config.name_or_path} allows "
                          f"({longest(config)} positions): use seq_len <= {longest(config)}")

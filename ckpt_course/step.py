@@ -40,7 +40,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from .meter import MemoryMeter
 from .models import longest_sequence
-from .units import fmt_bytes
+from .units import fmt_bytes, shown
 
 PHASES = ("forward", "backward", "optimizer")
 
@@ -57,16 +57,26 @@ def make_optimizer(model_or_params, lr: float = 1e-3) -> torch.optim.AdamW:
 def _positive_int(name: str, value, example: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive whole number, e.g. {name}={example}; "
-                         f"got {value!r}")
+                         f"got {shown(value)}")
 
 
 def check_learning_rate(lr) -> float:
     """AdamW's learning rate: a finite number >= 0 (inf or nan would make every weight nan)."""
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
-        raise TypeError(f"lr must be a number such as 1e-3, got {type(lr).__name__} {lr!r}")
+        raise TypeError(f"lr must be a number such as 1e-3, got {type(lr).__name__} {shown(lr)}")
     if not (math.isfinite(lr) and lr >= 0):
-        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}: use e.g. lr=1e-3")
+        raise ValueError(f"lr must be a finite number >= 0, got {shown(lr)}: use e.g. lr=1e-3")
     return lr
+
+
+def check_seed(seed) -> int:
+    """A seed for torch.manual_seed: a whole number in 0 .. 2**63 - 1."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be a whole number such as 0, got {type(seed).__name__} "
+                        f"{seed!r}")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in 0 .. 2**63 - 1, got {shown(seed)}: use e.g. seed=0")
+    return seed
 
 
 def _physical_memory() -> int:
@@ -357,7 +367,7 @@ def run_step(model, optimizer, batch, meter: MemoryMeter | None = None, *, loss_
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch optimizer such as make_optimizer(model), or "
                         f"None for no optimizer step; got {type(optimizer).__name__} "
-                        f"{optimizer!r}")
+                        f"{shown(optimizer)}")
     if meter is not None:
         _check_entered(meter)
     device = next(model.parameters()).device
