@@ -98,15 +98,23 @@ def check_config(config, where: str | None = None) -> None:
     above (so no size makes a tool hang)."""
     where = where or (getattr(config, "name_or_path", "") or "config")
     check_model_type(getattr(config, "model_type", None), where)
-    cls = type(config)
+    _check_sizes(type(config), lambda name: (_json_key(type(config), name),
+                                             getattr(config, name, _ABSENT)), where)
+
+
+_ABSENT = object()
+
+
+def _check_sizes(cls, get, where: str) -> None:
+    """``check_config`` on what ``get(name)`` gives, (the key as written, its value): a config's,
+    or a config.json's with its class's defaults, so a file is checked before transformers
+    builds it."""
     values = {}
     for name in _SIZE_FIELDS:
-        if not hasattr(config, name):
+        written, value = get(name)
+        if value is _ABSENT or (value is None and name in _OPTIONAL):
             continue
-        value = getattr(config, name)
-        if value is None and name in _OPTIONAL:
-            continue
-        _check_whole(_json_key(cls, name), value, where)
+        _check_whole(written, value, where)
         values[name] = value
     key = lambda name: _json_key(cls, name)  # noqa: E731
     heads, hidden = values["num_attention_heads"], values["hidden_size"]
@@ -176,11 +184,15 @@ def load_config(name_or_path):
     kind = values.pop("model_type")
     check_model_type(kind, str(path))
     cls = CONFIG_MAPPING[kind]
-    for name in _SIZE_FIELDS:  # the types first: transformers' own errors span lines
-        key = _json_key(cls, name)
-        for written in {key, name} & values.keys():
-            if not (values[written] is None and name in _OPTIONAL):
-                _check_whole(written, values[written], str(path))
+    defaults = cls()
+
+    def get(name):  # as written in the file, else the class's default
+        for written in (_json_key(cls, name), name):
+            if written in values:
+                return written, values[written]
+        return _json_key(cls, name), getattr(defaults, name, _ABSENT)
+
+    _check_sizes(cls, get, str(path))  # before transformers, whose errors span lines
     from huggingface_hub.errors import StrictDataclassError
 
     try:

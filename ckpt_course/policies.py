@@ -66,7 +66,7 @@ from torch.utils.checkpoint import (
     noop_context_fn,
 )
 
-from .units import fmt_bytes
+from .units import fmt_bytes, shown
 
 ACCEPTED = ("none, full, every-K (K >= 1), sqrt, segments:a-b,c (inclusive block numbers), "
             "selective:save=OPS, selective:recompute=OPS, attn-core, offload, "
@@ -720,7 +720,7 @@ def _parse_menu(spec: str, body: str) -> Menu:
                 items += [(k, k + 1, option, ()) for k in range(a, b)]
         return Menu(tuple(items))
     except ValueError as error:
-        raise ValueError(f"bad policy {spec!r}: {error}; {fix}") from None
+        raise ValueError(f"bad policy {shown(spec)}: {error}; {fix}") from None
 
 
 # ---------------------------------------------------------------- parsing
