@@ -590,6 +590,15 @@ def handback(placement, n: int, layers=None, costs=None) -> Handback:
         note = ("# the plan checkpoints several layers as one segment, which per-layer "
                 "checkpointing cannot express;\n# this applies the cheapest per-layer placement "
                 "that peaks no higher" + ("" if costs is not None else " (each layer alone)"))
+        if costs is not None and predict(costs, _each_alone(n, blocks)).peak_bytes > \
+                want.peak_bytes:
+            from .units import fmt_bytes
+
+            got = predict(costs, _each_alone(n, blocks)).peak_bytes
+            note = ("# the plan checkpoints several layers as one segment, which per-layer "
+                    "checkpointing cannot express,\n# and no per-layer placement peaks as low "
+                    f"({fmt_bytes(want.peak_bytes)}): this checkpoints every layer, peak "
+                    f"{fmt_bytes(got)}")
     if not blocks:
         code = "# nothing to checkpoint: train as is\nmodel.activation_checkpointing_disable()"
         return Handback(placement, _each_alone(n, ()), code, "none", note)

@@ -211,3 +211,12 @@ def test_the_code_plan_prints_for_gpt2_runs_on_a_small_gpt2(capsys):
     placement = placement_from_checkpointed(12, [(k, k + 1) for k in chosen])
     assert measure_peaks(fresh, "none", batch_size=2, seq_len=32)[-1] == predict(
         costs, placement).peak_bytes
+
+
+def test_the_note_says_when_no_per_layer_placement_peaks_as_low(capsys):
+    # 6 GiB: the plan's 2-block segments peak lower than checkpointing every layer alone
+    assert main(["plan", "--hf-config", "gpt2", "--batch", "8", "--seq", "1024",
+                 "--budget", "6GiB"]) == 0
+    out = capsys.readouterr().out.split("In transformers:\n")[1]
+    assert "no per-layer placement peaks as low" in out and "every_n_layers=1" in out
+    assert "peaks no higher" not in out
