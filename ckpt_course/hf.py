@@ -578,27 +578,33 @@ def handback(placement, n: int, layers=None, costs=None) -> Handback:
     - other single blocks: ``apply_activation_checkpointing(model, check_fn=...)`` on them;
     - a segment of several blocks is one checkpoint around several layers, which neither can
       express: given ``costs``, the cheapest expressible placement that peaks no higher is
-      handed back instead (else each block of the segment alone), with a note."""
+      handed back instead (else each block of the segment alone), with a note;
+    - a block under a menu option (selective, offload) is checkpointed whole, with a note:
+      per-layer checkpointing in transformers has no such option."""
     from .plan import Placement, as_placement, predict  # noqa: F401
 
     placement = as_placement(n, placement)
     blocks = _single_blocks(placement)
-    note = ""
+    options = sorted({kind for _, _, kind in placement if isinstance(kind, str)})
+    note = ("" if not options else
+            f"# transformers checkpoints whole layers only: the plan's {', '.join(options)} "
+            "layers are checkpointed whole here (less kept, more recomputed)")
     if blocks is None:
         want = predict(costs, placement) if costs is not None else None
         blocks = _closest_expressible(placement, n, costs, want)
-        note = ("# the plan checkpoints several layers as one segment, which per-layer "
-                "checkpointing cannot express;\n# this applies the cheapest per-layer placement "
-                "that peaks no higher" + ("" if costs is not None else " (each layer alone)"))
+        segment = ("# the plan checkpoints several layers as one segment, which per-layer "
+                   "checkpointing cannot express;\n# this applies the cheapest per-layer placement "
+                   "that peaks no higher" + ("" if costs is not None else " (each layer alone)"))
         if costs is not None and predict(costs, _each_alone(n, blocks)).peak_bytes > \
                 want.peak_bytes:
             from .units import fmt_bytes
 
             got = predict(costs, _each_alone(n, blocks)).peak_bytes
-            note = ("# the plan checkpoints several layers as one segment, which per-layer "
-                    "checkpointing cannot express,\n# and no per-layer placement peaks as low "
-                    f"({fmt_bytes(want.peak_bytes)}): this checkpoints every layer, peak "
-                    f"{fmt_bytes(got)}")
+            segment = ("# the plan checkpoints several layers as one segment, which per-layer "
+                       "checkpointing cannot express,\n# and no per-layer placement peaks as low "
+                       f"({fmt_bytes(want.peak_bytes)}): this checkpoints every layer, peak "
+                       f"{fmt_bytes(got)}")
+        note = "\n".join(filter(None, (note, segment)))
     if not blocks:
         code = "# nothing to checkpoint: train as is\nmodel.activation_checkpointing_disable()"
         return Handback(placement, _each_alone(n, ()), code, "none", note)

@@ -220,3 +220,10 @@ def test_the_note_says_when_no_per_layer_placement_peaks_as_low(capsys):
     out = capsys.readouterr().out.split("In transformers:\n")[1]
     assert "no per-layer placement peaks as low" in out and "every_n_layers=1" in out
     assert "peaks no higher" not in out
+
+
+def test_a_selective_or_offloaded_layer_is_handed_back_whole_with_a_note():
+    handed = hf.handback("menu:0..1=selective:save=sdpa,2..3=offload", 4)
+    assert "whole layers only" in handed.note and "offload, selective:save=sdpa" in handed.note
+    assert handed.kind == "transformers" and handed.expressed == hf.handback("full", 4).expressed
+    assert hf.handback("full", 4).note == ""
