@@ -43,6 +43,7 @@ from .models import longest_sequence
 from .units import fmt_bytes, shown
 
 PHASES = ("forward", "backward", "optimizer")
+CPU_OUT_OF_MEMORY = "can't allocate memory"  # what torch's CPU allocator says when malloc fails
 
 
 # ---------------------------------------------------------------- what a step is made of
@@ -362,7 +363,7 @@ def run_step(model, optimizer, batch, meter: MemoryMeter | None = None, *, loss_
     parameters and optimizer state before the optimizer step, so that an out-of-memory error
     anywhere can undo the step (module doc). Raises ``torch.OutOfMemoryError`` with ``.phase``
     and ``.micro_batch`` (1, 2, ...; 0 in the optimizer step) set, the model as it was before
-    the step."""
+    the step; the CPU allocator's own failure (a ``RuntimeError``) is raised as one too."""
     parts = check_batch(batch)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch optimizer such as make_optimizer(model), or "
@@ -396,6 +397,10 @@ def run_step(model, optimizer, batch, meter: MemoryMeter | None = None, *, loss_
                     record, where)
     except torch.OutOfMemoryError as error:
         message = str(error)
+    except RuntimeError as error:  # the CPU allocator's out-of-memory is a RuntimeError
+        if CPU_OUT_OF_MEMORY not in str(error):
+            raise
+        message = str(error).strip().splitlines()[0]
     if isinstance(batch, list):
         batch[:] = spare
     if message is not None:  # raised outside the except block: no traceback keeps the tensors

@@ -369,3 +369,24 @@ def test_doctor_api_without_a_budget_uses_the_demo_budget():
     report = doctor(model, batch_size=4, steps=2, timing=False)
     assert str(report).startswith("No budget given")
     assert report.run.oom.step == 2 and len(report.run.steps) == 1
+
+
+def test_the_cpu_allocators_failure_is_an_out_of_memory_error_and_undone():
+    model = TinyGPT(replace(CFG, dropout=0.0))
+    optimizer = make_optimizer(model)
+    run_step(model, optimizer, make_batch(model, 2))
+    before, grads = _state(model, optimizer), _grads(model)
+
+    def loss_fn(batch):  # as torch's CPU allocator fails when malloc does
+        model.loss(batch)
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 149533581377536 bytes.")
+    with pytest.raises(torch.OutOfMemoryError, match="can't allocate memory") as caught:
+        run_step(model, optimizer, make_batch(model, 2), loss_fn=loss_fn)
+    assert caught.value.phase == "forward"
+    after = _state(model, optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(before[0], after[0], strict=True))
+    assert _same(grads, _grads(model))
+    with pytest.raises(RuntimeError, match="another error"):  # other errors pass through
+        run_step(model, optimizer, make_batch(model, 2),
+                 loss_fn=lambda b: (_ for _ in ()).throw(RuntimeError("another error")))
