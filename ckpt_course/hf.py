@@ -205,14 +205,21 @@ def load_config(name_or_path):
     return config
 
 
+SMALL_MAX_WIDTH, SMALL_MAX_VOCAB = 2048, 2**16  # a small instance is built with real weights
+
+
 def small_config(config, n_layer: int = 4, width: int = 64, n_head: int = 4, vocab: int = 256,
                  seq_len: int = 128):
     """The same architecture, small enough to run for real: ``n_layer`` layers, ``width`` wide,
     the same query/key-value head ratio (grouped-query attention stays grouped), the same MLP
     ratio, a ``vocab``-token vocabulary, ``seq_len`` positions and no dropout."""
-    for what, value in (("n_layer", n_layer), ("width", width), ("n_head", n_head),
-                        ("vocab", vocab), ("seq_len", seq_len)):
+    for what, value, most in (("n_layer", n_layer, MAX_LAYERS), ("width", width, SMALL_MAX_WIDTH),
+                              ("n_head", n_head, width), ("vocab", vocab, SMALL_MAX_VOCAB),
+                              ("seq_len", seq_len, SMALL_MAX_TOKENS)):
         check_positive_int(what, value)
+        if value > most:
+            raise ValueError(f"{what} {value:,} is more than a small instance runs for real (at "
+                             f"most {most:,}): use a smaller {what}")
     if width % n_head:
         raise ValueError(f"width ({width}) must be a multiple of n_head ({n_head})")
     small = config.__class__(**config.to_diff_dict())
@@ -278,7 +285,14 @@ def find_decoder_layers(model: nn.Module, path: str | None = None) -> nn.ModuleL
     if given; else the one whose items are transformers ``GradientCheckpointingLayer``s (every
     HF decoder); else the longest ``ModuleList`` of modules all of one type."""
     if path is not None:
-        found = model.get_submodule(path) if path else model
+        if not isinstance(path, str):
+            raise TypeError(f"layers is the dotted path of the block list, such as "
+                            f"'model.layers', got {type(path).__name__} {path!r}")
+        try:
+            found = model.get_submodule(path) if path else model
+        except AttributeError:
+            raise ValueError(f"{type(model).__name__} has no submodule {path!r}: name the list "
+                             f"of its repeated blocks, e.g. 'model.layers'") from None
         if not isinstance(found, nn.ModuleList) or len(found) == 0:
             raise ValueError(f"{path!r} in {type(model).__name__} is not a non-empty "
                              f"nn.ModuleList: name the list of its repeated blocks")
@@ -326,6 +340,9 @@ class HFCausalLM(nn.Module):
     with the course protocol. ``layers``: the path of its block list if not found by itself."""
 
     def __init__(self, lm: nn.Module, layers: str | None = None, seq_len: int | None = None):
+        if not isinstance(lm, nn.Module):
+            raise TypeError(f"HFCausalLM wraps an nn.Module (a transformers ...ForCausalLM), got "
+                            f"{type(lm).__name__}: build one with hf.build(config)")
         super().__init__()
         self.lm = lm
         config = getattr(lm, "config", None)
@@ -388,6 +405,9 @@ def build(config, layers: str | None = None, seed: int = 0, attn: str = "sdpa") 
     from transformers import AutoModelForCausalLM
 
     config = load_config(config)
+    if attn not in ("sdpa", "eager"):
+        raise ValueError(f"attn is 'sdpa' or 'eager' (the attention the course measures), got "
+                         f"{attn!r}")
     config._attn_implementation = attn
     check_causal_lm(config)
     with torch.random.fork_rng(devices=[]):
@@ -560,6 +580,21 @@ def layers_path(model_or_config) -> str:
         return _layers_path(build(with_layers(model_or_config, 1)))
 
 
+def _check_layers(layers):
+    """``handback``'s ``layers``: None, a dotted attribute path, a model or a config."""
+    import re
+
+    from transformers import PretrainedConfig
+
+    if layers is None or isinstance(layers, (nn.Module, PretrainedConfig)):
+        return layers
+    if not isinstance(layers, str) or not re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*", layers):
+        raise ValueError(f"layers is where the decoder layers sit, as a path such as "
+                         f"'transformer.h' or 'model.layers', the model or its config; got "
+                         f"{layers!r}")
+    return layers
+
+
 # the layers of any transformers decoder, in order, when the caller does not say where they sit
 _ANY_DECODER = ("from transformers.modeling_layers import GradientCheckpointingLayer\n"
                 "layers = [m for m in model.modules() if isinstance(m, "
@@ -583,6 +618,8 @@ def handback(placement, n: int, layers=None, costs=None) -> Handback:
       per-layer checkpointing in transformers has no such option."""
     from .plan import Placement, as_placement, predict  # noqa: F401
 
+    check_positive_int("n", n)
+    layers = _check_layers(layers)
     placement = as_placement(n, placement)
     blocks = _single_blocks(placement)
     options = sorted({kind for _, _, kind in placement if isinstance(kind, str)})
@@ -615,7 +652,7 @@ def handback(placement, n: int, layers=None, costs=None) -> Handback:
                 f"every_n_layers={k})")
         return Handback(placement, _each_alone(n, blocks), code, "transformers", note)
     if layers is not None and not isinstance(layers, str):
-        layers = layers_path(layers)
+        layers = layers_path(layers)  # found once: the same for every placement
     code = ("from functools import partial\n"
             "from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (\n"
             "    CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)\n"
@@ -654,6 +691,10 @@ def verify_handback(model: HFCausalLM, handback_: Handback, batch_size: int = 2,
     from .costs import measure_costs
     from .plan import measure_peaks, predict
 
+    if not isinstance(model, HFCausalLM) or not isinstance(handback_, Handback):
+        raise TypeError("verify_handback(model, handback(...)) takes the HFCausalLM that build() "
+                        f"made and a Handback; got {type(model).__name__}, "
+                        f"{type(handback_).__name__}")
     costs = measure_costs(model, batch_size, seq_len)
     predicted = predict(costs, handback_.expressed).peak_bytes
     fresh = copy.deepcopy(model)
@@ -719,6 +760,9 @@ def formula_terms(tape, config, batch_size: int, seq_len: int) -> list[Term]:
                  tuple(f"{e.module}: {e.label}" for e in rows[name])) for name, k, per in PAPER]
 
 
+REAL_LAYER_BYTES = 2 * 2**30  # a real one-layer model above this: use fake tensors
+
+
 def layer_tape(config, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32,
                fake: bool = False):
     """The tape of the first decoder layer of ``config`` on ``batch_size`` x ``seq_len`` tokens:
@@ -726,9 +770,20 @@ def layer_tape(config, batch_size: int, seq_len: int, dtype: torch.dtype = torch
     from . import estimate
     from .tape import record_tape
 
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("seq_len", seq_len)
+    dtype = as_dtype(dtype)
     one = with_layers(config, 1)
     if longest(one) < seq_len:
         _set_positions(one, seq_len)
+    if not fake:  # built and run for real: bounded like the small instance
+        if batch_size * seq_len > SMALL_MAX_TOKENS:
+            raise ValueError(f"{batch_size} x {seq_len} tokens is more than a real run here "
+                             f"takes (at most {SMALL_MAX_TOKENS:,}): pass fake=True, or fewer")
+        if parameter_count(one) * dtype.itemsize > REAL_LAYER_BYTES:
+            raise ValueError(f"one layer of {one.name_or_path or one.model_type} with its "
+                             f"embeddings is over {REAL_LAYER_BYTES // 2**30} GiB of weights: pass "
+                             f"fake=True (nothing allocated), or a small_config")
     old = torch.get_default_dtype()
     with estimate._fake(dtype) if fake else nullcontext(), torch.random.fork_rng(devices=[]):
         torch.set_default_dtype(dtype)

@@ -50,8 +50,13 @@ CPU_OUT_OF_MEMORY = "can't allocate memory"  # what torch's CPU allocator says w
 def make_optimizer(model_or_params, lr: float = 1e-3) -> torch.optim.AdamW:
     """The course's optimizer: AdamW (torch's defaults otherwise)."""
     check_learning_rate(lr)
-    params = (model_or_params.parameters() if isinstance(model_or_params, nn.Module)
-              else model_or_params)
+    if isinstance(model_or_params, nn.Module):
+        params = list(model_or_params.parameters())
+    elif isinstance(model_or_params, (list, tuple)) or hasattr(model_or_params, "__next__"):
+        params = list(model_or_params)
+    else:
+        raise TypeError(f"make_optimizer takes a model or its parameters, got "
+                        f"{type(model_or_params).__name__}: pass e.g. make_optimizer(model)")
     return torch.optim.AdamW(params, lr=lr)
 
 
@@ -326,6 +331,16 @@ def _spare(batch: list, undo) -> list:
     return spare
 
 
+def _check_step_options(loss_fn, count_batch, guard, step) -> None:
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn is a function of the batch, or None for model.loss; got "
+                        f"{shown(loss_fn)}")
+    for name, value in (("count_batch", count_batch), ("guard", guard)):
+        if not isinstance(value, bool) and not (name == "guard" and value is None):
+            raise TypeError(f"{name} is True or False, got {shown(value)}")
+    _positive_int("step", step, 1)
+
+
 def _check_entered(meter) -> None:
     """A meter measures only while entered: outside ``with meter:`` it would see nothing (peak
     0 B) and enforce no budget."""
@@ -371,6 +386,7 @@ def run_step(model, optimizer, batch, meter: MemoryMeter | None = None, *, loss_
                         f"{shown(optimizer)}")
     if meter is not None:
         _check_entered(meter)
+    _check_step_options(loss_fn, count_batch, guard, step)
     device = next(model.parameters()).device
     guard = True if guard is None else guard
     _sync(device)

@@ -66,6 +66,10 @@ def train(
         if not measure_memory:
             raise ValueError("a budget is enforced by the memory meter: keep measure_memory=True "
                              "with a budget, or drop the budget")
+    for name, value in (("measure_memory", measure_memory), ("count_recompute", count_recompute),
+                        ("progress", progress)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} is True or False, got {shown(value)}")
     if on_step is not None and not callable(on_step):
         raise TypeError(f"on_step must be a function called with each StepRecord, got "
                         f"{type(on_step).__name__} {shown(on_step)}: pass e.g. on_step=print")

@@ -392,6 +392,12 @@ def _step(model=None, batch="make", optimizer="make", meter=None, **kwargs):
     return run_step(model, optimizer, batch, meter, **kwargs)
 
 
+def _make_optimizer(*args, **kwargs):
+    from ckpt_course.step import make_optimizer
+
+    return make_optimizer(*args, **kwargs)
+
+
 def _deep_menu(depth):
     """A menu whose one checkpoint nests ``depth`` levels: 0..depth+1, 0..depth, ..., 0..1."""
     children = ()
@@ -404,7 +410,8 @@ def _train(**kwargs):
     from ckpt_course.train import train
 
     return train(kwargs.pop("model", None) or _gpt(), steps=kwargs.pop("steps", 1),
-                 batch_size=kwargs.pop("batch_size", 2), progress=False, **kwargs)
+                 batch_size=kwargs.pop("batch_size", 2), progress=kwargs.pop("progress", False),
+                 **kwargs)
 
 
 def _compare(policies_, **kwargs):
@@ -597,6 +604,46 @@ API_17 = [
     (lambda: parse_budget(math.inf), ValueError, "or None for no budget"),
     (lambda: parse_budget(math.nan), ValueError, "or None for no budget"),
     (lambda: plan.make_plan(COSTS, 10**400), ValueError, "more bytes than any machine has"),
+    # more of the HF surface: handback, verify_handback, layer_tape, the wrapper
+    (lambda: hf.handback("full", 0), ValueError, "n must be >= 1"),
+    (lambda: hf.handback("full", "4"), TypeError, "n is a whole number"),
+    (lambda: hf.handback("segments:0-9", 4), ValueError, "name blocks below 4"),
+    (lambda: hf.handback("segments:1,3", 4, 5), ValueError, "'transformer.h' or 'model.layers'"),
+    (lambda: hf.handback("segments:1,3", 4, ""), ValueError, "as a path such as"),
+    (lambda: hf.handback("segments:1,3", 4, "model.layers[0]"), ValueError, "as a path such"),
+    (lambda: hf.handback("segments:0-1", 4, None, 5), TypeError, "costs must be a ChainCosts"),
+    (lambda: hf.verify_handback(hf.small_model(GPT2, 2)[0], "x"), TypeError, "and a Handback"),
+    (lambda: hf.verify_handback(_gpt(), hf.handback("full", 2)), TypeError,
+     "the HFCausalLM that build() made"),
+    (lambda: hf.layer_tape(GPT2, 0, 8), ValueError, "batch_size must be >= 1"),
+    (lambda: hf.layer_tape(GPT2, 1, 10**6), ValueError, "pass fake=True, or fewer"),
+    (lambda: hf.layer_tape("llama-3.1-70b", 1, 8), ValueError, "pass fake=True"),
+    (lambda: hf.layer_tape(GPT2, 1, 8, dtype="int8"), ValueError, "torch.bfloat16"),
+    (lambda: hf.find_decoder_layers(_gpt(), 5), TypeError, "dotted path of the block list"),
+    (lambda: hf.find_decoder_layers(_gpt(), "no.such"), ValueError, "has no submodule 'no.such'"),
+    (lambda: hf.HFCausalLM(5), TypeError, "build one with hf.build(config)"),
+    (lambda: hf.build(hf.small_config(hf.load_config(GPT2), 2), attn="bogus"), ValueError,
+     "attn is 'sdpa' or 'eager'"),
+    (lambda: hf.small_config(hf.load_config(GPT2), vocab=10**9), ValueError,
+     "use a smaller vocab"),
+    (lambda: hf.small_config(hf.load_config(GPT2), width=10**5), ValueError,
+     "use a smaller width"),
+    (lambda: hf.small_config(hf.load_config(GPT2), n_head=128), ValueError,
+     "use a smaller n_head"),
+    (lambda: hf.small_config(hf.load_config(GPT2), seq_len=10**6), ValueError,
+     "use a smaller seq_len"),
+    # more of run_step, train and the optimizer
+    (lambda: _step(step="x"), ValueError, "step must be a positive whole number"),
+    (lambda: _step(step=0), ValueError, "e.g. step=1"),
+    (lambda: _step(loss_fn="x"), TypeError, "loss_fn is a function of the batch"),
+    (lambda: _step(guard="x"), TypeError, "guard is True or False"),
+    (lambda: _step(count_batch=1), TypeError, "count_batch is True or False"),
+    (lambda: _train(count_recompute="x"), TypeError, "count_recompute is True or False"),
+    (lambda: _train(measure_memory="yes"), TypeError, "measure_memory is True or False"),
+    (lambda: _train(progress=None), TypeError, "progress is True or False"),
+    (lambda: _make_optimizer(None), TypeError, "pass e.g. make_optimizer(model)"),
+    (lambda: _make_optimizer(5), TypeError, "a model or its parameters"),
+    (lambda: _make_optimizer(_gpt(), lr="fast"), TypeError, "lr must be a number"),
     # the handed-back code's block list
     (lambda: hf.handback("segments:1,3", 4, layers=nn.Linear(2, 2)), ValueError,
      "no repeated decoder layers"),
