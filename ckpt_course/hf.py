@@ -457,8 +457,9 @@ def with_layers(config, n_layer: int):
 
     one = copy.deepcopy(load_config(config))
     one.num_hidden_layers = n_layer
-    if getattr(one, "layer_types", None):
-        one.layer_types = one.layer_types[:n_layer]
+    types = list(getattr(one, "layer_types", None) or [])
+    if types:  # cut, or grown by its last kind (a config that was cut before)
+        one.layer_types = (types + types[-1:] * n_layer)[:n_layer]
     return one
 
 
