@@ -30,9 +30,17 @@ from .models import GPTBlock, GPTConfig, Llama, LlamaBlock, LlamaConfig, TinyGPT
 from .policies import Offload, Policy, applied, parse_policy
 from .ranking import OpCost, format_ranking, rank_ops, selective_from_ranking  # noqa: F401
 from .recompute import measure_recompute
-from .step import StepRecord, batch_tokens, make_batch, make_optimizer, run_step
+from .step import (
+    StepRecord,
+    batch_tokens,
+    check_learning_rate,
+    check_seed,
+    make_batch,
+    make_optimizer,
+    run_step,
+)
 from .train import train
-from .units import MiB, fmt_bytes, fmt_flops
+from .units import MiB, check_positive_int, fmt_bytes, fmt_flops
 
 DEFAULT_POLICIES = ("none", "full", "every-2", "selective:save=mm,sdpa", "offload")
 
@@ -211,6 +219,16 @@ class Comparison:
 
 
 def _policies(policies) -> list[Policy]:
+    if isinstance(policies, (str, Policy)):  # a string is not a list of one-letter policies
+        example = [p.strip() for p in policies.split(",")] if isinstance(policies, str) else [
+            str(policies)]
+        raise TypeError(f"policies is a list of policies, not the {type(policies).__name__} "
+                        f"{str(policies)!r}: write {example!r}")
+    try:
+        policies = list(policies)
+    except TypeError:
+        raise TypeError(f"policies is a list such as ['none', 'full'], got "
+                        f"{type(policies).__name__}") from None
     parsed = [parse_policy(p) for p in policies]
     names = [str(p) for p in parsed]
     if not parsed:
@@ -229,8 +247,11 @@ def compare(model_or_config=None, policies=DEFAULT_POLICIES, steps: int = 6, bat
     (two, so the optimizer state made by the first step is in the second step's peak).
     """
     policies = _policies(policies)
-    if steps < 1 or memory_steps < 1:
-        raise ValueError(f"steps and memory_steps must be at least 1, got {steps}, {memory_steps}")
+    check_positive_int("steps", steps)
+    check_positive_int("memory_steps", memory_steps)
+    check_positive_int("batch_size", batch_size)
+    check_seed(seed)
+    check_learning_rate(lr)
     budget = None if budget is None else parse_budget(budget)
     base = make_model(model_or_config if model_or_config is not None else GPTConfig(), seed,
                       device)

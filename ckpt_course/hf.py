@@ -52,10 +52,11 @@ def config_names() -> list[str]:
 # The decoder-only architectures whose size fields are checked here (and tested: hf_configs/).
 SUPPORTED = ("gpt2", "llama", "mistral", "qwen2")
 
-# Bounds on a config's sizes, far above any published decoder (Llama 3.1 405B: 126 layers,
-# 16384 wide, 53248 MLP, a 128K vocabulary; Gemma 3: 262K): beyond them a value is a typo, and
-# an unbounded layer count would make the planner (one cost row per layer) run for hours.
-MAX_LAYERS = 1024
+# Bounds on a config's sizes, above any published decoder (Llama 3.1 405B: 126 layers, 16384
+# wide, 53248 MLP, a 128K vocabulary; Gemma 3: 262K): beyond them a value is a typo. The layer
+# bound also keeps the planner quick: its time grows with the square of the depth (on 2 busy
+# cores, 22 s at 128 layers, 90 s at 256), so 10^6 layers would run for days.
+MAX_LAYERS = 256
 MAX_WIDTH = 2**17  # hidden_size, intermediate_size (also at most 64 x hidden_size)
 MAX_VOCAB = 2**22
 MAX_POSITIONS = 2**25
@@ -97,15 +98,23 @@ def check_config(config, where: str | None = None) -> None:
     above (so no size makes a tool hang)."""
     where = where or (getattr(config, "name_or_path", "") or "config")
     check_model_type(getattr(config, "model_type", None), where)
-    cls = type(config)
+    _check_sizes(type(config), lambda name: (_json_key(type(config), name),
+                                             getattr(config, name, _ABSENT)), where)
+
+
+_ABSENT = object()
+
+
+def _check_sizes(cls, get, where: str) -> None:
+    """``check_config`` on what ``get(name)`` gives, (the key as written, its value): a config's,
+    or a config.json's with its class's defaults, so a file is checked before transformers
+    builds it."""
     values = {}
     for name in _SIZE_FIELDS:
-        if not hasattr(config, name):
+        written, value = get(name)
+        if value is _ABSENT or (value is None and name in _OPTIONAL):
             continue
-        value = getattr(config, name)
-        if value is None and name in _OPTIONAL:
-            continue
-        _check_whole(_json_key(cls, name), value, where)
+        _check_whole(written, value, where)
         values[name] = value
     key = lambda name: _json_key(cls, name)  # noqa: E731
     heads, hidden = values["num_attention_heads"], values["hidden_size"]
@@ -175,11 +184,15 @@ def load_config(name_or_path):
     kind = values.pop("model_type")
     check_model_type(kind, str(path))
     cls = CONFIG_MAPPING[kind]
-    for name in _SIZE_FIELDS:  # the types first: transformers' own errors span lines
-        key = _json_key(cls, name)
-        for written in {key, name} & values.keys():
-            if not (values[written] is None and name in _OPTIONAL):
-                _check_whole(written, values[written], str(path))
+    defaults = cls()
+
+    def get(name):  # as written in the file, else the class's default
+        for written in (_json_key(cls, name), name):
+            if written in values:
+                return written, values[written]
+        return _json_key(cls, name), getattr(defaults, name, _ABSENT)
+
+    _check_sizes(cls, get, str(path))  # before transformers, whose errors span lines
     from huggingface_hub.errors import StrictDataclassError
 
     try:
@@ -192,14 +205,21 @@ def load_config(name_or_path):
     return config
 
 
+SMALL_MAX_WIDTH, SMALL_MAX_VOCAB = 2048, 2**16  # a small instance is built with real weights
+
+
 def small_config(config, n_layer: int = 4, width: int = 64, n_head: int = 4, vocab: int = 256,
                  seq_len: int = 128):
     """The same architecture, small enough to run for real: ``n_layer`` layers, ``width`` wide,
     the same query/key-value head ratio (grouped-query attention stays grouped), the same MLP
     ratio, a ``vocab``-token vocabulary, ``seq_len`` positions and no dropout."""
-    for what, value in (("n_layer", n_layer), ("width", width), ("n_head", n_head),
-                        ("vocab", vocab), ("seq_len", seq_len)):
+    for what, value, most in (("n_layer", n_layer, MAX_LAYERS), ("width", width, SMALL_MAX_WIDTH),
+                              ("n_head", n_head, width), ("vocab", vocab, SMALL_MAX_VOCAB),
+                              ("seq_len", seq_len, SMALL_MAX_TOKENS)):
         check_positive_int(what, value)
+        if value > most:
+            raise ValueError(f"{what} {value:,} is more than a small instance runs for real (at "
+                             f"most {most:,}): use a smaller {what}")
     if width % n_head:
         raise ValueError(f"width ({width}) must be a multiple of n_head ({n_head})")
     small = config.__class__(**config.to_diff_dict())
@@ -265,7 +285,14 @@ def find_decoder_layers(model: nn.Module, path: str | None = None) -> nn.ModuleL
     if given; else the one whose items are transformers ``GradientCheckpointingLayer``s (every
     HF decoder); else the longest ``ModuleList`` of modules all of one type."""
     if path is not None:
-        found = model.get_submodule(path) if path else model
+        if not isinstance(path, str):
+            raise TypeError(f"layers is the dotted path of the block list, such as "
+                            f"'model.layers', got {type(path).__name__} {path!r}")
+        try:
+            found = model.get_submodule(path) if path else model
+        except AttributeError:
+            raise ValueError(f"{type(model).__name__} has no submodule {path!r}: name the list "
+                             f"of its repeated blocks, e.g. 'model.layers'") from None
         if not isinstance(found, nn.ModuleList) or len(found) == 0:
             raise ValueError(f"{path!r} in {type(model).__name__} is not a non-empty "
                              f"nn.ModuleList: name the list of its repeated blocks")
@@ -313,6 +340,9 @@ class HFCausalLM(nn.Module):
     with the course protocol. ``layers``: the path of its block list if not found by itself."""
 
     def __init__(self, lm: nn.Module, layers: str | None = None, seq_len: int | None = None):
+        if not isinstance(lm, nn.Module):
+            raise TypeError(f"HFCausalLM wraps an nn.Module (a transformers ...ForCausalLM), got "
+                            f"{type(lm).__name__}: build one with hf.build(config)")
         super().__init__()
         self.lm = lm
         config = getattr(lm, "config", None)
@@ -375,6 +405,9 @@ def build(config, layers: str | None = None, seed: int = 0, attn: str = "sdpa") 
     from transformers import AutoModelForCausalLM
 
     config = load_config(config)
+    if attn not in ("sdpa", "eager"):
+        raise ValueError(f"attn is 'sdpa' or 'eager' (the attention the course measures), got "
+                         f"{attn!r}")
     config._attn_implementation = attn
     check_causal_lm(config)
     with torch.random.fork_rng(devices=[]):
@@ -392,6 +425,11 @@ def check_causal_lm(config) -> None:
     assert config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # every SUPPORTED one is
 
 
+# The small instance runs for real: about 8 KiB and 0.5 ms per token and layer on a laptop CPU,
+# so 64K tokens take some GiB and seconds per step; more would look like a hang.
+SMALL_MAX_TOKENS = 2**16
+
+
 def small_model(config, n_layer: int | None = None, batch_size: int | None = None,
                 seq_len: int | None = None) -> tuple[HFCausalLM, int, int]:
     """The small real instance of ``config`` (``small_config``) for the doctor and lessons, with
@@ -403,6 +441,13 @@ def small_model(config, n_layer: int | None = None, batch_size: int | None = Non
     if seq > longest(config):
         raise ValueError(f"--seq {seq} is longer than {config.name_or_path} allows "
                          f"({longest(config)} positions): use --seq {longest(config)} or less")
+    if n_layer > MAX_LAYERS:
+        raise ValueError(f"--layers {n_layer} is more than this course runs (at most "
+                         f"{MAX_LAYERS}): use fewer layers, e.g. --layers 8")
+    if batch_size * seq > SMALL_MAX_TOKENS:
+        raise ValueError(f"--batch {batch_size} x --seq {seq} is {batch_size * seq:,} tokens, more "
+                         f"than the small instance runs for real (at most {SMALL_MAX_TOKENS:,}): "
+                         f"use a smaller batch or sequence")
     return build(small_config(config, n_layer, seq_len=seq)), batch_size, seq
 
 
@@ -412,8 +457,9 @@ def with_layers(config, n_layer: int):
 
     one = copy.deepcopy(load_config(config))
     one.num_hidden_layers = n_layer
-    if getattr(one, "layer_types", None):
-        one.layer_types = one.layer_types[:n_layer]
+    types = list(getattr(one, "layer_types", None) or [])
+    if types:  # cut, or grown by its last kind (a config that was cut before)
+        one.layer_types = (types + types[-1:] * n_layer)[:n_layer]
     return one
 
 
@@ -431,6 +477,20 @@ def parameter_count(config) -> int:
 
 
 # ---------------------------------------------------------------- full size, on fake tensors
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+          "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+
+
+def as_dtype(dtype) -> torch.dtype:
+    """A floating-point torch dtype, or its name as the command line writes it ("bf16")."""
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    raise ValueError(f"dtype {dtype!r} is not one the planner models: use torch.bfloat16, "
+                     f"torch.float16 or torch.float32 (or 'bf16', 'fp16', 'fp32')")
+
+
 def hf_config_costs(config, batch_size: int, seq_len: int, dtype: torch.dtype = torch.bfloat16,
                     master_weights: bool = False):
     """``costs.config_costs`` for a transformers config: a one-layer model of it built on fake
@@ -446,6 +506,9 @@ def hf_config_costs(config, batch_size: int, seq_len: int, dtype: torch.dtype = 
     config = load_config(config)
     check_positive_int("batch_size", batch_size)
     check_positive_int("seq_len", seq_len)
+    dtype = as_dtype(dtype)
+    if not isinstance(master_weights, bool):
+        raise TypeError(f"master_weights is True or False, got {master_weights!r}")
     if seq_len > longest(config):
         raise ValueError(f"seq_len {seq_len} is longer than {config.name_or_path} allows "
                          f"({longest(config)} positions): use seq_len <= {longest(config)}")
@@ -518,6 +581,21 @@ def layers_path(model_or_config) -> str:
         return _layers_path(build(with_layers(model_or_config, 1)))
 
 
+def _check_layers(layers):
+    """``handback``'s ``layers``: None, a dotted attribute path, a model or a config."""
+    import re
+
+    from transformers import PretrainedConfig
+
+    if layers is None or isinstance(layers, (nn.Module, PretrainedConfig)):
+        return layers
+    if not isinstance(layers, str) or not re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*", layers):
+        raise ValueError(f"layers is where the decoder layers sit, as a path such as "
+                         f"'transformer.h' or 'model.layers', the model or its config; got "
+                         f"{layers!r}")
+    return layers
+
+
 # the layers of any transformers decoder, in order, when the caller does not say where they sit
 _ANY_DECODER = ("from transformers.modeling_layers import GradientCheckpointingLayer\n"
                 "layers = [m for m in model.modules() if isinstance(m, "
@@ -536,18 +614,35 @@ def handback(placement, n: int, layers=None, costs=None) -> Handback:
     - other single blocks: ``apply_activation_checkpointing(model, check_fn=...)`` on them;
     - a segment of several blocks is one checkpoint around several layers, which neither can
       express: given ``costs``, the cheapest expressible placement that peaks no higher is
-      handed back instead (else each block of the segment alone), with a note."""
+      handed back instead (else each block of the segment alone), with a note;
+    - a block under a menu option (selective, offload) is checkpointed whole, with a note:
+      per-layer checkpointing in transformers has no such option."""
     from .plan import Placement, as_placement, predict  # noqa: F401
 
+    check_positive_int("n", n)
+    layers = _check_layers(layers)
     placement = as_placement(n, placement)
     blocks = _single_blocks(placement)
-    note = ""
+    options = sorted({kind for _, _, kind in placement if isinstance(kind, str)})
+    note = ("" if not options else
+            f"# transformers checkpoints whole layers only: the plan's {', '.join(options)} "
+            "layers are checkpointed whole here (less kept, more recomputed)")
     if blocks is None:
         want = predict(costs, placement) if costs is not None else None
         blocks = _closest_expressible(placement, n, costs, want)
-        note = ("# the plan checkpoints several layers as one segment, which per-layer "
-                "checkpointing cannot express;\n# this applies the cheapest per-layer placement "
-                "that peaks no higher" + ("" if costs is not None else " (each layer alone)"))
+        segment = ("# the plan checkpoints several layers as one segment, which per-layer "
+                   "checkpointing cannot express;\n# this applies the cheapest per-layer placement "
+                   "that peaks no higher" + ("" if costs is not None else " (each layer alone)"))
+        if costs is not None and predict(costs, _each_alone(n, blocks)).peak_bytes > \
+                want.peak_bytes:
+            from .units import fmt_bytes
+
+            got = predict(costs, _each_alone(n, blocks)).peak_bytes
+            segment = ("# the plan checkpoints several layers as one segment, which per-layer "
+                       "checkpointing cannot express,\n# and no per-layer placement peaks as low "
+                       f"({fmt_bytes(want.peak_bytes)}): this checkpoints every layer, peak "
+                       f"{fmt_bytes(got)}")
+        note = "\n".join(filter(None, (note, segment)))
     if not blocks:
         code = "# nothing to checkpoint: train as is\nmodel.activation_checkpointing_disable()"
         return Handback(placement, _each_alone(n, ()), code, "none", note)
@@ -558,7 +653,7 @@ def handback(placement, n: int, layers=None, costs=None) -> Handback:
                 f"every_n_layers={k})")
         return Handback(placement, _each_alone(n, blocks), code, "transformers", note)
     if layers is not None and not isinstance(layers, str):
-        layers = layers_path(layers)
+        layers = layers_path(layers)  # found once: the same for every placement
     code = ("from functools import partial\n"
             "from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (\n"
             "    CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)\n"
@@ -597,6 +692,10 @@ def verify_handback(model: HFCausalLM, handback_: Handback, batch_size: int = 2,
     from .costs import measure_costs
     from .plan import measure_peaks, predict
 
+    if not isinstance(model, HFCausalLM) or not isinstance(handback_, Handback):
+        raise TypeError("verify_handback(model, handback(...)) takes the HFCausalLM that build() "
+                        f"made and a Handback; got {type(model).__name__}, "
+                        f"{type(handback_).__name__}")
     costs = measure_costs(model, batch_size, seq_len)
     predicted = predict(costs, handback_.expressed).peak_bytes
     fresh = copy.deepcopy(model)
@@ -662,6 +761,9 @@ def formula_terms(tape, config, batch_size: int, seq_len: int) -> list[Term]:
                  tuple(f"{e.module}: {e.label}" for e in rows[name])) for name, k, per in PAPER]
 
 
+REAL_LAYER_BYTES = 2 * 2**30  # a real one-layer model above this: use fake tensors
+
+
 def layer_tape(config, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32,
                fake: bool = False):
     """The tape of the first decoder layer of ``config`` on ``batch_size`` x ``seq_len`` tokens:
@@ -669,9 +771,20 @@ def layer_tape(config, batch_size: int, seq_len: int, dtype: torch.dtype = torch
     from . import estimate
     from .tape import record_tape
 
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("seq_len", seq_len)
+    dtype = as_dtype(dtype)
     one = with_layers(config, 1)
     if longest(one) < seq_len:
         _set_positions(one, seq_len)
+    if not fake:  # built and run for real: bounded like the small instance
+        if batch_size * seq_len > SMALL_MAX_TOKENS:
+            raise ValueError(f"{batch_size} x {seq_len} tokens is more than a real run here "
+                             f"takes (at most {SMALL_MAX_TOKENS:,}): pass fake=True, or fewer")
+        if parameter_count(one) * dtype.itemsize > REAL_LAYER_BYTES:
+            raise ValueError(f"one layer of {one.name_or_path or one.model_type} with its "
+                             f"embeddings is over {REAL_LAYER_BYTES // 2**30} GiB of weights: pass "
+                             f"fake=True (nothing allocated), or a small_config")
     old = torch.get_default_dtype()
     with estimate._fake(dtype) if fake else nullcontext(), torch.random.fork_rng(devices=[]):
         torch.set_default_dtype(dtype)

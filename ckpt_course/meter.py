@@ -93,6 +93,9 @@ def parse_budget(budget) -> float:
         budget = float(match[1]) * _UNITS[match[2] or ""]
     elif isinstance(budget, bool) or not isinstance(budget, numbers.Real):
         raise TypeError(f"budget must be {hint}; got {type(budget).__name__} {budget!r}")
+    elif isinstance(budget, numbers.Integral) and abs(budget) >= 2**64:  # beyond float, repr
+        raise ValueError(f"budget must be {hint}; got a {int(budget).bit_length()}-bit number, "
+                         f"more bytes than any machine has")
     if not (math.isfinite(budget) and budget > 0):
         raise ValueError(f"budget must be {hint} (or None for no budget); got {budget!r}")
     return int(budget) if float(budget).is_integer() else budget

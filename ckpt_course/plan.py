@@ -338,7 +338,7 @@ class Prediction:
 
 def predict(costs: ChainCosts, placement) -> Prediction:
     """The memory model for one placement (or policy): peak live bytes, where, recompute."""
-    placement = as_placement(costs.n, placement)
+    placement = as_placement(check_costs(costs).n, placement)
     folded = _folded(costs)
     if folded is not None:  # blocks that return their input: predicted on the chain without
         short, real = folded
@@ -478,7 +478,7 @@ def optimal(costs: ChainCosts, budget, objective=None) -> Prediction | None:
     cost; asking it again just under the peak it found, until the cost goes up, gives the lowest
     peak at that cost (the DP's states know kept bytes, not the peak so far, so it cannot break
     the tie itself)."""
-    return _optimal(costs, parse_budget(budget), objective)
+    return _optimal(check_costs(costs), parse_budget(budget), objective)
 
 
 def _optimal(costs: ChainCosts, budget: float, objective=None) -> Prediction | None:
@@ -732,9 +732,19 @@ class Plan:
     __str__ = report
 
 
+def check_costs(costs) -> ChainCosts:
+    """The planner's input: a ``ChainCosts``, with a one-line error naming where one comes from."""
+    if not isinstance(costs, ChainCosts):
+        raise TypeError(f"costs must be a ChainCosts, from measure_costs(model, batch_size), "
+                        f"config_costs('7b', 1, 4096) or hf.hf_config_costs(config, 1, 4096); "
+                        f"got {type(costs).__name__}")
+    return costs
+
+
 def make_plan(costs: ChainCosts, budget, objective=None) -> Plan:
     """The optimal placement under ``budget`` (least ``objective``: see ``objective_fn``) and
     the usual policies' predictions, each menu option everywhere among them."""
+    check_costs(costs)
     budget = parse_budget(budget)
     n = costs.n
     alternatives = {"none": predict(costs, "none"), "full": predict(costs, "full")}
@@ -808,6 +818,7 @@ def nested_optimal(costs: ChainCosts, budget: int) -> NestedPrediction | None:
     """The nested tree with the fewest recomputed FLOPs whose stored block inputs never exceed
     ``budget`` bytes (Griewank's model above); None if even one input at a time is too much.
     Exact: equals Griewank's binomial optimum on uniform chains and brute force on small ones."""
+    check_costs(costs)
     budget = parse_budget(budget)
     x = [_boundary_bytes(costs, k) for k in range(costs.n)] if costs.n else []
 

@@ -66,7 +66,7 @@ from torch.utils.checkpoint import (
     noop_context_fn,
 )
 
-from .units import fmt_bytes
+from .units import fmt_bytes, shown
 
 ACCEPTED = ("none, full, every-K (K >= 1), sqrt, segments:a-b,c (inclusive block numbers), "
             "selective:save=OPS, selective:recompute=OPS, attn-core, offload, "
@@ -498,6 +498,14 @@ class Nested(Policy):
 
     children: tuple[Nest, ...] = ()
 
+    def __post_init__(self):
+        _check_children(0, math.inf, self.children)
+
+    def segment_policies(self, n_blocks: int) -> list[tuple[range, Policy]]:
+        raise ValueError(f"{self} is a nested checkpoint, which runs only inside a menu: write "
+                         f"'menu:0-{n_blocks - 1}=full(0-1)', or Menu(((0, {n_blocks}, 'full', "
+                         f"((0, 2, ()),)),))")
+
     def __str__(self):
         return "full" + _children_text(self.children)
 
@@ -583,14 +591,31 @@ def _block_number(k) -> int:
     return k
 
 
-def _check_children(a: int, b: int, children) -> None:
+MAX_NESTING = 32  # levels of nested checkpoints (Griewank's optimum for n blocks is ~log2 n)
+MAX_BLOCK = 100_000  # block numbers: no model has this many blocks ('0..10**9' would never end)
+
+
+def _check_children(a: int, b, children, depth: int = 1) -> None:
+    """Nested segments: (start, stop, children) tuples of whole numbers inside a..b-1, smaller,
+    ordered, disjoint, at most ``MAX_NESTING`` levels deep."""
+    if depth > MAX_NESTING:
+        raise ValueError(f"nested checkpoints go at most {MAX_NESTING} levels deep: nest less")
+    if not isinstance(children, (tuple, list)):
+        raise ValueError(f"nested segments are a tuple of (start, stop, children) tuples such "
+                         f"as ((0, 2, ()),), got {children!r}")
     previous = a
     for c in children:
+        if (not isinstance(c, (tuple, list)) or len(c) != 3 or any(
+                isinstance(k, bool) or not isinstance(k, int) for k in c[:2])):
+            raise ValueError(f"a nested segment is (start, stop, children) with whole block "
+                             f"numbers, such as (0, 2, ()); got {c!r}")
         ca, cb, grand = c
         if not previous <= ca < cb <= b or (ca, cb) == (a, b):
-            raise ValueError(f"nested segments must lie inside {_span(a, b)}, be smaller, ordered "
-                             f"and not overlap; got {_span(ca, cb)}")
-        _check_children(ca, cb, grand)
+            inside = ("start at block 0 or later" if b == math.inf
+                      else f"lie inside {_span(a, b)}, be smaller")
+            raise ValueError(f"nested segments must {inside}, ordered and not overlap; got "
+                             f"{_span(ca, cb)}")
+        _check_children(ca, cb, grand, depth + 1)
         previous = cb
 
 
@@ -609,15 +634,38 @@ def _split_top(text: str) -> list[str]:
     return [*parts, text[start:]]
 
 
+def _is_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes '²', which int() refuses."""
+    text = text.strip()
+    return text.isascii() and text.isdigit()
+
+
+def _block_span(first: str, last: str, text: str) -> tuple[int, int]:
+    a, b = int(first), int(last or first) + 1
+    if b > MAX_BLOCK:
+        raise ValueError(f"block {b - 1} in {text!r} is beyond any model (at most "
+                         f"{MAX_BLOCK - 1}): name the model's blocks")
+    return a, b
+
+
 def _parse_span(text: str) -> tuple[int, int, bool]:
     each = ".." in text
     first, _, last = text.partition(".." if each else "-")
-    if not first.strip().isdigit() or (last and not last.strip().isdigit()):
+    if not _is_number(first) or (last and not _is_number(last)):
         raise ValueError(f"write inclusive block numbers 'a-b' or 'a..b', not {text!r}")
-    a, b = int(first), int(last or first) + 1
+    a, b = _block_span(first, last, text)
     if b <= a:
         raise ValueError(f"in {text!r} write the first block first")
     return a, b, each
+
+
+def _depth(text: str) -> int:
+    """The deepest parenthesis level of ``text``, counted without recursion."""
+    depth = deepest = 0
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def _parse_children(text: str) -> tuple:
@@ -646,7 +694,12 @@ def _parse_menu(spec: str, body: str) -> Menu:
         return Menu()
     pieces = []
     try:
+        if _depth(body) > MAX_NESTING:
+            raise ValueError(f"nested checkpoints go at most {MAX_NESTING} levels deep")
         for piece in _split_top(body):  # a piece without 'N=' continues an op list: mm,sdpa
+            if not piece.strip():
+                raise ValueError("an empty item (two commas in a row, or a comma at an end): "
+                                 "remove the extra comma")
             if re.match(r"\s*\d+\s*((-|\.\.)\s*\d+\s*)?=", piece) or not pieces:
                 pieces.append(piece)
             else:
@@ -669,7 +722,7 @@ def _parse_menu(spec: str, body: str) -> Menu:
                 items += [(k, k + 1, option, ()) for k in range(a, b)]
         return Menu(tuple(items))
     except ValueError as error:
-        raise ValueError(f"bad policy {spec!r}: {error}; {fix}") from None
+        raise ValueError(f"bad policy {shown(spec)}: {error}; {fix}") from None
 
 
 # ---------------------------------------------------------------- parsing
@@ -689,7 +742,7 @@ def parse_policy(spec) -> Policy:
         return _SIMPLE[s]
     if s.startswith("every-"):
         k = s.removeprefix("every-")
-        if not k.isdigit() or int(k) < 1:
+        if not _is_number(k) or int(k) < 1:
             raise ValueError(f"bad policy {spec!r}: K in every-K must be an integer >= 1; "
                              f"accepted: {ACCEPTED}")
         return EveryK(int(k))
@@ -718,10 +771,13 @@ def _parse_segments(spec: str, body: str) -> Segments:
             continue
         each = ".." in part
         first, _, last = part.partition(".." if each else "-")
-        if not first.strip().isdigit() or (last and not last.strip().isdigit()):
+        if not _is_number(first) or (last and not _is_number(last)):
             raise ValueError(f"bad policy {spec!r}: write inclusive block numbers, 'a-b' for one "
                              f"segment, 'a..b' for each block alone: 'segments:0-2,5..7'")
-        a, b = int(first), int(last or first) + 1
+        try:
+            a, b = _block_span(first, last, part)
+        except ValueError as error:
+            raise ValueError(f"bad policy {spec!r}: {error}") from None
         if b <= a:
             raise ValueError(f"bad policy {spec!r}: in 'a-b' write the first block first")
         ranges += [(k, k + 1) for k in range(a, b)] if each else [(a, b)]

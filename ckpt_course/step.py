@@ -14,13 +14,14 @@ benchmarks all run their steps through ``run_step``, so they agree on what a ste
 - it returns one ``StepRecord``.
 
 An out-of-memory error in any phase leaves the model as it was before the step, so a learner can
-change the policy and retry: gradients are cleared, optimizer state that the step created (AdamW
-makes its state in the first ``optimizer.step()``) is removed, the global RNG state is put back,
-and when the optimizer step can run out of memory (a meter with a budget, or ``guard=True``) the
-parameters and the optimizer state are copied before it and copied back. torch's AdamW updates
-them in place one tensor after another, so an error half-way would leave some updated and some
-not: there is no cheaper undo. The copy is outside the meter (it is the runner's, not the
-model's) and costs one copy of parameters and state per step under a budget; none without one.
+change the policy and retry: the gradients the model held before the step are put back,
+optimizer state that the step created (AdamW makes its state in the first ``optimizer.step()``)
+is removed, the global RNG state is put back, and the parameters and the optimizer state are
+copied before the optimizer step and copied back. torch's AdamW updates them in place one
+tensor after another, so an error half-way (the meter's budget, or the allocator's own
+out-of-memory error, the real case on a GPU) would leave some updated and some not: there is no
+cheaper undo. The copies are the runner's, not the model's: outside the meter, and their time
+is left out of the step's time. ``guard=False`` skips them (and the undo of the optimizer step).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import contextlib
 import copy
 import math
 import numbers
+import os
 import time
 from dataclasses import dataclass, field, fields
 
@@ -38,23 +40,67 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from .meter import MemoryMeter
 from .models import longest_sequence
-from .units import fmt_bytes
+from .units import fmt_bytes, shown
 
 PHASES = ("forward", "backward", "optimizer")
+CPU_OUT_OF_MEMORY = "can't allocate memory"  # what torch's CPU allocator says when malloc fails
 
 
 # ---------------------------------------------------------------- what a step is made of
 def make_optimizer(model_or_params, lr: float = 1e-3) -> torch.optim.AdamW:
     """The course's optimizer: AdamW (torch's defaults otherwise)."""
-    params = (model_or_params.parameters() if isinstance(model_or_params, nn.Module)
-              else model_or_params)
+    check_learning_rate(lr)
+    if isinstance(model_or_params, nn.Module):
+        params = list(model_or_params.parameters())
+    elif isinstance(model_or_params, (list, tuple)) or hasattr(model_or_params, "__next__"):
+        params = list(model_or_params)
+    else:
+        raise TypeError(f"make_optimizer takes a model or its parameters, got "
+                        f"{type(model_or_params).__name__}: pass e.g. make_optimizer(model)")
     return torch.optim.AdamW(params, lr=lr)
 
 
 def _positive_int(name: str, value, example: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive whole number, e.g. {name}={example}; "
-                         f"got {value!r}")
+                         f"got {shown(value)}")
+
+
+def check_learning_rate(lr) -> float:
+    """AdamW's learning rate: a finite number >= 0 (inf or nan would make every weight nan)."""
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise TypeError(f"lr must be a number such as 1e-3, got {type(lr).__name__} {shown(lr)}")
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"lr must be a finite number >= 0, got {shown(lr)}: use e.g. lr=1e-3")
+    return lr
+
+
+def check_seed(seed) -> int:
+    """A seed for torch.manual_seed: a whole number in 0 .. 2**63 - 1."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be a whole number such as 0, got {type(seed).__name__} "
+                        f"{seed!r}")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in 0 .. 2**63 - 1, got {shown(seed)}: use e.g. seed=0")
+    return seed
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on this system: no bound
+        return 2**63
+
+
+def _check_batch_fits(model, batch_size: int, seq_len) -> None:
+    """A batch larger than this machine's memory is refused before it is made (making it
+    would fail in the allocator, or swap): one sample's bytes times ``batch_size``."""
+    sample = make_batch(model, 1, seq_len)
+    need = batch_size * sum(t.nbytes for t in sample if isinstance(t, torch.Tensor))
+    if need > _physical_memory():
+        raise ValueError(f"batch_size {batch_size} needs {fmt_bytes(need)} for the batch alone, "
+                         f"more than this machine's memory ({fmt_bytes(_physical_memory())}): "
+                         f"use a smaller batch_size")
 
 
 def check_run(model, batch_size=None, steps=None, seq_len=None, micro_batches: int = 1,
@@ -67,6 +113,10 @@ def check_run(model, batch_size=None, steps=None, seq_len=None, micro_batches: i
                          "course model with `.blocks` (an nn.ModuleList), `.example_batch("
                          "batch_size, seq_len, generator)` and `.loss(batch)`; see "
                          "ckpt_course.models")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"every parameter of {type(model).__name__} is frozen (requires_grad="
+                         "False), so there is nothing to train or checkpoint: unfreeze some, "
+                         "e.g. model.requires_grad_(True)")
     if batch_size is not None:
         _positive_int("batch_size", batch_size, 8)
     if steps is not None:
@@ -85,6 +135,8 @@ def check_run(model, batch_size=None, steps=None, seq_len=None, micro_batches: i
             raise ValueError(f"seq_len {seq_len} is longer than the model supports ("
                              f"{type(model.cfg).__name__}.seq_len={longest}): use seq_len <= "
                              f"{longest}, or build the model with a larger seq_len")
+    if batch_size is not None:
+        _check_batch_fits(model, batch_size, seq_len)
     if device is None:
         return next(model.parameters()).device
     try:
@@ -199,25 +251,41 @@ class StepRecord:
 
 
 class _Undo:
-    """What a step changes, kept so that an out-of-memory error can put it back."""
+    """What a step changes, kept so that an out-of-memory error can put it back. With
+    ``guard``, the gradients held before the step are copied (the step clears them), and
+    ``copy_values`` copies parameters and optimizer state; ``seconds`` is the copies' time."""
 
-    def __init__(self, model, optimizer, device):
+    def __init__(self, model, optimizer, device, guard: bool):
         self.model, self.optimizer = model, optimizer
         self.rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         self.had_state = set(optimizer.state) if optimizer is not None else set()
         self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.seconds = 0.0
+        self.grads = {}
+        if guard:
+            start = time.perf_counter()
+            with _disable_current_modes(), torch.no_grad():
+                self.grads = {p: p.grad.to("cpu", copy=True) for p in model.parameters()
+                              if p.grad is not None}
+            self.seconds += time.perf_counter() - start
 
     def copy_values(self) -> None:
         """Copy what the optimizer step updates in place: parameters and optimizer state."""
+        start = time.perf_counter()
         tensors = [p for group in self.optimizer.param_groups for p in group["params"]]
         tensors += [v for s in self.optimizer.state.values() for v in s.values()
                     if isinstance(v, torch.Tensor)]
         with _disable_current_modes(), torch.no_grad():
             self.copies = [(t, t.to("cpu", copy=True)) for t in tensors]
+        self.seconds += time.perf_counter() - start
 
     def restore(self) -> None:
         self.model.zero_grad(set_to_none=True)
+        with _disable_current_modes(), torch.no_grad():  # the gradients as they were
+            for p, grad in self.grads.items():
+                p.grad = grad.to(p.device)
+        self.grads = {}
         if self.optimizer is not None:
             for p in [p for p in self.optimizer.state if p not in self.had_state]:
                 del self.optimizer.state[p]  # half-made state: AdamW would skip making it again
@@ -228,6 +296,60 @@ class _Undo:
         torch.set_rng_state(self.rng)
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state(self.cuda_rng)
+
+
+def check_batch(batch) -> list:
+    """The micro-batches of ``batch`` as a new list (a tuple of tensors is one), each a
+    non-empty tuple whose first tensor holds at least one sample; else a one-line error."""
+    hint = "give a tuple (inputs, targets) such as make_batch(model, 8), or a list of them"
+    if isinstance(batch, list):
+        if not batch:
+            raise ValueError(f"batch is an empty list of micro-batches: {hint}")
+        parts = list(batch)
+    elif isinstance(batch, tuple):
+        parts = [batch]
+    else:
+        raise TypeError(f"batch must be a tuple of tensors, got {type(batch).__name__}: {hint}")
+    for part in parts:
+        if not isinstance(part, (tuple, list)) or not part:
+            raise ValueError(f"batch holds {part!r}, not a tuple of tensors: {hint}")
+        first = part[0]
+        if not isinstance(first, torch.Tensor) or first.dim() == 0 or len(first) == 0:
+            raise ValueError(f"a batch's first tensor must hold at least one sample, got "
+                             f"{type(first).__name__} of shape "
+                             f"{tuple(getattr(first, 'shape', ()))}: {hint}")
+    return parts
+
+
+def _spare(batch: list, undo) -> list:
+    """Copies of the micro-batches, made outside any meter (the runner's, timed as undo's)."""
+    start = time.perf_counter()
+    with _disable_current_modes():
+        spare = [tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in part)
+                 for part in batch]
+    undo.seconds += time.perf_counter() - start
+    return spare
+
+
+def _check_step_options(loss_fn, count_batch, guard, step) -> None:
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn is a function of the batch, or None for model.loss; got "
+                        f"{shown(loss_fn)}")
+    for name, value in (("count_batch", count_batch), ("guard", guard)):
+        if not isinstance(value, bool) and not (name == "guard" and value is None):
+            raise TypeError(f"{name} is True or False, got {shown(value)}")
+    _positive_int("step", step, 1)
+
+
+def _check_entered(meter) -> None:
+    """A meter measures only while entered: outside ``with meter:`` it would see nothing (peak
+    0 B) and enforce no budget."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    if not any(mode is meter for mode in _get_current_dispatch_mode_stack()):
+        raise ValueError("the meter is not entered, so it would measure nothing and enforce no "
+                         "budget: run the step inside `with meter:` (after meter.track(model, "
+                         "optimizer)), or pass meter=None")
 
 
 def _sync(device: torch.device) -> None:
@@ -244,23 +366,34 @@ def run_step(model, optimizer, batch, meter: MemoryMeter | None = None, *, loss_
              policy: str = "") -> StepRecord:
     """One step: forward and backward of ``loss_fn(batch)`` (default ``model.loss``), then
     ``optimizer.step()`` (skipped when ``optimizer`` is None). ``batch`` is a tuple of tensors,
-    or a list of them: micro-batches whose gradients add up before one optimizer step. The list
-    is emptied as it runs, each micro-batch dropped after its backward, so that its memory goes
-    (an op that returns a view of a batch tensor makes the meter count it).
+    or a list of them: micro-batches whose gradients add up before one optimizer step. The
+    list is emptied as it runs, each micro-batch dropped after its backward, so that its memory
+    goes (an op that returns a view of a batch tensor makes the meter count it), and refilled
+    at the end with copies made outside the meter: the caller's list holds the same samples
+    after the step, so a retry after an out-of-memory error gets every one.
 
     Under a ``meter`` (entered and tracking the model by the caller) each phase labels what it
     allocates, the step starts a fresh peak, and ``count_batch`` says whether the batch is in
-    the baseline. ``guard`` (default: the meter has a budget) copies parameters and optimizer
-    state before the optimizer step so an out-of-memory error there can undo it (module doc).
-    Raises ``torch.OutOfMemoryError`` with ``.phase`` and ``.micro_batch`` (1, 2, ...; 0 in the
-    optimizer step) set, the model as it was before the step."""
-    parts = batch if isinstance(batch, list) else [batch]  # a list is consumed (see below)
+    the baseline. ``guard`` (default True) copies the gradients held before the step, and the
+    parameters and optimizer state before the optimizer step, so that an out-of-memory error
+    anywhere can undo the step (module doc). Raises ``torch.OutOfMemoryError`` with ``.phase``
+    and ``.micro_batch`` (1, 2, ...; 0 in the optimizer step) set, the model as it was before
+    the step; the CPU allocator's own failure (a ``RuntimeError``) is raised as one too."""
+    parts = check_batch(batch)
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch optimizer such as make_optimizer(model), or "
+                        f"None for no optimizer step; got {type(optimizer).__name__} "
+                        f"{shown(optimizer)}")
+    if meter is not None:
+        _check_entered(meter)
+    _check_step_options(loss_fn, count_batch, guard, step)
     device = next(model.parameters()).device
-    if guard is None:
-        guard = meter is not None and meter.budget is not None
+    guard = True if guard is None else guard
     _sync(device)
     start = time.perf_counter()
-    undo = _Undo(model, optimizer, device)
+    undo = _Undo(model, optimizer, device, guard)
+    if isinstance(batch, list):  # consumed below; the spare refills it
+        spare, parts = _spare(batch, undo), batch
     model.zero_grad(set_to_none=True)
     record = StepRecord(step=step, policy=str(policy), tokens=batch_tokens(parts),
                         batch_size=sum(len(p[0]) for p in parts))
@@ -280,13 +413,22 @@ def run_step(model, optimizer, batch, meter: MemoryMeter | None = None, *, loss_
                     record, where)
     except torch.OutOfMemoryError as error:
         message = str(error)
+    except RuntimeError as error:  # the CPU allocator's out-of-memory is a RuntimeError
+        if CPU_OUT_OF_MEMORY not in str(error):
+            raise
+        message = str(error).strip().splitlines()[0]
+    if isinstance(batch, list):
+        batch[:] = spare
     if message is not None:  # raised outside the except block: no traceback keeps the tensors
         undo.restore()
         del undo
         error = torch.OutOfMemoryError(message)
         error.phase, error.micro_batch = where["phase"], where["micro_batch"]
         raise error
-    record.time_s = time.perf_counter() - start  # the phases are synchronized: all done
+    # the phases are synchronized: all done; the undo's copies are the runner's, not the step's
+    record.time_s = time.perf_counter() - start - undo.seconds
+    record.phase_s["optimizer"] = max(0.0, record.phase_s.get("optimizer", 0.0) - undo.seconds
+                                      ) if optimizer is not None else 0.0
     if meter is not None:
         record.peak_bytes, record.peak_breakdown = meter.peak_bytes, dict(meter.peak_breakdown)
         record.peak_phase, record.peak_op, record.meter = meter.peak_phase, meter.peak_op, meter

@@ -17,16 +17,20 @@ import torch
 from tqdm.auto import tqdm
 
 from .meter import MemoryMeter, parse_budget
-from .policies import applied, parse_policy
+from .policies import applied, apply_policy, parse_policy
 from .recompute import measure_recompute
 from .step import (
     StepRecord,
+    check_batch,
+    check_learning_rate,
     check_run,
+    check_seed,
     make_batch,
     make_optimizer,
     run_step,
     seeded,
 )
+from .units import shown
 
 __all__ = ["StepRecord", "check_gradients", "measure_step", "train"]
 
@@ -55,8 +59,21 @@ def train(
     ``predict`` says fits, fits. ``on_step(record)`` is called after each step (live plots)."""
     device = check_run(model, batch_size=batch_size, steps=steps, seq_len=seq_len, device=device)
     policy = parse_policy(policy)
+    check_learning_rate(lr)
+    check_seed(seed)
     if budget is not None:
         parse_budget(budget)  # fail before any work, with the accepted forms in the message
+        if not measure_memory:
+            raise ValueError("a budget is enforced by the memory meter: keep measure_memory=True "
+                             "with a budget, or drop the budget")
+    for name, value in (("measure_memory", measure_memory), ("count_recompute", count_recompute),
+                        ("progress", progress)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} is True or False, got {shown(value)}")
+    if on_step is not None and not callable(on_step):
+        raise TypeError(f"on_step must be a function called with each StepRecord, got "
+                        f"{type(on_step).__name__} {shown(on_step)}: pass e.g. on_step=print")
+    check_policy_fits(model, policy)
     model.to(device).train()
     generator = torch.Generator().manual_seed(seed)
     optimizer = make_optimizer(model, lr)
@@ -88,6 +105,12 @@ def train(
     return records
 
 
+def check_policy_fits(model, policy) -> None:
+    """Install ``policy`` on the model's blocks and remove it: a policy naming blocks the model
+    does not have fails here, in one line, before any work."""
+    apply_policy(model, policy).remove()
+
+
 def measure_step(
     model, policy="none", batch=None, batch_size=None, seq_len=None, seed=0, loss_fn=None
 ) -> StepRecord:
@@ -97,6 +120,10 @@ def measure_step(
     ``timeline``. Gradients are cleared before and after."""
     policy = parse_policy(policy)
     check_run(model, batch_size=batch_size, seq_len=seq_len)
+    check_seed(seed)
+    check_policy_fits(model, policy)
+    if batch is not None:
+        check_batch(tuple(batch) if isinstance(batch, (tuple, list)) else batch)
     if batch is None:
         batch = make_batch(model, batch_size, seq_len, torch.Generator().manual_seed(seed))
     meter = MemoryMeter(timeline=True)
@@ -138,6 +165,8 @@ def check_gradients(
     dropout included."""
     policy = parse_policy(policy)
     device = check_run(model, batch_size=batch_size, seq_len=seq_len)
+    check_seed(seed)
+    check_policy_fits(model, policy)
     model.train()
     batch = make_batch(model, batch_size, seq_len, torch.Generator().manual_seed(seed), device)
     reference = _gradients(model, batch, seed)

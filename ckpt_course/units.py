@@ -28,10 +28,21 @@ def fmt_flops(n: float) -> str:
     return f"{int(n)} FLOP"
 
 
+def shown(value) -> str:
+    """``repr(value)`` for a message: short (a 10**5000 is "a 16610-bit number", which repr
+    could not even print), at most 60 characters."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"a {value.bit_length()}-bit number"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def check_positive_int(name: str, value) -> int:
     """For the API: ``value`` must be a whole number >= 1 (not a bool, not a float)."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} is a whole number >= 1, got {value!r}: pass an int such as 8")
+        raise TypeError(f"{name} is a whole number >= 1, got {shown(value)}: pass an int such "
+                        f"as 8")
     if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}: pass a positive number such as 8")
+        raise ValueError(f"{name} must be >= 1, got {shown(value)}: pass a positive number such "
+                         f"as 8")
     return value

@@ -1,6 +1,8 @@
 """Bring your own model: shipped Hugging Face configs, built small for real and full size on fake
 tensors, under the course's planner; the plan handed back as transformers settings."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -158,3 +160,70 @@ def test_formula_terms_of_a_llama_layer_show_gqa_swiglu_and_rmsnorm():
     assert terms["activation function (GeLU input)"].measured == 3 * 4 * s * b * i  # SwiGLU
     assert terms["MLP second linear input"].measured == 4 * s * b * i
     assert terms["norm inputs"].measured == 2 * 2 * 4 * s * b * h  # input and normalised input
+
+
+# ---------------------------------------------------------------- the handed-back code, run
+# where each shipped model keeps its decoder layers (read off the transformers source)
+LAYERS = {"gpt2": "transformer.h", "llama-3.2-1b": "model.layers", "llama-3.1-8b": "model.layers",
+          "llama-3.1-70b": "model.layers", "mistral-7b": "model.layers",
+          "qwen2.5-7b": "model.layers"}
+
+
+def test_every_shipped_config_has_its_layers_named():
+    assert sorted(LAYERS) == hf.config_names()
+
+
+def _wrapped(model):
+    """Which decoder layers the handed-back code checkpointed (wrapped or flagged)."""
+    return [k for k, layer in enumerate(model.blocks)
+            if type(layer).__name__ == "CheckpointWrapper"
+            or getattr(layer, "gradient_checkpointing", False)]
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_the_handed_back_code_runs_on_every_shipped_config(name):
+    config = hf.load_config(name)
+    model = hf.build(hf.small_config(config, n_layer=4, seq_len=32))
+    costs = measure_costs(model, 2, 32)
+    handed = hf.handback("segments:1,3", 4, config, costs)
+    assert handed.kind == "check_fn" and f"model.{LAYERS[name]}[i]" in handed.code
+    predicted, measured = hf.verify_handback(model, handed, 2, 32)
+    assert predicted == measured < predict(costs, "none").peak_bytes
+    plain = hf.handback("segments:1,3", 4, None, costs)  # no config: found by layer class
+    assert "GradientCheckpointingLayer" in plain.code
+    assert hf.verify_handback(model, plain, 2, 32) == (predicted, measured)
+
+
+def test_the_code_plan_prints_for_gpt2_runs_on_a_small_gpt2(capsys):
+    # 12 GiB: the plan keeps some of GPT-2's 12 blocks plain; the code wraps the others
+    assert main(["plan", "--hf-config", "gpt2", "--batch", "8", "--seq", "1024",
+                 "--budget", "12GiB"]) == 0
+    code = capsys.readouterr().out.split("In transformers:\n")[1]
+    assert "model.transformer.h[i]" in code and "model.model.layers" not in code
+    model = hf.build(hf.small_config(hf.load_config("gpt2"), n_layer=12, seq_len=32))
+    costs = measure_costs(model, 2, 32)
+    fresh = copy.deepcopy(model)
+    exec(compile(code, "<printed>", "exec"), {"model": fresh.lm})
+    chosen = _wrapped(fresh)
+    assert 0 < len(chosen) < 12
+    from ckpt_course.plan import placement_from_checkpointed
+
+    placement = placement_from_checkpointed(12, [(k, k + 1) for k in chosen])
+    assert measure_peaks(fresh, "none", batch_size=2, seq_len=32)[-1] == predict(
+        costs, placement).peak_bytes
+
+
+def test_the_note_says_when_no_per_layer_placement_peaks_as_low(capsys):
+    # 6 GiB: the plan's 2-block segments peak lower than checkpointing every layer alone
+    assert main(["plan", "--hf-config", "gpt2", "--batch", "8", "--seq", "1024",
+                 "--budget", "6GiB"]) == 0
+    out = capsys.readouterr().out.split("In transformers:\n")[1]
+    assert "no per-layer placement peaks as low" in out and "every_n_layers=1" in out
+    assert "peaks no higher" not in out
+
+
+def test_a_selective_or_offloaded_layer_is_handed_back_whole_with_a_note():
+    handed = hf.handback("menu:0..1=selective:save=sdpa,2..3=offload", 4)
+    assert "whole layers only" in handed.note and "offload, selective:save=sdpa" in handed.note
+    assert handed.kind == "transformers" and handed.expressed == hf.handback("full", 4).expressed
+    assert hf.handback("full", 4).note == ""

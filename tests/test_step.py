@@ -173,6 +173,97 @@ def test_train_can_retry_after_an_oom_with_another_policy():
     assert max(r.peak_bytes for r in records) == predict(costs, "full").peak_bytes
 
 
+def _half_then_allocator_oom(original):
+    """AdamW's update kernel, patched: the first half of the parameters (and their state) is
+    updated, then the allocator runs out, as a CUDA allocator would half-way through a step."""
+    def run(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *args, **kw):
+        h = len(params) // 2
+        original(params[:h], grads[:h], exp_avgs[:h], exp_avg_sqs[:h], max_exp_avg_sqs[:h],
+                 state_steps[:h], *args, **kw)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+    return run
+
+
+@pytest.fixture
+def allocator_oom_in_adamw(monkeypatch):
+    """Call it to make AdamW fail half-way; ``.undo()`` (of the monkeypatch) to stop."""
+    from torch.optim import adam
+
+    def install():
+        for name in ("_single_tensor_adam", "_multi_tensor_adam"):
+            monkeypatch.setattr(adam, name, _half_then_allocator_oom(getattr(adam, name)))
+        return monkeypatch
+    return install
+
+
+@_disable_current_modes()
+def _grads(model):
+    return [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+def _same(a, b) -> bool:
+    return all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+               for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("steps_before", [0, 1])  # AdamW's state made by the failed step, or not
+def test_an_allocator_oom_inside_adamw_is_undone_by_default(allocator_oom_in_adamw,
+                                                            steps_before):
+    with seeded(0):
+        model = TinyGPT(replace(CFG, dropout=0.0))
+    reference = copy.deepcopy(model)
+    optimizer, ref_opt = make_optimizer(model), make_optimizer(reference)
+    batches = [make_batch(model, 2, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    for b in batches[:steps_before]:
+        run_step(model, optimizer, b)
+        run_step(reference, ref_opt, b)
+    patch = allocator_oom_in_adamw()  # this step fails half-way through AdamW
+    before, grads_before = _state(model, optimizer), _grads(model)
+    assert (steps_before == 0) == all(g is None for g in grads_before)
+    with pytest.raises(torch.OutOfMemoryError) as caught:
+        run_step(model, optimizer, batches[steps_before])  # no meter, no budget, guard default
+    assert caught.value.phase == "optimizer"
+    after = _state(model, optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(before[0], after[0], strict=True))
+    assert before[1] == after[1]  # no half-made AdamW state left behind
+    assert _same(grads_before, _grads(model))  # the gradients put back, not cleared
+    patch.undo()
+    run_step(model, optimizer, batches[steps_before])  # the retry: as if it never failed
+    run_step(reference, ref_opt, batches[steps_before])
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters(),
+                                                 strict=True))
+
+
+def test_without_the_guard_an_allocator_oom_leaves_adamw_half_done(allocator_oom_in_adamw):
+    """What the default guard prevents (so the test above can fail)."""
+    model = TinyGPT(replace(CFG, dropout=0.0))
+    optimizer = make_optimizer(model)
+    before = _state(model, optimizer)
+    allocator_oom_in_adamw()
+    with pytest.raises(torch.OutOfMemoryError):
+        run_step(model, optimizer, make_batch(model, 2), guard=False)
+    after = _state(model, optimizer)
+    changed = [not torch.equal(a, b) for a, b in zip(before[0], after[0][:len(before[0])],
+                                                     strict=True)]
+    assert any(changed) and not all(changed)
+
+
+def test_a_failed_step_leaves_the_callers_micro_batches_in_place():
+    model = TinyGPT(replace(CFG, dropout=0.0))
+    optimizer = make_optimizer(model)
+    batch = make_batch(model, 4, generator=torch.Generator().manual_seed(0))
+    halves = [tuple(t[:2] for t in batch), tuple(t[2:] for t in batch)]
+    parts = list(halves)
+    with MemoryMeter(budget=1) as meter, pytest.raises(torch.OutOfMemoryError):
+        meter.track(model, optimizer)
+        run_step(model, optimizer, parts, meter)
+    meter.untrack()
+    assert len(parts) == 2 and all(torch.equal(a, b) for p, h in zip(parts, halves, strict=True)
+                                   for a, b in zip(p, h, strict=True))
+    record = run_step(model, optimizer, parts)  # the retry trains on every sample
+    assert record.batch_size == 4 and len(parts) == 2
+
+
 # ---------------------------------------------------------------- seeds
 def test_seed_reproduces_a_run_dropout_included():
     with seeded(0):
@@ -278,3 +369,24 @@ def test_doctor_api_without_a_budget_uses_the_demo_budget():
     report = doctor(model, batch_size=4, steps=2, timing=False)
     assert str(report).startswith("No budget given")
     assert report.run.oom.step == 2 and len(report.run.steps) == 1
+
+
+def test_the_cpu_allocators_failure_is_an_out_of_memory_error_and_undone():
+    model = TinyGPT(replace(CFG, dropout=0.0))
+    optimizer = make_optimizer(model)
+    run_step(model, optimizer, make_batch(model, 2))
+    before, grads = _state(model, optimizer), _grads(model)
+
+    def loss_fn(batch):  # as torch's CPU allocator fails when malloc does
+        model.loss(batch)
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 149533581377536 bytes.")
+    with pytest.raises(torch.OutOfMemoryError, match="can't allocate memory") as caught:
+        run_step(model, optimizer, make_batch(model, 2), loss_fn=loss_fn)
+    assert caught.value.phase == "forward"
+    after = _state(model, optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(before[0], after[0], strict=True))
+    assert _same(grads, _grads(model))
+    with pytest.raises(RuntimeError, match="another error"):  # other errors pass through
+        run_step(model, optimizer, make_batch(model, 2),
+                 loss_fn=lambda b: (_ for _ in ()).throw(RuntimeError("another error")))
