@@ -579,9 +579,9 @@ def digest(value, keys=None) -> str:
         elif _is_plain_tensor(x):
             import torch
 
-            t = x.detach().contiguous()
-            h.update(f"tensor{t.dtype}{tuple(t.shape)}(".encode())
-            h.update(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+            h.update(f"tensor{x.dtype}{tuple(x.shape)}(".encode())
+            flat = x.detach().contiguous().reshape(-1)  # 1-d first: a 0-d tensor has no view
+            h.update(memoryview(flat.view(torch.uint8).numpy()))
             h.update(b")")
         else:
             raise WireError(f"a {kind.__module__}.{kind.__qualname__} is not data")
