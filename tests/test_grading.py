@@ -354,7 +354,9 @@ def graded_class(course, tmp_path_factory):
 def test_correct_and_renamed_notebooks_get_full_marks(graded_class):
     for who in ("correct", "renamed"):
         card = graded_class[0][who]
-        assert card.score == "4/4" and card.notes == [] and card.error == ""
+        assert card.score == "4/4" and card.error == ""
+        assert card.notes == ([] if who == "correct" else [  # the same answers: flagged
+            f"duplicate: the same answers as {graded_class[0]['correct'].notebook}"])
         assert [(c.name, c.points) for c in card.checks] == list(POINTS.items())
         assert card.sandbox == ""  # Landlock confined the worker on this machine
 
