@@ -401,3 +401,70 @@ def test_nothing_escapes_and_no_file_changed(graded):
     assert unchanged
     assert leaked == []  # no UDP datagram, no TCP connection reached the grader's machine
     assert sleepers == []  # the setsid grandchildren died with their worker
+
+
+# ---------------------------------------------------------------- the course's own rules
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD_IT = {  # exercise: ({answer: source}, {check: the rule its hint must name})
+    "1_why_activations": (
+        {"1.3-by-hand": "import torch.utils.checkpoint\nclass MyCheckpoint:\n"
+                        "    @staticmethod\n    def apply(block, x):\n"
+                        "        return torch.utils.checkpoint.checkpoint(block, x, "
+                        "use_reentrant=False)"},
+        {"1.3-by-hand": rule("torch.utils.checkpoint")}),
+    "2_hand_trace": (
+        {"2.1-tape": "from ckpt_course.tape import record_tape\n"
+                     "def predict_tape(batch, width, depth):\n"
+                     "    record_tape(None, ())\n    return {}",
+         "2.4-peak": "import ckpt_course.trace as t\n"
+                     "def predict_peak(free_grads, batch, width, depth):\n"
+                     "    t.trace_step(None, 'none', batch_size=batch)\n    return {}"},
+        {"2.1-tape": rule("ckpt_course.tape"), "2.4-peak": rule("ckpt_course.trace")}),
+    "3_choosing_a_policy": (
+        {"3.2-offload": "import weakref, torch\ndef offload_hooks(host, params):\n"
+                        "    from ckpt_course.checks import probes\n"
+                        "    return probes.reference_offload_hooks(host, params)"},
+        {"3.2-offload": rule("ckpt_course.checks.references")}),
+    "4_prescribe_a_policy": (
+        {"4.1-peak": "from ckpt_course import plan\nfrom ckpt_course.checks import probes\n"
+                     "def chain_peak(chain, placement):\n"
+                     "    return plan.predict(probes.chain_costs(chain), "
+                     "[tuple(s) for s in placement]).peak_bytes",
+         "4.2-planner": "import sys\ndef plan_placement(chain, budget):\n"
+                        "    return sys.modules['ckpt_course.plan'].optimal(None, budget)",
+         "4.3-capstone": "import gc, types\ndef my_policy(chain, budget):\n"
+                         "    f = next(o for o in gc.get_objects() if type(o) is "
+                         "types.FunctionType and o.__name__ == 'optimal')\n"
+                         "    return str(f(None, budget).policy)"},
+        {"4.1-peak": rule("ckpt_course.checks"), "4.2-planner": rule("ckpt_course.plan"),
+         "4.3-capstone": rule("ckpt_course.plan")}),
+    "4b_your_model": (
+        {"4b-layer": "from ckpt_course.checks.phase4b import measured_layer_bytes\n"
+                     "def layer_bytes(hidden, heads, kv_heads, intermediate, seq, batch, d):\n"
+                     "    return measured_layer_bytes({})"},
+        {"4b-layer": rule("ckpt_course.checks")}),
+}
+
+
+@pytest.mark.slow
+def test_the_course_exercises_enforce_their_build_it_rules(tmp_path):
+    """On the course's own exercises: an answer that reaches for what its check forbids (torch's
+    checkpoint, the reference hooks, the measuring tools, the planner, the check's helper) gets
+    0 and a hint naming the rule. Every such answer fails at its first call: this is quick."""
+    from ckpt_course.authoring import tagged_name
+
+    paths = []
+    for stem, (answers, _) in BUILD_IT.items():
+        nb = nbformat.read(ROOT / "exercises" / f"{stem}.ipynb", as_version=4)
+        for cell in nb.cells:
+            cell.source = answers.get(tagged_name(cell, "answer"), cell.source)
+        paths.append(save(nb, tmp_path / stem / f"{stem}.ipynb"))
+    cards = grading.grade(paths, ROOT / "exercises", timeout=120, jobs=2)
+    broken = {}
+    for card, (_, expected) in zip(cards, BUILD_IT.values(), strict=True):
+        for check, text in expected.items():
+            got = next(c for c in card.checks if c.name == check)
+            if got.earned or text not in got.hint:
+                broken[check] = (got.earned, got.hint)
+    assert broken == {}
