@@ -3,8 +3,11 @@
 A `Session` runs one learner's notebook (pristine cells, the learner's answer sources) in a
 worker process tree (see grade_worker.py) and hands checks `Remote(name)` proxies: calling one
 sends data to the worker and returns the data it replies, or raises `LearnerError` /
-`WorkerGone` whose message is the hint. `.peak()` and `.reference_peak()` run one call in a
-fresh worker and return the peak RSS of its process tree in bytes.
+`WorkerGone` whose message is the hint. The worker runs the cells up to `Session.position`
+(the cells above the check being graded) before a call. `.measure()` and
+`.measure_reference()` run one call in a fresh worker (the learner's cells, or the pristine
+ones) and return the peak RSS of its process tree, a digest of the result and the bytes its
+host store copied out, all three measured by trusted code.
 
 No torch at import: tensors are loaded only when a reply holds one.
 """

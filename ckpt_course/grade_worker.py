@@ -5,16 +5,23 @@ Two programs run from this module, each as a fresh Python process:
     python -m ckpt_course.grade_worker reap REQ_FD REPLY_FD   (trusted, outside the sandbox)
     python -m ckpt_course.grade_worker serve REQ_FD REPLY_FD  (runs the learner's code)
 
-`reap` makes itself a child subreaper (Linux prctl), starts `serve`, and waits for every process
-of the tree: orphans the learner's code leaves behind are reparented to it, killed when the worker
-ends, and counted. It prints one JSON line: how the worker ended and the peak RSS in bytes (the
-sum over the tree of each process's ru_maxrss from os.wait4: splitting work across processes
-cannot make it look smaller).
+`reap` unshares user, PID and network namespaces where the kernel allows and forks the PID
+namespace's init (else it makes itself a child subreaper), starts `serve` with a minimal
+environment, and waits for every process of the tree: orphans the learner's code leaves behind
+are reparented to it, killed when the worker ends (kill(-1) in the namespace, else every
+descendant found in /proc, until none is left), and counted. It prints one JSON line: how the
+worker ended, the peak RSS in bytes (the sum over the tree of each process's ru_maxrss from
+os.wait4: splitting work across processes cannot make it look smaller), and the bytes the
+worker's host store copied out through its pipe (`_HostCounter`).
 
-`serve` reads an init message (the cells), shuts itself in a Landlock sandbox where the kernel
-offers it (write only to its own folder, read only the Python installation, no TCP, no signals
-or ptrace out of the sandbox), runs the cells in an IPython shell, then answers requests. Its
-replies are DATA only: see `to_wire`. Nothing it prints is read by anyone.
+`serve` reads an init message (the exercise's rules), prepares the rules, shuts itself in a
+Landlock sandbox where the kernel offers it (write only to its own folder, read only the system,
+the Python installation and the package, no TCP, no signals or ptrace out of the sandbox), then
+answers requests one at a time: `{"run": source, "answer": bool}` runs a cell in an IPython
+shell (the rules take hold before the first answer cell: `Rules`), `{"call": name, ...}` calls a
+function the cells defined, `{"probe": ...}` (trusted workers only) a reference. Its replies are
+DATA only: see `to_wire`; a memory run replies only a digest of its result (`digest`). Nothing it
+prints is read by anyone.
 
 This module imports no torch at import time; tensors are (de)serialised with torch.save /
 torch.load(weights_only=True) only when a message holds one.
@@ -579,9 +586,9 @@ def digest(value, keys=None) -> str:
         elif _is_plain_tensor(x):
             import torch
 
-            t = x.detach().contiguous()
-            h.update(f"tensor{t.dtype}{tuple(t.shape)}(".encode())
-            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # 1-D first: 0-d can't
+            h.update(f"tensor{x.dtype}{tuple(x.shape)}(".encode())
+            flat = x.detach().contiguous().reshape(-1)  # 1-d first: a 0-d tensor has no view
+            h.update(memoryview(flat.view(torch.uint8).numpy()))
             h.update(b")")
         else:
             raise WireError(f"a {kind.__module__}.{kind.__qualname__} is not data")

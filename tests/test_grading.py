@@ -354,7 +354,9 @@ def graded_class(course, tmp_path_factory):
 def test_correct_and_renamed_notebooks_get_full_marks(graded_class):
     for who in ("correct", "renamed"):
         card = graded_class[0][who]
-        assert card.score == "4/4" and card.notes == [] and card.error == ""
+        assert card.score == "4/4" and card.error == ""
+        assert card.notes == ([] if who == "correct" else [  # the same answers: flagged
+            f"duplicate: the same answers as {graded_class[0]['correct'].notebook}"])
         assert [(c.name, c.points) for c in card.checks] == list(POINTS.items())
         assert card.sandbox == ""  # Landlock confined the worker on this machine
 
@@ -436,12 +438,23 @@ def test_command_line_writes_gradebook_and_feedback(course, tmp_path, capsys):
 def test_processes_the_learner_leaves_behind_are_killed(tmp_path):
     from ckpt_course.grade_remote import Cell, Session
 
-    source = ("import subprocess\ndef sleeper():\n    return subprocess.Popen(['sleep', '300'], "
-              "start_new_session=True).pid")
-    with Session([Cell("answer a", source, "")], [""], 20, tmp_path) as session:
-        pid = session.call("sleeper", (), {})
-        assert Path(f"/proc/{pid}").exists()
-    assert not Path(f"/proc/{pid}").exists()  # killed and reaped when its worker ended
+    mark = "300.5113"  # in the sleepers' argv: their pids are the namespace's, not ours
+    source = ("import subprocess\ndef sleeper():\n    subprocess.Popen(['sh', '-c', "
+              f"'sleep {mark} & sleep {mark}'], start_new_session=True)\n    return 1")
+
+    def sleepers():
+        found = []
+        for p in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                found += [p] if mark.encode() in p.read_bytes() else []
+            except OSError:
+                pass
+        return found
+
+    with Session([Cell("answer a", source, "", True)], 20, tmp_path) as session:
+        assert session.call("sleeper", (), {}) == 1
+        assert sleepers()  # a setsid'd shell and its own child, both running
+    assert not sleepers()  # killed and reaped when their worker ended
 
 
 PEAK_ANSWERS = {
@@ -547,3 +560,20 @@ def test_a_grader_failure_has_its_own_exit_code(course, tmp_path, capsys, monkey
     monkeypatch.setattr(grading, "grade", broken)
     assert cli.grade_main([str(path), "--exercises", str(course / "exercises")]) == 3
     assert "error: the grader failed: RuntimeError" in capsys.readouterr().err
+
+
+def test_a_memory_run_is_compared_by_a_digest_of_its_data():
+    from ckpt_course.grade_worker import digest
+
+    run = {"loss": torch.tensor(1.5), "grads": [torch.ones(3, 2), torch.zeros(2).bfloat16()],
+           "bytes_to_host": 96}
+    same = {**run, "bytes_to_host": 0, "grads": [g.clone() for g in run["grads"]]}
+    assert digest(run, ["loss", "grads"]) == digest(same, ["loss", "grads"])
+    assert digest(run) != digest(same)  # the counter differs
+    for changed in ({**run, "loss": torch.tensor(1.25)},
+                    {**run, "grads": [torch.ones(2, 3), run["grads"][1]]},  # same bytes
+                    {**run, "grads": [torch.ones(3, 2).double(), run["grads"][1]]},
+                    {**run, "grads": run["grads"][:1]}):
+        assert digest(changed, ["loss", "grads"]) != digest(run, ["loss", "grads"])
+    with pytest.raises(WireError, match="is not data"):
+        digest({"loss": torch.nn.Parameter(torch.ones(1))}, ["loss"])

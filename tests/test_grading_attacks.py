@@ -14,7 +14,7 @@ from grading_kit import RIGHT, build_course, hints, learner, results, save
 
 from ckpt_course import grading
 
-TIMEOUT = 8
+TIMEOUT = 30  # no case loops for ever: a long limit costs nothing and rides out load
 FULL = {"0.1-bytes": 2, "0.2-tape": 1, "0.3-double": 1}
 ZERO = dict.fromkeys(FULL, 0)
 NO_BYTES = {**FULL, "0.1-bytes": 0}
@@ -64,7 +64,7 @@ def rules_cases(course):
         "rules: reloads the module from disk": (
             nb("import importlib\nimportlib.reload(torch.utils.checkpoint)\n"
                f"return torch.utils.checkpoint.checkpoint{run}"), NOT_BUILT,
-            {"0.5-built": "PermissionError"}),
+            {"0.5-built": rule(checkpoint)}),
         "rules: executes the module's source": (
             nb("ns = {'__name__': 'mine'}\n"
                "exec(open(torch.utils.checkpoint.__file__).read(), ns)\n"
@@ -119,15 +119,15 @@ def identity_cases(course):
     no_meta.metadata["ckpt_course"] = "not a dict"
     return {
         "identity: metadata names the solutions": (
-            named("../solutions/0_selftest", {}), ZERO, "not a bare exercise name"),
+            named("../solutions/0_selftest", {}), {}, "not a bare exercise name"),
         "identity: metadata names an absolute path": (
-            named(str(course / "solutions" / "0_selftest")), ZERO, "not a bare exercise name"),
+            named(str(course / "solutions" / "0_selftest")), {}, "not a bare exercise name"),
         "identity: metadata names a second notebook handed in": (
-            named("0_accomplice", {}), ZERO, "which this course does not have"),
+            named("0_accomplice", {}), {}, "which this course does not have"),
         "identity: metadata names a look-alike": (
-            named("0_self\u0435est", {}), ZERO, "not a bare exercise name"),
+            named("0_self\u0435est", {}), {}, "not a bare exercise name"),
         "identity: metadata climbs out of a name": (
-            named("0_selftest/../0_peak", {}), ZERO, "not a bare exercise name"),
+            named("0_selftest/../0_peak", {}), {}, "not a bare exercise name"),
         "identity: the answers of another exercise": (untagged, ZERO, "none of exercise "
                                                       "0_selftest's answer cells"),
         "identity: metadata that is not a dict": (no_meta, FULL, ""),
@@ -296,9 +296,7 @@ def _odd_files(course, root):
     place("odd: a byte-order mark", lambda p: p.write_bytes(b"\xef\xbb\xbf" + honest.encode()))
     place("odd: a link to an honest notebook", lambda p: p.symlink_to(
         save(learner(course, answers=RIGHT), folder / "target" / "mine.ipynb")))
-    place("odd: a cell source that is not text", lambda p: p.write_text(
-        honest.replace('"def predicted_bytes(batch, width):\\n    return 4 * batch * width"',
-                       "5")))
+    place("odd: a cell source that is not text", lambda p: p.write_text(_source_not_text(honest)))
     place("odd: the same answers twice", lambda p: p.write_text(honest))
     place("odd: named like another exercise", lambda p: p.with_name("0_peak.ipynb").write_text(
         honest))
@@ -309,6 +307,14 @@ def _odd_files(course, root):
     name.write_text(honest)
     files["odd: a newline in the file's name"] = name
     return files
+
+
+def _source_not_text(text: str) -> str:
+    nb = json.loads(text)
+    for cell in nb["cells"]:
+        if "answer:0.1-bytes" in cell["metadata"].get("tags", []):
+            cell["source"] = 5
+    return json.dumps(nb)
 
 
 ODD = {  # name: (expected points, text the row's error must hold)
@@ -360,11 +366,11 @@ def test_odd_files_each_get_one_row_with_the_reason(graded):
         card = cards[name]
         assert results(card) == want, (name, results(card), card.error)
         assert error in card.error and (error or not card.error), (name, card.error)
-    assert cards["odd: named like another exercise"].notes == [
+    assert cards["odd: named like another exercise"].notes[0] == (
         "the file is named like exercise 0_peak but holds exercise 0_selftest (its metadata): "
-        "graded as 0_selftest"]
-    assert cards["odd: a cell source that is not text"].notes == [
-        "answer 0.1-bytes: not found in your notebook, graded as the empty stub"]
+        "graded as 0_selftest")
+    assert cards["odd: a cell source that is not text"].notes[0] == (
+        "answer 0.1-bytes: not found in your notebook, graded as the empty stub")
 
 
 @pytest.mark.slow
@@ -395,3 +401,70 @@ def test_nothing_escapes_and_no_file_changed(graded):
     assert unchanged
     assert leaked == []  # no UDP datagram, no TCP connection reached the grader's machine
     assert sleepers == []  # the setsid grandchildren died with their worker
+
+
+# ---------------------------------------------------------------- the course's own rules
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD_IT = {  # exercise: ({answer: source}, {check: the rule its hint must name})
+    "1_why_activations": (
+        {"1.3-by-hand": "import torch.utils.checkpoint\nclass MyCheckpoint:\n"
+                        "    @staticmethod\n    def apply(block, x):\n"
+                        "        return torch.utils.checkpoint.checkpoint(block, x, "
+                        "use_reentrant=False)"},
+        {"1.3-by-hand": rule("torch.utils.checkpoint")}),
+    "2_hand_trace": (
+        {"2.1-tape": "from ckpt_course.tape import record_tape\n"
+                     "def predict_tape(batch, width, depth):\n"
+                     "    record_tape(None, ())\n    return {}",
+         "2.4-peak": "import ckpt_course.trace as t\n"
+                     "def predict_peak(free_grads, batch, width, depth):\n"
+                     "    t.trace_step(None, 'none', batch_size=batch)\n    return {}"},
+        {"2.1-tape": rule("ckpt_course.tape"), "2.4-peak": rule("ckpt_course.trace")}),
+    "3_choosing_a_policy": (
+        {"3.2-offload": "import weakref, torch\ndef offload_hooks(host, params):\n"
+                        "    from ckpt_course.checks import probes\n"
+                        "    return probes.reference_offload_hooks(host, params)"},
+        {"3.2-offload": rule("ckpt_course.checks.references")}),
+    "4_prescribe_a_policy": (
+        {"4.1-peak": "from ckpt_course import plan\nfrom ckpt_course.checks import probes\n"
+                     "def chain_peak(chain, placement):\n"
+                     "    return plan.predict(probes.chain_costs(chain), "
+                     "[tuple(s) for s in placement]).peak_bytes",
+         "4.2-planner": "import sys\ndef plan_placement(chain, budget):\n"
+                        "    return sys.modules['ckpt_course.plan'].optimal(None, budget)",
+         "4.3-capstone": "import gc, types\ndef my_policy(chain, budget):\n"
+                         "    f = next(o for o in gc.get_objects() if type(o) is "
+                         "types.FunctionType and o.__name__ == 'optimal')\n"
+                         "    return str(f(None, budget).policy)"},
+        {"4.1-peak": rule("ckpt_course.checks"), "4.2-planner": rule("ckpt_course.plan"),
+         "4.3-capstone": rule("ckpt_course.plan")}),
+    "4b_your_model": (
+        {"4b-layer": "from ckpt_course.checks.phase4b import measured_layer_bytes\n"
+                     "def layer_bytes(hidden, heads, kv_heads, intermediate, seq, batch, d):\n"
+                     "    return measured_layer_bytes({})"},
+        {"4b-layer": rule("ckpt_course.checks")}),
+}
+
+
+@pytest.mark.slow
+def test_the_course_exercises_enforce_their_build_it_rules(tmp_path):
+    """On the course's own exercises: an answer that reaches for what its check forbids (torch's
+    checkpoint, the reference hooks, the measuring tools, the planner, the check's helper) gets
+    0 and a hint naming the rule. Every such answer fails at its first call: this is quick."""
+    from ckpt_course.authoring import tagged_name
+
+    paths = []
+    for stem, (answers, _) in BUILD_IT.items():
+        nb = nbformat.read(ROOT / "exercises" / f"{stem}.ipynb", as_version=4)
+        for cell in nb.cells:
+            cell.source = answers.get(tagged_name(cell, "answer"), cell.source)
+        paths.append(save(nb, tmp_path / stem / f"{stem}.ipynb"))
+    cards = grading.grade(paths, ROOT / "exercises", timeout=120, jobs=2)
+    broken = {}
+    for card, (_, expected) in zip(cards, BUILD_IT.values(), strict=True):
+        for check, text in expected.items():
+            got = next(c for c in card.checks if c.name == check)
+            if got.earned or text not in got.hint:
+                broken[check] = (got.earned, got.hint)
+    assert broken == {}

@@ -50,8 +50,9 @@ def _same(got, want) -> bool:
             and got.dtype == want.dtype and torch.equal(got, want))
 
 
-@forbids("torch.autograd.graph:save_on_cpu", "ckpt_course.policies:HostStore",
-         "ckpt_course.policies:Offload")
+@forbids("torch.autograd.graph:save_on_cpu", "ckpt_course.policies:HostStore.hooks",
+         "ckpt_course.policies:HostStore.pack", "ckpt_course.policies:HostStore.unpack",
+         "ckpt_course.policies:Offload.region")
 def offload(run_with_my_offload) -> float | None:
     """3.2: ``run_with_my_offload(spec)`` (the setup cell runs the learner's pack/unpack hooks on
     ``probes.relu_chain(spec)`` with a ``probes.Host``) must give bit-identical gradients, move
@@ -84,7 +85,7 @@ def offload(run_with_my_offload) -> float | None:
     with parts("memory"):
         expect(runs is not None, why if runs is None else "")
         expect_peak_near(
-            runs, "the bytes went to the host, but the peak is as high as without offloading: "
+            runs, "the peak is as high as without offloading: "
             "something still holds each saved tensor (pack returning or storing it, a cache "
             "keyed by the tensor itself...). Keep only the handle")
     with parts("bytes moved"):
