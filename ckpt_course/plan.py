@@ -35,11 +35,11 @@ and plans.
 
 from __future__ import annotations
 
-import bisect
 import functools
 import math
 from dataclasses import dataclass, replace
 
+import numpy as np
 from torch import nn
 
 from .costs import ChainCosts, LayerCost, config_costs, measure_costs  # noqa: F401 (re-exported)
@@ -490,88 +490,257 @@ def _optimal(costs: ChainCosts, budget: float, objective=None) -> Prediction | N
         best = _optimal(short, budget, cost)
         return None if best is None else predict(
             costs, _unfold_placement(best.placement, real, costs.n))
-    best = _cheapest(costs, budget, cost, table)
+    chain = table["chain"] = _Chain(costs, cost)
+    bound = None
+    if chain.nonnegative:  # a quick feasible placement bounds the exact search's costs
+        rough = _cheapest(costs, budget, cost, table, beam=16)
+        bound = None if rough is None else placement_cost(costs, rough.placement, cost)
+    best = _cheapest(costs, budget, cost, table, bound)
     while best is not None:
-        lower = _cheapest(costs, best.peak_bytes - 1, cost, table)
-        if lower is None or placement_cost(costs, lower.placement, cost) > placement_cost(
-                costs, best.placement, cost):
+        least = placement_cost(costs, best.placement, cost)
+        lower = _cheapest(costs, best.peak_bytes - 1, cost, table,
+                          least if chain.nonnegative else None)
+        if lower is None or placement_cost(costs, lower.placement, cost) > least:
             return best
         best = lower
     return None
 
 
 def _segments_from(costs: ChainCosts, i: int):
-    """Every segment the DP may start at block i: checkpointed i..j-1, plain, each option."""
+    """Every one-block segment the DP may start at block i: plain and each option (the
+    checkpointed segments i..j-1 come from ``_Chain.checkpointed``, all j at once)."""
     yield (i, i + 1, False)
     for option in costs.menu[i] if costs.menu else ():
         yield (i, i + 1, option)
-    for j in range(i + 1, costs.n + 1):
-        yield (i, j, True)
 
 
-def _moves(costs: ChainCosts, i: int, left: bool, cost, table: dict) -> list:
-    """(segment, highest moment, kept bytes, cost, next state) of every segment from state
-    (i, left): the same for every budget, so computed once per ``optimal`` call."""
-    if (i, left) not in table:
-        table[i, left] = [
-            (seg, max(e[0] for e in segment_events(costs, seg, left)),
-             segment_kept(costs, seg, left), extra, (seg[1], _left_holds(costs, seg, seg[1])))
-            for seg in _segments_from(costs, i) if (extra := cost(costs, seg)) is not None]
-    return table[i, left]
+_NONE = -(2**62)  # "no moment yet" in int64 running maxima
 
 
-def _cheapest(costs: ChainCosts, budget: float, cost, table: dict) -> Prediction | None:
+class _Chain:
+    """The DP's view of a chain for one objective, the same for every budget (so ``optimal``
+    builds it once): from each state (i, left) the one-block moves, as (segment, highest
+    moment, kept bytes, cost, next state), and the checkpointed segments [i, j) for every j
+    as numpy arrays (highest moment, cost), in O(L) numpy operations per state:
+    ``segment_events``' moments as running maxima over prefix sums, the same sums term by term
+    (a test holds the two together)."""
+
+    def __init__(self, costs: ChainCosts, cost):
+        self.costs, self.cost, n = costs, cost, costs.n
+        layers = costs.layers
+        self.bb = np.array([_boundary_bytes(costs, k) for k in range(n + 1)], np.int64)
+
+        def column(f, dtype=np.int64):
+            return np.array([f(c) for c in layers], dtype)
+
+        self.fpu, self.fp = column(lambda c: c.forward_peak_unsaved), column(
+            lambda c: c.forward_peak)
+        self.rp, self.rk = column(lambda c: c.recompute_peak), column(lambda c: c.recompute_kept)
+        self.grow = column(lambda c: c.kept_bytes + c.output_bytes * (not c.saves_output))
+        self.si, self.so = column(lambda c: c.saves_input, bool), column(
+            lambda c: c.saves_output, bool)
+        back = [c.checkpointed_backward for c in layers]
+        self.peak = {h: np.array([b.peak(h) for b in back], np.int64) for h in (False, True)}
+        self.change = {h: np.array([b.change(h) for b in back], np.int64) for h in (False, True)}
+        grads = np.array([c.grad_bytes for c in layers] + [0], np.int64)
+        self.grads_after = np.cumsum(grads[::-1])[::-1]  # gradients of blocks >= j
+        self.ff = column(lambda c: c.forward_flops, object)
+        self.rf = column(lambda c: c.recompute_flops, object)
+        self.one = {}
+        self.ckpt = {}
+        for i in range(n):
+            for left in (False, True):
+                self.one[i, left] = [
+                    (seg, max(e[0] for e in segment_events(costs, seg, left)),
+                     segment_kept(costs, seg, left), extra, (i + 1, _left_holds(costs, seg, i + 1)))
+                    for seg in _segments_from(costs, i) if (extra := cost(costs, seg)) is not None]
+                self.ckpt[i, left] = self._checkpointed(i, left)
+        self.need = self._least_need()
+        self.dtype = self._dtype()
+        self.nonnegative = all(e >= 0 for moves in self.one.values() for *_, e, _ in moves) \
+            and all(e >= 0 for *_, prices, _ in self.ckpt.values() for e in prices)
+
+    def _checkpointed(self, i: int, left: bool):
+        """(stops j, highest moments, costs, kept bytes) of the checkpointed segments [i, j)."""
+        n, trunk = self.costs.n, self.costs.trunk
+        k = np.arange(i, n)
+        inner = k > i
+        x_i = 0 if left else int(self.bb[i])
+        base = trunk.base_bytes + trunk.prefix_kept
+        fwd = np.maximum.accumulate(np.where(inner, self.bb[i:n], 0) + self.fpu[i:])
+        prior_saves_out = np.concatenate([[True], self.so[i:n - 1]])  # block k-1 keeps x_k
+        drop = inner & ~(self.si[i:] | prior_saves_out)
+        x_k = np.where(drop, self.bb[i:n], 0)
+        d = np.concatenate([[0], np.cumsum(self.grow[i:] - x_k)[:-1]])  # recompute's bytes
+        plain_fwd = d + self.fp[i:]  # block k's moment when it is not the segment's last
+        rec = np.concatenate([[_NONE], np.maximum.accumulate(plain_fwd)[:-1]])
+        last = np.maximum(rec, d + self.rp[i:])
+        end = d + self.rk[i:] - x_k
+        held = ~inner | prior_saves_out
+        pk = np.where(held, self.peak[True][i:], self.peak[False][i:])
+        ch = np.where(held, self.change[True][i:], self.change[False][i:])
+        q = np.cumsum(ch)  # Q(j): the backward's changes of blocks i..j-1
+        backward = np.maximum.accumulate(pk - q)  # max over k < j of pk(k) - Q(k + 1)
+        t0 = base + trunk.suffix_left + x_i + self.grads_after[i + 1:] + self.bb[i + 1:]
+        top = np.maximum.reduce([base + x_i + fwd, t0 + last, t0 + end + q + backward])
+        prices = self._prices(i)
+        usable = np.array([p is not None for p in prices], bool)
+        stops = np.arange(i + 1, n + 1)[usable]
+        values = [p for p in prices if p is not None]
+        return stops, top[usable], values, x_i
+
+    def _prices(self, i: int) -> list:
+        """The objective of each checkpointed segment [i, j), j = i+1..L: prefix sums for the
+        built-in objectives, else the objective function itself."""
+        costs, n, cost = self.costs, self.costs.n, self.cost
+        if cost is segment_flops:
+            ahead = np.concatenate([[0], np.cumsum(self.ff[i:])[:-1]])
+            return [int(v) * 1024 for v in ahead + self.rf[i:]]
+        if cost is segment_time_ns:
+            return [int(v) for v in np.cumsum(
+                [_extra_ns(costs, k, "full") for k in range(i, n)], dtype=object)]
+        return [cost(costs, (i, j, True)) for j in range(i + 1, n + 1)]
+
+    def _least_need(self) -> dict:
+        """For each state, the fewest bytes above Kept that any way to finish the chain needs
+        (its highest moment over every later segment and the trunk): a pair with Kept >
+        budget - this can never finish, whatever the budget."""
+        n = self.costs.n
+        need = {(n, left): _trunk_need(self.costs, left)[1] for left in (False, True)}
+        after = np.full(n + 1, np.inf)  # need[j, False], the state after a checkpoint
+        after[n] = need[n, False]
+        for i in range(n - 1, -1, -1):
+            for left in (False, True):
+                best = min((max(top, kept + need[nxt]) for _, top, kept, _, nxt in
+                            self.one[i, left]), default=math.inf)
+                stops, top, _, x_i = self.ckpt[i, left]
+                if len(stops):
+                    best = min(best, float(np.min(np.maximum(top, x_i + after[stops]))))
+                need[i, left] = best
+            after[i] = need[i, False]
+        return need
+
+    def _dtype(self):
+        """int64 while no placement's cost can overflow it; float64 for float objectives;
+        else Python ints (object arrays: slower, as exact)."""
+        worst = 0
+        for i in range(self.costs.n):
+            extras = [e for left in (False, True) for *_, e, _ in self.one[i, left]]
+            extras += [e for left in (False, True) for e in self.ckpt[i, left][2]]
+            if any(isinstance(e, float) for e in extras):
+                return np.float64
+            worst += max(map(abs, extras), default=0)
+        return np.int64 if worst < 2**62 else object
+
+
+def _cheapest(costs: ChainCosts, budget: float, cost, table: dict, bound=None,
+              beam: int | None = None) -> Prediction | None:
     """A placement with the least cost whose predicted peak fits ``budget``.
 
     Scan the chain left to right. A state is (boundary i, does the block before keep x_i?);
-    in it we keep every (Kept, FLOPs) pair no other pair beats on both: Kept, the bytes the
+    in it we keep every (Kept, cost) pair no other pair beats on both: Kept, the bytes the
     segments so far keep, is all the future needs to know of the past, since every later
     moment's live bytes are Kept plus terms of its own segment. A segment [i, j) is feasible
-    from a pair if Kept + its highest moment fits; it adds its kept bytes and recompute.
-    About L^2 segments per state, each checked in O(L): fast for L in the hundreds.
+    from a pair if Kept + its highest moment fits; it adds its kept bytes and cost. Two
+    exact prunings keep the fronts short: a pair whose Kept leaves less room than the least
+    any way to finish needs is dropped, each front keeps its Pareto points only, and (costs
+    never negative) a pair that already costs more than ``bound``, the cost of a placement
+    known to fit, is dropped. Fronts are numpy arrays, fewest kept bytes first, so the pairs a
+    segment fits are a prefix. ``beam``: keep only that many pairs per front, the fewest kept
+    bytes among them (the rest evenly spaced): a quick placement that fits if any does
+    (fitting only gets easier with fewer kept bytes), not always the cheapest; ``optimal``
+    takes its cost as the bound.
     """
-    n = costs.n
+    chain = table.get("chain") or table.setdefault("chain", _Chain(costs, cost))
+    n, dtype = costs.n, chain.dtype
     start = (0, _left_holds(costs, None, 0))
-    fronts = {start: [(0, 0, None)]}  # state -> [(kept, flops, back pointer)]
-    for i in range(n):
+    incoming = {start: [(np.zeros(1, np.int64), np.zeros(1, dtype), None, np.zeros(1, np.int64),
+                         None)]}  # state -> candidates: (kept, cost, from state, index, segment)
+    fronts = {}
+    for i in range(n + 1):
         for left in (False, True):
-            front = fronts.get((i, left))
-            if not front:
+            chunks = incoming.pop((i, left), None)
+            if not chunks:
                 continue
-            front[:] = _pareto(front)  # fewest kept bytes first: the ones that fit, a prefix
-            kepts, state = [k for k, _, _ in front], (i, left)
-            for seg, top, kept, extra, nxt in _moves(costs, i, left, cost, table):
-                fit = bisect.bisect_right(kepts, budget - top)
-                fronts.setdefault(nxt, []).extend(
-                    [(k + kept, f + extra, (state, index, seg))
-                     for index, (k, f, _) in enumerate(front[:fit])])
+            front = fronts[i, left] = _pareto_arrays(chunks, budget - chain.need[i, left],
+                                                     bound, beam)
+            kept, so_far = front[0], front[1]
+            if i == n or not len(kept):
+                continue
+            for seg, top, more, extra, nxt in chain.one[i, left]:
+                fit = int(np.searchsorted(kept, budget - top, side="right"))
+                if fit:
+                    incoming.setdefault(nxt, []).append(
+                        (kept[:fit] + more, so_far[:fit] + extra, (i, left), np.arange(fit), seg))
+            stops, tops, prices, x_i = chain.ckpt[i, left]
+            fits = np.searchsorted(kept, budget - tops, side="right")
+            for m in np.nonzero(fits)[0]:
+                fit, j = int(fits[m]), int(stops[m])
+                incoming.setdefault((j, False), []).append(
+                    (kept[:fit] + x_i, so_far[:fit] + prices[m], (i, left), np.arange(fit),
+                     (i, j, True)))
     best = None
     for left in (False, True):
-        for k, f, back in _pareto(fronts.get((n, left), [])):
-            if max(e[0] for e in trunk_events(costs, k, left)) <= budget:
-                if best is None or (f, k) < best[:2]:
-                    best = (f, k, back)
+        if (n, left) not in fronts:
+            continue
+        kept_all, total = fronts[n, left][0], fronts[n, left][1]
+        fixed, per_kept = _trunk_need(costs, left)
+        ok = np.nonzero(kept_all + per_kept <= budget)[0] if fixed <= budget else []
+        if len(ok):
+            m = int(ok[-1])  # the Pareto point keeping the most that fits costs the least
+            if best is None or (total[m], kept_all[m]) < best[:2]:
+                best = (total[m], kept_all[m], (n, left), m)
     if best is None:
         return None
-    placement, back = [], best[2]
-    while back is not None:
-        state, index, seg = back
-        placement.append(seg)
-        back = fronts[state][index][2]
+    placement, state, m = [], best[2], best[3]
+    while fronts[state][2][m] is not None:
+        _, _, sources, indices, segments = fronts[state]
+        placement.append(segments[m])
+        state, m = sources[m], int(indices[m])
     return predict(costs, tuple(reversed(placement)))
 
 
-def _pareto(points):
-    """Keep the points no other point beats on both kept bytes and FLOPs (fewest bytes first)."""
-    out = []
-    for p in sorted(points, key=_first_two):
-        if not out or p[1] < out[-1][1]:
-            out.append(p)
-    return out
+def _trunk_need(costs: ChainCosts, left_held: bool) -> tuple[float, float]:
+    """The trunk's highest moments: (those that do not grow with Kept, those that do, at Kept
+    0). The chain finishes within a budget iff the first fits and the second plus Kept does."""
+    at0, at1 = trunk_events(costs, 0, left_held), trunk_events(costs, 1, left_held)
+    fixed = max((a[0] for a, b in zip(at0, at1, strict=True) if a[0] == b[0]), default=-math.inf)
+    grows = max((a[0] for a, b in zip(at0, at1, strict=True) if a[0] != b[0]), default=-math.inf)
+    return fixed, grows
 
 
-def _first_two(p):
-    return p[0], p[1]
+def _pareto_arrays(chunks: list, room: float, bound=None, beam: int | None = None) -> tuple:
+    """One state's candidates cut to the pairs that can still finish (Kept <= room, cost <=
+    ``bound``) and that no other pair beats on both Kept and cost: (kept, cost, from states,
+    indices, segments), fewest kept bytes first (``beam``: see ``_cheapest``)."""
+    cut = []
+    for c in chunks:  # each chunk is a Pareto front's prefix, shifted: kept up, cost down
+        stop = int(np.searchsorted(c[0], room, side="right"))
+        first = 0 if bound is None else stop - int(np.searchsorted(c[1][:stop][::-1], bound,
+                                                                       side="right"))
+        if first < stop:
+            cut.append((c[0][first:stop], c[1][first:stop], c[2], c[3][first:stop], c[4]))
+    chunks = cut
+    if not chunks:
+        return np.zeros(0, np.int64), np.zeros(0), [], np.zeros(0, np.int64), []
+    if len(chunks) == 1:  # a shifted prefix of a Pareto front is one
+        kept, cost, source, index, segment = chunks[0]
+        return kept, cost, [source] * len(kept), index, [segment] * len(kept)
+    kept = np.concatenate([c[0] for c in chunks])
+    cost = np.concatenate([c[1] for c in chunks])
+    chunk_of = np.repeat(np.arange(len(chunks)), [len(c[0]) for c in chunks])
+    index = np.concatenate([c[3] for c in chunks])
+    order = np.argsort(cost)  # cheapest first; then keep each pair keeping less than all
+    by_cost = kept[order]     # cheaper ones (of equal costs, the last such: the fewest bytes)
+    least = np.minimum.accumulate(by_cost)
+    order = order[np.concatenate([[True], by_cost[1:] < least[:-1]])]
+    order = order[np.append(cost[order][1:] != cost[order][:-1], True)][::-1]
+    kept, cost, chunk_of, index = kept[order], cost[order], chunk_of[order], index[order]
+    if beam is not None and len(kept) > beam:
+        some = np.unique(np.linspace(0, len(kept) - 1, beam).round().astype(np.int64))
+        kept, cost, chunk_of, index = kept[some], cost[some], chunk_of[some], index[some]
+    return (kept, cost, [chunks[c][2] for c in chunk_of], index,
+            [chunks[c][4] for c in chunk_of])
 
 
 def brute_force(costs: ChainCosts, budget, objective=None) -> Prediction | None:
