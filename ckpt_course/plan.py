@@ -976,9 +976,111 @@ def _pass_flops(costs: ChainCosts, i: int, j: int) -> int:
 def nested_optimal(costs: ChainCosts, budget: int) -> NestedPrediction | None:
     """The nested tree with the fewest recomputed FLOPs whose stored block inputs never exceed
     ``budget`` bytes (Griewank's model above); None if even one input at a time is too much.
-    Exact: equals Griewank's binomial optimum on uniform chains and brute force on small ones."""
-    budget = parse_budget(budget)
+    Exact: equals Griewank's binomial optimum on uniform chains and brute force on small ones.
+    When every block input but the first has one size (every transformer), a vectorised
+    recursion over a few room levels (``_NestedTables``) answers in seconds at hundreds of
+    blocks; otherwise the recursion below, over every room the stored inputs leave."""
+    budget = int(parse_budget(budget))
     x = [_boundary_bytes(costs, k) for k in range(costs.n)] if costs.n else []
+    if costs.n >= 2 and len(set(x[1:])) == 1 and x[1] > 0:
+        tables = _NestedTables(costs, x)
+        if tables.fits_int64:
+            cost = tables.split(0, costs.n, budget)
+            if cost >= _INF:
+                return None
+            tree = tables.tree(0, costs.n, budget, True)
+            return NestedPrediction(tree, simulate_nested(costs, tree)[0], cost)
+    return _nested_by_recursion(costs, budget, x)
+
+
+_INF = 2**61  # "does not fit" in the int64 tables (two of them still add up within int64)
+
+
+class _NestedTables:
+    """``nested_optimal``'s recursion as int64 matrices, one set per room (the bytes left for
+    stored inputs): REV[i, j] the least FLOPs to reverse [i, j) with x_i stored, A[i, j] the
+    least to reverse [i, j) as one or more children (the first starting at i), B[i, j] the
+    same with more than one child. With one input size X for blocks 1.., a room r needs only
+    room r - X (and row 0 room r - x_0): a handful of rooms, each filled column by column."""
+
+    def __init__(self, costs: ChainCosts, x: list[int]):
+        n = self.n = costs.n
+        self.x = x
+        ahead = [0]
+        for c in costs.layers:
+            ahead.append(ahead[-1] + c.forward_flops)
+        recompute = [c.recompute_flops for c in costs.layers]
+        passes = [[0] * (n + 1) for _ in range(n)]
+        for i in range(n):
+            for j in range(i + 2, n + 1):
+                passes[i][j] = ahead[j - 1] - ahead[i] + recompute[j - 1]
+        most = max((max(row) for row in passes), default=0)
+        self.fits_int64 = most * n < _INF // 4
+        self.passes = np.array(passes, np.int64) if self.fits_int64 else None
+        self.rooms: dict[int, tuple] = {}
+
+    def tables(self, room: int) -> tuple:
+        """(REV, A, B) for ``room``, computed once, after the rooms below it that it needs
+        (room - X, room - 2X, ...: filled in that order, bottom up, without recursion)."""
+        room = min(room, sum(self.x))  # any room that stores every input is the same
+        pending, r = [], room
+        while r >= 0 and r not in self.rooms:
+            pending.append(r)
+            r -= self.x[1]
+        for r in reversed(pending):
+            self.rooms[r] = self._fill(r)
+        return self.rooms[room]
+
+    def _fill(self, room: int) -> tuple:
+        n, x, X = self.n, self.x, self.x[1]
+        rev = np.full((n, n + 1), _INF, np.int64)
+        a, b = rev.copy(), rev.copy()
+        if room >= sum(x):  # every input stored at once: each block reversed alone, no cost
+            upper = np.triu(np.ones((n, n + 1), bool), 2)
+            b[upper], a[upper], rev[upper] = 0, 0, self.passes[upper]
+            rev[np.arange(n), np.arange(1, n + 1)] = a[np.arange(n), np.arange(1, n + 1)] = 0
+            return rev, a, b
+        if X <= room:
+            below = self.tables(room - X)[1]  # A of room - X: what rows 1.. split into
+            rev[np.arange(1, n), np.arange(2, n + 1)] = 0  # one block: its input is its tape
+            for j in range(3, n + 1):  # rows 1..j-2, children ending at m in 2..j-1
+                b[1:j - 1, j] = np.minimum(
+                    np.min(rev[1:j - 1, 2:j] + below[2:j, j], axis=1), _INF)
+                rev[1:j - 1, j] = np.minimum(self.passes[1:j - 1, j] + b[1:j - 1, j], _INF)
+            a[1:] = np.minimum(rev[1:], b[1:])
+        if x[0] <= room:  # row 0, last: with x_0 = 0 it splits into this room's own rows
+            first = a if x[0] == 0 else self.tables(room - x[0])[1]
+            rev[0, 1] = 0
+            for m in range(1, n):
+                if m >= 2:
+                    rev[0, m] = min(self.passes[0, m] + b[0, m], _INF)
+                b[0, m + 1:] = np.minimum(b[0, m + 1:], np.minimum(rev[0, m] + first[m, m + 1:],
+                                                                   _INF))
+            rev[0, n] = min(self.passes[0, n] + b[0, n], _INF) if n >= 2 else rev[0, n]
+            a[0] = np.minimum(rev[0], b[0])
+        return rev, a, b
+
+    def split(self, i: int, j: int, room: int) -> int:
+        return int(self.tables(room)[1][i, j])
+
+    def tree(self, i: int, j: int, room: int, whole: bool) -> tuple:
+        """The children of [i, j) that reach the least cost (a segment's own reversal if
+        ``whole`` allows and it is the least)."""
+        rev, a, b = self.tables(room)
+        if whole and rev[i, j] == a[i, j]:
+            return (self._reverse(i, j, room),)
+        rest = self.tables(room - self.x[i])[1]
+        for m in range(i + 1, j):
+            if rev[i, m] < _INF and rev[i, m] + rest[m, j] == b[i, j]:
+                return (self._reverse(i, m, room), *self.tree(m, j, room - self.x[i], True))
+        raise AssertionError("no split reaches the table's value")  # the tables are exact
+
+    def _reverse(self, i: int, j: int, room: int) -> Tree:
+        return (i, j, ()) if j == i + 1 else (i, j, self.tree(i, j, room, False))
+
+
+def _nested_by_recursion(costs: ChainCosts, budget: int, x: list[int]):
+    """``nested_optimal`` for any block input sizes: memoised over (i, j, room)."""
 
     @functools.cache
     def reverse(i, j, room):  # reverse [i, j) with x_i stored, in ``room`` bytes: (cost, tree)

@@ -32,6 +32,7 @@ from ckpt_course.plan import (
     placement_cost,
     placement_policy,
     predict,
+    simulate_nested,
 )
 from ckpt_course.policies import Segments, parse_policy
 from ckpt_course.recompute import measure_recompute
@@ -463,3 +464,26 @@ def test_costs_too_large_for_int64_are_planned_exactly():
         dp, brute = optimal(costs, budget, "flops"), brute_force(costs, budget, "flops")
         assert (placement_cost(costs, dp.placement, "flops"), dp.peak_bytes) == (
             placement_cost(costs, brute.placement, "flops"), brute.peak_bytes)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_nested_tables_equal_the_recursion_when_inputs_have_one_size(seed):
+    """Every transformer's block inputs have one size: nested_optimal then fills int64 tables
+    room by room; they must give the memoised recursion's least recompute at every budget,
+    with the first input counted or not (a batch made outside the meter)."""
+    from ckpt_course.plan import _boundary_bytes, _nested_by_recursion, nested_optimal
+
+    rng = random.Random(seed)
+    n = rng.randint(2, 12)
+    layers = tuple(replace(LayerCost.simple(3, 0, rng.randint(1, 9)),
+                           recompute_flops=rng.randint(0, 5)) for _ in range(n))
+    costs = ChainCosts(layers, TrunkCost(input_counted=seed % 2 == 0))
+    x = [_boundary_bytes(costs, k) for k in range(n)]
+    for budget in range(1, sum(x) + 4):
+        fast, slow = nested_optimal(costs, budget), _nested_by_recursion(costs, budget, x)
+        assert (fast is None) == (slow is None), budget
+        if fast is not None:
+            assert fast.recompute_flops == slow.recompute_flops, budget
+            assert fast.stored_bytes <= budget
+            assert simulate_nested(costs, fast.tree) == (fast.stored_bytes,
+                                                         fast.recompute_flops)
