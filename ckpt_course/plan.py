@@ -141,11 +141,11 @@ def segment_flops(costs: ChainCosts, seg) -> int:
     """Recomputed FLOPs, in 1/1024 FLOP. Each selective option adds 1/1024 FLOP, so that a tie
     (a variant that recomputes only ops the counter gives no FLOPs, such as GELU) goes to the
     plain block. FLOPs cannot price a copy, and at zero FLOPs offload would win everywhere, so
-    offload is the last resort: it costs (its host bytes + 1) x more than all the recompute
-    the chain could ever do, so the plan offloads only where nothing else fits, and then the
-    fewest bytes (the time objective prices it by its measured time)."""
+    offload is the last resort: each offloaded block costs more than all the recompute the
+    chain could ever do, so the plan offloads only where nothing else fits, and then as few
+    blocks as it can (the time objective prices offload by its measured time)."""
     if isinstance(seg[2], str) and seg[2].startswith("offload"):
-        return (costs.menu[seg[0]][seg[2]].host_bytes + 1) * _flops_ceiling(costs)
+        return _flops_ceiling(costs)
     return segment_recompute_flops(costs, seg) * 1024 + isinstance(seg[2], str)
 
 
@@ -493,8 +493,9 @@ def _optimal(costs: ChainCosts, budget: float, objective=None) -> Prediction | N
     chain = table["chain"] = _Chain(costs, cost)
     bound = None
     if chain.nonnegative:  # a quick feasible placement bounds the exact search's costs
-        rough = _cheapest(costs, budget, cost, table, beam=16)
-        bound = None if rough is None else placement_cost(costs, rough.placement, cost)
+        for beam in (16, 128):  # each tighter than the last, and faster for its bound
+            rough = _cheapest(costs, budget, cost, table, bound, beam)
+            bound = None if rough is None else placement_cost(costs, rough.placement, cost)
     best = _cheapest(costs, budget, cost, table, bound)
     while best is not None:
         least = placement_cost(costs, best.placement, cost)
@@ -557,8 +558,14 @@ class _Chain:
                 self.ckpt[i, left] = self._checkpointed(i, left)
         self.need = self._least_need()
         self.dtype = self._dtype()
+        # segment kinds by number, for the pool: 0 checkpointed, 1 plain, then the options
+        self.kind_names = [True, False, *dict.fromkeys(
+            seg[2] for moves in self.one.values() for seg, *_ in moves if seg[2] is not False)]
+        self.kinds = {name: k for k, name in enumerate(self.kind_names)}
+        self.ckpt = {state: (stops, tops, np.array(prices, self.dtype), x_i)
+                     for state, (stops, tops, prices, x_i) in self.ckpt.items()}
         self.nonnegative = all(e >= 0 for moves in self.one.values() for *_, e, _ in moves) \
-            and all(e >= 0 for *_, prices, _ in self.ckpt.values() for e in prices)
+            and all((prices >= 0).all() for *_, prices, _ in self.ckpt.values())
 
     def _checkpointed(self, i: int, left: bool):
         """(stops j, highest moments, costs, kept bytes) of the checkpointed segments [i, j)."""
@@ -586,7 +593,7 @@ class _Chain:
         prices = self._prices(i)
         usable = np.array([p is not None for p in prices], bool)
         stops = np.arange(i + 1, n + 1)[usable]
-        values = [p for p in prices if p is not None]
+        values = np.array([p for p in prices if p is not None], object)
         return stops, top[usable], values, x_i
 
     def _prices(self, i: int) -> list:
@@ -626,10 +633,10 @@ class _Chain:
         worst = 0
         for i in range(self.costs.n):
             extras = [e for left in (False, True) for *_, e, _ in self.one[i, left]]
-            extras += [e for left in (False, True) for e in self.ckpt[i, left][2]]
-            if any(isinstance(e, float) for e in extras):
+            arrays = [a for left in (False, True) if len(a := self.ckpt[i, left][2])]
+            if any(isinstance(e, float) for e in extras + [a[0] for a in arrays]):
                 return np.float64
-            worst += max(map(abs, extras), default=0)
+            worst += max([*map(abs, extras), *(np.abs(a).max() for a in arrays)], default=0)
         return np.int64 if worst < 2**62 else object
 
 
@@ -641,63 +648,129 @@ def _cheapest(costs: ChainCosts, budget: float, cost, table: dict, bound=None,
     in it we keep every (Kept, cost) pair no other pair beats on both: Kept, the bytes the
     segments so far keep, is all the future needs to know of the past, since every later
     moment's live bytes are Kept plus terms of its own segment. A segment [i, j) is feasible
-    from a pair if Kept + its highest moment fits; it adds its kept bytes and cost. Two
+    from a pair if Kept + its highest moment fits; it adds its kept bytes and cost. Three
     exact prunings keep the fronts short: a pair whose Kept leaves less room than the least
     any way to finish needs is dropped, each front keeps its Pareto points only, and (costs
     never negative) a pair that already costs more than ``bound``, the cost of a placement
     known to fit, is dropped. Fronts are numpy arrays, fewest kept bytes first, so the pairs a
-    segment fits are a prefix. ``beam``: keep only that many pairs per front, the fewest kept
-    bytes among them (the rest evenly spaced): a quick placement that fits if any does
-    (fitting only gets easier with fewer kept bytes), not always the cheapest; ``optimal``
-    takes its cost as the bound.
+    segment fits are a prefix; every front's pairs go to one pool, and the checkpointed
+    segments into a state are gathered from all earlier fronts at once. ``beam``: keep only
+    that many pairs per front, the fewest kept bytes among them (the rest evenly spaced): a
+    quick placement that fits if any does (fitting only gets easier with fewer kept bytes),
+    not always the cheapest; ``optimal`` takes its cost as the bound.
     """
     chain = table.get("chain") or table.setdefault("chain", _Chain(costs, cost))
     n, dtype = costs.n, chain.dtype
+    pool = _Pool(dtype)
+    kinds = chain.kinds
+    rooms = {state: budget - need for state, need in chain.need.items()}
+    after_ckpt = np.array([rooms[j, False] for j in range(n + 1)], np.float64)
+    first = np.zeros((2 * n, n + 1), np.int64)  # per source state and stop j: the pool range
+    stop = np.zeros((2 * n, n + 1), np.int64)  # of its pairs a checkpoint [i, j) takes
+    price = np.zeros((2 * n, n + 1), dtype)
+    x_in = np.zeros(2 * n, np.int64)
     start = (0, _left_holds(costs, None, 0))
-    incoming = {start: [(np.zeros(1, np.int64), np.zeros(1, dtype), None, np.zeros(1, np.int64),
-                         None)]}  # state -> candidates: (kept, cost, from state, index, segment)
-    fronts = {}
+    incoming = {start: [(np.zeros(1, np.int64), np.zeros(1, dtype), np.full(1, -1), 1)]}
+    ends = {}
     for i in range(n + 1):
         for left in (False, True):
-            chunks = incoming.pop((i, left), None)
-            if not chunks:
+            chunks = incoming.pop((i, left), [])
+            if not left and i:
+                chunks.append(_gathered(pool, first, stop, price, x_in, 2 * i, i))
+            kept, so_far, parents, kind = _pareto_arrays(chunks, rooms[i, left], bound, beam)
+            if not len(kept):
                 continue
-            front = fronts[i, left] = _pareto_arrays(chunks, budget - chain.need[i, left],
-                                                     bound, beam)
-            kept, so_far = front[0], front[1]
-            if i == n or not len(kept):
+            offset = pool.add(kept, so_far, parents, kind, i)
+            if i == n:
+                ends[left] = offset, kept, so_far
                 continue
             for seg, top, more, extra, nxt in chain.one[i, left]:
-                fit = int(np.searchsorted(kept, budget - top, side="right"))
-                if fit:
+                lo, hi = _usable(kept, so_far, budget - top, rooms[nxt] - more, bound, extra)
+                if lo < hi:
                     incoming.setdefault(nxt, []).append(
-                        (kept[:fit] + more, so_far[:fit] + extra, (i, left), np.arange(fit), seg))
+                        (kept[lo:hi] + more, so_far[lo:hi] + extra,
+                         np.arange(offset + lo, offset + hi), kinds[seg[2]]))
             stops, tops, prices, x_i = chain.ckpt[i, left]
-            fits = np.searchsorted(kept, budget - tops, side="right")
-            for m in np.nonzero(fits)[0]:
-                fit, j = int(fits[m]), int(stops[m])
-                incoming.setdefault((j, False), []).append(
-                    (kept[:fit] + x_i, so_far[:fit] + prices[m], (i, left), np.arange(fit),
-                     (i, j, True)))
+            if len(stops):
+                his = np.minimum(np.searchsorted(kept, budget - tops, side="right"),
+                                 np.searchsorted(kept, after_ckpt[stops] - x_i, side="right"))
+                los = np.zeros_like(his) if bound is None else len(so_far) - np.searchsorted(
+                    so_far[::-1], bound - prices, side="right")
+                code = 2 * i + left
+                first[code, stops], stop[code, stops] = offset + los, offset + np.maximum(his, los)
+                price[code, stops], x_in[code] = prices, x_i
     best = None
-    for left in (False, True):
-        if (n, left) not in fronts:
-            continue
-        kept_all, total = fronts[n, left][0], fronts[n, left][1]
-        fixed, per_kept = _trunk_need(costs, left)
-        ok = np.nonzero(kept_all + per_kept <= budget)[0] if fixed <= budget else []
+    for left, (offset, kept_all, total) in ends.items():
+        fixed, grows = _trunk_need(costs, left)
+        ok = np.nonzero(kept_all + grows <= budget)[0] if fixed <= budget else []
         if len(ok):
             m = int(ok[-1])  # the Pareto point keeping the most that fits costs the least
             if best is None or (total[m], kept_all[m]) < best[:2]:
-                best = (total[m], kept_all[m], (n, left), m)
+                best = (total[m], kept_all[m], offset + m)
     if best is None:
         return None
-    placement, state, m = [], best[2], best[3]
-    while fronts[state][2][m] is not None:
-        _, _, sources, indices, segments = fronts[state]
-        placement.append(segments[m])
-        state, m = sources[m], int(indices[m])
-    return predict(costs, tuple(reversed(placement)))
+    return predict(costs, pool.placement(best[2], chain.kind_names))
+
+
+def _usable(kept, so_far, top_room, end_room, bound, extra) -> tuple[int, int]:
+    """The pairs of a front one move may take: those whose Kept fits the move's highest moment
+    and the room left after it (a prefix), and whose cost stays within ``bound`` (a suffix)."""
+    hi = int(min(np.searchsorted(kept, top_room, side="right"),
+                 np.searchsorted(kept, end_room, side="right")))
+    lo = 0 if bound is None else len(so_far) - int(np.searchsorted(so_far[::-1], bound - extra,
+                                                                    side="right"))
+    return lo, hi
+
+
+def _gathered(pool, first, stop, price, x_in, sources: int, j: int) -> tuple:
+    """The pairs checkpoints [i, j) bring to state (j, False), from every source state before
+    j at once: each source's pool range, shifted by its input bytes and the segment's cost."""
+    lens = stop[:sources, j] - first[:sources, j]
+    rows = np.nonzero(lens > 0)[0]
+    if not len(rows):
+        return np.zeros(0, np.int64), np.zeros(0, pool.dtype), np.zeros(0, np.int64), 0
+    lens = lens[rows]
+    before = np.cumsum(lens) - lens
+    index = np.repeat(first[rows, j] - before, lens) + np.arange(int(lens.sum()))
+    return (pool.kept[index] + np.repeat(x_in[rows], lens),
+            pool.cost[index] + np.repeat(price[rows, j], lens), index, 0)
+
+
+class _Pool:
+    """Every front's pairs, one after another: kept bytes, cost, the pair it came from (-1: the
+    start), the kind of the segment that led here (``_Chain.kinds``) and its state's boundary."""
+
+    def __init__(self, dtype):
+        self.dtype, self.size = dtype, 0
+        self.kept = np.zeros(1024, np.int64)
+        self.cost = np.zeros(1024, dtype)
+        self.parent = np.zeros(1024, np.int64)
+        self.kind = np.zeros(1024, np.int64)
+        self.at = np.zeros(1024, np.int64)
+
+    def add(self, kept, cost, parents, kind, i: int) -> int:
+        offset, self.size = self.size, self.size + len(kept)
+        if self.size > len(self.kept):
+            grow = max(self.size, 2 * len(self.kept))
+            for name in ("kept", "cost", "parent", "kind", "at"):
+                old = getattr(self, name)
+                new = np.zeros(grow, old.dtype)
+                new[:offset] = old[:offset]
+                setattr(self, name, new)
+        part = slice(offset, self.size)
+        self.kept[part], self.cost[part], self.parent[part] = kept, cost, parents
+        self.kind[part], self.at[part] = kind, i
+        return offset
+
+    def placement(self, entry: int, kind_names: list) -> Placement:
+        """The segments that led to ``entry``, first to last."""
+        out = []
+        while self.parent[entry] >= 0:
+            parent = int(self.parent[entry])
+            out.append((int(self.at[parent]), int(self.at[entry]),
+                        kind_names[int(self.kind[entry])]))
+            entry = parent
+        return tuple(reversed(out))
 
 
 def _trunk_need(costs: ChainCosts, left_held: bool) -> tuple[float, float]:
@@ -710,37 +783,30 @@ def _trunk_need(costs: ChainCosts, left_held: bool) -> tuple[float, float]:
 
 
 def _pareto_arrays(chunks: list, room: float, bound=None, beam: int | None = None) -> tuple:
-    """One state's candidates cut to the pairs that can still finish (Kept <= room, cost <=
-    ``bound``) and that no other pair beats on both Kept and cost: (kept, cost, from states,
-    indices, segments), fewest kept bytes first (``beam``: see ``_cheapest``)."""
-    cut = []
-    for c in chunks:  # each chunk is a Pareto front's prefix, shifted: kept up, cost down
-        stop = int(np.searchsorted(c[0], room, side="right"))
-        first = 0 if bound is None else stop - int(np.searchsorted(c[1][:stop][::-1], bound,
-                                                                       side="right"))
-        if first < stop:
-            cut.append((c[0][first:stop], c[1][first:stop], c[2], c[3][first:stop], c[4]))
-    chunks = cut
+    """One state's candidates, (kept, cost, parents, kind) chunks, cut to the pairs that can
+    still finish (Kept <= room, cost <= ``bound``) and that no other pair beats on both Kept
+    and cost: (kept, cost, parents, kinds), fewest kept bytes first (``beam``: see
+    ``_cheapest``)."""
+    chunks = [c for c in chunks if len(c[0])]
     if not chunks:
-        return np.zeros(0, np.int64), np.zeros(0), [], np.zeros(0, np.int64), []
-    if len(chunks) == 1:  # a shifted prefix of a Pareto front is one
-        kept, cost, source, index, segment = chunks[0]
-        return kept, cost, [source] * len(kept), index, [segment] * len(kept)
+        return np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64)
     kept = np.concatenate([c[0] for c in chunks])
     cost = np.concatenate([c[1] for c in chunks])
-    chunk_of = np.repeat(np.arange(len(chunks)), [len(c[0]) for c in chunks])
-    index = np.concatenate([c[3] for c in chunks])
+    parent = np.concatenate([c[2] for c in chunks])
+    kind = np.repeat([c[3] for c in chunks], [len(c[0]) for c in chunks])
+    keep = kept <= room
+    if bound is not None:
+        keep &= cost <= bound
+    kept, cost, parent, kind = kept[keep], cost[keep], parent[keep], kind[keep]
     order = np.argsort(cost)  # cheapest first; then keep each pair keeping less than all
     by_cost = kept[order]     # cheaper ones (of equal costs, the last such: the fewest bytes)
-    least = np.minimum.accumulate(by_cost)
-    order = order[np.concatenate([[True], by_cost[1:] < least[:-1]])]
-    order = order[np.append(cost[order][1:] != cost[order][:-1], True)][::-1]
-    kept, cost, chunk_of, index = kept[order], cost[order], chunk_of[order], index[order]
-    if beam is not None and len(kept) > beam:
-        some = np.unique(np.linspace(0, len(kept) - 1, beam).round().astype(np.int64))
-        kept, cost, chunk_of, index = kept[some], cost[some], chunk_of[some], index[some]
-    return (kept, cost, [chunks[c][2] for c in chunk_of], index,
-            [chunks[c][4] for c in chunk_of])
+    if len(order):
+        least = np.minimum.accumulate(by_cost)
+        order = order[np.concatenate([[True], by_cost[1:] < least[:-1]])]
+        order = order[np.append(cost[order][1:] != cost[order][:-1], True)][::-1]
+    if beam is not None and len(order) > beam:
+        order = order[np.unique(np.linspace(0, len(order) - 1, beam).round().astype(np.int64))]
+    return kept[order], cost[order], parent[order], kind[order]
 
 
 def brute_force(costs: ChainCosts, budget, objective=None) -> Prediction | None:
