@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils.checkpoint import checkpoint
 
 from . import step
@@ -327,8 +328,8 @@ def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: 
             out = run(x)
         meter.mark("forward")
         x_ref, out_ref, a_out = _storage_ref(x), _storage_ref(out), out.untyped_storage().nbytes()
-        x_at = x.untyped_storage().data_ptr()  # 0 on fake tensors: only ``is`` tells then
-        returns_input = out is x or x_at != 0 and out.untyped_storage().data_ptr() == x_at
+        returns_input = out is x or not isinstance(x, FakeTensor) and (  # fake: no pointers
+            out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr())
         a_in = x.untyped_storage().nbytes()
         sink = _Sink.apply(out, meter)
         del out

@@ -35,11 +35,11 @@ and plans.
 
 from __future__ import annotations
 
-import bisect
 import functools
 import math
 from dataclasses import dataclass, replace
 
+import numpy as np
 from torch import nn
 
 from .costs import ChainCosts, LayerCost, config_costs, measure_costs  # noqa: F401 (re-exported)
@@ -141,11 +141,11 @@ def segment_flops(costs: ChainCosts, seg) -> int:
     """Recomputed FLOPs, in 1/1024 FLOP. Each selective option adds 1/1024 FLOP, so that a tie
     (a variant that recomputes only ops the counter gives no FLOPs, such as GELU) goes to the
     plain block. FLOPs cannot price a copy, and at zero FLOPs offload would win everywhere, so
-    offload is the last resort: it costs (its host bytes + 1) x more than all the recompute
-    the chain could ever do, so the plan offloads only where nothing else fits, and then the
-    fewest bytes (the time objective prices it by its measured time)."""
+    offload is the last resort: each offloaded block costs more than all the recompute the
+    chain could ever do, so the plan offloads only where nothing else fits, and then as few
+    blocks as it can (the time objective prices offload by its measured time)."""
     if isinstance(seg[2], str) and seg[2].startswith("offload"):
-        return (costs.menu[seg[0]][seg[2]].host_bytes + 1) * _flops_ceiling(costs)
+        return _flops_ceiling(costs)
     return segment_recompute_flops(costs, seg) * 1024 + isinstance(seg[2], str)
 
 
@@ -490,88 +490,323 @@ def _optimal(costs: ChainCosts, budget: float, objective=None) -> Prediction | N
         best = _optimal(short, budget, cost)
         return None if best is None else predict(
             costs, _unfold_placement(best.placement, real, costs.n))
-    best = _cheapest(costs, budget, cost, table)
+    chain = table["chain"] = _Chain(costs, cost)
+    bound = None
+    if chain.nonnegative:  # a quick feasible placement bounds the exact search's costs
+        for beam in (16, 128):  # each tighter than the last, and faster for its bound
+            rough = _cheapest(costs, budget, cost, table, bound, beam)
+            bound = None if rough is None else placement_cost(costs, rough.placement, cost)
+    best = _cheapest(costs, budget, cost, table, bound)
     while best is not None:
-        lower = _cheapest(costs, best.peak_bytes - 1, cost, table)
-        if lower is None or placement_cost(costs, lower.placement, cost) > placement_cost(
-                costs, best.placement, cost):
+        least = placement_cost(costs, best.placement, cost)
+        lower = _cheapest(costs, best.peak_bytes - 1, cost, table,
+                          least if chain.nonnegative else None)
+        if lower is None or placement_cost(costs, lower.placement, cost) > least:
             return best
         best = lower
     return None
 
 
 def _segments_from(costs: ChainCosts, i: int):
-    """Every segment the DP may start at block i: checkpointed i..j-1, plain, each option."""
+    """Every one-block segment the DP may start at block i: plain and each option (the
+    checkpointed segments i..j-1 come from ``_Chain.checkpointed``, all j at once)."""
     yield (i, i + 1, False)
     for option in costs.menu[i] if costs.menu else ():
         yield (i, i + 1, option)
-    for j in range(i + 1, costs.n + 1):
-        yield (i, j, True)
 
 
-def _moves(costs: ChainCosts, i: int, left: bool, cost, table: dict) -> list:
-    """(segment, highest moment, kept bytes, cost, next state) of every segment from state
-    (i, left): the same for every budget, so computed once per ``optimal`` call."""
-    if (i, left) not in table:
-        table[i, left] = [
-            (seg, max(e[0] for e in segment_events(costs, seg, left)),
-             segment_kept(costs, seg, left), extra, (seg[1], _left_holds(costs, seg, seg[1])))
-            for seg in _segments_from(costs, i) if (extra := cost(costs, seg)) is not None]
-    return table[i, left]
+_NONE = -(2**62)  # "no moment yet" in int64 running maxima
 
 
-def _cheapest(costs: ChainCosts, budget: float, cost, table: dict) -> Prediction | None:
+class _Chain:
+    """The DP's view of a chain for one objective, the same for every budget (so ``optimal``
+    builds it once): from each state (i, left) the one-block moves, as (segment, highest
+    moment, kept bytes, cost, next state), and the checkpointed segments [i, j) for every j
+    as numpy arrays (highest moment, cost), in O(L) numpy operations per state:
+    ``segment_events``' moments as running maxima over prefix sums, the same sums term by term
+    (a test holds the two together)."""
+
+    def __init__(self, costs: ChainCosts, cost):
+        self.costs, self.cost, n = costs, cost, costs.n
+        layers = costs.layers
+        self.bb = np.array([_boundary_bytes(costs, k) for k in range(n + 1)], np.int64)
+
+        def column(f, dtype=np.int64):
+            return np.array([f(c) for c in layers], dtype)
+
+        self.fpu, self.fp = column(lambda c: c.forward_peak_unsaved), column(
+            lambda c: c.forward_peak)
+        self.rp, self.rk = column(lambda c: c.recompute_peak), column(lambda c: c.recompute_kept)
+        self.grow = column(lambda c: c.kept_bytes + c.output_bytes * (not c.saves_output))
+        self.si, self.so = column(lambda c: c.saves_input, bool), column(
+            lambda c: c.saves_output, bool)
+        back = [c.checkpointed_backward for c in layers]
+        self.peak = {h: np.array([b.peak(h) for b in back], np.int64) for h in (False, True)}
+        self.change = {h: np.array([b.change(h) for b in back], np.int64) for h in (False, True)}
+        grads = np.array([c.grad_bytes for c in layers] + [0], np.int64)
+        self.grads_after = np.cumsum(grads[::-1])[::-1]  # gradients of blocks >= j
+        self.ff = column(lambda c: c.forward_flops, object)
+        self.rf = column(lambda c: c.recompute_flops, object)
+        self.one = {}
+        self.ckpt = {}
+        for i in range(n):
+            for left in (False, True):
+                self.one[i, left] = [
+                    (seg, max(e[0] for e in segment_events(costs, seg, left)),
+                     segment_kept(costs, seg, left), extra, (i + 1, _left_holds(costs, seg, i + 1)))
+                    for seg in _segments_from(costs, i) if (extra := cost(costs, seg)) is not None]
+                self.ckpt[i, left] = self._checkpointed(i, left)
+        self.need = self._least_need()
+        self.dtype = self._dtype()
+        # segment kinds by number, for the pool: 0 checkpointed, 1 plain, then the options
+        self.kind_names = [True, False, *dict.fromkeys(
+            seg[2] for moves in self.one.values() for seg, *_ in moves if seg[2] is not False)]
+        self.kinds = {name: k for k, name in enumerate(self.kind_names)}
+        self.ckpt = {state: (stops, tops, np.array(prices, self.dtype), x_i)
+                     for state, (stops, tops, prices, x_i) in self.ckpt.items()}
+        self.nonnegative = all(e >= 0 for moves in self.one.values() for *_, e, _ in moves) \
+            and all((prices >= 0).all() for *_, prices, _ in self.ckpt.values())
+
+    def _checkpointed(self, i: int, left: bool):
+        """(stops j, highest moments, costs, kept bytes) of the checkpointed segments [i, j)."""
+        n, trunk = self.costs.n, self.costs.trunk
+        k = np.arange(i, n)
+        inner = k > i
+        x_i = 0 if left else int(self.bb[i])
+        base = trunk.base_bytes + trunk.prefix_kept
+        fwd = np.maximum.accumulate(np.where(inner, self.bb[i:n], 0) + self.fpu[i:])
+        prior_saves_out = np.concatenate([[True], self.so[i:n - 1]])  # block k-1 keeps x_k
+        drop = inner & ~(self.si[i:] | prior_saves_out)
+        x_k = np.where(drop, self.bb[i:n], 0)
+        d = np.concatenate([[0], np.cumsum(self.grow[i:] - x_k)[:-1]])  # recompute's bytes
+        plain_fwd = d + self.fp[i:]  # block k's moment when it is not the segment's last
+        rec = np.concatenate([[_NONE], np.maximum.accumulate(plain_fwd)[:-1]])
+        last = np.maximum(rec, d + self.rp[i:])
+        end = d + self.rk[i:] - x_k
+        held = ~inner | prior_saves_out
+        pk = np.where(held, self.peak[True][i:], self.peak[False][i:])
+        ch = np.where(held, self.change[True][i:], self.change[False][i:])
+        q = np.cumsum(ch)  # Q(j): the backward's changes of blocks i..j-1
+        backward = np.maximum.accumulate(pk - q)  # max over k < j of pk(k) - Q(k + 1)
+        t0 = base + trunk.suffix_left + x_i + self.grads_after[i + 1:] + self.bb[i + 1:]
+        top = np.maximum.reduce([base + x_i + fwd, t0 + last, t0 + end + q + backward])
+        prices = self._prices(i)
+        usable = np.array([p is not None for p in prices], bool)
+        stops = np.arange(i + 1, n + 1)[usable]
+        values = np.array([p for p in prices if p is not None], object)
+        return stops, top[usable], values, x_i
+
+    def _prices(self, i: int) -> list:
+        """The objective of each checkpointed segment [i, j), j = i+1..L: prefix sums for the
+        built-in objectives, else the objective function itself."""
+        costs, n, cost = self.costs, self.costs.n, self.cost
+        if cost is segment_flops:
+            ahead = np.concatenate([[0], np.cumsum(self.ff[i:])[:-1]])
+            return [int(v) * 1024 for v in ahead + self.rf[i:]]
+        if cost is segment_time_ns:
+            return [int(v) for v in np.cumsum(
+                [_extra_ns(costs, k, "full") for k in range(i, n)], dtype=object)]
+        return [cost(costs, (i, j, True)) for j in range(i + 1, n + 1)]
+
+    def _least_need(self) -> dict:
+        """For each state, the fewest bytes above Kept that any way to finish the chain needs
+        (its highest moment over every later segment and the trunk): a pair with Kept >
+        budget - this can never finish, whatever the budget."""
+        n = self.costs.n
+        need = {(n, left): _trunk_need(self.costs, left)[1] for left in (False, True)}
+        after = np.full(n + 1, np.inf)  # need[j, False], the state after a checkpoint
+        after[n] = need[n, False]
+        for i in range(n - 1, -1, -1):
+            for left in (False, True):
+                best = min((max(top, kept + need[nxt]) for _, top, kept, _, nxt in
+                            self.one[i, left]), default=math.inf)
+                stops, top, _, x_i = self.ckpt[i, left]
+                if len(stops):
+                    best = min(best, float(np.min(np.maximum(top, x_i + after[stops]))))
+                need[i, left] = best
+            after[i] = need[i, False]
+        return need
+
+    def _dtype(self):
+        """int64 while no placement's cost can overflow it; float64 for float objectives;
+        else Python ints (object arrays: slower, as exact)."""
+        worst = 0
+        for i in range(self.costs.n):
+            extras = [e for left in (False, True) for *_, e, _ in self.one[i, left]]
+            arrays = [a for left in (False, True) if len(a := self.ckpt[i, left][2])]
+            if any(isinstance(e, float) for e in extras + [a[0] for a in arrays]):
+                return np.float64
+            worst += max([*map(abs, extras), *(np.abs(a).max() for a in arrays)], default=0)
+        return np.int64 if worst < 2**62 else object
+
+
+def _cheapest(costs: ChainCosts, budget: float, cost, table: dict, bound=None,
+              beam: int | None = None) -> Prediction | None:
     """A placement with the least cost whose predicted peak fits ``budget``.
 
     Scan the chain left to right. A state is (boundary i, does the block before keep x_i?);
-    in it we keep every (Kept, FLOPs) pair no other pair beats on both: Kept, the bytes the
+    in it we keep every (Kept, cost) pair no other pair beats on both: Kept, the bytes the
     segments so far keep, is all the future needs to know of the past, since every later
     moment's live bytes are Kept plus terms of its own segment. A segment [i, j) is feasible
-    from a pair if Kept + its highest moment fits; it adds its kept bytes and recompute.
-    About L^2 segments per state, each checked in O(L): fast for L in the hundreds.
+    from a pair if Kept + its highest moment fits; it adds its kept bytes and cost. Three
+    exact prunings keep the fronts short: a pair whose Kept leaves less room than the least
+    any way to finish needs is dropped, each front keeps its Pareto points only, and (costs
+    never negative) a pair that already costs more than ``bound``, the cost of a placement
+    known to fit, is dropped. Fronts are numpy arrays, fewest kept bytes first, so the pairs a
+    segment fits are a prefix; every front's pairs go to one pool, and the checkpointed
+    segments into a state are gathered from all earlier fronts at once. ``beam``: keep only
+    that many pairs per front, the fewest kept bytes among them (the rest evenly spaced): a
+    quick placement that fits if any does (fitting only gets easier with fewer kept bytes),
+    not always the cheapest; ``optimal`` takes its cost as the bound.
     """
-    n = costs.n
+    chain = table.get("chain") or table.setdefault("chain", _Chain(costs, cost))
+    n, dtype = costs.n, chain.dtype
+    pool = _Pool(dtype)
+    kinds = chain.kinds
+    rooms = {state: budget - need for state, need in chain.need.items()}
+    after_ckpt = np.array([rooms[j, False] for j in range(n + 1)], np.float64)
+    first = np.zeros((2 * n, n + 1), np.int64)  # per source state and stop j: the pool range
+    stop = np.zeros((2 * n, n + 1), np.int64)  # of its pairs a checkpoint [i, j) takes
+    price = np.zeros((2 * n, n + 1), dtype)
+    x_in = np.zeros(2 * n, np.int64)
     start = (0, _left_holds(costs, None, 0))
-    fronts = {start: [(0, 0, None)]}  # state -> [(kept, flops, back pointer)]
-    for i in range(n):
+    incoming = {start: [(np.zeros(1, np.int64), np.zeros(1, dtype), np.full(1, -1), 1)]}
+    ends = {}
+    for i in range(n + 1):
         for left in (False, True):
-            front = fronts.get((i, left))
-            if not front:
+            chunks = incoming.pop((i, left), [])
+            if not left and i:
+                chunks.append(_gathered(pool, first, stop, price, x_in, 2 * i, i))
+            kept, so_far, parents, kind = _pareto_arrays(chunks, rooms[i, left], bound, beam)
+            if not len(kept):
                 continue
-            front[:] = _pareto(front)  # fewest kept bytes first: the ones that fit, a prefix
-            kepts, state = [k for k, _, _ in front], (i, left)
-            for seg, top, kept, extra, nxt in _moves(costs, i, left, cost, table):
-                fit = bisect.bisect_right(kepts, budget - top)
-                fronts.setdefault(nxt, []).extend(
-                    [(k + kept, f + extra, (state, index, seg))
-                     for index, (k, f, _) in enumerate(front[:fit])])
+            offset = pool.add(kept, so_far, parents, kind, i)
+            if i == n:
+                ends[left] = offset, kept, so_far
+                continue
+            for seg, top, more, extra, nxt in chain.one[i, left]:
+                lo, hi = _usable(kept, so_far, budget - top, rooms[nxt] - more, bound, extra)
+                if lo < hi:
+                    incoming.setdefault(nxt, []).append(
+                        (kept[lo:hi] + more, so_far[lo:hi] + extra,
+                         np.arange(offset + lo, offset + hi), kinds[seg[2]]))
+            stops, tops, prices, x_i = chain.ckpt[i, left]
+            if len(stops):
+                his = np.minimum(np.searchsorted(kept, budget - tops, side="right"),
+                                 np.searchsorted(kept, after_ckpt[stops] - x_i, side="right"))
+                los = np.zeros_like(his) if bound is None else len(so_far) - np.searchsorted(
+                    so_far[::-1], bound - prices, side="right")
+                code = 2 * i + left
+                first[code, stops], stop[code, stops] = offset + los, offset + np.maximum(his, los)
+                price[code, stops], x_in[code] = prices, x_i
     best = None
-    for left in (False, True):
-        for k, f, back in _pareto(fronts.get((n, left), [])):
-            if max(e[0] for e in trunk_events(costs, k, left)) <= budget:
-                if best is None or (f, k) < best[:2]:
-                    best = (f, k, back)
+    for left, (offset, kept_all, total) in ends.items():
+        fixed, grows = _trunk_need(costs, left)
+        ok = np.nonzero(kept_all + grows <= budget)[0] if fixed <= budget else []
+        if len(ok):
+            m = int(ok[-1])  # the Pareto point keeping the most that fits costs the least
+            if best is None or (total[m], kept_all[m]) < best[:2]:
+                best = (total[m], kept_all[m], offset + m)
     if best is None:
         return None
-    placement, back = [], best[2]
-    while back is not None:
-        state, index, seg = back
-        placement.append(seg)
-        back = fronts[state][index][2]
-    return predict(costs, tuple(reversed(placement)))
+    return predict(costs, pool.placement(best[2], chain.kind_names))
 
 
-def _pareto(points):
-    """Keep the points no other point beats on both kept bytes and FLOPs (fewest bytes first)."""
-    out = []
-    for p in sorted(points, key=_first_two):
-        if not out or p[1] < out[-1][1]:
-            out.append(p)
-    return out
+def _usable(kept, so_far, top_room, end_room, bound, extra) -> tuple[int, int]:
+    """The pairs of a front one move may take: those whose Kept fits the move's highest moment
+    and the room left after it (a prefix), and whose cost stays within ``bound`` (a suffix)."""
+    hi = int(min(np.searchsorted(kept, top_room, side="right"),
+                 np.searchsorted(kept, end_room, side="right")))
+    lo = 0 if bound is None else len(so_far) - int(np.searchsorted(so_far[::-1], bound - extra,
+                                                                    side="right"))
+    return lo, hi
 
 
-def _first_two(p):
-    return p[0], p[1]
+def _gathered(pool, first, stop, price, x_in, sources: int, j: int) -> tuple:
+    """The pairs checkpoints [i, j) bring to state (j, False), from every source state before
+    j at once: each source's pool range, shifted by its input bytes and the segment's cost."""
+    lens = stop[:sources, j] - first[:sources, j]
+    rows = np.nonzero(lens > 0)[0]
+    if not len(rows):
+        return np.zeros(0, np.int64), np.zeros(0, pool.dtype), np.zeros(0, np.int64), 0
+    lens = lens[rows]
+    before = np.cumsum(lens) - lens
+    index = np.repeat(first[rows, j] - before, lens) + np.arange(int(lens.sum()))
+    return (pool.kept[index] + np.repeat(x_in[rows], lens),
+            pool.cost[index] + np.repeat(price[rows, j], lens), index, 0)
+
+
+class _Pool:
+    """Every front's pairs, one after another: kept bytes, cost, the pair it came from (-1: the
+    start), the kind of the segment that led here (``_Chain.kinds``) and its state's boundary."""
+
+    def __init__(self, dtype):
+        self.dtype, self.size = dtype, 0
+        self.kept = np.zeros(1024, np.int64)
+        self.cost = np.zeros(1024, dtype)
+        self.parent = np.zeros(1024, np.int64)
+        self.kind = np.zeros(1024, np.int64)
+        self.at = np.zeros(1024, np.int64)
+
+    def add(self, kept, cost, parents, kind, i: int) -> int:
+        offset, self.size = self.size, self.size + len(kept)
+        if self.size > len(self.kept):
+            grow = max(self.size, 2 * len(self.kept))
+            for name in ("kept", "cost", "parent", "kind", "at"):
+                old = getattr(self, name)
+                new = np.zeros(grow, old.dtype)
+                new[:offset] = old[:offset]
+                setattr(self, name, new)
+        part = slice(offset, self.size)
+        self.kept[part], self.cost[part], self.parent[part] = kept, cost, parents
+        self.kind[part], self.at[part] = kind, i
+        return offset
+
+    def placement(self, entry: int, kind_names: list) -> Placement:
+        """The segments that led to ``entry``, first to last."""
+        out = []
+        while self.parent[entry] >= 0:
+            parent = int(self.parent[entry])
+            out.append((int(self.at[parent]), int(self.at[entry]),
+                        kind_names[int(self.kind[entry])]))
+            entry = parent
+        return tuple(reversed(out))
+
+
+def _trunk_need(costs: ChainCosts, left_held: bool) -> tuple[float, float]:
+    """The trunk's highest moments: (those that do not grow with Kept, those that do, at Kept
+    0). The chain finishes within a budget iff the first fits and the second plus Kept does."""
+    at0, at1 = trunk_events(costs, 0, left_held), trunk_events(costs, 1, left_held)
+    fixed = max((a[0] for a, b in zip(at0, at1, strict=True) if a[0] == b[0]), default=-math.inf)
+    grows = max((a[0] for a, b in zip(at0, at1, strict=True) if a[0] != b[0]), default=-math.inf)
+    return fixed, grows
+
+
+def _pareto_arrays(chunks: list, room: float, bound=None, beam: int | None = None) -> tuple:
+    """One state's candidates, (kept, cost, parents, kind) chunks, cut to the pairs that can
+    still finish (Kept <= room, cost <= ``bound``) and that no other pair beats on both Kept
+    and cost: (kept, cost, parents, kinds), fewest kept bytes first (``beam``: see
+    ``_cheapest``)."""
+    chunks = [c for c in chunks if len(c[0])]
+    if not chunks:
+        return np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    kept = np.concatenate([c[0] for c in chunks])
+    cost = np.concatenate([c[1] for c in chunks])
+    parent = np.concatenate([c[2] for c in chunks])
+    kind = np.repeat([c[3] for c in chunks], [len(c[0]) for c in chunks])
+    keep = kept <= room
+    if bound is not None:
+        keep &= cost <= bound
+    kept, cost, parent, kind = kept[keep], cost[keep], parent[keep], kind[keep]
+    order = np.argsort(cost)  # cheapest first; then keep each pair keeping less than all
+    by_cost = kept[order]     # cheaper ones (of equal costs, the last such: the fewest bytes)
+    if len(order):
+        least = np.minimum.accumulate(by_cost)
+        order = order[np.concatenate([[True], by_cost[1:] < least[:-1]])]
+        order = order[np.append(cost[order][1:] != cost[order][:-1], True)][::-1]
+    if beam is not None and len(order) > beam:
+        order = order[np.unique(np.linspace(0, len(order) - 1, beam).round().astype(np.int64))]
+    return kept[order], cost[order], parent[order], kind[order]
 
 
 def brute_force(costs: ChainCosts, budget, objective=None) -> Prediction | None:
@@ -817,10 +1052,112 @@ def _pass_flops(costs: ChainCosts, i: int, j: int) -> int:
 def nested_optimal(costs: ChainCosts, budget: int) -> NestedPrediction | None:
     """The nested tree with the fewest recomputed FLOPs whose stored block inputs never exceed
     ``budget`` bytes (Griewank's model above); None if even one input at a time is too much.
-    Exact: equals Griewank's binomial optimum on uniform chains and brute force on small ones."""
+    Exact: equals Griewank's binomial optimum on uniform chains and brute force on small ones.
+    When every block input but the first has one size (every transformer), a vectorised
+    recursion over a few room levels (``_NestedTables``) answers in seconds at hundreds of
+    blocks; otherwise the recursion below, over every room the stored inputs leave."""
     check_costs(costs)
-    budget = parse_budget(budget)
+    budget = int(parse_budget(budget))
     x = [_boundary_bytes(costs, k) for k in range(costs.n)] if costs.n else []
+    if costs.n >= 2 and len(set(x[1:])) == 1 and x[1] > 0:
+        tables = _NestedTables(costs, x)
+        if tables.fits_int64:
+            cost = tables.split(0, costs.n, budget)
+            if cost >= _INF:
+                return None
+            tree = tables.tree(0, costs.n, budget, True)
+            return NestedPrediction(tree, simulate_nested(costs, tree)[0], cost)
+    return _nested_by_recursion(costs, budget, x)
+
+
+_INF = 2**61  # "does not fit" in the int64 tables (two of them still add up within int64)
+
+
+class _NestedTables:
+    """``nested_optimal``'s recursion as int64 matrices, one set per room (the bytes left for
+    stored inputs): REV[i, j] the least FLOPs to reverse [i, j) with x_i stored, A[i, j] the
+    least to reverse [i, j) as one or more children (the first starting at i), B[i, j] the
+    same with more than one child. With one input size X for blocks 1.., a room r needs only
+    room r - X (and row 0 room r - x_0): a handful of rooms, each filled column by column."""
+
+    def __init__(self, costs: ChainCosts, x: list[int]):
+        n = self.n = costs.n
+        self.x = x
+        ahead = [0]
+        for c in costs.layers:
+            ahead.append(ahead[-1] + c.forward_flops)
+        recompute = [c.recompute_flops for c in costs.layers]
+        passes = [[0] * (n + 1) for _ in range(n)]
+        for i in range(n):
+            for j in range(i + 2, n + 1):
+                passes[i][j] = ahead[j - 1] - ahead[i] + recompute[j - 1]
+        most = max((max(row) for row in passes), default=0)
+        self.fits_int64 = most * n < _INF // 4
+        self.passes = np.array(passes, np.int64) if self.fits_int64 else None
+        self.rooms: dict[int, tuple] = {}
+
+    def tables(self, room: int) -> tuple:
+        """(REV, A, B) for ``room``, computed once, after the rooms below it that it needs
+        (room - X, room - 2X, ...: filled in that order, bottom up, without recursion)."""
+        room = min(room, sum(self.x))  # any room that stores every input is the same
+        pending, r = [], room
+        while r >= 0 and r not in self.rooms:
+            pending.append(r)
+            r -= self.x[1]
+        for r in reversed(pending):
+            self.rooms[r] = self._fill(r)
+        return self.rooms[room]
+
+    def _fill(self, room: int) -> tuple:
+        n, x, X = self.n, self.x, self.x[1]
+        rev = np.full((n, n + 1), _INF, np.int64)
+        a, b = rev.copy(), rev.copy()
+        if room >= sum(x):  # every input stored at once: each block reversed alone, no cost
+            upper = np.triu(np.ones((n, n + 1), bool), 2)
+            b[upper], a[upper], rev[upper] = 0, 0, self.passes[upper]
+            rev[np.arange(n), np.arange(1, n + 1)] = a[np.arange(n), np.arange(1, n + 1)] = 0
+            return rev, a, b
+        if X <= room:
+            below = self.tables(room - X)[1]  # A of room - X: what rows 1.. split into
+            rev[np.arange(1, n), np.arange(2, n + 1)] = 0  # one block: its input is its tape
+            for j in range(3, n + 1):  # rows 1..j-2, children ending at m in 2..j-1
+                b[1:j - 1, j] = np.minimum(
+                    np.min(rev[1:j - 1, 2:j] + below[2:j, j], axis=1), _INF)
+                rev[1:j - 1, j] = np.minimum(self.passes[1:j - 1, j] + b[1:j - 1, j], _INF)
+            a[1:] = np.minimum(rev[1:], b[1:])
+        if x[0] <= room:  # row 0, last: with x_0 = 0 it splits into this room's own rows
+            first = a if x[0] == 0 else self.tables(room - x[0])[1]
+            rev[0, 1] = 0
+            for m in range(1, n):
+                if m >= 2:
+                    rev[0, m] = min(self.passes[0, m] + b[0, m], _INF)
+                b[0, m + 1:] = np.minimum(b[0, m + 1:], np.minimum(rev[0, m] + first[m, m + 1:],
+                                                                   _INF))
+            rev[0, n] = min(self.passes[0, n] + b[0, n], _INF) if n >= 2 else rev[0, n]
+            a[0] = np.minimum(rev[0], b[0])
+        return rev, a, b
+
+    def split(self, i: int, j: int, room: int) -> int:
+        return int(self.tables(room)[1][i, j])
+
+    def tree(self, i: int, j: int, room: int, whole: bool) -> tuple:
+        """The children of [i, j) that reach the least cost (a segment's own reversal if
+        ``whole`` allows and it is the least)."""
+        rev, a, b = self.tables(room)
+        if whole and rev[i, j] == a[i, j]:
+            return (self._reverse(i, j, room),)
+        rest = self.tables(room - self.x[i])[1]
+        for m in range(i + 1, j):
+            if rev[i, m] < _INF and rev[i, m] + rest[m, j] == b[i, j]:
+                return (self._reverse(i, m, room), *self.tree(m, j, room - self.x[i], True))
+        raise AssertionError("no split reaches the table's value")  # the tables are exact
+
+    def _reverse(self, i: int, j: int, room: int) -> Tree:
+        return (i, j, ()) if j == i + 1 else (i, j, self.tree(i, j, room, False))
+
+
+def _nested_by_recursion(costs: ChainCosts, budget: int, x: list[int]):
+    """``nested_optimal`` for any block input sizes: memoised over (i, j, room)."""
 
     @functools.cache
     def reverse(i, j, room):  # reverse [i, j) with x_i stored, in ``room`` bytes: (cost, tree)

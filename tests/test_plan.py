@@ -32,6 +32,7 @@ from ckpt_course.plan import (
     placement_cost,
     placement_policy,
     predict,
+    simulate_nested,
 )
 from ckpt_course.policies import Segments, parse_policy
 from ckpt_course.recompute import measure_recompute
@@ -432,3 +433,59 @@ def test_nested_policy_runs_and_recomputes_what_the_tree_predicts(gpt):
         nested.loss(batch).backward()
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(reference.parameters(),
                                                            nested.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_checkpointed_moments_in_prefix_sums_equal_the_event_walk(seed):
+    """The DP prices every checkpointed segment [i, j) at once from prefix sums and running
+    maxima; each must be segment_events' highest moment, term by term the same sums."""
+    from ckpt_course.plan import _Chain, segment_events, segment_flops
+
+    costs = random_costs(random.Random(seed), 9)
+    chain = _Chain(costs, segment_flops)
+    for i in range(costs.n):
+        for left in (False, True):
+            stops, tops, prices, _ = chain.ckpt[i, left]
+            assert list(stops) == list(range(i + 1, costs.n + 1))
+            for j, top, price in zip(stops, tops, prices, strict=True):
+                seg = (i, int(j), True)
+                assert top == max(e[0] for e in segment_events(costs, seg, left)), seg
+                assert price == segment_flops(costs, seg)
+
+
+def test_costs_too_large_for_int64_are_planned_exactly():
+    """FLOPs of 10^20 (and offload priced above all recompute) overflow int64: the fronts fall
+    back to Python integers and the answer is brute force's."""
+    rng = random.Random(5)
+    costs = random_menu_costs(rng, 4, 3)
+    costs = replace(costs, layers=tuple(replace(c, forward_flops=c.forward_flops * 10**20,
+                                                recompute_flops=c.recompute_flops * 10**20)
+                                        for c in costs.layers))
+    peaks = sorted(predict(costs, p).peak_bytes for p in all_placements(4, costs))
+    for budget in (peaks[0], peaks[len(peaks) // 3], peaks[-1]):
+        dp, brute = optimal(costs, budget, "flops"), brute_force(costs, budget, "flops")
+        assert (placement_cost(costs, dp.placement, "flops"), dp.peak_bytes) == (
+            placement_cost(costs, brute.placement, "flops"), brute.peak_bytes)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_nested_tables_equal_the_recursion_when_inputs_have_one_size(seed):
+    """Every transformer's block inputs have one size: nested_optimal then fills int64 tables
+    room by room; they must give the memoised recursion's least recompute at every budget,
+    with the first input counted or not (a batch made outside the meter)."""
+    from ckpt_course.plan import _boundary_bytes, _nested_by_recursion, nested_optimal
+
+    rng = random.Random(seed)
+    n = rng.randint(2, 12)
+    layers = tuple(replace(LayerCost.simple(3, 0, rng.randint(1, 9)),
+                           recompute_flops=rng.randint(0, 5)) for _ in range(n))
+    costs = ChainCosts(layers, TrunkCost(input_counted=seed % 2 == 0))
+    x = [_boundary_bytes(costs, k) for k in range(n)]
+    for budget in range(1, sum(x) + 4):
+        fast, slow = nested_optimal(costs, budget), _nested_by_recursion(costs, budget, x)
+        assert (fast is None) == (slow is None), budget
+        if fast is not None:
+            assert fast.recompute_flops == slow.recompute_flops, budget
+            assert fast.stored_bytes <= budget
+            assert simulate_nested(costs, fast.tree) == (fast.stored_bytes,
+                                                         fast.recompute_flops)
