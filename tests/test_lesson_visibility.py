@@ -43,8 +43,9 @@ BYTE_UNITS = {"B", "bytes"}
 
 
 # ---------------------------------------------------------------- what the learner sees
-def visible(nb) -> list[tuple[int, str]]:
-    """(cell index, line) as JupyterLab shows the notebook, collapsed parts folded."""
+def visible(nb, opened: int | None = None) -> list[tuple[int, str]]:
+    """(cell index, line) as JupyterLab shows the notebook, collapsed parts folded, except the
+    collapsed heading a learner opened to reach cell ``opened`` (a Predict in a Go deeper)."""
     lines: list[tuple[int, str]] = []
     hidden_below = None  # the level of the collapsed heading we are under
     for i, cell in enumerate(nb.cells):
@@ -56,13 +57,23 @@ def visible(nb) -> list[tuple[int, str]]:
         source = cell.source.splitlines()
         if cell.cell_type == "markdown":
             lines += [(i, line) for line in source]
-            if level is not None and cell.metadata.get(COLLAPSED):
+            if (level is not None and cell.metadata.get(COLLAPSED)
+                    and not (opened is not None and i < opened <= section_end(nb, i, level))):
                 hidden_below = level
         elif cell.cell_type == "code":
             if cell.metadata.get("jupyter", {}).get("source_hidden"):
                 source = source[:1]
             lines += [(i, line) for line in source]
     return lines
+
+
+def section_end(nb, start: int, level: int) -> int:
+    """The last cell under the heading at ``start`` (up to a heading of ``level`` or above)."""
+    for j in range(start + 1, len(nb.cells)):
+        below = heading_level(nb.cells[j])
+        if below is not None and below <= level:
+            return j - 1
+    return len(nb.cells) - 1
 
 
 def heading_level(cell) -> int | None:
@@ -74,11 +85,11 @@ def heading_level(cell) -> int | None:
 
 def predict_windows(nb) -> list[tuple[int, list[str], list[str]]]:
     """Per Predict cell: its index, its keys, and the lines visible up to one screen below it."""
-    shown = visible(nb)
     windows = []
     for i, cell in enumerate(nb.cells):
         if "predict" not in cell.metadata.get("tags", []):
             continue
+        shown = visible(nb, opened=i)
         last = max(k for k, (j, _) in enumerate(shown) if j == i)
         text = [line for _, line in shown[:last + 1 + SCREEN_LINES]]
         windows.append((i, keys_of(nb, i), text))

@@ -1,9 +1,12 @@
 """The lessons' shape: commit, then reveal. Each Predict cell holds only the learner's own
-answers (shipped as None); the derivation sits in a collapsed cell; a later cell reveals every
-answer; the notebooks ship without outputs, with the python3 kernel. And a lesson in which a
-learner typed a wrong prediction runs to the end and shows the gap and the reason."""
+answers (shipped as None); the derivation sits in a collapsed cell whose visible first line says
+nothing; a later cell reveals every answer; the notebooks ship without outputs, with the python3
+kernel. A "Go deeper" part is a heading JupyterLab shows collapsed, and the core never needs a
+name only a Go deeper cell defines (a learner may skip them). And a lesson in which a learner
+typed a wrong prediction runs to the end and shows the gap and the reason."""
 
 import ast
+import re
 from pathlib import Path
 
 import nbformat
@@ -51,6 +54,71 @@ def test_every_predict_ships_empty_and_is_revealed_after_its_derivation(lesson):
         derivation = [c for c in later[:shown] if tagged(c, "derivation")]
         assert derivation, f"Predict cell {i}: no derivation cell before its reveal"
         assert all(c.metadata["jupyter"]["source_hidden"] for c in derivation)
+
+
+def by_key(path: Path) -> bool:
+    """Does the lesson reveal by key (moved to the Predict tables of ckpt_course/predicts)?"""
+    nb = nbformat.read(path, as_version=4)
+    return any(isinstance(n, ast.Call) and getattr(n.func, "id", "") == "reveal"
+               and any(k.arg == "key" for k in n.keywords)
+               for c in nb.cells if c.cell_type == "code" for n in ast.walk(ast.parse(c.source)))
+
+
+KEYED = [p for p in LESSONS if by_key(p)]
+
+
+@pytest.mark.parametrize("path", KEYED, ids=[p.stem for p in KEYED])
+def test_a_collapsed_cells_visible_first_line_says_nothing(path):
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.metadata.get("jupyter", {}).get("source_hidden"):
+            first = cell.source.splitlines()[0]
+            assert first.startswith("# Derivation") and "=" not in first, first
+
+
+GO_DEEPER = re.compile(r"^(#{2,6}) Go deeper", re.M)
+HEADING = re.compile(r"^(#{1,6}) ", re.M)
+
+
+def core_and_deeper(nb):
+    """The code cells of the core and of the Go deeper parts, in order."""
+    core, deeper, level = [], [], None
+    for cell in nb.cells:
+        if cell.cell_type == "markdown" and (heads := HEADING.findall(cell.source)):
+            top = min(map(len, heads))
+            if level is not None and top <= level:
+                level = None
+            if m := GO_DEEPER.search(cell.source):
+                assert cell.metadata.get("jp-MarkdownHeadingCollapsed") is True, (
+                    f"{cell.source!r}: JupyterLab 4 collapses a heading by the cell's "
+                    "jp-MarkdownHeadingCollapsed metadata")
+                level = len(m.group(1))
+        elif cell.cell_type == "code":
+            (core if level is None else deeper).append(cell)
+    return core, deeper
+
+
+def stored(cell) -> set[str]:
+    tree = ast.parse(cell.source)
+    names = {n.id for n in ast.walk(tree)
+             if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    return names | {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.ClassDef)
+                    } | {a.arg for a in ast.walk(tree) if isinstance(a, ast.arg)}
+
+
+def loaded(cell) -> set[str]:
+    return {n.id for n in ast.walk(ast.parse(cell.source))
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+
+
+@pytest.mark.parametrize("path", KEYED, ids=[p.stem for p in KEYED])
+def test_the_core_runs_without_the_go_deeper_parts(path):
+    core, deeper = core_and_deeper(nbformat.read(path, as_version=4))
+    assert deeper, f"{path.name}: no Go deeper part"
+    only_deeper = set().union(*map(stored, deeper)) - set().union(*map(stored, core))
+    for cell in core:
+        assert not loaded(cell) & only_deeper, (
+            f"a core cell uses {loaded(cell) & only_deeper}, defined only under Go deeper")
 
 
 def test_lessons_ship_without_outputs_and_with_the_python3_kernel(lesson):
