@@ -170,7 +170,7 @@ def reveal(yours, derived, measured=None, *, key: str | None = None, given: dict
 # ------------------------------------------------------------------ the tables' judge
 STRICT_ENV = "CKPT_COURSE_STRICT_TABLES"
 UNIT_FACTOR_TOLERANCE = 1e-3  # a unit slip is named only at the unit's own factor
-WRONG_MATCH_TOLERANCE = 0.01  # a typed-in textbook figure is rounded: 0.33 for 1/3
+WRONG_MATCH_TOLERANCE = 0.02  # a typed-in textbook figure is rounded: 0.33 for 1/3
 BYTE_FACTORS: dict[float, str] = {
     4: "a factor of exactly 4: bytes where float32 elements were meant (4 bytes each)",
     1 / 4: "a factor of exactly 1/4: you counted float32 elements, not bytes (4 bytes each)",
@@ -294,9 +294,9 @@ FORM_CHECKS = {"number": _number, "count": _count, "tuple": _tuple, "set": _set,
 
 
 def _item(value):
-    """A name compares without case or surrounding blanks; 4.0 is 4."""
+    """A name compares without case, surrounding blanks or torch's "aten." prefix; 4.0 is 4."""
     if isinstance(value, str):
-        return value.strip().lower()
+        return value.strip().lower().removeprefix("aten.")
     if is_number(value) and float(value).is_integer():
         return int(value)
     return value
