@@ -143,6 +143,7 @@ def test_an_answer_of_the_wrong_form_gets_one_sentence_on_the_form(table):
     key, entry, derived, given = table
     for odd in odd_forms(derived):
         reason = judge(odd, derived, None, entry, given)
+        assert format_judged(odd, derived, None, entry, given).splitlines()[1] == f"  {reason}"
         assert reason.startswith("the answer is "), f"{key}: {odd!r} read {reason!r}"
         assert not re.search(r"\w[.!?] [A-Z]", reason) and "\n" not in reason, "one sentence"
 
@@ -211,8 +212,10 @@ def test_reveal_by_key_prints_the_tables_label_and_strict_mode_checks_the_answer
     out = capsys.readouterr().out
     assert out.startswith("re-run addmm in layers: yours [4, 4, 2, 2] | derivation (4, 4, 2, 2)")
     assert out.splitlines()[1] == "  right"
-    with pytest.raises(TypeError, match="not both"):
+    with pytest.raises(TypeError, match="come from the table"):
         reveal(1, 2, key="2.2/kept-full", why={2: "x"})
+    with pytest.raises(TypeError, match="come from the table"):
+        reveal(1, 2, key="2.2/kept-full", unit="B")
     monkeypatch.setenv(STRICT_ENV, "1")
     reveal(None, 4, 4, key="2.2/kept-full")  # the lesson's derivation agrees with the table
     with pytest.raises(AssertionError, match="table's answer"):
