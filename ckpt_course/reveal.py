@@ -173,7 +173,7 @@ STRICT_ENV = "CKPT_COURSE_STRICT_TABLES"
 UNIT_FACTOR_TOLERANCE = 1e-3  # a unit slip is named only at the unit's own factor
 WRONG_MATCH_TOLERANCE = 0.02  # a typed-in textbook figure is rounded: 0.33 for 1/3
 BYTE_FACTORS: dict[float, str] = {
-    4: "a factor of exactly 4: bytes where float32 elements were meant (4 bytes each)",
+    4: "a factor of exactly 4: the 4 bytes of a float32 counted twice",
     1 / 4: "a factor of exactly 1/4: you counted float32 elements, not bytes (4 bytes each)",
     1024: "a factor of exactly 1024: a unit slip (KiB against bytes, or MiB against KiB)",
     1 / 1024: "a factor of exactly 1/1024: a unit slip (bytes against KiB, or KiB against MiB)",
