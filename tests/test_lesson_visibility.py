@@ -21,7 +21,6 @@ Single-digit whole numbers are found only by the last two rules: as text they ar
 from __future__ import annotations
 
 import ast
-import copy
 import math
 import re
 from fractions import Fraction
@@ -64,6 +63,15 @@ def visible(nb, opened: frozenset[int] = frozenset()) -> list[tuple[int, str]]:
                 source = source[:1]
             lines += [(i, line) for line in source]
     return lines
+
+
+def section_end(nb, start: int, level: int) -> int:
+    """The last cell under the heading at ``start`` (up to a heading of ``level`` or above)."""
+    for j in range(start + 1, len(nb.cells)):
+        below = heading_level(nb.cells[j])
+        if below is not None and below <= level:
+            return j - 1
+    return len(nb.cells) - 1
 
 
 def heading_level(cell) -> int | None:
@@ -265,8 +273,7 @@ def derivation_after(nb, text: str) -> int:
 
 
 def broken(edit) -> list[str]:
-    nb = nbformat.read(HAND_TRACE, as_version=4)
-    nb = copy.deepcopy(nb)
+    nb = nbformat.read(HAND_TRACE, as_version=4)  # a fresh copy, in memory: the file is kept
     edit(nb)
     return lesson_leaks(nb)
 
