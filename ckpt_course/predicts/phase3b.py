@@ -155,6 +155,8 @@ PREDICTS: dict[str, Predict] = {
             Wrong(4, "two blocks, but each BatchNorm counts its own: the first one runs once in "
                      "forward and once in the recompute"),
         ),
+        over="one step runs the first BatchNorm twice: once in forward, once in the recompute",
+        under="the recompute is a forward too: it counts a batch as forward does",
     ),
     "3b.8/sequential-share": Predict(
         what="segments=1 / none", form="number", example="0.25",
@@ -169,5 +171,6 @@ PREDICTS: dict[str, Predict] = {
             Wrong(0.75, "the last segment runs plainly, and with segments=1 it is every block"),
         ),
         under="the only segment is the last, which runs plainly: it keeps everything",
+        over="a share above 1: a checkpointed run never keeps more than a plain one",
     ),
 }
