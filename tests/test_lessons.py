@@ -1,14 +1,20 @@
 """The lessons' shape: commit, then reveal. Each Predict cell holds only the learner's own
-answers (shipped as None); the derivation sits in a collapsed cell; a later cell reveals every
-answer; the notebooks ship without outputs, with the python3 kernel. And a lesson in which a
-learner typed a wrong prediction runs to the end and shows the gap and the reason."""
+answers (shipped as None); the derivation sits in a collapsed cell whose visible first line says
+nothing; a later cell reveals every answer; the notebooks ship without outputs, with the python3
+kernel. A "Go deeper" part is a heading JupyterLab shows collapsed, and the core never needs a
+name only a Go deeper cell defines (a learner may skip them). And a lesson in which a learner
+typed a wrong prediction runs to the end and shows the gap and the reason."""
 
 import ast
+import re
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
+
+from ckpt_course.predicts import lookup
+from ckpt_course.reveal import STRICT_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 LESSONS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -53,6 +59,71 @@ def test_every_predict_ships_empty_and_is_revealed_after_its_derivation(lesson):
         assert all(c.metadata["jupyter"]["source_hidden"] for c in derivation)
 
 
+def by_key(path: Path) -> bool:
+    """Does the lesson reveal by key (moved to the Predict tables of ckpt_course/predicts)?"""
+    nb = nbformat.read(path, as_version=4)
+    return any(isinstance(n, ast.Call) and getattr(n.func, "id", "") == "reveal"
+               and any(k.arg == "key" for k in n.keywords)
+               for c in nb.cells if c.cell_type == "code" for n in ast.walk(ast.parse(c.source)))
+
+
+KEYED = [p for p in LESSONS if by_key(p)]
+
+
+@pytest.mark.parametrize("path", KEYED, ids=[p.stem for p in KEYED])
+def test_a_collapsed_cells_visible_first_line_says_nothing(path):
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.metadata.get("jupyter", {}).get("source_hidden"):
+            first = cell.source.splitlines()[0]
+            assert first.startswith("# Derivation") and "=" not in first, first
+
+
+GO_DEEPER = re.compile(r"^(#{2,6}) Go deeper", re.M)
+HEADING = re.compile(r"^(#{1,6}) ", re.M)
+
+
+def core_and_deeper(nb):
+    """The code cells of the core and of the Go deeper parts, in order."""
+    core, deeper, level = [], [], None
+    for cell in nb.cells:
+        if cell.cell_type == "markdown" and (heads := HEADING.findall(cell.source)):
+            top = min(map(len, heads))
+            if level is not None and top <= level:
+                level = None
+            if m := GO_DEEPER.search(cell.source):
+                assert cell.metadata.get("jp-MarkdownHeadingCollapsed") is True, (
+                    f"{cell.source!r}: JupyterLab 4 collapses a heading by the cell's "
+                    "jp-MarkdownHeadingCollapsed metadata")
+                level = len(m.group(1))
+        elif cell.cell_type == "code":
+            (core if level is None else deeper).append(cell)
+    return core, deeper
+
+
+def stored(cell) -> set[str]:
+    tree = ast.parse(cell.source)
+    names = {n.id for n in ast.walk(tree)
+             if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    return names | {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.ClassDef)
+                    } | {a.arg for a in ast.walk(tree) if isinstance(a, ast.arg)}
+
+
+def loaded(cell) -> set[str]:
+    return {n.id for n in ast.walk(ast.parse(cell.source))
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+
+
+@pytest.mark.parametrize("path", KEYED, ids=[p.stem for p in KEYED])
+def test_the_core_runs_without_the_go_deeper_parts(path):
+    core, deeper = core_and_deeper(nbformat.read(path, as_version=4))
+    assert deeper, f"{path.name}: no Go deeper part"
+    only_deeper = set().union(*map(stored, deeper)) - set().union(*map(stored, core))
+    for cell in core:
+        assert not loaded(cell) & only_deeper, (
+            f"a core cell uses {loaded(cell) & only_deeper}, defined only under Go deeper")
+
+
 def test_lessons_ship_without_outputs_and_with_the_python3_kernel(lesson):
     assert lesson.metadata.kernelspec["name"] == "python3"
     for cell in lesson.cells:
@@ -78,3 +149,52 @@ def test_a_wrong_prediction_runs_to_the_end_and_shows_the_gap_and_the_reason():
     assert "derivation" in line and "measured" in line
     assert "off by x0.5" in reason and "two moments" in reason
     assert "no prediction made" in text  # the answers left empty say so
+
+
+MINE = [ROOT / "notebooks" / name for name in ("1_why_activations_eat_memory.ipynb",
+                                               "2_hand_trace_a_checkpointed_net.ipynb")]
+
+
+def reveal_keys(nb, i: int) -> dict[str, str]:
+    """The Predict cell i's answers and the table keys their reveals name."""
+    mine = set(answers(nb.cells[i]))
+    return {call.args[0].id: next(k.value.value for k in call.keywords if k.arg == "key")
+            for cell in nb.cells[i + 1:] if cell.cell_type == "code"
+            for call in ast.walk(ast.parse(cell.source))
+            if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "reveal"
+            and call.args and getattr(call.args[0], "id", "") in mine}
+
+
+def type_first_guesses(nb) -> dict[str, str]:
+    """Type each Predict's first typical wrong answer (its value) where the learner would;
+    return the reveal's label -> the reason it must print."""
+    expected = {}
+    for i, cell in enumerate(nb.cells):
+        if not tagged(cell, "predict"):
+            continue
+        for name, key in reveal_keys(nb, i).items():
+            entry = lookup(key)
+            wrong = entry.wrong[0]
+            value = wrong.value(entry.answer(), entry.given() if entry.given else {})
+            cell.source = cell.source.replace(f"{name} = None", f"{name} = {value!r}")
+            expected[entry.what] = wrong.reason
+    return expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", MINE, ids=[p.stem for p in MINE])
+def test_wrong_first_guesses_run_to_the_end_and_each_gets_its_reason(path, monkeypatch):
+    """Every Predict of lessons 1-2 answered wrong; the tables' answers must agree with the
+    lesson's derivations (strict), and each reveal prints the table's reason."""
+    nb = nbformat.read(path, as_version=4)
+    expected = type_first_guesses(nb)
+    monkeypatch.setenv(STRICT_ENV, "1")
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count for c in code), "the lesson stopped early"
+    lines = "".join(o.get("text", "") for c in code for o in c.outputs).splitlines()
+    for what, reason in expected.items():
+        head = next(i for i, line in enumerate(lines) if line.startswith(f"{what}: yours"))
+        assert reason in lines[head + 1], f"{what}: {lines[head + 1]!r}"
+    assert "no prediction made" not in "\n".join(lines)

@@ -1,13 +1,24 @@
-"""The reveal's reasons: a pure function from (yours, derived, the lesson's typical mistakes)."""
+"""The reveal's reasons: a pure function from (yours, the derivation, the measurement, the
+Predict's table). Every typical wrong answer of every table gets its own reason; an answer of
+the wrong form gets one sentence on the form. The older ``why=`` path is tested at the top."""
+
+import importlib
+import math
+import re
 
 import pytest
 
+from ckpt_course.predicts import Predict, Wrong, all_tables, lookup, module_for
 from ckpt_course.reveal import (
     NO_PREDICTION,
     RIGHT,
+    STRICT_ENV,
     describe_gap,
+    format_judged,
     format_reveal,
+    judge,
     likely_reason,
+    reveal,
 )
 
 
@@ -75,3 +86,134 @@ def test_the_gap_gives_ratio_and_difference_and_the_lesson_asks_right():
         likely_reason(1, 2, why=[(0.5, "half")])
     with pytest.raises(TypeError, match="labels"):
         format_reveal(1, 2, unit=4)
+
+
+# ---------------------------------------------------------------- reveals by key, from tables
+
+TABLES = all_tables()
+
+
+@pytest.fixture(params=sorted(TABLES))
+def table(request):
+    entry = TABLES[request.param]
+    return request.param, entry, entry.answer(), entry.given() if entry.given else {}
+
+
+def test_every_typical_wrong_answer_prints_its_own_reason(table):
+    key, entry, derived, given = table
+    for wrong in entry.wrong:
+        text = format_judged(wrong.value(derived, given), derived, derived, entry, given)
+        assert wrong.reason in text.splitlines()[1], f"{key}: {wrong.answer!r} read\n{text}"
+
+
+def test_the_typical_wrong_answers_are_wrong_and_tell_apart(table):
+    key, entry, derived, given = table
+    reasons = [judge(w.value(derived, given), derived, None, entry, given) for w in entry.wrong]
+    assert RIGHT not in reasons, f"{key}: a typical wrong answer counts as right"
+    assert [r == w.reason for r, w in zip(reasons, entry.wrong, strict=True)].count(True) >= 3
+
+
+def test_the_right_answer_is_right_in_any_container_and_empty_says_so(table):
+    key, entry, derived, given = table
+    assert judge(derived, derived, derived, entry, given) == RIGHT
+    if isinstance(derived, tuple):
+        assert judge(list(derived), derived, None, entry, given) == RIGHT  # a list for a tuple
+    if isinstance(derived, set | frozenset):
+        assert judge(sorted(derived), derived, None, entry, given) == RIGHT
+        assert judge(tuple(derived), derived, None, entry, given) == RIGHT
+    if isinstance(derived, str):
+        assert judge(f"  {derived.upper()} ", derived, None, entry, given) == RIGHT
+    assert judge(None, derived, None, entry, given) == NO_PREDICTION
+
+
+def odd_forms(derived):
+    """A string, a negative, NaN and another shape, for an answer of ``derived``'s form."""
+    if isinstance(derived, int | float):
+        return ["12", -abs(derived) - 1, math.nan, [derived, derived], {"a": 1}]
+    if isinstance(derived, tuple):
+        return ["(4, 4)", -1, math.nan, derived + derived, {1: 2}]
+    if isinstance(derived, set | frozenset):
+        return ["grads freed", -1, math.nan, {"no such name"}, {"a": 1}]
+    if isinstance(derived, dict):
+        return ["{4: 5}", -1, math.nan, [1, 2, 3, 4], {k: -1 for k in derived}]
+    return [12, -1, math.nan, ["a"], "zz"]
+
+
+def test_an_answer_of_the_wrong_form_gets_one_sentence_on_the_form(table):
+    key, entry, derived, given = table
+    for odd in odd_forms(derived):
+        reason = judge(odd, derived, None, entry, given)
+        assert reason.startswith("the answer is "), f"{key}: {odd!r} read {reason!r}"
+        assert not re.search(r"\w[.!?] [A-Z]", reason) and "\n" not in reason, "one sentence"
+
+
+def test_every_table_has_a_key_of_its_module_and_an_answer():
+    for key, entry in TABLES.items():
+        module = importlib.import_module(f"ckpt_course.predicts.{module_for(key)}")
+        assert module.PREDICTS[key] is entry is lookup(key)
+        assert entry.answer is not None, f"{key}: no answer() for the visibility test"
+    assert {k.split(".")[0] for k in TABLES} >= {"1", "2"}
+
+
+def number_table(**kw):
+    defaults = {"what": "bytes", "form": "number", "unit": "B", "wrong": (
+        Wrong(lambda d, g: d - 4, "the loss scalar"), Wrong(0, "zero"), Wrong(1, "one"))}
+    return Predict(**{**defaults, **kw})
+
+
+def test_a_unit_slip_is_named_only_at_that_units_exact_factor():
+    entry = number_table()
+    d = 3 * 2**20
+    assert "MB where MiB" in judge(3 * 10**6, d, None, entry)  # 3 MB typed for 3 MiB
+    assert "1024" in judge(d * 1024, d, None, entry)
+    assert "elements" in judge(d / 4, d, None, entry)
+    for near in (0.9 * d, 0.97 * d, 1.03 * d, 1.1 * d, 3.9 * d):  # 2-15% off: no unit named
+        reason = judge(near, d, None, entry)
+        assert "MB" not in reason and "MiB" not in reason and "factor" not in reason
+    assert judge(d - 4, d, None, entry) == "the loss scalar"  # the lesson's reason, not "close"
+    assert "1 MiB" in judge(3 * 2**20, 3, None, number_table(unit="A"))  # bytes asked in A
+
+
+def test_close_is_the_measurements_own_tolerance_and_the_measurement_can_be_the_judge():
+    entry = number_table(unit="", tolerance=0.05, judge="measured", wrong=(
+        Wrong(4 / 3, "the textbook 1.33: the measurement says otherwise"), Wrong(1, "no cost"),
+        Wrong(2, "a whole step")))
+    derived, measured = 1.33, 3.61
+    assert judge(1.33, derived, measured, entry).startswith("the textbook 1.33")
+    assert judge(3.5, derived, measured, entry) == RIGHT  # within the measurement's 5%
+    assert "more than" in judge(4.5, derived, measured, entry)
+    tight = number_table(unit="", tolerance=0.0)
+    assert judge(1.001, 1.0, None, tight) != RIGHT
+
+
+def test_a_negative_or_nan_is_a_form_not_an_under_estimate():
+    entry = number_table()
+    assert judge(-3, 5, None, entry).startswith("the answer is a number in B")
+    assert "negative" in judge(-3, 5, None, entry)
+    assert "nan" in judge(math.nan, 5, None, entry)
+    assert "drop the quotes" in judge("5", 5, None, entry)
+
+
+def test_a_table_needs_three_wrong_answers_and_a_known_form():
+    with pytest.raises(ValueError, match="three"):
+        number_table(wrong=(Wrong(0, "zero"),))
+    with pytest.raises(ValueError, match="form"):
+        number_table(form="float")
+    with pytest.raises(KeyError, match="section/name"):
+        lookup("rerun order")
+    with pytest.raises(KeyError, match="add its table"):
+        lookup("2.2/no-such-predict")
+
+
+def test_reveal_by_key_prints_the_tables_label_and_strict_mode_checks_the_answer(
+        capsys, monkeypatch):
+    reveal([4, 4, 2, 2], (4, 4, 2, 2), (4, 4, 2, 2), key="2.2/rerun-order")
+    out = capsys.readouterr().out
+    assert out.startswith("re-run addmm in layers: yours [4, 4, 2, 2] | derivation (4, 4, 2, 2)")
+    assert out.splitlines()[1] == "  right"
+    with pytest.raises(TypeError, match="not both"):
+        reveal(1, 2, key="2.2/kept-full", why={2: "x"})
+    monkeypatch.setenv(STRICT_ENV, "1")
+    reveal(None, 4, 4, key="2.2/kept-full")  # the lesson's derivation agrees with the table
+    with pytest.raises(AssertionError, match="table's answer"):
+        reveal(None, 5, 5, key="2.2/kept-full")

@@ -54,6 +54,7 @@ class Predict:
     over, under: the lesson's reason for any other number above / below the target; other: for
       any other wrong answer of the right form (a tuple, a set, a choice).
     answer: the derived value, recomputed from the package (for the visibility test).
+    given: the numbers the lesson passes to the rules, recomputed the same way (for the tests).
     example: how an answer of the right form looks, for the one-sentence form message.
     """
 
@@ -68,6 +69,7 @@ class Predict:
     under: str = ""
     other: str = ""
     answer: Callable[[], object] | None = None
+    given: Callable[[], dict] | None = None
     example: str = ""
     length: int | None = None  # a tuple's length, when the form says so
     keys: tuple = field(default=())  # a dict's keys

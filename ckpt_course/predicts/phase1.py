@@ -31,11 +31,25 @@ def _tiny():
     dropout = TinyGPT(GPTConfig(**{**cfg.__dict__, "dropout": 0.1}))
     batch = dropout.example_batch(B, generator=torch.Generator().manual_seed(0))
     dropout_tape = record_tape(dropout.loss, batch, model=dropout)
+    block_tape = record_tape(model.blocks[0], x)
+    model_batch = model.example_batch(B, generator=torch.Generator().manual_seed(0))
     return {"n_params": sum(p.numel() for p in model.parameters()),
             "n_tensors": len(list(model.parameters())),
-            "block": record_tape(model.blocks[0], x).activation_bytes,
+            "block": block_tape.activation_bytes, "block_tape": block_tape,
+            "tape": record_tape(model.loss, model_batch, model=model),
             "dropout_block": dropout_tape.by_module()["blocks.1"],
             "x": x.nbytes, "n_layer": cfg.n_layer}
+
+
+def _qkv_bytes(block_tape) -> int:
+    """The storage SDPA saves three views of (q, k, v)."""
+    return next(e.nbytes for e in block_tape.entries if e.times_saved == 3)
+
+
+def _llama_7b() -> dict:
+    from ..models import llama_config
+
+    return vars(llama_config("7b"))
 
 
 def _llama_7b_params() -> int:
@@ -61,7 +75,7 @@ def _gpt_best_n() -> int:
 PREDICTS: dict[str, Predict] = {
     "1.1/adamw-state": Predict(
         what="AdamW state", form="number", unit="B", example="8 * 1000 + 4 * 3",
-        answer=lambda: 8 * _tiny()["n_params"] + 4 * _tiny()["n_tensors"],
+        answer=lambda: 8 * _tiny()["n_params"] + 4 * _tiny()["n_tensors"], given=_tiny,
         wrong=(
             Wrong(lambda d, g: 8 * g["n_params"],
                   "two moments, right, but AdamW also keeps a `step` counter per parameter "
@@ -94,8 +108,8 @@ PREDICTS: dict[str, Predict] = {
               "the activations alone follow the batch",
         over="more than the tokens grow: every saved tensor has one batch dimension"),
     "1.1/7b-params": Predict(
-        what="7B parameters", form="number", tolerance=1e-3, example="32 * (4 * 4096**2) + ...",
-        answer=_llama_7b_params,
+        what="7B parameters", form="number", tolerance=1e-3, example="c7.vocab_size * c7.d_model",
+        answer=_llama_7b_params, given=_llama_7b,
         wrong=(
             Wrong(lambda d, g: d - 2 * g["vocab_size"] * g["d_model"],
                   "add the embedding and the head: vocab x d each"),
@@ -112,14 +126,15 @@ PREDICTS: dict[str, Predict] = {
         over="more than the matrices listed: count per layer 4 d^2 + 3 d d_ff + 2 d"),
     "1.2/blocks-bytes": Predict(
         what="4 blocks", form="number", unit="B", example="4 * 1024",
-        answer=lambda: _tiny()["n_layer"] * _tiny()["block"],
+        tolerance=0.0025,  # read off the tape's printed MiB (3 digits), times 4
+        answer=lambda: _tiny()["n_layer"] * _tiny()["block"], given=_tiny,
         wrong=(
             Wrong(lambda d, g: d / g["n_layer"], "that is one block; the model has four"),
-            Wrong(lambda d, g: g["model_tape"],
+            Wrong(lambda d, g: g["tape"].activation_bytes,
                   "that is the whole tape: the embeddings and the head save tensors too"),
-            Wrong(lambda d, g: d + 2 * g["n_layer"] * g["qkv"],
+            Wrong(lambda d, g: d + 2 * g["n_layer"] * _qkv_bytes(g["block_tape"]),
                   "q, k and v are three views of one storage ('x saved' 3): count it once"),
-            Wrong(lambda d, g: d + g["n_layer"] * g["block_params"],
+            Wrong(lambda d, g: d + g["n_layer"] * g["block_tape"].param_bytes,
                   "weights (param = yes) exist anyway: they are not activations"),
             Wrong(lambda d, g: g["n_layer"] * g["x"],
                   "a block saves far more than its input: every Linear's input, GELU's, q k v..."),
@@ -129,6 +144,7 @@ PREDICTS: dict[str, Predict] = {
     "1.3/saving-bytes": Predict(
         what="forward keeps less by", form="number", unit="B", example="5 * 1024",
         answer=lambda: _tiny()["dropout_block"] - _tiny()["x"],
+        given=lambda: {**_tiny(), "block_1_2": _tiny()["block"]},
         wrong=(
             Wrong(lambda d, g: d + g["x"], "the checkpoint keeps block 1's input x"),
             Wrong(lambda d, g: g["block_1_2"] - g["x"],
@@ -154,6 +170,7 @@ PREDICTS: dict[str, Predict] = {
     "1.4/best-n": Predict(
         what="best N", form="count", example="3",
         answer=lambda: min(range(1, L + 1), key=lambda n: math.ceil(L / n) + n),
+        given=lambda: {"L": L},
         wrong=(
             Wrong(1, "every-1 saves nothing here: each layer's input is a saved output anyway"),
             Wrong(lambda d, g: g["L"], "one segment rebuilds all the layers at once in backward"),
@@ -165,7 +182,7 @@ PREDICTS: dict[str, Predict] = {
         other="the peak ceil(L/N) + N is smallest where the two terms meet"),
     "1.4/peak-at-4": Predict(
         what="peak at N = 4", form="number", unit="act", tolerance=0.04, example="6.5",
-        answer=lambda: float(math.ceil(L / ACT_N) + ACT_N),
+        answer=lambda: float(math.ceil(L / ACT_N) + ACT_N), given=lambda: {"L": L},
         wrong=(
             Wrong(lambda d, g: math.ceil(g["L"] / ACT_N),
                   "add the 4 rebuilt layers to the 4 stored segment inputs"),
@@ -183,7 +200,7 @@ PREDICTS: dict[str, Predict] = {
         over="more than the 4 stored inputs plus the 4 layers rebuilt at once"),
     "1.4/gpt-best-n": Predict(
         what="GPT best N", form="count", example="3",
-        answer=_gpt_best_n,
+        answer=_gpt_best_n, given=lambda: {"L": 8},
         wrong=(
             Wrong(lambda d, g: round(math.sqrt(g["L"])),
                   "that is sqrt(L): a block's tape is r inputs, which moves the bottom to "

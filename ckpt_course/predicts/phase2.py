@@ -199,7 +199,7 @@ PREDICTS: dict[str, Predict] = {
         other="add, per layer: activations still needed + gradient in + gradients out + "
               "weight gradients made so far"),
     "2.5/saved-full": Predict(
-        what="full keeps", form="number", unit="A", example="2",
+        what="full keeps after forward", form="number", unit="A", example="2",
         answer=lambda: 3.0,
         wrong=(
             Wrong(4, "x is baseline and h4 is no block's input: only h1, h2, h3 are kept"),
