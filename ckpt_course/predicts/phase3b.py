@@ -3,15 +3,25 @@ learners give, each with its reason.
 
 Most answers here are facts of torch's behaviour (a count, a step, a set of cases), so the
 ``answer`` functions return them; 3b.6's derivation is the FLOP model the section refutes,
-recomputed by counting FLOPs, and its reveal is judged against the clock.
+recomputed by counting FLOPs, and its reveal is judged against the clock. Where the lesson's
+numbers come from a process's memory or a compile (3b.1, 3b.4) or a clock (3b.6), ``given`` holds
+values typical of a 2-core CPU for the tests; a lesson passes its own.
 """
 
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 
 from . import Predict, Wrong
 
+# 3b.5's case names (pitfalls.DDP_CASES; a test keeps them equal)
+DDP_CASES = ("non-reentrant", "reentrant", "reentrant + find_unused_parameters",
+             "reentrant + find_unused_parameters + static_graph",
+             "reentrant, module checkpointed twice",
+             "reentrant, module checkpointed twice + static_graph",
+             "non-reentrant, module checkpointed twice",
+             "non-reentrant, twice + find_unused_parameters")
 RAISING = frozenset({"reentrant + find_unused_parameters", "reentrant, module checkpointed twice"})
 HIGH_WATER = ("peak RSS is the most the process ever held: after none's step it cannot go down, "
               "whatever full saves")
@@ -28,16 +38,25 @@ def _tiny_flop_model() -> float:
     return round(1 + r.flops / r.step_flops, 3)
 
 
-def _ddp_cases() -> tuple:
-    from ..pitfalls import DDP_CASES
+_RSS_NONE = SimpleNamespace(meter_saved_bytes=9_437_184, meter_peak_bytes=13_107_200,
+                            peak_rss_bytes=524_288_000)
+_RSS_FULL = SimpleNamespace(meter_saved_bytes=2_359_296, meter_peak_bytes=6_291_456,
+                            peak_rss_bytes=524_288_000)
 
-    return tuple(DDP_CASES)
+
+@functools.cache
+def _hand_runs() -> dict:
+    """3b.1's genuine case: one step of the hand-trace net under none and every-2, metered."""
+    from ..models import HandTraceNet
+    from ..train import measure_step
+
+    return {"runs": {p: measure_step(HandTraceNet(), p) for p in ("none", "every-2")}}
 
 
 PREDICTS: dict[str, Predict] = {
     "3b.1/rss-drop": Predict(
         what="peak RSS drop", form="number", unit="B", example="0",
-        answer=lambda: 0,
+        answer=lambda: 0, given=lambda: {"none": _RSS_NONE, "full": _RSS_FULL},
         wrong=(
             Wrong(lambda d, g: g["none"].meter_saved_bytes - g["full"].meter_saved_bytes,
                   f"that is what the meter's live bytes drop by: {HIGH_WATER}"),
@@ -50,7 +69,7 @@ PREDICTS: dict[str, Predict] = {
     ),
     "3b.1/every2-peak-ratio": Predict(
         what="every-2 / none peak", form="number", example="0.5",
-        answer=lambda: 1.0,
+        answer=lambda: 1.0, given=_hand_runs,
         wrong=(
             Wrong(0.5, "every-2 drops half the saved activations, not half the peak: the peak is "
                        "in layer 2's backward, made of weight gradients"),
@@ -95,6 +114,7 @@ PREDICTS: dict[str, Predict] = {
     "3b.4/compile-saved-at-zero": Predict(
         what="compile keeps at budget 0", form="number", unit="B", example="0",
         answer=lambda: 0,
+        given=lambda: {"eager": 81_920, "input": 16_384, "compiled": {1.0: 65_536, 0.0: 0}},
         wrong=(
             Wrong(lambda d, g: g["eager"],
                   "that is what eager keeps: at budget 0 compile keeps nothing, every activation "
@@ -110,7 +130,7 @@ PREDICTS: dict[str, Predict] = {
     ),
     "3b.5/ddp-raises": Predict(
         what="cases that raise", form="set", example='{"reentrant"}',
-        choices=(), answer=lambda: set(RAISING),
+        choices=DDP_CASES, answer=lambda: set(RAISING),
         wrong=(
             Wrong({"reentrant + find_unused_parameters"},
                   "a module checkpointed twice under reentrant raises too: two inner backward "
@@ -119,7 +139,7 @@ PREDICTS: dict[str, Predict] = {
                   "find_unused_parameters walks the graph after forward; reentrant checkpoint "
                   "hides b's parameters inside its node, so DDP marks them ready as unused, then "
                   "the inner backward marks them again"),
-            Wrong(lambda d, g: {c for c in _ddp_cases() if c.startswith("reentrant")},
+            Wrong({c for c in DDP_CASES if c.startswith("reentrant")},
                   "static_graph=True learns the first iteration's order of ready gradients and "
                   "expects it again, and plain reentrant with no shared module is fine"),
             Wrong(set(), "two cases raise: reentrant with find_unused_parameters, and a module "
@@ -131,7 +151,7 @@ PREDICTS: dict[str, Predict] = {
     "3b.6/tiny-ratio": Predict(
         what="tiny net, full / none", form="number", example="1.3", judge="measured",
         tolerance=0.3,  # a median of 7 interleaved rounds of microsecond ops: see its spread
-        answer=_tiny_flop_model,
+        answer=_tiny_flop_model, given=lambda: {"measured": 3.6},
         wrong=(
             Wrong(lambda d, g: d,
                   "that is the FLOP model: checkpoint's bookkeeping per region (saving inputs "

@@ -37,9 +37,15 @@ def _lesson() -> dict:
     recompute = sum(sum(c.forward_flops for c in costs.layers[start:stop - 1])
                     + costs.layers[stop - 1].recompute_flops
                     for start, stop, checkpointed in plan.best.placement if checkpointed)
-    return {"state": 2 * 4 * sum(p.numel() for p in params) + 4 * len(params),
-            "block": record_tape(model.blocks[0], x).activation_bytes,
-            "plan_recompute": recompute, "plan_peak": plan.best.peak_bytes,
+    return {"n_elements": sum(p.numel() for p in params), "n_tensors": len(params),
+            "state": 2 * 4 * sum(p.numel() for p in params) + 4 * len(params),
+            "x_bytes": x.nbytes, "block": model.blocks[0],
+            "failed_at": 3,  # for the tests: the lesson passes the block that failed
+            "costs": costs, "placement": plan.best.placement, "full": full.recompute_flops,
+            "budget": tight, "plan_peak": plan.best.peak_bytes, "full_peak": full.peak_bytes,
+            "none_peak": predict(costs, "none").peak_bytes,
+            "block_bytes": record_tape(model.blocks[0], x).activation_bytes,
+            "plan_recompute": recompute,
             "model": model, "batch": batch, "tight": tight}
 
 
@@ -70,7 +76,7 @@ def griewank_forwards(n: int, slots: int) -> int:
 PREDICTS: dict[str, Predict] = {
     "4.1/adamw-state": Predict(
         what="step 2 - step 1", form="number", unit="B", example="8 * 1000 + 4 * 3",
-        answer=lambda: _lesson()["state"],
+        answer=lambda: _lesson()["state"], given=_lesson,
         wrong=(
             Wrong(lambda d, g: 8 * g["n_elements"],
                   "two moments, right, but AdamW also keeps a `step` counter per parameter "
@@ -92,7 +98,7 @@ PREDICTS: dict[str, Predict] = {
     ),
     "4.2/block-bytes": Predict(
         what="a finished block", form="number", unit="B", example="3 * 4 * B * T * C",
-        answer=lambda: _lesson()["block"],
+        answer=lambda: _lesson()["block_bytes"], given=_lesson,
         wrong=(
             Wrong(lambda d, g: d - g["x_bytes"],
                   "add the block's output: the next block saves it as its input, and the doctor "
@@ -107,21 +113,21 @@ PREDICTS: dict[str, Predict] = {
     ),
     "4.3/plan-recompute": Predict(
         what="the plan recomputes", form="number", unit="FLOPs", example="2 * 1000 + 500",
-        answer=lambda: _lesson()["plan_recompute"],
+        answer=lambda: _lesson()["plan_recompute"], given=_lesson,
         wrong=(
             Wrong(lambda d, g: _segments(g, "forward_flops", "forward_flops"),
                   "each segment's last block stops early (3.1's early stop): count its "
                   "recompute_flops, not its forward_flops"),
-            Wrong(lambda d, g: _segments(g, "recompute_flops", "recompute_flops"),
-                  "only a segment's last block stops early: the blocks before it re-run whole, "
-                  "because the next block needs their outputs"),
+            Wrong(lambda d, g: sum(c.forward_flops for c in g["costs"].layers),
+                  "that re-runs every block whole: the plan checkpoints only the segments it "
+                  "lists, and each segment's last block stops early"),
             Wrong(lambda d, g: g["full"],
                   "that is full's recompute: the plan checkpoints only the segments it lists"),
         ),
     ),
     "4.3/menu-peak": Predict(
         what="the menu plan's peak", form="number", unit="B", example="5 * 2**20",
-        answer=_menu_peak,
+        answer=_menu_peak, given=_lesson,
         wrong=(
             Wrong(lambda d, g: g["budget"], BUDGET_IS),
             Wrong(lambda d, g: g["plan_peak"],
@@ -147,7 +153,7 @@ PREDICTS: dict[str, Predict] = {
     ),
     "4.4/prescribed-peak": Predict(
         what="prescribed peak", form="number", unit="B", example="5 * 2**20",
-        answer=lambda: _lesson()["plan_peak"],
+        answer=lambda: _lesson()["plan_peak"], given=_lesson,
         wrong=(
             Wrong(lambda d, g: g["budget"], BUDGET_IS),
             Wrong(lambda d, g: g["none_peak"],
