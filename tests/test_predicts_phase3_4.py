@@ -8,13 +8,16 @@ its refutation. The lessons' sizes below are typed from the notebooks, not read 
 """
 
 import math
+from pathlib import Path
 from types import SimpleNamespace as NS
 
+import nbformat
 import pytest
 import torch
+from nbclient import NotebookClient
 
 from ckpt_course.predicts import all_tables, lookup
-from ckpt_course.reveal import NO_PREDICTION, RIGHT, judge
+from ckpt_course.reveal import NO_PREDICTION, RIGHT, STRICT_ENV, judge
 
 # 3.1 and 3.3: the tiny GPT (GPTConfig()) at batch 8
 B, T, C, L, V, H = 8, 128, 128, 4, 256, 4
@@ -194,3 +197,28 @@ def test_the_tables_name_what_the_package_names():
 
     assert set(lookup("3.4/save-ops").choices) == set(OP_NAMES)
     assert lookup("3b.5/ddp-raises").choices == tuple(DDP_CASES)
+
+
+LESSONS = [Path(__file__).resolve().parents[1] / "notebooks" / name for name in (
+    "3_choosing_a_policy.ipynb", "3b_pitfalls.ipynb", "4_diagnose_a_real_oom.ipynb",
+    "4b_your_model.ipynb")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", LESSONS, ids=[p.stem for p in LESSONS])
+def test_wrong_first_guesses_run_to_the_end_and_each_gets_its_reason(path, monkeypatch):
+    """Every Predict of lessons 3-4b answered with its first typical wrong answer; the tables'
+    answers must agree with the lesson's derivations (strict), each reveal prints its reason."""
+    from test_lessons import type_first_guesses
+
+    nb = nbformat.read(path, as_version=4)
+    expected = type_first_guesses(nb)
+    monkeypatch.setenv(STRICT_ENV, "1")
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count for c in code), "the lesson stopped early"
+    lines = "".join(o.get("text", "") for c in code for o in c.outputs).splitlines()
+    for what, reason in expected.items():
+        head = next(i for i, line in enumerate(lines) if line.startswith(f"{what}: yours"))
+        assert reason in lines[head + 1], f"{what}: {lines[head + 1]!r}"
