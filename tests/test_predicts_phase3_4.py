@@ -118,19 +118,22 @@ CASES = {
         (8 * N_EL, "`step` counter"), (4 * N_EL + 4 * N_T, "not one"),
         (4 * N_EL, "and a counter"), (12 * N_EL + 4 * N_T, "includes the parameters"),
         (16 * N_EL + 4 * N_T, "parameters + gradients + state"), (2 * N_EL + N_T, "elements")]),
-    "4.2/block-bytes": (5_000, 5_000, {"x_bytes": 1_000, "failed_at": 3, "block": BLOCK}, [
+    "4.2/block-bytes": (5_000, 5_000, {"x": torch.zeros(250), "failed_at": 3,
+                                       "model": NS(blocks=[BLOCK])}, [
         (4_000, "add the block's output"), (6_000, "output twice"),
         (5_080, "counted apart"), (15_000, "all the finished blocks")]),
-    "4.3/plan-recompute": (PLAN, PLAN, {"costs": COSTS, "placement": PLACEMENT, "full": 999}, [
+    "4.3/plan-recompute": (PLAN, PLAN, {"costs": COSTS, "plan": NS(best=NS(placement=PLACEMENT)),
+                                        "full": NS(recompute_flops=999)}, [
         (200, "stops early"), (300, "every block whole"), (999, "full's recompute")]),
-    "4.3/menu-peak": (9_000, 9_000, {"budget": 9_500, "plan_peak": 8_800, "state": 2_000}, [
+    "4.3/menu-peak": (9_000, 9_000, {"budget": 9_500, "plan": NS(best=NS(peak_bytes=8_800)),
+                                     "state": 2_000}, [
         (9_500, "that is the budget"), (8_800, "plain-or-checkpointed plan"),
         (7_000, "step 1's peak")]),
     "4.3/nested-forwards": (465, 465, {}, [
         (496, "never re-run"), (1024, "not 32 for each"), (31, "square of the length"),
         (32, "own forward")]),
     "4.4/prescribed-peak": (9_000, 9_000, {"budget": 9_500, "none_peak": 12_000,
-                                           "full_peak": 6_000}, [
+                                           "full": NS(peak_bytes=6_000)}, [
         (9_500, "that is the budget"), (12_000, "ran out of memory"), (6_000, "full's peak")]),
     "4b.1/gpt2-layer": (GPT2, GPT2, {}, [
         (SBH * (34 + 5 * A * 32 // 64), "the paper's count"),

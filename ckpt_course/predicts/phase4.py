@@ -39,10 +39,8 @@ def _lesson() -> dict:
                     for start, stop, checkpointed in plan.best.placement if checkpointed)
     return {"n_elements": sum(p.numel() for p in params), "n_tensors": len(params),
             "state": 2 * 4 * sum(p.numel() for p in params) + 4 * len(params),
-            "x_bytes": x.nbytes, "block": model.blocks[0],
-            "failed_at": 3,  # for the tests: the lesson passes the block that failed
-            "costs": costs, "placement": plan.best.placement, "full": full.recompute_flops,
-            "budget": tight, "plan_peak": plan.best.peak_bytes, "full_peak": full.peak_bytes,
+            "x": x, "failed_at": 3,  # for the tests: the lesson passes the block that failed
+            "costs": costs, "plan": plan, "full": full, "budget": tight,
             "none_peak": predict(costs, "none").peak_bytes,
             "block_bytes": record_tape(model.blocks[0], x).activation_bytes,
             "plan_recompute": recompute,
@@ -64,7 +62,7 @@ def _segments(g: dict, inner: str, last: str) -> int:
     layers = g["costs"].layers
     return sum(sum(getattr(c, inner) for c in layers[start:stop - 1])
                + getattr(layers[stop - 1], last)
-               for start, stop, checkpointed in g["placement"] if checkpointed)
+               for start, stop, checkpointed in g["plan"].best.placement if checkpointed)
 
 
 def griewank_forwards(n: int, slots: int) -> int:
@@ -100,12 +98,12 @@ PREDICTS: dict[str, Predict] = {
         what="a finished block", form="number", unit="B", example="3 * 4 * B * T * C",
         answer=lambda: _lesson()["block_bytes"], given=_lesson,
         wrong=(
-            Wrong(lambda d, g: d - g["x_bytes"],
+            Wrong(lambda d, g: d - g["x"].nbytes,
                   "add the block's output: the next block saves it as its input, and the doctor "
                   "labels it with the block that made it"),
-            Wrong(lambda d, g: d + g["x_bytes"],
+            Wrong(lambda d, g: d + g["x"].nbytes,
                   "you counted the output twice: it is the next block's input, held once"),
-            Wrong(lambda d, g: d + sum(p.nbytes for p in g["block"].parameters()),
+            Wrong(lambda d, g: d + sum(p.nbytes for p in g["model"].blocks[0].parameters()),
                   "the block's parameters are counted apart (parameters), not in its tape"),
             Wrong(lambda d, g: g["failed_at"] * d,
                   "that is all the finished blocks: the question is one of them"),
@@ -121,7 +119,7 @@ PREDICTS: dict[str, Predict] = {
             Wrong(lambda d, g: sum(c.forward_flops for c in g["costs"].layers),
                   "that re-runs every block whole: the plan checkpoints only the segments it "
                   "lists, and each segment's last block stops early"),
-            Wrong(lambda d, g: g["full"],
+            Wrong(lambda d, g: g["full"].recompute_flops,
                   "that is full's recompute: the plan checkpoints only the segments it lists"),
         ),
     ),
@@ -130,7 +128,7 @@ PREDICTS: dict[str, Predict] = {
         answer=_menu_peak, given=_lesson,
         wrong=(
             Wrong(lambda d, g: g["budget"], BUDGET_IS),
-            Wrong(lambda d, g: g["plan_peak"],
+            Wrong(lambda d, g: g["plan"].best.peak_bytes,
                   "that is the plain-or-checkpointed plan's peak: the menu's plan is another "
                   "placement, read its per-block table"),
             Wrong(lambda d, g: d - g["state"],
@@ -153,13 +151,13 @@ PREDICTS: dict[str, Predict] = {
     ),
     "4.4/prescribed-peak": Predict(
         what="prescribed peak", form="number", unit="B", example="5 * 2**20",
-        answer=lambda: _lesson()["plan_peak"], given=_lesson,
+        answer=lambda: _lesson()["plan"].best.peak_bytes, given=_lesson,
         wrong=(
             Wrong(lambda d, g: g["budget"], BUDGET_IS),
             Wrong(lambda d, g: g["none_peak"],
                   "that is the plain run's step-2 peak, the one that ran out of memory: the "
                   "prescription checkpoints"),
-            Wrong(lambda d, g: g["full_peak"],
+            Wrong(lambda d, g: g["full"].peak_bytes,
                   "that is full's peak: the plan checkpoints only what the budget needs"),
         ),
     ),
