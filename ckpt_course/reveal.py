@@ -159,8 +159,9 @@ def reveal(yours, derived, measured=None, *, key: str | None = None, given: dict
     if key is None:
         print(format_reveal(yours, derived, measured, what=what, unit=unit, why=why))
         return
-    if why is not None:
-        raise TypeError("pass key= (the table's typical mistakes) or why=, not both")
+    if why is not None or what or unit:
+        raise TypeError("with key=, the label, unit and typical mistakes come from the table: "
+                        "drop what=, unit= and why=")
     entry = lookup(key)
     if os.environ.get(STRICT_ENV):
         check_table(key, entry, derived)
@@ -170,7 +171,7 @@ def reveal(yours, derived, measured=None, *, key: str | None = None, given: dict
 # ------------------------------------------------------------------ the tables' judge
 STRICT_ENV = "CKPT_COURSE_STRICT_TABLES"
 UNIT_FACTOR_TOLERANCE = 1e-3  # a unit slip is named only at the unit's own factor
-WRONG_MATCH_TOLERANCE = 0.01  # a typed-in textbook figure is rounded: 0.33 for 1/3
+WRONG_MATCH_TOLERANCE = 0.02  # a typed-in textbook figure is rounded: 0.33 for 1/3
 BYTE_FACTORS: dict[float, str] = {
     4: "a factor of exactly 4: bytes where float32 elements were meant (4 bytes each)",
     1 / 4: "a factor of exactly 1/4: you counted float32 elements, not bytes (4 bytes each)",
@@ -201,10 +202,11 @@ def judge(yours, derived, measured, entry: Predict, given: dict | None = None) -
         return NO_PREDICTION
     try:
         mine = conform(yours, entry, derived)
-        target = conform(measured if entry.judge == "measured" and measured is not None
-                         else derived, entry, derived)
     except FormError as error:
         return str(error)
+    # the lesson's own value: a form error here is the lesson's, and raises
+    target = conform(measured if entry.judge == "measured" and measured is not None else derived,
+                     entry, derived)
     if same(mine, target, entry):
         return RIGHT
     typical = typical_reason(mine, derived, entry, given or {})
@@ -294,9 +296,9 @@ FORM_CHECKS = {"number": _number, "count": _count, "tuple": _tuple, "set": _set,
 
 
 def _item(value):
-    """A name compares without case or surrounding blanks; 4.0 is 4."""
+    """A name compares without case, surrounding blanks or torch's "aten." prefix; 4.0 is 4."""
     if isinstance(value, str):
-        return value.strip().lower()
+        return value.strip().lower().removeprefix("aten.")
     if is_number(value) and float(value).is_integer():
         return int(value)
     return value
@@ -354,8 +356,17 @@ def format_judged(yours, derived, measured, entry: Predict, given: dict | None =
     if reason == RIGHT and entry.tolerance:
         reason = f"right (within the measurement's spread, {entry.tolerance:.0%})"
     target = measured if entry.judge == "measured" and measured is not None else derived
-    gap = describe_gap(yours, target, entry.unit) if reason not in (NO_PREDICTION,) else ""
+    gap = describe_gap(yours, target, entry.unit) if _has_form(yours, entry, derived) else ""
     return f"{line}\n  {gap}: {reason}" if gap else f"{line}\n  {reason}"
+
+
+def _has_form(yours, entry: Predict, derived) -> bool:
+    """An answer of the expected form (a gap to a string or NaN would say nothing)."""
+    try:
+        conform(yours, entry, derived)
+    except FormError:
+        return False
+    return not unanswered(yours)
 
 
 def check_table(key: str, entry: Predict, derived) -> None:

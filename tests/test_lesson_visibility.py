@@ -21,7 +21,6 @@ Single-digit whole numbers are found only by the last two rules: as text they ar
 from __future__ import annotations
 
 import ast
-import copy
 import math
 import re
 from fractions import Fraction
@@ -273,8 +272,7 @@ def derivation_after(nb, text: str) -> int:
 
 
 def broken(edit) -> list[str]:
-    nb = nbformat.read(HAND_TRACE, as_version=4)
-    nb = copy.deepcopy(nb)
+    nb = nbformat.read(HAND_TRACE, as_version=4)  # a fresh copy, in memory: the file is kept
     edit(nb)
     return lesson_leaks(nb)
 

@@ -147,6 +147,7 @@ def test_an_answer_of_the_wrong_form_gets_one_sentence_on_the_form(table):
     key, entry, derived, given = table
     for odd in odd_forms(derived):
         reason = judge(odd, derived, None, entry, given)
+        assert format_judged(odd, derived, None, entry, given).splitlines()[1] == f"  {reason}"
         assert reason.startswith("the answer is "), f"{key}: {odd!r} read {reason!r}"
         assert not re.search(r"\w[.!?] [A-Z]", reason) and "\n" not in reason, "one sentence"
 
@@ -215,9 +216,48 @@ def test_reveal_by_key_prints_the_tables_label_and_strict_mode_checks_the_answer
     out = capsys.readouterr().out
     assert out.startswith("re-run addmm in layers: yours [4, 4, 2, 2] | derivation (4, 4, 2, 2)")
     assert out.splitlines()[1] == "  right"
-    with pytest.raises(TypeError, match="not both"):
+    with pytest.raises(TypeError, match="come from the table"):
         reveal(1, 2, key="2.2/kept-full", why={2: "x"})
+    with pytest.raises(TypeError, match="come from the table"):
+        reveal(1, 2, key="2.2/kept-full", unit="B")
     monkeypatch.setenv(STRICT_ENV, "1")
     reveal(None, 4, 4, key="2.2/kept-full")  # the lesson's derivation agrees with the table
     with pytest.raises(AssertionError, match="table's answer"):
         reveal(None, 5, 5, key="2.2/kept-full")
+
+
+# Answers typed as a learner types them: rounded, in another unit, another container, a short
+# op name. Each must get the reason of the mistake it makes (or "right").
+TYPED = [
+    ("1.1/adamw-state", lambda g: 2 * 4 * g["n_params"], "counter"),
+    ("1.1/adamw-state", lambda g: 16 * g["n_params"], "parameters + gradients"),
+    ("1.1/adamw-state", lambda g: 4 * g["n_params"], "two moments"),
+    ("1.1/batch-ratio", lambda g: 2, RIGHT),
+    ("1.1/7b-params", lambda g: 6.7e9, RIGHT),
+    ("1.1/7b-params", lambda g: 7e9, "rounded name"),
+    ("1.2/blocks-bytes", lambda g: 4 * 4.02 * 2**20, RIGHT),  # read off the printed MiB
+    ("1.2/blocks-bytes", lambda g: g["block_tape"].activation_bytes, "one block"),
+    ("1.3/saving-bytes", lambda g: g["dropout_block"], "keeps block 1's input"),
+    ("1.4/best-n", lambda g: 4.0, RIGHT),
+    ("1.4/peak-at-4", lambda g: 4, "rebuilt layers"),
+    ("1.4/gpt-best-n", lambda g: 3, "sqrt(L)"),
+    ("2.1/tape-activations", lambda g: 5 * 2**20, "that is bytes"),
+    ("2.1/saved-none", lambda g: 4 * 2**20, "loss scalar"),
+    ("2.2/rerun-order", lambda g: [4, 3, 2, 1], "re-runs whole"),
+    ("2.3/full-share", lambda g: 0.33, "1/3 assumes"),
+    ("2.3/full-share", lambda g: 4 / 11, RIGHT),
+    ("2.3/full-share", lambda g: 0.36, RIGHT),
+    ("2.4/peak-at", lambda g: ["backward", 2, "sum"], RIGHT),
+    ("2.4/peak-at", lambda g: ("forward", 4, "relu"), "end of forward"),
+    ("2.5/every2-lowers", lambda g: ["grads freed", "8 layers, grads freed"], "batch of 1024"),
+    ("2.5/walk-every2", lambda g: {4: 6, 3: 6, 2: 6, 1: 6}, "before h1 is rebuilt"),
+]
+
+
+@pytest.mark.parametrize("key, typed, reason", TYPED, ids=[f"{k}-{i}" for i, (k, _, _)
+                                                            in enumerate(TYPED)])
+def test_answers_typed_as_learners_type_them_get_the_mistakes_reason(key, typed, reason):
+    entry = lookup(key)
+    given = entry.given() if entry.given else {}
+    got = judge(typed(given), entry.answer(), None, entry, given)
+    assert got == RIGHT if reason == RIGHT else reason in got, f"{key}: {got!r}"
