@@ -145,6 +145,18 @@ class Comparison:
                 return r
         raise KeyError(f"{name!r} was not compared; compared: {[r.policy for r in self.results]}")
 
+    def round_ratios(self, policy) -> list[float]:
+        """The policy's step time over the reference's, round by round: the rounds are
+        interleaved, so each pair ran under the same load."""
+        mine, ref = self[policy].times_s, self[self.reference].times_s
+        return [a / b for a, b in zip(mine, ref, strict=True)]
+
+    def spread(self, policy) -> str:
+        """The time ratio as a lesson prints it: the median, then the rounds' range."""
+        r = self.round_ratios(policy)
+        return (f"median {self[policy].time_ratio:.2f}x {self.reference}, rounds {min(r):.2f}x "
+                f"to {max(r):.2f}x ({len(r)} interleaved rounds)")
+
     def rows(self) -> list[dict]:
         """One plain dict per policy (for pandas, JSON or a test)."""
         return [{k: v for k, v in asdict(r).items() if k != "times_s"} for r in self.results]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import resource
 import sys
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .models import HandTraceNet
 from .plan import Prediction, all_placements, predict
+from .units import fmt_bytes
 
 # ---------------------------------------------------------------- 1. the wrong instrument
 
@@ -52,6 +54,21 @@ class Reading:
     meter_peak_bytes: int  # the step's highest live tensor bytes (exact)
     cuda_reserved_bytes: int | None = None  # the caching allocator's reserved bytes, on CUDA
     cuda_peak_allocated_bytes: int | None = None  # the allocator's own peak of live blocks
+
+    def __str__(self) -> str:
+        """One line per instrument, as lesson 3b.1 prints them side by side."""
+        line = (f"{self.policy:>5}: peak RSS {fmt_bytes(self.peak_rss_bytes):>11} | meter: kept "
+                f"for backward {fmt_bytes(self.meter_saved_bytes):>10}, peak "
+                f"{fmt_bytes(self.meter_peak_bytes)}")
+        if self.cuda_reserved_bytes is not None:
+            line += (f"\n       CUDA reserved {fmt_bytes(self.cuda_reserved_bytes)}, allocated "
+                     f"peak {fmt_bytes(self.cuda_peak_allocated_bytes)}")
+        return line
+
+
+def compile_section_on() -> bool:
+    """Lesson 3b.4 compiles (seconds on a CPU); ``CKPT_COURSE_COMPILE=0`` skips it."""
+    return os.environ.get("CKPT_COURSE_COMPILE", "1") != "0"
 
 
 def rss_reading(model, policies, batch_size: int) -> list[Reading]:

@@ -327,3 +327,27 @@ def formula_terms_figure(terms: dict, ax=None,
     ax.invert_yaxis()
     ax.legend(loc="lower right")
     return ax
+
+
+# ---------------------------------------------------------------- lesson 3b
+def loss_curves(losses: dict, ax=None):
+    """{policy: losses per step} as lines against the step number, from 1 (lesson 3b.3: a
+    recompute without the RNG replayed drifts away from the plain run)."""
+    ax = _axes(ax, figsize=(6, 3))
+    for policy, ls in losses.items():
+        ax.plot(range(1, len(ls) + 1), ls, "o-", label=policy, alpha=0.7)
+    ax.set(xlabel="step", ylabel="loss")
+    ax.legend()
+    return ax
+
+
+def budget_figure(kept: dict, ax=None):
+    """``torch.compile``'s bytes kept for backward at each ``activation_memory_budget`` {budget:
+    bytes}, next to budget x the default (budget 1): lesson 3b.4."""
+    ax = _axes(ax, figsize=(6, 3))
+    budgets = sorted(kept, reverse=True)
+    ax.plot(budgets, [kept[b] / KiB for b in budgets], "o-", label="compile keeps")
+    ax.plot(budgets, [b * kept[1.0] / KiB for b in budgets], "--", label="budget x default")
+    ax.set(xlabel="activation_memory_budget", ylabel="KiB kept for backward")
+    ax.legend()
+    return ax

@@ -9,6 +9,8 @@ import torch
 
 from ckpt_course.cli import add_compare_arguments, run_compare, split_policies
 from ckpt_course.compare import (
+    Comparison,
+    PolicyResult,
     batch_sweep,
     best_fit,
     compare,
@@ -189,3 +191,15 @@ def test_layer_memory_matches_the_tape_and_sees_what_selective_keeps():
     assert layer_memory(cfg, b, t, "selective:save=mm,sdpa", torch.float32) == kept + 2 * act
     with pytest.raises(ValueError, match="offload"):
         layer_memory(cfg, b, t, "offload")
+
+
+def test_a_time_ratio_is_printed_with_its_rounds_spread():
+    def row(policy, times):
+        return PolicyResult(policy, True, 1, 1, 0, 1, 0, median(times), times_s=times)
+
+    result = Comparison([row("none", [1.0, 2.0, 1.0]), row("full", [1.5, 2.2, 1.2])], 8, 16,
+                        None, "none", 3)
+    result["full"].time_ratio = median([1.5, 2.2, 1.2]) / median([1.0, 2.0, 1.0])
+    assert result.round_ratios("full") == [1.5, 1.1, 1.2]  # each round against its own pair
+    assert result.spread("full") == ("median 1.50x none, rounds 1.10x to 1.50x "
+                                     "(3 interleaved rounds)")

@@ -67,3 +67,12 @@ def test_lesson_3_and_4b_figures_draw_what_they_are_given():
     ax = plots.formula_terms_figure(terms)
     assert [p.get_width() for p in ax.patches] == [2, 0, 1, 3]  # the paper's bars, then measured
     assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b"]
+
+
+def test_lesson_3b_figures_draw_what_they_are_given():
+    ax = plots.loss_curves({"none": [3.0, 2.5, 2.0], "drift": [3.0, 2.6, 2.2]})
+    assert [list(line.get_xdata()) for line in ax.get_lines()] == [[1, 2, 3]] * 2
+    ax = plots.budget_figure({0.0: 0, 1.0: 8192, 0.5: 2048})
+    kept, scaled = ax.get_lines()
+    assert list(kept.get_xdata()) == [1.0, 0.5, 0.0] and list(kept.get_ydata()) == [8, 2, 0]
+    assert list(scaled.get_ydata()) == [8, 4, 0]  # budget x the default's 8 KiB

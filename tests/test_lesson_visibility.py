@@ -42,9 +42,9 @@ BYTE_UNITS = {"B", "bytes"}
 
 
 # ---------------------------------------------------------------- what the learner sees
-def visible(nb, opened: frozenset[int] = frozenset()) -> list[tuple[int, str]]:
-    """(cell index, line) as JupyterLab shows the notebook, collapsed parts folded (but for the
-    collapsed headings at the cell indices ``opened``: the learner opened them)."""
+def visible(nb, opened: int | None = None) -> list[tuple[int, str]]:
+    """(cell index, line) as JupyterLab shows the notebook, collapsed parts folded, except the
+    collapsed heading a learner opened to reach cell ``opened`` (a Predict in a Go deeper)."""
     lines: list[tuple[int, str]] = []
     hidden_below = None  # the level of the collapsed heading we are under
     for i, cell in enumerate(nb.cells):
@@ -56,7 +56,8 @@ def visible(nb, opened: frozenset[int] = frozenset()) -> list[tuple[int, str]]:
         source = cell.source.splitlines()
         if cell.cell_type == "markdown":
             lines += [(i, line) for line in source]
-            if level is not None and cell.metadata.get(COLLAPSED) and i not in opened:
+            if (level is not None and cell.metadata.get(COLLAPSED)
+                    and not (opened is not None and i < opened <= section_end(nb, i, level))):
                 hidden_below = level
         elif cell.cell_type == "code":
             if cell.metadata.get("jupyter", {}).get("source_hidden"):
@@ -87,9 +88,7 @@ def predict_windows(nb) -> list[tuple[int, list[str], list[str]]]:
     for i, cell in enumerate(nb.cells):
         if "predict" not in cell.metadata.get("tags", []):
             continue
-        shown = visible(nb)
-        if all(j != i for j, _ in shown):  # under a collapsed "Go deeper": the learner opened
-            shown = visible(nb, frozenset(range(i)))  # it, and (strictest) every one above
+        shown = visible(nb, opened=i)
         last = max(k for k, (j, _) in enumerate(shown) if j == i)
         text = [line for _, line in shown[:last + 1 + SCREEN_LINES]]
         windows.append((i, keys_of(nb, i), text))

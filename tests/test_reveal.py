@@ -101,21 +101,25 @@ def table(request):
 
 def test_every_typical_wrong_answer_prints_its_own_reason(table):
     key, entry, derived, given = table
+    measured = given.get("measured", derived)  # a table judged by the clock gives a typical one
     for wrong in entry.wrong:
-        text = format_judged(wrong.value(derived, given), derived, derived, entry, given)
+        text = format_judged(wrong.value(derived, given), derived, measured, entry, given)
         assert wrong.reason in text.splitlines()[1], f"{key}: {wrong.answer!r} read\n{text}"
 
 
 def test_the_typical_wrong_answers_are_wrong_and_tell_apart(table):
     key, entry, derived, given = table
-    reasons = [judge(w.value(derived, given), derived, None, entry, given) for w in entry.wrong]
+    measured = given.get("measured")
+    reasons = [judge(w.value(derived, given), derived, measured, entry, given)
+               for w in entry.wrong]
     assert RIGHT not in reasons, f"{key}: a typical wrong answer counts as right"
     assert [r == w.reason for r, w in zip(reasons, entry.wrong, strict=True)].count(True) >= 3
 
 
 def test_the_right_answer_is_right_in_any_container_and_empty_says_so(table):
     key, entry, derived, given = table
-    assert judge(derived, derived, derived, entry, given) == RIGHT
+    measured = given.get("measured", derived)
+    assert judge(measured, derived, measured, entry, given) == RIGHT
     if isinstance(derived, tuple):
         assert judge(list(derived), derived, None, entry, given) == RIGHT  # a list for a tuple
     if isinstance(derived, set | frozenset):

@@ -3,7 +3,9 @@ learners give, each with its reason.
 
 Most answers here are facts of torch's behaviour (a count, a step, a set of cases), so the
 ``answer`` functions return them; 3b.6's derivation is the FLOP model the section refutes,
-recomputed by counting FLOPs, and its reveal is judged against the clock.
+recomputed by counting FLOPs, and its reveal is judged against the clock. Where the lesson's
+numbers come from a process's memory or a compile (3b.1, 3b.4) or a clock (3b.6), ``given`` holds
+values typical of a 2-core CPU for the tests; a lesson passes its own.
 """
 
 from __future__ import annotations
@@ -12,6 +14,13 @@ import functools
 
 from . import Predict, Wrong
 
+# 3b.5's case names (pitfalls.DDP_CASES; a test keeps them equal)
+DDP_CASES = ("non-reentrant", "reentrant", "reentrant + find_unused_parameters",
+             "reentrant + find_unused_parameters + static_graph",
+             "reentrant, module checkpointed twice",
+             "reentrant, module checkpointed twice + static_graph",
+             "non-reentrant, module checkpointed twice",
+             "non-reentrant, twice + find_unused_parameters")
 RAISING = frozenset({"reentrant + find_unused_parameters", "reentrant, module checkpointed twice"})
 HIGH_WATER = ("peak RSS is the most the process ever held: after none's step it cannot go down, "
               "whatever full saves")
@@ -28,16 +37,43 @@ def _tiny_flop_model() -> float:
     return round(1 + r.flops / r.step_flops, 3)
 
 
-def _ddp_cases() -> tuple:
-    from ..pitfalls import DDP_CASES
+@functools.cache
+def _rss_readings() -> dict:
+    """3b.1's two readings, as the lesson takes them (the meter's bytes are exact; RSS is this
+    process's)."""
+    from ..models import GPTConfig, TinyGPT
+    from ..pitfalls import rss_reading
 
-    return tuple(DDP_CASES)
+    none, full = rss_reading(TinyGPT(GPTConfig()), ["none", "full"], batch_size=8)
+    return {"none": none, "full": full}
+
+
+@functools.cache
+def _chain() -> dict:
+    """3b.4's chain, as the lesson measures it eagerly (compile is not run here: seconds)."""
+    import torch
+
+    from ..pitfalls import MLPChain, saved_for_backward
+
+    chain = MLPChain(width=64, depth=4)
+    xs = chain.example_batch(64)[0]
+    eager = saved_for_backward(torch.nn.Sequential(*chain.blocks), xs)
+    return {"eager": eager, "input": xs.nbytes}
+
+
+@functools.cache
+def _hand_runs() -> dict:
+    """3b.1's genuine case: one step of the hand-trace net under none and every-2, metered."""
+    from ..models import HandTraceNet
+    from ..train import measure_step
+
+    return {"runs": {p: measure_step(HandTraceNet(), p) for p in ("none", "every-2")}}
 
 
 PREDICTS: dict[str, Predict] = {
     "3b.1/rss-drop": Predict(
         what="peak RSS drop", form="number", unit="B", example="0",
-        answer=lambda: 0,
+        answer=lambda: 0, given=_rss_readings,
         wrong=(
             Wrong(lambda d, g: g["none"].meter_saved_bytes - g["full"].meter_saved_bytes,
                   f"that is what the meter's live bytes drop by: {HIGH_WATER}"),
@@ -50,7 +86,7 @@ PREDICTS: dict[str, Predict] = {
     ),
     "3b.1/every2-peak-ratio": Predict(
         what="every-2 / none peak", form="number", example="0.5",
-        answer=lambda: 1.0,
+        answer=lambda: 1.0, given=_hand_runs,
         wrong=(
             Wrong(0.5, "every-2 drops half the saved activations, not half the peak: the peak is "
                        "in layer 2's backward, made of weight gradients"),
@@ -94,23 +130,24 @@ PREDICTS: dict[str, Predict] = {
     ),
     "3b.4/compile-saved-at-zero": Predict(
         what="compile keeps at budget 0", form="number", unit="B", example="0",
-        answer=lambda: 0,
+        answer=lambda: 0, given=_chain,
         wrong=(
             Wrong(lambda d, g: g["eager"],
-                  "that is what eager keeps: at budget 0 compile keeps nothing, every activation "
-                  "is rebuilt from the input and the parameters"),
-            Wrong(lambda d, g: g["compiled"].get(1.0, g["eager"]),
-                  "that is budget 1 (compile's default): 0 asks for none of it"),
+                  "that is what eager keeps (and compile's default, budget 1): at budget 0 "
+                  "compile keeps nothing, every activation is rebuilt from the input and the "
+                  "parameters"),
             Wrong(lambda d, g: g["input"],
                   "the input is not counted (nor the parameters): they are kept anyway, and from "
                   "them compile rebuilds everything"),
+            Wrong(lambda d, g: g["eager"] // 4,
+                  "that is one block's activations: at budget 0 compile keeps no block's"),
         ),
         over="at budget 0 compile keeps nothing: every activation can be rebuilt from the input "
              "and the parameters",
     ),
     "3b.5/ddp-raises": Predict(
         what="cases that raise", form="set", example='{"reentrant"}',
-        choices=(), answer=lambda: set(RAISING),
+        choices=DDP_CASES, answer=lambda: set(RAISING),
         wrong=(
             Wrong({"reentrant + find_unused_parameters"},
                   "a module checkpointed twice under reentrant raises too: two inner backward "
@@ -119,7 +156,7 @@ PREDICTS: dict[str, Predict] = {
                   "find_unused_parameters walks the graph after forward; reentrant checkpoint "
                   "hides b's parameters inside its node, so DDP marks them ready as unused, then "
                   "the inner backward marks them again"),
-            Wrong(lambda d, g: {c for c in _ddp_cases() if c.startswith("reentrant")},
+            Wrong({c for c in DDP_CASES if c.startswith("reentrant")},
                   "static_graph=True learns the first iteration's order of ready gradients and "
                   "expects it again, and plain reentrant with no shared module is fine"),
             Wrong(set(), "two cases raise: reentrant with find_unused_parameters, and a module "
@@ -131,7 +168,7 @@ PREDICTS: dict[str, Predict] = {
     "3b.6/tiny-ratio": Predict(
         what="tiny net, full / none", form="number", example="1.3", judge="measured",
         tolerance=0.3,  # a median of 7 interleaved rounds of microsecond ops: see its spread
-        answer=_tiny_flop_model,
+        answer=_tiny_flop_model, given=lambda: {"measured": 3.6},
         wrong=(
             Wrong(lambda d, g: d,
                   "that is the FLOP model: checkpoint's bookkeeping per region (saving inputs "
@@ -155,6 +192,8 @@ PREDICTS: dict[str, Predict] = {
             Wrong(4, "two blocks, but each BatchNorm counts its own: the first one runs once in "
                      "forward and once in the recompute"),
         ),
+        over="one step runs the first BatchNorm twice: once in forward, once in the recompute",
+        under="the recompute is a forward too: it counts a batch as forward does",
     ),
     "3b.8/sequential-share": Predict(
         what="segments=1 / none", form="number", example="0.25",
@@ -169,5 +208,6 @@ PREDICTS: dict[str, Predict] = {
             Wrong(0.75, "the last segment runs plainly, and with segments=1 it is every block"),
         ),
         under="the only segment is the last, which runs plainly: it keeps everything",
+        over="a share above 1: a checkpointed run never keeps more than a plain one",
     ),
 }

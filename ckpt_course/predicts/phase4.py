@@ -37,9 +37,13 @@ def _lesson() -> dict:
     recompute = sum(sum(c.forward_flops for c in costs.layers[start:stop - 1])
                     + costs.layers[stop - 1].recompute_flops
                     for start, stop, checkpointed in plan.best.placement if checkpointed)
-    return {"state": 2 * 4 * sum(p.numel() for p in params) + 4 * len(params),
-            "block": record_tape(model.blocks[0], x).activation_bytes,
-            "plan_recompute": recompute, "plan_peak": plan.best.peak_bytes,
+    return {"n_elements": sum(p.numel() for p in params), "n_tensors": len(params),
+            "state": 2 * 4 * sum(p.numel() for p in params) + 4 * len(params),
+            "x": x, "failed_at": 3,  # for the tests: the lesson passes the block that failed
+            "costs": costs, "plan": plan, "full": full, "budget": tight,
+            "none_peak": predict(costs, "none").peak_bytes,
+            "block_bytes": record_tape(model.blocks[0], x).activation_bytes,
+            "plan_recompute": recompute,
             "model": model, "batch": batch, "tight": tight}
 
 
@@ -58,7 +62,7 @@ def _segments(g: dict, inner: str, last: str) -> int:
     layers = g["costs"].layers
     return sum(sum(getattr(c, inner) for c in layers[start:stop - 1])
                + getattr(layers[stop - 1], last)
-               for start, stop, checkpointed in g["placement"] if checkpointed)
+               for start, stop, checkpointed in g["plan"].best.placement if checkpointed)
 
 
 def griewank_forwards(n: int, slots: int) -> int:
@@ -70,7 +74,7 @@ def griewank_forwards(n: int, slots: int) -> int:
 PREDICTS: dict[str, Predict] = {
     "4.1/adamw-state": Predict(
         what="step 2 - step 1", form="number", unit="B", example="8 * 1000 + 4 * 3",
-        answer=lambda: _lesson()["state"],
+        answer=lambda: _lesson()["state"], given=_lesson,
         wrong=(
             Wrong(lambda d, g: 8 * g["n_elements"],
                   "two moments, right, but AdamW also keeps a `step` counter per parameter "
@@ -92,14 +96,14 @@ PREDICTS: dict[str, Predict] = {
     ),
     "4.2/block-bytes": Predict(
         what="a finished block", form="number", unit="B", example="3 * 4 * B * T * C",
-        answer=lambda: _lesson()["block"],
+        answer=lambda: _lesson()["block_bytes"], given=_lesson,
         wrong=(
-            Wrong(lambda d, g: d - g["x_bytes"],
+            Wrong(lambda d, g: d - g["x"].nbytes,
                   "add the block's output: the next block saves it as its input, and the doctor "
                   "labels it with the block that made it"),
-            Wrong(lambda d, g: d + g["x_bytes"],
+            Wrong(lambda d, g: d + g["x"].nbytes,
                   "you counted the output twice: it is the next block's input, held once"),
-            Wrong(lambda d, g: d + sum(p.nbytes for p in g["block"].parameters()),
+            Wrong(lambda d, g: d + sum(p.nbytes for p in g["model"].blocks[0].parameters()),
                   "the block's parameters are counted apart (parameters), not in its tape"),
             Wrong(lambda d, g: g["failed_at"] * d,
                   "that is all the finished blocks: the question is one of them"),
@@ -107,24 +111,24 @@ PREDICTS: dict[str, Predict] = {
     ),
     "4.3/plan-recompute": Predict(
         what="the plan recomputes", form="number", unit="FLOPs", example="2 * 1000 + 500",
-        answer=lambda: _lesson()["plan_recompute"],
+        answer=lambda: _lesson()["plan_recompute"], given=_lesson,
         wrong=(
             Wrong(lambda d, g: _segments(g, "forward_flops", "forward_flops"),
                   "each segment's last block stops early (3.1's early stop): count its "
                   "recompute_flops, not its forward_flops"),
-            Wrong(lambda d, g: _segments(g, "recompute_flops", "recompute_flops"),
-                  "only a segment's last block stops early: the blocks before it re-run whole, "
-                  "because the next block needs their outputs"),
-            Wrong(lambda d, g: g["full"],
+            Wrong(lambda d, g: sum(c.forward_flops for c in g["costs"].layers),
+                  "that re-runs every block whole: the plan checkpoints only the segments it "
+                  "lists, and each segment's last block stops early"),
+            Wrong(lambda d, g: g["full"].recompute_flops,
                   "that is full's recompute: the plan checkpoints only the segments it lists"),
         ),
     ),
     "4.3/menu-peak": Predict(
         what="the menu plan's peak", form="number", unit="B", example="5 * 2**20",
-        answer=_menu_peak,
+        answer=_menu_peak, given=_lesson,
         wrong=(
             Wrong(lambda d, g: g["budget"], BUDGET_IS),
-            Wrong(lambda d, g: g["plan_peak"],
+            Wrong(lambda d, g: g["plan"].best.peak_bytes,
                   "that is the plain-or-checkpointed plan's peak: the menu's plan is another "
                   "placement, read its per-block table"),
             Wrong(lambda d, g: d - g["state"],
@@ -147,13 +151,13 @@ PREDICTS: dict[str, Predict] = {
     ),
     "4.4/prescribed-peak": Predict(
         what="prescribed peak", form="number", unit="B", example="5 * 2**20",
-        answer=lambda: _lesson()["plan_peak"],
+        answer=lambda: _lesson()["plan"].best.peak_bytes, given=_lesson,
         wrong=(
             Wrong(lambda d, g: g["budget"], BUDGET_IS),
             Wrong(lambda d, g: g["none_peak"],
                   "that is the plain run's step-2 peak, the one that ran out of memory: the "
                   "prescription checkpoints"),
-            Wrong(lambda d, g: g["full_peak"],
+            Wrong(lambda d, g: g["full"].peak_bytes,
                   "that is full's peak: the plan checkpoints only what the budget needs"),
         ),
     ),

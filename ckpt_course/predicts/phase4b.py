@@ -38,7 +38,7 @@ def _llama() -> dict:
 
 
 @functools.cache
-def _small_peak() -> int:
+def _small() -> dict:
     from .. import hf
     from ..costs import measure_costs
     from ..plan import make_plan, predict
@@ -48,7 +48,8 @@ def _small_peak() -> int:
     none, full = predict(costs, "none").peak_bytes, predict(costs, "full").peak_bytes
     plan = make_plan(costs, full + (none - full) // 2)
     call = hf.handback(plan.best.placement, costs.n, costs=costs)
-    return predict(costs, call.expressed).peak_bytes
+    return {"peak": predict(costs, call.expressed).peak_bytes, "budget": full + (none - full) // 2,
+            "none": none, "full": full}
 
 
 PREDICTS: dict[str, Predict] = {
@@ -85,7 +86,7 @@ PREDICTS: dict[str, Predict] = {
     ),
     "4b.4/small-peak": Predict(
         what="small Llama, the call applied", form="number", unit="B", example="5 * 2**20",
-        answer=_small_peak,
+        answer=lambda: _small()["peak"], given=_small,
         wrong=(
             Wrong(lambda d, g: g["budget"], "that is the budget: the call's peak sits at or "
                                             "below it, where the planner put it"),
