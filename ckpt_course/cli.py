@@ -325,7 +325,8 @@ def _model_of(args):
     if args.hf_config is None:
         return _course_model(args)
     if args.model is not None:
-        raise ValueError(f"--model {args.model} and --hf-config name two models: drop one")
+        raise ValueError(f"--model and --hf-config both name the model (--model {args.model}): "
+                         "drop one of them")
     from .hf import small_model
 
     return small_model(args.hf_config, args.layers, args.batch, args.seq)
