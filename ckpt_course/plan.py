@@ -804,8 +804,9 @@ def _pareto_arrays(chunks: list, room: float, bound=None, beam: int | None = Non
         least = np.minimum.accumulate(by_cost)
         order = order[np.concatenate([[True], by_cost[1:] < least[:-1]])]
         order = order[np.append(cost[order][1:] != cost[order][:-1], True)][::-1]
-    if beam is not None and len(order) > beam:
-        order = order[np.unique(np.linspace(0, len(order) - 1, beam).round().astype(np.int64))]
+    if beam is not None and len(order) > beam:  # spread over the front, and its cheap end
+        spread = np.linspace(0, len(order) - 1, beam // 2).round().astype(np.int64)
+        order = order[np.union1d(spread, np.arange(len(order) - beam // 2, len(order)))]
     return kept[order], cost[order], parent[order], kind[order]
 
 
