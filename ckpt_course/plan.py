@@ -118,12 +118,15 @@ def all_placements(n: int, options=None):
 
 # ---------------------------------------------------------------- the objective
 def _extra_ns(costs: ChainCosts, k: int, option: str) -> int:
-    """Measured extra nanoseconds of block k under ``option`` over plain, and at least 1: an
-    option does all plain does and more, so a difference at or below zero is timing noise, and
+    """Measured extra nanoseconds of block k under ``option`` over plain, priced at the high end
+    of what was measured (the median difference plus both spreads, ``costs.spreads``), so that
+    an option wins over another only by more than the noise of the measurement; and at least
+    1: an option does all plain does and more, so a difference at or below zero is noise, and
     plain must still win the tie (clipped to 0, offload everywhere would tie with no
     checkpointing and win on its lower peak)."""
     times = costs.times[k]
-    return max(1, round((times[option] - times["none"]) * 1e9))
+    spread = costs.spreads[k][option] + costs.spreads[k]["none"] if costs.spreads else 0.0
+    return max(1, round((times[option] - times["none"] + spread) * 1e9))
 
 
 def segment_time_ns(costs: ChainCosts, seg) -> int:
@@ -424,7 +427,8 @@ def _folded(costs: ChainCosts) -> tuple[ChainCosts, tuple[int, ...]] | None:
         return None
     return replace(costs, layers=tuple(costs.layers[k] for k in real),
                    menu=tuple(costs.menu[k] for k in real) if costs.menu else (),
-                   times=tuple(costs.times[k] for k in real) if costs.times else ()), real
+                   times=tuple(costs.times[k] for k in real) if costs.times else (),
+                   spreads=tuple(costs.spreads[k] for k in real) if costs.spreads else ()), real
 
 
 def _fold_placement(placement: Placement, real: tuple[int, ...]) -> Placement:
