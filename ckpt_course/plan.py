@@ -30,7 +30,11 @@ and the hand-trace net, for every placement tried; tests check it. ``accumulate=
 a micro-batch after the first under gradient accumulation (every gradient already there), also
 exact. ``sharding.shard`` (FSDP / ZeRO-3) and ``config_costs``' optimizer terms are estimates.
 The measuring lives in ``costs.py`` (its docstring says what is measured); this module predicts
-and plans.
+and plans. A block that returns its input (``nn.Identity``, ``Dropout(0)``) keeps nothing under
+any option: the chain is planned and predicted without it. Speed: the DP keeps Pareto fronts
+as numpy arrays with exact prunings (``_cheapest``); 200 blocks that all differ, with the full
+menu, plan in about a second (``bench/planner_scale.py``); ``nested_optimal`` fills int64
+tables when block inputs have one size (256 blocks in a few seconds).
 """
 
 from __future__ import annotations
