@@ -181,6 +181,9 @@ class ChainCosts:
     # per block: option ("none", "full" and the menu's) -> measured seconds of its forward +
     # backward alone (interleaved medians); empty when not measured (fake tensors)
     times: tuple[dict[str, float], ...] = ()
+    # per block: option -> the spread of its measured seconds (half the interquartile range);
+    # empty: not measured (the time objective then takes the medians as exact)
+    spreads: tuple[dict[str, float], ...] = ()
 
     @property
     def n(self) -> int:
@@ -472,6 +475,14 @@ def measure_times(block: nn.Module, x_like: torch.Tensor, options, rounds: int =
     """Seconds of one forward + backward of ``block`` alone under each option ("none", "full"
     and one-block policies), interleaved round by round, median over ``rounds`` after one
     warm-up: the time model's per-block numbers (ckpt_course.timing may replace them)."""
+    return measure_times_and_spreads(block, x_like, options, rounds)[0]
+
+
+def measure_times_and_spreads(block: nn.Module, x_like: torch.Tensor, options,
+                              rounds: int = 15) -> tuple[dict[str, float], dict[str, float]]:
+    """``measure_times``' medians, and each option's spread: half the distance between the
+    quartiles of its rounds, what a median this noisy may be off by. The time objective
+    prices an option at its median plus its spread, so that it wins only by more than that."""
     import statistics
     import time
 
@@ -489,7 +500,11 @@ def measure_times(block: nn.Module, x_like: torch.Tensor, options, rounds: int =
                     if r:
                         times[option].append(time.perf_counter() - start)
                 block.zero_grad(set_to_none=True)
-    return {o: statistics.median(t) for o, t in times.items()}
+    spreads = {}
+    for o, t in times.items():
+        q = statistics.quantiles(t, n=4) if len(t) > 1 else [t[0]] * 3
+        spreads[o] = (q[2] - q[0]) / 2
+    return {o: statistics.median(t) for o, t in times.items()}, spreads
 
 
 class _Cut(torch.autograd.Function):
@@ -700,8 +715,8 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
         if key not in cache:
             layer = measure_layer(block, x, accumulate)
             options = measure_menu(block, x, layer, menu, accumulate)
-            cache[key] = (layer, options, measure_times(block, x, ("none", "full", *options),
-                                                        rounds) if times else None)
+            cache[key] = (layer, options, measure_times_and_spreads(
+                block, x, ("none", "full", *options), rounds) if times else (None, None))
         layers.append(cache[key][0])
         menus.append(cache[key][1])
         timed.append(cache[key][2])
@@ -715,7 +730,8 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
     name = f"{type(model).__name__} (batch {shape}{', accumulating' if accumulate else ''})"
     return ChainCosts(tuple(layers), trunk, name=name, param_bytes=params,
                       optimizer_bytes=state, menu=tuple(menus) if menu else (),
-                      times=tuple(timed) if times else ())
+                      times=tuple(t for t, _ in timed) if times else (),
+                      spreads=tuple(s for _, s in timed) if times else ())
 
 
 # ---------------------------------------------------------------- big configs, on fake tensors

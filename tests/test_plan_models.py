@@ -115,3 +115,24 @@ def test_the_time_objective_picks_plain_when_it_fits_even_if_noise_says_options_
     timed = replace(costs, times=times)
     best = optimal(timed, predict(costs, "none").peak_bytes, "time")
     assert str(best.policy) == "segments:none" and best.host_bytes == 0
+
+
+def test_the_time_objective_takes_an_option_only_when_it_wins_by_more_than_its_spread(
+        gpt4_menu):
+    """Given times: offload's median is a little faster than full's, but its rounds spread
+    wider than the difference; priced at the high end of what was measured, full wins. With
+    spreads small enough, offload's median advantage stands."""
+    _, costs = gpt4_menu
+    budget = max(predict(costs, "full").peak_bytes, predict(costs, "offload").peak_bytes)
+    times = tuple({"none": 1e-3, "full": 1.3e-3, **dict.fromkeys(m, 2e-3), "offload": 1.2e-3}
+                  for m in costs.menu)
+    noisy = tuple({"none": 1e-5, "full": 1e-5, **dict.fromkeys(m, 1e-5), "offload": 2e-4}
+                  for m in costs.menu)
+    quiet = tuple(dict.fromkeys(s, 1e-6) for s in noisy)
+
+    def chosen(spreads):
+        best = optimal(replace(costs, times=times, spreads=spreads), budget, "time")
+        return {kind for _, _, kind in best.placement}
+
+    assert chosen(quiet) == {"offload"}
+    assert "offload" not in chosen(noisy) and True in chosen(noisy)

@@ -1,0 +1,160 @@
+"""``auto_checkpoint``: one call that fits a model's training step in a memory budget.
+
+For any ``nn.Module`` with a repeated block list (the course's models, a Hugging Face model, or
+your own with ``self.blocks = nn.ModuleList(...)``)::
+
+    report = auto_checkpoint(model, "40MiB", batch)   # measure, plan, apply, verify
+    print(report)                                     # what it chose, predicted and measured
+    ...train as usual: the policy is installed on the model's blocks...
+    report.undo()                                     # or: with auto_checkpoint(...): ...
+
+1. Measure each distinct block and the rest of the model on ``batch`` (``costs.measure_costs``,
+   with every option of ``costs.MENU``: checkpointed segments, selective variants, offload).
+2. Plan: the placement with the fewest recomputed FLOPs whose predicted peak fits the budget
+   (``plan.optimal``; offload only where nothing else fits).
+3. Apply it to the model's blocks (``policies.apply_policy``: instance forwards, removed by
+   ``undo``; parameters and state_dict untouched).
+4. Verify: two AdamW steps on a copy of the model under the meter; step 2 (optimizer state
+   present) is what the planner predicts. The model's own weights never change.
+
+A model without the course protocol (``.example_batch``, ``.loss``) gets a thin adapter: the
+blocks are found as its longest ``nn.ModuleList`` of one type (``hf.find_decoder_layers``), the
+batch is the one given, and the loss is ``loss_fn(output, batch)`` (default: the mean square of
+the output, a stand-in whose memory is that of any scalar loss on it).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .costs import MENU, measure_costs
+from .meter import parse_budget
+from .plan import Plan, make_plan, measure_peaks
+from .policies import AppliedPolicy, apply_policy
+from .units import fmt_bytes, fmt_flops
+
+
+class _Adapted(nn.Module):
+    """The course protocol around any module: its blocks, the given batch, a loss."""
+
+    def __init__(self, model: nn.Module, batch: tuple, loss_fn, blocks: nn.ModuleList):
+        super().__init__()
+        self.inner = model
+        self._blocks = [blocks]  # a list: not registered a second time
+        self._batch, self._loss_fn = batch, loss_fn
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self._blocks[0]
+
+    def example_batch(self, batch_size=None, seq_len=None, generator=None) -> tuple:
+        return self._batch
+
+    def loss(self, batch):
+        out = self.inner(*batch[:1])
+        out = getattr(out, "logits", out)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return self._loss_fn(out, batch)
+
+
+def _mean_square(output: torch.Tensor, batch) -> torch.Tensor:
+    return output.float().square().mean()
+
+
+@dataclass
+class AutoReport:
+    """What ``auto_checkpoint`` chose and found; ``undo()`` (or leaving ``with``) removes it."""
+
+    plan: Plan
+    handle: AppliedPolicy
+    measured_peak: int  # step 2 of two AdamW steps on a copy, under the policy
+
+    @property
+    def policy(self):
+        return self.plan.policy
+
+    @property
+    def predicted_peak(self) -> int:
+        return self.plan.best.peak_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.measured_peak <= self.plan.budget
+
+    def undo(self) -> None:
+        """Give the blocks their own forward back (safe to call twice)."""
+        self.handle.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.undo()
+
+    def __str__(self):
+        best = self.plan.best
+        return (f"auto_checkpoint: {best.policy} on {self.plan.costs.n} blocks, budget "
+                f"{fmt_bytes(self.plan.budget)}: predicted peak {fmt_bytes(best.peak_bytes)} "
+                f"({best.where}), measured {fmt_bytes(self.measured_peak)}"
+                f"{'' if self.fits else ' (OVER the budget)'}; recompute "
+                f"{fmt_flops(best.recompute_flops)} = {best.overhead:+.1%} of a plain step. "
+                f"report.undo() removes it.")
+
+
+def auto_checkpoint(model: nn.Module, budget, batch, loss_fn=None, menu=MENU) -> AutoReport:
+    """Measure, plan, apply and verify the cheapest checkpoint placement that fits ``budget``
+    (bytes or "40MiB") for a training step on ``batch`` (a tensor or a tuple whose first item
+    is the model's input; the course's models take their own ``(idx, targets)``). Raises a
+    one-line ``ValueError`` naming the fix when nothing fits; the model is unchanged then."""
+    budget = parse_budget(budget)  # once, here
+    course = _course_model(model, batch, loss_fn)
+    costs = measure_costs(course, None, menu=menu)
+    plan = make_plan(costs, budget, "flops")
+    if not plan.fits:
+        raise ValueError(f"nothing fits in {fmt_bytes(budget)}: {plan.advice()}")
+    measured = measure_peaks(copy.deepcopy(course), plan.policy)[-1]
+    handle = apply_policy(model, plan.policy, blocks=course.blocks)
+    return AutoReport(plan, handle, measured)
+
+
+def _course_model(model: nn.Module, batch, loss_fn) -> nn.Module:
+    """``model`` itself if it speaks the course protocol, else an adapter; one-line errors
+    before any work for what cannot be planned."""
+    from .hf import find_decoder_layers
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"auto_checkpoint plans an nn.Module, not {type(model).__name__}")
+    batch = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
+    if not batch or not all(isinstance(t, torch.Tensor) for t in batch):
+        raise ValueError("batch is a tensor or a tuple of tensors (the model's input first), "
+                         f"got {type(batch).__name__}")
+    if all(hasattr(model, name) for name in ("blocks", "example_batch", "loss")) and \
+            loss_fn is None:
+        return _Given(model, batch)
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList) or not len(blocks):
+        blocks = find_decoder_layers(model)
+    return _Adapted(model, batch, loss_fn or _mean_square, blocks)
+
+
+class _Given(nn.Module):
+    """A course model, its own loss, on the batch given."""
+
+    def __init__(self, model: nn.Module, batch: tuple):
+        super().__init__()
+        self.inner, self._batch = model, batch
+        self.cfg = getattr(model, "cfg", None)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.inner.blocks
+
+    def example_batch(self, batch_size=None, seq_len=None, generator=None) -> tuple:
+        return self._batch
+
+    def loss(self, batch):
+        return self.inner.loss(batch)
