@@ -141,23 +141,25 @@ def _forward_seconds(module, x, rounds: int) -> dict[str, float]:
 
 def selective_from_ranking(ranking: list[OpCost], max_recompute_flops: int = 0,
                            max_recompute_s: float | None = None) -> Policy:
-    """A selective policy from a ranking: recompute the longest prefix of the ranking whose FLOPs
-    add up to at most ``max_recompute_flops`` (or, given ``max_recompute_s``, whose measured
-    seconds add up to at most that); save the rest.
+    """A selective policy from a ranking: walk the ops by the cap's own measure (saved bytes per
+    FLOP for ``max_recompute_flops``, per second for ``max_recompute_s``) and recompute the
+    longest prefix whose FLOPs (or measured seconds) add up to at most the cap; save the rest.
+    An op that costs nothing is recomputed wherever it ranks.
 
     A prefix, not a knapsack that skips an op that does not fit and takes a cheaper one further
     down: the prefix is monotone (a larger cap never saves more ops), so the dial a lesson turns
     moves one way. Only nameable ops can be saved; the others are recomputed anyway (save-mode
     recomputes all it is not told to keep). When nothing is left to save the policy is ``full``.
     """
+    by = "flops" if max_recompute_s is None else "time"
+    cap = max_recompute_flops if max_recompute_s is None else max_recompute_s
     spent, save, within_cap = 0, [], True
-    for cost in ranking:
+    for cost in sorted(ranking, key=RANK_BY[by]):
         if cost.op == BLOCK_INPUT:
             continue
-        price, cap = ((cost.flops, max_recompute_flops) if max_recompute_s is None
-                      else (cost.seconds, max_recompute_s))
+        price = cost.flops if by == "flops" else cost.seconds
         within_cap = within_cap and spent + price <= cap
-        if within_cap:
+        if within_cap or price == 0:
             spent += price
         elif cost.nameable:
             save.append(cost.op)

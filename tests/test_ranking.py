@@ -58,12 +58,12 @@ def _saved(policy) -> set[str]:
 def test_the_cap_takes_a_prefix_never_skips_to_a_cheaper_op():
     """A knapsack that skips 'big' (does not fit) and takes 'small' would save more at a larger
     cap than at a smaller one; the prefix stops at the first op that does not fit."""
-    ranking = [OpCost("gelu", 100, 0, 1, 1.0), OpCost("mm", 90, 10, 1, 5.0),
-               OpCost("layernorm", 10, 0, 1, 0.5)]
+    ranking = [OpCost("gelu", 100, 0, 1, 1.0), OpCost("mm", 90, 10, 1, 5.0),  # 100, 18 B/s
+               OpCost("layernorm", 10, 0, 1, 1.0)]  # 10 B/s: last
     assert set(selective_from_ranking(ranking, max_recompute_s=1.0).ops) == {"mm", "layernorm"}
     assert set(selective_from_ranking(ranking, max_recompute_s=2.0).ops) == {"mm", "layernorm"}
     assert set(selective_from_ranking(ranking, max_recompute_s=6.0).ops) == {"layernorm"}
-    assert str(selective_from_ranking(ranking, max_recompute_s=6.5)) == "full"
+    assert str(selective_from_ranking(ranking, max_recompute_s=7.0)) == "full"
 
 
 def test_rank_by_must_be_known():
@@ -80,3 +80,16 @@ def test_ranking_and_timing_do_not_import_each_other():
     code = ("import sys, ckpt_course.timing; "
             "assert 'ckpt_course.ranking' not in sys.modules, 'timing imports ranking'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_cap_walks_the_ops_by_its_own_measure(ranking):
+    """Lesson 3 asks a time-ranked list for a FLOP cap: the FLOP-free ops are recomputed however
+    the clock ordered them (an mm ranked above gelu by time must not stop the FLOP prefix)."""
+    shuffled = list(reversed(ranking))
+    for cap in (0, 10**6, 10**12):
+        assert str(selective_from_ranking(ranking, cap)) == str(
+            selective_from_ranking(shuffled, cap))
+    free = {c.op for c in ranking if c.flops == 0 and c.nameable}
+    assert not free & set(getattr(selective_from_ranking(ranking), "ops", ()))
+    mm_first = sorted(ranking, key=lambda c: c.op != "mm")  # the clock put an mm on top
+    assert not free & set(getattr(selective_from_ranking(mm_first), "ops", ()))
