@@ -458,6 +458,7 @@ class Verification:
     recompute_flops: int | None  # measured
     predicted_recompute_flops: int | None
     step_time_ratio: float | None  # median step time with the fix / without (no budget)
+    step_time_range: tuple[float, float] | None = None  # least and most of the rounds' ratios
 
     def __str__(self):
         r = self.run
@@ -471,13 +472,24 @@ class Verification:
             lines.append(f"Recompute: measured {fmt_flops(self.recompute_flops)}, predicted "
                          f"{fmt_flops(self.predicted_recompute_flops or 0)}.")
         if self.step_time_ratio is not None:
+            spread = ("" if self.step_time_range is None else
+                      " ; round by round {:.2f}x to {:.2f}x".format(*self.step_time_range))
             lines.append(f"Step time: {self.step_time_ratio:.2f}x the plain step (median of "
-                         f"interleaved steps, no meter).")
+                         f"interleaved steps, no meter{spread}: a clock moves with whatever "
+                         f"else the machine runs, the bytes above do not).")
         return "\n".join(lines)
 
 
 def step_time_ratio(model, policy, batch_size, seq_len=None, micro_batches=1, repeats=5) -> float:
     """Median time of a step under ``policy`` (and micro-batches) / a plain step, interleaved."""
+    plain, fixed = step_times(model, policy, batch_size, seq_len, micro_batches, repeats)
+    return statistics.median(fixed) / statistics.median(plain)
+
+
+def step_times(model, policy, batch_size, seq_len=None, micro_batches=1,
+               repeats=5) -> tuple[list[float], list[float]]:
+    """Seconds of ``repeats`` plain steps and as many under ``policy`` (and micro-batches),
+    interleaved (plain, fixed, plain, fixed, ...) after one warm-up of each, no meter."""
     model = copy.deepcopy(model).train()
     parts = {n: _micro_batches(model, batch_size, seq_len, n, torch.Generator().manual_seed(0))
              for n in {1, micro_batches}}
@@ -492,7 +504,7 @@ def step_time_ratio(model, policy, batch_size, seq_len=None, micro_batches=1, re
     for _ in range(repeats):
         plain.append(step("none", 1))
         fixed.append(step(policy, micro_batches))
-    return statistics.median(fixed) / statistics.median(plain)
+    return plain, fixed
 
 
 def verify(model, fix: Fix, budget, batch_size: int = 8, seq_len: int | None = None,
@@ -511,11 +523,14 @@ def _verify(model, fix: Fix, budget: float, batch_size, seq_len, steps, timing) 
                                     generator=torch.Generator().manual_seed(0))
         measured = measure_recompute(copy.deepcopy(model), micro, parse_policy(fix.policy)).flops
         predicted = fix.predicted.recompute_flops if fix.predicted else None
-    ratio = None
+    ratio = spread = None
     if timing and run.fits and fix.kind in ("policy", "micro-batch", "offload"):
-        ratio = step_time_ratio(model, fix.policy, batch_size, seq_len, fix.micro_batches)
+        plain, fixed = step_times(model, fix.policy, batch_size, seq_len, fix.micro_batches)
+        ratio = statistics.median(fixed) / statistics.median(plain)
+        rounds = [f / p for p, f in zip(plain, fixed, strict=True)]
+        spread = (min(rounds), max(rounds))
     peak = fix.predicted.peak_bytes if fix.predicted and fix.kind != "shard" else None
-    return Verification(run, peak, measured, predicted, ratio)
+    return Verification(run, peak, measured, predicted, ratio, spread)
 
 
 # ---------------------------------------------------------------- all together

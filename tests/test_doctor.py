@@ -138,3 +138,18 @@ def test_the_budget_is_parsed_once_where_it_enters(model, monkeypatch):
     report = doctor(model, "4.5MiB", BATCH, timing=False)
     assert report.fix.kind == "policy" and report.verification.run.fits
     assert parsed == ["4.5MiB"]
+
+
+def test_the_step_time_is_printed_with_its_round_by_round_spread(model, monkeypatch):
+    """Given step times (no clock): the ratio is median over median, and every round's ratio
+    bounds the printed range, so a learner sees how much the clock moved."""
+    import ckpt_course.doctor as doctor_module
+
+    given = ([1.0, 1.2, 0.9, 1.1, 1.0], [1.3, 1.9, 1.2, 1.4, 1.3])
+    monkeypatch.setattr(doctor_module, "step_times", lambda *a, **k: given)
+    report = doctor(model, 4.5 * MiB, BATCH, timing=True)
+    ver = report.verification
+    assert ver.step_time_ratio == pytest.approx(1.3 / 1.0)
+    assert ver.step_time_range == pytest.approx((1.4 / 1.1, 1.9 / 1.2))  # least, most
+    assert "Step time: 1.30x the plain step" in str(report)
+    assert "round by round 1.27x to 1.58x" in str(report)
