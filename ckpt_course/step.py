@@ -95,7 +95,8 @@ def _physical_memory() -> int:
 def _check_batch_fits(model, batch_size: int, seq_len) -> None:
     """A batch larger than this machine's memory is refused before it is made (making it
     would fail in the allocator, or swap): one sample's bytes times ``batch_size``."""
-    sample = make_batch(model, 1, seq_len)
+    with torch.random.fork_rng(devices=[]):  # the caller's random numbers stay as they were
+        sample = make_batch(model, 1, seq_len, torch.Generator().manual_seed(0))
     need = batch_size * sum(t.nbytes for t in sample if isinstance(t, torch.Tensor))
     if need > _physical_memory():
         raise ValueError(f"batch_size {batch_size} needs {fmt_bytes(need)} for the batch alone, "
