@@ -118,7 +118,7 @@ def test_steps_of_the_same_shape_peak_alike():
 
 
 def test_train_leaves_the_callers_random_numbers_alone():
-    """Its checks, batches and dropout draw from their own generators (seed=), not the global one."""
+    """Its checks, batches and dropout draw from their own generators, not the global one."""
     model = TinyGPT(GPTConfig(n_layer=2, dropout=0.1, **CFG))
     torch.manual_seed(0)
     expected = torch.rand(3)
