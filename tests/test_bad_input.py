@@ -353,6 +353,15 @@ HF_CONFIGS = [
     ((LLAMA, {"model_type": _DROP}), "has no \"model_type\""),
     # other fields transformers itself checks: its error, in one line
     ((LLAMA, {"rms_norm_eps": "small"}), "rms_norm_eps"),
+    ((LLAMA, {"tie_word_embeddings": "maybe"}), "tie_word_embeddings"),
+    ((LLAMA, {"rope_scaling": "x"}), "rope_parameters"),
+    ((LLAMA, {"head_dim": 7}), "RoPE requires an even rotary dimension"),
+    # fields transformers reads only when it builds the model: a trial build on fake tensors
+    ((LLAMA, {"rope_theta": "x"}), "transformers cannot build this config (TypeError"),
+    ((LLAMA, {"hidden_act": "bogus"}), "(KeyError: 'bogus'): fix that field"),
+    ((GPT2, {"activation_function": "bogus"}), "(KeyError: 'bogus')"),
+    ((GPT2, {"resid_pdrop": 2.0}), "dropout probability has to be between 0 and 1"),
+    ((LLAMA, {"torch_dtype": "int8"}), "cannot be instantiated under `dtype=torch.int8`"),
 ]
 
 
