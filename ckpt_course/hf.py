@@ -198,11 +198,28 @@ def load_config(name_or_path):
     try:
         config = cls(**values)
     except (TypeError, ValueError, StrictDataclassError) as error:  # strict fields: one line
-        reason = " ".join(line.strip() for line in str(error).splitlines())
+        reason = " ".join(str(error).split())[:200]
         raise ValueError(f"{path}: {reason}: fix that field") from None
     config.name_or_path = path.stem if path.parent == CONFIG_DIR else str(path)
     check_config(config, str(path))
+    if path.parent != CONFIG_DIR:  # the shipped ones are built by the tests
+        _check_builds(config, str(path))
     return config
+
+
+def _check_builds(config, where: str) -> None:
+    """Build one layer of ``config`` on fake tensors (nothing allocated, milliseconds): a field
+    transformers reads only when it builds the model (an unknown activation, a rope_theta that
+    is text, a dropout of 2) fails here, where the config enters, in one line."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    try:
+        with FakeTensorMode(), torch.random.fork_rng(devices=[]):
+            build(with_layers(config, 1))
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, RuntimeError) as error:
+        reason = " ".join(str(error).split())[:200]
+        raise ValueError(f"{where}: transformers cannot build this config ({type(error).__name__}"
+                         f": {reason}): fix that field") from None
 
 
 SMALL_MAX_WIDTH, SMALL_MAX_VOCAB = 2048, 2**16  # a small instance is built with real weights

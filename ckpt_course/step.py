@@ -95,7 +95,8 @@ def _physical_memory() -> int:
 def _check_batch_fits(model, batch_size: int, seq_len) -> None:
     """A batch larger than this machine's memory is refused before it is made (making it
     would fail in the allocator, or swap): one sample's bytes times ``batch_size``."""
-    sample = make_batch(model, 1, seq_len)
+    with torch.random.fork_rng(devices=[]):  # the caller's random numbers stay as they were
+        sample = make_batch(model, 1, seq_len, torch.Generator().manual_seed(0))
     need = batch_size * sum(t.nbytes for t in sample if isinstance(t, torch.Tensor))
     if need > _physical_memory():
         raise ValueError(f"batch_size {batch_size} needs {fmt_bytes(need)} for the batch alone, "
@@ -261,7 +262,7 @@ class _Undo:
         self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         self.had_state = set(optimizer.state) if optimizer is not None else set()
         self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.seconds = 0.0
+        self.seconds = self.optimizer_seconds = 0.0
         self.grads = {}
         if guard:
             start = time.perf_counter()
@@ -278,7 +279,8 @@ class _Undo:
                     if isinstance(v, torch.Tensor)]
         with _disable_current_modes(), torch.no_grad():
             self.copies = [(t, t.to("cpu", copy=True)) for t in tensors]
-        self.seconds += time.perf_counter() - start
+        self.optimizer_seconds = time.perf_counter() - start  # inside the optimizer phase
+        self.seconds += self.optimizer_seconds
 
     def restore(self) -> None:
         self.model.zero_grad(set_to_none=True)
@@ -427,8 +429,8 @@ def run_step(model, optimizer, batch, meter: MemoryMeter | None = None, *, loss_
         raise error
     # the phases are synchronized: all done; the undo's copies are the runner's, not the step's
     record.time_s = time.perf_counter() - start - undo.seconds
-    record.phase_s["optimizer"] = max(0.0, record.phase_s.get("optimizer", 0.0) - undo.seconds
-                                      ) if optimizer is not None else 0.0
+    if "optimizer" in record.phase_s:
+        record.phase_s["optimizer"] -= undo.optimizer_seconds
     if meter is not None:
         record.peak_bytes, record.peak_breakdown = meter.peak_bytes, dict(meter.peak_breakdown)
         record.peak_phase, record.peak_op, record.meter = meter.peak_phase, meter.peak_op, meter

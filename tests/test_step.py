@@ -390,3 +390,13 @@ def test_the_cpu_allocators_failure_is_an_out_of_memory_error_and_undone():
     with pytest.raises(RuntimeError, match="another error"):  # other errors pass through
         run_step(model, optimizer, make_batch(model, 2),
                  loss_fn=lambda b: (_ for _ in ()).throw(RuntimeError("another error")))
+
+
+def test_the_undos_copies_are_not_the_steps_time():
+    model = TinyGPT(replace(CFG, dropout=0.0))
+    optimizer = make_optimizer(model)
+    batch = make_batch(model, 2)
+    record = run_step(model, optimizer, batch)  # guarded by default
+    assert set(record.phase_s) == {"forward", "backward", "optimizer"}
+    assert record.time_s >= sum(record.phase_s.values()) and record.phase_s["optimizer"] >= 0
+    assert set(run_step(model, None, batch).phase_s) == {"forward", "backward"}

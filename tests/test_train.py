@@ -115,3 +115,13 @@ def test_steps_of_the_same_shape_peak_alike():
     records = train(TinyGPT(GPTConfig(n_layer=2, **CFG)), "full", steps=4, batch_size=BATCH,
                     progress=False)
     assert len({r.peak_bytes for r in records[1:]}) == 1  # step 1 has no optimizer state yet
+
+
+def test_train_leaves_the_callers_random_numbers_alone():
+    """Its checks, batches and dropout draw from their own generators, not the global one."""
+    model = TinyGPT(GPTConfig(n_layer=2, dropout=0.1, **CFG))
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    train(model, "full", steps=1, batch_size=2, progress=False)
+    assert torch.equal(torch.rand(3), expected)
