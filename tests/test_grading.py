@@ -159,6 +159,17 @@ def test_learner_text_reaches_every_report_as_one_line(tmp_path):
     assert row[0].startswith("'=") and row[-2].startswith("'=")
 
 
+def test_feedback_for_a_link_loop_is_written(tmp_path):
+    loop = tmp_path / "class" / "loop.ipynb"
+    loop.parent.mkdir()
+    loop.symlink_to(loop)
+    cards = [Scorecard(str(loop), error="could not read the file: a symbolic link loop"),
+             Scorecard(str(tmp_path / "class" / "ann.ipynb"), "0_x", [CheckResult("a", 1, 1)])]
+    written = grading.write_feedback(cards, tmp_path / "fb")
+    assert [p.name for p in written] == ["loop.md", "ann.md"]
+    assert "a symbolic link loop" in written[0].read_text()
+
+
 def test_duplicates_are_flagged():
     cards = [Scorecard("a.ipynb", "0_x", answers_sha256="1"), Scorecard("b.ipynb", "0_x"),
              Scorecard("c.ipynb", "0_x", answers_sha256="1"),
