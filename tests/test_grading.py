@@ -450,8 +450,16 @@ def test_processes_the_learner_leaves_behind_are_killed(tmp_path):
     from ckpt_course.grade_remote import Cell, Session
 
     mark = "300.5113"  # in the sleepers' argv: their pids are the namespace's, not ours
-    source = ("import subprocess\ndef sleeper():\n    subprocess.Popen(['sh', '-c', "
-              f"'sleep {mark} & sleep {mark}'], start_new_session=True)\n    return 1")
+    source = ("import glob, subprocess, time\n"
+              "def running():\n    n = 0\n    for p in glob.glob('/proc/[0-9]*/cmdline'):\n"
+              "        try:\n"
+              f"            n += open(p, 'rb').read() == b'sleep\\x00{mark}\\x00'\n"
+              "        except OSError:\n            pass\n    return n\n"
+              "def sleeper():\n    subprocess.Popen(['sh', '-c', "
+              f"'sleep {mark} & sleep {mark}'], start_new_session=True)\n"
+              "    for _ in range(1000):  # until both sleeps run\n"
+              "        if running() == 2:\n            return 1\n"
+              "        time.sleep(0.01)\n    return 0")
 
     def sleepers():
         found = []
