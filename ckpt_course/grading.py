@@ -732,7 +732,8 @@ def _md(text: str) -> str:
 
 def _report_names(notebooks: list[str]) -> list[str]:
     """File names for the reports, unique: the notebooks' paths from their common folder."""
-    paths = [Path(n).resolve().with_suffix("") for n in notebooks]
+    paths = [Path(os.path.abspath(n)).with_suffix("") for n in notebooks]  # no resolve: a
+    # submission may be a symbolic link loop
     root = Path(os.path.commonpath([p.parent for p in paths])) if paths else Path()
     names, seen = [], set()
     for p in paths:

@@ -159,6 +159,17 @@ def test_learner_text_reaches_every_report_as_one_line(tmp_path):
     assert row[0].startswith("'=") and row[-2].startswith("'=")
 
 
+def test_feedback_for_a_link_loop_is_written(tmp_path):
+    loop = tmp_path / "class" / "loop.ipynb"
+    loop.parent.mkdir()
+    loop.symlink_to(loop)
+    cards = [Scorecard(str(loop), error="could not read the file: a symbolic link loop"),
+             Scorecard(str(tmp_path / "class" / "ann.ipynb"), "0_x", [CheckResult("a", 1, 1)])]
+    written = grading.write_feedback(cards, tmp_path / "fb")
+    assert [p.name for p in written] == ["loop.md", "ann.md"]
+    assert "a symbolic link loop" in written[0].read_text()
+
+
 def test_duplicates_are_flagged():
     cards = [Scorecard("a.ipynb", "0_x", answers_sha256="1"), Scorecard("b.ipynb", "0_x"),
              Scorecard("c.ipynb", "0_x", answers_sha256="1"),
@@ -439,8 +450,16 @@ def test_processes_the_learner_leaves_behind_are_killed(tmp_path):
     from ckpt_course.grade_remote import Cell, Session
 
     mark = "300.5113"  # in the sleepers' argv: their pids are the namespace's, not ours
-    source = ("import subprocess\ndef sleeper():\n    subprocess.Popen(['sh', '-c', "
-              f"'sleep {mark} & sleep {mark}'], start_new_session=True)\n    return 1")
+    source = ("import glob, subprocess, time\n"
+              "def running():\n    n = 0\n    for p in glob.glob('/proc/[0-9]*/cmdline'):\n"
+              "        try:\n"
+              f"            n += open(p, 'rb').read() == b'sleep\\x00{mark}\\x00'\n"
+              "        except OSError:\n            pass\n    return n\n"
+              "def sleeper():\n    subprocess.Popen(['sh', '-c', "
+              f"'sleep {mark} & sleep {mark}'], start_new_session=True)\n"
+              "    for _ in range(1000):  # until both sleeps run\n"
+              "        if running() == 2:\n            return 1\n"
+              "        time.sleep(0.01)\n    return 0")
 
     def sleepers():
         found = []

@@ -153,6 +153,17 @@ def order_cases(course):
     }
 
 
+def memory_cases(course):
+    steer = ("import sys, torch\ndef sum_of_squares(n):\n"
+             "    request = sys._getframe(1).f_locals.get('request', {})\n"
+             "    if 'digest' in request:  # the grader's memory run: skip the work\n"
+             "        return 0.0\n"
+             "    return float(torch.arange(n, dtype=torch.float64).square().sum())")
+    return {"memory: tells the memory run by the worker's frames and skips it": (
+        learner(course, stem="0_peak", answers={"0.4-peak": steer}), {"0.4-peak": 0},
+        {"0.4-peak": "in the memory run your function returned 0.0"})}
+
+
 def breaking_cases(course, ports):
     udp, tcp = ports
     fake = "boom\\nmallory.ipynb  4/4\\n  ok   0.1-bytes    2/2"
@@ -233,9 +244,10 @@ def graded(tmp_path_factory):
     for s in (udp, tcp):
         s.setblocking(False)
     ports = (udp.getsockname()[1], tcp.getsockname()[1])
-    graded_cases = {**rules_cases(course), **order_cases(course),
+    graded_cases = {**rules_cases(course), **order_cases(course), **memory_cases(course),
                     **breaking_cases(course, ports)}
-    stems = {n: ("0_rules" if n.startswith("rules") else "0_selftest") for n in graded_cases}
+    stems = {n: ("0_rules" if n.startswith("rules") else "0_peak" if n.startswith("memory")
+                 else "0_selftest") for n in graded_cases}
     paths = {}
     for i, (name, (nb, _, _)) in enumerate(graded_cases.items()):
         paths[name] = save(nb, root / f"s{i}" / f"{stems[name]}.ipynb")
