@@ -21,3 +21,25 @@ def _seed():
     torch.manual_seed(0)
     checks.set_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def lesson_run():
+    """``lesson_run(path)``: the lesson executed once per session, with each Predict's first
+    typical wrong answer typed (tests/lesson_runs.py), shared by every test that reads a lesson's
+    outputs. A run that failed fails each test that asks for it, without running again."""
+    from lesson_runs import run_with_first_guesses
+
+    runs: dict = {}
+
+    def run(path):
+        if path not in runs:
+            try:
+                runs[path] = run_with_first_guesses(path)
+            except Exception as error:  # noqa: BLE001 -- kept, and raised for each asker
+                runs[path] = error
+        if isinstance(runs[path], Exception):
+            raise runs[path]
+        return runs[path]
+
+    return run

@@ -21,24 +21,21 @@ Single-digit whole numbers are found only by the last two rules: as text they ar
 from __future__ import annotations
 
 import ast
-import math
 import re
-from fractions import Fraction
 from pathlib import Path
 
 import nbformat
 import pytest
+from answer_forms import as_container, leaks, normal, number_forms
+from lesson_runs import LessonRun, as_shipped, execute
 
-from ckpt_course.predicts import Predict, lookup
-from ckpt_course.units import GiB, KiB, MiB
+from ckpt_course.predicts import lookup
 
 ROOT = Path(__file__).resolve().parents[1]
 LESSONS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 SCREEN_LINES = 40
 COLLAPSED = "jp-MarkdownHeadingCollapsed"
 HEADING = re.compile(r"^(#{1,6})\s", re.M)
-BRACKETED = re.compile(r"[\[\(\{][^\[\]\(\)\{\}]*[\]\)\}]")
-BYTE_UNITS = {"B", "bytes"}
 
 
 # ---------------------------------------------------------------- what the learner sees
@@ -110,140 +107,57 @@ def keys_of(nb, i: int) -> list[str]:
     return keys
 
 
-# ---------------------------------------------------------------- the answer's printed forms
-def number_forms(value: float, unit: str) -> set[str]:
-    """How a number can be printed: whole, with separators, in binary or decimal units, or as
-    a ratio to 2-3 digits, a percentage or a small fraction."""
-    forms: set[str] = set()
-    if float(value).is_integer():
-        n = int(value)
-        if abs(n) >= 10:
-            forms |= {str(n), f"{n:,}", f"{n:_}"}
-    else:
-        forms |= {f"{value:.2g}", f"{value:.3g}", f"{value:.2f}", f"{value:.3f}"}
-        if 0 < value < 1:
-            forms |= {f"{100 * value:.0f}%", f"{100 * value:.1f}%"}
-            frac = Fraction(value).limit_denominator(32)
-            if math.isclose(frac, value, rel_tol=1e-9) and frac.denominator > 1:
-                forms |= {f"{frac.numerator}/{frac.denominator}",
-                          f"{frac.numerator} / {frac.denominator}"}
-    if unit in BYTE_UNITS and value >= KiB:
-        for name, size in (("KiB", KiB), ("MiB", MiB), ("GiB", GiB), ("KB", 1e3), ("MB", 1e6),
-                           ("GB", 1e9)):
-            if value >= size:
-                forms |= {f"{value / size:.{d}f} {name}" for d in (1, 2)}
-                forms |= {f"{value / size:.{d}g} {name}" for d in (2, 3)}
-    return forms
-
-
-def normal(value):
-    """A container's content, whatever the container: lists and tuples alike, names caseless."""
-    if isinstance(value, str):
-        return value.strip().lower()
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int | float) and float(value).is_integer():
-        return int(value)
-    if isinstance(value, list | tuple):
-        return tuple(normal(v) for v in value)
-    if isinstance(value, set | frozenset):
-        return frozenset(normal(v) for v in value)
-    if isinstance(value, dict):
-        return frozenset((normal(k), normal(v)) for k, v in value.items())
-    return value
-
-
-def as_container(value):
-    """Equal-content forms: a set may be typed as a list or tuple."""
-    forms = {normal(value)}
-    if isinstance(value, set | frozenset | list | tuple):
-        forms.add(frozenset(normal(v) for v in value))
-    return forms
-
-
-def literals(text: str):
-    """Every bracketed literal in a text (code or prose) that Python can read."""
-    for match in BRACKETED.finditer(text):
-        try:
-            yield ast.literal_eval(match.group(0))
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            continue
-
-
-def folded_assignments(lines: list[str]):
-    """The values of one-line assignments that derive: literal arithmetic on the right
-    (``2 + 2 + 8``), or any literal given to a ``predicted_*`` name. A plain ``B = 4`` is a
-    setting the learner needs, not an answer."""
-    for line in lines:
-        try:
-            tree = ast.parse(line.strip())
-        except SyntaxError:
-            continue
-        for node in tree.body:
-            if not isinstance(node, ast.Assign | ast.AnnAssign) or node.value is None:
-                continue
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            named = any(getattr(t, "id", "").startswith("predicted") for t in targets)
-            if named or isinstance(node.value, ast.BinOp):
-                value = fold(node.value)
-                if value is not None:
-                    yield value
-
-
-def fold(node):
-    if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
-        return node.value
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add | ast.Sub | ast.Mult | ast.Div
-                                                  | ast.Pow | ast.FloorDiv):
-        left, right = fold(node.left), fold(node.right)
-        if left is None or right is None:
-            return None
-        try:
-            return {ast.Add: left + right, ast.Sub: left - right, ast.Mult: left * right,
-                    ast.Pow: left ** right if abs(right) < 64 else None,
-                    ast.Div: left / right if right else None,
-                    ast.FloorDiv: left // right if right else None}[type(node.op)]
-        except (OverflowError, ZeroDivisionError):
-            return None
-    try:
-        return ast.literal_eval(node)
-    except (ValueError, SyntaxError, TypeError):
-        return None
-
-
-def leaks(lines: list[str], value, entry: Predict) -> list[str]:
-    """The places in ``lines`` where ``value`` is shown, each as a short description."""
-    found = []
-    text = "\n".join(lines)
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        for form in number_forms(float(value), entry.unit):
-            if re.search(rf"(?<![\w.]){re.escape(form)}(?![\w%]|\.\d)", text):
-                found.append(f"the number as {form!r}")
-    wanted = as_container(value)
-    for literal in literals(text):
-        if as_container(literal) & wanted and not isinstance(literal, int | float | str):
-            found.append(f"the literal {literal!r}")
-    for folded in folded_assignments(lines):
-        if (isinstance(folded, int | float) and isinstance(value, int | float)
-                and math.isclose(folded, value, rel_tol=1e-9)) or (
-                not isinstance(folded, int | float) and as_container(folded) & wanted):
-            found.append(f"an assignment of {folded!r}")
-    return found
-
-
-def answer_of(key: str):
+def answer_leaks(key: str, lines: list[str]) -> list[str]:
+    """Where ``lines`` show the answer of the Predict ``key`` (none for an answer read off a
+    clock: it has no fixed value to look for)."""
     entry = lookup(key)
-    return entry, entry.answer()
+    if entry.answer is None:
+        return []
+    return leaks(lines, entry.answer(), entry)
 
 
 def lesson_leaks(nb) -> list[str]:
+    return [f"cell {i} ({key}): {where}" for i, keys, text in predict_windows(nb)
+            for key in keys for where in answer_leaks(key, text)]
+
+
+# ---------------------------------------------------------------- what the cells printed
+def check_cell(nb, i: int) -> int:
+    """The Check of Predict cell i: the first cell after it that reveals one of its answers."""
+    mine = set(re.findall(r"^(my_\w+)\s*=", nb.cells[i].source, re.M))
+    return next(j for j in range(i + 1, len(nb.cells)) if nb.cells[j].cell_type == "code"
+                and revealed(nb.cells[j].source) & mine)
+
+
+def revealed(source: str) -> set[str]:
+    return {call.args[0].id for call in ast.walk(ast.parse(source))
+            if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "reveal"
+            and call.args and isinstance(call.args[0], ast.Name)}
+
+
+def printed(cell) -> list[str]:
+    """A code cell's outputs as text: what it printed, its result, an error's message."""
+    text = []
+    for out in cell.get("outputs", []):
+        if out.output_type == "stream":
+            text.append(out.text)
+        elif out.output_type in ("execute_result", "display_data"):
+            text += [out.data[kind] for kind in ("text/plain", "text/markdown")
+                     if kind in out.data]
+        elif out.output_type == "error":
+            text.append(f"{out.ename}: {out.evalue}")
+    return "\n".join(text).splitlines()
+
+
+def output_leaks(nb) -> list[str]:
+    """Per Predict: the outputs of every cell above it, and of those between it and its Check,
+    that show its answer (a learner who ran the lesson sees them before committing)."""
     problems = []
-    for i, keys, text in predict_windows(nb):
+    for i, keys, _ in predict_windows(nb):
+        before_check = [j for j in range(check_cell(nb, i)) if j != i]
         for key in keys:
-            if lookup(key).answer is None:  # derived from a clock: no fixed value to look for
-                continue
-            entry, value = answer_of(key)
-            problems += [f"cell {i} ({key}): {where}" for where in leaks(text, value, entry)]
+            problems += [f"cell {i} ({key}): {where} in the output of cell {j}"
+                         for j in before_check for where in answer_leaks(key, printed(nb.cells[j]))]
     return problems
 
 
@@ -326,3 +240,34 @@ def test_number_forms_cover_the_ways_a_size_and_a_ratio_print():
     assert number_forms(5, "A") == set()  # a digit alone is everywhere in the text
     assert normal([4, 4, 2, 2]) == normal((4, 4, 2, 2))
     assert as_container(["grads freed"]) & as_container({"grads freed"})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", LESSONS, ids=[p.stem for p in LESSONS])
+def test_no_output_above_a_predict_shows_its_answer(path, lesson_run):
+    """The lesson run once (the session's run, read as if every Predict were left None): no
+    output of a cell above a Predict, or between it and its Check, shows the Predict's answer."""
+    assert output_leaks(as_shipped(lesson_run(path))) == []
+
+
+@pytest.mark.slow
+def test_a_lesson_that_prints_an_answer_above_its_predict_fails():
+    nb = nbformat.read(HAND_TRACE, as_version=4)  # a copy, in memory: the file is kept
+    predict = first_cell(nb, "my_saved_none = None")
+    del nb.cells[check_cell(nb, predict) + 1:]  # the lesson down to 2.1's second Check
+    nb.cells.insert(predict, nbformat.v4.new_code_cell(
+        'print(f"forward will leave {4 * A + LOSS:,} bytes alive")'))
+    found = output_leaks(execute(HAND_TRACE, nb))
+    assert any("'4,194,308' in the output of cell " + str(predict) in f for f in found), found
+
+
+def test_as_shipped_reads_a_typed_answer_as_none():
+    typed = nbformat.v4.new_code_cell(outputs=[nbformat.v4.new_output(
+        "stream", name="stdout", text="intro 16\nsaved: yours 8 B | derivation 12 B\n"
+                                      "  off by x0.667 (-4 B): the reason\nafter\n")])
+    nb = nbformat.v4.new_notebook(cells=[typed])
+    shown = as_shipped(LessonRun(nb, {}, {"saved": 8})).cells[0].outputs[0].text
+    assert shown == ("intro 16\nsaved: yours - | derivation 12 B\n"
+                     "  no prediction made: type yours into the Predict cell next time, "
+                     "before running\nafter\n")
+    assert nb.cells[0].outputs[0].text.startswith("intro 16\nsaved: yours 8 B")  # kept

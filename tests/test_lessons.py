@@ -11,10 +11,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from lesson_runs import output_lines
 from nbclient import NotebookClient
-
-from ckpt_course.predicts import lookup
-from ckpt_course.reveal import STRICT_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 LESSONS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -162,48 +160,18 @@ MINE = [ROOT / "notebooks" / name for name in ("1_why_activations_eat_memory.ipy
                                                "2_hand_trace_a_checkpointed_net.ipynb")]
 
 
-def reveal_keys(nb, i: int) -> dict[str, str]:
-    """The Predict cell i's answers and the table keys their reveals name."""
-    mine = set(answers(nb.cells[i]))
-    return {call.args[0].id: next(k.value.value for k in call.keywords if k.arg == "key")
-            for cell in nb.cells[i + 1:] if cell.cell_type == "code"
-            for call in ast.walk(ast.parse(cell.source))
-            if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "reveal"
-            and call.args and getattr(call.args[0], "id", "") in mine}
-
-
-def type_first_guesses(nb) -> dict[str, str]:
-    """Type each Predict's first typical wrong answer (its value) where the learner would;
-    return the reveal's label -> the reason it must print."""
-    expected = {}
-    for i, cell in enumerate(nb.cells):
-        if not tagged(cell, "predict"):
-            continue
-        for name, key in reveal_keys(nb, i).items():
-            entry = lookup(key)
-            wrong = entry.wrong[0]
-            value = wrong.value(entry.answer(), entry.given() if entry.given else {})
-            cell.source = cell.source.replace(f"{name} = None", f"{name} = {value!r}")
-            expected[entry.what] = wrong.reason
-    return expected
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("path", MINE, ids=[p.stem for p in MINE])
-def test_wrong_first_guesses_run_the_core_to_the_end_and_each_gets_its_reason(path, monkeypatch):
-    """Every core Predict of lessons 1-2 answered wrong, the Go deeper parts left out (a learner
-    may skip them, and nbval runs them as shipped): the core runs to the end, the tables'
-    answers agree with the lesson's derivations (strict), and each reveal prints its reason."""
-    nb = nbformat.read(path, as_version=4)
-    nb.cells = [c for c, deeper in zip(nb.cells, deeper_flags(nb), strict=True) if not deeper]
-    expected = type_first_guesses(nb)
-    monkeypatch.setenv(STRICT_ENV, "1")
-    NotebookClient(nb, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
-    code = [c for c in nb.cells if c.cell_type == "code"]
+def test_wrong_first_guesses_run_to_the_end_and_each_gets_its_reason(path, lesson_run):
+    """Every Predict of lessons 1-2 answered with its first typical wrong answer (the session's
+    one run, tests/lesson_runs.py): the lesson runs to the end, the tables' answers agree with
+    the lesson's derivations (strict), and each reveal prints its reason. That the core runs
+    without the Go deeper parts is read from the names each cell uses (above)."""
+    run = lesson_run(path)
+    code = [c for c in run.nb.cells if c.cell_type == "code"]
     assert all(c.execution_count for c in code), "the lesson stopped early"
-    lines = "".join(o.get("text", "") for c in code for o in c.outputs).splitlines()
-    for what, reason in expected.items():
+    lines = output_lines(run.nb)
+    for what, reason in run.expected.items():
         head = next(i for i, line in enumerate(lines) if line.startswith(f"{what}: yours"))
         assert reason in lines[head + 1], f"{what}: {lines[head + 1]!r}"
     assert "no prediction made" not in "\n".join(lines)

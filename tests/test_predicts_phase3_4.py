@@ -11,13 +11,12 @@ import math
 from pathlib import Path
 from types import SimpleNamespace as NS
 
-import nbformat
 import pytest
 import torch
-from nbclient import NotebookClient
+from lesson_runs import output_lines
 
 from ckpt_course.predicts import all_tables, lookup
-from ckpt_course.reveal import NO_PREDICTION, RIGHT, STRICT_ENV, judge
+from ckpt_course.reveal import NO_PREDICTION, RIGHT, judge
 
 # 3.1 and 3.3: the tiny GPT (GPTConfig()) at batch 8
 B, T, C, L, V, H = 8, 128, 128, 4, 256, 4
@@ -209,19 +208,14 @@ LESSONS = [Path(__file__).resolve().parents[1] / "notebooks" / name for name in 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", LESSONS, ids=[p.stem for p in LESSONS])
-def test_wrong_first_guesses_run_to_the_end_and_each_gets_its_reason(path, monkeypatch):
-    """Every Predict of lessons 3-4b answered with its first typical wrong answer; the tables'
-    answers must agree with the lesson's derivations (strict), each reveal prints its reason."""
-    from test_lessons import type_first_guesses
-
-    nb = nbformat.read(path, as_version=4)
-    expected = type_first_guesses(nb)
-    monkeypatch.setenv(STRICT_ENV, "1")
-    NotebookClient(nb, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
-    code = [c for c in nb.cells if c.cell_type == "code"]
+def test_wrong_first_guesses_run_to_the_end_and_each_gets_its_reason(path, lesson_run):
+    """Every Predict of lessons 3-4b answered with its first typical wrong answer (the session's
+    one run, tests/lesson_runs.py); the tables' answers must agree with the lesson's derivations
+    (strict), each reveal prints its reason."""
+    run = lesson_run(path)
+    code = [c for c in run.nb.cells if c.cell_type == "code"]
     assert all(c.execution_count for c in code), "the lesson stopped early"
-    lines = "".join(o.get("text", "") for c in code for o in c.outputs).splitlines()
-    for what, reason in expected.items():
+    lines = output_lines(run.nb)
+    for what, reason in run.expected.items():
         head = next(i for i, line in enumerate(lines) if line.startswith(f"{what}: yours"))
         assert reason in lines[head + 1], f"{what}: {lines[head + 1]!r}"
