@@ -33,7 +33,8 @@ lab: $(STAMP)
 
 # Everything: unit tests, notebooks (lessons and solutions) through nbval, grading, CLI.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests notebooks solutions --nbval-lax --nbval-current-env
+# CKPT_COURSE_STRICT_TABLES: every lesson run also checks its Predict tables against its derivations.
+	CKPT_COURSE_STRICT_TABLES=1 $(BIN)/python -m pytest -q tests notebooks solutions --nbval-lax --nbval-current-env
 
 # Lint plus the unit tests that need no notebook or subprocess (under 60 s).
 check-fast: $(STAMP)
