@@ -439,8 +439,9 @@ def _shard_or_offload(costs, budget, lines, params_alone, model=None, batch_size
                      f"({fmt_bytes(fixed)}) to CPU memory (ZeRO-Offload).")
         return Fix("shard", devices=0, arithmetic=lines)
     n, best = found
+    sharded = fixed + costs.gradient_bytes + costs.trunk.grad_bytes  # the gradients split too
     lines.append(f"Shard parameters, gradients and optimizer state over {n} devices (FSDP / "
-                 f"ZeRO-3): each keeps {fmt_bytes(fixed / n)} of them plus one block's "
+                 f"ZeRO-3): each keeps {fmt_bytes(sharded / n)} of them plus one block's "
                  f"parameters while it runs; with {best.policy} the planner predicts "
                  f"{fmt_bytes(best.peak_bytes)} per device ({best.overhead:+.1%} recompute). "
                  f"Or offload parameters and optimizer state to CPU memory (ZeRO-Offload): "

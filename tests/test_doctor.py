@@ -153,3 +153,16 @@ def test_the_step_time_is_printed_with_its_round_by_round_spread(model, monkeypa
     assert ver.step_time_range == pytest.approx((1.4 / 1.1, 1.9 / 1.2))  # least, most
     assert "Step time: 1.30x the plain step" in str(report)
     assert "round by round 1.27x to 1.58x" in str(report)
+
+
+def test_the_sharded_share_counts_gradients_too(capsys):
+    """Parameters, gradients and optimizer state split over N devices: the share printed is all
+    three over N (it once left the gradients out)."""
+    run_doctor(parser().parse_args(["--budget", "5MiB", "--model", "gpt", "--layers", "2",
+                                    "--batch", "2", "--no-timing", "--steps", "1"]))
+    out = capsys.readouterr().out
+    costs = measure_costs(TinyGPT(GPTConfig(n_layer=2)), 2)
+    grads = costs.gradient_bytes + costs.trunk.grad_bytes
+    state = costs.param_bytes + grads + costs.optimizer_bytes
+    n = int(out.split("optimizer state over ")[1].split()[0])
+    assert f"each keeps {fmt_bytes(state / n)} of them" in out
