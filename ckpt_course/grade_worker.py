@@ -423,11 +423,16 @@ class Rules:
     def enforce(self) -> str:
         """Apply the rules (once); "" or why the forbidden files stay readable."""
         import gc
+        import importlib
         import linecache
 
         if self.enforced or not self.targets:
             return self.why_not
         self.enforced = True
+        for module in {t.partition(":")[0] for t in self.targets if ":" in t}:
+            # a class or function is poisoned as an object: its module must be loaded first, or
+            # an answer importing it later would get a fresh, unpoisoned copy
+            importlib.import_module(module)
         sys.meta_path[:0] = [_Blocker(t) for t in self.targets if ":" not in t]
         guards: dict[tuple[int, str], object] = {}
         files = {f for f, _ in self.qualified} | set(self.owner)
