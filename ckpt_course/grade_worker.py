@@ -48,6 +48,9 @@ class WireError(ValueError):
     """A message that is not data, or too big."""
 
 
+MAX_INT_BITS = 8192  # about 2,466 digits: far under Python's 4,300-digit str(int) limit
+
+
 # ---------------------------------------------------------------- the wire format
 
 
@@ -59,6 +62,10 @@ def to_wire(value) -> tuple[bytes, list[bytes]]:
 
     def encode(x):
         kind = type(x)
+        if kind is int and x.bit_length() > MAX_INT_BITS:  # json.dumps would fail on it
+            raise WireError(f"an int of {x.bit_length()} bits (about "
+                            f"{int(x.bit_length() * 0.30103)} digits) is too big to be sent "
+                            "back: return a number of bytes, not a giant integer")
         if x is None or kind in (bool, int, float, str):
             return x
         if kind is list:
