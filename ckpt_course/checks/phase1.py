@@ -186,7 +186,17 @@ def hand_checkpoint(run_with_my_checkpoint) -> float | None:
     from . import references
 
     r = rng("1.3-by-hand")
+    # Memory first, and as a gate: a plain forward (no checkpoint at all) gives the right output,
+    # gradients and random stream, so those points count only for an answer that keeps less.
+    runs = memory_runs(run_with_my_checkpoint, _peak_spec(r), "torch_checkpoint", "plain")
+    expect_peak_near(
+        runs,
+        "your checkpoint peaks about as high as no checkpointing: forward keeps more than "
+        "the block's input (no points for output, gradients or the random stream until it "
+        "does). Run the block under torch.no_grad() in forward and save only the input "
+        "(ctx.save_for_backward(x)); rebuild the rest in backward")
     parts = Parts()
+    parts.passed.append("memory")
     specs = [_small_spec(r) for _ in range(2)]
     results = [(spec, call(run_with_my_checkpoint, spec, name="run_with_my_checkpoint"))
                for spec in specs]
@@ -211,13 +221,6 @@ def hand_checkpoint(run_with_my_checkpoint) -> float | None:
                    "after backward, the random numbers drawn next differ from a plain run's: "
                    "setting the saved RNG state for the rerun moved the global generator. Rerun "
                    "inside torch.random.fork_rng() so the stream is put back afterwards")
-    with parts("memory"):
-        runs = memory_runs(run_with_my_checkpoint, _peak_spec(r), "torch_checkpoint", "plain")
-        expect_peak_near(
-            runs,
-            "your checkpoint peaks about as high as no checkpointing: forward keeps more than "
-            "the block's input. Run the block under torch.no_grad() in forward and save only "
-            "the input (ctx.save_for_backward(x)); rebuild the rest in backward")
     score = parts.score()
     if score is None:
         passed("your checkpoint keeps only the input, reruns forward with the same dropout "
