@@ -48,6 +48,9 @@ class WireError(ValueError):
     """A message that is not data, or too big."""
 
 
+MAX_INT_BITS = 8192  # about 2,466 digits: far under Python's 4,300-digit str(int) limit
+
+
 # ---------------------------------------------------------------- the wire format
 
 
@@ -59,6 +62,10 @@ def to_wire(value) -> tuple[bytes, list[bytes]]:
 
     def encode(x):
         kind = type(x)
+        if kind is int and x.bit_length() > MAX_INT_BITS:  # json.dumps would fail on it
+            raise WireError(f"an int of {x.bit_length()} bits (about "
+                            f"{int(x.bit_length() * 0.30103)} digits) is too big to be sent "
+                            "back: return a number of bytes, not a giant integer")
         if x is None or kind in (bool, int, float, str):
             return x
         if kind is list:
@@ -423,11 +430,16 @@ class Rules:
     def enforce(self) -> str:
         """Apply the rules (once); "" or why the forbidden files stay readable."""
         import gc
+        import importlib
         import linecache
 
         if self.enforced or not self.targets:
             return self.why_not
         self.enforced = True
+        for module in {t.partition(":")[0] for t in self.targets if ":" in t}:
+            # a class or function is poisoned as an object: its module must be loaded first, or
+            # an answer importing it later would get a fresh, unpoisoned copy
+            importlib.import_module(module)
         sys.meta_path[:0] = [_Blocker(t) for t in self.targets if ":" not in t]
         guards: dict[tuple[int, str], object] = {}
         files = {f for f, _ in self.qualified} | set(self.owner)

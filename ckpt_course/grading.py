@@ -59,7 +59,22 @@ read this code. Per class of attack, what is defended and what is not:
   intended, or that measures instead of predicting with tools no rule names (its own
   saved_tensors_hooks, torch's profiler). `save_on_cpu` and the planner's classes are poisoned
   but the modules that hold them (torch.autograd.graph) stay readable: their source could be
-  re-executed. Native code (ctypes into torch's C++ library) is not covered.
+  re-executed; the same holds for every class or function rule (e.g.
+  `ckpt_course.sharding:per_gpu_bytes`, loaded before the answers so that an import cannot get
+  an unpoisoned copy). Native code (ctypes into torch's C++ library) is not covered.
+  Which tools are the answer: every exercise forbids its own check module and the checks'
+  metering helpers (`peak_of`, `measure`, `memory_runs`), so no check's private helper (the
+  dial's peak of 1.4, the reference tape of 4b) is reachable; predict-by-reasoning checks
+  (phase 2) forbid every module that measures saved or peak bytes or computes an answer (tape,
+  trace, meter, recompute, pitfalls, ranking, compare, sharding, estimate, costs, hf, sweeps,
+  train, step, timing, plan, auto, doctor, memviz); 4b forbids hf_config_costs, costs,
+  estimate, the meter; 3.2-per-gpu forbids `sharding.per_gpu_bytes`/`min_gpus`, 3.3 the
+  estimate's `layer_activation_bytes`. Intended, not a hole: 3.4-save teaches `rank_ops`, so an
+  answer that filters its ranking (ops with FLOPs, nameable) is the exercise's reading; 3.4-budget
+  picks from the table the notebook measured. NOT yet defended: 1.2-mlp may call `record_tape`
+  (the exercise's own demo cell prints a tape after the first answer, and rules hold for the
+  whole worker); 1.3-by-hand's memory part measures RSS, so an answer that parks the tape in
+  files (saved_tensors_hooks + torch.save) and a plain forward earn points they should not.
 - Memory checks. The memory run's sizes are drawn from the secret seed; its result is checked
   against the reference's (a SHA-256 of the tensors' bytes), so an answer that detects the
   memory run (by size, by inspecting the worker's frames) and skips the work fails; counters
@@ -272,12 +287,28 @@ def read_learner(path: Path) -> tuple[object, bytes]:
     if not text.strip():
         raise GradingError("the file is empty: was the notebook saved?")
     try:
+        _check_cells(json.loads(text))  # before nbformat, whose errors on a bad cell are cryptic
         nb = nbformat.reads(text, as_version=4)
+    except GradingError:
+        raise
     except Exception as e:  # JSON errors, nbformat's own: all mean "not a notebook"
         raise GradingError(f"not a notebook: {_first_line(str(e))}") from None
-    if not isinstance(nb.get("cells"), list):
-        raise GradingError("not a notebook: it has no list of cells")
     return nb, data
+
+
+def _check_cells(parsed) -> None:
+    """GradingError naming the first thing that is not a cell in a notebook's JSON."""
+    if isinstance(parsed, dict) and parsed.get("nbformat") in (1, 2, 3):
+        return  # an old format, which nbformat converts (its cells are in worksheets)
+    cells = parsed.get("cells") if isinstance(parsed, dict) else None
+    if not isinstance(cells, list):
+        raise GradingError("not a notebook: it has no list of cells")
+    for number, cell in enumerate(cells, 1):
+        if not (isinstance(cell, dict) and isinstance(cell.get("cell_type"), str)
+                and isinstance(cell.get("source", ""), (str, list))
+                and isinstance(cell.get("metadata", {}), dict)):
+            raise GradingError(f"not a notebook: its cell {number} is a {type(cell).__name__}, "
+                               "not a cell (an object with cell_type, metadata and source)")
 
 
 def _read_regular_file(path: Path) -> bytes:
@@ -557,7 +588,8 @@ def clean(text: str, limit: int = 2000) -> str:
 
 def grade(notebooks, pristine_dir="exercises", timeout: float = 60, jobs: int | None = None,
           progress=None, sandbox: bool = True) -> list[Scorecard]:
-    """Grade each notebook (one Scorecard each, in order), `jobs` at once (default: the cores).
+    """Grade each notebook (one Scorecard each, in order; a path given twice is graded once),
+    `jobs` at once (default: the cores).
 
     timeout: seconds per cell and per call. progress: called with each Scorecard when done.
     """
@@ -566,7 +598,10 @@ def grade(notebooks, pristine_dir="exercises", timeout: float = 60, jobs: int | 
     if not Path(pristine_dir).is_dir():
         raise ValueError(f"no exercises folder {pristine_dir}: pass the folder the exercises "
                          "were built into (--exercises DIR)")
-    notebooks = [str(n) for n in notebooks]
+    named: dict[str, str] = {}  # a path named twice (x.ipynb, ./x.ipynb) is graded once
+    for n in notebooks:
+        named.setdefault(os.path.normpath(str(n)), str(n))
+    notebooks = list(named.values())
     jobs = max(1, min(len(notebooks), jobs or os.cpu_count() or 1))
     if jobs == 1:
         cards = []

@@ -112,6 +112,9 @@ def test_metadata_may_only_name_one_of_the_course_exercises(course, named, messa
     ("latin.ipynb", "{é}".encode("latin-1"), "not UTF-8"),
     ("broken.ipynb", b"{ not json", "not a notebook: "),
     ("list.ipynb", b"[1, 2]", "not a notebook: "),
+    ("cells.ipynb", json.dumps({"cells": [5], "metadata": {}, "nbformat": 4,
+                                "nbformat_minor": 5}).encode(),
+     "not a notebook: its cell 1 is a int, not a cell"),
     ("huge.ipynb", b" " * (grading.MAX_NOTEBOOK_BYTES + 1), "larger than 20 MB"),
 ])
 def test_unreadable_files_say_why(tmp_path, name, content, reason):
@@ -177,6 +180,15 @@ def test_duplicates_are_flagged():
     grading.flag_duplicates(cards)
     assert [c.duplicate_of for c in cards] == ["", "", "a.ipynb", ""]
     assert cards[2].notes == ["duplicate: the same answers as a.ipynb"]
+
+
+def test_a_path_named_twice_is_graded_once(tmp_path, monkeypatch):
+    """`grade a.ipynb a.ipynb ./a.ipynb` is one file: one row, not a duplicate of itself."""
+    monkeypatch.chdir(tmp_path)
+    Path("a.txt").write_text("hello")
+    cards = grading.grade(["a.txt", tmp_path / "b.txt", "a.txt", "./a.txt"], tmp_path, jobs=1)
+    assert [(c.notebook, c.duplicate_of) for c in cards] == [("a.txt", ""),
+                                                             (str(tmp_path / "b.txt"), "")]
 
 
 def test_learner_text_is_one_clean_line():
@@ -257,6 +269,15 @@ def test_the_wire_carries_data_and_nothing_else(tmp_path):
     for text in (b'{"call": 1}', b'{"tensor": 5}', b"nan nan"):
         with pytest.raises(WireError):
             from_wire(text, [])
+
+
+def test_a_giant_integer_is_refused_by_the_wire_with_its_cause():
+    """json.dumps cannot write an int of over 4,300 digits: the wire names that, as data it
+    cannot send, instead of the worker dying on it."""
+    assert from_wire(*to_wire(2**8000)) == 2**8000
+    for giant in (10**5000, [1, -(10**5000)]):
+        with pytest.raises(WireError, match="is too big to be sent back"):
+            to_wire(giant)
 
 
 def test_a_message_over_the_cap_is_refused_before_it_is_read():

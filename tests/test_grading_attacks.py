@@ -423,21 +423,38 @@ BUILD_IT = {  # exercise: ({answer: source}, {check: the rule its hint must name
         {"1.3-by-hand": "import torch.utils.checkpoint\nclass MyCheckpoint:\n"
                         "    @staticmethod\n    def apply(block, x):\n"
                         "        return torch.utils.checkpoint.checkpoint(block, x, "
-                        "use_reentrant=False)"},
-        {"1.3-by-hand": rule("torch.utils.checkpoint")}),
+                        "use_reentrant=False)",
+         "1.4-pick-n": "def pick_n(n_layers, activation_bytes, budget):\n"
+                       "    return max(n for n in range(1, n_layers + 1)\n"
+                       "               if checks._dial_peak(n_layers, n) * activation_bytes"
+                       " <= budget)"},
+        {"1.3-by-hand": rule("torch.utils.checkpoint"),
+         "1.4-pick-n": rule("ckpt_course.checks.phase1")}),
     "2_hand_trace": (
         {"2.1-tape": "from ckpt_course.tape import record_tape\n"
                      "def predict_tape(batch, width, depth):\n"
                      "    record_tape(None, ())\n    return {}",
          "2.4-peak": "import ckpt_course.trace as t\n"
                      "def predict_peak(free_grads, batch, width, depth):\n"
-                     "    t.trace_step(None, 'none', batch_size=batch)\n    return {}"},
-        {"2.1-tape": rule("ckpt_course.tape"), "2.4-peak": rule("ckpt_course.trace")}),
+                     "    t.trace_step(None, 'none', batch_size=batch)\n    return {}",
+         "2.2-every2": "def every2_saved_bytes(batch, width, depth):\n"
+                       "    from ckpt_course.pitfalls import saved_for_backward\n"
+                       "    return saved_for_backward(None, None)"},
+        {"2.1-tape": rule("ckpt_course.tape"), "2.4-peak": rule("ckpt_course.trace"),
+         "2.2-every2": rule("ckpt_course.pitfalls")}),
     "3_choosing_a_policy": (
         {"3.2-offload": "import weakref, torch\ndef offload_hooks(host, params):\n"
                         "    from ckpt_course.checks import probes\n"
-                        "    return probes.reference_offload_hooks(host, params)"},
-        {"3.2-offload": rule("ckpt_course.checks.references")}),
+                        "    return probes.reference_offload_hooks(host, params)",
+         "3.2-per-gpu": "def per_gpu_bytes(n_params, n_gpus, activation_bytes):\n"
+                        "    from ckpt_course.sharding import per_gpu_bytes as solved\n"
+                        "    return solved(n_params, n_gpus, activation_bytes)",
+         "3.3-attention": "def naive_extra_bytes(batch, heads, seq, dropout):\n"
+                          "    from ckpt_course.estimate import layer_activation_bytes\n"
+                          "    return layer_activation_bytes(None, batch, seq, None)"},
+        {"3.2-offload": rule("ckpt_course.checks.references"),
+         "3.2-per-gpu": rule("ckpt_course.sharding:per_gpu_bytes"),
+         "3.3-attention": rule("ckpt_course.estimate:layer_activation_bytes")}),
     "4_prescribe_a_policy": (
         {"4.1-peak": "from ckpt_course import plan\nfrom ckpt_course.checks import probes\n"
                      "def chain_peak(chain, placement):\n"
@@ -452,10 +469,9 @@ BUILD_IT = {  # exercise: ({answer: source}, {check: the rule its hint must name
         {"4.1-peak": rule("ckpt_course.checks"), "4.2-planner": rule("ckpt_course.plan"),
          "4.3-capstone": rule("ckpt_course.plan")}),
     "4b_your_model": (
-        {"4b-layer": "from ckpt_course.checks.phase4b import measured_layer_bytes\n"
-                     "def layer_bytes(hidden, heads, kv_heads, intermediate, seq, batch, d):\n"
-                     "    return measured_layer_bytes({})"},
-        {"4b-layer": rule("ckpt_course.checks")}),
+        {"4b-layer": "def layer_bytes(hidden, heads, kv_heads, intermediate, seq, batch, d):\n"
+                     "    return hf.hf_config_costs(None, batch, seq)"},
+        {"4b-layer": rule("ckpt_course.hf:hf_config_costs")}),
 }
 
 
@@ -472,7 +488,9 @@ def test_the_course_exercises_enforce_their_build_it_rules(tmp_path):
         for cell in nb.cells:
             cell.source = answers.get(tagged_name(cell, "answer"), cell.source)
         paths.append(save(nb, tmp_path / stem / f"{stem}.ipynb"))
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in paths}
     cards = grading.grade(paths, ROOT / "exercises", timeout=120, jobs=2)
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in paths} == before
     broken = {}
     for card, (_, expected) in zip(cards, BUILD_IT.values(), strict=True):
         for check, text in expected.items():

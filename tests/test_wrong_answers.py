@@ -338,3 +338,12 @@ def test_a_mix_of_options_is_accepted_and_judged_against_the_menus_optimum(capsy
 def test_a_policy_that_does_not_parse_gets_the_accepted_forms():
     with pytest.raises(CheckFailed, match="every-K"):
         phase4.capstone(lambda c, b: "checkpoint blocks 1 to 3")
+
+
+@pytest.mark.parametrize("plain", [lambda: probes.plain, lambda: hand(no_grad=False)],
+                         ids=["plain-forward", "forward-keeps-its-tape"])
+def test_no_checkpoint_earns_nothing_for_output_gradients_or_rng(plain):
+    """A plain forward gives the right output, gradients and random stream: that is not
+    checkpointing, so the memory part gates the others (it once earned 2 of 3 points)."""
+    with pytest.raises(CheckFailed, match="no points for output, gradients"):
+        phase1.hand_checkpoint(plain())

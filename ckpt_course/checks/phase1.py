@@ -30,6 +30,12 @@ from . import (
     rng,
 )
 
+# No answer may reach the checks' own helpers (the dial's peak, the metered runs): they give the
+# answer. The probes 1.3 hands to the learner stay usable.
+CHECK_RULES = ("ckpt_course.checks.phase1", "ckpt_course.checks:peak_of",
+               "ckpt_course.checks:measure", "ckpt_course.checks:memory_runs",
+               "ckpt_course.checks:_metered_peak", "ckpt_course.checks:_probe")
+
 __all__ = ["CheckFailed", "training_state_bytes", "activation_ratio", "mlp_saved_bytes",
            "hand_checkpoint", "pick_n"]
 
@@ -56,6 +62,7 @@ def _small_gpt(r, **over) -> GPTConfig:
                         "vocab_size": r.choice((40, 64, 96)), **over})
 
 
+@forbids(*CHECK_RULES)
 def training_state_bytes(fn) -> None:
     """1.1: ``fn(n_params)`` -> {"parameters", "gradients", "optimizer state"} in bytes, for an
     fp32 model trained with AdamW (AdamW's 4-byte step counters left out)."""
@@ -81,6 +88,7 @@ def training_state_bytes(fn) -> None:
     passed("weights are the smallest of the three: gradients match them, AdamW doubles them")
 
 
+@forbids(*CHECK_RULES)
 def activation_ratio(fn) -> None:
     """1.1: ``fn(batch_factor, seq_factor)`` -> how many times the activation bytes (saved by
     forward) of an SDPA GPT grow when batch and sequence length grow by those factors."""
@@ -112,6 +120,7 @@ def _mlp_rows(tape):
     return [e for e in tape.entries if e.module.split(".")[0] == "mlp"]
 
 
+@forbids(*CHECK_RULES)
 def mlp_saved_bytes(fn) -> None:
     """1.2: ``fn(batch, seq, d_model)`` -> bytes the MLP of one GPT block (fp32, no dropout)
     keeps for backward: activations only, parameters excluded."""
@@ -168,7 +177,7 @@ def _same(got, want) -> bool:
             and got.dtype == want.dtype and torch.equal(got, want))
 
 
-@forbids("torch.utils.checkpoint")
+@forbids("torch.utils.checkpoint", *CHECK_RULES)
 def hand_checkpoint(run_with_my_checkpoint) -> float | None:
     """1.3: ``run_with_my_checkpoint(spec)`` (the exercise's setup cell runs the learner's
     ``MyCheckpoint`` on the blocks of ``probes.mlp_blocks(spec)``) must give bit-identical
@@ -177,7 +186,17 @@ def hand_checkpoint(run_with_my_checkpoint) -> float | None:
     from . import references
 
     r = rng("1.3-by-hand")
+    # Memory first, and as a gate: a plain forward (no checkpoint at all) gives the right output,
+    # gradients and random stream, so those points count only for an answer that keeps less.
+    runs = memory_runs(run_with_my_checkpoint, _peak_spec(r), "torch_checkpoint", "plain")
+    expect_peak_near(
+        runs,
+        "your checkpoint peaks about as high as no checkpointing: forward keeps more than "
+        "the block's input (no points for output, gradients or the random stream until it "
+        "does). Run the block under torch.no_grad() in forward and save only the input "
+        "(ctx.save_for_backward(x)); rebuild the rest in backward")
     parts = Parts()
+    parts.passed.append("memory")
     specs = [_small_spec(r) for _ in range(2)]
     results = [(spec, call(run_with_my_checkpoint, spec, name="run_with_my_checkpoint"))
                for spec in specs]
@@ -202,13 +221,6 @@ def hand_checkpoint(run_with_my_checkpoint) -> float | None:
                    "after backward, the random numbers drawn next differ from a plain run's: "
                    "setting the saved RNG state for the rerun moved the global generator. Rerun "
                    "inside torch.random.fork_rng() so the stream is put back afterwards")
-    with parts("memory"):
-        runs = memory_runs(run_with_my_checkpoint, _peak_spec(r), "torch_checkpoint", "plain")
-        expect_peak_near(
-            runs,
-            "your checkpoint peaks about as high as no checkpointing: forward keeps more than "
-            "the block's input. Run the block under torch.no_grad() in forward and save only "
-            "the input (ctx.save_for_backward(x)); rebuild the rest in backward")
     score = parts.score()
     if score is None:
         passed("your checkpoint keeps only the input, reruns forward with the same dropout "
@@ -222,6 +234,7 @@ def _dial_peak(n_layers: int, n: int) -> int:
     return math.ceil(n_layers / n) + n
 
 
+@forbids(*CHECK_RULES)
 def pick_n(fn) -> None:
     """1.4: ``fn(n_layers, activation_bytes, budget)`` -> the largest N for ``every-N`` whose
     peak (segment inputs + one segment rebuilt, in activations) fits ``budget`` bytes, on a

@@ -32,6 +32,12 @@ from . import (
     rng,
 )
 
+# No answer may reach the checks' own helpers (the metered runs, the per-block tape): they give
+# the answer. The probes 3.2 hands to the learner stay usable.
+CHECK_RULES = ("ckpt_course.checks.phase3", "ckpt_course.checks:peak_of",
+               "ckpt_course.checks:measure", "ckpt_course.checks:memory_runs",
+               "ckpt_course.checks:_metered_peak", "ckpt_course.checks:_probe")
+
 __all__ = ["CheckFailed", "offload", "per_gpu", "attention_extra", "ops_to_save",
            "policy_for_budget", "BUDGET_CANDIDATES"]
 
@@ -52,7 +58,7 @@ def _same(got, want) -> bool:
 
 @forbids("torch.autograd.graph:save_on_cpu", "ckpt_course.policies:HostStore.hooks",
          "ckpt_course.policies:HostStore.pack", "ckpt_course.policies:HostStore.unpack",
-         "ckpt_course.policies:Offload.region")
+         "ckpt_course.policies:Offload.region", *CHECK_RULES)
 def offload(run_with_my_offload) -> float | None:
     """3.2: ``run_with_my_offload(spec)`` (the setup cell runs the learner's pack/unpack hooks on
     ``probes.relu_chain(spec)`` with a ``probes.Host``) must give bit-identical gradients, move
@@ -113,6 +119,7 @@ def _llama_70b():
     return model_memory(llama_config("70b"), 1, 4096)
 
 
+@forbids("ckpt_course.sharding:per_gpu_bytes", "ckpt_course.sharding:min_gpus", *CHECK_RULES)
 def per_gpu(fn) -> None:
     """3.2: ``fn(n_params, n_gpus, activation_bytes)`` -> bytes per GPU of a bf16 model trained
     with AdamW (fp32 moments), its state fully sharded (FSDP / ZeRO-3) over ``n_gpus``."""
@@ -149,6 +156,8 @@ def _block_saved(attention: str, dropout: float, batch: int, heads: int, seq: in
     return layer_activation_bytes(cfg, batch, seq, torch.float32).saved_bytes
 
 
+@forbids("ckpt_course.estimate:layer_activation_bytes", "ckpt_course.estimate:model_memory",
+         "ckpt_course.estimate:_measure_block", "ckpt_course.tape:record_tape", *CHECK_RULES)
 def attention_extra(fn) -> float | None:
     """3.3: ``fn(batch, heads, seq, dropout)`` -> the bytes one float32 GPT block in training
     saves with naive attention beyond the same block with SDPA, measured by the tape (on fake
@@ -189,6 +198,7 @@ def attention_extra(fn) -> float | None:
 
 
 # ---------------------------------------------------------------- 3.4
+@forbids(*CHECK_RULES)
 def ops_to_save(fn) -> None:
     """3.4: ``fn()`` -> the op names (as in ``selective:save=OPS``) a selective policy should
     save on the default TinyGPT: those whose recompute costs FLOPs; recompute all the rest."""
@@ -228,6 +238,7 @@ def _candidates():
     return rows
 
 
+@forbids(*CHECK_RULES)
 def policy_for_budget(fn) -> None:
     """3.4: ``fn(budget)`` -> the candidate (of ``BUDGET_CANDIDATES``) whose forward + backward
     peak (``measure_step``) fits ``budget`` bytes with the fewest recompute FLOPs, on
