@@ -71,6 +71,8 @@ def likely_reason(yours, derived, why: dict | None = None, unit: str = "") -> st
     if is_number(derived):
         if not is_number(yours):
             return f"the answer is a number; yours is a {type(yours).__name__}"
+        if _finite(yours) is None:
+            return f"the answer is a number; yours is {yours!r:.20}, which no measurement gives"
         return _number_reason(float(yours), float(derived), reasons)
     if _same_choice(yours, derived):
         return RIGHT
@@ -234,11 +236,21 @@ def _number(value, entry: Predict, derived, kind: str = "a number"):
         raise FormError(f"{expected}: yours is the text {value!r} (drop the quotes)")
     if not is_number(value):
         raise FormError(f"{expected}: yours is a {type(value).__name__}")
-    if math.isnan(value) or math.isinf(value):
-        raise FormError(f"{expected}: yours is {value}, which no measurement gives")
+    if _finite(value) is None:
+        shown = "too large for a float" if isinstance(value, int) else value
+        raise FormError(f"{expected}: yours is {shown}, which no measurement gives")
     if value < 0:
         raise FormError(f"{expected}: yours is negative, and {entry.what} cannot be")
     return float(value)
+
+
+def _finite(value) -> float | None:
+    """The number as a finite float, None for NaN, infinity or an int past float's range."""
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _count(value, entry: Predict, derived):
@@ -256,14 +268,14 @@ def _tuple(value, entry: Predict, derived):
         raise FormError(f"{expected}: yours is a {type(value).__name__}")
     if len(value) != length:
         raise FormError(f"{expected}: yours has {len(value)}")
-    return tuple(_item(v) for v in value)
+    return tuple(_plain_item(v, expected) for v in value)
 
 
 def _set(value, entry: Predict, derived):
     expected = "the answer is a set of names" + (f", e.g. {entry.example}" if entry.example else "")
     if isinstance(value, str) or not isinstance(value, list | tuple | set | frozenset):
         raise FormError(f"{expected}: yours is a {type(value).__name__}")
-    names = frozenset(_item(v) for v in value)
+    names = frozenset(_plain_item(v, expected) for v in value)
     known = {_item(c) for c in entry.choices}
     if known and not names <= known:
         odd = sorted(map(repr, names - known))
@@ -279,7 +291,7 @@ def _dict(value, entry: Predict, derived):
         raise FormError(f"{expected}: yours is a {type(value).__name__}")
     if set(value) != set(keys):
         raise FormError(f"{expected}: yours has {sorted(value, key=repr)}")
-    if not all(is_number(v) and math.isfinite(v) and v >= 0 for v in value.values()):
+    if not all(is_number(v) and _finite(v) is not None and v >= 0 for v in value.values()):
         raise FormError(f"{expected}, each a number >= 0")
     return {k: float(value[k]) for k in keys}
 
@@ -299,9 +311,18 @@ def _item(value):
     """A name compares without case, surrounding blanks or torch's "aten." prefix; 4.0 is 4."""
     if isinstance(value, str):
         return value.strip().lower().removeprefix("aten.")
-    if is_number(value) and float(value).is_integer():
+    if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
+
+
+def _plain_item(value, expected: str):
+    """One item of a learner's tuple or set: a name or a finite number, else the form's sentence
+    (a nested list or set would raise unhashable, a 10**400 would overflow)."""
+    if isinstance(value, str) or (is_number(value) and _finite(value) is not None):
+        return _item(value)
+    shown = "a number too large for a float" if is_number(value) else f"a {type(value).__name__}"
+    raise FormError(f"{expected}, each item a name or a number: yours holds {shown}")
 
 
 def same(mine, target, entry: Predict, tolerance: float | None = None) -> bool:

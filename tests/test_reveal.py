@@ -132,15 +132,19 @@ def test_the_right_answer_is_right_in_any_container_and_empty_says_so(table):
 
 def odd_forms(derived):
     """A string, a negative, NaN and another shape, for an answer of ``derived``'s form."""
+    huge = 10**400  # too big for a float: OverflowError, never a traceback
     if isinstance(derived, int | float):
-        return ["12", -abs(derived) - 1, math.nan, [derived, derived], {"a": 1}]
+        return ["12", -abs(derived) - 1, math.nan, [derived, derived], {"a": 1}, huge, math.inf]
     if isinstance(derived, tuple):
-        return ["(4, 4)", -1, math.nan, derived + derived, {1: 2}]
+        return ["(4, 4)", -1, math.nan, derived + derived, {1: 2}, huge,
+                (huge,) * len(derived), ([1, 2],) * len(derived), ({"x"},) * len(derived)]
     if isinstance(derived, set | frozenset):
-        return ["grads freed", -1, math.nan, {"no such name"}, {"a": 1}]
+        return ["grads freed", -1, math.nan, {"no such name"}, {"a": 1}, huge,
+                [sorted(derived)], [{"x"}], [{"a": 1}], [huge]]  # unhashable items
     if isinstance(derived, dict):
-        return ["{4: 5}", -1, math.nan, [1, 2, 3, 4], {k: -1 for k in derived}]
-    return [12, -1, math.nan, ["a"], "zz"]
+        return ["{4: 5}", -1, math.nan, [1, 2, 3, 4], {k: -1 for k in derived}, huge,
+                {k: huge for k in derived}]
+    return [12, -1, math.nan, ["a"], "zz", huge, [["a"]]]
 
 
 def test_an_answer_of_the_wrong_form_gets_one_sentence_on_the_form(table):
