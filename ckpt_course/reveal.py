@@ -173,7 +173,6 @@ def reveal(yours, derived, measured=None, *, key: str | None = None, given: dict
 # ------------------------------------------------------------------ the tables' judge
 STRICT_ENV = "CKPT_COURSE_STRICT_TABLES"
 UNIT_FACTOR_TOLERANCE = 1e-3  # a unit slip is named only at the unit's own factor
-WRONG_MATCH_TOLERANCE = 0.02  # a typed-in textbook figure is rounded: 0.33 for 1/3
 BYTE_FACTORS: dict[float, str] = {
     4: "a factor of exactly 4: the 4 bytes of a float32 counted twice",
     1 / 4: "a factor of exactly 1/4: you counted float32 elements, not bytes (4 bytes each)",
@@ -190,6 +189,8 @@ MIB_UNIT_FACTORS: dict[float, str] = {  # answers asked in A (1 MiB) or MiB
     2**18: "that is float32 elements: the answer is asked in A, 1 A = 1 MiB = 262,144 floats",
 }
 OVER = "more than the derivation: which part of your count is not there? open the derivation"
+CLOSE = ("close (within 2% of the derivation), and no typical mistake: which small term, "
+         "a scalar, a counter or a bias, differs from the derivation's?")
 OTHER = "not the derivation's answer: open the derivation and compare it item by item"
 UNDER = "less than the derivation: which part did you leave out? open the derivation"
 
@@ -217,8 +218,11 @@ def judge(yours, derived, measured, entry: Predict, given: dict | None = None) -
     slip = unit_slip(mine, target, entry.unit) if entry.form == "number" else ""
     if slip:
         return slip
-    if is_number(mine) and is_number(target):
-        return (entry.over or OVER) if mine > target else (entry.under or UNDER)
+    if entry.form == "number" and target and abs(mine / target - 1) <= CLOSE_TOLERANCE:
+        return CLOSE
+    if is_number(mine) and is_number(target):  # a count that is a choice says why in `other`
+        return (entry.over or entry.other or OVER) if mine > target else (
+            entry.under or entry.other or UNDER)
     return entry.other or OTHER
 
 
@@ -337,18 +341,45 @@ def same(mine, target, entry: Predict, tolerance: float | None = None) -> bool:
 
 
 def typical_reason(mine, derived, entry: Predict, given: dict) -> str:
-    """The reason of the typical wrong answer nearest to yours, '' when none matches."""
-    band = max(entry.tolerance, WRONG_MATCH_TOLERANCE) if entry.form == "number" else 0
-    matches = []
+    """The reason of the typical wrong answer that is yours, '' when none is.
+
+    A rule matches its own value only: within the measurement's tolerance, or as a figure typed
+    in rounded (0.33 for 1/3). A wider band would name the opposite mistake for a near miss
+    (the loss counted as 8 bytes is not the loss forgotten). A set answer with no exact match
+    gets the reason of the typical answer sharing most of its wrong members.
+    """
+    values = []
     for wrong in entry.wrong:
         try:
-            value = conform(wrong.value(derived, given), entry, derived)
+            values.append((conform(wrong.value(derived, given), entry, derived), wrong.reason))
         except FormError:
             continue  # a rule that gives no answer of this form at these sizes
-        if same(mine, value, entry, band):
-            distance = abs(math.log(mine / value)) if is_number(mine) and mine and value else 0
-            matches.append((distance, wrong.reason))
-    return min(matches)[1] if matches else ""
+    matches = [(abs(math.log(mine / value)) if is_number(mine) and mine and value else 0, reason)
+               for value, reason in values
+               if same(mine, value, entry) or _rounded_from(mine, value)]
+    if matches:
+        return min(matches)[1]
+    if entry.form == "set":
+        return _sharing_wrong_members(mine, conform(derived, entry, derived), values)
+    return ""
+
+
+def _rounded_from(mine, value) -> bool:
+    """A typed-in figure with decimals that is the rule's value rounded to those decimals."""
+    if not (isinstance(mine, float) and is_number(value)) or mine.is_integer():
+        return False
+    decimals = len(repr(mine).partition(".")[2])
+    return "e" not in repr(mine) and round(value, decimals) == mine
+
+
+def _sharing_wrong_members(mine: frozenset, target: frozenset, values: list) -> str:
+    """The reason of the typical wrong set whose wrong members (what it adds to or leaves out of
+    the answer) overlap yours most, '' when none shares one."""
+    def overlap(value):
+        theirs, yours = value ^ target, mine ^ target
+        return len(theirs & yours) / len(theirs | yours) if theirs | yours else 0
+    best = max(values, key=lambda vr: overlap(vr[0]), default=None)
+    return best[1] if best and overlap(best[0]) > 0 else ""
 
 
 def unit_slip(mine: float, target: float, unit: str) -> str:
