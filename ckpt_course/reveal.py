@@ -373,13 +373,11 @@ def _rounded_from(mine, value) -> bool:
 
 
 def _sharing_wrong_members(mine: frozenset, target: frozenset, values: list) -> str:
-    """The reason of the typical wrong set whose wrong members (what it adds to or leaves out of
-    the answer) overlap yours most, '' when none shares one."""
-    def overlap(value):
-        theirs, yours = value ^ target, mine ^ target
-        return len(theirs & yours) / len(theirs | yours) if theirs | yours else 0
-    best = max(values, key=lambda vr: overlap(vr[0]), default=None)
-    return best[1] if best and overlap(best[0]) > 0 else ""
+    """The reason of the largest typical wrong set that yours contains, with only right members
+    added ({"8 layers", "batch 1024"} makes the mistake {"8 layers"} makes), '' when none."""
+    fits = [(len(value), -n, reason) for n, (value, reason) in enumerate(values)
+            if value - target and value <= mine and mine - value <= target]
+    return max(fits)[2] if fits else ""
 
 
 def unit_slip(mine: float, target: float, unit: str) -> str:
