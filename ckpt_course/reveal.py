@@ -71,6 +71,8 @@ def likely_reason(yours, derived, why: dict | None = None, unit: str = "") -> st
     if is_number(derived):
         if not is_number(yours):
             return f"the answer is a number; yours is a {type(yours).__name__}"
+        if _finite(yours) is None:
+            return f"the answer is a number; yours is {yours!r:.20}, which no measurement gives"
         return _number_reason(float(yours), float(derived), reasons)
     if _same_choice(yours, derived):
         return RIGHT
@@ -171,7 +173,6 @@ def reveal(yours, derived, measured=None, *, key: str | None = None, given: dict
 # ------------------------------------------------------------------ the tables' judge
 STRICT_ENV = "CKPT_COURSE_STRICT_TABLES"
 UNIT_FACTOR_TOLERANCE = 1e-3  # a unit slip is named only at the unit's own factor
-WRONG_MATCH_TOLERANCE = 0.02  # a typed-in textbook figure is rounded: 0.33 for 1/3
 BYTE_FACTORS: dict[float, str] = {
     4: "a factor of exactly 4: the 4 bytes of a float32 counted twice",
     1 / 4: "a factor of exactly 1/4: you counted float32 elements, not bytes (4 bytes each)",
@@ -188,6 +189,8 @@ MIB_UNIT_FACTORS: dict[float, str] = {  # answers asked in A (1 MiB) or MiB
     2**18: "that is float32 elements: the answer is asked in A, 1 A = 1 MiB = 262,144 floats",
 }
 OVER = "more than the derivation: which part of your count is not there? open the derivation"
+CLOSE = ("close (within 2% of the derivation), and no typical mistake: which small term, "
+         "a scalar, a counter or a bias, differs from the derivation's?")
 OTHER = "not the derivation's answer: open the derivation and compare it item by item"
 UNDER = "less than the derivation: which part did you leave out? open the derivation"
 
@@ -215,8 +218,11 @@ def judge(yours, derived, measured, entry: Predict, given: dict | None = None) -
     slip = unit_slip(mine, target, entry.unit) if entry.form == "number" else ""
     if slip:
         return slip
-    if is_number(mine) and is_number(target):
-        return (entry.over or OVER) if mine > target else (entry.under or UNDER)
+    if entry.form == "number" and target and abs(mine / target - 1) <= CLOSE_TOLERANCE:
+        return CLOSE
+    if is_number(mine) and is_number(target):  # a count that is a choice says why in `other`
+        return (entry.over or entry.other or OVER) if mine > target else (
+            entry.under or entry.other or UNDER)
     return entry.other or OTHER
 
 
@@ -234,11 +240,21 @@ def _number(value, entry: Predict, derived, kind: str = "a number"):
         raise FormError(f"{expected}: yours is the text {value!r} (drop the quotes)")
     if not is_number(value):
         raise FormError(f"{expected}: yours is a {type(value).__name__}")
-    if math.isnan(value) or math.isinf(value):
-        raise FormError(f"{expected}: yours is {value}, which no measurement gives")
+    if _finite(value) is None:
+        shown = "too large for a float" if isinstance(value, int) else value
+        raise FormError(f"{expected}: yours is {shown}, which no measurement gives")
     if value < 0:
         raise FormError(f"{expected}: yours is negative, and {entry.what} cannot be")
     return float(value)
+
+
+def _finite(value) -> float | None:
+    """The number as a finite float, None for NaN, infinity or an int past float's range."""
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _count(value, entry: Predict, derived):
@@ -256,14 +272,14 @@ def _tuple(value, entry: Predict, derived):
         raise FormError(f"{expected}: yours is a {type(value).__name__}")
     if len(value) != length:
         raise FormError(f"{expected}: yours has {len(value)}")
-    return tuple(_item(v) for v in value)
+    return tuple(_plain_item(v, expected) for v in value)
 
 
 def _set(value, entry: Predict, derived):
     expected = "the answer is a set of names" + (f", e.g. {entry.example}" if entry.example else "")
     if isinstance(value, str) or not isinstance(value, list | tuple | set | frozenset):
         raise FormError(f"{expected}: yours is a {type(value).__name__}")
-    names = frozenset(_item(v) for v in value)
+    names = frozenset(_plain_item(v, expected) for v in value)
     known = {_item(c) for c in entry.choices}
     if known and not names <= known:
         odd = sorted(map(repr, names - known))
@@ -279,7 +295,7 @@ def _dict(value, entry: Predict, derived):
         raise FormError(f"{expected}: yours is a {type(value).__name__}")
     if set(value) != set(keys):
         raise FormError(f"{expected}: yours has {sorted(value, key=repr)}")
-    if not all(is_number(v) and math.isfinite(v) and v >= 0 for v in value.values()):
+    if not all(is_number(v) and _finite(v) is not None and v >= 0 for v in value.values()):
         raise FormError(f"{expected}, each a number >= 0")
     return {k: float(value[k]) for k in keys}
 
@@ -299,9 +315,18 @@ def _item(value):
     """A name compares without case, surrounding blanks or torch's "aten." prefix; 4.0 is 4."""
     if isinstance(value, str):
         return value.strip().lower().removeprefix("aten.")
-    if is_number(value) and float(value).is_integer():
+    if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
+
+
+def _plain_item(value, expected: str):
+    """One item of a learner's tuple or set: a name or a finite number, else the form's sentence
+    (a nested list or set would raise unhashable, a 10**400 would overflow)."""
+    if isinstance(value, str) or (is_number(value) and _finite(value) is not None):
+        return _item(value)
+    shown = "a number too large for a float" if is_number(value) else f"a {type(value).__name__}"
+    raise FormError(f"{expected}, each item a name or a number: yours holds {shown}")
 
 
 def same(mine, target, entry: Predict, tolerance: float | None = None) -> bool:
@@ -316,18 +341,43 @@ def same(mine, target, entry: Predict, tolerance: float | None = None) -> bool:
 
 
 def typical_reason(mine, derived, entry: Predict, given: dict) -> str:
-    """The reason of the typical wrong answer nearest to yours, '' when none matches."""
-    band = max(entry.tolerance, WRONG_MATCH_TOLERANCE) if entry.form == "number" else 0
-    matches = []
+    """The reason of the typical wrong answer that is yours, '' when none is.
+
+    A rule matches its own value only: within the measurement's tolerance, or as a figure typed
+    in rounded (0.33 for 1/3). A wider band would name the opposite mistake for a near miss
+    (the loss counted as 8 bytes is not the loss forgotten). A set answer with no exact match
+    gets the reason of the typical answer sharing most of its wrong members.
+    """
+    values = []
     for wrong in entry.wrong:
         try:
-            value = conform(wrong.value(derived, given), entry, derived)
+            values.append((conform(wrong.value(derived, given), entry, derived), wrong.reason))
         except FormError:
             continue  # a rule that gives no answer of this form at these sizes
-        if same(mine, value, entry, band):
-            distance = abs(math.log(mine / value)) if is_number(mine) and mine and value else 0
-            matches.append((distance, wrong.reason))
-    return min(matches)[1] if matches else ""
+    matches = [(abs(math.log(mine / value)) if is_number(mine) and mine and value else 0, reason)
+               for value, reason in values
+               if same(mine, value, entry) or _rounded_from(mine, value)]
+    if matches:
+        return min(matches)[1]
+    if entry.form == "set":
+        return _sharing_wrong_members(mine, conform(derived, entry, derived), values)
+    return ""
+
+
+def _rounded_from(mine, value) -> bool:
+    """A typed-in figure with decimals that is the rule's value rounded to those decimals."""
+    if not (isinstance(mine, float) and is_number(value)) or mine.is_integer():
+        return False
+    decimals = len(repr(mine).partition(".")[2])
+    return "e" not in repr(mine) and round(value, decimals) == mine
+
+
+def _sharing_wrong_members(mine: frozenset, target: frozenset, values: list) -> str:
+    """The reason of the largest typical wrong set that yours contains, with only right members
+    added ({"8 layers", "batch 1024"} makes the mistake {"8 layers"} makes), '' when none."""
+    fits = [(len(value), -n, reason) for n, (value, reason) in enumerate(values)
+            if value - target and value <= mine and mine - value <= target]
+    return max(fits)[2] if fits else ""
 
 
 def unit_slip(mine: float, target: float, unit: str) -> str:

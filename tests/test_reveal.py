@@ -132,15 +132,19 @@ def test_the_right_answer_is_right_in_any_container_and_empty_says_so(table):
 
 def odd_forms(derived):
     """A string, a negative, NaN and another shape, for an answer of ``derived``'s form."""
+    huge = 10**400  # too big for a float: OverflowError, never a traceback
     if isinstance(derived, int | float):
-        return ["12", -abs(derived) - 1, math.nan, [derived, derived], {"a": 1}]
+        return ["12", -abs(derived) - 1, math.nan, [derived, derived], {"a": 1}, huge, math.inf]
     if isinstance(derived, tuple):
-        return ["(4, 4)", -1, math.nan, derived + derived, {1: 2}]
+        return ["(4, 4)", -1, math.nan, derived + derived, {1: 2}, huge,
+                (huge,) * len(derived), ([1, 2],) * len(derived), ({"x"},) * len(derived)]
     if isinstance(derived, set | frozenset):
-        return ["grads freed", -1, math.nan, {"no such name"}, {"a": 1}]
+        return ["grads freed", -1, math.nan, {"no such name"}, {"a": 1}, huge,
+                [sorted(derived)], [{"x"}], [{"a": 1}], [huge]]  # unhashable items
     if isinstance(derived, dict):
-        return ["{4: 5}", -1, math.nan, [1, 2, 3, 4], {k: -1 for k in derived}]
-    return [12, -1, math.nan, ["a"], "zz"]
+        return ["{4: 5}", -1, math.nan, [1, 2, 3, 4], {k: -1 for k in derived}, huge,
+                {k: huge for k in derived}]
+    return [12, -1, math.nan, ["a"], "zz", huge, [["a"]]]
 
 
 def test_an_answer_of_the_wrong_form_gets_one_sentence_on_the_form(table):
@@ -261,3 +265,41 @@ def test_answers_typed_as_learners_type_them_get_the_mistakes_reason(key, typed,
     given = entry.given() if entry.given else {}
     got = judge(typed(given), entry.answer(), None, entry, given)
     assert got == RIGHT if reason == RIGHT else reason in got, f"{key}: {got!r}"
+
+
+# Issue 18 follow-up: a typical wrong answer matches its own value only (a rounded figure typed
+# in, 0.33 for 1/3, still matches); a near-miss in the other direction gets its own reason.
+NEAR_MISSES = [
+    ("2.1/saved-none", lambda g: 4 * 2**20 + 8, "loss scalar is float32: 4 bytes, not 8"),
+    ("2.1/saved-none", lambda g: 4 * 2**20 + 4 + 12, "close (within 2%"),
+    ("1.1/adamw-state", lambda g: 8 * g["n_params"] + 8 * g["n_tensors"], "counters as 8-byte"),
+    ("1.1/adamw-state", lambda g: 8 * g["n_params"] + 4 * g["n_tensors"] + 4, "close (within 2%"),
+    ("1.1/adamw-state", lambda g: 8 * g["n_params"], "also keeps a `step` counter"),
+    ("1.4/best-n", lambda g: 3, "a smaller N"),
+    ("1.4/best-n", lambda g: 5, "a larger N"),
+    ("1.4/best-n", lambda g: 6, "where the two terms meet"),
+    ("2.5/every2-lowers", lambda g: {"8 layers", "batch 1024"}, "deeper alone does not help"),
+    ("2.5/every2-lowers", lambda g: {"8 layers", "grads freed"}, "deeper alone does not help"),
+]
+
+
+@pytest.mark.parametrize("key, typed, reason", NEAR_MISSES,
+                         ids=[f"{k}-{i}" for i, (k, _, _) in enumerate(NEAR_MISSES)])
+def test_a_near_miss_gets_its_own_reason_not_the_opposite_mistakes(key, typed, reason):
+    entry = lookup(key)
+    given = entry.given() if entry.given else {}
+    got = judge(typed(given), entry.answer(), None, entry, given)
+    assert reason in got, f"{key}: {got!r}"
+    wrong_reasons = {w.reason for w in entry.wrong if reason not in w.reason}
+    assert got not in wrong_reasons, f"{key}: {typed(given)!r} named another mistake: {got!r}"
+
+
+def test_no_tables_form_example_is_its_answer(table):
+    """The form sentence shows the example before the reveal: it must never be the answer."""
+    key, entry, derived, given = table
+    try:
+        example = eval(entry.example, {"__builtins__": {}})  # noqa: S307 - our own table text
+    except (NameError, SyntaxError):
+        return  # a formula in the lesson's names ("3 * 4 * B * T * C"): not a value
+    for measured in {None, given.get("measured")}:
+        assert judge(example, derived, measured, entry, given) != RIGHT, f"{key}: {example!r}"

@@ -80,6 +80,9 @@ PREDICTS: dict[str, Predict] = {
             Wrong(lambda d, g: 8 * g["n_params"],
                   "two moments, right, but AdamW also keeps a `step` counter per parameter "
                   "tensor: 4 bytes x the number of tensors"),
+            Wrong(lambda d, g: 8 * g["n_params"] + 8 * g["n_tensors"],
+                  "two moments and a counter per tensor, right, but you counted the counters as "
+                  "8-byte: each `step` is a float32 tensor, 4 bytes"),
             Wrong(lambda d, g: 4 * g["n_params"] + 4 * g["n_tensors"],
                   "AdamW keeps two moments per parameter (exp_avg and exp_avg_sq), not one"),
             Wrong(lambda d, g: 4 * g["n_params"],
@@ -89,6 +92,9 @@ PREDICTS: dict[str, Predict] = {
                   "that includes the parameters themselves: the state is the moments and counters"),
             Wrong(lambda d, g: 16 * g["n_params"] + 4 * g["n_tensors"],
                   "that is parameters + gradients + state: the question is the state alone"),
+            Wrong(lambda d, g: 16 * g["n_params"],
+                  "that is parameters + gradients + two moments: the question is the state "
+                  "alone, the moments and a counter per tensor"),
             Wrong(lambda d, g: 2 * g["n_params"] + g["n_tensors"],
                   "you counted elements: each float32 moment entry is 4 bytes"),
         ),
@@ -179,6 +185,12 @@ PREDICTS: dict[str, Predict] = {
                      "terms meet, ceil(L/N) = N"),
             Wrong(8, "N = 8 keeps 2 inputs but rebuilds 8 layers: the bottom is where the two "
                      "terms meet, ceil(L/N) = N"),
+            Wrong(lambda d, g: d - 1,
+                  "a smaller N checkpoints more often than needed: one layer less to rebuild, "
+                  "but more segment inputs kept, ceil(L/N) + N is higher there"),
+            Wrong(lambda d, g: d + 1,
+                  "a larger N keeps fewer segment inputs but rebuilds more layers at once: "
+                  "ceil(L/N) + N is higher there"),
         ),
         other="the peak ceil(L/N) + N is smallest where the two terms meet"),
     "1.4/peak-at-4": Predict(

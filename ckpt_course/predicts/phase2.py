@@ -45,6 +45,7 @@ PREDICTS: dict[str, Predict] = {
         wrong=(
             Wrong(lambda d, g: d - LOSS,
                   "forward also returns the 4-byte loss scalar, alive until backward"),
+            Wrong(lambda d, g: d + LOSS, "the loss scalar is float32: 4 bytes, not 8"),
             Wrong(lambda d, g: d + A, "x is baseline: it existed before forward"),
             Wrong(lambda d, g: d + A - LOSS,
                   "x is baseline (it existed before forward), and the 4-byte loss is alive"),

@@ -72,7 +72,7 @@ def _hand_runs() -> dict:
 
 PREDICTS: dict[str, Predict] = {
     "3b.1/rss-drop": Predict(
-        what="peak RSS drop", form="number", unit="B", example="0",
+        what="peak RSS drop", form="number", unit="B", example="2 * 1024 * 1024",
         answer=lambda: 0, given=_rss_readings,
         wrong=(
             Wrong(lambda d, g: g["none"].meter_saved_bytes - g["full"].meter_saved_bytes,
@@ -129,7 +129,7 @@ PREDICTS: dict[str, Predict] = {
         over="earlier: step 1's backward already used the wrong masks",
     ),
     "3b.4/compile-saved-at-zero": Predict(
-        what="compile keeps at budget 0", form="number", unit="B", example="0",
+        what="compile keeps at budget 0", form="number", unit="B", example="4 * 1024",
         answer=lambda: 0, given=_chain,
         wrong=(
             Wrong(lambda d, g: g["eager"],
@@ -166,7 +166,7 @@ PREDICTS: dict[str, Predict] = {
               "when that marks a parameter ready a second time",
     ),
     "3b.6/tiny-ratio": Predict(
-        what="tiny net, full / none", form="number", example="1.3", judge="measured",
+        what="tiny net, full / none", form="number", example="0.8", judge="measured",
         tolerance=0.3,  # a median of 7 interleaved rounds of microsecond ops: see its spread
         answer=_tiny_flop_model, given=lambda: {"measured": 3.6},
         wrong=(
