@@ -27,8 +27,6 @@ from nbclient import NotebookClient
 from ckpt_course.predicts import lookup
 from ckpt_course.reveal import NO_PREDICTION, STRICT_ENV
 
-ROOT = Path(__file__).resolve().parents[1]
-LESSONS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 TIMEOUT_S = 600
 
 
