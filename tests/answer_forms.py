@@ -128,7 +128,9 @@ def leaks(lines: list[str], value, entry: Predict) -> list[str]:
     text = "\n".join(lines)
     if isinstance(value, int | float) and not isinstance(value, bool):
         for form in number_forms(float(value), entry.unit):
-            if re.search(rf"(?<![\w.]){re.escape(form)}(?![\w%]|\.\d)", text):
+            # a whole token: not a digit run inside 1.12, +12%, 12.5 or 12,345 (a measured
+            # tokens/s or a byte count that merely starts with the answer's digits)
+            if re.search(rf"(?<![\w.,]){re.escape(form)}(?![\w%]|[.,]\d)", text):
                 found.append(f"the number as {form!r}")
     wanted = as_container(value)
     for literal in literals(text):

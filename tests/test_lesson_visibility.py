@@ -280,3 +280,13 @@ def test_as_shipped_reads_a_typed_answer_as_none():
                      "  no prediction made: type yours into the Predict cell next time, "
                      "before running\nafter\n")
     assert nb.cells[0].outputs[0].text.startswith("intro 16\nsaved: yours 8 B")  # kept
+
+
+def test_an_answer_is_matched_as_a_whole_number_not_inside_a_longer_one():
+    """A clock-made '12,345 tokens/s' or '1.12x' must not read as the answer 12; '12 bytes'
+    must (the output check once failed at random on a measured throughput)."""
+    entry = lookup("3.2/bytes-per-param")
+    assert leaks(["12 bytes per parameter"], 12, entry)
+    assert leaks(["that is 12."], 12, entry)
+    for text in ("12,345 tokens/s", "1.12x", "+12%", "12.5 ms", "3,12"):
+        assert not leaks([text], 12, entry), text
