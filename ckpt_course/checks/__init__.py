@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib
 import random
 import re
+import statistics
 
 DEFAULT_SEED = 20240611  # what a notebook uses; the grader overrides it with set_seed
 _seed = DEFAULT_SEED
@@ -227,21 +228,43 @@ def memory_runs(fn, spec, reference: str, without: str, keys=None) -> dict:
     """The three memory runs a memory claim is judged on (see ``measure``): ``"mine"``,
     ``"reference"`` (the mechanism done right, from ``references``) and ``"none"`` (no
     mechanism at all, from ``probes``), all measured the same way."""
-    return {"mine": measure(fn, spec, keys=keys),
-            "reference": measure(f"ckpt_course.checks.references:{reference}", spec, like=fn,
-                                 keys=keys),
-            "none": measure(f"ckpt_course.checks.probes:{without}", spec, like=fn)}
+    def runs() -> dict:
+        return {"mine": measure(fn, spec, keys=keys),
+                "reference": measure(f"ckpt_course.checks.references:{reference}", spec, like=fn,
+                                     keys=keys),
+                "none": measure(f"ckpt_course.checks.probes:{without}", spec, like=fn)}
+
+    return {**runs(), "again": runs}
 
 
 def expect_peak_near(runs: dict, hint: str, result_hint: str = "") -> None:
     """One rule for every memory claim: the learner's memory run gives the reference's result
     (so it cannot be told apart and skipped) and peaks like the reference: within a quarter of
     the gap between it and no mechanism at all."""
-    mine, right, none = runs["mine"], runs["reference"], runs["none"]
+    mine, right = runs["mine"], runs["reference"]
     expect(mine["digest"] == right["digest"], result_hint or
            "in the memory run (a bigger input) your result differs from the reference's: it "
            "must be right at every size, not only at the small ones")
-    expect(mine["peak"] <= right["peak"] + 0.25 * (none["peak"] - right["peak"]), hint)
+    where = _place_in_gap(runs)
+    if DOUBTFUL[0] < where <= DOUBTFUL[1] and callable(runs.get("again")):
+        # In the grader a peak is a process's RSS, which moves with what else the machine does:
+        # a correct answer measured above the line once on a loaded machine (5/8 for the
+        # course's own solution; 8/8 in each of five later runs, about 0.05 of the gap). Near
+        # the line, measure twice more and judge each kind by its median. An answer that keeps
+        # what no mechanism keeps sits near 1, far from the doubt, and is not measured again.
+        rounds = [runs, runs["again"](), runs["again"]()]
+        where = _place_in_gap({kind: {"peak": statistics.median(r[kind]["peak"] for r in rounds)}
+                               for kind in ("mine", "reference", "none")})
+    expect(where <= DOUBTFUL[0], hint)
+
+
+DOUBTFUL = (0.25, 0.6)  # where in the gap a peak passes (<= 0.25), or is measured again
+
+
+def _place_in_gap(runs: dict) -> float:
+    """Where the learner's peak sits between the reference's (0) and no mechanism's (1)."""
+    right, none = runs["reference"]["peak"], runs["none"]["peak"]
+    return (runs["mine"]["peak"] - right) / max(none - right, 1)
 
 
 def _probe(spec: str):
