@@ -15,7 +15,9 @@ your own with ``self.blocks = nn.ModuleList(...)``)::
 3. Apply it to the model's blocks (``policies.apply_policy``: instance forwards, removed by
    ``undo``; parameters and state_dict untouched).
 4. Verify: two AdamW steps on a copy of the model under the meter; step 2 (optimizer state
-   present) is what the planner predicts. The model's own weights never change.
+   present) is what the planner predicts; a step over the budget installs nothing.
+Measuring and verifying run on a copy of the model, under a forked random stream: the model's
+weights, buffers, gradients and train/eval mode never change, only its blocks' forwards.
 
 A model without the course protocol (``.example_batch``, ``.loss``) gets a thin adapter: the
 blocks are found as its longest ``nn.ModuleList`` of one type (``hf.find_decoder_layers``), the
@@ -58,7 +60,17 @@ class _Adapted(nn.Module):
         out = self.inner(*batch[:1])
         out = getattr(out, "logits", out)
         out = out[0] if isinstance(out, (tuple, list)) else out
-        return self._loss_fn(out, batch)
+        loss = self._loss_fn(out, batch)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError(f"loss_fn(output, batch) must return a one-element tensor (a "
+                             f"scalar loss), got {_described(loss)}")
+        return loss
+
+
+def _described(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
 
 
 def _mean_square(output: torch.Tensor, batch) -> torch.Tensor:
@@ -112,13 +124,30 @@ def auto_checkpoint(model: nn.Module, budget, batch, loss_fn=None, menu=MENU) ->
     one-line ``ValueError`` naming the fix when nothing fits; the model is unchanged then."""
     budget = parse_budget(budget)  # once, here
     course = _course_model(model, batch, loss_fn)
-    costs = measure_costs(course, None, menu=menu)
-    plan = make_plan(costs, budget, "flops")
-    if not plan.fits:
-        raise ValueError(f"nothing fits in {fmt_bytes(budget)}: {plan.advice()}")
-    measured = measure_peaks(copy.deepcopy(course), plan.policy)[-1]
+    # Everything runs on a copy, with the random stream put back: the learner's model keeps its
+    # buffers (BatchNorm's statistics), its train/eval mode and its gradients; seeded runs
+    # reproduce with or without this call.
+    with torch.random.fork_rng(devices=_cuda_devices(model)):
+        work = copy.deepcopy(course)
+        costs = measure_costs(work, None, menu=menu)
+        plan = make_plan(costs, budget, "flops")
+        if not plan.fits:
+            raise ValueError(f"nothing fits in {fmt_bytes(budget)}: {plan.advice()}")
+        measured = measure_peaks(work, plan.policy)[-1]
+    if measured > budget:
+        raise ValueError(
+            f"{plan.best.policy} was predicted to peak at {fmt_bytes(plan.best.peak_bytes)} but "
+            f"a step under it measured {fmt_bytes(measured)}, over the budget "
+            f"{fmt_bytes(budget)}: the model does not run as the planner assumes (each block "
+            f"once per forward, in list order, its output the next one's input); nothing was "
+            f"installed")
     handle = apply_policy(model, plan.policy, blocks=course.blocks)
     return AutoReport(plan, handle, measured)
+
+
+def _cuda_devices(model: nn.Module) -> list[int]:
+    return sorted({t.device.index or 0 for t in [*model.parameters(), *model.buffers()]
+                   if t.device.type == "cuda"})
 
 
 def _course_model(model: nn.Module, batch, loss_fn) -> nn.Module:
@@ -132,6 +161,12 @@ def _course_model(model: nn.Module, batch, loss_fn) -> nn.Module:
     if not batch or not all(isinstance(t, torch.Tensor) for t in batch):
         raise ValueError("batch is a tensor or a tuple of tensors (the model's input first), "
                          f"got {type(batch).__name__}")
+    if not batch[0].numel():
+        raise ValueError(f"the batch's input has no elements (shape {tuple(batch[0].shape)}): "
+                         f"give the batch you train on")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"no parameter of {type(model).__name__} requires grad: there is no "
+                         f"training step to fit (unfreeze what you train)")
     if all(hasattr(model, name) for name in ("blocks", "example_batch", "loss")) and \
             loss_fn is None:
         return _Given(model, batch)

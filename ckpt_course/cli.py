@@ -511,7 +511,8 @@ def run_plan(args) -> int:
     from .sharding import min_devices, shard
     from .units import fmt_bytes
 
-    costs = shard(costs_from_args(args), args.devices)
+    whole = costs_from_args(args)
+    costs = shard(whole, args.devices)
     plan = make_plan(costs, args.budget, args.objective)
     print(plan.report())
     if plan.fits and args.hf_config is not None:
@@ -522,12 +523,12 @@ def run_plan(args) -> int:
     if plan.fits:
         return 0
     if args.config is not None or args.hf_config is not None:
-        found = min_devices(costs, args.budget)
+        found = min_devices(whole, args.budget)  # the fewest in all: more than --devices
         if found is not None:
             n, best = found
-            print(f"Sharded over {n * args.devices} devices it fits: {best.policy}, peak "
+            print(f"Sharded over {n} devices it fits: {best.policy}, peak "
                   f"{fmt_bytes(best.peak_bytes)} per device, recompute {best.overhead:+.1%} of a "
-                  f"step (ckpt-course plan ... --devices {n * args.devices}).")
+                  f"step (ckpt-course plan ... --devices {n}).")
     return 1
 
 

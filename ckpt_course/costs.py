@@ -693,14 +693,21 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
     size = {} if batch_size is None else {"batch_size": batch_size}
     batch = model.example_batch(seq_len=seq_len, generator=torch.Generator().manual_seed(seed),
                                 **size)
-    inputs, outputs = [], []
+    inputs, outputs, order = [], [], []
 
     def grab_input(module, args):
-        inputs.append(args[0].detach().clone().requires_grad_(args[0].requires_grad))
+        order.append(index[id(module)])
+        if args and isinstance(args[0], torch.Tensor):
+            inputs.append(args[0].detach().clone().requires_grad_(args[0].requires_grad))
 
     def grab_output(module, args, out):
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"block {len(blocks) - 1} ({type(module).__name__}) returns "
+                             f"{type(out).__name__}, not a tensor: the planner measures blocks "
+                             f"that take the hidden state first and return the next one")
         outputs.append(out.detach().clone())
 
+    index = {id(b): k for k, b in enumerate(blocks)}
     handles = [b.register_forward_pre_hook(grab_input) for b in blocks]
     handles.append(blocks[-1].register_forward_hook(grab_output))
     try:
@@ -709,6 +716,7 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
     finally:
         for h in handles:
             h.remove()
+    _check_block_order(order, len(blocks), len(inputs))
     cache, layers, menus, timed = {}, [], [], []
     for block, x in zip(blocks, inputs, strict=True):
         key = _layer_key(block, x)
@@ -732,6 +740,19 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
                       optimizer_bytes=state, menu=tuple(menus) if menu else (),
                       times=tuple(t for t, _ in timed) if times else (),
                       spreads=tuple(s for _, s in timed) if times else ())
+
+
+def _check_block_order(order: list[int], n: int, tensors: int) -> None:
+    """The chain the planner plans: each block once per forward, in list order, its first
+    argument a tensor (the hidden state)."""
+    if order != list(range(n)):
+        shown = ", ".join(map(str, order[:12])) + (", ..." if len(order) > 12 else "")
+        raise ValueError(f"the planner needs each of the {n} blocks to run once per forward, "
+                         f"in list order; this model ran blocks [{shown}]: give the blocks in "
+                         f"the order they run, or a model whose forward calls each once")
+    if tensors != n:
+        raise ValueError("a block was called without a tensor as its first argument: the "
+                         "planner measures blocks that take the hidden state first")
 
 
 # ---------------------------------------------------------------- big configs, on fake tensors

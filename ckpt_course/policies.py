@@ -52,6 +52,7 @@ import contextlib
 import functools
 import math
 import sys
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -819,7 +820,7 @@ class _Region:
             self._abandon()
             self._calls = []
             params = [t for b in self.blocks for t in (*b.parameters(), *b.buffers())]
-            replay = functools.partial(_replay, self.forwards, self._calls)
+            replay = functools.partial(_replay, self.blocks, self.forwards, self._calls)
             self._open = self.policy.region(replay, params, self.handle.store, args, kwargs)
             next(self._open)
         else:
@@ -864,16 +865,57 @@ class _Region:
             region.throw(error or RuntimeError("forward stopped inside a checkpointed segment"))
 
 
-def _replay(forwards, calls, *args, **kwargs):
+def _replay(blocks, forwards, calls, *args, **kwargs):
     """The segment's recompute: each block with its recorded arguments, the links filled in
-    with the previous block's recomputed output."""
-    out = forwards[0](*args, **kwargs)
-    for forward, (linked, spec) in zip(forwards[1:], calls, strict=True):
-        previous = tree_leaves(out)
-        leaves = [previous[t.index] if isinstance(t, _Link) else t for t in linked]
-        args_k, kwargs_k = tree_unflatten(leaves, spec)
-        out = forward(*args_k, **kwargs_k)
+    with the previous block's recomputed output. Running statistics are not updated twice."""
+    with _running_stats_kept(blocks):
+        out = forwards[0](*args, **kwargs)
+        for forward, (linked, spec) in zip(forwards[1:], calls, strict=True):
+            previous = tree_leaves(out)
+            leaves = [previous[t.index] if isinstance(t, _Link) else t for t in linked]
+            args_k, kwargs_k = tree_unflatten(leaves, spec)
+            out = forward(*args_k, **kwargs_k)
     return out
+
+
+@contextlib.contextmanager
+def _running_stats_kept(blocks):
+    """During a recompute, BatchNorm-like modules in training mode run as in forward but leave
+    their running statistics as forward left them (a second update is lesson 3b's pitfall): the
+    replay runs with momentum 0 (new = 1 * old + 0 * batch: the same bits while the batch's
+    statistics are finite) and ``num_batches_tracked`` is put back. Nothing is copied, so the
+    planner's byte counts hold, and the same tensors are saved as in forward (turning
+    ``track_running_stats`` off would save fewer, and checkpoint refuses that). The lesson's
+    fix, ``pitfalls.buffers_restored``, clones the buffers instead. A buffer another module
+    updates in place during the replay is reported once: nothing generic undoes it."""
+    with _disable_current_modes():  # outside selective checkpointing's own dispatch mode
+        norms = [(m, m.momentum, None if m.num_batches_tracked is None
+                  else int(m.num_batches_tracked)) for b in blocks for m in b.modules()
+                 if isinstance(m, nn.modules.batchnorm._NormBase) and m.training
+                 and m.track_running_stats]
+    theirs = {id(t) for m, _, _ in norms for t in m.buffers()}
+    versions = {id(t): _version(t) for b in blocks for t in b.buffers() if id(t) not in theirs}
+    for m, _, _ in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        with torch.no_grad(), _disable_current_modes():
+            for m, momentum, tracked in norms:
+                m.momentum = momentum
+                if tracked is not None:
+                    m.num_batches_tracked.fill_(tracked)
+        # in ``finally``: checkpoint ends a recompute early by raising through here
+        changed = [name for b in blocks for name, t in b.named_buffers()
+                   if id(t) in versions and _version(t) != versions[id(t)]]
+        if changed:
+            warnings.warn(f"the recompute updated buffer {changed[0]} a second time (its "
+                          f"forward changes it in place): checkpoint this block with offload "
+                          f"or not at all", stacklevel=2)
+
+
+def _version(t: torch.Tensor):
+    return None if t.is_inference() else t._version
 
 
 class _Forward:

@@ -86,3 +86,109 @@ def test_a_budget_nothing_fits_says_why_and_changes_nothing():
         auto_checkpoint(model, "lots", torch.randn(8, 16))
     with pytest.raises(ValueError, match="tensor or a tuple of tensors"):
         auto_checkpoint(model, "1MiB", [1, 2])
+
+
+# ---------------------------------------------------------------- models the planner cannot read
+class _TupleBlock(Block):
+    def forward(self, x):
+        return super().forward(x), None
+
+
+class _TupleNet(MyNet):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(_TupleBlock(32) for _ in range(4))
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)[0]
+        return self.head(x)
+
+
+class _Reversed(MyNet):
+    def forward(self, x):
+        x = self.embed(x)
+        for block in reversed(self.blocks):
+            x = block(x)
+        return self.head(x)
+
+
+class _Twice(MyNet):
+    def forward(self, x):
+        x = self.embed(x)
+        for block in [*self.blocks, self.blocks[0]]:
+            x = block(x)
+        return self.head(x)
+
+
+def _frozen():
+    model = MyNet()
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("make, batch, loss_fn, error", [
+    (_TupleNet, torch.randn(64, 16), None, "returns tuple, not a tensor"),
+    (_Reversed, torch.randn(64, 16), None, r"in list order; this model ran blocks \[5, 4, 3"),
+    (_Twice, torch.randn(64, 16), None, r"ran blocks \[0, 1, 2, 3, 4, 5, 0\]"),
+    (MyNet, torch.randn(0, 16), None, r"no elements \(shape \(0, 16\)\)"),
+    (_frozen, torch.randn(64, 16), None, "no parameter of MyNet requires grad"),
+    (MyNet, torch.randn(64, 16), lambda out, batch: 3, "one-element tensor .* got int"),
+    (MyNet, torch.randn(64, 16), lambda out, batch: out, r"got a tensor of shape \(64, 4\)"),
+])
+def test_a_model_the_planner_cannot_read_is_refused_in_one_line_and_left_alone(
+        make, batch, loss_fn, error):
+    torch.manual_seed(0)
+    model = make()
+    with pytest.raises(ValueError, match=error) as refused:
+        auto_checkpoint(model, "5MiB", batch, loss_fn=loss_fn)
+    assert "\n" not in str(refused.value)
+    assert all(_installed(b) is None for b in model.blocks)
+
+
+# ---------------------------------------------------------------- no side effects on the model
+class _NormBlock(Block):
+    def __init__(self, width):
+        super().__init__(width)
+        self.norm = nn.BatchNorm1d(width)
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x):
+        return x + self.drop(self.mlp(self.norm(x)))
+
+
+class _NormNet(MyNet):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(_NormBlock(32) for _ in range(6))
+
+
+def test_planning_leaves_the_models_buffers_mode_gradients_and_random_stream_alone():
+    torch.manual_seed(0)
+    model, batch = _NormNet(), torch.randn(64, 16)
+    model(batch).sum().backward()  # gradients the learner already has
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.grad.clone() for p in model.parameters()]
+    rng = torch.get_rng_state()
+    generous = auto_checkpoint(model, 10**9, batch)
+    generous.undo()
+    report = auto_checkpoint(model, generous.predicted_peak - 1, batch)
+    try:
+        assert str(report.policy) != "none"  # a plan that re-runs a BatchNorm block's forward
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert not any(m.training for m in model.modules())
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+        assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters(),
+                                                          strict=True))
+        # and training under it updates the running statistics once per step, as plain does
+        model.train()
+        plain = _NormNet()
+        plain.load_state_dict(before)
+        for net in (model, plain):
+            torch.manual_seed(1)
+            net(batch).square().mean().backward()
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in plain.state_dict().items())
+    finally:
+        report.undo()

@@ -263,6 +263,10 @@ def test_plan_command_for_70b_says_to_shard(capsys):
     assert optimal(shard(costs, n - 1), "80GiB") is None  # the fewest devices
     assert f"Sharded over {n} devices it fits: {best.policy}" in out
     assert parse_policy(str(best.policy)) == best.policy  # a policy every command accepts
+    # told it already has 8 devices, it names the same fewest count, not 8 times some count
+    assert main(["plan", "--config", "70b", "--batch", "1", "--seq", "4096",
+                 "--budget", "80GiB", "--devices", "8"]) == 1
+    assert f"Sharded over {n} devices it fits: {best.policy}" in capsys.readouterr().out
 
 
 def test_budget_below_the_parameters_says_so_with_numbers():

@@ -507,3 +507,72 @@ def test_train_runs_a_model_whose_blocks_take_keywords(policy):
                                       progress=False)]
 
     assert losses(policy) == losses("none")
+
+
+# ---------------------------------------------------------------- running statistics, updated once
+class _NormBlock(nn.Module):
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.linear, self.norm, self.drop = nn.Linear(width, width), nn.BatchNorm1d(width), \
+            nn.Dropout(0.2)
+
+    def forward(self, x):
+        return x + self.drop(torch.relu(self.norm(self.linear(x))))
+
+
+class _NormNet(nn.Module):
+    def __init__(self, momentum=0.1):
+        super().__init__()
+        self.blocks = nn.ModuleList(_NormBlock() for _ in range(4))
+        for block in self.blocks:
+            block.norm.momentum = momentum
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x.square().mean()
+
+
+def _norm_step(policy, momentum=0.1):
+    torch.manual_seed(0)
+    model, x = _NormNet(momentum), torch.randn(32, 16)
+    torch.manual_seed(1)
+    with applied(model, policy):
+        model(x).backward()
+        model(x * 2).backward()  # a second step: the statistics move on from the first's
+    return [b.clone() for b in model.buffers()], [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])  # None: BatchNorm's cumulative average
+@pytest.mark.parametrize("policy", ["full", "every-2", "selective:save=mm", "offload",
+                                    "menu:0-1=full,2=offload,3=selective:save=mm"])
+def test_a_recompute_leaves_running_statistics_as_forward_left_them(policy, momentum):
+    plain_buffers, plain_grads = _norm_step("none", momentum)
+    buffers, grads = _norm_step(policy, momentum)
+    assert all(torch.equal(a, b) for a, b in zip(plain_buffers, buffers, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(plain_grads, grads, strict=True))
+    assert int(_NormNet().blocks[0].norm.num_batches_tracked) == 0  # a fresh one starts at 0
+
+
+class _Counting(nn.Module):
+    """Counts its calls in a buffer, in place: a side effect no policy can undo without a copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return torch.tanh(self.linear(x))
+
+
+def test_a_buffer_updated_again_by_the_recompute_is_reported():
+    model = nn.Module()
+    model.blocks = nn.ModuleList(_Counting() for _ in range(2))
+    x = torch.randn(4, 8, requires_grad=True)
+    with applied(model, "full"), pytest.warns(UserWarning, match="buffer calls a second time"):
+        y = x
+        for block in model.blocks:
+            y = block(y)
+        y.sum().backward()
