@@ -5,12 +5,23 @@ copies at zero time and predicts too little. This model times every op instead:
 
 1. ``profile_step`` times one plain step op by op (every aten op, keyed by its name and the
    shapes of its tensor arguments: the qkv matmul and the MLP's are different entries), and
-   times plain steps, unprofiled, for their wall clock;
+   times plain steps, unprofiled, as a whole;
 2. ``recomputed`` counts the ops backward re-runs under a policy (backward with the policy
-   minus backward without, keyed the same way: ``recompute.measure_recompute`` by shape);
-3. ``predict`` prices them: each recomputed op at its measured forward time plus forward's
-   measured per-op overhead (autograd recording, Python), and the bytes offload moves at the
-   measured copy time per byte. Predicted step = plain step + that.
+   minus backward without, keyed the same way: ``recompute.measure_recompute`` by shape), and
+   tries the policy's mechanism on one block at the step's own input (``block_trial``);
+3. ``predict`` prices them: each recomputed op at its measured time in the plain step, and the
+   mechanism at what the block trial took beyond its own recomputed ops, scaled to the step per
+   recomputed op (a checkpoint), per op of its regions (selective checkpointing) or per byte
+   moved (offload). Predicted step = plain step + that.
+
+Where the time goes beyond the recomputed ops (measured here, 2026-12, tiny GPT, batch 8, one
+thread, CPU time): a checkpoint's re-run kernels run about 20% slower than the same kernels in
+forward (their inputs left the cache long ago) and each re-run op costs 10-20 us of hooks and
+autograd recording, against 6 us per op in forward; selective checkpointing's bookkeeping costs
+about 8 ms per block at this size against 2 ms on a one-token input (so a one-token
+measurement under-predicted it by 10%); offload's copies write into fresh pages (about 1 GB/s,
+against 20 GB/s for a copy into memory just freed, so a hot copy benchmark under-predicted it
+by 11-20%). Hence the trial on one real block, not constants or a tiny input.
 
 Ops are timed in a ``TorchDispatchMode`` (``perf_counter`` around each op on CPU, CUDA events on
 GPU) rather than read from ``torch.profiler``'s table: the profiler's events nest (``aten::linear``
