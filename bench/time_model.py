@@ -2,10 +2,11 @@
 and measured.
 
 The prediction (``ckpt_course.timing``) prices what each policy adds to a plain step: the ops
-backward recomputes, each at its measured forward time (a profile of one plain step, op by op,
-elementwise ops and views included) plus forward's measured per-op overhead; selective
-checkpointing's cost per op of its regions (measured on one block with a one-token input); and
-offload's copies (a ``HostStore`` packing and unpacking tensors of the step's sizes, measured).
+backward recomputes, each at its measured time in a profile of one plain step (op by op,
+elementwise ops and views included), and the policy's mechanism (a checkpoint's hooks and slower
+re-runs, selective checkpointing's bookkeeping, offload's copies) at what one block tried under it
+took beyond its own recomputed ops (``block_trial``, at the step's own input, twice the rounds;
+one trial per mechanism: full, every-2 and segments share the checkpoint's).
 The measurement: unmetered steps (``run_step``) on copies of the model, one per policy,
 interleaved (none full every-2 ... none full ...) after a warm-up round; a policy's ratio is the
 median over rounds of its step time over none's in the same round. Two policies
@@ -39,7 +40,15 @@ from ckpt_course.models import GPTConfig
 from ckpt_course.policies import applied
 from ckpt_course.recompute import count_step
 from ckpt_course.step import make_batch, make_optimizer, run_step
-from ckpt_course.timing import CLOCKS, _synced, predict, profile_step, recomputed
+from ckpt_course.timing import (
+    CLOCKS,
+    _synced,
+    block_trial,
+    mechanism,
+    predict,
+    profile_step,
+    recomputed,
+)
 from ckpt_course.units import fmt_bytes
 
 POLICIES = ("none", "full", "every-2", "selective:save=mm,sdpa", "offload", "segments:0..3")
@@ -94,7 +103,10 @@ def main() -> None:
                        device=opts.device)
     load_before = load()
     profile = profile_step(model, batch, rounds=opts.rounds, clock=opts.clock)
-    predicted = {p: predict(profile, recomputed(model, batch, p, clock=opts.clock))
+    trials = {m: block_trial(model, batch, m, repeats=2 * opts.rounds, clock=opts.clock)
+              for m in {mechanism(p) for p in POLICIES if p != "none"}}
+    predicted = {p: predict(profile, recomputed(model, batch, p, clock=opts.clock,
+                                                trial=trials.get(mechanism(p))))
                  for p in POLICIES}
     names = [*POLICIES, *(t for t in SAME_AS if t not in POLICIES)]
     times = measure(model, batch, names, opts.rounds, opts.clock)

@@ -473,8 +473,9 @@ def measure_menu(block: nn.Module, x_like: torch.Tensor, plain: LayerCost, optio
 def measure_times(block: nn.Module, x_like: torch.Tensor, options, rounds: int = 15
                   ) -> dict[str, float]:
     """Seconds of one forward + backward of ``block`` alone under each option ("none", "full"
-    and one-block policies), interleaved round by round, median over ``rounds`` after one
-    warm-up: the time model's per-block numbers (ckpt_course.timing may replace them)."""
+    and one-block policies), interleaved round by round, ``rounds`` rounds after one warm-up:
+    none's median, and each other option's median time over none's in the same round added to
+    it (``medians_and_spreads``): the planner's per-block numbers."""
     return measure_times_and_spreads(block, x_like, options, rounds)[0]
 
 

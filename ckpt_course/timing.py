@@ -196,12 +196,15 @@ class BlockTrial:
                                            for k, n in self.recomputed.items()))
 
 
-def _one_block(policy):
-    """The mechanism ``policy`` runs each region under, as a one-block policy."""
-    return policy if isinstance(policy, Selective | Offload) else parse_policy("full")
+def mechanism(policy) -> str:
+    """The mechanism ``policy`` runs its regions under, as a one-block policy: itself for
+    selective checkpointing and offload, else a plain checkpoint ("full"). Policies with the
+    same mechanism can share one ``block_trial``."""
+    policy = parse_policy(policy)
+    return str(policy if isinstance(policy, Selective | Offload) else parse_policy("full"))
 
 
-def block_trial(model, batch, policy, repeats: int = 15, clock: str = "wall") -> BlockTrial:
+def block_trial(model, batch, policy, repeats: int = 20, clock: str = "wall") -> BlockTrial:
     """The model's first block on the input it gets from ``batch``: forward + backward plain and
     under ``policy``'s mechanism (on copies of the block), taking turns, ``repeats`` rounds
     after a warm-up: the median of the rounds' differences (each round's two runs see the same
@@ -210,7 +213,7 @@ def block_trial(model, batch, policy, repeats: int = 15, clock: str = "wall") ->
     x = block_input(model, batch, 0)
     plain, inside = copy.deepcopy(model.blocks[0]), copy.deepcopy(model.blocks[0])
     now = _synced(x.device, clock)
-    with applied(inside, _one_block(policy), blocks=[inside]) as handle:
+    with applied(inside, mechanism(policy), blocks=[inside]) as handle:
         runs = {"plain": plain, "policy": inside}
         times: dict[str, list[float]] = {name: [] for name in runs}
         for r in range(repeats + 1):
@@ -335,9 +338,11 @@ class Recomputed:
     trial: BlockTrial | None = None  # None: the policy adds nothing (none)
 
 
-def recomputed(model, batch, policy, seed: int = 0, clock: str = "wall") -> Recomputed:
+def recomputed(model, batch, policy, seed: int = 0, clock: str = "wall",
+               trial: BlockTrial | None = None) -> Recomputed:
     """Backward with ``policy`` minus backward without, op by op (shapes included), and the
-    first block tried under the policy's mechanism on this machine, timed with ``clock``."""
+    first block tried under the policy's mechanism on this machine, timed with ``clock``; or
+    ``trial``, one already made for the same mechanism (``mechanism``), model and batch."""
     clock_fn(clock)
     policy = parse_policy(policy)
     plain = _backward_calls(model, batch, seed)
@@ -350,7 +355,8 @@ def recomputed(model, batch, policy, seed: int = 0, clock: str = "wall") -> Reco
     if isinstance(policy, Selective):
         what.region_ops = _block_forward_ops(model, batch, seed)
     if what.ops or what.bytes_moved or what.region_ops:
-        what.trial = block_trial(model, batch, policy, clock=clock)
+        what.trial = trial if trial is not None else block_trial(model, batch, policy,
+                                                                  clock=clock)
     return what
 
 
