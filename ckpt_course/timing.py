@@ -44,6 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .policies import Offload, Selective, applied, parse_policy
 from .recompute import BOOKKEEPING, EXTRA_FLOP_FORMULAS
 from .step import make_optimizer, run_step, seeded
+from .units import check_positive_int
 
 OpKey = tuple  # (aten name, shapes of its tensor arguments)
 
@@ -209,6 +210,8 @@ def block_trial(model, batch, policy, repeats: int = 20, clock: str = "wall") ->
     under ``policy``'s mechanism (on copies of the block), taking turns, ``repeats`` rounds
     after a warm-up: the median of the rounds' differences (each round's two runs see the same
     load); and, in one more run of each, its ops and offload's bytes."""
+    clock_fn(clock)
+    check_positive_int("repeats", repeats)
     policy = parse_policy(policy)
     x = block_input(model, batch, 0)
     plain, inside = copy.deepcopy(model.blocks[0]), copy.deepcopy(model.blocks[0])
@@ -287,7 +290,8 @@ def profile_step(model, batch, rounds: int = 5, seed: int = 0, clock: str = "wal
     forward + backward timed phase by phase, and one timed op by op: interleaved, so that all
     three see the same machine load. The steps run on a copy of the model (AdamW changes its
     weights). ``clock``: "wall", or "cpu" on a machine shared with other jobs (``CLOCKS``)."""
-    clock_fn(clock)  # a wrong clock is refused before any work
+    clock_fn(clock)  # a wrong clock or count is refused before any work
+    check_positive_int("rounds", rounds)
     model = copy.deepcopy(model)
     device = next(model.parameters()).device
     now = _synced(device, clock)

@@ -10,9 +10,11 @@ from ckpt_course.timing import (
     OpTimes,
     Recomputed,
     StepProfile,
+    block_trial,
     clock_fn,
     predict,
     profile_step,
+    recomputed,
 )
 
 MM = ("aten.mm", ((8, 4), (4, 4)))
@@ -87,5 +89,15 @@ def test_per_op_overhead_is_forwards_time_outside_its_ops():
 
 def test_a_clock_is_wall_or_cpu_and_a_wrong_one_is_refused_before_any_work():
     assert clock_fn("wall") is not clock_fn("cpu")
-    with pytest.raises(ValueError, match="clock is 'wall' or 'cpu', not 'gpu'"):
-        profile_step(None, None, clock="gpu")  # no model needed: refused first
+    for measure in (lambda: profile_step(None, None, clock="gpu"),  # no model needed:
+                    lambda: recomputed(None, None, "full", clock="gpu"),  # refused first
+                    lambda: block_trial(None, None, "full", clock="gpu")):
+        with pytest.raises(ValueError, match="clock is 'wall' or 'cpu', not 'gpu'"):
+            measure()
+
+
+def test_a_count_of_rounds_below_one_is_refused_before_any_work():
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        profile_step(None, None, rounds=0)
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        block_trial(None, None, "full", repeats=0)
