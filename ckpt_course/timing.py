@@ -207,9 +207,10 @@ def mechanism(policy) -> str:
 
 def block_trial(model, batch, policy, repeats: int = 20, clock: str = "wall") -> BlockTrial:
     """The model's first block on the input it gets from ``batch``: forward + backward plain and
-    under ``policy``'s mechanism (on copies of the block), taking turns, ``repeats`` rounds
-    after a warm-up: the median of the rounds' differences (each round's two runs see the same
-    load); and, in one more run of each, its ops and offload's bytes."""
+    under ``policy``'s mechanism (on copies of the block), taking turns (first one, then the
+    other first), ``repeats`` rounds after a warm-up: the median of the rounds' differences
+    (each round's two runs see the same load); and, in one more run of each, its ops and
+    offload's bytes."""
     clock_fn(clock)
     check_positive_int("repeats", repeats)
     policy = parse_policy(policy)
@@ -220,7 +221,7 @@ def block_trial(model, batch, policy, repeats: int = 20, clock: str = "wall") ->
         runs = {"plain": plain, "policy": inside}
         times: dict[str, list[float]] = {name: [] for name in runs}
         for r in range(repeats + 1):
-            for name, block in runs.items():
+            for name, block in sorted(runs.items(), reverse=r % 2 == 1):  # each goes first
                 start = now()
                 block(x).sum().backward()
                 if r:
