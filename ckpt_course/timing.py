@@ -176,13 +176,13 @@ def _synced(device, clock):
 @dataclass
 class BlockTrial:
     """One block at the step's own input, run plain and under a policy's mechanism (a
-    checkpoint, selective checkpointing or offload), interleaved medians: what the mechanism
-    costs beyond the ops a plain profile prices.
+    checkpoint, selective checkpointing or offload) in turns, the median of the differences:
+    what the mechanism costs beyond the ops a plain profile prices.
 
     Measured, not modelled from constants, because the mechanisms' costs depend on sizes and on
     the machine: re-run kernels are slower than in forward (their inputs are no longer in
     cache, their outputs go to fresh memory), selective checkpointing's bookkeeping costs
-    several times more per op at real sizes than on a one-token input, and offload's copies
+    about 4 times more per op at real sizes than on a one-token input, and offload's copies
     write into fresh pages, which the operating system maps and zeroes first (about 1 GB/s
     here against 20 GB/s for a copy into memory just freed)."""
 
