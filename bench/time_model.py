@@ -13,9 +13,11 @@ median over rounds of its step time over none's in the same round. Two policies
 are measured twice, under two names: ``none`` (as ``none`` and ``none-again``, the denominator)
 and ``full`` (as ``full`` and ``segments:0..3``, the same regions). Their disagreement is the
 run's noise floor: an error below it is noise, and a policy is "within 5%" only if its error and
-the noise floor are both under 5%. Next to them, the FLOP model the textbook uses:
-``1 + recompute FLOPs / forward FLOPs x forward's measured share of a step`` (textbook: full
-costs +33%), which prices elementwise ops, copies and bookkeeping at zero.
+the noise floor are both under 5%. The column +- is the prediction's own noise: the standard
+error of its block trial's median, scaled to the step, over the measured step. Next to them,
+the FLOP model the textbook uses: ``1 + recompute FLOPs / forward FLOPs x forward's measured
+share of a step`` (textbook: full costs +33%), which prices elementwise ops, copies and
+bookkeeping at zero.
 
 On a machine shared with other jobs, ``--clock cpu`` times everything (profile, mechanisms and
 the measured steps) in this process's CPU time, which leaves out the time the step waited for a
@@ -130,16 +132,18 @@ def main() -> None:
           f"forward), optimizer {profile.optimizer_s * 1e3:.1f}; per-op overhead "
           f"{profile.overhead_per_op_s * 1e6:.1f} us")
     print(f"{'policy':<24}{'peak':>10}{'recompute':>10}{'by FLOPs':>9}{'predicted':>10}"
-          f"{'measured':>10}{'error':>8}  biggest predicted costs")
-    errors = {}
+          f"{'+-':>6}{'measured':>10}{'error':>8}  biggest predicted costs")
+    errors, trial_noise = {}, {}
     for p in POLICIES:
         pred, meas = predicted[p], measured[p]
         errors[p] = abs(pred.ratio - meas) / meas
+        trial_noise[p] = pred.error_s / pred.plain_s / meas
         top = ", ".join(f"{op.removeprefix('aten.')} {s * 1e3:.1f}"
                         for op, s in list(pred.op_seconds.items())[:3])
         copies = f"copies {pred.copy_s * 1e3:.1f}" if pred.copy_s else ""
         print(f"{p:<24}{fmt_bytes(memory[p].peak_bytes):>10}{memory[p].recompute_share:>10.1%}"
-              f"{by_flops[p]:>8.3f}x{pred.ratio:>9.3f}x{meas:>9.3f}x{errors[p]:>8.1%}  "
+              f"{by_flops[p]:>8.3f}x{pred.ratio:>9.3f}x{trial_noise[p]:>6.1%}{meas:>9.3f}x"
+              f"{errors[p]:>8.1%}  "
               f"{', '.join(filter(None, [top, copies])) or '-'} (ms)")
     for twin, same in SAME_AS.items():
         print(f"{same} measured twice ({same}, {twin}): {measured[same]:.3f}x and "
@@ -158,6 +162,7 @@ def main() -> None:
         "predicted_ratio": {p: round(v.ratio, 3) for p, v in predicted.items()},
         "measured_ratio": {n: round(v, 3) for n, v in measured.items()},
         "error": {p: round(e, 4) for p, e in errors.items()},
+        "prediction_standard_error": {p: round(e, 4) for p, e in trial_noise.items()},
         "recompute_share": {p: round(memory[p].recompute_share, 4) for p in POLICIES},
         "peak_bytes": {p: memory[p].peak_bytes for p in POLICIES},
         "twice_apart": {t: round(a, 4) for t, a in apart.items()},

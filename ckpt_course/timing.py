@@ -190,6 +190,7 @@ class BlockTrial:
     recomputed: Counter  # op_key -> extra calls in the block's backward (bookkeeping left out)
     ops: int  # ops of the block's forward
     bytes_moved: int = 0  # offload: to host and back, in one forward + backward
+    error_s: float = 0.0  # the standard error of ``extra_s`` (the median of the differences)
 
     def residual_s(self, profile: StepProfile) -> float:
         """``extra_s`` less its recomputed ops at the profile's times: the mechanism itself."""
@@ -237,8 +238,19 @@ def block_trial(model, batch, policy, repeats: int = 20, clock: str = "wall") ->
     with OpTimer() as counter, torch.no_grad():
         plain(x)
     recomputed = _extra_calls(calls["policy"], calls["plain"], bool(bytes_moved))
-    extra = statistics.median(a - b for a, b in zip(times["policy"], times["plain"], strict=True))
-    return BlockTrial(extra, recomputed, sum(counter.calls.values()), bytes_moved)
+    differences = [a - b for a, b in zip(times["policy"], times["plain"], strict=True)]
+    return BlockTrial(statistics.median(differences), recomputed, sum(counter.calls.values()),
+                      bytes_moved, median_error(differences))
+
+
+def median_error(values: list[float]) -> float:
+    """The standard error of the median of ``values``: 1.2533 sigma / sqrt(n), sigma estimated
+    from the interquartile range (IQR / 1.349, robust to the outliers a shared machine makes);
+    0 for fewer than 2 values."""
+    if len(values) < 2:
+        return 0.0
+    q = statistics.quantiles(values, n=4)
+    return 1.2533 * (q[2] - q[0]) / 1.349 / len(values) ** 0.5
 
 
 def _extra_calls(with_policy: Counter, plain: Counter, offloaded: bool) -> Counter:
@@ -389,6 +401,7 @@ class Prediction:
     recompute_s: float  # recomputed ops at their measured times, plus the mechanism's overhead
     copy_s: float  # offload's copies, from its block trial
     op_seconds: dict = field(default_factory=dict)  # op name -> its share of recompute_s
+    error_s: float = 0.0  # the standard error of the mechanism's share, from its block trial
 
     @property
     def extra_s(self) -> float:
@@ -409,18 +422,21 @@ def predict(profile: StepProfile, what: Recomputed) -> Prediction:
     op_seconds: defaultdict[str, float] = defaultdict(float)
     for key, n in what.ops.items():
         op_seconds[key[0]] += n * profile.op_seconds(key)
-    copy_s, trial = 0.0, what.trial
+    copy_s, scale, trial = 0.0, 0.0, what.trial
     if trial is not None:
         residual = trial.residual_s(profile)
         if what.bytes_moved:
-            copy_s = residual * what.bytes_moved / trial.bytes_moved
+            scale = what.bytes_moved / trial.bytes_moved
+            copy_s = residual * scale
         elif what.region_ops:
-            op_seconds["selective bookkeeping"] = residual * what.region_ops / trial.ops
+            scale = what.region_ops / trial.ops
+            op_seconds["selective bookkeeping"] = residual * scale
         elif trial.recomputed:
-            op_seconds["checkpoint overhead"] = residual * (sum(what.ops.values())
-                                                            / sum(trial.recomputed.values()))
+            scale = sum(what.ops.values()) / sum(trial.recomputed.values())
+            op_seconds["checkpoint overhead"] = residual * scale
     return Prediction(what.policy, profile.step_s, sum(op_seconds.values()), copy_s,
-                      dict(sorted(op_seconds.items(), key=lambda kv: -kv[1])))
+                      dict(sorted(op_seconds.items(), key=lambda kv: -kv[1])),
+                      trial.error_s * scale if trial is not None else 0.0)
 
 
 def predict_policy(model, batch, policy, profile: StepProfile | None = None,

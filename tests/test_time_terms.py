@@ -12,6 +12,7 @@ from ckpt_course.timing import (
     StepProfile,
     block_trial,
     clock_fn,
+    median_error,
     predict,
     profile_step,
     recomputed,
@@ -101,3 +102,26 @@ def test_a_count_of_rounds_below_one_is_refused_before_any_work():
         profile_step(None, None, rounds=0)
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         block_trial(None, None, "full", repeats=0)
+
+
+def test_the_mechanisms_standard_error_scales_to_the_step_like_its_price():
+    # a trial whose median difference may be off by 1 ms: four blocks' worth may be off by 4 ms
+    trial = BlockTrial(extra_s=0.007, recomputed=Counter({MM: 1, GELU: 1}), ops=5,
+                       error_s=0.001)
+    pred = predict(profile(), Recomputed("full", Counter({MM: 4, GELU: 4}), 0, 0, trial=trial))
+    assert pred.error_s == pytest.approx(0.004)
+    offload = BlockTrial(extra_s=0.002, recomputed=Counter(), ops=10, bytes_moved=1000,
+                         error_s=0.0005)
+    pred = predict(profile(), Recomputed("offload", Counter(), 3000, 6, trial=offload))
+    assert pred.error_s == pytest.approx(0.0015)
+    assert predict(profile(), Recomputed("none", Counter(), 0, 0)).error_s == 0
+
+
+def test_the_standard_error_of_a_median_comes_from_the_interquartile_range():
+    # quartiles of 1..9 (exclusive method): 2.5 and 7.5; sigma ~ 5 / 1.349
+    assert median_error([1.0, 2, 3, 4, 5, 6, 7, 8, 9]) == pytest.approx(
+        1.2533 * 5 / 1.349 / 3)
+    assert median_error([3.0] * 9) == 0 and median_error([1.0]) == 0
+    # one wild round (a machine stalled) moves it no more than any other large round
+    assert median_error([1.0, 2, 3, 4, 5, 6, 7, 8, 900]) == median_error(
+        [1.0, 2, 3, 4, 5, 6, 7, 8, 9])
