@@ -13,8 +13,9 @@ median over rounds of its step time over none's in the same round. Two policies
 are measured twice, under two names: ``none`` (as ``none`` and ``none-again``, the denominator)
 and ``full`` (as ``full`` and ``segments:0..3``, the same regions). Their disagreement is the
 run's noise floor: an error below it is noise, and a policy is "within 5%" only if its error and
-the noise floor are both under 5%. The column +- is the prediction's own noise: the standard
-error of its block trial's median, scaled to the step, over the measured step. Next to them,
+the noise floor are both under 5%. The columns +- are standard errors (of a median, from the
+interquartile range, ``timing.median_error``), relative: the prediction's, from its block
+trial's rounds, scaled to the step; the measurement's, from its rounds' ratios. Next to them,
 the FLOP model the textbook uses: ``1 + recompute FLOPs / forward FLOPs x forward's measured
 share of a step`` (textbook: full costs +33%), which prices elementwise ops, copies and
 bookkeeping at zero.
@@ -47,6 +48,7 @@ from ckpt_course.timing import (
     _synced,
     block_trial,
     mechanism,
+    median_error,
     predict,
     profile_step,
     recomputed,
@@ -115,8 +117,10 @@ def main() -> None:
     load_after = load()
     memory = compare(cfg, POLICIES, steps=1, batch_size=opts.batch, device=opts.device,
                      live=False)
-    measured = {n: statistics.median(a / b for a, b in zip(t, times["none"], strict=True))
-                for n, t in times.items()}  # each round's ratio: its steps saw the same load
+    ratios = {n: [a / b for a, b in zip(t, times["none"], strict=True)]
+              for n, t in times.items()}  # each round's ratio: its steps saw the same load
+    measured = {n: statistics.median(r) for n, r in ratios.items()}
+    measured_noise = {n: median_error(r) / measured[n] for n, r in ratios.items()}
     forward_share = profile.forward_s / profile.step_s
     forward_flops = count_step(model, batch).forward.flops
     by_flops = {p: 1 + memory[p].recompute_flops / forward_flops * forward_share
@@ -132,7 +136,7 @@ def main() -> None:
           f"forward), optimizer {profile.optimizer_s * 1e3:.1f}; per-op overhead "
           f"{profile.overhead_per_op_s * 1e6:.1f} us")
     print(f"{'policy':<24}{'peak':>10}{'recompute':>10}{'by FLOPs':>9}{'predicted':>10}"
-          f"{'+-':>6}{'measured':>10}{'error':>8}  biggest predicted costs")
+          f"{'+-':>6}{'measured':>10}{'+-':>6}{'error':>8}  biggest predicted costs")
     errors, trial_noise = {}, {}
     for p in POLICIES:
         pred, meas = predicted[p], measured[p]
@@ -143,7 +147,7 @@ def main() -> None:
         copies = f"copies {pred.copy_s * 1e3:.1f}" if pred.copy_s else ""
         print(f"{p:<24}{fmt_bytes(memory[p].peak_bytes):>10}{memory[p].recompute_share:>10.1%}"
               f"{by_flops[p]:>8.3f}x{pred.ratio:>9.3f}x{trial_noise[p]:>6.1%}{meas:>9.3f}x"
-              f"{errors[p]:>8.1%}  "
+              f"{measured_noise[p]:>6.1%}{errors[p]:>8.1%}  "
               f"{', '.join(filter(None, [top, copies])) or '-'} (ms)")
     for twin, same in SAME_AS.items():
         print(f"{same} measured twice ({same}, {twin}): {measured[same]:.3f}x and "
@@ -163,6 +167,7 @@ def main() -> None:
         "measured_ratio": {n: round(v, 3) for n, v in measured.items()},
         "error": {p: round(e, 4) for p, e in errors.items()},
         "prediction_standard_error": {p: round(e, 4) for p, e in trial_noise.items()},
+        "measured_standard_error": {p: round(e, 4) for p, e in measured_noise.items()},
         "recompute_share": {p: round(memory[p].recompute_share, 4) for p in POLICIES},
         "peak_bytes": {p: memory[p].peak_bytes for p in POLICIES},
         "twice_apart": {t: round(a, 4) for t, a in apart.items()},
