@@ -24,6 +24,15 @@ On a machine shared with other jobs, ``--clock cpu`` times everything (profile, 
 the measured steps) in this process's CPU time, which leaves out the time the step waited for a
 core; ``uptime``'s load is printed with the figures.
 
+Measured here (2026-12-05, 2 cores shared with 4 other jobs, load 6-12, --clock cpu, 15 rounds):
+six runs of the final model, largest error per run 2.5%, 2.8%, 2.7%, 5.8% (offload: the load rose
+from 7.7 to 12 between its trial and the measured steps), 8.0% (every-2 measured below full,
+which re-runs less: that run's measurement, not its twins, was off), and 5.0% before one trial
+was shared per mechanism; the twins' noise floor 0.1-2.5%. The model before (a hot 1 MiB copy
+benchmark per byte, selective bookkeeping from a one-token block, forward's per-op overhead)
+under-predicted offload by 11-21%, selective by 11-17% and full by 5-8% in the same conditions.
+With --clock wall at load 8: largest error 5.8% (selective), the others 1.0-4.1%.
+
 Run: nice .venv/bin/python bench/time_model.py [--rounds 15] [--threads 1] [--clock cpu]
 The last line printed is one JSON object; ``max_abs_error`` is the largest
 |predicted - measured| / measured over the policies (target: within 0.05).
