@@ -25,12 +25,13 @@ the measured steps) in this process's CPU time, which leaves out the time the st
 core; ``uptime``'s load is printed with the figures.
 
 Measured here (2026-12-05, 2 cores shared with 4 other jobs, load 6-12, --clock cpu, 15 rounds):
-six runs of the final model, largest error per run 2.5%, 2.8%, 2.7%, 5.8% (offload: the load rose
-from 7.7 to 12 between its trial and the measured steps), 8.0% (every-2 measured below full,
-which re-runs less: that run's measurement, not its twins, was off), and 5.0% before one trial
-was shared per mechanism; the twins' noise floor 0.1-2.5%. The model before (a hot 1 MiB copy
-benchmark per byte, selective bookkeeping from a one-token block, forward's per-op overhead)
-under-predicted offload by 11-21%, selective by 11-17% and full by 5-8% in the same conditions.
+with one block trial per mechanism, five runs, largest error per run 5.0% (selective), 2.8%,
+8.0% (every-2 measured below full, which re-runs less: that run's measurement was off, not only
+the model), 2.7%, 5.8% (offload: the load rose from 7.7 to 12 between its trial and the measured
+steps); the twins' noise floor 0.1-1.2%, the predictions' own standard error 0.7-1.8%. Before
+sharing trials: 2.5% and 8.7%. The model before this one (a hot 1 MiB copy benchmark per byte,
+selective bookkeeping from a one-token block, forward's per-op overhead for every re-run op)
+under-predicted offload by 10-21%, selective by 8-17% and full by 5-8% in the same conditions.
 With --clock wall at load 8: largest error 5.8% (selective), the others 1.0-4.1%.
 
 Run: nice .venv/bin/python bench/time_model.py [--rounds 15] [--threads 1] [--clock cpu]
