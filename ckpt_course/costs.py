@@ -473,17 +473,17 @@ def measure_menu(block: nn.Module, x_like: torch.Tensor, plain: LayerCost, optio
 def measure_times(block: nn.Module, x_like: torch.Tensor, options, rounds: int = 15
                   ) -> dict[str, float]:
     """Seconds of one forward + backward of ``block`` alone under each option ("none", "full"
-    and one-block policies), interleaved round by round, median over ``rounds`` after one
-    warm-up: the time model's per-block numbers (ckpt_course.timing may replace them)."""
+    and one-block policies), interleaved round by round, ``rounds`` rounds after one warm-up:
+    none's median, and each other option's median time over none's in the same round added to
+    it (``medians_and_spreads``): the planner's per-block numbers."""
     return measure_times_and_spreads(block, x_like, options, rounds)[0]
 
 
 def measure_times_and_spreads(block: nn.Module, x_like: torch.Tensor, options,
                               rounds: int = 15) -> tuple[dict[str, float], dict[str, float]]:
-    """``measure_times``' medians, and each option's spread: half the distance between the
-    quartiles of its rounds, what a median this noisy may be off by. The time objective
-    prices an option at its median plus its spread, so that it wins only by more than that."""
-    import statistics
+    """``measure_times``' seconds, and each option's spread: what its time over plain may be off
+    by (``medians_and_spreads``). The time objective prices an option at its median difference
+    plus its spread, so that it wins only by more than that."""
     import time
 
     from .policies import applied
@@ -500,11 +500,31 @@ def measure_times_and_spreads(block: nn.Module, x_like: torch.Tensor, options,
                     if r:
                         times[option].append(time.perf_counter() - start)
                 block.zero_grad(set_to_none=True)
-    spreads = {}
-    for o, t in times.items():
-        q = statistics.quantiles(t, n=4) if len(t) > 1 else [t[0]] * 3
-        spreads[o] = (q[2] - q[0]) / 2
-    return {o: statistics.median(t) for o, t in times.items()}, spreads
+    return medians_and_spreads(times)
+
+
+def medians_and_spreads(times: dict[str, list[float]]) -> tuple[dict[str, float],
+                                                                 dict[str, float]]:
+    """Seconds per option from its rounds (``times[option][r]``, options run in turn in round
+    r), and its spread: half the distance between the quartiles. With "none" among them, each
+    option is taken against none round by round, since a round's runs see the same machine load
+    and a load that slows both cancels: its seconds are none's median plus the median of its
+    rounds' differences, its spread that of the differences, and none's spread 0 (its noise is
+    in theirs). Without "none", each option's own median and spread."""
+    import statistics
+
+    def spread(series):
+        q = statistics.quantiles(series, n=4) if len(series) > 1 else [series[0]] * 3
+        return (q[2] - q[0]) / 2
+
+    plain = times.get("none")
+    if plain is None:
+        return ({o: statistics.median(t) for o, t in times.items()},
+                {o: spread(t) for o, t in times.items()})
+    base = statistics.median(plain)
+    over = {o: [a - b for a, b in zip(t, plain, strict=True)] for o, t in times.items()}
+    return ({o: base + statistics.median(d) for o, d in over.items()},
+            {o: spread(d) for o, d in over.items()})
 
 
 class _Cut(torch.autograd.Function):
