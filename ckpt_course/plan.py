@@ -635,6 +635,75 @@ class _Chain:
             after[i] = need[i, False]
         return need
 
+    def can_finish_within(self, i: int, left: bool, kept, so_far, budget: float, bound):
+        """Which pairs (Kept, cost so far) of state (i, left) might still finish the chain at a
+        total cost within ``bound``: an exact pruning by a lower bound on the cost to finish.
+        Every way to finish keeps its own bytes on top of Kept, and the last forward moment
+        holds them all, so they add up to at most R - Kept (R: the budget less the trunk's
+        growing moment). For any lambda >= 0, cost_to_finish >= g_lambda - lambda (R - Kept),
+        g_lambda the least (cost + lambda kept bytes) of any way to finish, constraints
+        ignored: a scalar shortest path per lambda (``_lagrangian``), the same for every
+        budget. A pair goes only if even the best of these bounds exceeds ``bound``."""
+        g, lams = self._lagrangian()
+        if g is None:
+            return np.ones(len(kept), bool)
+        if getattr(self, "_grows", None) is None:
+            self._grows = min(_trunk_need(self.costs, held)[1] for held in (False, True))
+        room = budget - self._grows
+        slack = room - kept.astype(np.float64)  # bytes the rest may still keep, per pair
+        least = np.max(g[i, int(left)][:, None] - lams[:, None] * slack[None, :], axis=0)
+        margin = abs(float(bound)) * 1e-9 + 1  # float rounding never prunes a pair that fits
+        return so_far.astype(np.float64) + least <= float(bound) + margin
+
+    def _lagrangian(self):
+        """(g, lambdas): g[i, left, l] the least cost + lambdas[l] * (bytes kept) of any way to
+        finish the chain from state (i, left), peaks ignored; lambdas spread geometrically
+        around the chain's cost per kept byte. (None, None) for costs beyond float64's range."""
+        if getattr(self, "_g", None) is not None:
+            return self._g
+        if self.dtype is object:
+            self._g = (None, None)
+            return self._g
+        n, lams = self.costs.n, self._exchange_rates()
+        g = np.zeros((n + 1, 2, len(lams)))
+        for i in range(n - 1, -1, -1):
+            for left in (False, True):
+                best = np.full(len(lams), np.inf)
+                for _, _, more, extra, (j, held) in self.one[i, left]:
+                    best = np.minimum(best, float(extra) + lams * more + g[j, int(held)])
+                stops, _, prices, x_i = self.ckpt[i, left]
+                if len(stops):
+                    via = prices.astype(np.float64)[:, None] + g[stops, 0]
+                    best = np.minimum(best, via.min(axis=0) + lams * x_i)
+                g[i, int(left)] = best
+        self._g = (g, lams)
+        return self._g
+
+    def _exchange_rates(self, most: int = 48) -> np.ndarray:
+        """The lambdas: cost per kept byte saved when a block (or a short segment) keeps less
+        than plain, the ratios at which the relaxed problem's best choice changes (where its
+        bound is tightest); at most ``most`` of them, spread by quantile, and 0."""
+        n, rates = self.costs.n, set()
+        for i in range(n):
+            for left in (False, True):
+                moves = self.one[i, left]
+                plain = next((m for m in moves if m[0][2] is False), None)
+                if plain is None:
+                    continue
+                for _, _, more, extra, _ in moves:
+                    if more < plain[2] and extra > plain[3]:
+                        rates.add(float(extra - plain[3]) / (plain[2] - more))
+                stops, _, prices, x_i = self.ckpt[i, left]
+                tapes = np.cumsum([segment_kept(self.costs, (k, k + 1, False), k > i or left)
+                                   for k in range(i, min(i + 4, n))])
+                for j, price in zip(stops[:4], prices[:4], strict=False):
+                    if tapes[j - i - 1] > x_i and price > 0:
+                        rates.add(float(price) / (tapes[j - i - 1] - x_i))
+        rates = np.array(sorted(rates))
+        if len(rates) > most:
+            rates = rates[np.linspace(0, len(rates) - 1, most).round().astype(np.int64)]
+        return np.concatenate([[0.0], rates])
+
     def _dtype(self):
         """int64 while no placement's cost can overflow it; float64 for float objectives;
         else Python ints (object arrays: slower, as exact)."""
@@ -686,6 +755,10 @@ def _cheapest(costs: ChainCosts, budget: float, cost, table: dict, bound=None,
             if not left and i:
                 chunks.append(_gathered(pool, first, stop, price, x_in, 2 * i, i))
             kept, so_far, parents, kind = _pareto_arrays(chunks, rooms[i, left], bound, beam)
+            if bound is not None and i < n and len(kept) > 1:
+                hopeful = chain.can_finish_within(i, left, kept, so_far, budget, bound)
+                kept, so_far, parents, kind = (kept[hopeful], so_far[hopeful],
+                                               parents[hopeful], kind[hopeful])
             if not len(kept):
                 continue
             offset = pool.add(kept, so_far, parents, kind, i)
@@ -806,7 +879,7 @@ def _pareto_arrays(chunks: list, room: float, bound=None, beam: int | None = Non
     if bound is not None:
         keep &= cost <= bound
     kept, cost, parent, kind = kept[keep], cost[keep], parent[keep], kind[keep]
-    order = np.argsort(cost)  # cheapest first; then keep each pair keeping less than all
+    order = np.argsort(cost, kind="stable")  # cheapest first; then keep each pair keeping less than all
     by_cost = kept[order]     # cheaper ones (of equal costs, the last such: the fewest bytes)
     if len(order):
         least = np.minimum.accumulate(by_cost)
