@@ -32,9 +32,10 @@ exact. ``sharding.shard`` (FSDP / ZeRO-3) and ``config_costs``' optimizer terms 
 The measuring lives in ``costs.py`` (its docstring says what is measured); this module predicts
 and plans. A block that returns its input (``nn.Identity``, ``Dropout(0)``) keeps nothing under
 any option: the chain is planned and predicted without it. Speed: the DP keeps Pareto fronts
-as numpy arrays with exact prunings (``_cheapest``); 200 blocks that all differ, with the full
-menu, plan in about a second (``bench/planner_scale.py``); ``nested_optimal`` fills int64
-tables when block inputs have one size (256 blocks in a few seconds).
+as numpy arrays with exact prunings (``_cheapest``), one of them a Lagrangian lower bound on
+the cost to finish; 200 blocks that all differ, with the full menu, plan in about a second,
+1,000 identical blocks (plain or checkpointed) in a few (``bench/planner_scale.py``);
+``nested_optimal`` fills int64 tables when block inputs have one size.
 """
 
 from __future__ import annotations
@@ -635,25 +636,41 @@ class _Chain:
             after[i] = need[i, False]
         return need
 
-    def can_finish_within(self, i: int, left: bool, kept, so_far, budget: float, bound):
-        """Which pairs (Kept, cost so far) of state (i, left) might still finish the chain at a
-        total cost within ``bound``: an exact pruning by a lower bound on the cost to finish.
-        Every way to finish keeps its own bytes on top of Kept, and the last forward moment
-        holds them all, so they add up to at most R - Kept (R: the budget less the trunk's
-        growing moment). For any lambda >= 0, cost_to_finish >= g_lambda - lambda (R - Kept),
-        g_lambda the least (cost + lambda kept bytes) of any way to finish, constraints
-        ignored: a scalar shortest path per lambda (``_lagrangian``), the same for every
-        budget. A pair goes only if even the best of these bounds exceeds ``bound``."""
+    def promising(self, i: int, left: bool, front: tuple, budget: float, bound=None,
+                  beam: int | None = None) -> tuple:
+        """The pairs of state (i, left)'s front (kept, cost, parents, kinds) worth going on
+        with. Exact: a pair goes if a lower bound on the cost to finish (``least_to_finish``)
+        takes it over ``bound``, the cost of a placement known to fit. ``beam``: keep only that
+        many, the one keeping the fewest bytes (it fits if any does), a few spread over the
+        front and the rest those whose cost plus that bound is least: a guess, not exact."""
+        kept, cost = front[0], front[1]
+        least = self.least_to_finish(i, left, kept, budget)
+        keep = np.arange(len(kept))
+        if bound is not None and least is not None:
+            margin = abs(float(bound)) * 1e-9 + 1  # float rounding never drops a pair that fits
+            keep = np.nonzero(cost.astype(np.float64) + least <= float(bound) + margin)[0]
+        if beam is not None and len(keep) > beam:
+            spread = keep[np.linspace(0, len(keep) - 1, beam // 4).round().astype(np.int64)]
+            score = cost[keep].astype(np.float64) + (least[keep] if least is not None else 0)
+            best = keep[np.argsort(score, kind="stable")[:beam - len(spread)]]
+            keep = np.union1d(spread, best)
+        return tuple(a[keep] for a in front)
+
+    def least_to_finish(self, i: int, left: bool, kept, budget: float):
+        """A lower bound on the cost to finish the chain from state (i, left), per Kept in
+        ``kept`` (None where float64 cannot hold the costs). Every way to finish keeps its
+        own bytes on top of Kept, and the last forward moment holds them all, so they add up
+        to at most R - Kept (R: the budget less the trunk's growing moment). For any lambda
+        >= 0, cost_to_finish >= g_lambda - lambda (R - Kept), g_lambda the least (cost +
+        lambda kept bytes) of any way to finish, peaks ignored: a scalar shortest path per
+        lambda (``_lagrangian``), the same for every budget; the best lambda per pair."""
         g, lams = self._lagrangian()
         if g is None:
-            return np.ones(len(kept), bool)
+            return None
         if getattr(self, "_grows", None) is None:
             self._grows = min(_trunk_need(self.costs, held)[1] for held in (False, True))
-        room = budget - self._grows
-        slack = room - kept.astype(np.float64)  # bytes the rest may still keep, per pair
-        least = np.max(g[i, int(left)][:, None] - lams[:, None] * slack[None, :], axis=0)
-        margin = abs(float(bound)) * 1e-9 + 1  # float rounding never prunes a pair that fits
-        return so_far.astype(np.float64) + least <= float(bound) + margin
+        slack = budget - self._grows - kept.astype(np.float64)  # bytes the rest may keep
+        return np.max(g[i, int(left)][:, None] - lams[:, None] * slack[None, :], axis=0)
 
     def _lagrangian(self):
         """(g, lambdas): g[i, left, l] the least cost + lambdas[l] * (bytes kept) of any way to
@@ -731,10 +748,12 @@ def _cheapest(costs: ChainCosts, budget: float, cost, table: dict, bound=None,
     never negative) a pair that already costs more than ``bound``, the cost of a placement
     known to fit, is dropped. Fronts are numpy arrays, fewest kept bytes first, so the pairs a
     segment fits are a prefix; every front's pairs go to one pool, and the checkpointed
-    segments into a state are gathered from all earlier fronts at once. ``beam``: keep only
-    that many pairs per front, the fewest kept bytes among them (the rest evenly spaced): a
-    quick placement that fits if any does (fitting only gets easier with fewer kept bytes),
-    not always the cheapest; ``optimal`` takes its cost as the bound.
+    segments into a state are gathered from all earlier fronts at once. A fourth exact pruning
+    (``_Chain.promising``): a pair whose cost plus a lower bound on the cost to finish exceeds
+    ``bound`` is dropped. ``beam``: keep only that many pairs per front, the fewest kept bytes
+    among them and the ones whose cost plus that lower bound is least: a quick placement that
+    fits if any does (fitting only gets easier with fewer kept bytes), usually the cheapest
+    but not always; ``optimal`` takes its cost as the bound.
     """
     chain = table.get("chain") or table.setdefault("chain", _Chain(costs, cost))
     n, dtype = costs.n, chain.dtype
@@ -754,11 +773,10 @@ def _cheapest(costs: ChainCosts, budget: float, cost, table: dict, bound=None,
             chunks = incoming.pop((i, left), [])
             if not left and i:
                 chunks.append(_gathered(pool, first, stop, price, x_in, 2 * i, i))
-            kept, so_far, parents, kind = _pareto_arrays(chunks, rooms[i, left], bound, beam)
-            if bound is not None and i < n and len(kept) > 1:
-                hopeful = chain.can_finish_within(i, left, kept, so_far, budget, bound)
-                kept, so_far, parents, kind = (kept[hopeful], so_far[hopeful],
-                                               parents[hopeful], kind[hopeful])
+            front = _pareto_arrays(chunks, rooms[i, left], bound)
+            if i < n and len(front[0]) > 1:
+                front = chain.promising(i, left, front, budget, bound, beam)
+            kept, so_far, parents, kind = front
             if not len(kept):
                 continue
             offset = pool.add(kept, so_far, parents, kind, i)
@@ -863,11 +881,10 @@ def _trunk_need(costs: ChainCosts, left_held: bool) -> tuple[float, float]:
     return fixed, grows
 
 
-def _pareto_arrays(chunks: list, room: float, bound=None, beam: int | None = None) -> tuple:
+def _pareto_arrays(chunks: list, room: float, bound=None) -> tuple:
     """One state's candidates, (kept, cost, parents, kind) chunks, cut to the pairs that can
     still finish (Kept <= room, cost <= ``bound``) and that no other pair beats on both Kept
-    and cost: (kept, cost, parents, kinds), fewest kept bytes first (``beam``: see
-    ``_cheapest``)."""
+    and cost: (kept, cost, parents, kinds), fewest kept bytes first."""
     chunks = [c for c in chunks if len(c[0])]
     if not chunks:
         return np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -879,15 +896,12 @@ def _pareto_arrays(chunks: list, room: float, bound=None, beam: int | None = Non
     if bound is not None:
         keep &= cost <= bound
     kept, cost, parent, kind = kept[keep], cost[keep], parent[keep], kind[keep]
-    order = np.argsort(cost, kind="stable")  # cheapest first; then keep each pair keeping less than all
-    by_cost = kept[order]     # cheaper ones (of equal costs, the last such: the fewest bytes)
+    order = np.argsort(cost, kind="stable")  # cheapest first; then keep each pair keeping
+    by_cost = kept[order]  # less than all cheaper ones (of equal costs, the fewest bytes)
     if len(order):
         least = np.minimum.accumulate(by_cost)
         order = order[np.concatenate([[True], by_cost[1:] < least[:-1]])]
         order = order[np.append(cost[order][1:] != cost[order][:-1], True)][::-1]
-    if beam is not None and len(order) > beam:  # spread over the front, and its cheap end
-        spread = np.linspace(0, len(order) - 1, beam // 2).round().astype(np.int64)
-        order = order[np.union1d(spread, np.arange(len(order) - beam // 2, len(order)))]
     return kept[order], cost[order], parent[order], kind[order]
 
 
