@@ -1128,8 +1128,10 @@ Tree = tuple[int, int, tuple]
 @dataclass(frozen=True)
 class NestedPrediction:
     tree: tuple[Tree, ...]  # the top-level segments, covering 0..L-1
-    stored_bytes: int  # the most block-input bytes alive at once
+    stored_bytes: int  # the most block-input bytes alive at once (Griewank's model)
     recompute_flops: int
+    peak_bytes: int | None = None  # the step's peak by the memory model (``predict_nested``)
+    where: str = ""  # the moment of that peak, in words
 
     @property
     def policy(self) -> Menu:
@@ -1161,9 +1163,15 @@ def nested_optimal(costs: ChainCosts, budget: int) -> NestedPrediction | None:
             cost = tables.split(0, costs.n, budget)
             if cost >= _INF:
                 return None
-            tree = tables.tree(0, costs.n, budget, True)
-            return NestedPrediction(tree, simulate_nested(costs, tree)[0], cost)
+            return _nested_prediction(costs, tables.tree(0, costs.n, budget, True), cost)
     return _nested_by_recursion(costs, budget, x)
+
+
+def _nested_prediction(costs: ChainCosts, tree, cost: int) -> NestedPrediction:
+    """A planned tree with its stored bytes and, where the memory model covers the chain, its
+    predicted peak (a tree deeper than a policy may nest still gets both)."""
+    peak, where = (None, "") if _folded(costs) is not None else _nested_peak(costs, tree)
+    return NestedPrediction(tree, _simulate(costs, tree)[0], cost, peak, where)
 
 
 _INF = 2**61  # "does not fit" in the int64 tables (two of them still add up within int64)
@@ -1282,7 +1290,7 @@ def _nested_by_recursion(costs: ChainCosts, budget: int, x: list[int]):
     cost, tree = split(0, costs.n, int(budget), True)
     if tree is None or cost == math.inf:
         return None
-    return NestedPrediction(tree, simulate_nested(costs, tree)[0], cost)
+    return _nested_prediction(costs, tree, cost)
 
 
 def simulate_nested(costs: ChainCosts, tree) -> tuple[int, int]:
@@ -1291,6 +1299,12 @@ def simulate_nested(costs: ChainCosts, tree) -> tuple[int, int]:
     storing its children's inputs, and reverses them last first. An independent check of
     ``nested_optimal``'s recursion (tests), and the prediction for a given tree."""
     _check_tree(costs.n, tree)
+    return _simulate(costs, tree)
+
+
+def _simulate(costs: ChainCosts, tree) -> tuple[int, int]:
+    """``simulate_nested`` of a tree known to be well formed (planned: it may nest deeper
+    than a policy can)."""
     stored, peak, flops = [], 0, 0
 
     def reverse_children(children, top):
@@ -1306,6 +1320,102 @@ def simulate_nested(costs: ChainCosts, tree) -> tuple[int, int]:
 
     reverse_children(tuple(tree), True)
     return peak, flops
+
+
+def predict_nested(costs: ChainCosts, tree) -> tuple[int, str]:
+    """(peak live bytes, where) of a training step under a nested tree, by the memory model
+    of single-level plans (this module's docstring) extended to nesting: the forward is that of
+    the top-level checkpointed segments; a segment's backward recomputes it with its children
+    run as checkpoints (each keeps its input, its blocks keep nothing) and its other blocks
+    plain, then reverses the children last first, a child segment the same way, recursively,
+    each keeping its input until its backward is done. A tree without nesting predicts what
+    ``predict`` does. Checked against the meter on the tiny GPT, a deeper GPT and chains where
+    nesting wins (tests/test_plan_nested.py). Refused: chains with blocks that return their
+    input (their folding is not modelled under nesting) and menu options (a nested tree is
+    plain and checkpointed blocks only)."""
+    check_costs(costs)
+    _check_tree(costs.n, tree)
+    if _folded(costs) is not None:
+        raise ValueError("a nested tree over blocks that return their input (nn.Identity) is "
+                         "not predicted: plan single-level (optimal) on such a chain")
+    return _nested_peak(costs, tree)
+
+
+def _nested_peak(costs: ChainCosts, tree) -> tuple[int, str]:
+    events, kept, prev = [], 0, None
+    for a, b, children in tree:
+        seg = (a, b, True) if b > a + 1 else (a, b, False)
+        left = _left_holds(costs, prev, a)
+        own = (segment_events(costs, seg, left) if not children
+               else _nested_segment_events(costs, (a, b, children), left))
+        events += [(e[0] + kept, *e[1:]) for e in own]
+        kept += segment_kept(costs, seg, left)
+        prev = seg
+    events += trunk_events(costs, kept, _left_holds(costs, prev, costs.n))
+    top = max(events, key=lambda e: e[0])
+    return top[0], describe_event(top)
+
+
+def _nested_segment_events(costs: ChainCosts, node, left_held: bool) -> list[Event]:
+    """``segment_events`` for a checkpointed segment with children: the same forward and the
+    same bytes when its backward starts, then the nested recompute and reversal."""
+    i, j, _ = node
+    flat = segment_events(costs, (i, j, True), left_held)
+    forward = [e for e in flat if e[1] == "forward"]
+    layers = costs.layers
+    t = (costs.trunk.base_bytes + costs.trunk.prefix_kept + costs.trunk.suffix_left
+         + segment_kept(costs, (i, j, True), left_held) + sum(c.grad_bytes for c in layers[j:])
+         + _boundary_bytes(costs, j))
+    events: list[Event] = []
+    _reverse_nested(costs, node, t, events)
+    return forward + events
+
+
+def _reverse_nested(costs: ChainCosts, node, t: int, events: list) -> int:
+    """Recompute checkpointed segment ``node`` = (i, j, children) and run its backward from
+    ``t`` live bytes, appending its moments to ``events``; returns the live bytes after it
+    (its input still held: the caller lets it go)."""
+    i, j, children = node
+    layers, label = costs.layers, f"{i}-{j - 1}"
+    kids = _fill(i, j, children)
+    for n_kid, (a, b, _) in enumerate(kids):
+        after_checkpoint = n_kid > 0 and kids[n_kid - 1][1] > kids[n_kid - 1][0] + 1
+        if b == a + 1:  # a plain block of the recompute, as in a single-level segment
+            c = layers[a]
+            if b < j:
+                events.append((t + c.forward_peak, "recompute", a, label))
+                t += c.kept_bytes + c.output_bytes * (not c.saves_output)
+            else:
+                events.append((t + c.recompute_peak, "recompute", a, label))
+                t += c.recompute_kept
+            if a > i and not (c.saves_input or (layers[a - 1].saves_output
+                                                and not after_checkpoint)):
+                t -= _boundary_bytes(costs, a)  # x_a: nobody keeps it once block a has run
+        else:  # a child checkpoint: its blocks keep nothing, it keeps its input
+            for k in range(a, b):
+                events.append((t + (_boundary_bytes(costs, k) if k > a else 0)
+                               + layers[k].forward_peak_unsaved, "recompute", k, label))
+            if b < j:
+                t += _boundary_bytes(costs, b)  # its output, the next block's input
+    first_child = next((b for a, b, _ in kids if b > a + 1), j)
+    for n_kid in range(len(kids) - 1, -1, -1):
+        a, b, grand = kids[n_kid]
+        after_checkpoint = n_kid > 0 and kids[n_kid - 1][1] > kids[n_kid - 1][0] + 1
+        if b == a + 1:
+            c = layers[a]
+            held = a == i or (layers[a - 1].saves_output and not after_checkpoint)
+            back = c.checkpointed_backward
+            events.append((t + back.peak(held), "backward", a, "checkpointed"))
+            t += back.change(held)
+            if not held and a >= first_child:  # behind a child checkpoint, x_a stays
+                t += _boundary_bytes(costs, a)
+        else:
+            t = _reverse_nested(costs, (a, b, grand), t, events)
+            # the child lets its input go, unless the plain block before keeps it (its tape)
+            # or, behind another child, blocks that do not save their output (measured)
+            if a > i and (after_checkpoint if layers[a - 1].saves_output else a < first_child):
+                t -= _boundary_bytes(costs, a)
+    return t
 
 
 def _check_tree(n: int, tree) -> None:
