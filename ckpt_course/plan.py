@@ -393,7 +393,7 @@ def as_placement(n: int, placement) -> Placement:
         if isinstance(policy, Menu):
             if any(children for *_, children in policy.items):
                 raise ValueError(f"{policy} nests; nested placements are planned by "
-                                 f"nested_optimal and predicted by simulate_nested")
+                                 f"nested_optimal and predicted by predict_nested")
             policy.segment_policies(n)  # blocks beyond the model: one line naming the fix
             kinds = {i: (j, True if o == "full" else o) for i, j, o, _ in policy.items}
             out, k = [], 0
