@@ -35,7 +35,9 @@ any option: the chain is planned and predicted without it. Speed: the DP keeps P
 as numpy arrays with exact prunings (``_cheapest``), one of them a Lagrangian lower bound on
 the cost to finish; 200 blocks that all differ, with the full menu, plan in about a second,
 1,000 identical blocks (plain or checkpointed) in a few (``bench/planner_scale.py``);
-``nested_optimal`` fills int64 tables when block inputs have one size.
+``nested_optimal`` fills int64 tables when block inputs have one size (256 blocks in a few
+seconds). Nested plans are chosen by Griewank's stored inputs and get the step's peak by this
+same memory model (``predict_nested``, exact against the meter on every tree tried).
 """
 
 from __future__ import annotations
@@ -1117,8 +1119,9 @@ def _span_text(i: int, j: int) -> str:
 # ---------------------------------------------------------------- nested recomputation
 # Below the single-level minimum, a checkpointed segment's recompute can checkpoint again
 # (Griewank's revolve, written as nested torch.utils.checkpoint: ``menu:0-7=full(0-3(0-1))``).
-# The nested model is Griewank's: what a block keeps for its backward is its input, memory is
-# the bytes of the block inputs alive at once, the cost the recomputed forwards. A checkpointed
+# The planning model is Griewank's (the step's peak comes after, from ``predict_nested``):
+# what a block keeps for its backward is its input, memory is the bytes of the block inputs
+# alive at once, the cost the recomputed forwards. A checkpointed
 # segment [i, j) recomputes its blocks once (the last one up to its last save), storing its
 # children's inputs on the way; then it reverses its children, last first. A tree is
 # (start, stop, children): a child of one block is a plain block (its input is its tape).
