@@ -1349,7 +1349,9 @@ def predict_nested(costs: ChainCosts, tree) -> tuple[int, str]:
     backward when it is a later child's and the block before does not save its output.
     Exact to the byte against ``measure_peaks`` on every tree tried: the tiny GPT, an 8- and a
     16-block GPT whose activations dominate, and the 16-block hand-trace net where nesting
-    peaks 1.5 MB below the single-level minimum (tests/test_plan_nested.py). A tree without
+    peaks 1.5 MB below the single-level minimum (tests/test_plan_nested.py); also, by hand,
+    8-block llama-tiny and the GPT with dropout 0.1. The two rules were fitted to blocks that
+    save their input (all of these); a block that does not is not yet checked. A tree without
     nesting predicts what ``predict`` does. Refused (ValueError): a chain with blocks that
     return their input (``nn.Identity``: their folding is not modelled under nesting), and
     policies with other options than ``full`` (predict those with ``predict``)."""
