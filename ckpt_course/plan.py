@@ -1143,8 +1143,8 @@ class NestedPrediction:
     def report(self) -> str:
         """The tree as a policy, its predicted peak (where) and recompute, like a plan's line."""
         peak = (f"predicted peak {fmt_bytes(self.peak_bytes)} ({self.where})"
-                if self.peak_bytes is not None else "no predicted peak (blocks that return "
-                "their input are not modelled under nesting)")
+                if self.peak_bytes is not None else "no predicted peak (predict_nested says "
+                "why)")
         return (f"Nested: {self.policy} stores at most {fmt_bytes(self.stored_bytes)} of block "
                 f"inputs; {peak}; recompute {fmt_flops(self.recompute_flops)}.")
 
@@ -1183,8 +1183,21 @@ def nested_optimal(costs: ChainCosts, budget: int) -> NestedPrediction | None:
 def _nested_prediction(costs: ChainCosts, tree, cost: int) -> NestedPrediction:
     """A planned tree with its stored bytes and, where the memory model covers the chain, its
     predicted peak (a tree deeper than a policy may nest still gets both)."""
-    peak, where = (None, "") if _folded(costs) is not None else _nested_peak(costs, tree)
+    peak, where = (None, "") if _unmodelled(costs, tree) else _nested_peak(costs, tree)
     return NestedPrediction(tree, _simulate(costs, tree)[0], cost, peak, where)
+
+
+def _unmodelled(costs: ChainCosts, tree) -> str:
+    """Why ``predict_nested`` cannot vouch for a tree on this chain ("" if it can)."""
+    if _folded(costs) is not None:
+        return ("a nested tree over blocks that return their input (nn.Identity) is not "
+                "predicted: plan single-level (optimal) on such a chain")
+    nested = [k for a, b, children in tree if children for k in range(a, b)]
+    if any(not costs.layers[k].saves_input for k in nested):
+        return ("a nested segment over blocks that do not save their input is not predicted "
+                "(the meter has not checked the nested model there): plan single-level "
+                "(optimal), or nest only blocks that save their input")
+    return ""
 
 
 _INF = 2**61  # "does not fit" in the int64 tables (two of them still add up within int64)
@@ -1351,17 +1364,17 @@ def predict_nested(costs: ChainCosts, tree) -> tuple[int, str]:
     16-block GPT whose activations dominate, and the 16-block hand-trace net where nesting
     peaks 1.5 MB below the single-level minimum (tests/test_plan_nested.py); also, by hand,
     8-block llama-tiny and the GPT with dropout 0.1. The two rules were fitted to blocks that
-    save their input (all of these); a block that does not is not yet checked. A tree without
+    save their input (all of these). A tree without
     nesting predicts what ``predict`` does. Refused (ValueError): a chain with blocks that
-    return their input (``nn.Identity``: their folding is not modelled under nesting), and
+    return their input (``nn.Identity``: their folding is not modelled under nesting), a nested
+    segment over blocks that do not save their input (the two rules are unchecked there), and
     policies with other options than ``full`` (predict those with ``predict``)."""
     check_costs(costs)
     if isinstance(tree, (str, Policy)):
         tree = _tree_of_policy(costs.n, tree)
     _check_tree(costs.n, tree)
-    if _folded(costs) is not None:
-        raise ValueError("a nested tree over blocks that return their input (nn.Identity) is "
-                         "not predicted: plan single-level (optimal) on such a chain")
+    if reason := _unmodelled(costs, tree):
+        raise ValueError(reason)
     return _nested_peak(costs, tree)
 
 

@@ -3,6 +3,7 @@ on the tiny GPT, a deeper GPT whose activations dominate, and the hand-trace net
 nesting peaks below every single-level placement; without nesting it is ``predict``."""
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -116,6 +117,13 @@ def test_what_is_not_modelled_is_refused_not_guessed():
         predict_nested(plain, "menu:0=selective:save=sdpa,1-3=full(1-2)")
     with pytest.raises(ValueError, match="covering blocks 0..3"):
         predict_nested(plain, ((0, 9, ()),))
+    unchecked = ChainCosts((LayerCost.simple(4, 2, 1),) * 2 + (
+        replace(LayerCost.simple(4, 2, 1), saves_input=False),) * 2)
+    with pytest.raises(ValueError, match="do not save their input"):
+        predict_nested(unchecked, "menu:0-3=full(0-1)")
+    assert predict_nested(unchecked, "menu:0-1=full,2-3=full")[0] == predict(
+        unchecked, "segments:0-1,2-3").peak_bytes  # no nesting: the single-level model
+    assert nested_optimal(unchecked, 8).peak_bytes is None
 
 
 def test_a_planned_tree_deeper_than_a_policy_nests_still_gets_its_numbers():
