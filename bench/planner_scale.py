@@ -5,9 +5,11 @@
    blocks are alike, with measured-like times; planned under the FLOPs and the time objective
    at budgets 10%, 50% and 90% of the way from full checkpointing's peak to none's.
 2. 1,000 uniform blocks: the tiny GPT's block (fake tensors, batch 8 x 128) 1,000 times,
-   plain or checkpointed segments, the same three budgets.
+   plain or checkpointed segments, the same three budgets; then the same with the full menu
+   (three selective variants and offload per block, measured on the same fake block).
 3. Nested recomputation at 256 blocks (one input size, heterogeneous FLOPs) at 2, 8, 64 and
-   255 stored inputs.
+   255 stored inputs (the plan at 2 nests 254 levels: planned and predicted, though no policy
+   may nest that deep).
 
 Times are CPU seconds of this process (``time.process_time``: on a shared machine the wall
 clock also counts other processes), each the fastest of --repeats runs. The answers are exact:
@@ -60,13 +62,13 @@ def heterogeneous(n: int, seed: int = 0) -> ChainCosts:
     return ChainCosts(layers, trunk, menu=menu, times=times)
 
 
-def uniform(n: int) -> ChainCosts:
+def uniform(n: int, menu=()) -> ChainCosts:
     from ckpt_course.costs import config_costs
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        one = config_costs("gpt", 8, 128)
-    return replace(one, layers=one.layers[:1] * n)
+        one = config_costs("gpt", 8, 128, menu=menu)
+    return replace(one, layers=one.layers[:1] * n, menu=one.menu[:1] * n if menu else ())
 
 
 def cpu_seconds(fn, repeats: int) -> tuple[float, object]:
@@ -115,6 +117,7 @@ def main() -> None:
     rows = single_level("heterogeneous, full menu", heterogeneous(200), ("flops", "time"),
                         args.repeats)
     rows += single_level("uniform (tiny GPT block)", uniform(1000), ("flops",), args.repeats)
+    rows += single_level("uniform, full menu", uniform(1000, MENU), ("flops",), args.repeats)
     rows += nested(256, args.repeats)
     for r in rows:
         what = (f"budget {r['budget_fraction']:.0%} {r['objective']}" if "objective" in r

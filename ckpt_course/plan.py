@@ -32,9 +32,12 @@ exact. ``sharding.shard`` (FSDP / ZeRO-3) and ``config_costs``' optimizer terms 
 The measuring lives in ``costs.py`` (its docstring says what is measured); this module predicts
 and plans. A block that returns its input (``nn.Identity``, ``Dropout(0)``) keeps nothing under
 any option: the chain is planned and predicted without it. Speed: the DP keeps Pareto fronts
-as numpy arrays with exact prunings (``_cheapest``); 200 blocks that all differ, with the full
-menu, plan in about a second (``bench/planner_scale.py``); ``nested_optimal`` fills int64
-tables when block inputs have one size (256 blocks in a few seconds).
+as numpy arrays with exact prunings (``_cheapest``), one of them a Lagrangian lower bound on
+the cost to finish; 200 blocks that all differ, with the full menu, plan in about a second,
+1,000 identical blocks (plain or checkpointed) in a few (``bench/planner_scale.py``);
+``nested_optimal`` fills int64 tables when block inputs have one size (256 blocks in a few
+seconds). Nested plans are chosen by Griewank's stored inputs and get the step's peak by this
+same memory model (``predict_nested``, exact against the meter on every tree tried).
 """
 
 from __future__ import annotations
@@ -392,7 +395,7 @@ def as_placement(n: int, placement) -> Placement:
         if isinstance(policy, Menu):
             if any(children for *_, children in policy.items):
                 raise ValueError(f"{policy} nests; nested placements are planned by "
-                                 f"nested_optimal and predicted by simulate_nested")
+                                 f"nested_optimal and predicted by predict_nested")
             policy.segment_policies(n)  # blocks beyond the model: one line naming the fix
             kinds = {i: (j, True if o == "full" else o) for i, j, o, _ in policy.items}
             out, k = [], 0
@@ -635,6 +638,91 @@ class _Chain:
             after[i] = need[i, False]
         return need
 
+    def promising(self, i: int, left: bool, front: tuple, budget: float, bound=None,
+                  beam: int | None = None) -> tuple:
+        """The pairs of state (i, left)'s front (kept, cost, parents, kinds) worth going on
+        with. Exact: a pair goes if a lower bound on the cost to finish (``least_to_finish``)
+        takes it over ``bound``, the cost of a placement known to fit. ``beam``: keep only that
+        many, the one keeping the fewest bytes (it fits if any does), a few spread over the
+        front and the rest those whose cost plus that bound is least: a guess, not exact."""
+        kept, cost = front[0], front[1]
+        least = self.least_to_finish(i, left, kept, budget)
+        keep = np.arange(len(kept))
+        if bound is not None and least is not None:
+            margin = abs(float(bound)) * 1e-9 + 1  # float rounding never drops a pair that fits
+            keep = np.nonzero(cost.astype(np.float64) + least <= float(bound) + margin)[0]
+        if beam is not None and len(keep) > beam:
+            spread = keep[np.linspace(0, len(keep) - 1, beam // 4).round().astype(np.int64)]
+            score = cost[keep].astype(np.float64) + (least[keep] if least is not None else 0)
+            best = keep[np.argsort(score, kind="stable")[:beam - len(spread)]]
+            keep = np.union1d(spread, best)
+        return tuple(a[keep] for a in front)
+
+    def least_to_finish(self, i: int, left: bool, kept, budget: float):
+        """A lower bound on the cost to finish the chain from state (i, left), per Kept in
+        ``kept`` (None where float64 cannot hold the costs). Every way to finish keeps its
+        own bytes on top of Kept, and the last forward moment holds them all, so they add up
+        to at most R - Kept (R: the budget less the trunk's growing moment). For any lambda
+        >= 0, cost_to_finish >= g_lambda - lambda (R - Kept), g_lambda the least (cost +
+        lambda kept bytes) of any way to finish, peaks ignored: a scalar shortest path per
+        lambda (``_lagrangian``), the same for every budget; the best lambda per pair."""
+        g, lams = self._lagrangian()
+        if g is None:
+            return None
+        if getattr(self, "_grows", None) is None:
+            self._grows = min(_trunk_need(self.costs, held)[1] for held in (False, True))
+        slack = budget - self._grows - kept.astype(np.float64)  # bytes the rest may keep
+        return np.max(g[i, int(left)][:, None] - lams[:, None] * slack[None, :], axis=0)
+
+    def _lagrangian(self):
+        """(g, lambdas): g[i, left, l] the least cost + lambdas[l] * (bytes kept) of any way to
+        finish the chain from state (i, left), peaks ignored; lambdas spread geometrically
+        around the chain's cost per kept byte. (None, None) for costs beyond float64's range."""
+        if getattr(self, "_g", None) is not None:
+            return self._g
+        if self.dtype is object:
+            self._g = (None, None)
+            return self._g
+        n, lams = self.costs.n, self._exchange_rates()
+        g = np.zeros((n + 1, 2, len(lams)))
+        for i in range(n - 1, -1, -1):
+            for left in (False, True):
+                best = np.full(len(lams), np.inf)
+                for _, _, more, extra, (j, held) in self.one[i, left]:
+                    best = np.minimum(best, float(extra) + lams * more + g[j, int(held)])
+                stops, _, prices, x_i = self.ckpt[i, left]
+                if len(stops):
+                    via = prices.astype(np.float64)[:, None] + g[stops, 0]
+                    best = np.minimum(best, via.min(axis=0) + lams * x_i)
+                g[i, int(left)] = best
+        self._g = (g, lams)
+        return self._g
+
+    def _exchange_rates(self, most: int = 48) -> np.ndarray:
+        """The lambdas: cost per kept byte saved when a block (or a short segment) keeps less
+        than plain, the ratios at which the relaxed problem's best choice changes (where its
+        bound is tightest); at most ``most`` of them, spread by quantile, and 0."""
+        n, rates = self.costs.n, set()
+        for i in range(n):
+            for left in (False, True):
+                moves = self.one[i, left]
+                plain = next((m for m in moves if m[0][2] is False), None)
+                if plain is None:
+                    continue
+                for _, _, more, extra, _ in moves:
+                    if more < plain[2] and extra > plain[3]:
+                        rates.add(float(extra - plain[3]) / (plain[2] - more))
+                stops, _, prices, x_i = self.ckpt[i, left]
+                tapes = np.cumsum([segment_kept(self.costs, (k, k + 1, False), k > i or left)
+                                   for k in range(i, min(i + 4, n))])
+                for j, price in zip(stops[:4], prices[:4], strict=False):
+                    if tapes[j - i - 1] > x_i and price > 0:
+                        rates.add(float(price) / (tapes[j - i - 1] - x_i))
+        rates = np.array(sorted(rates))
+        if len(rates) > most:
+            rates = rates[np.linspace(0, len(rates) - 1, most).round().astype(np.int64)]
+        return np.concatenate([[0.0], rates])
+
     def _dtype(self):
         """int64 while no placement's cost can overflow it; float64 for float objectives;
         else Python ints (object arrays: slower, as exact)."""
@@ -662,10 +750,12 @@ def _cheapest(costs: ChainCosts, budget: float, cost, table: dict, bound=None,
     never negative) a pair that already costs more than ``bound``, the cost of a placement
     known to fit, is dropped. Fronts are numpy arrays, fewest kept bytes first, so the pairs a
     segment fits are a prefix; every front's pairs go to one pool, and the checkpointed
-    segments into a state are gathered from all earlier fronts at once. ``beam``: keep only
-    that many pairs per front, the fewest kept bytes among them (the rest evenly spaced): a
-    quick placement that fits if any does (fitting only gets easier with fewer kept bytes),
-    not always the cheapest; ``optimal`` takes its cost as the bound.
+    segments into a state are gathered from all earlier fronts at once. A fourth exact pruning
+    (``_Chain.promising``): a pair whose cost plus a lower bound on the cost to finish exceeds
+    ``bound`` is dropped. ``beam``: keep only that many pairs per front, the fewest kept bytes
+    among them and the ones whose cost plus that lower bound is least: a quick placement that
+    fits if any does (fitting only gets easier with fewer kept bytes), usually the cheapest
+    but not always; ``optimal`` takes its cost as the bound.
     """
     chain = table.get("chain") or table.setdefault("chain", _Chain(costs, cost))
     n, dtype = costs.n, chain.dtype
@@ -685,7 +775,10 @@ def _cheapest(costs: ChainCosts, budget: float, cost, table: dict, bound=None,
             chunks = incoming.pop((i, left), [])
             if not left and i:
                 chunks.append(_gathered(pool, first, stop, price, x_in, 2 * i, i))
-            kept, so_far, parents, kind = _pareto_arrays(chunks, rooms[i, left], bound, beam)
+            front = _pareto_arrays(chunks, rooms[i, left], bound)
+            if i < n and len(front[0]) > 1:
+                front = chain.promising(i, left, front, budget, bound, beam)
+            kept, so_far, parents, kind = front
             if not len(kept):
                 continue
             offset = pool.add(kept, so_far, parents, kind, i)
@@ -790,11 +883,10 @@ def _trunk_need(costs: ChainCosts, left_held: bool) -> tuple[float, float]:
     return fixed, grows
 
 
-def _pareto_arrays(chunks: list, room: float, bound=None, beam: int | None = None) -> tuple:
+def _pareto_arrays(chunks: list, room: float, bound=None) -> tuple:
     """One state's candidates, (kept, cost, parents, kind) chunks, cut to the pairs that can
     still finish (Kept <= room, cost <= ``bound``) and that no other pair beats on both Kept
-    and cost: (kept, cost, parents, kinds), fewest kept bytes first (``beam``: see
-    ``_cheapest``)."""
+    and cost: (kept, cost, parents, kinds), fewest kept bytes first."""
     chunks = [c for c in chunks if len(c[0])]
     if not chunks:
         return np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -806,15 +898,12 @@ def _pareto_arrays(chunks: list, room: float, bound=None, beam: int | None = Non
     if bound is not None:
         keep &= cost <= bound
     kept, cost, parent, kind = kept[keep], cost[keep], parent[keep], kind[keep]
-    order = np.argsort(cost)  # cheapest first; then keep each pair keeping less than all
-    by_cost = kept[order]     # cheaper ones (of equal costs, the last such: the fewest bytes)
+    order = np.argsort(cost, kind="stable")  # cheapest first; then keep each pair keeping
+    by_cost = kept[order]  # less than all cheaper ones (of equal costs, the fewest bytes)
     if len(order):
         least = np.minimum.accumulate(by_cost)
         order = order[np.concatenate([[True], by_cost[1:] < least[:-1]])]
         order = order[np.append(cost[order][1:] != cost[order][:-1], True)][::-1]
-    if beam is not None and len(order) > beam:  # spread over the front, and its cheap end
-        spread = np.linspace(0, len(order) - 1, beam // 2).round().astype(np.int64)
-        order = order[np.union1d(spread, np.arange(len(order) - beam // 2, len(order)))]
     return kept[order], cost[order], parent[order], kind[order]
 
 
@@ -1030,8 +1119,9 @@ def _span_text(i: int, j: int) -> str:
 # ---------------------------------------------------------------- nested recomputation
 # Below the single-level minimum, a checkpointed segment's recompute can checkpoint again
 # (Griewank's revolve, written as nested torch.utils.checkpoint: ``menu:0-7=full(0-3(0-1))``).
-# The nested model is Griewank's: what a block keeps for its backward is its input, memory is
-# the bytes of the block inputs alive at once, the cost the recomputed forwards. A checkpointed
+# The planning model is Griewank's (the step's peak comes after, from ``predict_nested``):
+# what a block keeps for its backward is its input, memory is the bytes of the block inputs
+# alive at once, the cost the recomputed forwards. A checkpointed
 # segment [i, j) recomputes its blocks once (the last one up to its last save), storing its
 # children's inputs on the way; then it reverses its children, last first. A tree is
 # (start, stop, children): a child of one block is a plain block (its input is its tape).
@@ -1041,12 +1131,24 @@ Tree = tuple[int, int, tuple]
 @dataclass(frozen=True)
 class NestedPrediction:
     tree: tuple[Tree, ...]  # the top-level segments, covering 0..L-1
-    stored_bytes: int  # the most block-input bytes alive at once
+    stored_bytes: int  # the most block-input bytes alive at once (Griewank's model)
     recompute_flops: int
+    peak_bytes: int | None = None  # the step's peak by the memory model (``predict_nested``)
+    where: str = ""  # the moment of that peak, in words
 
     @property
     def policy(self) -> Menu:
         return Menu(tuple((a, b, "full", _inner(c)) for a, b, c in self.tree if b > a + 1))
+
+    def report(self) -> str:
+        """The tree as a policy, its predicted peak (where) and recompute, like a plan's line."""
+        peak = (f"predicted peak {fmt_bytes(self.peak_bytes)} ({self.where})"
+                if self.peak_bytes is not None else "no predicted peak (predict_nested says "
+                "why)")
+        return (f"Nested: {self.policy} stores at most {fmt_bytes(self.stored_bytes)} of block "
+                f"inputs; {peak}; recompute {fmt_flops(self.recompute_flops)}.")
+
+    __str__ = report
 
 
 def _inner(children) -> tuple:
@@ -1074,9 +1176,28 @@ def nested_optimal(costs: ChainCosts, budget: int) -> NestedPrediction | None:
             cost = tables.split(0, costs.n, budget)
             if cost >= _INF:
                 return None
-            tree = tables.tree(0, costs.n, budget, True)
-            return NestedPrediction(tree, simulate_nested(costs, tree)[0], cost)
+            return _nested_prediction(costs, tables.tree(0, costs.n, budget, True), cost)
     return _nested_by_recursion(costs, budget, x)
+
+
+def _nested_prediction(costs: ChainCosts, tree, cost: int) -> NestedPrediction:
+    """A planned tree with its stored bytes and, where the memory model covers the chain, its
+    predicted peak (a tree deeper than a policy may nest still gets both)."""
+    peak, where = (None, "") if _unmodelled(costs, tree) else _nested_peak(costs, tree)
+    return NestedPrediction(tree, _simulate(costs, tree)[0], cost, peak, where)
+
+
+def _unmodelled(costs: ChainCosts, tree) -> str:
+    """Why ``predict_nested`` cannot vouch for a tree on this chain ("" if it can)."""
+    if _folded(costs) is not None:
+        return ("a nested tree over blocks that return their input (nn.Identity) is not "
+                "predicted: plan single-level (optimal) on such a chain")
+    nested = [k for a, b, children in tree if children for k in range(a, b)]
+    if any(not costs.layers[k].saves_input for k in nested):
+        return ("a nested segment over blocks that do not save their input is not predicted "
+                "(the meter has not checked the nested model there): plan single-level "
+                "(optimal), or nest only blocks that save their input")
+    return ""
 
 
 _INF = 2**61  # "does not fit" in the int64 tables (two of them still add up within int64)
@@ -1195,7 +1316,7 @@ def _nested_by_recursion(costs: ChainCosts, budget: int, x: list[int]):
     cost, tree = split(0, costs.n, int(budget), True)
     if tree is None or cost == math.inf:
         return None
-    return NestedPrediction(tree, simulate_nested(costs, tree)[0], cost)
+    return _nested_prediction(costs, tree, cost)
 
 
 def simulate_nested(costs: ChainCosts, tree) -> tuple[int, int]:
@@ -1204,6 +1325,12 @@ def simulate_nested(costs: ChainCosts, tree) -> tuple[int, int]:
     storing its children's inputs, and reverses them last first. An independent check of
     ``nested_optimal``'s recursion (tests), and the prediction for a given tree."""
     _check_tree(costs.n, tree)
+    return _simulate(costs, tree)
+
+
+def _simulate(costs: ChainCosts, tree) -> tuple[int, int]:
+    """``simulate_nested`` of a tree known to be well formed (planned: it may nest deeper
+    than a policy can)."""
     stored, peak, flops = [], 0, 0
 
     def reverse_children(children, top):
@@ -1219,6 +1346,124 @@ def simulate_nested(costs: ChainCosts, tree) -> tuple[int, int]:
 
     reverse_children(tuple(tree), True)
     return peak, flops
+
+
+def predict_nested(costs: ChainCosts, tree) -> tuple[int, str]:
+    """(peak live bytes, where) of a training step under a nested tree (or its policy,
+    ``menu:0-7=full(0-3(0-1))``), by the memory model of single-level plans (this module's
+    docstring) extended to nesting. The forward is that of the top-level checkpointed
+    segments. A segment's backward starts as a single-level one's, recomputes its blocks with
+    its children run as checkpoints (a child keeps its input; its blocks keep nothing, as in a
+    checkpointed forward) and its other blocks plain (as in a single-level recompute), then
+    reverses them last first: a plain block by its checkpointed backward, a child the same way,
+    recursively. Two rules the meter showed (torch's nested non-reentrant checkpoint holds
+    these tensors until the outer recompute is done): behind a child checkpoint, a plain
+    block's input stays after its backward; and a child's input stays after the child's
+    backward when it is a later child's and the block before does not save its output.
+    Exact to the byte against ``measure_peaks`` on every tree tried: the tiny GPT, an 8- and a
+    16-block GPT whose activations dominate, and the 16-block hand-trace net where nesting
+    peaks 1.5 MB below the single-level minimum (tests/test_plan_nested.py); also, by hand,
+    8-block llama-tiny and the GPT with dropout 0.1. The two rules were fitted to blocks that
+    save their input (all of these). A tree without
+    nesting predicts what ``predict`` does. Refused (ValueError): a chain with blocks that
+    return their input (``nn.Identity``: their folding is not modelled under nesting), a nested
+    segment over blocks that do not save their input (the two rules are unchecked there), and
+    policies with other options than ``full`` (predict those with ``predict``)."""
+    check_costs(costs)
+    if isinstance(tree, (str, Policy)):
+        tree = _tree_of_policy(costs.n, tree)
+    _check_tree(costs.n, tree)
+    if reason := _unmodelled(costs, tree):
+        raise ValueError(reason)
+    return _nested_peak(costs, tree)
+
+
+def _nested_peak(costs: ChainCosts, tree) -> tuple[int, str]:
+    events, kept, prev = [], 0, None
+    for a, b, children in tree:
+        seg = (a, b, True) if b > a + 1 else (a, b, False)
+        left = _left_holds(costs, prev, a)
+        own = (segment_events(costs, seg, left) if not children
+               else _nested_segment_events(costs, (a, b, children), left))
+        events += [(e[0] + kept, *e[1:]) for e in own]
+        kept += segment_kept(costs, seg, left)
+        prev = seg
+    events += trunk_events(costs, kept, _left_holds(costs, prev, costs.n))
+    top = max(events, key=lambda e: e[0])
+    return top[0], describe_event(top)
+
+
+def _tree_of_policy(n: int, policy) -> tuple:
+    """The nested tree a ``menu:...=full(...)`` policy runs (blocks it leaves out: plain)."""
+    policy = parse_policy(policy)
+    items = policy.items if isinstance(policy, Menu) else None
+    if items is None or any(o != "full" or b == a + 1 for a, b, o, _ in items):
+        raise ValueError(f"predict_nested takes a nested tree or a menu of segments of two or "
+                         f"more blocks, each full(...); predict {policy} with predict()")
+    policy.segment_policies(n)  # blocks beyond the model: one line naming the fix
+    return _fill(0, n, tuple((a, b, c) for a, b, _, c in items))
+
+
+def _nested_segment_events(costs: ChainCosts, node, left_held: bool) -> list[Event]:
+    """``segment_events`` for a checkpointed segment with children: the same forward and the
+    same bytes when its backward starts, then the nested recompute and reversal."""
+    i, j, _ = node
+    flat = segment_events(costs, (i, j, True), left_held)
+    forward = [e for e in flat if e[1] == "forward"]
+    layers = costs.layers
+    t = (costs.trunk.base_bytes + costs.trunk.prefix_kept + costs.trunk.suffix_left
+         + segment_kept(costs, (i, j, True), left_held) + sum(c.grad_bytes for c in layers[j:])
+         + _boundary_bytes(costs, j))
+    events: list[Event] = []
+    _reverse_nested(costs, node, t, events)
+    return forward + events
+
+
+def _reverse_nested(costs: ChainCosts, node, t: int, events: list) -> int:
+    """Recompute checkpointed segment ``node`` = (i, j, children) and run its backward from
+    ``t`` live bytes, appending its moments to ``events``; returns the live bytes after it
+    (its input still held: the caller lets it go)."""
+    i, j, children = node
+    layers, label = costs.layers, f"{i}-{j - 1}"
+    kids = _fill(i, j, children)
+    for n_kid, (a, b, _) in enumerate(kids):
+        after_checkpoint = n_kid > 0 and kids[n_kid - 1][1] > kids[n_kid - 1][0] + 1
+        if b == a + 1:  # a plain block of the recompute, as in a single-level segment
+            c = layers[a]
+            if b < j:
+                events.append((t + c.forward_peak, "recompute", a, label))
+                t += c.kept_bytes + c.output_bytes * (not c.saves_output)
+            else:
+                events.append((t + c.recompute_peak, "recompute", a, label))
+                t += c.recompute_kept
+            if a > i and not (c.saves_input or (layers[a - 1].saves_output
+                                                and not after_checkpoint)):
+                t -= _boundary_bytes(costs, a)  # x_a: nobody keeps it once block a has run
+        else:  # a child checkpoint: its blocks keep nothing, it keeps its input
+            for k in range(a, b):
+                events.append((t + (_boundary_bytes(costs, k) if k > a else 0)
+                               + layers[k].forward_peak_unsaved, "recompute", k, label))
+            if b < j:
+                t += _boundary_bytes(costs, b)  # its output, the next block's input
+    first_child = next((b for a, b, _ in kids if b > a + 1), j)
+    for n_kid in range(len(kids) - 1, -1, -1):
+        a, b, grand = kids[n_kid]
+        after_checkpoint = n_kid > 0 and kids[n_kid - 1][1] > kids[n_kid - 1][0] + 1
+        if b == a + 1:
+            c = layers[a]
+            held = a == i or (layers[a - 1].saves_output and not after_checkpoint)
+            back = c.checkpointed_backward
+            events.append((t + back.peak(held), "backward", a, "checkpointed"))
+            t += back.change(held)
+            if not held and a >= first_child:  # behind a child checkpoint, x_a stays
+                t += _boundary_bytes(costs, a)
+        else:
+            t = _reverse_nested(costs, (a, b, grand), t, events)
+            # the child lets its input go, unless the plain block before keeps it (its tape)
+            # or, behind another child, blocks that do not save their output (measured)
+            if a > i and (after_checkpoint if layers[a - 1].saves_output else a < first_child):
+                t -= _boundary_bytes(costs, a)
+    return t
 
 
 def _check_tree(n: int, tree) -> None:
