@@ -676,15 +676,21 @@ def _layer_key(block: nn.Module, x: torch.Tensor):
 
 def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int | None = None,
                   seed: int = 0, optimizer=_adamw_lr0, accumulate: bool = False, menu=(),
-                  times: bool = False, rounds: int = 15) -> ChainCosts:
+                  times: bool = False, rounds: int = 15, op_points: int = 0) -> ChainCosts:
     """Measure every block and the trunk of a course model (``.blocks``, ``.example_batch``,
     ``.loss``) for one training step on a batch of ``batch_size`` x ``seq_len``, the way
     ``train`` runs it (AdamW unless ``optimizer`` says otherwise; ``None``: no optimizer).
     ``accumulate``: a micro-batch after the first under gradient accumulation, where every
     gradient exists from the start. ``menu``: the one-block options measured for each distinct
     block (``MENU``; the default ``()``: plain and checkpointed only); ``times``: also time
-    each option (``rounds`` interleaved medians), for the planner's time objective."""
+    each option (``rounds`` interleaved medians), for the planner's time objective.
+    ``op_points``: also up to this many op-level options per distinct block, the points of its
+    exact Pareto set of (kept bytes, recompute FLOPs) over which op outputs a checkpoint keeps
+    (``op_choices``), each a ``selective:ops=...`` option measured like the menu's."""
     menu = check_menu(menu)
+    if isinstance(op_points, bool) or not isinstance(op_points, int) or op_points < 0:
+        raise ValueError(f"op_points is how many op-level options to measure per block, a whole "
+                         f"number >= 0 such as 6; got {op_points!r}")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds is a whole number of timing rounds >= 1, such as 15; got "
                          f"{rounds!r}")
@@ -714,7 +720,8 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
         key = _layer_key(block, x)
         if key not in cache:
             layer = measure_layer(block, x, accumulate)
-            options = measure_menu(block, x, layer, menu, accumulate)
+            options = measure_menu(block, x, layer, (*menu, *_op_options(block, x, op_points)),
+                                   accumulate)
             cache[key] = (layer, options, measure_times_and_spreads(
                 block, x, ("none", "full", *options), rounds) if times else (None, None))
         layers.append(cache[key][0])
@@ -729,9 +736,18 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
     shape = "x".join(map(str, batch[0].shape))
     name = f"{type(model).__name__} (batch {shape}{', accumulating' if accumulate else ''})"
     return ChainCosts(tuple(layers), trunk, name=name, param_bytes=params,
-                      optimizer_bytes=state, menu=tuple(menus) if menu else (),
+                      optimizer_bytes=state, menu=tuple(menus) if menu or op_points else (),
                       times=tuple(t for t, _ in timed) if times else (),
                       spreads=tuple(s for _, s in timed) if times else ())
+
+
+def _op_options(block: nn.Module, x: torch.Tensor, points: int) -> tuple[str, ...]:
+    """The op-level options of one block (``op_choices``), as menu option strings."""
+    if not points:
+        return ()
+    from .op_choices import choices
+
+    return tuple(c.policy for c in choices(block, x, points))
 
 
 # ---------------------------------------------------------------- big configs, on fake tensors
