@@ -15,16 +15,23 @@ forward packs for backward (saved-tensor hooks), parameters, buffers and the bat
 Recompute FLOPs: FlopCounterMode over its backward minus over eager's plain backward (at
 budget 1.0 the two are equal: it recomputes nothing that costs FLOPs).
 
-Planner side: its plans at 60 budgets from the lowest peak it reaches to no checkpointing's,
-each peak predicted (the meter's, to the byte, for the plans compared: checked here). Saved
-bytes in compile's terms: eager's saved storages with no checkpointing (the same hooks) plus
-what the plan keeps less than no checkpointing (the memory model's ``kept_bytes``, exact). For
-each compile budget: the plan with the least recompute among those saving no more than compile
-does. ``offload`` is left out of the planner's menu here (it would win every row at zero
-FLOPs); ``--offload`` puts it back. Every row is measured twice (compile twice, with a reset
-in between; the planner's peak metered twice): bytes and FLOPs are counts, so the two agree.
+Planner side: compile's constraint is saved bytes, the DP's is the peak (which, on these
+models, stops falling once the trunk's moments dominate, while saved bytes still fall). So the
+planner's choices are taken over the same placements the DP searches (plain, checkpointed runs
+of blocks, the menu and the op-level options per block) by the same FLOPs objective
+(``segment_flops``), with the memory model's exact kept bytes as the constraint: a Pareto sweep
+over the chain (``kept_frontier``; equal to brute force over all placements of the tiny GPT).
+Saved bytes in compile's terms: eager's saved storages with no checkpointing (the same hooks)
+plus what the placement keeps beyond or below no checkpointing (``kept_bytes``: the trunk saves
+the same under every placement). For each compile budget, two rows: the placement without
+offload with the least recompute among those saving no more than compile does; and, where that
+recomputes more than compile, the one that offloads the fewest bytes to recompute no more (a
+copy to host is not a FLOP: every row could be won by offloading everything, so the bench
+says how much offload it takes). Each plan's peak is predicted and metered twice (they must
+agree). Compile also runs twice per budget (a reset in between): bytes and FLOPs are counts,
+so the two runs agree; compile seconds are the only noisy figure.
 
-Run: .venv/bin/python bench/planner_compile.py [--batch 2] [--points 6] [--offload]
+Run: .venv/bin/python bench/planner_compile.py [--batch 2] [--points 6]
 Ends with one JSON line.
 """
 
@@ -39,7 +46,13 @@ import torch
 from ckpt_course import hf
 from ckpt_course.costs import MENU, measure_costs
 from ckpt_course.models import GPTConfig, TinyGPT
-from ckpt_course.plan import measure_peaks, optimal, predict, segment_flops
+from ckpt_course.plan import (
+    _left_holds,
+    measure_peaks,
+    predict,
+    segment_kept,
+    segment_recompute_flops,
+)
 from ckpt_course.recompute import EXTRA_FLOP_FORMULAS
 
 FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8)
@@ -96,22 +109,40 @@ def compiled(model, batch, fraction: float, eager_backward: int) -> dict:
     return dict(saved=saved, recompute=backward - eager_backward, compile_s=round(seconds, 1))
 
 
-def planner_points(costs, with_offload: bool):
-    """The planner's plans at SWEEP budgets, lowest peak to none's: (kept, recompute, plan)."""
-    def allowed(cost):
-        return lambda c, seg: None if seg[2] == "offload" and not with_offload else cost(c, seg)
+def kept_frontier(costs):
+    """Every (kept bytes, recompute FLOPs, host bytes) the planner's placements reach,
+    Pareto-pruned in all three: the chain DP's segments (plain, checkpointed runs of blocks,
+    each menu and op-level option, offload) with the memory model's exact numbers, constrained
+    by saved bytes instead of peak. Returns Predictions."""
+    fronts = {(0, _left_holds(costs, None, 0)): [(0, 0, 0, ())]}
+    for i in range(costs.n):
+        for held in (False, True):
+            for kept, flops, host, placement in fronts.get((i, held), []):
+                segments = [(i, i + 1, False), *((i, j, True) for j in range(i + 1, costs.n + 1)),
+                            *((i, i + 1, o) for o in costs.menu[i])]
+                for seg in segments:
+                    state = (seg[1], _left_holds(costs, seg, seg[1]))
+                    extra = costs.menu[i][seg[2]].host_bytes if isinstance(seg[2], str) else 0
+                    fronts.setdefault(state, []).append(
+                        (kept + segment_kept(costs, seg, held),
+                         flops + segment_recompute_flops(costs, seg), host + extra,
+                         (*placement, seg)))
+        for key in [k for k in fronts if k[0] == i + 1]:
+            fronts[key] = _pruned(fronts[key])
+    final = _pruned([p for (j, _), front in fronts.items() if j == costs.n for p in front])
+    return [predict(costs, p[-1]) for p in final]
 
-    none = predict(costs, "none").peak_bytes
-    low = optimal(costs, none, allowed(lambda c, seg: 0)).peak_bytes
-    plans = {}
-    for k in range(SWEEP + 1):
-        plan = optimal(costs, low + (none - low) * k // SWEEP, allowed(segment_flops))
-        if plan is not None:
-            plans[plan.placement] = plan
-    return list(plans.values())
+
+def _pruned(points):
+    """The points no other point matches or beats in all of kept, recompute and host bytes."""
+    out = []
+    for p in sorted(points, key=lambda p: p[:3]):
+        if not any(q[0] <= p[0] and q[1] <= p[1] and q[2] <= p[2] for q in out):
+            out.append(p)
+    return out
 
 
-def bench(name, make, batch_size, points, with_offload) -> dict:
+def bench(name, make, batch_size, points) -> dict:
     model, seq = make()
     batch = model.example_batch(batch_size, seq_len=seq,
                                 generator=torch.Generator().manual_seed(0))
@@ -120,52 +151,65 @@ def bench(name, make, batch_size, points, with_offload) -> dict:
     measure_s = time.perf_counter() - start
     eager_saved, eager_backward = saved_and_backward_flops(model, batch, model.loss)
     none_kept = predict(costs, "none").kept_bytes
-    plans = planner_points(costs, with_offload)
+    plans = kept_frontier(costs)
     print(f"\n{name}: batch {batch_size}, {costs.n} blocks; measure_costs with {points} op-level "
           f"points per block: {measure_s:.1f} s; eager saves {eager_saved:,} B, backward "
           f"{eager_backward / 1e6:.2f} MFLOP")
     print(f"  {'budget':>6} {'compile saved B':>16} {'compile MFLOP':>14} {'again':>6} "
-          f"{'planner saved B':>16} {'planner MFLOP':>14} {'meter = pred':>12} {'again':>6}  plan")
+          f"{'planner saved B':>16} {'planner MFLOP':>14} {'meter = pred':>12} {'again':>6}  "
+          f"plan; then: the fewest bytes offloaded for recompute <= compile's")
     rows = []
     for fraction in FRACTIONS:
         first = compiled(model, batch, fraction, eager_backward)
         second = compiled(model, batch, fraction, eager_backward)
-        fits = [p for p in plans if eager_saved - none_kept + p.kept_bytes <= first["saved"]]
-        best = min(fits, key=lambda p: (p.recompute_flops, p.kept_bytes), default=None)
         row = dict(fraction=fraction, compile=first, compile_again=second)
-        if best is None:
-            print(f"  {fraction:>6.2f} {first['saved']:>16,} {first['recompute'] / 1e6:>14.2f} "
-                  f"{second == first!s:>6} nothing saves as little")
-        else:
-            saved = eager_saved - none_kept + best.kept_bytes
-            meters = [measure_peaks(model, best.policy, batch_size, seq)[-1] for _ in range(2)]
-            print(f"  {fraction:>6.2f} {first['saved']:>16,} {first['recompute'] / 1e6:>14.2f} "
-                  f"{second == first or second['saved'] == first['saved']!s:>6} {saved:>16,} "
-                  f"{best.recompute_flops / 1e6:>14.2f} {meters[0] == best.peak_bytes!s:>12} "
-                  f"{meters[1] == meters[0]!s:>6}  {best.policy}")
-            row.update(planner=dict(saved=saved, recompute=best.recompute_flops,
-                                    policy=str(best.policy), peak=best.peak_bytes,
-                                    metered=meters))
+        fits = [p for p in plans if eager_saved - none_kept + p.kept_bytes <= first["saved"]]
+        best = min((p for p in fits if not p.host_bytes),
+                   key=lambda p: (p.recompute_flops, p.kept_bytes), default=None)
+        offloading = min((p for p in fits if p.recompute_flops <= first["recompute"]),
+                         key=lambda p: (p.host_bytes, p.recompute_flops), default=None)
+        line = (f"  {fraction:>6.2f} {first['saved']:>16,} {first['recompute'] / 1e6:>14.2f} "
+                f"{second == {**first, 'compile_s': second['compile_s']}!s:>6}")
+        for label, plan in (("recompute only", best), ("with offload", offloading)):
+            if plan is None:
+                print(f"{line} {label}: nothing saves as little")
+            elif label == "with offload" and plan is best:
+                print(f"{line} {label}: none needed")
+            else:
+                saved = eager_saved - none_kept + plan.kept_bytes
+                meters = [measure_peaks(model, plan.policy, batch_size, seq)[-1]
+                          for _ in range(2)]
+                print(f"{line} {saved:>16,} {plan.recompute_flops / 1e6:>14.2f} "
+                      f"{meters[0] == plan.peak_bytes!s:>12} {meters[1] == meters[0]!s:>6}  "
+                      f"{plan.policy}" + (f"; offloads {plan.host_bytes:,} B" if plan.host_bytes
+                                          else ""))
+                row[label] = dict(saved=saved, recompute=plan.recompute_flops,
+                                  host_bytes=plan.host_bytes, policy=str(plan.policy),
+                                  peak=plan.peak_bytes, metered=meters)
+            line = " " * len(line)
         rows.append(row)
-    compared = [r for r in rows if "planner" in r]
+    compared = [r for r in rows if "recompute only" in r]
     return dict(rows=rows, measure_costs_s=round(measure_s, 1), compared=len(compared),
-                at_most=sum(r["planner"]["recompute"] <= r["compile"]["recompute"]
+                at_most=sum(r["recompute only"]["recompute"] <= r["compile"]["recompute"]
                             for r in compared),
-                strictly_less=sum(r["planner"]["recompute"] < r["compile"]["recompute"]
-                                  for r in compared))
+                strictly_less=sum(r["recompute only"]["recompute"] < r["compile"]["recompute"]
+                                  for r in compared),
+                matched_with_offload=sum("with offload" in r or r.get("recompute only", {}).get(
+                    "recompute", float("inf")) <= r["compile"]["recompute"] for r in rows))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--points", type=int, default=6, help="op-level points per block")
-    parser.add_argument("--offload", action="store_true", help="let the planner offload")
     args = parser.parse_args()
-    results = {name: bench(name, make, args.batch, args.points, args.offload)
+    results = {name: bench(name, make, args.batch, args.points)
                for name, make in MODELS.items()}
     for name, r in results.items():
         print(f"{name}: planner recompute <= compile at {r['at_most']} of {r['compared']} "
-              f"budgets, strictly less at {r['strictly_less']}")
+              f"budgets it reaches by recompute, strictly less at {r['strictly_less']}; "
+              f"recompute <= compile with offload at {r['matched_with_offload']} of "
+              f"{len(r['rows'])}")
     print(json.dumps(results))
 
 

@@ -30,7 +30,9 @@ and the hand-trace net, for every placement tried; tests check it. ``accumulate=
 a micro-batch after the first under gradient accumulation (every gradient already there), also
 exact. ``sharding.shard`` (FSDP / ZeRO-3) and ``config_costs``' optimizer terms are estimates.
 The measuring lives in ``costs.py`` (its docstring says what is measured); this module predicts
-and plans. A block that returns its input (``nn.Identity``, ``Dropout(0)``) keeps nothing under
+and plans. Op-level options (``measure_costs(..., op_points=N)``: points of each block's exact
+Pareto set over which op outputs to keep, ``op_choices``) enter the chain as menu options
+(``selective:ops=...``), measured and predicted like the others. A block that returns its input (``nn.Identity``, ``Dropout(0)``) keeps nothing under
 any option: the chain is planned and predicted without it. Speed: the DP keeps Pareto fronts
 as numpy arrays with exact prunings (``_cheapest``); 200 blocks that all differ, with the full
 menu, plan in about a second (``bench/planner_scale.py``); ``nested_optimal`` fills int64
