@@ -32,11 +32,12 @@ exact. ``sharding.shard`` (FSDP / ZeRO-3) and ``config_costs``' optimizer terms 
 The measuring lives in ``costs.py`` (its docstring says what is measured); this module predicts
 and plans. Op-level options (``measure_costs(..., op_points=N)``: points of each block's exact
 Pareto set over which op outputs to keep, ``op_choices``) enter the chain as menu options
-(``selective:ops=...``), measured and predicted like the others. A block that returns its input (``nn.Identity``, ``Dropout(0)``) keeps nothing under
-any option: the chain is planned and predicted without it. Speed: the DP keeps Pareto fronts
-as numpy arrays with exact prunings (``_cheapest``); 200 blocks that all differ, with the full
-menu, plan in about a second (``bench/planner_scale.py``); ``nested_optimal`` fills int64
-tables when block inputs have one size (256 blocks in a few seconds).
+(``selective:ops=...``), measured and predicted like the others. A block that returns its input
+(``nn.Identity``, ``Dropout(0)``) keeps nothing under any option: the chain is planned and
+predicted without it. Speed: the DP keeps Pareto fronts as numpy arrays with exact prunings
+(``_cheapest``); 200 blocks that all differ, with the full menu, plan in about a second
+(``bench/planner_scale.py``); ``nested_optimal`` fills int64 tables when block inputs have one size
+(256 blocks in a few seconds).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from ckpt_course import hf
 from ckpt_course.costs import MENU, measure_costs, measure_layer, measure_option
 from ckpt_course.models import GPTConfig, TinyGPT
 from ckpt_course.op_choices import block_ops, kept_bytes, pareto, recompute_flops, thin
-from ckpt_course.plan import optimal, predict
+from ckpt_course.plan import brute_force, optimal, predict
 from ckpt_course.policies import Menu, SelectiveOps, parse_policy
 from ckpt_course.timing import block_input
 from tests.test_plan_models import _exact
@@ -112,9 +112,14 @@ def _op_placements(costs):
     return out
 
 
-def test_op_level_placements_are_exact_on_the_tiny_gpt():
+@pytest.fixture(scope="module")
+def gpt3_costs():
     model = _small_gpt(3)
-    costs = measure_costs(model, 2, menu=("offload",), op_points=3)
+    return model, measure_costs(model, 2, menu=("offload",), op_points=3)
+
+
+def test_op_level_placements_are_exact_on_the_tiny_gpt(gpt3_costs):
+    model, costs = gpt3_costs
     placements = _op_placements(costs)
     none, full = predict(costs, "none").peak_bytes, predict(costs, "full").peak_bytes
     placements += [optimal(costs, b, "flops").placement for b in (full, (none + full) // 2)]
@@ -146,3 +151,17 @@ def test_op_level_choices_never_recompute_more_than_the_menu_and_sometimes_less(
         assert b.recompute_flops <= a.recompute_flops and b.peak_bytes <= budget
         less += b.recompute_flops < a.recompute_flops
     assert less > 0
+
+
+@pytest.mark.slow  # every placement predicted at four budgets: several seconds
+def test_the_dp_with_op_level_options_matches_brute_force(gpt3_costs):
+    """Every placement of a 3-block GPT with full segments, offload and three op-level points
+    per block, tried one by one: the DP finds the same least recompute and lowest peak."""
+    _, costs = gpt3_costs
+    none = predict(costs, "none").peak_bytes
+    low = optimal(costs, none, lambda c, seg: 0).peak_bytes
+    for k in range(4):
+        budget = low + (none - low) * k // 3
+        best, brute = optimal(costs, budget, "flops"), brute_force(costs, budget, "flops")
+        assert (best.recompute_flops, best.peak_bytes) == (brute.recompute_flops,
+                                                           brute.peak_bytes)
