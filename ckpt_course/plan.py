@@ -30,14 +30,11 @@ and the hand-trace net, for every placement tried; tests check it. ``accumulate=
 a micro-batch after the first under gradient accumulation (every gradient already there), also
 exact. ``sharding.shard`` (FSDP / ZeRO-3) and ``config_costs``' optimizer terms are estimates.
 The measuring lives in ``costs.py`` (its docstring says what is measured); this module predicts
-and plans. Op-level options (``measure_costs(..., op_points=N)``: points of each block's exact
-Pareto set over which op outputs to keep, ``op_choices``) enter the chain as menu options
-(``selective:ops=...``), measured and predicted like the others. A block that returns its input
-(``nn.Identity``, ``Dropout(0)``) keeps nothing under any option: the chain is planned and
-predicted without it. Speed: the DP keeps Pareto fronts as numpy arrays with exact prunings
-(``_cheapest``); 200 blocks that all differ, with the full menu, plan in about a second
-(``bench/planner_scale.py``); ``nested_optimal`` fills int64 tables when block inputs have one size
-(256 blocks in a few seconds).
+and plans. A block that returns its input (``nn.Identity``, ``Dropout(0)``) keeps nothing under
+any option: the chain is planned and predicted without it. Speed: the DP keeps Pareto fronts
+as numpy arrays with exact prunings (``_cheapest``); 200 blocks that all differ, with the full
+menu, plan in about a second (``bench/planner_scale.py``); ``nested_optimal`` fills int64
+tables when block inputs have one size (256 blocks in a few seconds).
 """
 
 from __future__ import annotations
@@ -68,7 +65,9 @@ from .units import fmt_bytes, fmt_flops
 # ---------------------------------------------------------------- placements
 # A placement: segments covering blocks 0..L-1 in order, each (start, stop, kind): kind False
 # is a plain block, True a checkpointed segment, a string a one-block option of the menu
-# (``costs.MENU``: "selective:save=mm,sdpa", "offload", ...), measured as a plain block.
+# (``costs.MENU``: "selective:save=mm,sdpa", "offload", ...), measured as a plain block; with
+# ``measure_costs(..., op_points=N)`` also points of each block's exact Pareto set over which
+# op outputs to keep ("selective:ops=3,12", ``op_choices``), measured and predicted alike.
 Placement = tuple[tuple[int, int, bool | str], ...]
 
 
