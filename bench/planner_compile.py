@@ -33,11 +33,12 @@ the second reuses it): bytes and FLOPs are counts, so the two agree (column "aga
 
 Measured (batch 2, 6 op-level points per block): on both models the planner recomputes
 strictly less than compile at every budget from 0.2 to 0.6 (tiny GPT: 8.4 MFLOP less at each,
-one attention projection; Llama: 0.3-0.5 MFLOP less). At 0.1 it needs offload (one block) to
+one attention projection; Llama: 0.26-0.53 MFLOP less). At 0.1 it needs offload (one block) to
 match; at 0.8 compile recomputes nothing and saves a little less than the planner's
-zero-recompute plan, because compile also recomputes inside the trunk (final norm, loss),
-which the planner does not checkpoint; one offloaded block matches it. At 0.05 compile saves
-less than the trunk alone keeps: nothing the planner places reaches it. About 12 compiles per
+zero-recompute plan (tiny GPT: 48 kB less; not broken down here: compile may also recompute
+inside the trunk, final norm and loss, which the planner never checkpoints); one offloaded
+block matches it. At 0.05 compile saves
+less than the trunk alone keeps: nothing the planner places reaches it. Eight compiles per
 model at a few seconds each on an idle 2-core machine.
 
 Run: .venv/bin/python bench/planner_compile.py [--batch 2] [--points 6]
