@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ckpt_course import hf
-from ckpt_course.costs import MENU, measure_costs, measure_layer, measure_option
+from ckpt_course.costs import MENU, config_costs, measure_costs, measure_layer, measure_option
 from ckpt_course.models import GPTConfig, TinyGPT
 from ckpt_course.op_choices import block_ops, kept_bytes, pareto, recompute_flops, thin
 from ckpt_course.plan import brute_force, optimal, predict
@@ -100,6 +100,8 @@ def test_bad_op_positions_get_one_line_naming_the_fix(text):
 def test_op_points_are_checked_before_anything_is_measured():
     with pytest.raises(ValueError, match="op_points is how many"):
         measure_costs(_small_gpt(), 2, op_points=-1)
+    with pytest.raises(ValueError, match="op_points is how many"):
+        config_costs("gpt", 2, 16, op_points=True)
 
 
 def _op_placements(costs):
@@ -165,3 +167,17 @@ def test_the_dp_with_op_level_options_matches_brute_force(gpt3_costs):
         best, brute = optimal(costs, budget, "flops"), brute_force(costs, budget, "flops")
         assert (best.recompute_flops, best.peak_bytes) == (brute.recompute_flops,
                                                            brute.peak_bytes)
+
+
+@pytest.mark.slow  # a fake and a real measurement with options: several seconds
+def test_op_level_options_of_a_config_on_fake_tensors_are_those_of_the_real_model():
+    """config_costs measures the op-level options on a fake block: the same options, with the
+    same recompute and kept bytes, as the real tiny GPT of that config."""
+    cfg = GPTConfig(n_layer=2, d_model=32, n_head=2, seq_len=16)
+    fake = config_costs(cfg, 2, 16, dtype=torch.float32, op_points=3)
+    torch.manual_seed(0)
+    real = measure_costs(TinyGPT(cfg), 2, op_points=3)
+    assert list(fake.menu[0]) == list(real.menu[0]) and len(fake.menu[0]) == 3
+    for option, measured in real.menu[0].items():
+        assert fake.menu[0][option].recompute_flops == measured.recompute_flops
+        assert fake.menu[0][option].layer.saved_bytes == measured.layer.saved_bytes
