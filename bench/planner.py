@@ -14,6 +14,8 @@ planner's measured time against the fastest alternative that fits.
 
 With --compile, also torch.compile with torch._functorch.config.activation_memory_budget at the
 fraction the planner keeps at the middle budget (cold compile about 40 s per model on 2 cores).
+The comparison with compile by saved bytes and recompute FLOPs at 8 budgets, op-level choices
+included, is ``bench/planner_compile.py``.
 
 Writes bench/out/planner_frontier.png (measured step time against peak, every policy) and ends
 with one JSON line. Run: .venv/bin/python bench/planner.py [--rounds 9] [--threads 1] [--compile]

@@ -696,15 +696,19 @@ def _layer_key(block: nn.Module, x: torch.Tensor):
 
 def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int | None = None,
                   seed: int = 0, optimizer=_adamw_lr0, accumulate: bool = False, menu=(),
-                  times: bool = False, rounds: int = 15) -> ChainCosts:
+                  times: bool = False, rounds: int = 15, op_points: int = 0) -> ChainCosts:
     """Measure every block and the trunk of a course model (``.blocks``, ``.example_batch``,
     ``.loss``) for one training step on a batch of ``batch_size`` x ``seq_len``, the way
     ``train`` runs it (AdamW unless ``optimizer`` says otherwise; ``None``: no optimizer).
     ``accumulate``: a micro-batch after the first under gradient accumulation, where every
     gradient exists from the start. ``menu``: the one-block options measured for each distinct
     block (``MENU``; the default ``()``: plain and checkpointed only); ``times``: also time
-    each option (``rounds`` interleaved medians), for the planner's time objective."""
+    each option (``rounds`` interleaved medians), for the planner's time objective.
+    ``op_points``: also up to this many op-level options per distinct block, the points of its
+    exact Pareto set of (kept bytes, recompute FLOPs) over which op outputs a checkpoint keeps
+    (``op_choices``), each a ``selective:ops=...`` option measured like the menu's."""
     menu = check_menu(menu)
+    _check_op_points(op_points)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds is a whole number of timing rounds >= 1, such as 15; got "
                          f"{rounds!r}")
@@ -742,7 +746,8 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
         key = _layer_key(block, x)
         if key not in cache:
             layer = measure_layer(block, x, accumulate)
-            options = measure_menu(block, x, layer, menu, accumulate)
+            options = measure_menu(block, x, layer, (*menu, *_op_options(block, x, op_points)),
+                                   accumulate)
             cache[key] = (layer, options, measure_times_and_spreads(
                 block, x, ("none", "full", *options), rounds) if times else (None, None))
         layers.append(cache[key][0])
@@ -757,7 +762,7 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
     shape = "x".join(map(str, batch[0].shape))
     name = f"{type(model).__name__} (batch {shape}{', accumulating' if accumulate else ''})"
     return ChainCosts(tuple(layers), trunk, name=name, param_bytes=params,
-                      optimizer_bytes=state, menu=tuple(menus) if menu else (),
+                      optimizer_bytes=state, menu=tuple(menus) if menu or op_points else (),
                       times=tuple(t for t, _ in timed) if times else (),
                       spreads=tuple(s for _, s in timed) if times else ())
 
@@ -773,6 +778,21 @@ def _check_block_order(order: list[int], n: int, tensors: int) -> None:
     if tensors != n:
         raise ValueError("a block was called without a tensor as its first argument: the "
                          "planner measures blocks that take the hidden state first")
+
+
+def _check_op_points(op_points) -> None:
+    if isinstance(op_points, bool) or not isinstance(op_points, int) or op_points < 0:
+        raise ValueError(f"op_points is how many op-level options to measure per block, a whole "
+                         f"number >= 0 such as 6; got {op_points!r}")
+
+
+def _op_options(block: nn.Module, x: torch.Tensor, points: int) -> tuple[str, ...]:
+    """The op-level options of one block (``op_choices``), as menu option strings."""
+    if not points:
+        return ()
+    from .op_choices import choices
+
+    return tuple(c.policy for c in choices(block, x, points))
 
 
 # ---------------------------------------------------------------- big configs, on fake tensors
@@ -798,18 +818,20 @@ def config_names() -> list[str]:
 
 
 def config_costs(cfg, batch_size: int, seq_len: int, dtype: torch.dtype = torch.bfloat16,
-                 optimizer: str = "adamw", menu=()) -> ChainCosts:
+                 optimizer: str = "adamw", menu=(), op_points: int = 0) -> ChainCosts:
     """Costs of a config (``LlamaConfig`` or ``GPTConfig``, or a name such as "70b") measured
     on fake tensors: one block, times ``n_layer``, and the trunk on a one-block model.
 
     Parameters, gradients and activations are in ``dtype``; the optimizer state follows
     ``ckpt_course.estimate`` (AdamW: two fp32 moments, 8 bytes per parameter) and its step's
     temporaries are taken as two fp32 copies of the largest parameter (torch's AdamW makes two
-    such temporaries per parameter). Seconds for 70B, a few hundred MB of process memory."""
+    such temporaries per parameter). Seconds for 70B, a few hundred MB of process memory.
+    ``menu`` and ``op_points``: as in ``measure_costs``, on the fake block."""
     from . import estimate
     from .models import GPTConfig, Llama, TinyGPT
 
     menu = check_menu(menu)
+    _check_op_points(op_points)
     if isinstance(cfg, str):
         cfg = config_by_name(cfg)
     estimate._check(cfg, batch_size, seq_len, dtype)
@@ -820,7 +842,7 @@ def config_costs(cfg, batch_size: int, seq_len: int, dtype: torch.dtype = torch.
         block = estimate._block(cfg).train()
         x = torch.randn(batch_size, seq_len, cfg.d_model, requires_grad=True)
         layer = measure_layer(block, x)
-        options = measure_menu(block, x, layer, menu)
+        options = measure_menu(block, x, layer, (*menu, *_op_options(block, x, op_points)))
         one = (Llama(cfg.with_layers(1)) if not isinstance(cfg, GPTConfig)
                else TinyGPT(replace(cfg, n_layer=1))).train()
         batch = one.example_batch(batch_size, seq_len)
@@ -836,6 +858,6 @@ def config_costs(cfg, batch_size: int, seq_len: int, dtype: torch.dtype = torch.
              f"per parameter",)
     return ChainCosts((layer,) * cfg.n_layer, trunk, name=getattr(cfg, "name", "gpt"),
                       param_bytes=params, optimizer_bytes=state, notes=notes,
-                      menu=(options,) * cfg.n_layer if menu else ())
+                      menu=(options,) * cfg.n_layer if menu or op_points else ())
 
 

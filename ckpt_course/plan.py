@@ -68,7 +68,9 @@ from .units import fmt_bytes, fmt_flops
 # ---------------------------------------------------------------- placements
 # A placement: segments covering blocks 0..L-1 in order, each (start, stop, kind): kind False
 # is a plain block, True a checkpointed segment, a string a one-block option of the menu
-# (``costs.MENU``: "selective:save=mm,sdpa", "offload", ...), measured as a plain block.
+# (``costs.MENU``: "selective:save=mm,sdpa", "offload", ...), measured as a plain block; with
+# ``measure_costs(..., op_points=N)`` also points of each block's exact Pareto set over which
+# op outputs to keep ("selective:ops=3,12", ``op_choices``), measured and predicted alike.
 Placement = tuple[tuple[int, int, bool | str], ...]
 
 

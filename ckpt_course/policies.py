@@ -29,6 +29,8 @@ The policies, each written as a short string that ``parse_policy`` reads and ``s
   is recomputed. ``save=mm`` keeps the matmuls: backward re-runs only cheap elementwise ops.
 - ``selective:recompute=OPS``: the inverse; recompute only the named ops, keep all other outputs.
   ``recompute=attn-core`` (alias ``attn-core``) is Megatron's "recompute only the attention core".
+- ``selective:ops=0,7,12``: selective by op *instance*: keep the outputs of the ops at these
+  positions in each block's forward, recompute the rest (what ``op_choices`` plans per block).
 - ``offload``: nothing is recomputed; each block's saved tensors are copied to host memory in
   forward and copied back in backward (``torch.autograd.graph.saved_tensors_hooks``).
 
@@ -70,7 +72,8 @@ from torch.utils.checkpoint import (
 from .units import fmt_bytes, shown
 
 ACCEPTED = ("none, full, every-K (K >= 1), sqrt, segments:a-b,c (inclusive block numbers), "
-            "selective:save=OPS, selective:recompute=OPS, attn-core, offload, "
+            "selective:save=OPS, selective:recompute=OPS, selective:ops=0,7,12, attn-core, "
+            "offload, "
             "menu:0-1=full,2=selective:save=mm,3=offload,4-7=full(4-5)")
 
 # ---------------------------------------------------------------- op names for selective policies
@@ -310,8 +313,46 @@ class Selective(Policy):
         return f"selective:{self.mode}={','.join(self.ops)}"
 
 
-def _sac_policy(named: frozenset, mode: str):
+@dataclass(frozen=True)
+class SelectiveOps(Selective):
+    """Selective checkpointing by op *instance*: keep the outputs of the ops at these positions
+    in the block's forward (0-based, in the order SAC's policy function sees the ops:
+    every aten op but ``SAC_IGNORED_OPS``), recompute the rest. What ``op_choices`` plans: the
+    exact Pareto set of one block is a set of such instances, not of op names (a GPT block's
+    first matmul may be worth keeping and its last not). Deterministic: the recompute replays
+    the forward's decisions by position (SAC caches per op and call number), and the region's
+    rules (views follow their maker, ...) are ``_sac_policy``'s. Text:
+    ``selective:ops=0,7,12``."""
+
+    indices: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        indices = self.indices
+        if (not isinstance(indices, tuple) or not indices
+                or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in indices)
+                or len(set(indices)) != len(indices)):
+            raise ValueError(f"selective:ops= needs distinct op positions >= 0 (whole numbers "
+                             f"such as selective:ops=0,7,12); got {indices!r}")
+        object.__setattr__(self, "indices", tuple(sorted(indices)))
+
+    def context_fn(self):
+        keep = frozenset(self.indices)
+        return create_selective_checkpoint_contexts(
+            _sac_policy(frozenset(), "save", lambda index: index in keep),
+            allow_cache_entry_mutation=True)
+
+    def _what(self, n_blocks):
+        positions = ", ".join(map(str, self.indices))
+        return f"each block keeps the outputs of its ops at positions {positions}"
+
+    def __str__(self):
+        return "selective:ops=" + ",".join(map(str, self.indices))
+
+
+def _sac_policy(named: frozenset, mode: str, keep_index=None):
     """The policy function SAC calls on every op of a region's forward (never during recompute).
+    ``keep_index(position)``: decide by the op's position in the region's forward instead of
+    by name (``SelectiveOps``).
 
     Naming ops is not enough; three rules keep the replay exact and the cache lean:
     - an op whose output lives in a storage an earlier op of the region made (a view, an in-place
@@ -326,8 +367,10 @@ def _sac_policy(named: frozenset, mode: str):
     made = {}  # id(storage) -> (weakref to storage, policy of the op that made it)
     random_policy = []
 
+    position = [-1]
+
     def by_name(op):
-        hit = op.overloadpacket in named
+        hit = keep_index(position[0]) if keep_index else op.overloadpacket in named
         keep = hit if mode == "save" else not hit
         return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -336,6 +379,7 @@ def _sac_policy(named: frozenset, mode: str):
         return entry[1] if entry and entry[0]() is tensor.untyped_storage() else None
 
     def policy_fn(ctx, op, *args, **kwargs):
+        position[0] += 1
         outputs = [t for t in torch.utils._pytree.tree_leaves(ctx.op_output)
                    if isinstance(t, torch.Tensor)]
         inherited = [p for p in map(maker_policy, outputs) if p is not None]
@@ -753,11 +797,21 @@ def parse_policy(spec) -> Policy:
         return _parse_menu(spec, s.removeprefix("menu:"))
     if s.startswith("selective:"):
         mode, eq, ops = s.removeprefix("selective:").partition("=")
+        if mode == "ops" and eq:
+            return _parse_op_positions(spec, ops)
         if not eq or mode not in ("save", "recompute"):
             raise ValueError(f"bad policy {spec!r}: OPS are comma-separated names from "
                              f"{', '.join(OP_NAMES)}; accepted: {ACCEPTED}")
         return Selective(tuple(o.strip() for o in ops.split(",") if o.strip()), mode)
     raise ValueError(f"unknown policy {spec!r}; accepted: {ACCEPTED}")
+
+
+def _parse_op_positions(spec: str, body: str) -> SelectiveOps:
+    parts = [p.strip() for p in body.split(",")]
+    if not all(map(_is_number, parts)) or len(set(map(int, parts))) != len(parts):
+        raise ValueError(f"bad policy {shown(spec)}: selective:ops= takes distinct op positions "
+                         f"in the block's forward, whole numbers from 0: 'selective:ops=0,7,12'")
+    return SelectiveOps(indices=tuple(int(p) for p in parts))
 
 
 def _parse_segments(spec: str, body: str) -> Segments:
