@@ -17,6 +17,7 @@ from .costs import config_by_name, config_names
 from .meter import parse_budget
 from .models import COURSE_MODELS, build_model, longest_sequence
 from .policies import OP_NAMES, parse_policy
+from .step import check_step_fits, guess_step_bytes, model_step_bytes
 
 MODEL_CHOICES = tuple(COURSE_MODELS)
 
@@ -269,37 +270,6 @@ def _model_arguments(parser):
     parser.add_argument("--seq", type=_seq, help="sequence length (GPT and Llama)")
 
 
-def _available_memory() -> int | None:
-    """Bytes this machine can still give (Linux's MemAvailable), or None where unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def guess_step_bytes(n_params: int, width: int, n_layer: int, tokens: int, vocab: int) -> int:
-    """A generous guess of one fp32 AdamW step's memory: 16 B per parameter (weights, gradients,
-    two moments) plus what the step saves, about 32 floats per token per layer and width and the
-    logits four times over. A guard against sizes far beyond the machine, not a prediction (the
-    lessons measure those)."""
-    return 16 * n_params + 4 * tokens * (32 * width * n_layer + 4 * vocab)
-
-
-def check_step_fits(n_params, width, n_layer, tokens, vocab, what: str,
-                    options: str = "--batch, --seq or --layers") -> None:
-    """Before any work: refuse a size whose step could not fit in this machine's free memory
-    (it would swap for hours or be killed, not fail cleanly)."""
-    need, free = guess_step_bytes(n_params, width, n_layer, tokens, vocab), _available_memory()
-    if free is not None and need > free:
-        from .units import fmt_bytes
-
-        raise ValueError(f"{what} needs about {fmt_bytes(need)} for one training step, more than "
-                         f"the {fmt_bytes(free)} this machine has free: use a smaller {options}")
-
-
 def _course_model(args, dropout: float = 0.0):
     """The model ``args`` name, its batch size and sequence length, checked before any work."""
     args.model = args.model or "gpt"
@@ -312,11 +282,9 @@ def _course_model(args, dropout: float = 0.0):
         raise ValueError(f"--seq {args.seq} is longer than {args.model} supports ({longest}, its "
                          f"position table): use --seq {longest} or less")
     batch_size = args.batch or COURSE_MODELS[args.model]
-    cfg = getattr(model, "cfg", None)
-    width = getattr(cfg, "d_model", None) or max(p.shape[-1] for p in model.parameters())
-    tokens = batch_size * (args.seq or getattr(cfg, "seq_len", 1))
-    check_step_fits(sum(p.numel() for p in model.parameters()), width, len(model.blocks), tokens,
-                    getattr(cfg, "vocab_size", 0), f"{args.model} at batch {batch_size}")
+    tokens = batch_size * (args.seq or getattr(getattr(model, "cfg", None), "seq_len", 1))
+    check_step_fits(model_step_bytes(model, tokens), f"{args.model} at batch {batch_size}",
+                    "--batch, --seq or --layers")
     return model, batch_size, args.seq
 
 
@@ -422,9 +390,9 @@ def run_compare(args) -> int:
         raise ValueError(f"--heads ({args.heads}) must divide --width ({args.width}), "
                          f"e.g. --heads {math.gcd(args.width, 4)}")
     cfg = GPTConfig(n_layer=args.layers, d_model=args.width, n_head=args.heads, seq_len=args.seq)
-    check_step_fits(13 * cfg.n_layer * cfg.d_model ** 2 + 2 * cfg.vocab_size * cfg.d_model,
-                    cfg.d_model, cfg.n_layer, args.batch * args.seq, cfg.vocab_size,
-                    f"a tiny GPT of width {cfg.d_model} at batch {args.batch}",
+    need = guess_step_bytes(13 * cfg.n_layer * cfg.d_model ** 2 + 2 * cfg.vocab_size * cfg.d_model,
+                            cfg.d_model, cfg.n_layer, args.batch * args.seq, cfg.vocab_size)
+    check_step_fits(need, f"a tiny GPT of width {cfg.d_model} at batch {args.batch}",
                     "--batch, --seq, --layers or --width")
     result = compare(cfg, args.policies, steps=args.steps, batch_size=args.batch,
                      device=args.device, budget=args.budget, live=False)

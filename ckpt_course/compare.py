@@ -34,6 +34,7 @@ from .step import (
     StepRecord,
     batch_tokens,
     check_learning_rate,
+    check_run,
     check_seed,
     make_batch,
     make_optimizer,
@@ -267,6 +268,7 @@ def compare(model_or_config=None, policies=DEFAULT_POLICIES, steps: int = 6, bat
     budget = None if budget is None else parse_budget(budget)
     base = make_model(model_or_config if model_or_config is not None else GPTConfig(), seed,
                       device)
+    check_run(base, batch_size=batch_size, seq_len=seq_len)  # a step that cannot fit: refused
     batch = _batch(base, batch_size, seq_len, seed, _device(base))
     names = [str(p) for p in policies]
     plot = None

@@ -92,9 +92,50 @@ def _physical_memory() -> int:
         return 2**63
 
 
+def available_memory() -> int | None:
+    """Bytes this machine can still give (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            lines = meminfo.read().splitlines()
+        for line in lines:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def guess_step_bytes(n_params: int, width: int, n_layer: int, tokens: int, vocab: int) -> int:
+    """A generous guess of one fp32 AdamW step's memory: 16 B per parameter (weights, gradients,
+    two moments) plus what the step saves, about 32 floats per token per layer and width and the
+    logits four times over. A guard against sizes far beyond the machine, not a prediction (the
+    lessons measure those)."""
+    return 16 * n_params + 4 * tokens * (32 * width * n_layer + 4 * vocab)
+
+
+def model_step_bytes(model, tokens: int) -> int:
+    """``guess_step_bytes`` for a course model (its config's width and vocabulary where it has
+    them, else its widest parameter) and a batch of ``tokens`` tokens."""
+    cfg = getattr(model, "cfg", None)
+    width = getattr(cfg, "d_model", None) or max(
+        (p.shape[-1] for p in model.parameters() if p.dim()), default=1)
+    return guess_step_bytes(sum(p.numel() for p in model.parameters()), width, len(model.blocks),
+                            tokens, getattr(cfg, "vocab_size", 0) or 0)
+
+
+def check_step_fits(need: int, what: str, options: str) -> None:
+    """Before any work: refuse a step whose guessed bytes ``need`` exceed this machine's free
+    memory (it would fail in the allocator, swap for hours or be killed, not fail cleanly)."""
+    free = available_memory()
+    if free is not None and need > free:
+        raise ValueError(f"{what} needs about {fmt_bytes(need)} for one training step, more than "
+                         f"the {fmt_bytes(free)} this machine has free: use a smaller {options}")
+
+
 def _check_batch_fits(model, batch_size: int, seq_len) -> None:
     """A batch larger than this machine's memory is refused before it is made (making it
-    would fail in the allocator, or swap): one sample's bytes times ``batch_size``."""
+    would fail in the allocator, or swap): one sample's bytes times ``batch_size``; then the
+    step it would run, guessed from the model's size (``check_step_fits``)."""
     with torch.random.fork_rng(devices=[]):  # the caller's random numbers stay as they were
         sample = make_batch(model, 1, seq_len, torch.Generator().manual_seed(0))
     need = batch_size * sum(t.nbytes for t in sample if isinstance(t, torch.Tensor))
@@ -102,6 +143,9 @@ def _check_batch_fits(model, batch_size: int, seq_len) -> None:
         raise ValueError(f"batch_size {batch_size} needs {fmt_bytes(need)} for the batch alone, "
                          f"more than this machine's memory ({fmt_bytes(_physical_memory())}): "
                          f"use a smaller batch_size")
+    check_step_fits(model_step_bytes(model, batch_size * batch_tokens(sample)),
+                    f"{type(model).__name__} at batch_size {batch_size}",
+                    "batch_size" + ("" if longest_sequence(model) is None else " or seq_len"))
 
 
 def check_run(model, batch_size=None, steps=None, seq_len=None, micro_batches: int = 1,

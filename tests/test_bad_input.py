@@ -442,6 +442,21 @@ def _measure(**kwargs):
     return measure_step(_gpt(), **kwargs)
 
 
+HUGE_BATCH = 2_000_000  # 32M tokens: 1 GiB of token ids and targets, 370 GiB for the step
+
+
+def _doctor(**kwargs):
+    from ckpt_course.doctor import doctor
+
+    return doctor(_gpt(), "1GiB", **kwargs)
+
+
+def _timeline(**kwargs):
+    from ckpt_course.memviz import step_timeline
+
+    return step_timeline(_gpt(), "none", **kwargs)
+
+
 # (call, exception, fragment of the one-line message)
 API_17 = [
     # HF configs given as objects, or changed after loading: checked wherever they enter
@@ -657,6 +672,20 @@ API_17 = [
     (lambda: hf.handback("segments:1,3", 4, layers=nn.Linear(2, 2)), ValueError,
      "no repeated decoder layers"),
     (lambda: hf.layers_path(_changed(GPT2, n_layer=0)), ValueError, "n_layer must be >= 1"),
+    # a batch whose data fits (1 GiB) but whose step could not (about 370 GiB for this net): refused
+    # from the model's size before the first tensor of the step is made
+    *[(call, ValueError, "for one training step, more than the") for call in (
+        lambda: _train(batch_size=HUGE_BATCH),
+        lambda: _measure(batch_size=HUGE_BATCH),
+        lambda: _grads("full", batch_size=HUGE_BATCH),
+        lambda: _compare(["none"], steps=1, batch_size=HUGE_BATCH),
+        lambda: sweeps.step_breakdown(_gpt(), batch_size=HUGE_BATCH),
+        lambda: plan.measure_peaks(_gpt(), batch_size=HUGE_BATCH),
+        lambda: _doctor(batch_size=HUGE_BATCH),
+        lambda: _timeline(batch_size=HUGE_BATCH))],
+    (lambda: _train(batch_size=HUGE_BATCH), ValueError, "use a smaller batch_size or seq_len"),
+    (lambda: _train(model=models.build_model("hand-trace"), batch_size=10**7), ValueError,
+     "use a smaller batch_size"),
 ]
 
 
@@ -797,3 +826,23 @@ def test_hf_config_options_are_checked_in_one_line(argv, fix, files, capsys):
 
 def test_issue_17_adds_at_least_170_bad_inputs():
     assert len(HF_CONFIGS) + len(API_17) + len(RESULTS_17) + len(HF_CLI) >= 170
+
+
+def test_a_step_is_refused_from_the_machines_free_memory_before_any_work(monkeypatch):
+    """The guard reads the machine's free memory (given here): a step guessed above it is
+    refused, the same step below it runs, and where the free memory is unknown nothing is
+    refused. The guess: 16 B per parameter plus 4 B x tokens x (32 x width x layers + 4 x vocab)."""
+    from ckpt_course import step
+    from ckpt_course.train import train
+
+    model = _gpt()  # 2 layers of width 32, vocabulary 256: 18,688 + 2,048 x 16 per token
+    params = sum(p.numel() for p in model.parameters())
+    need = 16 * params + 4 * 2 * 16 * (32 * 32 * 2 + 4 * 256)
+    assert step.model_step_bytes(model, 2 * 16) == need
+    monkeypatch.setattr(step, "available_memory", lambda: need - 1)
+    with pytest.raises(ValueError, match="TinyGPT at batch_size 2 needs about"):
+        train(model, steps=1, batch_size=2, progress=False)
+    monkeypatch.setattr(step, "available_memory", lambda: need)
+    assert len(train(model, steps=1, batch_size=2, progress=False)) == 1
+    monkeypatch.setattr(step, "available_memory", lambda: None)
+    assert len(train(model, steps=1, batch_size=2, progress=False)) == 1
