@@ -4,7 +4,8 @@ The lessons with something only a browser shows run top to bottom with no error:
 widgets render and its N slider redraws the plot; phase 3's live plot updates while it runs (every
 lesson also runs once with wrong answers typed in, tests/lesson_runs.py; these two run here as
 shipped). An exercise accepts a correct answer typed into its answer cell and shows the hint for
-a wrong one. Screenshots go to artifacts/browser/. Skipped, with the reason, where Chromium is not installed (CI installs it).
+a wrong one. Screenshots go to artifacts/browser/. Skipped, with the reason, where Chromium is
+not installed (CI installs it).
 """
 
 from __future__ import annotations
