@@ -17,19 +17,25 @@ from .costs import config_by_name, config_names
 from .meter import parse_budget
 from .models import COURSE_MODELS, build_model, longest_sequence
 from .policies import OP_NAMES, parse_policy
-from .step import check_step_fits, guess_step_bytes, model_step_bytes
+from .step import MAX_STEPS, check_step_fits, guess_step_bytes, model_step_bytes
+from .units import shown
 
 MODEL_CHOICES = tuple(COURSE_MODELS)
 
 
 # ---------------------------------------------------------------- option types
 def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1, or a usage error saying so."""
+    """An argparse type: a whole number of at least 1, or a usage error saying so (a number of
+    hundreds of digits is named by its length, never echoed)."""
+    digits = re.fullmatch(r"\s*[+-]?\s*(\d+)\s*", text)
+    if digits and len(digits[1]) > 30:
+        raise argparse.ArgumentTypeError(f"expected a number such as 8, got a "
+                                         f"{len(digits[1])}-digit number")
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number such as 8, got {text!r}") \
-            from None
+        raise argparse.ArgumentTypeError(f"expected a whole number such as 8, got "
+                                         f"{shown(text)}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a number of at least 1 (such as 8), got "
                                          f"{value}")
@@ -42,7 +48,8 @@ def _at_most(upper: int, why: str):
     def check(text: str) -> int:
         value = positive_int(text)
         if value > upper:
-            raise argparse.ArgumentTypeError(f"expected at most {upper:,} ({why}), got {value:,}")
+            raise argparse.ArgumentTypeError(f"expected at most {upper:,} ({why}), got "
+                                             f"{value:,}"[:200])
         return value
     return check
 
@@ -51,7 +58,7 @@ _layers = _at_most(512, "a course model of more blocks teaches nothing more")
 _batch = _at_most(1_000_000, "a batch beyond that is an error, not a size")
 _seq = _at_most(1_000_000, "longer than any model's context")
 _width = _at_most(65_536, "wider than any real model")
-_steps = _at_most(10_000, "more steps only take longer")
+_steps = _at_most(MAX_STEPS, "more steps only take longer")
 _devices = _at_most(1_000_000, "more devices than any cluster")
 _jobs = _at_most(256, "more processes than any machine's cores")
 
@@ -70,7 +77,10 @@ def _float_where(ok, what: str):
 
 
 _probability = _float_where(lambda v: 0 <= v < 1, "a probability in [0, 1) such as 0.1")
-_seconds = _float_where(lambda v: 0 < v < math.inf, "a positive number of seconds such as 60")
+# A grader's worker takes about a second to start: a shorter limit fails every learner.
+_grade_seconds = _float_where(lambda v: 1 <= v < math.inf,
+                              "a positive number of seconds, at least 1 second (a worker "
+                              "takes about a second to start), such as 60")
 
 
 def _from_api(parse):
@@ -163,12 +173,34 @@ def _device_name(text: str) -> str:
 # Folders of the operating system: an output path inside one is a slip (or, run as root, a
 # way to damage the machine), never a learner's file.
 SYSTEM_FOLDERS = tuple(Path(p) for p in ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32",
-                                         "/lib64", "/proc", "/sbin", "/sys", "/usr"))
+                                         "/lib64", "/proc", "/run", "/sbin", "/sys", "/usr",
+                                         "/var/lib", "/var/log", "/var/cache", "/var/spool",
+                                         "/var/mail", "/var/backups"))
+# Folders whose own top level is the system's, while a folder inside may be a learner's (a clone
+# in /opt/me/course, /srv/class): a file or folder written right into one is refused.
+SYSTEM_TOPS = tuple(Path(p) for p in ("/", "/var", "/opt", "/srv"))
+TEMPORARY = (Path("/tmp"), Path("/var/tmp"))
 
 
 def _is_system_path(path: Path) -> bool:
     resolved = path.resolve()
-    return any(resolved == s or s in resolved.parents for s in SYSTEM_FOLDERS)
+    if resolved in TEMPORARY:
+        return False
+    return (any(resolved == s or s in resolved.parents for s in SYSTEM_FOLDERS)
+            or resolved in SYSTEM_TOPS or resolved.parent in SYSTEM_TOPS)
+
+
+NAME_MAX = 255  # bytes in one file or folder name on Linux, macOS and Windows file systems
+
+
+def _check_name_lengths(text: str) -> None:
+    """Each name in the path short enough for the file system (else the OS raises, later)."""
+    for part in Path(text).parts:
+        if len(part.encode(errors="surrogateescape")) > NAME_MAX:
+            raise argparse.ArgumentTypeError(f"a name in {shown(text)} is "
+                                             f"{len(part.encode(errors='surrogateescape'))} "
+                                             f"bytes long, more than the file system's "
+                                             f"{NAME_MAX}: choose a shorter name")
 
 
 def _check_writable_folder(folder: Path, text: str) -> None:
@@ -197,6 +229,7 @@ def _output_file(suffix: str):
         path = Path(text)
         if not text.strip():
             raise argparse.ArgumentTypeError(f"give a file name, e.g. out{suffix}")
+        _check_name_lengths(text)
         if text.endswith(("/", os.sep)) or path.is_dir():
             raise argparse.ArgumentTypeError(f"{text} is a folder: give a {suffix} file name "
                                              f"in it, e.g. {path / ('out' + suffix)}")
@@ -222,6 +255,7 @@ def _output_folder(text: str) -> Path:
     path = Path(text)
     if not text.strip():
         raise argparse.ArgumentTypeError("give a folder name, e.g. feedback/")
+    _check_name_lengths(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a folder: name a folder")
     if _is_system_path(path):
@@ -233,14 +267,18 @@ def _output_folder(text: str) -> Path:
 
 
 def _folder(must_exist: bool):
-    """An argparse type for a folder: never a file; ``must_exist`` for one that is read."""
+    """An argparse type for a folder: never a file; ``must_exist`` for one that is read, else one
+    that is written (``_output_folder``: not a system folder, made if missing)."""
     def check(text: str) -> Path:
+        if not must_exist:
+            return _output_folder(text)
         path = Path(text)
         if not text.strip():
             raise argparse.ArgumentTypeError("give a folder name")
+        _check_name_lengths(text)
         if path.exists() and not path.is_dir():
             raise argparse.ArgumentTypeError(f"{text} is a file, not a folder: name a folder")
-        if must_exist and not path.is_dir():
+        if not path.is_dir():
             raise argparse.ArgumentTypeError(f"folder {text} does not exist: check the path")
         return path
     return check
@@ -311,8 +349,14 @@ def cmd_tape(args) -> int:
 
 
 def trace_outputs(args) -> list[Path]:
-    """The files ``trace`` writes: the page and, beside it, memory_viz's snapshot."""
-    return [args.html, args.html.with_suffix(".pickle")]
+    """The files ``trace`` writes: the page and, beside it, memory_viz's snapshot (checked as
+    the page is, before any work: a folder of that name is refused even with --force)."""
+    snapshot = args.html.with_suffix(".pickle")
+    try:
+        _output_file(".pickle")(str(snapshot))
+    except argparse.ArgumentTypeError as error:
+        raise ValueError(f"the snapshot beside --html: {error}") from None
+    return [args.html, snapshot]
 
 
 def cmd_trace(args) -> int:
@@ -546,7 +590,7 @@ def add_grade_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--exercises", type=_folder(must_exist=True), default=Path("exercises"),
                         metavar="DIR",
                         help="folder of the pristine exercises (and src/), default: exercises")
-    parser.add_argument("--timeout", type=_seconds, default=60, metavar="S",
+    parser.add_argument("--timeout", type=_grade_seconds, default=60, metavar="S",
                         help="seconds allowed per cell and per checked call (default 60)")
     parser.add_argument("--jobs", type=_jobs, default=None,
                         help="notebooks graded at once (default: the number of cores)")
@@ -631,9 +675,22 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
+def _distinct_folders(**folders: Path) -> None:
+    """Before any work: no two of these folders are one (the notebooks written into one would
+    replace those written into the other, or land among the sources)."""
+    seen: dict[Path, str] = {}
+    for option, folder in folders.items():
+        resolved = Path(folder).resolve()
+        if resolved in seen:
+            raise ValueError(f"--{seen[resolved]} and --{option} are the same folder "
+                             f"({folder}): give each its own")
+        seen[resolved] = option
+
+
 def run_build(args) -> int:
     from .authoring import AuthoringError, build_all, check_fresh
 
+    _distinct_folders(src=args.src, solutions=args.solutions, exercises=args.exercises)
     try:
         if args.check:
             check_fresh(args.src, args.solutions, args.exercises)
@@ -653,6 +710,7 @@ def run_build(args) -> int:
 def cmd_reset(args) -> int:
     from .authoring import reset_exercises
 
+    _distinct_folders(src=args.src, exercises=args.exercises)
     backups = reset_exercises(args.names, args.src, args.exercises)  # ValueError: usage error
     for backup in backups:
         print(f"your edited notebook was moved to {backup}")

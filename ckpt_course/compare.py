@@ -36,6 +36,7 @@ from .step import (
     check_learning_rate,
     check_run,
     check_seed,
+    check_steps,
     make_batch,
     make_optimizer,
     run_step,
@@ -260,8 +261,8 @@ def compare(model_or_config=None, policies=DEFAULT_POLICIES, steps: int = 6, bat
     (two, so the optimizer state made by the first step is in the second step's peak).
     """
     policies = _policies(policies)
-    check_positive_int("steps", steps)
-    check_positive_int("memory_steps", memory_steps)
+    check_steps(check_positive_int("steps", steps))
+    check_steps(check_positive_int("memory_steps", memory_steps))
     check_positive_int("batch_size", batch_size)
     check_seed(seed)
     check_learning_rate(lr)

@@ -60,10 +60,21 @@ def make_optimizer(model_or_params, lr: float = 1e-3) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr)
 
 
+MAX_STEPS = 10_000  # more steps only take longer: a run of days, not a lesson
+
+
 def _positive_int(name: str, value, example: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive whole number, e.g. {name}={example}; "
                          f"got {shown(value)}")
+
+
+def check_steps(steps: int) -> int:
+    """At most ``MAX_STEPS``: ``steps=10**9`` would run for days, not fail."""
+    if steps > MAX_STEPS:
+        raise ValueError(f"steps must be at most {MAX_STEPS:,} (more steps only take longer), "
+                         f"got {shown(steps)}: use e.g. steps=100")
+    return steps
 
 
 def check_learning_rate(lr) -> float:
@@ -166,6 +177,7 @@ def check_run(model, batch_size=None, steps=None, seq_len=None, micro_batches: i
         _positive_int("batch_size", batch_size, 8)
     if steps is not None:
         _positive_int("steps", steps, 3)
+        check_steps(steps)
     _positive_int("micro_batches", micro_batches, 2)
     if batch_size is not None and batch_size % micro_batches:
         raise ValueError(f"batch_size {batch_size} must be a multiple of micro_batches "
@@ -193,6 +205,9 @@ def check_run(model, batch_size=None, steps=None, seq_len=None, micro_batches: i
                          "use device='cpu'")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device {str(device)!r} is not supported: use 'cpu' or 'cuda'")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise ValueError(f"device {str(device)!r} does not exist: torch has one CPU device; "
+                         "use 'cpu'")
     return device
 
 
@@ -426,6 +441,9 @@ def run_step(model, optimizer, batch, meter: MemoryMeter | None = None, *, loss_
     and ``.micro_batch`` (1, 2, ...; 0 in the optimizer step) set, the model as it was before
     the step; the CPU allocator's own failure (a ``RuntimeError``) is raised as one too."""
     parts = check_batch(batch)
+    if isinstance(optimizer, nn.Module):
+        raise TypeError(f"optimizer is the model {type(optimizer).__name__}, not its optimizer: "
+                        "pass make_optimizer(model), or None for no optimizer step")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch optimizer such as make_optimizer(model), or "
                         f"None for no optimizer step; got {type(optimizer).__name__} "
