@@ -17,18 +17,25 @@ from .costs import config_by_name, config_names
 from .meter import parse_budget
 from .models import COURSE_MODELS, build_model, longest_sequence
 from .policies import OP_NAMES, parse_policy
+from .step import MAX_STEPS, check_step_fits, guess_step_bytes, model_step_bytes
+from .units import shown
 
 MODEL_CHOICES = tuple(COURSE_MODELS)
 
 
 # ---------------------------------------------------------------- option types
 def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1, or a usage error saying so."""
+    """An argparse type: a whole number of at least 1, or a usage error saying so (a number of
+    hundreds of digits is named by its length, never echoed)."""
+    digits = re.fullmatch(r"\s*[+-]?\s*(\d+)\s*", text)
+    if digits and len(digits[1]) > 30:
+        raise argparse.ArgumentTypeError(f"expected a number such as 8, got a "
+                                         f"{len(digits[1])}-digit number")
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number such as 8, got {text!r}") \
-            from None
+        raise argparse.ArgumentTypeError(f"expected a whole number such as 8, got "
+                                         f"{shown(text)}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a number of at least 1 (such as 8), got "
                                          f"{value}")
@@ -41,7 +48,8 @@ def _at_most(upper: int, why: str):
     def check(text: str) -> int:
         value = positive_int(text)
         if value > upper:
-            raise argparse.ArgumentTypeError(f"expected at most {upper:,} ({why}), got {value:,}")
+            raise argparse.ArgumentTypeError(f"expected at most {upper:,} ({why}), got "
+                                             f"{value:,}"[:200])
         return value
     return check
 
@@ -50,7 +58,7 @@ _layers = _at_most(512, "a course model of more blocks teaches nothing more")
 _batch = _at_most(1_000_000, "a batch beyond that is an error, not a size")
 _seq = _at_most(1_000_000, "longer than any model's context")
 _width = _at_most(65_536, "wider than any real model")
-_steps = _at_most(10_000, "more steps only take longer")
+_steps = _at_most(MAX_STEPS, "more steps only take longer")
 _devices = _at_most(1_000_000, "more devices than any cluster")
 _jobs = _at_most(256, "more processes than any machine's cores")
 
@@ -69,7 +77,10 @@ def _float_where(ok, what: str):
 
 
 _probability = _float_where(lambda v: 0 <= v < 1, "a probability in [0, 1) such as 0.1")
-_seconds = _float_where(lambda v: 0 < v < math.inf, "a positive number of seconds such as 60")
+# A grader's worker takes about a second to start: a shorter limit fails every learner.
+_grade_seconds = _float_where(lambda v: 1 <= v < math.inf,
+                              "a positive number of seconds, at least 1 second (a worker "
+                              "takes about a second to start), such as 60")
 
 
 def _from_api(parse):
@@ -162,12 +173,34 @@ def _device_name(text: str) -> str:
 # Folders of the operating system: an output path inside one is a slip (or, run as root, a
 # way to damage the machine), never a learner's file.
 SYSTEM_FOLDERS = tuple(Path(p) for p in ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32",
-                                         "/lib64", "/proc", "/sbin", "/sys", "/usr"))
+                                         "/lib64", "/proc", "/run", "/sbin", "/sys", "/usr",
+                                         "/var/lib", "/var/log", "/var/cache", "/var/spool",
+                                         "/var/mail", "/var/backups"))
+# Folders whose own top level is the system's, while a folder inside may be a learner's (a clone
+# in /opt/me/course, /srv/class): a file or folder written right into one is refused.
+SYSTEM_TOPS = tuple(Path(p) for p in ("/", "/var", "/opt", "/srv"))
+TEMPORARY = (Path("/tmp"), Path("/var/tmp"))
 
 
 def _is_system_path(path: Path) -> bool:
     resolved = path.resolve()
-    return any(resolved == s or s in resolved.parents for s in SYSTEM_FOLDERS)
+    if resolved in TEMPORARY:
+        return False
+    return (any(resolved == s or s in resolved.parents for s in SYSTEM_FOLDERS)
+            or resolved in SYSTEM_TOPS or resolved.parent in SYSTEM_TOPS)
+
+
+NAME_MAX = 255  # bytes in one file or folder name on Linux, macOS and Windows file systems
+
+
+def _check_name_lengths(text: str) -> None:
+    """Each name in the path short enough for the file system (else the OS raises, later)."""
+    for part in Path(text).parts:
+        if len(part.encode(errors="surrogateescape")) > NAME_MAX:
+            raise argparse.ArgumentTypeError(f"a name in {shown(text)} is "
+                                             f"{len(part.encode(errors='surrogateescape'))} "
+                                             f"bytes long, more than the file system's "
+                                             f"{NAME_MAX}: choose a shorter name")
 
 
 def _check_writable_folder(folder: Path, text: str) -> None:
@@ -196,6 +229,7 @@ def _output_file(suffix: str):
         path = Path(text)
         if not text.strip():
             raise argparse.ArgumentTypeError(f"give a file name, e.g. out{suffix}")
+        _check_name_lengths(text)
         if text.endswith(("/", os.sep)) or path.is_dir():
             raise argparse.ArgumentTypeError(f"{text} is a folder: give a {suffix} file name "
                                              f"in it, e.g. {path / ('out' + suffix)}")
@@ -221,6 +255,7 @@ def _output_folder(text: str) -> Path:
     path = Path(text)
     if not text.strip():
         raise argparse.ArgumentTypeError("give a folder name, e.g. feedback/")
+    _check_name_lengths(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a folder: name a folder")
     if _is_system_path(path):
@@ -232,14 +267,18 @@ def _output_folder(text: str) -> Path:
 
 
 def _folder(must_exist: bool):
-    """An argparse type for a folder: never a file; ``must_exist`` for one that is read."""
+    """An argparse type for a folder: never a file; ``must_exist`` for one that is read, else one
+    that is written (``_output_folder``: not a system folder, made if missing)."""
     def check(text: str) -> Path:
+        if not must_exist:
+            return _output_folder(text)
         path = Path(text)
         if not text.strip():
             raise argparse.ArgumentTypeError("give a folder name")
+        _check_name_lengths(text)
         if path.exists() and not path.is_dir():
             raise argparse.ArgumentTypeError(f"{text} is a file, not a folder: name a folder")
-        if must_exist and not path.is_dir():
+        if not path.is_dir():
             raise argparse.ArgumentTypeError(f"folder {text} does not exist: check the path")
         return path
     return check
@@ -269,37 +308,6 @@ def _model_arguments(parser):
     parser.add_argument("--seq", type=_seq, help="sequence length (GPT and Llama)")
 
 
-def _available_memory() -> int | None:
-    """Bytes this machine can still give (Linux's MemAvailable), or None where unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def guess_step_bytes(n_params: int, width: int, n_layer: int, tokens: int, vocab: int) -> int:
-    """A generous guess of one fp32 AdamW step's memory: 16 B per parameter (weights, gradients,
-    two moments) plus what the step saves, about 32 floats per token per layer and width and the
-    logits four times over. A guard against sizes far beyond the machine, not a prediction (the
-    lessons measure those)."""
-    return 16 * n_params + 4 * tokens * (32 * width * n_layer + 4 * vocab)
-
-
-def check_step_fits(n_params, width, n_layer, tokens, vocab, what: str,
-                    options: str = "--batch, --seq or --layers") -> None:
-    """Before any work: refuse a size whose step could not fit in this machine's free memory
-    (it would swap for hours or be killed, not fail cleanly)."""
-    need, free = guess_step_bytes(n_params, width, n_layer, tokens, vocab), _available_memory()
-    if free is not None and need > free:
-        from .units import fmt_bytes
-
-        raise ValueError(f"{what} needs about {fmt_bytes(need)} for one training step, more than "
-                         f"the {fmt_bytes(free)} this machine has free: use a smaller {options}")
-
-
 def _course_model(args, dropout: float = 0.0):
     """The model ``args`` name, its batch size and sequence length, checked before any work."""
     args.model = args.model or "gpt"
@@ -312,11 +320,9 @@ def _course_model(args, dropout: float = 0.0):
         raise ValueError(f"--seq {args.seq} is longer than {args.model} supports ({longest}, its "
                          f"position table): use --seq {longest} or less")
     batch_size = args.batch or COURSE_MODELS[args.model]
-    cfg = getattr(model, "cfg", None)
-    width = getattr(cfg, "d_model", None) or max(p.shape[-1] for p in model.parameters())
-    tokens = batch_size * (args.seq or getattr(cfg, "seq_len", 1))
-    check_step_fits(sum(p.numel() for p in model.parameters()), width, len(model.blocks), tokens,
-                    getattr(cfg, "vocab_size", 0), f"{args.model} at batch {batch_size}")
+    tokens = batch_size * (args.seq or getattr(getattr(model, "cfg", None), "seq_len", 1))
+    check_step_fits(model_step_bytes(model, tokens), f"{args.model} at batch {batch_size}",
+                    "--batch, --seq or --layers")
     return model, batch_size, args.seq
 
 
@@ -343,8 +349,14 @@ def cmd_tape(args) -> int:
 
 
 def trace_outputs(args) -> list[Path]:
-    """The files ``trace`` writes: the page and, beside it, memory_viz's snapshot."""
-    return [args.html, args.html.with_suffix(".pickle")]
+    """The files ``trace`` writes: the page and, beside it, memory_viz's snapshot (checked as
+    the page is, before any work: a folder of that name is refused even with --force)."""
+    snapshot = args.html.with_suffix(".pickle")
+    try:
+        _output_file(".pickle")(str(snapshot))
+    except argparse.ArgumentTypeError as error:
+        raise ValueError(f"the snapshot beside --html: {error}") from None
+    return [args.html, snapshot]
 
 
 def cmd_trace(args) -> int:
@@ -422,9 +434,9 @@ def run_compare(args) -> int:
         raise ValueError(f"--heads ({args.heads}) must divide --width ({args.width}), "
                          f"e.g. --heads {math.gcd(args.width, 4)}")
     cfg = GPTConfig(n_layer=args.layers, d_model=args.width, n_head=args.heads, seq_len=args.seq)
-    check_step_fits(13 * cfg.n_layer * cfg.d_model ** 2 + 2 * cfg.vocab_size * cfg.d_model,
-                    cfg.d_model, cfg.n_layer, args.batch * args.seq, cfg.vocab_size,
-                    f"a tiny GPT of width {cfg.d_model} at batch {args.batch}",
+    need = guess_step_bytes(13 * cfg.n_layer * cfg.d_model ** 2 + 2 * cfg.vocab_size * cfg.d_model,
+                            cfg.d_model, cfg.n_layer, args.batch * args.seq, cfg.vocab_size)
+    check_step_fits(need, f"a tiny GPT of width {cfg.d_model} at batch {args.batch}",
                     "--batch, --seq, --layers or --width")
     result = compare(cfg, args.policies, steps=args.steps, batch_size=args.batch,
                      device=args.device, budget=args.budget, live=False)
@@ -579,7 +591,7 @@ def add_grade_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--exercises", type=_folder(must_exist=True), default=Path("exercises"),
                         metavar="DIR",
                         help="folder of the pristine exercises (and src/), default: exercises")
-    parser.add_argument("--timeout", type=_seconds, default=60, metavar="S",
+    parser.add_argument("--timeout", type=_grade_seconds, default=60, metavar="S",
                         help="seconds allowed per cell and per checked call (default 60)")
     parser.add_argument("--jobs", type=_jobs, default=None,
                         help="notebooks graded at once (default: the number of cores)")
@@ -664,9 +676,22 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
+def _distinct_folders(**folders: Path) -> None:
+    """Before any work: no two of these folders are one (the notebooks written into one would
+    replace those written into the other, or land among the sources)."""
+    seen: dict[Path, str] = {}
+    for option, folder in folders.items():
+        resolved = Path(folder).resolve()
+        if resolved in seen:
+            raise ValueError(f"--{seen[resolved]} and --{option} are the same folder "
+                             f"({folder}): give each its own")
+        seen[resolved] = option
+
+
 def run_build(args) -> int:
     from .authoring import AuthoringError, build_all, check_fresh
 
+    _distinct_folders(src=args.src, solutions=args.solutions, exercises=args.exercises)
     try:
         if args.check:
             check_fresh(args.src, args.solutions, args.exercises)
@@ -686,6 +711,7 @@ def run_build(args) -> int:
 def cmd_reset(args) -> int:
     from .authoring import reset_exercises
 
+    _distinct_folders(src=args.src, exercises=args.exercises)
     backups = reset_exercises(args.names, args.src, args.exercises)  # ValueError: usage error
     for backup in backups:
         print(f"your edited notebook was moved to {backup}")

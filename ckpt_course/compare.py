@@ -34,7 +34,9 @@ from .step import (
     StepRecord,
     batch_tokens,
     check_learning_rate,
+    check_run,
     check_seed,
+    check_steps,
     make_batch,
     make_optimizer,
     run_step,
@@ -259,14 +261,15 @@ def compare(model_or_config=None, policies=DEFAULT_POLICIES, steps: int = 6, bat
     (two, so the optimizer state made by the first step is in the second step's peak).
     """
     policies = _policies(policies)
-    check_positive_int("steps", steps)
-    check_positive_int("memory_steps", memory_steps)
+    check_steps(check_positive_int("steps", steps))
+    check_steps(check_positive_int("memory_steps", memory_steps))
     check_positive_int("batch_size", batch_size)
     check_seed(seed)
     check_learning_rate(lr)
     budget = None if budget is None else parse_budget(budget)
     base = make_model(model_or_config if model_or_config is not None else GPTConfig(), seed,
                       device)
+    check_run(base, batch_size=batch_size, seq_len=seq_len)  # a step that cannot fit: refused
     batch = _batch(base, batch_size, seq_len, seed, _device(base))
     names = [str(p) for p in policies]
     plot = None

@@ -456,15 +456,17 @@ def small_model(config, n_layer: int | None = None, batch_size: int | None = Non
     batch_size = 4 if batch_size is None else check_positive_int("batch_size", batch_size)
     seq = min(64, longest(config)) if seq_len is None else check_positive_int("seq_len", seq_len)
     if seq > longest(config):
-        raise ValueError(f"--seq {seq} is longer than {config.name_or_path} allows "
-                         f"({longest(config)} positions): use --seq {longest(config)} or less")
+        raise ValueError(f"seq_len {seq} is longer than {config.name_or_path} allows "
+                         f"({longest(config)} positions): use --seq {longest(config)} or less "
+                         f"(seq_len={longest(config)} in Python)")
     if n_layer > MAX_LAYERS:
-        raise ValueError(f"--layers {n_layer} is more than this course runs (at most "
-                         f"{MAX_LAYERS}): use fewer layers, e.g. --layers 8")
+        raise ValueError(f"n_layer {n_layer} is more than this course runs (at most "
+                         f"{MAX_LAYERS}): use fewer layers, e.g. --layers 8 (n_layer=8 in Python)")
     if batch_size * seq > SMALL_MAX_TOKENS:
-        raise ValueError(f"--batch {batch_size} x --seq {seq} is {batch_size * seq:,} tokens, more "
-                         f"than the small instance runs for real (at most {SMALL_MAX_TOKENS:,}): "
-                         f"use a smaller batch or sequence")
+        raise ValueError(f"batch_size {batch_size} x seq_len {seq} is {batch_size * seq:,} tokens, "
+                         f"more than the small instance runs for real (at most "
+                         f"{SMALL_MAX_TOKENS:,}): use a smaller batch or sequence (--batch, "
+                         f"--seq)")
     return build(small_config(config, n_layer, seq_len=seq)), batch_size, seq
 
 

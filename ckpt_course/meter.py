@@ -51,7 +51,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .units import GiB, KiB, MiB, fmt_bytes
+from .units import GiB, KiB, MiB, fmt_bytes, shown
 
 CATEGORIES = ("parameters", "gradients", "optimizer state", "activations", "temporaries")
 PHASE_CATEGORY = {
@@ -83,21 +83,35 @@ class _StorageRef(weakref.ref):
     __slots__ = ("key", "nbytes", "category")
 
 
+MAX_BUDGET = 2**63 - 1  # the largest byte count the planner (and a C long) can hold
+
+
 def parse_budget(budget) -> float:
-    """A budget in bytes: a positive number (``64 * MiB``) or a string like ``"64MiB"``."""
+    """A budget in bytes: a positive number (``64 * MiB``) or a string like ``"64MiB"``; at
+    least one byte and at most ``MAX_BUDGET`` (8 EiB), refused here, where it enters."""
     hint = "a positive number of bytes, e.g. 64 * MiB, or a string like '64MiB' or '1.5GiB'"
     if isinstance(budget, str):
         match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]iB|B)?\s*", budget)
         if not match:
-            raise ValueError(f"budget {budget!r} is not understood; give {hint}")
+            raise ValueError(f"budget {shown(budget)} is not understood; give {hint}")
+        if len(match[1]) > 30:  # 400 digits would be a float's inf
+            raise ValueError(f"budget must be at most 8 EiB (2**63 - 1 bytes), more than any "
+                             f"machine has; got a {len(match[1])}-digit number: give a real "
+                             f"size such as '64GiB'")
         budget = float(match[1]) * _UNITS[match[2] or ""]
     elif isinstance(budget, bool) or not isinstance(budget, numbers.Real):
-        raise TypeError(f"budget must be {hint}; got {type(budget).__name__} {budget!r}")
+        raise TypeError(f"budget must be {hint}; got {type(budget).__name__} {shown(budget)}")
     elif isinstance(budget, numbers.Integral) and abs(budget) >= 2**64:  # beyond float, repr
         raise ValueError(f"budget must be {hint}; got a {int(budget).bit_length()}-bit number, "
                          f"more bytes than any machine has")
     if not (math.isfinite(budget) and budget > 0):
-        raise ValueError(f"budget must be {hint} (or None for no budget); got {budget!r}")
+        raise ValueError(f"budget must be {hint} (or None for no budget); got {shown(budget)}")
+    if budget > MAX_BUDGET:
+        raise ValueError(f"budget must be at most 8 EiB (2**63 - 1 bytes), more than any machine "
+                         f"has; got {budget:.4g} bytes: give a real size such as '64GiB'")
+    if budget < 1:
+        raise ValueError(f"budget must be at least 1 byte (a part of a byte holds nothing); got "
+                         f"{budget:g} B: give e.g. '1KiB'")
     return int(budget) if float(budget).is_integer() else budget
 
 

@@ -742,9 +742,8 @@ def _parse_menu(spec: str, body: str) -> Menu:
         if _depth(body) > MAX_NESTING:
             raise ValueError(f"nested checkpoints go at most {MAX_NESTING} levels deep")
         for piece in _split_top(body):  # a piece without 'N=' continues an op list: mm,sdpa
-            if not piece.strip():
-                raise ValueError("an empty item (two commas in a row, or a comma at an end): "
-                                 "remove the extra comma")
+            if not piece.strip():  # an empty item is skipped, as in a segments list
+                continue
             if re.match(r"\s*\d+\s*((-|\.\.)\s*\d+\s*)?=", piece) or not pieces:
                 pieces.append(piece)
             else:
@@ -787,9 +786,12 @@ def parse_policy(spec) -> Policy:
         return _SIMPLE[s]
     if s.startswith("every-"):
         k = s.removeprefix("every-")
-        if not _is_number(k) or int(k) < 1:
-            raise ValueError(f"bad policy {spec!r}: K in every-K must be an integer >= 1; "
+        if not _is_number(k) or len(k) > 7 or int(k) < 1:
+            raise ValueError(f"bad policy {shown(spec)}: K in every-K must be an integer >= 1; "
                              f"accepted: {ACCEPTED}")
+        if int(k) >= MAX_BLOCK:
+            raise ValueError(f"bad policy {shown(spec)}: K in every-K must be below {MAX_BLOCK:,} "
+                             f"(no model has that many blocks): use e.g. every-2")
         return EveryK(int(k))
     if s.startswith("segments:"):
         return _parse_segments(spec, s.removeprefix("segments:"))

@@ -23,6 +23,7 @@ import os
 from numbers import Real
 
 from .predicts import Predict, lookup
+from .units import shown
 
 NO_PREDICTION = "no prediction made: type yours into the Predict cell next time, before running"
 RIGHT = "right"
@@ -72,7 +73,7 @@ def likely_reason(yours, derived, why: dict | None = None, unit: str = "") -> st
         if not is_number(yours):
             return f"the answer is a number; yours is a {type(yours).__name__}"
         if _finite(yours) is None:
-            return f"the answer is a number; yours is {yours!r:.20}, which no measurement gives"
+            return f"the answer is a number; yours is {shown(yours)}, which no measurement gives"
         return _number_reason(float(yours), float(derived), reasons)
     if _same_choice(yours, derived):
         return RIGHT
@@ -117,6 +118,11 @@ def describe_gap(yours, derived, unit: str = "") -> str:
     """How far off a number was: the ratio and the difference ('' when not comparable)."""
     if not (is_number(yours) and is_number(derived)) or yours == derived:
         return ""
+    try:
+        if not (math.isfinite(float(yours)) and math.isfinite(float(derived))):
+            return ""  # nan or inf: no gap to show
+    except OverflowError:  # a number beyond a float (10**400): no gap to show
+        return ""
     diff = f"{yours - derived:+,.6g}{' ' + unit if unit else ''}"
     if derived == 0 or abs(yours / derived - 1) < 0.01:  # a ratio of x1 would say nothing
         return f"off by {diff}"
@@ -144,7 +150,9 @@ def format_reveal(yours, derived, measured=None, *, what: str = "", unit: str = 
 
 def _fmt(value) -> str:
     if is_number(value):
-        return f"{value:,.6g}" if isinstance(value, float) else f"{value:,}"
+        if isinstance(value, float):
+            return f"{value:,.6g}"
+        return f"{value:,}" if abs(value) < 10**30 else shown(value)  # 10**400: its size
     if isinstance(value, set | frozenset):
         return "{" + ", ".join(sorted(map(repr, value))) + "}"
     return repr(value)

@@ -60,10 +60,21 @@ def make_optimizer(model_or_params, lr: float = 1e-3) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr)
 
 
+MAX_STEPS = 10_000  # more steps only take longer: a run of days, not a lesson
+
+
 def _positive_int(name: str, value, example: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive whole number, e.g. {name}={example}; "
                          f"got {shown(value)}")
+
+
+def check_steps(steps: int) -> int:
+    """At most ``MAX_STEPS``: ``steps=10**9`` would run for days, not fail."""
+    if steps > MAX_STEPS:
+        raise ValueError(f"steps must be at most {MAX_STEPS:,} (more steps only take longer), "
+                         f"got {shown(steps)}: use e.g. steps=100")
+    return steps
 
 
 def check_learning_rate(lr) -> float:
@@ -92,9 +103,50 @@ def _physical_memory() -> int:
         return 2**63
 
 
+def available_memory() -> int | None:
+    """Bytes this machine can still give (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            lines = meminfo.read().splitlines()
+        for line in lines:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def guess_step_bytes(n_params: int, width: int, n_layer: int, tokens: int, vocab: int) -> int:
+    """A generous guess of one fp32 AdamW step's memory: 16 B per parameter (weights, gradients,
+    two moments) plus what the step saves, about 32 floats per token per layer and width and the
+    logits four times over. A guard against sizes far beyond the machine, not a prediction (the
+    lessons measure those)."""
+    return 16 * n_params + 4 * tokens * (32 * width * n_layer + 4 * vocab)
+
+
+def model_step_bytes(model, tokens: int) -> int:
+    """``guess_step_bytes`` for a course model (its config's width and vocabulary where it has
+    them, else its widest parameter) and a batch of ``tokens`` tokens."""
+    cfg = getattr(model, "cfg", None)
+    width = getattr(cfg, "d_model", None) or max(
+        (p.shape[-1] for p in model.parameters() if p.dim()), default=1)
+    return guess_step_bytes(sum(p.numel() for p in model.parameters()), width, len(model.blocks),
+                            tokens, getattr(cfg, "vocab_size", 0) or 0)
+
+
+def check_step_fits(need: int, what: str, options: str) -> None:
+    """Before any work: refuse a step whose guessed bytes ``need`` exceed this machine's free
+    memory (it would fail in the allocator, swap for hours or be killed, not fail cleanly)."""
+    free = available_memory()
+    if free is not None and need > free:
+        raise ValueError(f"{what} needs about {fmt_bytes(need)} for one training step, more than "
+                         f"the {fmt_bytes(free)} this machine has free: use a smaller {options}")
+
+
 def _check_batch_fits(model, batch_size: int, seq_len) -> None:
     """A batch larger than this machine's memory is refused before it is made (making it
-    would fail in the allocator, or swap): one sample's bytes times ``batch_size``."""
+    would fail in the allocator, or swap): one sample's bytes times ``batch_size``; then the
+    step it would run, guessed from the model's size (``check_step_fits``)."""
     with torch.random.fork_rng(devices=[]):  # the caller's random numbers stay as they were
         sample = make_batch(model, 1, seq_len, torch.Generator().manual_seed(0))
     need = batch_size * sum(t.nbytes for t in sample if isinstance(t, torch.Tensor))
@@ -102,6 +154,9 @@ def _check_batch_fits(model, batch_size: int, seq_len) -> None:
         raise ValueError(f"batch_size {batch_size} needs {fmt_bytes(need)} for the batch alone, "
                          f"more than this machine's memory ({fmt_bytes(_physical_memory())}): "
                          f"use a smaller batch_size")
+    check_step_fits(model_step_bytes(model, batch_size * batch_tokens(sample)),
+                    f"{type(model).__name__} at batch_size {batch_size}",
+                    "batch_size" + ("" if longest_sequence(model) is None else " or seq_len"))
 
 
 def check_run(model, batch_size=None, steps=None, seq_len=None, micro_batches: int = 1,
@@ -122,6 +177,7 @@ def check_run(model, batch_size=None, steps=None, seq_len=None, micro_batches: i
         _positive_int("batch_size", batch_size, 8)
     if steps is not None:
         _positive_int("steps", steps, 3)
+        check_steps(steps)
     _positive_int("micro_batches", micro_batches, 2)
     if batch_size is not None and batch_size % micro_batches:
         raise ValueError(f"batch_size {batch_size} must be a multiple of micro_batches "
@@ -149,6 +205,9 @@ def check_run(model, batch_size=None, steps=None, seq_len=None, micro_batches: i
                          "use device='cpu'")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device {str(device)!r} is not supported: use 'cpu' or 'cuda'")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise ValueError(f"device {str(device)!r} does not exist: torch has one CPU device; "
+                         "use 'cpu'")
     return device
 
 
@@ -382,6 +441,9 @@ def run_step(model, optimizer, batch, meter: MemoryMeter | None = None, *, loss_
     and ``.micro_batch`` (1, 2, ...; 0 in the optimizer step) set, the model as it was before
     the step; the CPU allocator's own failure (a ``RuntimeError``) is raised as one too."""
     parts = check_batch(batch)
+    if isinstance(optimizer, nn.Module):
+        raise TypeError(f"optimizer is the model {type(optimizer).__name__}, not its optimizer: "
+                        "pass make_optimizer(model), or None for no optimizer step")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch optimizer such as make_optimizer(model), or "
                         f"None for no optimizer step; got {type(optimizer).__name__} "

@@ -33,7 +33,7 @@ def shown(value) -> str:
     could not even print), at most 60 characters."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
         return f"a {value.bit_length()}-bit number"
-    text = repr(value)
+    text = " ".join(repr(value).split())  # one line: a module's repr spans many
     return text if len(text) <= 60 else text[:57] + "..."
 
 

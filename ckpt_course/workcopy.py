@@ -121,7 +121,8 @@ def find_copy(course: Path, start: Path | None = None) -> Path:
 
 
 def check_copy_folder(copy: Path, course: Path) -> None:
-    """The copy must be a folder of its own, not the course or one of its tracked folders."""
+    """The copy must be a folder of its own, not the course or one of its tracked folders, and
+    not inside another copy (a copy in a copy)."""
     copy_r, course_r = Path(copy).resolve(), Path(course).resolve()
     if copy.exists() and not copy.is_dir():
         raise WorkCopyError(f"{copy} is a file: name a folder for your copy of the course")
@@ -130,6 +131,10 @@ def check_copy_folder(copy: Path, course: Path) -> None:
     if any(copy_r == t or t in copy_r.parents and t != course_r for t in tracked):
         raise WorkCopyError(f"{copy} is part of the course itself: your copy goes in a folder "
                             f"of its own, e.g. {Path(course) / DEFAULT_COPY}")
+    outer = next((f for f in copy_r.parents if (f / MANIFEST).is_file()), None)
+    if outer is not None:
+        raise WorkCopyError(f"{copy} is inside your copy {outer}: sync that copy (--into "
+                            f"{outer}), or name a folder outside it")
 
 
 # ---------------------------------------------------------------- the copy

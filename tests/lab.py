@@ -62,7 +62,7 @@ class JupyterLab:
         # A learner's environment: pytest's variables would tell the live plot it runs headless.
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("PYTEST_") and k != "CKPT_COURSE_HEADLESS"}
-        env["CKPT_COURSE_COMPILE"] = "0"  # nbval runs lesson 3b's compile; the browser need not
+        env["CKPT_COURSE_COMPILE"] = "0"  # the lesson runs run 3b's compile; the browser need not
         self.process = subprocess.Popen(
             command, cwd=root, env=env, stdout=self.log, stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -3,8 +3,10 @@
 A lesson runs for up to a minute; the tests that need one run (each Predict's first typical wrong
 answer gets its reason, tests/test_lessons.py and tests/test_predicts_phase3_4.py; no output
 above a Predict shows its answer, tests/test_lesson_visibility.py) share it through the
-session fixture ``lesson_run`` (tests/conftest.py), so ``make test`` runs each lesson once here
-and once in nbval (as shipped).
+session fixture ``lesson_run`` (tests/conftest.py), so ``make test`` runs each lesson once, here
+(nbval runs the solutions only). A run as shipped would add nothing: a Predict's answer reaches
+only its reveal (tests/test_lessons.py checks the sources), and what a reveal prints for an
+empty answer is tested for every table.
 
 The run types each keyed Predict's first typical wrong answer, with the tables' strict check on
 (the lesson's derivation must equal its table's answer). What the learner who left the Predicts

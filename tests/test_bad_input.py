@@ -5,6 +5,7 @@ TypeError in the API)."""
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -442,6 +443,21 @@ def _measure(**kwargs):
     return measure_step(_gpt(), **kwargs)
 
 
+HUGE_BATCH = 2_000_000  # 32M tokens: 1 GiB of token ids and targets, 370 GiB for the step
+
+
+def _doctor(**kwargs):
+    from ckpt_course.doctor import doctor
+
+    return doctor(_gpt(), "1GiB", **kwargs)
+
+
+def _timeline(**kwargs):
+    from ckpt_course.memviz import step_timeline
+
+    return step_timeline(_gpt(), "none", **kwargs)
+
+
 # (call, exception, fragment of the one-line message)
 API_17 = [
     # HF configs given as objects, or changed after loading: checked wherever they enter
@@ -582,12 +598,8 @@ API_17 = [
      "at most 32 levels deep"),
     (lambda: policies.parse_policy("menu:0-1=full" + "(0" * 40 + ")" * 40), ValueError,
      "at most 32 levels deep"),
-    (lambda: policies.parse_policy("menu:0=full,,1=full"), ValueError,
-     "remove the extra comma"),
-    (lambda: policies.parse_policy("menu:0=full,"), ValueError, "remove the extra comma"),
-    (lambda: policies.parse_policy("menu:,0=full"), ValueError, "remove the extra comma"),
-    (lambda: policies.parse_policy("menu:0=selective:save=mm,,sdpa"), ValueError,
-     "remove the extra comma"),
+    (lambda: policies.parse_policy("every-" + "9" * 400), ValueError, "bad policy '"),
+    (lambda: policies.parse_policy("every-100000"), ValueError, "use e.g. every-2"),
     # policy objects: malformed children, too deep, beyond the model
     (lambda: policies.Menu(((0, 1, "full", (5,)),)), ValueError,
      "(start, stop, children) with whole block numbers"),
@@ -657,6 +669,20 @@ API_17 = [
     (lambda: hf.handback("segments:1,3", 4, layers=nn.Linear(2, 2)), ValueError,
      "no repeated decoder layers"),
     (lambda: hf.layers_path(_changed(GPT2, n_layer=0)), ValueError, "n_layer must be >= 1"),
+    # a batch whose data fits (1 GiB) but whose step could not (about 370 GiB for this net): refused
+    # from the model's size before the first tensor of the step is made
+    *[(call, ValueError, "for one training step, more than the") for call in (
+        lambda: _train(batch_size=HUGE_BATCH),
+        lambda: _measure(batch_size=HUGE_BATCH),
+        lambda: _grads("full", batch_size=HUGE_BATCH),
+        lambda: _compare(["none"], steps=1, batch_size=HUGE_BATCH),
+        lambda: sweeps.step_breakdown(_gpt(), batch_size=HUGE_BATCH),
+        lambda: plan.measure_peaks(_gpt(), batch_size=HUGE_BATCH),
+        lambda: _doctor(batch_size=HUGE_BATCH),
+        lambda: _timeline(batch_size=HUGE_BATCH))],
+    (lambda: _train(batch_size=HUGE_BATCH), ValueError, "use a smaller batch_size or seq_len"),
+    (lambda: _train(model=models.build_model("hand-trace"), batch_size=10**7), ValueError,
+     "use a smaller batch_size"),
 ]
 
 
@@ -700,11 +726,18 @@ RESULTS_17 = [
     (lambda: len(_train(seed=2**63 - 1)), lambda got: got == 1),
     # an empty item in a segments list is skipped; the largest bounded block is accepted
     (lambda: str(policies.parse_policy("segments:0,,1")), lambda got: got == "segments:0,1"),
+    # ... and in a menu, as in a segments list (the two grammars agree)
+    *[(lambda text=text: policies.parse_policy(text),
+       lambda got: got == policies.parse_policy("menu:0=full,1=full"))
+      for text in ("menu:0=full,,1=full", "menu:0=full,1=full,", "menu:,0=full,1=full")],
+    (lambda: policies.parse_policy("menu:0=selective:save=mm,,sdpa"),
+     lambda got: got == policies.parse_policy("menu:0=selective:save=mm,sdpa")),
     (lambda: policies.parse_policy("segments:99999").ranges, lambda got: got == ((99999, 100000),)),
     # 32 levels of nesting is the bound, not an error
     (lambda: len(str(_deep_menu(31))), lambda got: got > 100),
-    # a budget as large as a 64-bit count is still a budget
-    (lambda: parse_budget(2**63), lambda got: got == 2**63),
+    # a budget as large as the planner can hold is still a budget, and so is 1.5 bytes
+    (lambda: parse_budget(2**63 - 1), lambda got: got == 2**63 - 1),
+    (lambda: parse_budget("1.5B"), lambda got: got == 1.5),
     # a micro-batch list is the caller's after the step
     (lambda: _list_after_step(), lambda got: got == 2),
 ]
@@ -797,3 +830,175 @@ def test_hf_config_options_are_checked_in_one_line(argv, fix, files, capsys):
 
 def test_issue_17_adds_at_least_170_bad_inputs():
     assert len(HF_CONFIGS) + len(API_17) + len(RESULTS_17) + len(HF_CLI) >= 170
+
+
+def test_a_step_is_refused_from_the_machines_free_memory_before_any_work(monkeypatch):
+    """The guard reads the machine's free memory (given here): a step guessed above it is
+    refused, the same step below it runs, and where the free memory is unknown nothing is
+    refused. The guess: 16 B per parameter plus 4 B x tokens x (32 x width x layers + 4 x vocab)."""
+    from ckpt_course import step
+    from ckpt_course.train import train
+
+    model = _gpt()  # 2 layers of width 32, vocabulary 256: 18,688 + 2,048 x 16 per token
+    params = sum(p.numel() for p in model.parameters())
+    need = 16 * params + 4 * 2 * 16 * (32 * 32 * 2 + 4 * 256)
+    assert step.model_step_bytes(model, 2 * 16) == need
+    monkeypatch.setattr(step, "available_memory", lambda: need - 1)
+    with pytest.raises(ValueError, match="TinyGPT at batch_size 2 needs about"):
+        train(model, steps=1, batch_size=2, progress=False)
+    monkeypatch.setattr(step, "available_memory", lambda: need)
+    assert len(train(model, steps=1, batch_size=2, progress=False)) == 1
+    monkeypatch.setattr(step, "available_memory", lambda: None)
+    assert len(train(model, steps=1, batch_size=2, progress=False)) == 1
+
+
+# ---------------------------------------------------------------- a tester's findings (h5)
+SOURCES = str(Path(__file__).resolve().parents[1] / "exercises" / "src")
+LONG = "a" * 300  # one name longer than the file system's 255 bytes
+CLI_FINDINGS = [
+    # F1: a number of hundreds of digits is named by its length, never echoed
+    (["train", "--layers", "1" * 5000], "got a 5000-digit number"),
+    (["train", "--layers", "1" + "0" * 400], "got a 401-digit number"),
+    (["train", "--policy", "every-" + "9" * 400], "K in every-K must be"),
+    (["train", "--policy", "every-100000"], "use e.g. every-2"),
+    # F3: a name too long for the file system, for every kind of output path
+    (["trace", "--html", f"{{tmp}}/{LONG}.html"], "choose a shorter name"),
+    (["compare", "--out", f"{LONG}.png"], "more than the file system's 255"),
+    (["grade", "x.ipynb", "--csv", f"{LONG}.csv"], "choose a shorter name"),
+    (["grade", "x.ipynb", "--feedback", f"{{tmp}}/{LONG}"], "choose a shorter name"),
+    (["sync-course", "--into", f"{{tmp}}/{LONG}"], "choose a shorter name"),
+    # F4: trace's snapshot beside the page is checked as the page is, --force or not
+    (["trace", "--model", "hand-trace", "--layers", "1", "--html", "{tmp}/pk/y.html", "--force"],
+     "the snapshot beside --html: {tmp}/pk/y.pickle is a folder"),
+    # F5: more of the system's folders
+    (["trace", "--html", "/var/x.html"], "is in a system folder"),
+    (["trace", "--html", "/opt/x.html"], "is in a system folder"),
+    (["trace", "--html", "/run/x.html"], "is in a system folder"),
+    (["compare", "--out", "/var/log/x.png"], "is in a system folder"),
+    # F6, F12: budgets below a byte or beyond what the planner holds, refused where parsed
+    (["plan", "--config", "70b", "--budget", "0.5B"], "--budget: budget must be at least 1"),
+    (["plan", "--config", "70b", "--budget", "1" + "0" * 400], "got a 401-digit number"),
+    (["plan", "--config", "tiny", "--budget", str(2**64)], "argument --budget: budget must be at"),
+    (["plan", "--config", "tiny", "--budget", str(2**63)], "at most 8 EiB"),
+    (["plan", "--config", "tiny", "--budget", "8589934592GiB"], "at most 8 EiB"),
+    (["plan", "--config", "tiny", "--budget", "8388608TiB"], "at most 8 EiB"),
+    # F9: a grading time limit no worker can start in
+    (["grade", "x.ipynb", "--timeout", "0.001"], "at least 1 second"),
+    (["grade", "x.ipynb", "--timeout", "1e-300"], "at least 1 second"),
+    # F10: build and reset write into folders of their own, never a system one or the sources
+    (["build-exercises", "--src", SOURCES, "--solutions", "/etc/sol", "--exercises",
+      "{tmp}/ex"], "is in a system folder"),
+    (["reset-exercises", "--src", SOURCES, "--exercises", "/etc/ex"], "is in a system folder"),
+    (["build-exercises", "--src", SOURCES, "--solutions", "{tmp}/same", "--exercises",
+      "{tmp}/same"], "--solutions and --exercises are the same folder"),
+    (["build-exercises", "--src", SOURCES, "--solutions", SOURCES, "--exercises", "{tmp}/e"],
+     "--src and --solutions are the same folder"),
+    (["build-exercises", "--src", SOURCES, "--solutions", "{tmp}/s", "--exercises", SOURCES],
+     "--src and --exercises are the same folder"),
+    (["reset-exercises", "--src", SOURCES, "--exercises", SOURCES],
+     "--src and --exercises are the same folder"),
+    # F11: a copy inside a copy
+    (["sync-course", "--into", "{tmp}/copy/notebooks"], "is inside your copy"),
+]
+
+
+@pytest.mark.parametrize("argv, fix", CLI_FINDINGS)
+def test_the_testers_command_lines_get_one_line_before_any_work(argv, fix, files, capsys):
+    from ckpt_course.workcopy import MANIFEST
+
+    (files / "pk" / "y.pickle").mkdir(parents=True, exist_ok=True)
+    (files / "copy" / "notebooks").mkdir(parents=True, exist_ok=True)
+    (files / "copy" / MANIFEST).write_text('{"version": 1, "files": {}}')
+    before = sorted(p.name for p in files.rglob("*"))
+    argv = [a.replace("{tmp}", str(files)) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and captured.out == ""  # no work was done
+    error = captured.err.strip().splitlines()[-1]
+    assert error.startswith("ckpt-course") and "error:" in error and len(error) < 400
+    assert fix.replace("{tmp}", str(files)) in error
+    assert sorted(p.name for p in files.rglob("*")) == before  # nothing written
+
+
+class _MyNet(nn.Module):
+    """A learner's own model: blocks, but none of the course's protocol."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def _auto(budget):
+    from ckpt_course.auto import auto_checkpoint
+
+    return auto_checkpoint(_MyNet(), budget, batch=torch.randn(2, 4))
+
+
+API_FINDINGS = [
+    # F6, F12: the budget, where it is parsed
+    (lambda: parse_budget(0.5), ValueError, "at least 1 byte"),
+    (lambda: parse_budget("0.5B"), ValueError, "at least 1 byte"),
+    (lambda: parse_budget(2**63), ValueError, "at most 8 EiB"),
+    (lambda: parse_budget("1" + "0" * 400), ValueError, "a 401-digit number"),
+    (lambda: _auto(2**63), ValueError, "at most 8 EiB"),
+    (lambda: plan.optimal(config_costs("tiny", 1, 8), 2**63), ValueError, "at most 8 EiB"),
+    # F16: no run of days
+    (lambda: _train(steps=10**9), ValueError, "steps must be at most 10,000"),
+    (lambda: _train(steps=10**400), ValueError, "a 1329-bit number"),
+    (lambda: _compare(["none"], steps=10**9), ValueError, "steps must be at most 10,000"),
+    (lambda: _compare(["none"], memory_steps=10**5), ValueError, "at most 10,000"),
+    (lambda: _doctor(steps=10**9), ValueError, "steps must be at most 10,000"),
+    # F17: a key with no table reads as a sentence
+    (lambda: _reveal_unknown(), KeyError, "a Predict key looks like '2.2/rerun-order'"),
+    # F18: the course's protocol, named before any work, by compare too
+    (lambda: _compare_model(_MyNet()), ValueError, "_MyNet lacks example_batch, loss"),
+    # F19
+    (lambda: _step(optimizer=_gpt()), TypeError, "optimizer is the model TinyGPT"),
+    (lambda: hf.small_model(GPT2, 1, 1, 10**6), ValueError, "seq_len=1024 in Python"),
+    (lambda: hf.small_model(GPT2, 300), ValueError, "n_layer=8 in Python"),
+    (lambda: _train(device="cpu:1"), ValueError, "torch has one CPU device"),
+]
+
+
+def _reveal_unknown():
+    from ckpt_course.reveal import reveal
+
+    reveal(3, 4, key="nope")
+
+
+def _compare_model(model):
+    from ckpt_course.compare import compare
+
+    return compare(model, ["none"], live=False)
+
+
+@pytest.mark.parametrize("call, error, fix", API_FINDINGS)
+def test_the_testers_api_calls_get_one_line_with_the_fix(call, error, fix):
+    with pytest.raises(error) as info:
+        call()
+    message = str(info.value)
+    assert message.startswith(fix) or fix in message, message
+    assert "\n" not in message and len(message) < 400 and not message.startswith("'")
+
+
+def test_a_huge_prediction_gets_one_line_with_its_size():
+    """F17: 10**400 typed into a Predict: the reveal shows its size and says why, no traceback;
+    nan gets no meaningless gap."""
+    from ckpt_course.reveal import format_reveal
+
+    text = format_reveal(10**400, 12.0, 12.0, what="x", unit="MiB")
+    assert text.splitlines() == [
+        "x: yours a 1329-bit number MiB | derivation 12 MiB | measured 12 MiB",
+        "  the answer is a number; yours is a 1329-bit number, which no measurement gives"]
+    assert "off by" not in format_reveal(math.nan, 12.0, 12.0, what="x", unit="MiB")
+
+
+def test_there_are_the_testers_bad_inputs():
+    assert len(CLI_FINDINGS) + len(API_FINDINGS) >= 45

@@ -2,9 +2,10 @@
 
 The lessons with something only a browser shows run top to bottom with no error: lesson 1's
 widgets render and its N slider redraws the plot; phase 3's live plot updates while it runs (every
-lesson also runs under nbval and once more with wrong answers typed in). An exercise accepts a
-correct answer typed into its answer cell and shows the hint for a wrong one. Screenshots go to
-artifacts/browser/. Skipped, with the reason, where Chromium is not installed (CI installs it).
+lesson also runs once with wrong answers typed in, tests/lesson_runs.py; these two run here as
+shipped). An exercise accepts a correct answer typed into its answer cell and shows the hint for
+a wrong one. Screenshots go to artifacts/browser/. Skipped, with the reason, where Chromium is
+not installed (CI installs it).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from lab import CHROMIUM, CHROMIUM_ARGS, JupyterLab, LabPage
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts" / "browser"
-# the lessons whose widgets or live plots need a browser to be seen working; the others run
-# under nbval and in tests/lesson_runs.py, and would add a minute to `make test` here
+# the lessons whose widgets or live plots need a browser to be seen working; the others run in
+# tests/lesson_runs.py, and would add a minute to `make test` here
 IN_BROWSER = ("1_why_activations_eat_memory", "3_choosing_a_policy")
 LESSONS = [p for p in sorted((ROOT / "notebooks").glob("*.ipynb")) if p.stem in IN_BROWSER]
 

@@ -1,5 +1,5 @@
 """Every exercise set: generated notebooks are fresh; untouched exercises fail at each check and
-nowhere else. (Solutions and lessons run through nbval in `make test`.)"""
+nowhere else. (Solutions run through nbval in `make test`; the lessons in tests/lesson_runs.py.)"""
 
 from pathlib import Path
 

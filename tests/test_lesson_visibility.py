@@ -28,7 +28,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from answer_forms import as_container, leaks, normal, number_forms
-from lesson_runs import LessonRun, as_shipped, execute
+from lesson_runs import LessonRun, as_shipped
 
 from ckpt_course.predicts import lookup
 
@@ -260,14 +260,18 @@ def test_no_output_above_a_predict_shows_its_answer(path, lesson_run):
 
 
 @pytest.mark.slow
-def test_a_lesson_that_prints_an_answer_above_its_predict_fails():
-    nb = nbformat.read(HAND_TRACE, as_version=4)  # a copy, in memory: the file is kept
-    predict = first_cell(nb, "my_saved_none = None")
-    del nb.cells[check_cell(nb, predict) + 1:]  # the lesson down to 2.1's second Check
+def test_a_lesson_that_prints_an_answer_above_its_predict_fails(lesson_run):
+    """The session's run of lesson 2 (a copy, read as shipped), with one cell added above 2.1's
+    second Predict that printed its answer (4 A + the loss scalar, in bytes): found, by cell."""
+    nb = as_shipped(lesson_run(HAND_TRACE))
+    predict = first_cell(nb, "my_saved_none = ")  # the run typed a wrong answer here
     nb.cells.insert(predict, nbformat.v4.new_code_cell(
-        'print(f"forward will leave {4 * A + LOSS:,} bytes alive")'))
-    found = output_leaks(execute(HAND_TRACE, nb))
+        'print(f"forward will leave {4 * A + LOSS:,} bytes alive")', outputs=[
+            nbformat.v4.new_output("stream", name="stdout",
+                                   text="forward will leave 4,194,308 bytes alive\n")]))
+    found = output_leaks(nb)
     assert any("'4,194,308' in the output of cell " + str(predict) in f for f in found), found
+    assert output_leaks(as_shipped(lesson_run(HAND_TRACE))) == []  # the added cell, only
 
 
 def test_as_shipped_reads_a_typed_answer_as_none():

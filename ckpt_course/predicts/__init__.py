@@ -83,11 +83,19 @@ class Predict:
             raise ValueError(f"{self.what}: a Predict needs at least three typical wrong answers")
 
 
+class UnknownPredict(KeyError):
+    """A key with no table: a KeyError whose message prints as a sentence, not a quoted key."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def module_for(key: str) -> str:
     """The module name that holds a key's table: '2.2/rerun-order' -> 'phase2'."""
     match = KEY.match(key) if isinstance(key, str) else None
     if not match:
-        raise KeyError(f"a Predict key looks like '2.2/rerun-order' (section/name), got {key!r}")
+        raise UnknownPredict(f"a Predict key looks like '2.2/rerun-order' (section/name), got "
+                             f"{key!r}")
     return f"phase{match.group(1)}"
 
 
@@ -96,9 +104,10 @@ def lookup(key: str) -> Predict:
     name = module_for(key)
     table = _table(name)
     if table is None:
-        raise KeyError(f"no table module ckpt_course/predicts/{name}.py for {key!r}")
+        raise UnknownPredict(f"no table module ckpt_course/predicts/{name}.py for {key!r}")
     if key not in table:
-        raise KeyError(f"{key!r} is not in ckpt_course/predicts/{name}.py: add its table there")
+        raise UnknownPredict(f"{key!r} is not in ckpt_course/predicts/{name}.py: add its table "
+                             f"there")
     return table[key]
 
 
