@@ -30,7 +30,8 @@ with one block trial per mechanism, five runs, largest error per run 5.0% (selec
 the model), 2.7%, 5.8% (offload: the load rose from 7.7 to 12 between its trial and the measured
 steps); the twins' noise floor 0.1-1.2%, the predictions' own standard error 0.7-1.8%. Before
 sharing trials: 2.5% and 8.7%. With --clock wall at load 8: largest error 5.8% (selective), the
-others 1.0-4.1%. The model before this one (a hot 1 MiB copy benchmark per byte, selective
+others 1.0-4.1%; at load 14-16 the twins disagreed by 6.8% (cannot tell; errors 1.2-8.6%).
+The model before this one (a hot 1 MiB copy benchmark per byte, selective
 bookkeeping from a one-token block, forward's per-op overhead for every re-run op), run once here
 with --clock wall at load 0.5-3.5, under-predicted full by 8.1%, every-2 by 13.1%, selective by
 16.8% and offload by 20.9% (the issue's quieter runs: selective 10.7%, offload 11.2%).
