@@ -1002,3 +1002,31 @@ def test_a_huge_prediction_gets_one_line_with_its_size():
 
 def test_there_are_the_testers_bad_inputs():
     assert len(CLI_FINDINGS) + len(API_FINDINGS) >= 45
+
+
+def test_a_build_that_would_replace_an_edited_notebook_writes_nothing(tmp_path):
+    """F27: a hand-edited solution is protected as an edited exercise is, and the build checks
+    every notebook before it writes the first: refused in one line, no file changed."""
+    import shutil
+
+    import nbformat
+
+    from ckpt_course import authoring
+
+    src = tmp_path / "src"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "src", src)
+    sol, ex = tmp_path / "sol", tmp_path / "ex"
+    authoring.build_all(src, sol, ex)
+    edited = sorted(sol.glob("*.ipynb"))[-1]  # the last one built: the others come first
+    nb = nbformat.read(edited, as_version=4)
+    nb.cells[0].source += "\nmy note"
+    nbformat.write(nb, edited)
+    for source in src.glob("*.py"):  # every source changed: every notebook is to be rewritten
+        source.write_text(source.read_text() + "\n# changed\n")
+    files = sorted(sol.glob("*")) + sorted(ex.glob("*"))
+    before = {f: f.read_bytes() for f in files}
+    with pytest.raises(authoring.AuthoringError, match=rf"{edited.name} has edits") as info:
+        authoring.build_all(src, sol, ex)
+    assert "\n" not in str(info.value) and "--force" in str(info.value)
+    assert {f: f.read_bytes() for f in files} == before
+    assert authoring.build_all(src, sol, ex, force=True)  # --force: rebuilt
