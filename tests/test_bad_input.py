@@ -964,7 +964,32 @@ API_FINDINGS = [
     (lambda: hf.small_model(GPT2, 1, 1, 10**6), ValueError, "seq_len=1024 in Python"),
     (lambda: hf.small_model(GPT2, 300), ValueError, "n_layer=8 in Python"),
     (lambda: _train(device="cpu:1"), ValueError, "torch has one CPU device"),
+    # F23, F24: config.json files
+    (lambda: hf.load_config(_raw_json("[" * 100_000 + "]" * 100_000)), ValueError,
+     "nested thousands of levels deep"),
+    (lambda: hf.load_config(_hf(LLAMA, rms_norm_eps=-1)), ValueError,
+     "rms_norm_eps -1 must be a small positive number"),
+    (lambda: hf.load_config(_hf(LLAMA, rms_norm_eps=math.nan)), ValueError,
+     "use e.g. \"rms_norm_eps\": 1e-05"),
+    (lambda: hf.load_config(_hf(GPT2, layer_norm_epsilon="small")), ValueError,
+     "layer_norm_epsilon 'small' must be"),
+    (lambda: hf.load_config(_hf(LLAMA, vocab_size=_DROP)), ValueError, "no vocab_size"),
 ]
+
+
+def _raw_json(text: str, prefix: bytes = b"") -> str:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("wb", suffix=".json", delete=False) as f:
+        f.write(prefix + text.encode())
+    return f.name
+
+
+def test_a_config_json_with_a_byte_order_mark_is_read():
+    """F24: a config.json saved by a Windows editor (a UTF-8 BOM) is the same config."""
+    text = (hf.CONFIG_DIR / f"{GPT2}.json").read_text()
+    config = hf.load_config(_raw_json(text, prefix=b"\xef\xbb\xbf"))
+    assert config.n_layer == hf.load_config(GPT2).n_layer == 12
 
 
 def _reveal_unknown():
