@@ -974,7 +974,28 @@ API_FINDINGS = [
     (lambda: hf.load_config(_hf(GPT2, layer_norm_epsilon="small")), ValueError,
      "layer_norm_epsilon 'small' must be"),
     (lambda: hf.load_config(_hf(LLAMA, vocab_size=_DROP)), ValueError, "no vocab_size"),
+    # F25: the live plot and the meter's track take what the rest of the course takes
+    (lambda: _live(budget=-1), ValueError, "a positive number of bytes"),
+    (lambda: _live(steps=0), ValueError, "steps must be >= 1"),
+    (lambda: _live(steps=10**9), ValueError, "steps must be at most 10,000"),
+    (lambda: _live(policies="none"), TypeError, "not the str 'none'"),
+    (lambda: _live(policies=["bogus"]), ValueError, "unknown policy 'bogus'"),
+    (lambda: _live().add(None), TypeError, "LivePlot.add takes a step's record"),
+    (lambda: _live()(5), TypeError, "got int 5"),
+    (lambda: MemoryMeter().track(5), TypeError, "track takes a model (an nn.Module)"),
+    (lambda: MemoryMeter().track(_gpt(), "adamw"), TypeError, "track's optimizer is a torch"),
 ]
+
+
+def _live(**kwargs):
+    from ckpt_course.live import LivePlot
+
+    return LivePlot(mode="static", **kwargs)
+
+
+def test_a_live_plots_budget_is_read_as_every_budget_is():
+    """F25: '64MiB', as everywhere else in the course."""
+    assert _live(budget="64MiB").budget == 64 * 2**20
 
 
 def _raw_json(text: str, prefix: bytes = b"") -> str:
