@@ -600,6 +600,9 @@ API_17 = [
      "at most 32 levels deep"),
     (lambda: policies.parse_policy("every-" + "9" * 400), ValueError, "bad policy '"),
     (lambda: policies.parse_policy("every-100000"), ValueError, "use e.g. every-2"),
+    (lambda: policies.parse_policy("menu:0-3=full(((((((((0-1)))))))))"), ValueError,
+     "names its blocks before its parentheses"),
+    (lambda: policies.parse_policy("menu:0-3=full((0-1))"), ValueError, "not full((0-1))"),
     # policy objects: malformed children, too deep, beyond the model
     (lambda: policies.Menu(((0, 1, "full", (5,)),)), ValueError,
      "(start, stop, children) with whole block numbers"),
