@@ -262,20 +262,33 @@ def targets(source, solutions_dir, exercises_dir) -> tuple[Path, Path]:
 def build(source, solutions_dir="solutions", exercises_dir="exercises", force=False) -> list[Path]:
     """Write solutions/<stem>.ipynb and exercises/<stem>.ipynb; return the paths written.
 
-    Files already up to date are not touched (their mtime stays). An exercise notebook that a
-    learner has edited is never overwritten unless `force` is true.
+    Files already up to date are not touched (their mtime stays). A notebook someone has edited
+    (an exercise with a learner's answers, a solution edited by hand) is never overwritten unless
+    `force` is true; both are checked before either is written.
     """
+    planned = _planned(source, solutions_dir, exercises_dir, force)
+    return _write(planned)
+
+
+def _planned(source, solutions_dir, exercises_dir, force) -> list[tuple[Path, str]]:
+    """The notebooks `source` builds, with their text; AuthoringError, before any write, for one
+    that someone has edited (unless `force`)."""
     solution, exercise = render(source)
     solution_path, exercise_path = targets(source, solutions_dir, exercises_dir)
-    exercise_text = to_text(exercise)
-    if not force and not _safe_to_replace(exercise_path, exercise_text):
-        raise AuthoringError(
-            f"{exercise_path} has edits that are not in {source} (someone's answers?), so the "
-            f"build left it alone. Move it elsewhere to keep it (e.g. `mv {exercise_path} "
-            f"my_work/`) and build again, or pass force=True (--force) to overwrite it."
-        )
+    planned = [(solution_path, to_text(solution)), (exercise_path, to_text(exercise))]
+    for path, text in planned:
+        if not force and not _safe_to_replace(path, text):
+            raise AuthoringError(
+                f"{path} has edits that are not in {source} (someone's answers?), so the "
+                f"build left it alone. Move it elsewhere to keep it (e.g. `mv {path} "
+                f"my_work/`) and build again, or pass force=True (--force) to overwrite it."
+            )
+    return planned
+
+
+def _write(planned: list[tuple[Path, str]]) -> list[Path]:
     written = []
-    for path, text in ((solution_path, to_text(solution)), (exercise_path, exercise_text)):
+    for path, text in planned:
         if not path.exists() or path.read_text(encoding="utf-8") != text:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text, encoding="utf-8")
@@ -308,8 +321,11 @@ def sources(src_dir="exercises/src") -> list[Path]:
 
 def build_all(src_dir="exercises/src", solutions_dir="solutions", exercises_dir="exercises",
               force=False) -> list[Path]:
-    """Build every source in src_dir; return the notebooks written."""
-    return [p for s in sources(src_dir) for p in build(s, solutions_dir, exercises_dir, force)]
+    """Build every source in src_dir; return the notebooks written. Every notebook is checked
+    (``build``'s rule on edited ones) before the first is written: a refusal writes nothing."""
+    planned = [item for s in sources(src_dir)
+               for item in _planned(s, solutions_dir, exercises_dir, force)]
+    return _write(planned)
 
 
 def reset_exercises(names=(), src_dir="exercises/src", exercises_dir="exercises",

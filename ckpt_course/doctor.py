@@ -40,16 +40,11 @@ from .policies import applied, parse_policy
 from .recompute import measure_recompute
 from .sharding import _min_devices, shard
 from .step import StepRecord, check_run, make_batch, make_optimizer, run_step, seeded
+from .tape import layer_of
 from .units import fmt_bytes, fmt_flops
 
 
 # ---------------------------------------------------------------- following modules
-def _top_level(module: str) -> str:
-    """'blocks.2.attn.qkv' -> 'blocks.2'; 'head' -> 'head'; '' -> ''."""
-    parts = module.split(".")
-    return ".".join(parts[:2]) if len(parts) > 1 and parts[1].isdigit() else parts[0]
-
-
 class _Modules:
     """Which module is running. Forward (and a checkpoint's recompute): a stack kept by module
     hooks. Backward: the autograd node running, looked up in a map from nodes to the module
@@ -151,7 +146,7 @@ class _DoctorMeter(MemoryMeter):
     def _record_failure(self, op: str, tried: int, message: str) -> None:
         module = self.modules.current()
         self.failure = dict(op=op, tried=tried, live=self.live_bytes, phase=self._phase,
-                            module=module, layer=_top_level(module),
+                            module=module, layer=layer_of(module),
                             breakdown=self.breakdown(), by_layer=self.by_layer(),
                             message=message)
 
@@ -160,7 +155,7 @@ class _DoctorMeter(MemoryMeter):
         out: dict[str, int] = {}
         for key, ref in self._live.items():
             if ref.category in ("activations", "temporaries"):
-                layer = _top_level(self.owner.get(key, "")) or "(outside any module)"
+                layer = layer_of(self.owner.get(key, "")) or "(outside any module)"
                 out[layer] = out.get(layer, 0) + ref.nbytes
         return out
 

@@ -26,6 +26,7 @@ Two adaptations, both because the planner measures each block *alone*:
 from __future__ import annotations
 
 import json
+import math
 import os
 import types
 from contextlib import contextmanager, nullcontext
@@ -37,7 +38,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from .models import next_token_loss, token_batch
-from .units import check_positive_int
+from .units import check_positive_int, shown
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the Hub, even by accident
 
@@ -143,12 +144,34 @@ def _check_sizes(cls, get, where: str) -> None:
                          f"models use 2.5 to 8 x)")
 
 
+EPSILON_FIELDS = ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps")
+
+
+def _check_file_fields(values: dict, where: str) -> None:
+    """What a config.json must say itself (transformers would fill in a default silently) and
+    the norms' epsilon: a small positive number."""
+    if not any(k in values for k in ("vocab_size", "n_vocab")):
+        raise ValueError(f"{where}: no vocab_size: a config.json names its vocabulary's size, "
+                         f"e.g. \"vocab_size\": 32000")
+    for name in EPSILON_FIELDS:
+        value = values.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                math.isfinite(value) and 0 < value < 1):
+            raise ValueError(f"{where}: {name} {shown(value)} must be a small positive number: "
+                             f"use e.g. \"{name}\": 1e-05")
+
+
 def _read_json(path: Path) -> dict:
     try:
-        values = json.loads(path.read_text())
+        values = json.loads(path.read_text(encoding="utf-8-sig"))  # a Windows editor's BOM
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON ({error}): fix the file or give another "
                          f"config.json") from None
+    except RecursionError:
+        raise ValueError(f"{path} is not a config.json (nested thousands of levels deep): fix "
+                         f"the file or give another config.json") from None
     except OSError as error:
         raise ValueError(f"{path} cannot be read ({error.strerror}): check the path") from None
     if not isinstance(values, dict) or "model_type" not in values:
@@ -193,6 +216,7 @@ def load_config(name_or_path):
         return _json_key(cls, name), getattr(defaults, name, _ABSENT)
 
     _check_sizes(cls, get, str(path))  # before transformers, whose errors span lines
+    _check_file_fields(values, str(path))
     from huggingface_hub.errors import StrictDataclassError
 
     try:

@@ -35,7 +35,10 @@ import time
 import matplotlib
 from matplotlib.figure import Figure
 
-from .units import MiB, fmt_bytes
+from .meter import parse_budget
+from .policies import parse_policy
+from .step import check_steps
+from .units import MiB, check_positive_int, fmt_bytes, shown
 
 HEADLESS_ENV = "CKPT_COURSE_HEADLESS"
 
@@ -77,9 +80,15 @@ class LivePlot:
             raise ValueError(f"mode must be 'auto', 'live' or 'static', not {mode!r}")
         if not 0 < max_share < 1:
             raise ValueError(f"max_share is a share of the wall clock, in (0, 1): {max_share}")
-        self.policies = [str(p) for p in policies] if policies is not None else []
+        if isinstance(policies, str):
+            raise TypeError(f"policies is a list of policies, not the str {shown(policies)}: "
+                            f"write e.g. ['none', 'full']")
+        self.policies = ([str(parse_policy(p)) for p in policies] if policies is not None
+                         else [])
+        if steps is not None:
+            check_steps(check_positive_int("steps", steps))
         self.steps, self.title = steps, title
-        self.budget = None if budget is None else float(budget)
+        self.budget = None if budget is None else parse_budget(budget)
         self.live = mode == "live" or (mode == "auto" and not is_headless())
         self.min_interval_s, self.max_share = min_interval_s, max_share
         self.points: dict[str, list[tuple]] = {}  # policy -> [(recompute_flops, time_s, peak)]
@@ -103,6 +112,9 @@ class LivePlot:
     def add(self, record) -> None:
         """One step's record (a ``StepRecord`` or anything with its fields). A record without a
         peak (an unmetered, timed step) takes the policy's last measured peak."""
+        if not all(hasattr(record, name) for name in ("policy", "time_s")):
+            raise TypeError(f"LivePlot.add takes a step's record (a StepRecord, as train's "
+                            f"on_step passes it), got {type(record).__name__} {shown(record)}")
         policy = str(record.policy)
         if policy not in self.policies:
             self.policies.append(policy)

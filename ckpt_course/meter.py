@@ -279,6 +279,14 @@ class MemoryMeter(TorchDispatchMode):
     def track(self, model: torch.nn.Module | None = None, optimizer=None) -> MemoryMeter:
         """Count tensors that exist already (parameters and buffers, gradients, optimizer state)
         and relabel each new ``param.grad`` as "gradients". ``untrack()`` removes the hooks."""
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"track takes a model (an nn.Module) and its optimizer, got "
+                            f"{type(model).__name__} {shown(model)}: e.g. meter.track(model, "
+                            f"optimizer)")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"track's optimizer is a torch optimizer, got "
+                            f"{type(optimizer).__name__} {shown(optimizer)}: e.g. "
+                            f"meter.track(model, make_optimizer(model))")
         if model is not None:
             for p in model.parameters():
                 self._label(p, "parameters")

@@ -723,6 +723,9 @@ def _parse_children(text: str) -> tuple:
     children = []
     for part in _split_top(text[1:-1]):
         head, paren, rest = part.strip().partition("(")
+        if not head.strip() and paren:
+            raise ValueError("a nested segment names its blocks before its parentheses: "
+                             "full(0-3(0-1)), not full((0-1))")
         a, b, each = _parse_span(head)
         if each:
             raise ValueError("a nested segment is one span 'a-b'")

@@ -84,7 +84,7 @@ class Tape:
         out: dict[str, int] = {}
         for e in self.entries:
             if not e.is_param:
-                out[_top_level(e.module)] = out.get(_top_level(e.module), 0) + e.nbytes
+                out[layer_of(e.module)] = out.get(layer_of(e.module), 0) + e.nbytes
         return out
 
     def to_rows(self) -> list[dict]:
@@ -167,9 +167,13 @@ class _WholeTensor:
         return self.t.numel() * self.t.element_size()
 
 
-def _top_level(module: str) -> str:
+def layer_of(module: str) -> str:
+    """The layer a module is in: its path down to the first block number. 'blocks.2.attn.qkv'
+    -> 'blocks.2'; a Hugging Face model's 'lm.model.layers.2.mlp.act_fn' -> 'lm.model.layers.2'
+    (one row per decoder layer, as for the course's models); 'head' -> 'head'; '' -> ''."""
     parts = module.split(".")
-    return ".".join(parts[:2]) if len(parts) > 1 and parts[1].isdigit() else parts[0]
+    number = next((i for i, part in enumerate(parts) if i and part.isdigit()), None)
+    return ".".join(parts[:number + 1]) if number is not None else parts[0]
 
 
 def _is_saved_tensor(save: list, b) -> bool:

@@ -43,3 +43,12 @@ def lesson_run():
         return runs[path]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def course_class(tmp_path_factory):
+    """The course's own exercises graded once per session, in one class run shared by the tests
+    that read it (tests/grading_kit.py: ``course_class``)."""
+    from grading_kit import course_class as graded
+
+    return graded(tmp_path_factory.mktemp("course-class"))

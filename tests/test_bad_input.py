@@ -600,6 +600,9 @@ API_17 = [
      "at most 32 levels deep"),
     (lambda: policies.parse_policy("every-" + "9" * 400), ValueError, "bad policy '"),
     (lambda: policies.parse_policy("every-100000"), ValueError, "use e.g. every-2"),
+    (lambda: policies.parse_policy("menu:0-3=full(((((((((0-1)))))))))"), ValueError,
+     "names its blocks before its parentheses"),
+    (lambda: policies.parse_policy("menu:0-3=full((0-1))"), ValueError, "not full((0-1))"),
     # policy objects: malformed children, too deep, beyond the model
     (lambda: policies.Menu(((0, 1, "full", (5,)),)), ValueError,
      "(start, stop, children) with whole block numbers"),
@@ -964,7 +967,53 @@ API_FINDINGS = [
     (lambda: hf.small_model(GPT2, 1, 1, 10**6), ValueError, "seq_len=1024 in Python"),
     (lambda: hf.small_model(GPT2, 300), ValueError, "n_layer=8 in Python"),
     (lambda: _train(device="cpu:1"), ValueError, "torch has one CPU device"),
+    # F23, F24: config.json files
+    (lambda: hf.load_config(_raw_json("[" * 100_000 + "]" * 100_000)), ValueError,
+     "nested thousands of levels deep"),
+    (lambda: hf.load_config(_hf(LLAMA, rms_norm_eps=-1)), ValueError,
+     "rms_norm_eps -1 must be a small positive number"),
+    (lambda: hf.load_config(_hf(LLAMA, rms_norm_eps=math.nan)), ValueError,
+     "use e.g. \"rms_norm_eps\": 1e-05"),
+    (lambda: hf.load_config(_hf(GPT2, layer_norm_epsilon="small")), ValueError,
+     "layer_norm_epsilon 'small' must be"),
+    (lambda: hf.load_config(_hf(LLAMA, vocab_size=_DROP)), ValueError, "no vocab_size"),
+    # F25: the live plot and the meter's track take what the rest of the course takes
+    (lambda: _live(budget=-1), ValueError, "a positive number of bytes"),
+    (lambda: _live(steps=0), ValueError, "steps must be >= 1"),
+    (lambda: _live(steps=10**9), ValueError, "steps must be at most 10,000"),
+    (lambda: _live(policies="none"), TypeError, "not the str 'none'"),
+    (lambda: _live(policies=["bogus"]), ValueError, "unknown policy 'bogus'"),
+    (lambda: _live().add(None), TypeError, "LivePlot.add takes a step's record"),
+    (lambda: _live()(5), TypeError, "got int 5"),
+    (lambda: MemoryMeter().track(5), TypeError, "track takes a model (an nn.Module)"),
+    (lambda: MemoryMeter().track(_gpt(), "adamw"), TypeError, "track's optimizer is a torch"),
 ]
+
+
+def _live(**kwargs):
+    from ckpt_course.live import LivePlot
+
+    return LivePlot(mode="static", **kwargs)
+
+
+def test_a_live_plots_budget_is_read_as_every_budget_is():
+    """F25: '64MiB', as everywhere else in the course."""
+    assert _live(budget="64MiB").budget == 64 * 2**20
+
+
+def _raw_json(text: str, prefix: bytes = b"") -> str:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("wb", suffix=".json", delete=False) as f:
+        f.write(prefix + text.encode())
+    return f.name
+
+
+def test_a_config_json_with_a_byte_order_mark_is_read():
+    """F24: a config.json saved by a Windows editor (a UTF-8 BOM) is the same config."""
+    text = (hf.CONFIG_DIR / f"{GPT2}.json").read_text()
+    config = hf.load_config(_raw_json(text, prefix=b"\xef\xbb\xbf"))
+    assert config.n_layer == hf.load_config(GPT2).n_layer == 12
 
 
 def _reveal_unknown():
@@ -1002,3 +1051,31 @@ def test_a_huge_prediction_gets_one_line_with_its_size():
 
 def test_there_are_the_testers_bad_inputs():
     assert len(CLI_FINDINGS) + len(API_FINDINGS) >= 45
+
+
+def test_a_build_that_would_replace_an_edited_notebook_writes_nothing(tmp_path):
+    """F27: a hand-edited solution is protected as an edited exercise is, and the build checks
+    every notebook before it writes the first: refused in one line, no file changed."""
+    import shutil
+
+    import nbformat
+
+    from ckpt_course import authoring
+
+    src = tmp_path / "src"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "src", src)
+    sol, ex = tmp_path / "sol", tmp_path / "ex"
+    authoring.build_all(src, sol, ex)
+    edited = sorted(sol.glob("*.ipynb"))[-1]  # the last one built: the others come first
+    nb = nbformat.read(edited, as_version=4)
+    nb.cells[0].source += "\nmy note"
+    nbformat.write(nb, edited)
+    for source in src.glob("*.py"):  # every source changed: every notebook is to be rewritten
+        source.write_text(source.read_text() + "\n# changed\n")
+    files = sorted(sol.glob("*")) + sorted(ex.glob("*"))
+    before = {f: f.read_bytes() for f in files}
+    with pytest.raises(authoring.AuthoringError, match=rf"{edited.name} has edits") as info:
+        authoring.build_all(src, sol, ex)
+    assert "\n" not in str(info.value) and "--force" in str(info.value)
+    assert {f: f.read_bytes() for f in files} == before
+    assert authoring.build_all(src, sol, ex, force=True)  # --force: rebuilt

@@ -48,24 +48,19 @@ def test_untouched_exercise_fails_at_each_check_and_nowhere_else(source):
 
 
 @pytest.mark.slow
-def test_the_grader_gives_every_solution_full_marks_and_every_stub_none(tmp_path):
+def test_the_grader_gives_every_solution_full_marks_and_every_stub_none(course_class):
     """The real grader (worker processes, secret seeds, RSS peaks) on what the course ships:
-    each solution earns every point, each untouched exercise earns none."""
-    from ckpt_course.grading import grade
-
-    names = [s.stem + ".ipynb" for s in SOURCES]
-    copies = []
-    for folder in ("solutions", "exercises"):
-        (tmp_path / folder).mkdir()
-        for name in names:
-            copy = tmp_path / folder / name
-            copy.write_bytes((ROOT / folder / name).read_bytes())
-            copies.append(copy)
-    cards = grade(copies, ROOT / "exercises", timeout=120, jobs=2)
-    for card in cards:
+    each solution earns every point, each untouched exercise earns none (the session's one run
+    of the course's exercises, tests/conftest.py)."""
+    cards, unchanged = course_class
+    assert unchanged
+    graded = {key: card for key, card in cards.items() if key[0] != "build-it"}
+    assert sorted(graded) == sorted((kind, s.stem) for kind in ("solutions", "exercises")
+                                    for s in SOURCES)
+    for (kind, _), card in graded.items():
         assert not card.error, (card.notebook, card.error)
         assert card.checks, card.notebook
-        if "/solutions/" in card.notebook:
+        if kind == "solutions":
             assert card.full_marks, (card.notebook, [(c.name, c.hint) for c in card.checks
                                                      if not c.passed])
         else:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from grading_kit import RIGHT, build_course, hints, learner, results, save
+from grading_kit import BUILD_IT, RIGHT, build_course, hints, learner, results, rule, save
 
 from ckpt_course import grading
 
@@ -21,10 +21,6 @@ NO_BYTES = {**FULL, "0.1-bytes": 0}
 BUILT, NOT_BUILT = {"0.5-built": 1}, {"0.5-built": 0}
 SLEEP_MARK = "300.4219"  # the argv of a grandchild that must not outlive its grading
 SECRET = "s3cret-of-the-grader-7731"
-
-
-def rule(target):
-    return f"rule broken: this exercise's answers may not use {target}"
 
 
 def built(body: str, top: str = "") -> dict:
@@ -417,82 +413,17 @@ def test_nothing_escapes_and_no_file_changed(graded):
 
 # ---------------------------------------------------------------- the course's own rules
 
-ROOT = Path(__file__).resolve().parents[1]
-BUILD_IT = {  # exercise: ({answer: source}, {check: the rule its hint must name})
-    "1_why_activations": (
-        {"1.3-by-hand": "import torch.utils.checkpoint\nclass MyCheckpoint:\n"
-                        "    @staticmethod\n    def apply(block, x):\n"
-                        "        return torch.utils.checkpoint.checkpoint(block, x, "
-                        "use_reentrant=False)",
-         "1.4-pick-n": "def pick_n(n_layers, activation_bytes, budget):\n"
-                       "    return max(n for n in range(1, n_layers + 1)\n"
-                       "               if checks._dial_peak(n_layers, n) * activation_bytes"
-                       " <= budget)"},
-        {"1.3-by-hand": rule("torch.utils.checkpoint"),
-         "1.4-pick-n": rule("ckpt_course.checks.phase1")}),
-    "2_hand_trace": (
-        {"2.1-tape": "from ckpt_course.tape import record_tape\n"
-                     "def predict_tape(batch, width, depth):\n"
-                     "    record_tape(None, ())\n    return {}",
-         "2.4-peak": "import ckpt_course.trace as t\n"
-                     "def predict_peak(free_grads, batch, width, depth):\n"
-                     "    t.trace_step(None, 'none', batch_size=batch)\n    return {}",
-         "2.2-every2": "def every2_saved_bytes(batch, width, depth):\n"
-                       "    from ckpt_course.pitfalls import saved_for_backward\n"
-                       "    return saved_for_backward(None, None)"},
-        {"2.1-tape": rule("ckpt_course.tape"), "2.4-peak": rule("ckpt_course.trace"),
-         "2.2-every2": rule("ckpt_course.pitfalls")}),
-    "3_choosing_a_policy": (
-        {"3.2-offload": "import weakref, torch\ndef offload_hooks(host, params):\n"
-                        "    from ckpt_course.checks import probes\n"
-                        "    return probes.reference_offload_hooks(host, params)",
-         "3.2-per-gpu": "def per_gpu_bytes(n_params, n_gpus, activation_bytes):\n"
-                        "    from ckpt_course.sharding import per_gpu_bytes as solved\n"
-                        "    return solved(n_params, n_gpus, activation_bytes)",
-         "3.3-attention": "def naive_extra_bytes(batch, heads, seq, dropout):\n"
-                          "    from ckpt_course.estimate import layer_activation_bytes\n"
-                          "    return layer_activation_bytes(None, batch, seq, None)"},
-        {"3.2-offload": rule("ckpt_course.checks.references"),
-         "3.2-per-gpu": rule("ckpt_course.sharding:per_gpu_bytes"),
-         "3.3-attention": rule("ckpt_course.estimate:layer_activation_bytes")}),
-    "4_prescribe_a_policy": (
-        {"4.1-peak": "from ckpt_course import plan\nfrom ckpt_course.checks import probes\n"
-                     "def chain_peak(chain, placement):\n"
-                     "    return plan.predict(probes.chain_costs(chain), "
-                     "[tuple(s) for s in placement]).peak_bytes",
-         "4.2-planner": "import sys\ndef plan_placement(chain, budget):\n"
-                        "    return sys.modules['ckpt_course.plan'].optimal(None, budget)",
-         "4.3-capstone": "import gc, types\ndef my_policy(chain, budget):\n"
-                         "    f = next(o for o in gc.get_objects() if type(o) is "
-                         "types.FunctionType and o.__name__ == 'optimal')\n"
-                         "    return str(f(None, budget).policy)"},
-        {"4.1-peak": rule("ckpt_course.checks"), "4.2-planner": rule("ckpt_course.plan"),
-         "4.3-capstone": rule("ckpt_course.plan")}),
-    "4b_your_model": (
-        {"4b-layer": "def layer_bytes(hidden, heads, kv_heads, intermediate, seq, batch, d):\n"
-                     "    return hf.hf_config_costs(None, batch, seq)"},
-        {"4b-layer": rule("ckpt_course.hf:hf_config_costs")}),
-}
-
-
 @pytest.mark.slow
-def test_the_course_exercises_enforce_their_build_it_rules(tmp_path):
+def test_the_course_exercises_enforce_their_build_it_rules(course_class):
     """On the course's own exercises: an answer that reaches for what its check forbids (torch's
     checkpoint, the reference hooks, the measuring tools, the planner, the check's helper) gets
-    0 and a hint naming the rule. Every such answer fails at its first call: this is quick."""
-    from ckpt_course.authoring import tagged_name
-
-    paths = []
-    for stem, (answers, _) in BUILD_IT.items():
-        nb = nbformat.read(ROOT / "exercises" / f"{stem}.ipynb", as_version=4)
-        for cell in nb.cells:
-            cell.source = answers.get(tagged_name(cell, "answer"), cell.source)
-        paths.append(save(nb, tmp_path / stem / f"{stem}.ipynb"))
-    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in paths}
-    cards = grading.grade(paths, ROOT / "exercises", timeout=120, jobs=2)
-    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in paths} == before
+    0 and a hint naming the rule. Graded in the session's one run of the course's exercises
+    (tests/conftest.py), with every solution and untouched exercise; files left unchanged."""
+    cards, unchanged = course_class
+    assert unchanged
     broken = {}
-    for card, (_, expected) in zip(cards, BUILD_IT.values(), strict=True):
+    for stem, (_, expected) in BUILD_IT.items():
+        card = cards[("build-it", stem)]
         for check, text in expected.items():
             got = next(c for c in card.checks if c.name == check)
             if got.earned or text not in got.hint:

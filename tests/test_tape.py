@@ -188,3 +188,15 @@ def test_bad_input_says_what_to_do():
         record_tape(42)
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         record_tape(lambda: None, model="net")
+
+
+def test_a_module_is_in_the_layer_of_its_first_block_number():
+    """F26: a Hugging Face model's decoder layers are rows of their own (as blocks.N are), not
+    all its wrapper's top module."""
+    from ckpt_course.tape import layer_of
+
+    assert layer_of("blocks.2.attn.qkv") == "blocks.2"
+    assert layer_of("lm.model.layers.2.mlp.act_fn") == "lm.model.layers.2"
+    assert layer_of("lm.transformer.h.11.attn") == "lm.transformer.h.11"
+    assert layer_of("lm.lm_head") == "lm"
+    assert layer_of("head") == "head" and layer_of("") == ""
