@@ -9,7 +9,8 @@ your own with ``self.blocks = nn.ModuleList(...)``)::
     report.undo()                                     # or: with auto_checkpoint(...): ...
 
 1. Measure each distinct block and the rest of the model on ``batch`` (``costs.measure_costs``,
-   with every option of ``costs.MENU``: checkpointed segments, selective variants, offload).
+   with every option of ``costs.MENU``: checkpointed segments, selective variants, offload;
+   and points of each block's exact Pareto set over which op outputs to keep, ``op_choices``).
 2. Plan: the placement with the fewest recomputed FLOPs whose predicted peak fits the budget
    (``plan.optimal``; offload only where nothing else fits).
 3. Apply it to the model's blocks (``policies.apply_policy``: instance forwards, removed by
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .costs import MENU, measure_costs
+from .costs import MENU, check_op_points, measure_costs
 from .meter import parse_budget
 from .plan import Plan, make_plan, measure_peaks
 from .policies import AppliedPolicy, apply_policy
@@ -117,19 +118,23 @@ class AutoReport:
                 f"report.undo() removes it.")
 
 
-def auto_checkpoint(model: nn.Module, budget, batch, loss_fn=None, menu=MENU) -> AutoReport:
+def auto_checkpoint(model: nn.Module, budget, batch, loss_fn=None, menu=MENU,
+                    op_points: int = 6) -> AutoReport:
     """Measure, plan, apply and verify the cheapest checkpoint placement that fits ``budget``
     (bytes or "40MiB") for a training step on ``batch`` (a tensor or a tuple whose first item
     is the model's input; the course's models take their own ``(idx, targets)``). Raises a
-    one-line ``ValueError`` naming the fix when nothing fits; the model is unchanged then."""
+    one-line ``ValueError`` naming the fix when nothing fits; the model is unchanged then.
+    ``op_points``: besides ``menu``, up to this many op-level options per distinct block
+    (``op_choices``: which op outputs a checkpoint keeps; 0: the menu alone)."""
     budget = parse_budget(budget)  # once, here
+    check_op_points(op_points)
     course = _course_model(model, batch, loss_fn)
     # Everything runs on a copy, with the random stream put back: the learner's model keeps its
     # buffers (BatchNorm's statistics), its train/eval mode and its gradients; seeded runs
     # reproduce with or without this call.
     with torch.random.fork_rng(devices=_cuda_devices(model)):
         work = copy.deepcopy(course)
-        costs = measure_costs(work, None, menu=menu)
+        costs = measure_costs(work, None, menu=menu, op_points=op_points)
         plan = make_plan(costs, budget, "flops")
         if not plan.fits:
             raise ValueError(f"nothing fits in {fmt_bytes(budget)}: {plan.advice()}")

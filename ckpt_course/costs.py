@@ -708,7 +708,7 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
     exact Pareto set of (kept bytes, recompute FLOPs) over which op outputs a checkpoint keeps
     (``op_choices``), each a ``selective:ops=...`` option measured like the menu's."""
     menu = check_menu(menu)
-    _check_op_points(op_points)
+    check_op_points(op_points)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds is a whole number of timing rounds >= 1, such as 15; got "
                          f"{rounds!r}")
@@ -780,7 +780,7 @@ def _check_block_order(order: list[int], n: int, tensors: int) -> None:
                          "planner measures blocks that take the hidden state first")
 
 
-def _check_op_points(op_points) -> None:
+def check_op_points(op_points) -> None:
     if isinstance(op_points, bool) or not isinstance(op_points, int) or op_points < 0:
         raise ValueError(f"op_points is how many op-level options to measure per block, a whole "
                          f"number >= 0 such as 6; got {op_points!r}")
@@ -831,7 +831,7 @@ def config_costs(cfg, batch_size: int, seq_len: int, dtype: torch.dtype = torch.
     from .models import GPTConfig, Llama, TinyGPT
 
     menu = check_menu(menu)
-    _check_op_points(op_points)
+    check_op_points(op_points)
     if isinstance(cfg, str):
         cfg = config_by_name(cfg)
     estimate._check(cfg, batch_size, seq_len, dtype)

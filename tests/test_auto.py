@@ -192,3 +192,23 @@ def test_planning_leaves_the_models_buffers_mode_gradients_and_random_stream_alo
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in plain.state_dict().items())
     finally:
         report.undo()
+
+
+def test_op_level_options_never_recompute_more_and_stay_exact():
+    torch.manual_seed(0)
+    model, batch = MyNet(), torch.randn(256, 16)
+    plain = _grads(model, batch)
+    generous = auto_checkpoint(model, 10**9, batch, op_points=0)
+    generous.undo()
+    fewer = []
+    for share in (0.8, 0.75, 0.7):
+        budget = int(generous.predicted_peak * share)
+        with auto_checkpoint(model, budget, batch, op_points=0) as menu_only:
+            pass
+        with auto_checkpoint(model, budget, batch) as op_level:  # op_points=6 by default
+            assert op_level.measured_peak == op_level.predicted_peak <= budget
+            assert all(torch.equal(a, b) for a, b in zip(plain, _grads(model, batch),
+                                                         strict=True))
+        assert op_level.plan.best.recompute_flops <= menu_only.plan.best.recompute_flops
+        fewer.append(op_level.plan.best.recompute_flops < menu_only.plan.best.recompute_flops)
+    assert any(fewer) and "selective:ops=" in str(op_level.policy)
