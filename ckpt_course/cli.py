@@ -61,6 +61,7 @@ _width = _at_most(65_536, "wider than any real model")
 _steps = _at_most(MAX_STEPS, "more steps only take longer")
 _devices = _at_most(1_000_000, "more devices than any cluster")
 _jobs = _at_most(256, "more processes than any machine's cores")
+_op_points = _at_most(64, "a block's Pareto set, thinned, has fewer points that matter")
 
 
 def _float_where(ok, what: str):
@@ -471,6 +472,10 @@ def add_plan_arguments(parser) -> None:
     parser.add_argument("--objective", choices=("time", "flops"), default=None,
                         help="what the plan minimises: measured time (default for --model) or "
                              "recomputed FLOPs (default, and the only one, for --config)")
+    parser.add_argument("--op-points", type=_op_points, default=0, metavar="N",
+                        help="also up to N op-level options per distinct block: which op "
+                             "outputs a checkpoint keeps (selective:ops=...; --model and "
+                             "--config; default: the menu alone)")
 
 
 def costs_from_args(args):
@@ -484,8 +489,13 @@ def costs_from_args(args):
                                      or getattr(args, "hf_config", None) is not None):
         raise ValueError("--objective time needs a course model measured for real (--model); a "
                          "config is costed on fake tensors: use --objective flops")
+    points = getattr(args, "op_points", 0)
     if getattr(args, "hf_config", None) is not None:
         from .hf import hf_config_costs, longest
+
+        if points:
+            raise ValueError("--op-points applies to --model and --config; an --hf-config is "
+                             "planned with the menu: drop --op-points")
 
         if args.layers is not None:
             raise ValueError("--layers applies to course models; an --hf-config has its own depth "
@@ -508,12 +518,13 @@ def costs_from_args(args):
             raise ValueError(f"--seq {seq} is longer than the config supports "
                              f"({args.config.seq_len}): use --seq {args.config.seq_len} or less")
         return config_costs(args.config, args.batch or 1, seq, dtype[args.dtype or "bf16"],
-                            menu=MENU)
+                            menu=MENU, op_points=points)
     if args.dtype is not None:
         raise ValueError("--dtype applies to a --config; course models run in fp32: drop --dtype")
     args.model = args.model or "gpt"
     model, batch_size, seq = _course_model(args)
-    return measure_costs(model, batch_size, seq, menu=MENU, times=args.objective != "flops")
+    return measure_costs(model, batch_size, seq, menu=MENU, times=args.objective != "flops",
+                         op_points=points)
 
 
 def run_plan(args) -> int:

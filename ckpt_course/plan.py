@@ -1036,22 +1036,26 @@ class Plan:
                  f"{fmt_bytes(layer.input_bytes)} (its input) checkpointed; forward "
                  f"{fmt_flops(layer.forward_flops)}; a plain step {fmt_flops(c.step_flops)}",
                  *(f"  ({note})" for note in c.notes), ""]
-        head = (f"  {'policy':<34} {'peak':>11}  {'fits':<4} {'recompute':>12} {'of a step':>9}"
+        rows = self.table()
+        w = max(34, *(len(r["policy"]) for r in rows))  # a policy is never cut: it is the answer
+        head = (f"  {'policy':<{w}} {'peak':>11}  {'fits':<4} {'recompute':>12} {'of a step':>9}"
                 + (f" {'+time':>9}" if c.times else ""))
         lines += [head, "  " + "-" * (len(head) - 2)]
-        for r in self.table():
+        for r in rows:
             time = f" {r['extra_time_s'] * 1e3:>7.2f}ms" if c.times else ""
-            lines.append(f"  {r['policy'][:34]:<34} {fmt_bytes(r['peak_bytes']):>11}  "
+            lines.append(f"  {r['policy']:<{w}} {fmt_bytes(r['peak_bytes']):>11}  "
                          f"{'yes' if r['fits'] else 'no':<4} {fmt_flops(r['recompute_flops']):>12} "
                          f"{r['overhead']:>+9.1%}{time}")
         lines.append("")
         if self.best is not None:
             lines.append(f"Per block (objective: {self.objective}):")
-            lines.append(f"  {'blocks':<7} {'option':<36} {'keeps':>11} {'recompute':>12}"
+            blocks = block_table(c, self.best)
+            w = max(36, *(len(r["option"]) for r in blocks))
+            lines.append(f"  {'blocks':<7} {'option':<{w}} {'keeps':>11} {'recompute':>12}"
                          + (f" {'+time':>9}" if c.times else ""))
-            for r in block_table(c, self.best):
+            for r in blocks:
                 time = f" {r['extra_time_s'] * 1e3:>7.2f}ms" if c.times else ""
-                lines.append(f"  {r['blocks']:<7} {r['option'][:36]:<36} "
+                lines.append(f"  {r['blocks']:<7} {r['option']:<{w}} "
                              f"{fmt_bytes(r['kept_bytes']):>11} "
                              f"{fmt_flops(r['recompute_flops']):>12}{time}")
             lines += ["", self.explain(), ""]

@@ -12,7 +12,7 @@ from ckpt_course import hf
 from ckpt_course.costs import MENU, config_costs, measure_costs, measure_layer, measure_option
 from ckpt_course.models import GPTConfig, TinyGPT
 from ckpt_course.op_choices import block_ops, kept_bytes, pareto, recompute_flops, thin
-from ckpt_course.plan import brute_force, optimal, predict
+from ckpt_course.plan import brute_force, optimal, optimal_frontier, predict
 from ckpt_course.policies import Menu, SelectiveOps, parse_policy
 from ckpt_course.timing import block_input
 from tests.test_plan_models import _exact
@@ -184,3 +184,38 @@ def test_op_level_options_of_a_config_on_fake_tensors_are_those_of_the_real_mode
     for option, measured in real.menu[0].items():
         assert fake.menu[0][option].recompute_flops == measured.recompute_flops
         assert fake.menu[0][option].layer.saved_bytes == measured.layer.saved_bytes
+
+
+# ---------------------------------------------------------------- the command line
+def test_plan_command_with_op_points_recomputes_less_where_the_menu_cannot(capsys):
+    from ckpt_course.cli import _parser, costs_from_args, main
+
+    argv = ["plan", "--model", "gpt", "--layers", "2", "--batch", "2", "--objective", "flops"]
+    args = _parser().parse_args([*argv, "--budget", "1GiB", "--op-points", "6"])
+    with_ops = costs_from_args(args)
+    menu_only = costs_from_args(_parser().parse_args([*argv, "--budget", "1GiB"]))
+    # a budget where the best op-level plan recomputes less than the best menu plan
+    budget = next(p.peak_bytes for p in optimal_frontier(with_ops)
+                  if (m := optimal(menu_only, p.peak_bytes)) is None
+                  or m.recompute_flops > p.recompute_flops)
+    assert main([*argv, "--budget", str(budget), "--op-points", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "selective:ops=" in out
+    assert f"optimal: {optimal(with_ops, budget).policy}" in out
+
+
+@pytest.mark.parametrize("extra, error", [
+    (["--op-points", "0"], "at least 1"),
+    (["--op-points", "65"], "at most 64"),
+    (["--op-points", "x"], "whole number"),
+    (["--hf-config", "gpt2", "--op-points", "4"], "--op-points applies to --model and --config"),
+])
+def test_plan_command_refuses_bad_op_points_in_one_line(extra, error, capsys):
+    from ckpt_course.cli import main
+
+    argv = ["plan", "--budget", "1GiB", *extra]
+    with pytest.raises(SystemExit) as code:  # argparse's exit, or main's own code
+        raise SystemExit(main(argv))
+    assert code.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert error in err.splitlines()[-1] and "Traceback" not in err  # argparse's usage, then it
