@@ -24,7 +24,11 @@ On a machine shared with other jobs, ``--clock cpu`` times everything (profile, 
 the measured steps) in this process's CPU time, which leaves out the time the step waited for a
 core; ``uptime``'s load is printed with the figures.
 
-Measured here (2026-12-05, 2 cores shared with 4 other jobs, load 6-12, --clock cpu, 15 rounds):
+Measured on a quiet machine (2026-12-05 evening, load 0.6-1.0, 15 rounds, TinyGPT batch 8,
+1 thread): --clock cpu, largest error 2.8% (every-2; full 0.9%, selective 1.1%, offload 1.9%,
+segments 1.9%), noise floor 0.9%; --clock wall, largest error 2.0% (every-2; full 1.2%,
+selective 1.4%, offload 1.8%), noise floor 2.3%: every policy within 5% in both runs.
+Earlier, loaded (2026-12-05, 2 cores shared with 4 other jobs, load 6-12, --clock cpu, 15 rounds):
 with one block trial per mechanism, five runs, largest error per run 5.0% (selective), 2.8%,
 8.0% (every-2 measured below full, which re-runs less: that run's measurement was off, not only
 the model), 2.7%, 5.8% (offload: the load rose from 7.7 to 12 between its trial and the measured
