@@ -150,9 +150,31 @@ class GPTBlock(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+def check_parameters_fit(cfg) -> None:
+    """Refuse, before any allocation, a real (not fake, not meta) model whose float32 parameters
+    alone exceed this machine's free memory: building it would fail in the allocator or swap.
+    Fake or meta tensors (``ckpt_course.estimate``'s 70B) allocate nothing and pass."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from .estimate import parameter_count  # both import this module: imported when called
+    from .step import available_memory
+
+    probe = torch.empty(0)
+    if isinstance(probe, FakeTensor) or probe.is_meta:
+        return
+    free, n_params = available_memory(), parameter_count(cfg)
+    if free is None or 4 * n_params <= free:
+        return
+    raise ValueError(f"{cfg} has {n_params:,} parameters ({4 * n_params / 2**30:.1f} GiB in "
+                     f"float32), more than the {free / 2**30:.1f} GiB this machine has free: use "
+                     "a smaller d_model, n_layer or vocab_size, or build it on fake tensors "
+                     "(ckpt_course.estimate)")
+
+
 class TinyGPT(nn.Module):
     def __init__(self, cfg: GPTConfig = GPTConfig()):
         super().__init__()
+        check_parameters_fit(cfg)
         self.cfg = cfg
         self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos = nn.Embedding(cfg.seq_len, cfg.d_model)
@@ -237,6 +259,7 @@ def _rotate_half(x):
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
+        check_parameters_fit(cfg)
         self.cfg = cfg
         hd = cfg.head_dim
         self.wq = nn.Linear(cfg.d_model, cfg.n_head * hd, bias=False)
@@ -290,6 +313,7 @@ class Llama(nn.Module):
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
+        check_parameters_fit(cfg)
         self.cfg = cfg
         self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.n_layer))

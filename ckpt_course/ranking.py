@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .policies import OP_NAMES, EveryK, Policy, Selective
 from .recompute import counting
+from .step import _positive_int, check_run
 from .timing import OpTimer, block_input  # noqa: F401 (block_input re-exported)
 from .units import fmt_bytes, fmt_flops
 
@@ -88,7 +89,10 @@ def rank_ops(model, batch_size: int = 8, seq_len: int | None = None, block: int 
     """
     if by not in RANK_BY:
         raise ValueError(f"by must be one of {', '.join(RANK_BY)}, not {by!r}")
-    device = next(model.parameters()).device
+    device = check_run(model, batch_size=batch_size, seq_len=seq_len)  # a step that cannot fit
+    _check_block_index(model, block)
+    if op_seconds is None:
+        _positive_int("rounds", rounds, 5)
     batch = model.example_batch(batch_size, seq_len, generator=torch.Generator().manual_seed(seed))
     x = block_input(model, tuple(t.to(device) for t in batch), block)
     module = model.blocks[block]
@@ -119,6 +123,13 @@ def rank_ops(model, batch_size: int = 8, seq_len: int | None = None, block: int 
     costs = [OpCost(op, b, f, c, seconds.get(op, 0.0)) for op, (b, f, c) in by_op.items()
              if b or f]
     return sorted(costs, key=RANK_BY[by])
+
+
+def _check_block_index(model, block) -> None:
+    n = len(model.blocks)
+    if isinstance(block, bool) or not isinstance(block, int) or not 0 <= block < n:
+        raise ValueError(f"block must be a block number from 0 to {n - 1} ({type(model).__name__} "
+                         f"has {n} blocks), got {block!r}")
 
 
 RANK_BY = {"flops": lambda c: (-c.bytes_per_flop, -c.saved_bytes, c.op),

@@ -223,7 +223,7 @@ API = [
     (lambda: sharding.min_devices(COSTS, "lots"), ValueError, "not understood"),
     (lambda: measure_recompute(_four_blocks(), _four_blocks().example_batch(2), "bogus"),
      ValueError, "accepted:"),
-    (lambda: rank_ops(models.TinyGPT(), batch_size=0), ValueError, "such as 8"),
+    (lambda: rank_ops(models.TinyGPT(), batch_size=0), ValueError, "batch_size=8"),
 ]
 
 

@@ -169,6 +169,18 @@ def test_rank_ops_credits_every_saved_byte_to_the_op_that_made_it():
     assert ranking["input"].saved_bytes == act
 
 
+@pytest.mark.parametrize("kwargs, names", [
+    (dict(batch_size=10**6), "use a smaller batch_size"),  # refused from an estimate, not by malloc
+    (dict(block=2), "from 0 to 1"),
+    (dict(block=-1), "from 0 to 1"),
+    (dict(block=True), "from 0 to 1"),
+    (dict(rounds=0), "rounds=5"),
+])
+def test_rank_ops_refuses_bad_arguments_before_any_work(kwargs, names):
+    with pytest.raises(ValueError, match=names):
+        rank_ops(TinyGPT(TINY), **kwargs)
+
+
 def test_selective_policy_from_the_ranking():
     ranking = rank_ops(TinyGPT(TINY), batch_size=B)
     first_with_flops = next(c for c in ranking if c.flops)

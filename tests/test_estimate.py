@@ -108,3 +108,20 @@ def test_master_weights_make_adamw_mixed_precision_16_bytes_per_parameter():
     assert "master weights" in str(master) and "master" not in str(plain)
     with pytest.raises(ValueError, match="master_weights=False"):
         model_memory(cfg, 1, 256, dtype=torch.float32, master_weights=True)
+
+
+def test_a_model_too_big_for_this_machine_is_refused_before_it_is_built(monkeypatch):
+    from ckpt_course import step
+    from ckpt_course.models import LLAMA_PRESETS, GPTConfig, Llama, TinyGPT
+
+    need = 4 * parameter_count(GPTConfig())
+    monkeypatch.setattr(step, "available_memory", lambda: need - 1)
+    with pytest.raises(ValueError, match="smaller d_model, n_layer or vocab_size"):
+        TinyGPT(GPTConfig())
+    monkeypatch.setattr(step, "available_memory", lambda: 1)
+    with pytest.raises(ValueError, match="fake tensors"):
+        Llama(LLAMA_PRESETS["llama-tiny"])
+    # estimate builds on fake tensors: nothing is allocated, nothing refused
+    assert parameter_count(LLAMA_PRESETS["llama-70b"]) > 68 * 10**9
+    monkeypatch.setattr(step, "available_memory", lambda: need)
+    assert sum(p.numel() for p in TinyGPT(GPTConfig()).parameters()) * 4 == need
