@@ -1,0 +1,84 @@
+"""measure_costs measures the block the model runs: with the arguments the model passes besides
+the hidden state, and once per block that behaves differently, even where ``repr`` and the
+parameter shapes are the same (a flag attribute). Found by a held-out tester (P1, P2)."""
+
+import copy
+
+import torch
+from torch import nn
+
+from ckpt_course.auto import _course_model
+from ckpt_course.costs import measure_costs
+from ckpt_course.plan import measure_peaks, predict
+from ckpt_course.train import check_gradients
+
+
+class Gated(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, x, gate=None):
+        h = self.linear(x)
+        if gate is not None:  # the model always passes one: more is saved
+            h = torch.exp(h) * torch.sigmoid(gate)
+        return x + h
+
+
+class Flagged(nn.Module):
+    def __init__(self, width, heavy):
+        super().__init__()
+        self.linear, self.heavy = nn.Linear(width, width), heavy
+
+    def forward(self, x):
+        h = self.linear(x)
+        if self.heavy:  # repr shows the Linear only: the flag is a plain attribute
+            h = torch.exp(torch.sin(torch.tanh(h)))
+        return x + h
+
+
+class Net(nn.Module):
+    def __init__(self, blocks, gate=None):
+        super().__init__()
+        self.embed, self.head = nn.Linear(16, 32), nn.Linear(32, 4)
+        self.blocks = nn.ModuleList(blocks)
+        self.gate = gate
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x) if self.gate is None else block(x, gate=self.gate)
+        return self.head(x)
+
+
+def _wrong(model, policies):
+    torch.manual_seed(0)
+    course = _course_model(model, torch.randn(64, 16), None)
+    costs = measure_costs(copy.deepcopy(course), None)
+    wrong = []
+    for policy in policies:
+        predicted = predict(costs, policy).peak_bytes
+        measured = measure_peaks(copy.deepcopy(course), policy)[-1]
+        if predicted != measured or not check_gradients(course, policy).equal:
+            wrong.append((policy, measured - predicted))
+    return costs, wrong
+
+
+def test_blocks_are_measured_with_the_keyword_arguments_the_model_passes():
+    torch.manual_seed(0)
+    model = Net([Gated(32) for _ in range(3)], gate=nn.Parameter(torch.zeros(32)))
+    costs, wrong = _wrong(model, ["none", "full"])
+    assert wrong == []
+    # with the gate, each block keeps exp's (64, 32) float32 output and sigmoid(gate)'s 32 floats
+    plain = _wrong(Net([Gated(32) for _ in range(3)]), [])[0]
+    more = [a.kept_bytes - b.kept_bytes for a, b in zip(costs.layers, plain.layers, strict=True)]
+    assert more == [64 * 32 * 4 + 32 * 4] * 3
+
+
+def test_blocks_alike_in_repr_but_not_in_behaviour_are_measured_each():
+    torch.manual_seed(0)
+    costs, wrong = _wrong(Net([Flagged(32, False), Flagged(32, True), Flagged(32, False)]),
+                          ["none", "full"])
+    assert wrong == []
+    light, heavy, again = costs.layers
+    assert light == again and heavy.kept_bytes > light.kept_bytes
