@@ -756,6 +756,7 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
         raise ValueError(f"rounds is a whole number of timing rounds >= 1, such as 15; got "
                          f"{rounds!r}")
     blocks = find_blocks(model)
+    _check_distinct(blocks)
     model.train()
     size = {} if batch_size is None else {"batch_size": batch_size}
     batch = model.example_batch(seq_len=seq_len, generator=torch.Generator().manual_seed(seed),
@@ -810,6 +811,18 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
                       optimizer_bytes=state, menu=tuple(menus) if menu or op_points else (),
                       times=tuple(t for t, _ in timed) if times else (),
                       spreads=tuple(s for _, s in timed) if times else ())
+
+
+def _check_distinct(blocks) -> None:
+    """One module listed at several places (weights shared across depth, as in ALBERT) would
+    be measured, hooked and placed as if it were several."""
+    first = {}
+    for k, block in enumerate(blocks):
+        if id(block) in first:
+            raise ValueError(f"blocks {first[id(block)]} and {k} are the same module (weights "
+                             f"shared across depth): the planner measures and places distinct "
+                             f"blocks; give each place in the list its own module")
+        first[id(block)] = k
 
 
 def _check_block_order(order: list[int], n: int, tensors: int) -> None:

@@ -82,3 +82,26 @@ def test_blocks_alike_in_repr_but_not_in_behaviour_are_measured_each():
     assert wrong == []
     light, heavy, again = costs.layers
     assert light == again and heavy.kept_bytes > light.kept_bytes
+
+
+def test_one_module_listed_twice_is_refused_by_name():
+    import pytest
+
+    block = Flagged(32, False)
+    course = _course_model(Net([block, Flagged(32, True), block]), torch.randn(64, 16), None)
+    with pytest.raises(ValueError, match="blocks 0 and 2 are the same module"):
+        measure_costs(course, None)
+
+
+def test_auto_checkpoint_refuses_a_model_already_under_a_policy_before_any_work(monkeypatch):
+    import pytest
+
+    from ckpt_course import auto
+
+    torch.manual_seed(0)
+    model, batch = Net([Flagged(32, False) for _ in range(3)]), torch.randn(64, 16)
+    report = auto.auto_checkpoint(model, 10**9, batch)
+    monkeypatch.setattr(auto, "measure_costs", lambda *a, **k: pytest.fail("measured"))
+    with pytest.raises(ValueError, match="undo it first"):
+        auto.auto_checkpoint(model, 10**9, batch)
+    report.undo()
