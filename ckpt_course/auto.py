@@ -144,9 +144,10 @@ def auto_checkpoint(model: nn.Module, budget, batch, loss_fn=None, menu=MENU,
         raise ValueError(
             f"{plan.best.policy} was predicted to peak at {fmt_bytes(plan.best.peak_bytes)} but "
             f"a step under it measured {fmt_bytes(measured)}, over the budget "
-            f"{fmt_bytes(budget)}: the model does not run as the planner assumes (each block "
-            f"once per forward, in list order, its output the next one's input); nothing was "
-            f"installed")
+            f"{fmt_bytes(budget)}: the planner's memory model misses something this model does "
+            f"(e.g. blocks that share state or return views of larger tensors); nothing was "
+            f"installed: ask for {fmt_bytes(measured - plan.best.peak_bytes)} less, "
+            f"auto_checkpoint(model, {budget - (measured - plan.best.peak_bytes)}, batch)")
     handle = apply_policy(model, plan.policy, blocks=course.blocks)
     return AutoReport(plan, handle, measured)
 

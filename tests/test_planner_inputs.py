@@ -1,6 +1,6 @@
-"""measure_costs measures the block the model runs: with the arguments the model passes besides
-the hidden state, and once per block that behaves differently, even where ``repr`` and the
-parameter shapes are the same (a flag attribute). Found by a held-out tester (P1, P2)."""
+"""What the planner is given, as a held-out tester gave it (P1, P2, P8, P11): blocks called
+with arguments besides the hidden state, blocks alike in repr but not in behaviour, one module
+listed twice, a model already under a policy, and a plan the meter refutes."""
 
 import copy
 
@@ -105,3 +105,19 @@ def test_auto_checkpoint_refuses_a_model_already_under_a_policy_before_any_work(
     with pytest.raises(ValueError, match="undo it first"):
         auto.auto_checkpoint(model, 10**9, batch)
     report.undo()
+
+
+def test_auto_checkpoint_installs_nothing_when_the_meter_refutes_the_plan(monkeypatch):
+    import pytest
+
+    from ckpt_course import auto
+
+    torch.manual_seed(0)
+    model, batch = Net([Flagged(32, False) for _ in range(3)]), torch.randn(64, 16)
+    course = _course_model(copy.deepcopy(model), batch, None)
+    peak = predict(measure_costs(course, None), "none").peak_bytes  # the plan at this budget
+    monkeypatch.setattr(auto, "measure_peaks", lambda work, policy: [peak + 4096])
+    with pytest.raises(ValueError, match=r"ask for 4\.00 KiB less") as info:
+        auto.auto_checkpoint(model, peak, batch)
+    assert f"auto_checkpoint(model, {peak - 4096}, batch)" in str(info.value)
+    assert all(auto._installed(block) is None for block in model.blocks)
