@@ -22,13 +22,17 @@ weights, buffers, gradients and train/eval mode never change, only its blocks' f
 
 A model without the course protocol (``.example_batch``, ``.loss``) gets a thin adapter: the
 blocks are found as its longest ``nn.ModuleList`` of one type (``hf.find_decoder_layers``), the
-batch is the one given, and the loss is ``loss_fn(output, batch)`` (default: the mean square of
-the output, a stand-in whose memory is that of any scalar loss on it).
+batch is the one given (the model is called on as many of its leading tensors as its forward
+has required inputs: ``(x, mask, targets)`` for ``forward(x, mask)``), and the loss is
+``loss_fn(output, batch)`` (default: the mean square of the output, or of its "logits" or only
+tensor when it returns a dict: a stand-in whose memory is that of any scalar loss on it).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -44,11 +48,12 @@ from .units import fmt_bytes, fmt_flops
 class _Adapted(nn.Module):
     """The course protocol around any module: its blocks, the given batch, a loss."""
 
-    def __init__(self, model: nn.Module, batch: tuple, loss_fn, blocks: nn.ModuleList):
+    def __init__(self, model: nn.Module, batch: tuple, loss_fn, blocks: nn.ModuleList,
+                 inputs: int = 1):
         super().__init__()
         self.inner = model
         self._blocks = [blocks]  # a list: not registered a second time
-        self._batch, self._loss_fn = batch, loss_fn
+        self._batch, self._loss_fn, self._inputs = batch, loss_fn, inputs
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -58,14 +63,46 @@ class _Adapted(nn.Module):
         return self._batch
 
     def loss(self, batch):
-        out = self.inner(*batch[:1])
-        out = getattr(out, "logits", out)
-        out = out[0] if isinstance(out, (tuple, list)) else out
+        out = _model_output(self.inner(*batch[:self._inputs]), self._loss_fn is _mean_square)
         loss = self._loss_fn(out, batch)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ValueError(f"loss_fn(output, batch) must return a one-element tensor (a "
                              f"scalar loss), got {_described(loss)}")
         return loss
+
+
+def _model_output(out, default_loss: bool):
+    """What the loss reads: ``.logits`` (transformers' outputs), a tuple's first item; a
+    mapping goes to a learner's ``loss_fn`` as it is, and to the default loss as its "logits"
+    or its only tensor (else refused in one line naming ``loss_fn``)."""
+    out = getattr(out, "logits", out)
+    if isinstance(out, Mapping) and default_loss:
+        tensors = [v for v in out.values() if isinstance(v, torch.Tensor)]
+        if "logits" in out or len(tensors) == 1:
+            return out["logits"] if "logits" in out else tensors[0]
+        raise ValueError(f"the model returns a {type(out).__name__} with keys "
+                         f"{', '.join(map(repr, out))}: pass loss_fn=lambda out, batch: ... "
+                         f"that computes the loss you train on from it")
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _inputs_taken(model: nn.Module, batch: tuple) -> int:
+    """How many of the batch's leading tensors the model's forward takes: its required
+    positional parameters (at least one). A forward needing more than the batch holds is
+    refused before any work."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a C function): one input
+        return 1
+    needed = [p for p in params if p.default is p.empty
+              and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(needed) > len(batch):
+        names = ", ".join(p.name for p in needed)
+        raise ValueError(f"{type(model).__name__}.forward takes {len(needed)} inputs ({names}) "
+                         f"but the batch holds {len(batch)} tensor(s): pass batch=({names}"
+                         f"{', targets' if len(batch) > 1 else ''}), its inputs first in that "
+                         f"order")
+    return max(1, len(needed))
 
 
 def _described(value) -> str:
@@ -190,7 +227,7 @@ def _course_model(model: nn.Module, batch, loss_fn) -> nn.Module:
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.ModuleList) or not len(blocks):
         blocks = find_decoder_layers(model)
-    return _Adapted(model, batch, loss_fn or _mean_square, blocks)
+    return _Adapted(model, batch, loss_fn or _mean_square, blocks, _inputs_taken(model, batch))
 
 
 class _Given(nn.Module):

@@ -121,3 +121,58 @@ def test_auto_checkpoint_installs_nothing_when_the_meter_refutes_the_plan(monkey
         auto.auto_checkpoint(model, peak, batch)
     assert f"auto_checkpoint(model, {peak - 4096}, batch)" in str(info.value)
     assert all(auto._installed(block) is None for block in model.blocks)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Linear(16, 32), nn.Linear(32, 4)
+        self.blocks = nn.ModuleList(Flagged(32, False) for _ in range(3))
+
+    def forward(self, x, mask):
+        x = self.embed(x) * mask
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+class DictOut(TwoInputs):
+    def forward(self, x, mask):
+        return {"logits": super().forward(x, mask)}
+
+
+def test_a_model_with_two_inputs_is_called_with_both_and_a_dict_output_is_read():
+    from ckpt_course.auto import auto_checkpoint
+
+    x, mask = torch.randn(64, 16), torch.ones(64, 32)
+    for model in (TwoInputs(), DictOut()):
+        report = auto_checkpoint(model, 10**9, (x, mask))
+        assert report.measured_peak == report.predicted_peak
+        report.undo()
+
+
+def test_a_batch_short_of_the_model_inputs_is_refused_by_name():
+    import pytest
+
+    from ckpt_course.auto import auto_checkpoint
+
+    with pytest.raises(ValueError, match=r"takes 2 inputs \(x, mask\).*batch=\(x, mask\)"):
+        auto_checkpoint(TwoInputs(), 10**9, torch.randn(64, 16))
+
+
+def test_a_dict_output_with_several_tensors_asks_for_a_loss():
+    import pytest
+
+    from ckpt_course.auto import auto_checkpoint
+
+    class Several(TwoInputs):
+        def forward(self, x, mask):
+            out = super().forward(x, mask)
+            return {"a": out, "b": out * 2}
+
+    with pytest.raises(ValueError, match="pass loss_fn="):
+        auto_checkpoint(Several(), 10**9, (torch.randn(64, 16), torch.ones(64, 32)))
+    report = auto_checkpoint(Several(), 10**9, (torch.randn(64, 16), torch.ones(64, 32)),
+                             loss_fn=lambda out, batch: out["b"].square().mean())
+    assert report.measured_peak == report.predicted_peak
+    report.undo()
