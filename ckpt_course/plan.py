@@ -36,13 +36,16 @@ as numpy arrays with exact prunings (``_cheapest``), one of them a Lagrangian lo
 the cost to finish; 200 blocks that all differ, with the full menu, plan in about a second,
 1,000 identical blocks in a few, with the full menu too (``bench/planner_scale.py``);
 ``nested_optimal`` fills int64 tables when block inputs have one size (256 blocks in a few
-seconds). Nested plans are chosen by Griewank's stored inputs and get the step's peak by this
-same memory model (``predict_nested``, exact against the meter on every tree tried).
+seconds). Nested trees are chosen by Griewank's stored inputs and get the step's peak by this
+same memory model (``predict_nested``, exact against the meter on every tree tried); for a peak
+budget, ``optimal_with_nesting`` prices every tree that nests by that peak against the
+single-level optimum, so it never peaks higher or costs more where a single level fits.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass, replace
 
@@ -52,6 +55,7 @@ from torch import nn
 from .costs import ChainCosts, LayerCost, config_costs, measure_costs  # noqa: F401 (re-exported)
 from .meter import parse_budget
 from .policies import (
+    MAX_NESTING,
     Menu,
     NoCheckpoint,
     Offload,
@@ -1225,18 +1229,83 @@ def nested_optimal(costs: ChainCosts, budget: int) -> NestedPrediction | None:
     Exact: equals Griewank's binomial optimum on uniform chains and brute force on small ones.
     When every block input but the first has one size (every transformer), a vectorised
     recursion over a few room levels (``_NestedTables``) answers in seconds at hundreds of
-    blocks; otherwise the recursion below, over every room the stored inputs leave."""
+    blocks; otherwise the recursion below, over every room the stored inputs leave. Stored
+    inputs are not the step's peak (tapes are left out): to plan for a peak budget, use
+    ``optimal_with_nesting``."""
     check_costs(costs)
-    budget = int(parse_budget(budget))
+    return _nested_in_room(costs, int(parse_budget(budget)), *_nested_setup(costs))
+
+
+def _nested_setup(costs: ChainCosts) -> tuple[list[int], _NestedTables | None]:
+    """The block inputs' bytes, and the int64 tables when inputs have one size and fit."""
     x = [_boundary_bytes(costs, k) for k in range(costs.n)] if costs.n else []
     if costs.n >= 2 and len(set(x[1:])) == 1 and x[1] > 0:
         tables = _NestedTables(costs, x)
         if tables.fits_int64:
-            cost = tables.split(0, costs.n, budget)
-            if cost >= _INF:
-                return None
-            return _nested_prediction(costs, tables.tree(0, costs.n, budget, True), cost)
-    return _nested_by_recursion(costs, budget, x)
+            return x, tables
+    return x, None
+
+
+def _nested_in_room(costs: ChainCosts, room: int, x: list[int],
+                    tables: _NestedTables | None) -> NestedPrediction | None:
+    if tables is None:
+        return _nested_by_recursion(costs, room, x)
+    cost = tables.split(0, costs.n, room)
+    if cost >= _INF:
+        return None
+    return _nested_prediction(costs, tables.tree(0, costs.n, room, True), cost)
+
+
+def optimal_with_nesting(costs: ChainCosts, budget) -> Prediction | NestedPrediction | None:
+    """The plan with the fewest recomputed FLOPs whose predicted step peak fits ``budget``
+    (bytes, or a string like "40MiB": the peak, as ``optimal``'s), nested or not; None if
+    nothing fits. Griewank's stored inputs leave out each block's tape, so a tree that stores
+    fewer inputs can still peak higher (on a GPT's blocks every nested tree peaks above the
+    single-level minimum): each candidate is priced by the peak ``predict_nested`` predicts.
+    The candidates: the single-level optimum (``optimal(costs, budget, "flops")``, menus
+    included) and ``nested_optimal``'s tree for every number of stored inputs, up to the
+    first that does not nest (a tree without nesting is a single-level placement, which the
+    single-level optimum already beats or ties). Where a single level fits, the answer costs
+    no more, and at equal cost peaks no higher; below its minimum, it is the cheapest tree
+    that fits. Ties go to the lower peak, then to the single-level plan (it runs menus). A
+    ``Prediction`` or a ``NestedPrediction``: both have ``policy``, ``peak_bytes`` and
+    ``recompute_flops``."""
+    check_costs(costs)
+    budget = parse_budget(budget)
+    single = _optimal(costs, budget, segment_flops)
+    best, chosen = None, single
+    if single is not None:
+        best = (placement_cost(costs, single.placement, segment_flops), single.peak_bytes, 0)
+    for tree in _nesting_trees(costs):
+        if tree.peak_bytes is None or tree.peak_bytes > budget:
+            continue
+        key = (1024 * tree.recompute_flops, tree.peak_bytes, 1)
+        if best is None or key < best:
+            best, chosen = key, tree
+    return chosen
+
+
+def _nesting_trees(costs: ChainCosts):
+    """``nested_optimal``'s trees that nest and that a policy can run, one per number of
+    stored inputs (rooms holding the k largest inputs, k = 2, 3, ...), until the first tree
+    that does not nest."""
+    x, tables = _nested_setup(costs)
+    rooms = itertools.accumulate(sorted(x, reverse=True))
+    for room in sorted(set(rooms))[1:]:
+        plan = _nested_in_room(costs, room, x, tables)
+        if plan is None:
+            continue
+        depth = max(_depth(children) for *_, children in plan.tree)
+        if depth == 0:
+            return
+        if depth <= MAX_NESTING:
+            yield plan
+
+
+def _depth(children) -> int:
+    """Levels of checkpoints nested inside a segment with these children (0: none; a child of
+    one block runs plain)."""
+    return max((1 + _depth(c) for a, b, c in children if b > a + 1), default=0)
 
 
 def _nested_prediction(costs: ChainCosts, tree, cost: int) -> NestedPrediction:
