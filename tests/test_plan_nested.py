@@ -76,6 +76,10 @@ def test_a_deeper_gpts_nested_peaks_are_the_meters_for_planned_and_chosen_trees(
     planned = [nested_optimal(costs, s * x) for s in range(2, 6)]
     for plan in planned:
         assert plan.peak_bytes == meter(model, plan.policy, 8), plan.policy
+    lowest = optimal_frontier(costs, objective="flops")[-1]  # Griewank's trees peak above it:
+    assert min(plan.peak_bytes for plan in planned) > lowest.peak_bytes  # planned by peak,
+    assert optimal_with_nesting(costs, lowest.peak_bytes - 1) is None  # none is chosen
+    assert optimal_with_nesting(costs, lowest.peak_bytes).policy == lowest.policy
     for policy in SHAPES_8:
         assert predict_nested(costs, policy)[0] == meter(model, policy, 8), policy
 
