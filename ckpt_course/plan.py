@@ -130,6 +130,14 @@ def all_placements(n: int, options=None):
 
 
 # ---------------------------------------------------------------- the objective
+def _extra_s(costs: ChainCosts, k: int, option: str) -> tuple[float, float]:
+    """(median, spread) of block k's measured extra seconds under ``option`` over plain: the
+    median difference, and both spreads added (``costs.spreads``; 0 where not measured)."""
+    times = costs.times[k]
+    spread = costs.spreads[k][option] + costs.spreads[k]["none"] if costs.spreads else 0.0
+    return times[option] - times["none"], spread
+
+
 def _extra_ns(costs: ChainCosts, k: int, option: str) -> int:
     """Measured extra nanoseconds of block k under ``option`` over plain, priced at the high end
     of what was measured (the median difference plus both spreads, ``costs.spreads``), so that
@@ -137,20 +145,33 @@ def _extra_ns(costs: ChainCosts, k: int, option: str) -> int:
     1: an option does all plain does and more, so a difference at or below zero is noise, and
     plain must still win the tie (clipped to 0, offload everywhere would tie with no
     checkpointing and win on its lower peak)."""
-    times = costs.times[k]
-    spread = costs.spreads[k][option] + costs.spreads[k]["none"] if costs.spreads else 0.0
-    return max(1, round((times[option] - times["none"] + spread) * 1e9))
+    median, spread = _extra_s(costs, k, option)
+    return max(1, round((median + spread) * 1e9))
+
+
+def _timed_blocks(seg) -> list[tuple[int, str]]:
+    """(block, option) whose measured time a segment's extra time adds up (a checkpointed
+    segment: each of its blocks under full; a plain block: none)."""
+    i, j, kind = seg
+    if kind is False:
+        return []
+    return [(i, kind)] if isinstance(kind, str) else [(k, "full") for k in range(i, j)]
 
 
 def segment_time_ns(costs: ChainCosts, seg) -> int:
-    """The time model: a segment's extra step time over plain, from the per-block times of
-    ``costs.times`` (a checkpointed segment: each of its blocks' extra time under full)."""
-    i, j, kind = seg
-    if kind is False:
-        return 0
-    if isinstance(kind, str):
-        return _extra_ns(costs, i, kind)
-    return sum(_extra_ns(costs, k, "full") for k in range(i, j))
+    """The time objective: a segment's extra step time over plain, from the per-block times of
+    ``costs.times``, each priced at its high end (``_extra_ns``)."""
+    return sum(_extra_ns(costs, k, option) for k, option in _timed_blocks(seg))
+
+
+def placement_time(costs: ChainCosts, placement) -> tuple[float | None, float | None]:
+    """The time model's prediction for a placement (or a list of its segments): (median extra
+    seconds over plain, the spread of the measurements around it, added up), so a report
+    shows both, not their sum that the objective prices; (None, None) if not timed."""
+    if not costs.times:
+        return None, None
+    parts = [_extra_s(costs, k, option) for seg in placement for k, option in _timed_blocks(seg)]
+    return sum(m for m, _ in parts), sum(s for _, s in parts)
 
 
 def segment_flops(costs: ChainCosts, seg) -> int:
@@ -338,8 +359,9 @@ class Prediction:
     recompute_flops: int
     kept_bytes: int  # what forward keeps for backward, all segments together
     step_flops: int  # forward + backward FLOPs of a plain step
-    extra_time_s: float | None = None  # the time model's extra seconds over plain, if timed
+    extra_time_s: float | None = None  # the time model's extra seconds over plain (median)
     host_bytes: int = 0  # what offloaded blocks copy to host memory
+    extra_time_spread_s: float | None = None  # how far the measured times spread around it
 
     @property
     def policy(self) -> Policy:
@@ -376,12 +398,11 @@ def predict(costs: ChainCosts, placement) -> Prediction:
     last_held = _left_holds(costs, prev, costs.n) if prev is not None else True
     events += trunk_events(costs, kept, last_held)
     top = max(events, key=lambda e: e[0])
-    extra = (sum(map(functools.partial(segment_time_ns, costs), placement)) / 1e9
-             if costs.times else None)
+    extra, spread = placement_time(costs, placement)
     host = sum(costs.menu[i][kind].host_bytes for i, _, kind in placement
                if isinstance(kind, str))
     return Prediction(placement, top[0], describe_event(top), top[1], top[2], flops, kept,
-                      costs.step_flops, extra, host)
+                      costs.step_flops, extra, host, spread)
 
 
 def placement_policy(placement: Placement) -> Policy:
@@ -1055,7 +1076,7 @@ class Plan:
         return [dict(policy=n if n != "optimal" else f"optimal: {p.policy}",
                      peak_bytes=p.peak_bytes, fits=p.peak_bytes <= self.budget,
                      recompute_flops=p.recompute_flops, overhead=p.overhead, where=p.where,
-                     extra_time_s=p.extra_time_s)
+                     extra_time_s=p.extra_time_s, extra_time_spread_s=p.extra_time_spread_s)
                 for n, p in rows]
 
     def explain(self) -> str:
@@ -1096,10 +1117,10 @@ class Plan:
         rows = self.table()
         w = max(34, *(len(r["policy"]) for r in rows))  # a policy is never cut: it is the answer
         head = (f"  {'policy':<{w}} {'peak':>11}  {'fits':<4} {'recompute':>12} {'of a step':>9}"
-                + (f" {'+time':>9}" if c.times else ""))
+                + (f" {_TIME_HEAD:>17}" if c.times else ""))
         lines += [head, "  " + "-" * (len(head) - 2)]
         for r in rows:
-            time = f" {r['extra_time_s'] * 1e3:>7.2f}ms" if c.times else ""
+            time = _time_text(r) if c.times else ""
             lines.append(f"  {r['policy']:<{w}} {fmt_bytes(r['peak_bytes']):>11}  "
                          f"{'yes' if r['fits'] else 'no':<4} {fmt_flops(r['recompute_flops']):>12} "
                          f"{r['overhead']:>+9.1%}{time}")
@@ -1109,9 +1130,9 @@ class Plan:
             blocks = block_table(c, self.best)
             w = max(36, *(len(r["option"]) for r in blocks))
             lines.append(f"  {'blocks':<7} {'option':<{w}} {'keeps':>11} {'recompute':>12}"
-                         + (f" {'+time':>9}" if c.times else ""))
+                         + (f" {_TIME_HEAD:>17}" if c.times else ""))
             for r in blocks:
-                time = f" {r['extra_time_s'] * 1e3:>7.2f}ms" if c.times else ""
+                time = _time_text(r) if c.times else ""
                 lines.append(f"  {r['blocks']:<7} {r['option']:<{w}} "
                              f"{fmt_bytes(r['kept_bytes']):>11} "
                              f"{fmt_flops(r['recompute_flops']):>12}{time}")
@@ -1165,14 +1186,23 @@ def block_table(costs: ChainCosts, prediction: Prediction) -> list[dict]:
         left = _left_holds(costs, prev, i)
         option = "plain" if kind is False else kind if isinstance(kind, str) else (
             "full" if j == i + 1 else f"full, segment {i}-{j - 1}")
-        extra = segment_time_ns(costs, seg) / 1e9 if costs.times else None
+        extra, spread = placement_time(costs, [seg])
         rows.append(dict(blocks=_span_text(i, j), option=option,
                          kept_bytes=segment_kept(costs, seg, left),
                          recompute_flops=segment_recompute_flops(costs, seg),
                          host_bytes=costs.menu[i][kind].host_bytes if isinstance(kind, str) else 0,
-                         extra_time_s=extra))
+                         extra_time_s=extra, extra_time_spread_s=spread))
         prev = seg
     return rows
+
+
+_TIME_HEAD = "+time ± spread"
+
+
+def _time_text(row: dict) -> str:
+    """A row's extra time as the time model predicts it (the median) and the spread of the
+    measurements around it: ' 1.52 ± 0.08 ms'."""
+    return f" {row['extra_time_s'] * 1e3:>8.2f} ±{row['extra_time_spread_s'] * 1e3:>5.2f} ms"
 
 
 def _span_text(i: int, j: int) -> str:
