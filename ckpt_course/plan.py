@@ -828,9 +828,10 @@ def _cheapest(costs: ChainCosts, budget: float, cost, table: dict, bound=None,
     ``bound`` is dropped; the same bound, taken at the state a checkpointed segment leads to,
     cuts the range of each front that segment takes (``_Chain.checkpoint_ranges``), before
     anything is gathered. ``beam``: keep only that many pairs per front, the fewest kept bytes
-    among them and the ones whose cost plus that lower bound is least: a quick placement that
-    fits if any does (fitting only gets easier with fewer kept bytes), usually the cheapest
-    but not always; ``optimal`` takes its cost as the bound.
+    among them and the ones whose cost plus that lower bound is least, and checkpoint at most
+    4 * beam blocks at once: a quick placement that fits whenever one with such segments does
+    (fitting only gets easier with fewer kept bytes), usually the cheapest but not always;
+    ``optimal`` takes its cost as the bound (no bound if it found none: slower, as exact).
     """
     chain = table.get("chain") or table.setdefault("chain", _Chain(costs, cost))
     n, dtype = costs.n, chain.dtype
@@ -868,6 +869,9 @@ def _cheapest(costs: ChainCosts, budget: float, cost, table: dict, bound=None,
                         (kept[lo:hi] + more, so_far[lo:hi] + extra,
                          np.arange(offset + lo, offset + hi), kinds[seg[2]]))
             stops, tops, prices, x_i = chain.ckpt[i, left]
+            if beam is not None:  # the beam's guess: segments of at most 4 * beam blocks
+                short = stops <= i + 4 * beam
+                stops, tops, prices = stops[short], tops[short], prices[short]
             if len(stops):
                 his = np.minimum(np.searchsorted(kept, budget - tops, side="right"),
                                  np.searchsorted(kept, after_ckpt[stops] - x_i, side="right"))
