@@ -534,6 +534,8 @@ def _optimal(costs: ChainCosts, budget: float, objective=None) -> Prediction | N
         for beam in (16, 128):  # each tighter than the last, and faster for its bound
             rough = _cheapest(costs, budget, cost, table, bound, beam)
             bound = None if rough is None else placement_cost(costs, rough.placement, cost)
+            if bound is not None and chain.near_least(bound, budget):
+                break
     best = _cheapest(costs, budget, cost, table, bound)
     while best is not None:
         least = placement_cost(costs, best.placement, cost)
@@ -686,9 +688,16 @@ class _Chain:
             score = cost[keep].astype(np.float64) + (least[keep] if least is not None else 0)
             best = keep[np.argsort(score, kind="stable")[:beam - len(spread)]]
             keep = np.union1d(spread, best)
-        best_lams = None if terms is None or not len(keep) else np.unique(
-            terms[:, keep].argmax(axis=0))
+        best_lams = None if terms is None or not len(keep) else np.flatnonzero(
+            np.bincount(terms[:, keep].argmax(axis=0), minlength=len(terms)))
         return tuple(a[keep] for a in front), best_lams
+
+    def near_least(self, bound, budget: float) -> bool:
+        """Is ``bound``, the cost of a placement that fits, within 0.5% of the lower bound on
+        any placement's cost? (A wider beam would hardly tighten it: not worth its pass.)"""
+        start = self.least_to_finish(0, _left_holds(self.costs, None, 0), np.zeros(1, np.int64),
+                                     budget)
+        return start is not None and float(bound) - start[0] <= 0.005 * abs(float(bound)) + 1
 
     def least_to_finish(self, i: int, left: bool, kept, budget: float):
         """A lower bound on the cost to finish the chain from state (i, left), per Kept in
