@@ -1330,11 +1330,11 @@ def optimal_with_nesting(costs: ChainCosts, budget) -> Prediction | NestedPredic
 
 def _nesting_trees(costs: ChainCosts):
     """``nested_optimal``'s trees that nest and that a policy can run, one per number of
-    stored inputs (rooms holding the k largest inputs, k = 2, 3, ...), until the first tree
+    stored inputs (rooms holding the k largest inputs, k = 1, 2, ...), until the first tree
     that does not nest."""
     x, tables = _nested_setup(costs)
     rooms = itertools.accumulate(sorted(x, reverse=True))
-    for room in sorted(set(rooms))[1:]:
+    for room in sorted(set(rooms)):
         plan = _nested_in_room(costs, room, x, tables)
         if plan is None:
             continue
