@@ -559,6 +559,11 @@ _NONE = -(2**62)  # "no moment yet" in int64 running maxima
 _ROUNDING = 1e-9  # float64 sums of bounds: a relative allowance far above their rounding
 
 
+def _finite_abs(a: np.ndarray) -> np.ndarray:
+    """|a|, 0 where a is infinite (a state no way finishes from: its bound stays infinite)."""
+    return np.abs(np.where(np.isfinite(a), a, 0.0))
+
+
 class _Chain:
     """The DP's view of a chain for one objective, the same for every budget (so ``optimal``
     builds it once): from each state (i, left) the one-block moves, as (segment, highest
@@ -719,7 +724,7 @@ class _Chain:
         slack = self._room(budget) - kept.astype(np.float64)  # bytes the rest may keep
         here = g[i, int(left)][:, None]
         far = lams[:, None] * slack[None, :]
-        return here - far - _ROUNDING * (np.abs(here) + np.abs(far)) - 1
+        return here - far - _ROUNDING * (_finite_abs(here) + np.abs(far)) - 1
 
     def _room(self, budget: float) -> float:
         """R: the budget less the trunk's growing moment (the least of its two)."""
@@ -745,7 +750,7 @@ class _Chain:
         ahead = g[stops, 0][:, lams].T  # (lambdas, stops)
         room = self._room(budget) - x_i
         price = prices.astype(np.float64)[None, :]
-        scale = (abs(float(bound)) + np.abs(price) + np.abs(ahead) + lam * abs(room)
+        scale = (abs(float(bound)) + np.abs(price) + _finite_abs(ahead) + lam * abs(room)
                  + np.abs(side).max(axis=1, keepdims=True))
         top = float(bound) - price - ahead + lam * room + _ROUNDING * scale + 1
         lo = np.zeros(len(stops), np.int64)

@@ -181,3 +181,25 @@ def test_a_checkpoint_range_holds_every_pair_the_bound_lets_through(seed):
                 least = chain.least_to_finish(int(j), False, kept + x_i, budget)
                 passing = np.nonzero(cost + int(price) + least <= bound)[0]
                 assert all(lo[s] <= p < hi[s] for p in passing), (i, left, int(j))
+
+
+def picky(costs: ChainCosts, seg):
+    """FLOPs, but even blocks may not run plain and the last block may only be recomputed in a
+    longer checkpoint: from the state before it no way finishes (its bound is infinite)."""
+    i, j, kind = seg
+    if (kind is False and i % 2 == 0) or i == costs.n - 1:
+        return None
+    return segment_flops(costs, seg)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_states_no_way_finishes_from_are_pruned_exactly(seed):
+    rng = random.Random(400 + seed)
+    costs = uniform(rng, rng.randint(3, 6), 2 * (seed % 2), jitter=0.5, free=1)
+    assert np.isinf(_Chain(costs, picky)._lagrangian()[0][costs.n - 1]).all()
+    for budget in budgets(costs):
+        fast, brute = optimal(costs, budget, picky), brute_force(costs, budget, picky)
+        assert (fast is None) == (brute is None), budget
+        if fast is not None:
+            assert (placement_cost(costs, fast.placement, picky), fast.peak_bytes) == (
+                placement_cost(costs, brute.placement, picky), brute.peak_bytes)
