@@ -1426,9 +1426,12 @@ class _NestedTables:
         if X <= room:
             below = self.tables(room - X)[1]  # A of room - X: what rows 1.. split into
             rev[np.arange(1, n), np.arange(2, n + 1)] = 0  # one block: its input is its tape
-            for j in range(3, n + 1):  # rows 1..j-2, children ending at m in 2..j-1
-                b[1:j - 1, j] = np.minimum(
-                    np.min(rev[1:j - 1, 2:j] + below[2:j, j], axis=1), _INF)
+            fit = room // X  # a segment of at most this many blocks stores all its inputs:
+            for j in range(3, n + 1):  # its children are its blocks, at no cost
+                top = max(1, min(j - 1, j - fit))  # rows 1..top-1 split by the least of
+                b[1:top, j] = np.minimum(  # children ending at m in 2..j-1
+                    np.min(rev[1:top, 2:j] + below[2:j, j], axis=1), _INF)
+                b[top:j - 1, j] = 0
                 rev[1:j - 1, j] = np.minimum(self.passes[1:j - 1, j] + b[1:j - 1, j], _INF)
             a[1:] = np.minimum(rev[1:], b[1:])
         if x[0] <= room:  # row 0, last: with x_0 = 0 it splits into this room's own rows
