@@ -36,13 +36,16 @@ as numpy arrays with exact prunings (``_cheapest``), one of them a Lagrangian lo
 the cost to finish; 200 blocks that all differ, with the full menu, plan in about a second,
 1,000 identical blocks in a few, with the full menu too (``bench/planner_scale.py``);
 ``nested_optimal`` fills int64 tables when block inputs have one size (256 blocks in a few
-seconds). Nested plans are chosen by Griewank's stored inputs and get the step's peak by this
-same memory model (``predict_nested``, exact against the meter on every tree tried).
+seconds). Nested trees are chosen by Griewank's stored inputs and get the step's peak by this
+same memory model (``predict_nested``, exact against the meter on every tree tried); for a peak
+budget, ``optimal_with_nesting`` prices every tree that nests by that peak against the
+single-level optimum, so it never peaks higher or costs more where a single level fits.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass, replace
 
@@ -52,6 +55,7 @@ from torch import nn
 from .costs import ChainCosts, LayerCost, config_costs, measure_costs  # noqa: F401 (re-exported)
 from .meter import parse_budget
 from .policies import (
+    MAX_NESTING,
     Menu,
     NoCheckpoint,
     Offload,
@@ -126,6 +130,14 @@ def all_placements(n: int, options=None):
 
 
 # ---------------------------------------------------------------- the objective
+def _extra_s(costs: ChainCosts, k: int, option: str) -> tuple[float, float]:
+    """(median, spread) of block k's measured extra seconds under ``option`` over plain: the
+    median difference, and both spreads added (``costs.spreads``; 0 where not measured)."""
+    times = costs.times[k]
+    spread = costs.spreads[k][option] + costs.spreads[k]["none"] if costs.spreads else 0.0
+    return times[option] - times["none"], spread
+
+
 def _extra_ns(costs: ChainCosts, k: int, option: str) -> int:
     """Measured extra nanoseconds of block k under ``option`` over plain, priced at the high end
     of what was measured (the median difference plus both spreads, ``costs.spreads``), so that
@@ -133,20 +145,33 @@ def _extra_ns(costs: ChainCosts, k: int, option: str) -> int:
     1: an option does all plain does and more, so a difference at or below zero is noise, and
     plain must still win the tie (clipped to 0, offload everywhere would tie with no
     checkpointing and win on its lower peak)."""
-    times = costs.times[k]
-    spread = costs.spreads[k][option] + costs.spreads[k]["none"] if costs.spreads else 0.0
-    return max(1, round((times[option] - times["none"] + spread) * 1e9))
+    median, spread = _extra_s(costs, k, option)
+    return max(1, round((median + spread) * 1e9))
+
+
+def _timed_blocks(seg) -> list[tuple[int, str]]:
+    """(block, option) whose measured time a segment's extra time adds up (a checkpointed
+    segment: each of its blocks under full; a plain block: none)."""
+    i, j, kind = seg
+    if kind is False:
+        return []
+    return [(i, kind)] if isinstance(kind, str) else [(k, "full") for k in range(i, j)]
 
 
 def segment_time_ns(costs: ChainCosts, seg) -> int:
-    """The time model: a segment's extra step time over plain, from the per-block times of
-    ``costs.times`` (a checkpointed segment: each of its blocks' extra time under full)."""
-    i, j, kind = seg
-    if kind is False:
-        return 0
-    if isinstance(kind, str):
-        return _extra_ns(costs, i, kind)
-    return sum(_extra_ns(costs, k, "full") for k in range(i, j))
+    """The time objective: a segment's extra step time over plain, from the per-block times of
+    ``costs.times``, each priced at its high end (``_extra_ns``)."""
+    return sum(_extra_ns(costs, k, option) for k, option in _timed_blocks(seg))
+
+
+def placement_time(costs: ChainCosts, placement) -> tuple[float | None, float | None]:
+    """The time model's prediction for a placement (or a list of its segments): (median extra
+    seconds over plain, the spread of the measurements around it, added up), so a report
+    shows both, not their sum that the objective prices; (None, None) if not timed."""
+    if not costs.times:
+        return None, None
+    parts = [_extra_s(costs, k, option) for seg in placement for k, option in _timed_blocks(seg)]
+    return sum(m for m, _ in parts), sum(s for _, s in parts)
 
 
 def segment_flops(costs: ChainCosts, seg) -> int:
@@ -334,8 +359,9 @@ class Prediction:
     recompute_flops: int
     kept_bytes: int  # what forward keeps for backward, all segments together
     step_flops: int  # forward + backward FLOPs of a plain step
-    extra_time_s: float | None = None  # the time model's extra seconds over plain, if timed
+    extra_time_s: float | None = None  # the time model's extra seconds over plain (median)
     host_bytes: int = 0  # what offloaded blocks copy to host memory
+    extra_time_spread_s: float | None = None  # how far the measured times spread around it
 
     @property
     def policy(self) -> Policy:
@@ -372,12 +398,11 @@ def predict(costs: ChainCosts, placement) -> Prediction:
     last_held = _left_holds(costs, prev, costs.n) if prev is not None else True
     events += trunk_events(costs, kept, last_held)
     top = max(events, key=lambda e: e[0])
-    extra = (sum(map(functools.partial(segment_time_ns, costs), placement)) / 1e9
-             if costs.times else None)
+    extra, spread = placement_time(costs, placement)
     host = sum(costs.menu[i][kind].host_bytes for i, _, kind in placement
                if isinstance(kind, str))
     return Prediction(placement, top[0], describe_event(top), top[1], top[2], flops, kept,
-                      costs.step_flops, extra, host)
+                      costs.step_flops, extra, host, spread)
 
 
 def placement_policy(placement: Placement) -> Policy:
@@ -509,6 +534,8 @@ def _optimal(costs: ChainCosts, budget: float, objective=None) -> Prediction | N
         for beam in (16, 128):  # each tighter than the last, and faster for its bound
             rough = _cheapest(costs, budget, cost, table, bound, beam)
             bound = None if rough is None else placement_cost(costs, rough.placement, cost)
+            if bound is not None and chain.near_least(bound, budget):
+                break
     best = _cheapest(costs, budget, cost, table, bound)
     while best is not None:
         least = placement_cost(costs, best.placement, cost)
@@ -530,6 +557,11 @@ def _segments_from(costs: ChainCosts, i: int):
 
 _NONE = -(2**62)  # "no moment yet" in int64 running maxima
 _ROUNDING = 1e-9  # float64 sums of bounds: a relative allowance far above their rounding
+
+
+def _finite_abs(a: np.ndarray) -> np.ndarray:
+    """|a|, 0 where a is infinite (a state no way finishes from: its bound stays infinite)."""
+    return np.abs(np.where(np.isfinite(a), a, 0.0))
 
 
 class _Chain:
@@ -661,9 +693,16 @@ class _Chain:
             score = cost[keep].astype(np.float64) + (least[keep] if least is not None else 0)
             best = keep[np.argsort(score, kind="stable")[:beam - len(spread)]]
             keep = np.union1d(spread, best)
-        best_lams = None if terms is None or not len(keep) else np.unique(
-            terms[:, keep].argmax(axis=0))
+        best_lams = None if terms is None or not len(keep) else np.flatnonzero(
+            np.bincount(terms[:, keep].argmax(axis=0), minlength=len(terms)))
         return tuple(a[keep] for a in front), best_lams
+
+    def near_least(self, bound, budget: float) -> bool:
+        """Is ``bound``, the cost of a placement that fits, within 0.5% of the lower bound on
+        any placement's cost? (A wider beam would hardly tighten it: not worth its pass.)"""
+        start = self.least_to_finish(0, _left_holds(self.costs, None, 0), np.zeros(1, np.int64),
+                                     budget)
+        return start is not None and float(bound) - start[0] <= 0.005 * abs(float(bound)) + 1
 
     def least_to_finish(self, i: int, left: bool, kept, budget: float):
         """A lower bound on the cost to finish the chain from state (i, left), per Kept in
@@ -685,7 +724,7 @@ class _Chain:
         slack = self._room(budget) - kept.astype(np.float64)  # bytes the rest may keep
         here = g[i, int(left)][:, None]
         far = lams[:, None] * slack[None, :]
-        return here - far - _ROUNDING * (np.abs(here) + np.abs(far)) - 1
+        return here - far - _ROUNDING * (_finite_abs(here) + np.abs(far)) - 1
 
     def _room(self, budget: float) -> float:
         """R: the budget less the trunk's growing moment (the least of its two)."""
@@ -711,7 +750,7 @@ class _Chain:
         ahead = g[stops, 0][:, lams].T  # (lambdas, stops)
         room = self._room(budget) - x_i
         price = prices.astype(np.float64)[None, :]
-        scale = (abs(float(bound)) + np.abs(price) + np.abs(ahead) + lam * abs(room)
+        scale = (abs(float(bound)) + np.abs(price) + _finite_abs(ahead) + lam * abs(room)
                  + np.abs(side).max(axis=1, keepdims=True))
         top = float(bound) - price - ahead + lam * room + _ROUNDING * scale + 1
         lo = np.zeros(len(stops), np.int64)
@@ -803,9 +842,10 @@ def _cheapest(costs: ChainCosts, budget: float, cost, table: dict, bound=None,
     ``bound`` is dropped; the same bound, taken at the state a checkpointed segment leads to,
     cuts the range of each front that segment takes (``_Chain.checkpoint_ranges``), before
     anything is gathered. ``beam``: keep only that many pairs per front, the fewest kept bytes
-    among them and the ones whose cost plus that lower bound is least: a quick placement that
-    fits if any does (fitting only gets easier with fewer kept bytes), usually the cheapest
-    but not always; ``optimal`` takes its cost as the bound.
+    among them and the ones whose cost plus that lower bound is least, and checkpoint at most
+    4 * beam blocks at once: a quick placement that fits whenever one with such segments does
+    (fitting only gets easier with fewer kept bytes), usually the cheapest but not always;
+    ``optimal`` takes its cost as the bound (no bound if it found none: slower, as exact).
     """
     chain = table.get("chain") or table.setdefault("chain", _Chain(costs, cost))
     n, dtype = costs.n, chain.dtype
@@ -843,6 +883,9 @@ def _cheapest(costs: ChainCosts, budget: float, cost, table: dict, bound=None,
                         (kept[lo:hi] + more, so_far[lo:hi] + extra,
                          np.arange(offset + lo, offset + hi), kinds[seg[2]]))
             stops, tops, prices, x_i = chain.ckpt[i, left]
+            if beam is not None:  # the beam's guess: segments of at most 4 * beam blocks
+                short = stops <= i + 4 * beam
+                stops, tops, prices = stops[short], tops[short], prices[short]
             if len(stops):
                 his = np.minimum(np.searchsorted(kept, budget - tops, side="right"),
                                  np.searchsorted(kept, after_ckpt[stops] - x_i, side="right"))
@@ -1051,7 +1094,7 @@ class Plan:
         return [dict(policy=n if n != "optimal" else f"optimal: {p.policy}",
                      peak_bytes=p.peak_bytes, fits=p.peak_bytes <= self.budget,
                      recompute_flops=p.recompute_flops, overhead=p.overhead, where=p.where,
-                     extra_time_s=p.extra_time_s)
+                     extra_time_s=p.extra_time_s, extra_time_spread_s=p.extra_time_spread_s)
                 for n, p in rows]
 
     def explain(self) -> str:
@@ -1092,10 +1135,10 @@ class Plan:
         rows = self.table()
         w = max(34, *(len(r["policy"]) for r in rows))  # a policy is never cut: it is the answer
         head = (f"  {'policy':<{w}} {'peak':>11}  {'fits':<4} {'recompute':>12} {'of a step':>9}"
-                + (f" {'+time':>9}" if c.times else ""))
+                + (f" {_TIME_HEAD:>17}" if c.times else ""))
         lines += [head, "  " + "-" * (len(head) - 2)]
         for r in rows:
-            time = f" {r['extra_time_s'] * 1e3:>7.2f}ms" if c.times else ""
+            time = _time_text(r) if c.times else ""
             lines.append(f"  {r['policy']:<{w}} {fmt_bytes(r['peak_bytes']):>11}  "
                          f"{'yes' if r['fits'] else 'no':<4} {fmt_flops(r['recompute_flops']):>12} "
                          f"{r['overhead']:>+9.1%}{time}")
@@ -1105,9 +1148,9 @@ class Plan:
             blocks = block_table(c, self.best)
             w = max(36, *(len(r["option"]) for r in blocks))
             lines.append(f"  {'blocks':<7} {'option':<{w}} {'keeps':>11} {'recompute':>12}"
-                         + (f" {'+time':>9}" if c.times else ""))
+                         + (f" {_TIME_HEAD:>17}" if c.times else ""))
             for r in blocks:
-                time = f" {r['extra_time_s'] * 1e3:>7.2f}ms" if c.times else ""
+                time = _time_text(r) if c.times else ""
                 lines.append(f"  {r['blocks']:<7} {r['option']:<{w}} "
                              f"{fmt_bytes(r['kept_bytes']):>11} "
                              f"{fmt_flops(r['recompute_flops']):>12}{time}")
@@ -1161,14 +1204,23 @@ def block_table(costs: ChainCosts, prediction: Prediction) -> list[dict]:
         left = _left_holds(costs, prev, i)
         option = "plain" if kind is False else kind if isinstance(kind, str) else (
             "full" if j == i + 1 else f"full, segment {i}-{j - 1}")
-        extra = segment_time_ns(costs, seg) / 1e9 if costs.times else None
+        extra, spread = placement_time(costs, [seg])
         rows.append(dict(blocks=_span_text(i, j), option=option,
                          kept_bytes=segment_kept(costs, seg, left),
                          recompute_flops=segment_recompute_flops(costs, seg),
                          host_bytes=costs.menu[i][kind].host_bytes if isinstance(kind, str) else 0,
-                         extra_time_s=extra))
+                         extra_time_s=extra, extra_time_spread_s=spread))
         prev = seg
     return rows
+
+
+_TIME_HEAD = "+time ± spread"
+
+
+def _time_text(row: dict) -> str:
+    """A row's extra time as the time model predicts it (the median) and the spread of the
+    measurements around it: ' 1.52 ± 0.08 ms'."""
+    return f" {row['extra_time_s'] * 1e3:>8.2f} ±{row['extra_time_spread_s'] * 1e3:>5.2f} ms"
 
 
 def _span_text(i: int, j: int) -> str:
@@ -1225,18 +1277,83 @@ def nested_optimal(costs: ChainCosts, budget: int) -> NestedPrediction | None:
     Exact: equals Griewank's binomial optimum on uniform chains and brute force on small ones.
     When every block input but the first has one size (every transformer), a vectorised
     recursion over a few room levels (``_NestedTables``) answers in seconds at hundreds of
-    blocks; otherwise the recursion below, over every room the stored inputs leave."""
+    blocks; otherwise the recursion below, over every room the stored inputs leave. Stored
+    inputs are not the step's peak (tapes are left out): to plan for a peak budget, use
+    ``optimal_with_nesting``."""
     check_costs(costs)
-    budget = int(parse_budget(budget))
+    return _nested_in_room(costs, int(parse_budget(budget)), *_nested_setup(costs))
+
+
+def _nested_setup(costs: ChainCosts) -> tuple[list[int], _NestedTables | None]:
+    """The block inputs' bytes, and the int64 tables when inputs have one size and fit."""
     x = [_boundary_bytes(costs, k) for k in range(costs.n)] if costs.n else []
     if costs.n >= 2 and len(set(x[1:])) == 1 and x[1] > 0:
         tables = _NestedTables(costs, x)
         if tables.fits_int64:
-            cost = tables.split(0, costs.n, budget)
-            if cost >= _INF:
-                return None
-            return _nested_prediction(costs, tables.tree(0, costs.n, budget, True), cost)
-    return _nested_by_recursion(costs, budget, x)
+            return x, tables
+    return x, None
+
+
+def _nested_in_room(costs: ChainCosts, room: int, x: list[int],
+                    tables: _NestedTables | None) -> NestedPrediction | None:
+    if tables is None:
+        return _nested_by_recursion(costs, room, x)
+    cost = tables.split(0, costs.n, room)
+    if cost >= _INF:
+        return None
+    return _nested_prediction(costs, tables.tree(0, costs.n, room, True), cost)
+
+
+def optimal_with_nesting(costs: ChainCosts, budget) -> Prediction | NestedPrediction | None:
+    """The plan with the fewest recomputed FLOPs whose predicted step peak fits ``budget``
+    (bytes, or a string like "40MiB": the peak, as ``optimal``'s), nested or not; None if
+    nothing fits. Griewank's stored inputs leave out each block's tape, so a tree that stores
+    fewer inputs can still peak higher (on a GPT's blocks every nested tree peaks above the
+    single-level minimum): each candidate is priced by the peak ``predict_nested`` predicts.
+    The candidates: the single-level optimum (``optimal(costs, budget, "flops")``, menus
+    included) and ``nested_optimal``'s tree for every number of stored inputs, up to the
+    first that does not nest (a tree without nesting is a single-level placement, which the
+    single-level optimum already beats or ties). Where a single level fits, the answer costs
+    no more, and at equal cost peaks no higher; below its minimum, it is the cheapest tree
+    that fits. Ties go to the lower peak, then to the single-level plan (it runs menus). A
+    ``Prediction`` or a ``NestedPrediction``: both have ``policy``, ``peak_bytes`` and
+    ``recompute_flops``."""
+    check_costs(costs)
+    budget = parse_budget(budget)
+    single = _optimal(costs, budget, segment_flops)
+    best, chosen = None, single
+    if single is not None:
+        best = (placement_cost(costs, single.placement, segment_flops), single.peak_bytes, 0)
+    for tree in _nesting_trees(costs):
+        if tree.peak_bytes is None or tree.peak_bytes > budget:
+            continue
+        key = (1024 * tree.recompute_flops, tree.peak_bytes, 1)
+        if best is None or key < best:
+            best, chosen = key, tree
+    return chosen
+
+
+def _nesting_trees(costs: ChainCosts):
+    """``nested_optimal``'s trees that nest and that a policy can run, one per number of
+    stored inputs (rooms holding the k largest inputs, k = 1, 2, ...), until the first tree
+    that does not nest."""
+    x, tables = _nested_setup(costs)
+    rooms = itertools.accumulate(sorted(x, reverse=True))
+    for room in sorted(set(rooms)):
+        plan = _nested_in_room(costs, room, x, tables)
+        if plan is None:
+            continue
+        depth = max(_depth(children) for *_, children in plan.tree)
+        if depth == 0:
+            return
+        if depth <= MAX_NESTING:
+            yield plan
+
+
+def _depth(children) -> int:
+    """Levels of checkpoints nested inside a segment with these children (0: none; a child of
+    one block runs plain)."""
+    return max((1 + _depth(c) for a, b, c in children if b > a + 1), default=0)
 
 
 def _nested_prediction(costs: ChainCosts, tree, cost: int) -> NestedPrediction:
@@ -1309,9 +1426,12 @@ class _NestedTables:
         if X <= room:
             below = self.tables(room - X)[1]  # A of room - X: what rows 1.. split into
             rev[np.arange(1, n), np.arange(2, n + 1)] = 0  # one block: its input is its tape
-            for j in range(3, n + 1):  # rows 1..j-2, children ending at m in 2..j-1
-                b[1:j - 1, j] = np.minimum(
-                    np.min(rev[1:j - 1, 2:j] + below[2:j, j], axis=1), _INF)
+            fit = room // X  # a segment of at most this many blocks stores all its inputs:
+            for j in range(3, n + 1):  # its children are its blocks, at no cost
+                top = max(1, min(j - 1, j - fit))  # rows 1..top-1 split by the least of
+                b[1:top, j] = np.minimum(  # children ending at m in 2..j-1
+                    np.min(rev[1:top, 2:j] + below[2:j, j], axis=1), _INF)
+                b[top:j - 1, j] = 0
                 rev[1:j - 1, j] = np.minimum(self.passes[1:j - 1, j] + b[1:j - 1, j], _INF)
             a[1:] = np.minimum(rev[1:], b[1:])
         if x[0] <= room:  # row 0, last: with x_0 = 0 it splits into this room's own rows
