@@ -154,7 +154,11 @@ class TrunkCost:
     suffix_grad_bytes: int = 0  # gradients of the suffix's parameters (in suffix_left)
     grad_bytes: int = 0  # gradients of all the trunk's parameters (in backward_left)
     optimizer_peak: int = 0  # the optimizer step, above base + all gradients
-    flops: int = 0  # forward + backward FLOPs of prefix and suffix
+    flops: int = 0  # forward + backward FLOPs of prefix and suffix (as they are)
+    # how the suffix runs: "" as it is, else a menu's suffix option ("full",
+    # "selective:ops=..."), measured under it; and what its backward re-runs (FLOPs)
+    suffix: str = ""
+    recompute_flops: int = 0
 
     def suffix_forward_peak(self, held):
         return self.suffix_forward_peak_held if held else self.suffix_forward_peak_free
@@ -184,6 +188,9 @@ class ChainCosts:
     # per block: option -> the spread of its measured seconds (half the interquartile range);
     # empty: not measured (the time objective then takes the medians as exact)
     spreads: tuple[dict[str, float], ...] = ()
+    # the trunk measured under each checkpointed-suffix option (``TrunkCost.suffix``), besides
+    # ``trunk`` (the suffix as it is); empty: not measured (``measure_costs(..., suffix=True)``)
+    suffixes: tuple[TrunkCost, ...] = ()
 
     @property
     def n(self) -> int:
@@ -578,10 +585,20 @@ def _pass_through(x, *args, **kwargs):
     return x
 
 
-def _run_trunk(model, batch, like, keep_output: bool, accumulate: bool = False):
+def _suffix_run(model, option: str):
+    """The suffix checkpointed under ``option`` (a menu's suffix option; "": as it is)."""
+    from .policies import _suffix_region, suffix_applied
+
+    region = _suffix_region(option)
+    return suffix_applied(model, region) if region is not None else contextlib.nullcontext()
+
+
+def _run_trunk(model, batch, like, keep_output: bool, accumulate: bool = False,
+               suffix: str = ""):
     meter, stash = _Meter(), []
     _existing_gradients(model, accumulate)
-    with _blocks_cut_out(model, like, meter, stash, keep_output), meter:
+    with _blocks_cut_out(model, like, meter, stash, keep_output), _suffix_run(model, suffix), \
+            meter:
         meter.track(model)
         start = meter.live_bytes
         with meter.phase("forward"):
@@ -603,23 +620,27 @@ def _run_trunk(model, batch, like, keep_output: bool, accumulate: bool = False):
                        keeps_x0=x0_ref() is not None)
 
 
-def _trunk_flops(model, batch, like) -> int:
+def _trunk_flops(model, batch, like, suffix: str = "") -> int:
     counter = _flop_counter()
-    with _blocks_cut_out(model, like, _Meter(), [], False), counter:
+    with _blocks_cut_out(model, like, _Meter(), [], False), _suffix_run(model, suffix), counter:
         model.loss(batch).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
 
 def measure_trunk(model: nn.Module, batch, like: torch.Tensor,
-                  accumulate: bool = False) -> TrunkCost:
+                  accumulate: bool = False, suffix: str = "") -> TrunkCost:
     """Prefix and suffix of ``model``, measured with its blocks cut out (``like``: a tensor
     like the last block's output). ``base_bytes`` is the parameters (and, if ``accumulate``,
-    every gradient, there from the start)."""
+    every gradient, there from the start). ``suffix``: the suffix checkpointed under this
+    menu suffix option (``policies._Suffix``), measured the same way: its recompute, at the
+    start of the suffix's backward, is inside the suffix's backward peak; ``flops`` is then
+    the suffix's FLOPs with that recompute (``measure_suffixes`` makes it a difference)."""
+    option = suffix  # (``suffix`` names a timeline mark below)
     with torch.random.fork_rng(devices=[]):
-        free_meter, free = _run_trunk(model, batch, like, False, accumulate)
-        held_meter, held = _run_trunk(model, batch, like, True, accumulate)
-        flops = _trunk_flops(model, batch, like)
+        free_meter, free = _run_trunk(model, batch, like, False, accumulate, suffix)
+        held_meter, held = _run_trunk(model, batch, like, True, accumulate, suffix)
+        flops = _trunk_flops(model, batch, like, suffix)
     a_last = like.untyped_storage().nbytes()
     values = {}
     for variant, m, info in (("free", free_meter, free), ("held", held_meter, held)):
@@ -661,7 +682,33 @@ def measure_trunk(model: nn.Module, batch, like: torch.Tensor,
         suffix_grad_bytes=info["suffix_grads"],
         grad_bytes=info["grads"],
         flops=flops,
+        suffix=option,
     )
+
+
+def measure_suffixes(model: nn.Module, batch, like: torch.Tensor, plain: TrunkCost,
+                     accumulate: bool = False, points: int = 0) -> tuple[TrunkCost, ...]:
+    """The trunk under each checkpointed-suffix option: ``full`` (keeps the last block's
+    output only) and up to ``points`` points of the suffix's exact Pareto set over which op
+    outputs to keep (``op_choices.suffix_choices``: the zero-FLOP point, recomputing the final
+    norm and the log-softmax and keeping the head's output, among them). Each measured like
+    the trunk as it is (``measure_trunk``), its ``recompute_flops`` the FLOPs its backward
+    runs beyond ``plain``'s. An option the suffix cannot run (its measurement raises) is left
+    out, as a block's menu option is."""
+    from .op_choices import suffix_choices
+
+    options = ["full"]
+    if points:
+        options += [c.policy for c in suffix_choices(model, batch, like, points) if c.keep]
+    out = []
+    for option in options:
+        try:
+            trunk = measure_trunk(model, batch, like, accumulate, option)
+        except (RuntimeError, ValueError):
+            continue
+        out.append(replace(trunk, flops=plain.flops,
+                           recompute_flops=max(0, trunk.flops - plain.flops)))
+    return tuple(out)
 
 
 def _optimizer_cost(model: nn.Module, make_optimizer) -> tuple[int, int]:
@@ -696,7 +743,8 @@ def _layer_key(block: nn.Module, x: torch.Tensor):
 
 def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int | None = None,
                   seed: int = 0, optimizer=_adamw_lr0, accumulate: bool = False, menu=(),
-                  times: bool = False, rounds: int = 15, op_points: int = 0) -> ChainCosts:
+                  times: bool = False, rounds: int = 15, op_points: int = 0,
+                  suffix: bool = False) -> ChainCosts:
     """Measure every block and the trunk of a course model (``.blocks``, ``.example_batch``,
     ``.loss``) for one training step on a batch of ``batch_size`` x ``seq_len``, the way
     ``train`` runs it (AdamW unless ``optimizer`` says otherwise; ``None``: no optimizer).
@@ -706,8 +754,14 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
     each option (``rounds`` interleaved medians), for the planner's time objective.
     ``op_points``: also up to this many op-level options per distinct block, the points of its
     exact Pareto set of (kept bytes, recompute FLOPs) over which op outputs a checkpoint keeps
-    (``op_choices``), each a ``selective:ops=...`` option measured like the menu's."""
+    (``op_choices``), each a ``selective:ops=...`` option measured like the menu's.
+    ``suffix``: also the trunk with its suffix (final norm, head, loss) checkpointed, fully and
+    at up to ``op_points`` op-level points (``measure_suffixes``), for the planner to choose
+    from (``ChainCosts.suffixes``)."""
     menu = check_menu(menu)
+    if not isinstance(suffix, bool):
+        raise ValueError(f"suffix is True (also measure the checkpointed suffix's options) or "
+                         f"False; got {suffix!r}")
     check_op_points(op_points)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds is a whole number of timing rounds >= 1, such as 15; got "
@@ -754,17 +808,22 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
         menus.append(cache[key][1])
         timed.append(cache[key][2])
     trunk = measure_trunk(model, batch, outputs[0], accumulate)
+    suffixes = (measure_suffixes(model, batch, outputs[0], trunk, accumulate, op_points)
+                if suffix else ())
     params = sum(t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()])
     state = 0
     if optimizer is not None:
         state, peak = _optimizer_cost(model, optimizer)
         trunk = replace(trunk, base_bytes=trunk.base_bytes + state, optimizer_peak=peak)
+        suffixes = tuple(replace(t, base_bytes=t.base_bytes + state, optimizer_peak=peak)
+                         for t in suffixes)
     shape = "x".join(map(str, batch[0].shape))
     name = f"{type(model).__name__} (batch {shape}{', accumulating' if accumulate else ''})"
     return ChainCosts(tuple(layers), trunk, name=name, param_bytes=params,
                       optimizer_bytes=state, menu=tuple(menus) if menu or op_points else (),
                       times=tuple(t for t, _ in timed) if times else (),
-                      spreads=tuple(s for _, s in timed) if times else ())
+                      spreads=tuple(s for _, s in timed) if times else (),
+                      suffixes=suffixes)
 
 
 def _check_block_order(order: list[int], n: int, tensors: int) -> None:

@@ -336,11 +336,13 @@ class Prediction:
     step_flops: int  # forward + backward FLOPs of a plain step
     extra_time_s: float | None = None  # the time model's extra seconds over plain, if timed
     host_bytes: int = 0  # what offloaded blocks copy to host memory
+    suffix: str = ""  # how the suffix runs: "" as it is, "full", "selective:ops=..."
 
     @property
     def policy(self) -> Policy:
-        """``segments:...`` when every block is plain or checkpointed, else ``menu:...``."""
-        return placement_policy(self.placement)
+        """``segments:...`` when every block is plain or checkpointed and the suffix runs as it
+        is, else ``menu:...`` (with ``suffix=...``)."""
+        return placement_policy(self.placement, self.suffix)
 
     @property
     def overhead(self) -> float:
@@ -349,8 +351,14 @@ class Prediction:
 
 
 def predict(costs: ChainCosts, placement) -> Prediction:
-    """The memory model for one placement (or policy): peak live bytes, where, recompute."""
-    placement = as_placement(check_costs(costs).n, placement)
+    """The memory model for one placement (or policy): peak live bytes, where, recompute. A
+    policy's ``suffix=`` option (``menu:0-3=full,suffix=full``) is predicted with the trunk
+    measured under it (``ChainCosts.suffixes``); a placement runs the suffix ``costs.trunk``
+    was measured with (as it is, unless ``with_suffix`` chose another)."""
+    check_costs(costs)
+    if isinstance(placement, (str, Policy)):
+        costs = with_suffix(costs, getattr(parse_policy(placement), "suffix", ""))
+    placement = as_placement(costs.n, placement)
     folded = _folded(costs)
     if folded is not None:  # blocks that return their input: predicted on the chain without
         short, real = folded
@@ -376,16 +384,31 @@ def predict(costs: ChainCosts, placement) -> Prediction:
              if costs.times else None)
     host = sum(costs.menu[i][kind].host_bytes for i, _, kind in placement
                if isinstance(kind, str))
+    flops += costs.trunk.recompute_flops
     return Prediction(placement, top[0], describe_event(top), top[1], top[2], flops, kept,
-                      costs.step_flops, extra, host)
+                      costs.step_flops, extra, host, costs.trunk.suffix)
 
 
-def placement_policy(placement: Placement) -> Policy:
-    """A placement as a policy string every command accepts."""
-    if all(isinstance(kind, bool) for _, _, kind in placement):
+def placement_policy(placement: Placement, suffix: str = "") -> Policy:
+    """A placement (and how the suffix runs) as a policy string every command accepts."""
+    if all(isinstance(kind, bool) for _, _, kind in placement) and not suffix:
         return Segments(checkpointed(placement))
     return Menu(tuple((i, j, "full" if kind is True else kind, ())
-                      for i, j, kind in placement if kind is not False))
+                      for i, j, kind in placement if kind is not False), suffix)
+
+
+def with_suffix(costs: ChainCosts, option: str) -> ChainCosts:
+    """``costs`` with the trunk measured under suffix ``option`` ("" as it is, "full",
+    "selective:ops=...") as ``costs.trunk``; the other measured trunks stay in ``suffixes``."""
+    trunks = (costs.trunk, *costs.suffixes)
+    chosen = next((t for t in trunks if t.suffix == option), None)
+    if chosen is None:
+        measured = ", ".join(repr(t.suffix) for t in trunks)
+        raise ValueError(f"suffix={option} was not measured (measured: {measured}): measure "
+                         f"with measure_costs(..., suffix=True), or leave the suffix out")
+    if chosen is costs.trunk:
+        return costs
+    return replace(costs, trunk=chosen, suffixes=tuple(t for t in trunks if t is not chosen))
 
 
 def as_placement(n: int, placement) -> Placement:
@@ -496,6 +519,8 @@ def optimal(costs: ChainCosts, budget, objective=None) -> Prediction | None:
 
 def _optimal(costs: ChainCosts, budget: float, objective=None) -> Prediction | None:
     """``optimal`` with the budget already parsed (bytes)."""
+    if costs.suffixes:
+        return _optimal_over_suffixes(costs, budget, objective)
     cost, table = objective_fn(costs, objective), {}
     folded = _folded(costs)
     if folded is not None:
@@ -518,6 +543,31 @@ def _optimal(costs: ChainCosts, budget: float, objective=None) -> Prediction | N
             return best
         best = lower
     return None
+
+
+def _optimal_over_suffixes(costs: ChainCosts, budget: float, objective=None):
+    """The best plan over the ways the suffix can run (``costs.suffixes``): the chain's DP,
+    unchanged, once per measured trunk, each plan's cost plus its suffix's (FLOPs objective:
+    the suffix's recompute, plus 1/1024 FLOP so that a tie goes to the suffix as it is), the
+    least cost and then the lowest peak kept. The time objective and objective functions
+    price only the blocks, so they plan with ``costs.trunk`` alone."""
+    cost = objective_fn(costs, objective)
+    trunks = (costs.trunk, *costs.suffixes) if cost is segment_flops else (costs.trunk,)
+    best = None
+    for trunk in trunks:
+        variant = replace(costs, trunk=trunk, suffixes=())
+        found = _optimal(variant, budget, cost)
+        if found is None:
+            continue
+        total = placement_cost(variant, found.placement, cost) + _suffix_price(trunk)
+        if best is None or (total, found.peak_bytes) < best[0]:
+            best = ((total, found.peak_bytes), found)
+    return None if best is None else best[1]
+
+
+def _suffix_price(trunk) -> int:
+    """A checkpointed suffix in ``segment_flops``' units (1/1024 FLOP, plus one)."""
+    return trunk.recompute_flops * 1024 + 1 if trunk.suffix else 0
 
 
 def _segments_from(costs: ChainCosts, i: int):
@@ -910,12 +960,19 @@ def _pareto_arrays(chunks: list, room: float, bound=None) -> tuple:
 
 
 def brute_force(costs: ChainCosts, budget, objective=None) -> Prediction | None:
-    """The same answer as ``optimal`` by trying every placement, menus included: for tests."""
+    """The same answer as ``optimal`` by trying every placement, menus included (and, for the
+    FLOPs objective, every measured suffix option): for tests."""
     budget, cost = parse_budget(budget), objective_fn(costs, objective)
-    fits = [p for p in map(functools.partial(predict, costs), all_placements(costs.n, costs))
-            if p.peak_bytes <= budget and placement_cost(costs, p.placement, cost) < math.inf]
-    return min(fits, key=lambda p: (placement_cost(costs, p.placement, cost), p.peak_bytes),
-               default=None)
+    trunks = (costs.trunk, *costs.suffixes) if cost is segment_flops else (costs.trunk,)
+    fits = []
+    for trunk in trunks:
+        variant = replace(costs, trunk=trunk, suffixes=())
+        fits += [(placement_cost(variant, p.placement, cost) + _suffix_price(trunk), p)
+                 for p in map(functools.partial(predict, variant),
+                              all_placements(costs.n, costs))
+                 if p.peak_bytes <= budget
+                 and placement_cost(variant, p.placement, cost) < math.inf]
+    return min(fits, key=lambda f: (f[0], f[1].peak_bytes), default=(None, None))[1]
 
 
 def optimal_frontier(costs: ChainCosts, most: int = 200, objective=None) -> list[Prediction]:

@@ -74,7 +74,7 @@ from .units import fmt_bytes, shown
 ACCEPTED = ("none, full, every-K (K >= 1), sqrt, segments:a-b,c (inclusive block numbers), "
             "selective:save=OPS, selective:recompute=OPS, selective:ops=0,7,12, attn-core, "
             "offload, "
-            "menu:0-1=full,2=selective:save=mm,3=offload,4-7=full(4-5)")
+            "menu:0-1=full,2=selective:save=mm,3=offload,4-7=full(4-5),suffix=full")
 
 # ---------------------------------------------------------------- op names for selective policies
 _SDPA = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
@@ -576,9 +576,16 @@ class Menu(Policy):
     for ``full``, ``a-b`` is one segment and ``a..b`` each block alone; other options act on one
     block, so ``a-b`` and ``a..b`` both mean each block alone. ``menu:0-7=full(0-3(0-1),4-5)``:
     blocks 0-7 one checkpoint whose recompute checkpoints 0-3 (whose recompute checkpoints 0-1)
-    and 4-5."""
+    and 4-5.
+
+    ``suffix``: how the trunk after the last block (final norm, head, loss) runs: ``""`` as it
+    is, ``"full"`` one checkpoint keeping only the last block's output, or a selective option
+    over the suffix's own ops (``selective:ops=...``, positions counted from the suffix's first
+    op; ``op_choices.suffix_ops``). Text: ``menu:0-3=full,suffix=full``; ``menu:suffix=full``
+    alone leaves every block plain. How the suffix runs: ``_Suffix``."""
 
     items: tuple[tuple[int, int, str, tuple], ...] = ()
+    suffix: str = ""
 
     def __post_init__(self):
         try:
@@ -602,6 +609,7 @@ class Menu(Policy):
             _check_children(a, b, children)
             previous = b
         object.__setattr__(self, "items", items)
+        object.__setattr__(self, "suffix", _suffix_option(self.suffix))
 
     def segments(self, n_blocks: int) -> list[range]:
         return [s for s, _ in self.segment_policies(n_blocks)]
@@ -627,7 +635,22 @@ class Menu(Policy):
             span = _span(a, b) if m == k else f"{a}..{items[m][0]}"
             parts.append(f"{span}={option}{_children_text(children)}")
             k = m + 1
+        if self.suffix:
+            parts.append(f"suffix={self.suffix}")
         return "menu:" + (",".join(parts) or "none")
+
+
+def _suffix_option(option) -> str:
+    """A menu's suffix option, normalised: "", "full" or a selective option's text."""
+    if not isinstance(option, str):
+        raise ValueError(f"a menu's suffix is '', 'full' or 'selective:...', not {option!r}")
+    option = option.strip()
+    if option in ("", "full"):
+        return option
+    if not isinstance(parse_policy(option), Selective):
+        raise ValueError(f"the suffix runs full or selective:... (e.g. suffix=selective:ops=0,3), "
+                         f"not {option!r}")
+    return str(parse_policy(option))
 
 
 def _block_number(k) -> int:
@@ -747,15 +770,18 @@ def _parse_menu(spec: str, body: str) -> Menu:
         for piece in _split_top(body):  # a piece without 'N=' continues an op list: mm,sdpa
             if not piece.strip():  # an empty item is skipped, as in a segments list
                 continue
-            if re.match(r"\s*\d+\s*((-|\.\.)\s*\d+\s*)?=", piece) or not pieces:
+            if re.match(r"\s*(\d+\s*((-|\.\.)\s*\d+\s*)?|suffix\s*)=", piece) or not pieces:
                 pieces.append(piece)
             else:
                 pieces[-1] += "," + piece
-        items = []
+        items, suffix = [], ""
         for piece in pieces:
             span, eq, option = piece.partition("=")
             if not eq:
                 raise ValueError(f"{piece!r} names no option")
+            if span.strip() == "suffix":
+                suffix = _suffix_option(option)
+                continue
             a, b, each = _parse_span(span)
             option = option.strip()
             if option.startswith("full"):
@@ -767,7 +793,7 @@ def _parse_menu(spec: str, body: str) -> Menu:
             else:
                 option = str(parse_policy(option))
                 items += [(k, k + 1, option, ()) for k in range(a, b)]
-        return Menu(tuple(items))
+        return Menu(tuple(items), suffix)
     except ValueError as error:
         raise ValueError(f"bad policy {shown(spec)}: {error}; {fix}") from None
 
@@ -978,13 +1004,175 @@ def _version(t: torch.Tensor):
 
 
 class _Forward:
-    """The instance ``forward`` a policy gives a block; it knows which handle installed it."""
+    """The instance ``forward`` a policy gives a block; it knows which handle installed it.
+    With a checkpointed suffix, the last block's return opens the suffix's region, and in the
+    suffix's recompute every block stands aside (``_Suffix.stand_in``)."""
 
-    def __init__(self, handle: AppliedPolicy, run):
-        self.handle, self.run = handle, run
+    def __init__(self, handle: AppliedPolicy, run, index: int = 0, last: bool = False):
+        self.handle, self.run, self.index, self.last = handle, run, index, last
 
     def __call__(self, *args, **kwargs):
-        return self.run(*args, **kwargs)
+        suffix = self.handle.suffix
+        if suffix is not None and suffix.replaying:
+            return suffix.stand_in(self.index, args)
+        out = self.run(*args, **kwargs)
+        if suffix is not None and self.last:
+            suffix.open(out)
+        return out
+
+
+# ---------------------------------------------------------------- the suffix as a checkpoint
+class _Suffix:
+    """The trunk after the last block (final norm, head and, for a course model, the loss) as
+    one checkpoint region (a menu's ``suffix=full`` or ``suffix=selective:...``).
+
+    The region opens when the last block returns inside a call of the *entry*, and closes when
+    the entry returns. The entry: ``model.loss`` for a model with the course protocol (so the
+    loss's log-softmax is inside), else the model's ``forward`` (a learner's model, whose loss
+    is the learner's own code: the suffix is then the final layers only); a module named by
+    ``model.suffix_entry`` has its ``forward`` as the entry (``auto``'s adapter names the
+    learner's model). The recompute (at the start of the suffix's backward) calls the entry
+    again with the arguments it was called with: the prefix (embeddings) runs under
+    ``no_grad`` from the random state the entry started with (it saves nothing and makes the
+    values it made in forward; its transient tensors are part of the suffix's measured
+    backward), then the blocks stand aside: block 0 returns the region's input (the last
+    block's output) with grad on again and the random state the region opened with, the
+    others pass their input through. So the recompute runs the suffix's ops again on the same
+    values, and the checkpoint's early stop ends it at the suffix's last saved tensor.
+    Assumed (as for a multi-block segment, and checked by the planner when it measures):
+    each block runs once per forward, in order, its first argument the hidden state, its
+    output the next block's input; re-running the code before the first block makes the same
+    values (true of any deterministic prefix; BatchNorm statistics are not updated twice).
+    A model whose suffix cannot run this way is planned with its suffix as it is: the planner
+    leaves out a suffix option whose measurement fails."""
+
+    def __init__(self, handle: AppliedPolicy, model: nn.Module, region: Policy):
+        self.handle, self.model, self.region = handle, model, region
+        named = getattr(model, "suffix_entry", None)
+        if isinstance(named, nn.Module):
+            self.owner, self.name = named, "forward"
+        elif callable(getattr(model, "loss", None)):
+            self.owner, self.name = model, "loss"
+        else:
+            self.owner, self.name = model, "forward"
+        if isinstance(vars(self.owner).get(self.name), _Entry):
+            raise RuntimeError(f"{type(self.owner).__name__}.{self.name} already runs a "
+                               f"checkpointed suffix: remove that policy first")
+        self.raw = getattr(self.owner, self.name)
+        self._call = None  # (args, kwargs, random state) of the entry call running now
+        self._open = None  # the region's generator while it is open
+        self._replaying = None  # (the region's input, random state) during its recompute
+        setattr(self.owner, self.name, _Entry(self))
+
+    @property
+    def replaying(self) -> bool:
+        return self._replaying is not None
+
+    def enter(self, args, kwargs):
+        if self._call is not None:  # called again inside itself: the outer call holds
+            return self.raw(*args, **kwargs)
+        self._call = (args, kwargs, _random_state(tree_leaves((args, kwargs))))
+        try:
+            out = self.raw(*args, **kwargs)
+        except BaseException as error:
+            self._abandon(error)
+            raise
+        finally:
+            self._call = None
+        region, self._open = self._open, None
+        if region is not None:
+            next(region, None)  # closes it
+        return out
+
+    def open(self, out) -> None:
+        """The last block returned ``out``: the suffix starts (inside an entry call only)."""
+        if self._call is None:
+            return
+        if self._open is not None:
+            error = RuntimeError("the last block ran twice in one forward: a checkpointed "
+                                 "suffix needs each block once per forward; drop suffix=")
+            self._abandon(error)
+            raise error
+        args, kwargs, state = self._call
+        if getattr(type(self.region), "region", Policy.region) is not Policy.region:
+            self._open = self.region.region(None, [], self.handle.store, (out,), {})
+            next(self._open)  # a region of its own (op_choices records the suffix's ops)
+            return
+        # the recompute context (selective checkpointing's cache) starts where the suffix does,
+        # at block 0's stand-in: the prefix's ops are none of its business
+        forward, recompute = self.region.context_fn()
+        replay = functools.partial(self._replay, args, kwargs, state, recompute)
+        self._open = _checkpoint_without_reentrant_generator(
+            replay, True, lambda: (forward, contextlib.nullcontext()), "default", False, True,
+            out)
+        next(self._open)
+
+    def _replay(self, args, kwargs, state, recompute, last_out):
+        self._replaying = [last_out, _random_state(tree_leaves((args, kwargs))), recompute,
+                           False]
+        try:
+            with torch.no_grad(), _running_stats_kept([self.model]):
+                _set_random_state(state)
+                self.raw(*args, **kwargs)
+        finally:
+            entered, self._replaying = self._replaying[3], None
+            if entered:
+                recompute.__exit__(None, None, None)
+
+    def stand_in(self, k: int, args):
+        """Block ``k``'s call during the recompute: block 0 hands over the region's input."""
+        if k:
+            return args[0]
+        last_out, state, recompute, _ = self._replaying
+        torch.set_grad_enabled(True)  # the suffix saves, as in forward (no_grad's exit resets)
+        _set_random_state(state)
+        recompute.__enter__()
+        self._replaying[3] = True
+        return last_out
+
+    def _abandon(self, error: BaseException | None = None) -> None:
+        region, self._open = self._open, None
+        if region is not None:
+            with contextlib.suppress(BaseException):
+                region.throw(error or RuntimeError("forward stopped inside the suffix"))
+
+    def remove(self) -> None:
+        if isinstance(entry := vars(self.owner).get(self.name), _Entry) and entry.suffix is self:
+            delattr(self.owner, self.name)
+
+
+class _Entry:
+    """The instance ``loss`` (or ``forward``) a checkpointed suffix gives its entry."""
+
+    def __init__(self, suffix: _Suffix):
+        self.suffix = suffix
+
+    def __call__(self, *args, **kwargs):
+        return self.suffix.enter(args, kwargs)
+
+
+def _random_state(tensors) -> tuple:
+    """The CPU random state and that of the devices of ``tensors`` (CUDA)."""
+    from torch.utils.checkpoint import get_device_states
+
+    return torch.get_rng_state(), get_device_states(*[t for t in tensors
+                                                      if isinstance(t, torch.Tensor)])
+
+
+def _set_random_state(state) -> None:
+    from torch.utils.checkpoint import set_device_states
+
+    cpu, (devices, states) = state
+    torch.set_rng_state(cpu)
+    if devices:
+        set_device_states(devices, states)
+
+
+def _suffix_region(option: str) -> Policy | None:
+    """The region policy of a menu's suffix option (None: the suffix runs as it is)."""
+    if not option:
+        return None
+    return EveryK(1) if option == "full" else parse_policy(option)
 
 
 def _installed(block: nn.Module) -> _Forward | None:
@@ -995,17 +1183,24 @@ def _installed(block: nn.Module) -> _Forward | None:
 class AppliedPolicy:
     """What ``apply_policy`` returns: ``remove()`` undoes it; ``stats`` counts offload traffic."""
 
-    def __init__(self, model: nn.Module, blocks: list[nn.Module], policy: Policy):
+    def __init__(self, model: nn.Module, blocks: list[nn.Module], policy: Policy,
+                 suffix: Policy | None = None):
         self.blocks, self.policy, self.store = blocks, policy, HostStore()
         self.stats = self.store.stats
+        # instance forwards there before (costs.py's stand-ins for blocks cut out), put back
+        self._before = [vars(block).get("forward") for block in blocks]
         runs = [block.forward for block in blocks]  # outside any segment: the block's own
         self.regions = []
         for s, sub in policy.segment_policies(len(blocks)):
             region = self._region(blocks, s, sub)
             for k, i in enumerate(s):
                 runs[i] = functools.partial(_call_region, region, k)
-        for block, run in zip(blocks, runs, strict=True):
-            block.forward = _Forward(self, run)
+        self.suffix = None
+        region = suffix or _suffix_region(getattr(policy, "suffix", ""))
+        if region is not None:
+            self.suffix = _Suffix(self, model, region)
+        for i, (block, run) in enumerate(zip(blocks, runs, strict=True)):
+            block.forward = _Forward(self, run, i, i == len(blocks) - 1)
         # An error between blocks (in the model's own code, or a module hook) never reaches a
         # region: the model's forward closes whatever is left open when it ends.
         self._closer = model.register_forward_hook(self._close_regions, always_call=True)
@@ -1034,9 +1229,13 @@ class AppliedPolicy:
     def remove(self) -> None:
         """Give the blocks their own forward back. Safe to call twice."""
         self._closer.remove()
-        for block in self.blocks:
+        if self.suffix is not None:
+            self.suffix.remove()
+        for block, before in zip(self.blocks, self._before, strict=True):
             if (forward := _installed(block)) is not None and forward.handle is self:
                 del block.forward
+                if before is not None:
+                    block.forward = before
 
     def __enter__(self):
         return self
@@ -1078,6 +1277,18 @@ def apply_policy(model: nn.Module, policy, blocks=None) -> AppliedPolicy:
             raise RuntimeError(f"block {i} already has an instance-level forward (another "
                                "wrapper?): remove it before applying a checkpoint policy")
     return AppliedPolicy(model, blocks, policy)
+
+
+@contextlib.contextmanager
+def suffix_applied(model: nn.Module, region: Policy):
+    """Only the suffix (``_Suffix``) run as ``region`` (a policy object: ``EveryK(1)`` is
+    ``suffix=full``), over the forwards the blocks have now: ``costs`` measures the trunk this
+    way with its blocks cut out, and ``op_choices`` records the suffix's ops."""
+    handle = AppliedPolicy(model, find_blocks(model), Menu(), suffix=region)
+    try:
+        yield handle
+    finally:
+        handle.remove()
 
 
 @contextlib.contextmanager
