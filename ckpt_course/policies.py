@@ -1111,7 +1111,8 @@ class _Suffix:
         self._replaying = [last_out, _random_state(tree_leaves((args, kwargs))), recompute,
                            False]
         try:
-            with torch.no_grad(), _running_stats_kept([self.model]):
+            with torch.no_grad(), _running_stats_kept([self.model]), \
+                    _hooks_set_aside(self.handle.blocks):
                 _set_random_state(state)
                 self.raw(*args, **kwargs)
         finally:
@@ -1139,6 +1140,22 @@ class _Suffix:
     def remove(self) -> None:
         if isinstance(entry := vars(self.owner).get(self.name), _Entry) and entry.suffix is self:
             delattr(self.owner, self.name)
+
+
+@contextlib.contextmanager
+def _hooks_set_aside(blocks):
+    """The blocks' own forward hooks do not run while the blocks stand aside in a suffix's
+    recompute (they do not run then: a hook that records a call, as ``hf.HFCausalLM``'s
+    keyword-argument recorder does, would keep the recompute's tensors)."""
+    kept = [(b, b._forward_pre_hooks, b._forward_hooks) for b in blocks]
+    for b in blocks:
+        b._forward_pre_hooks, b._forward_hooks = type(b._forward_pre_hooks)(), type(
+            b._forward_hooks)()
+    try:
+        yield
+    finally:
+        for b, pre, post in kept:
+            b._forward_pre_hooks, b._forward_hooks = pre, post
 
 
 class _Entry:
