@@ -10,7 +10,10 @@ your own with ``self.blocks = nn.ModuleList(...)``)::
 
 1. Measure each distinct block and the rest of the model on ``batch`` (``costs.measure_costs``,
    with every option of ``costs.MENU``: checkpointed segments, selective variants, offload;
-   and points of each block's exact Pareto set over which op outputs to keep, ``op_choices``).
+   and points of each block's exact Pareto set over which op outputs to keep, ``op_choices``;
+   and the suffix after the last block checkpointed, fully or at op-level points: for a
+   course model the final layers and the loss, for your own model the layers after the last
+   block up to its output, since your loss is your own code).
 2. Plan: the placement with the fewest recomputed FLOPs whose predicted peak fits the budget
    (``plan.optimal``; offload only where nothing else fits).
 3. Apply it to the model's blocks (``policies.apply_policy``: instance forwards, removed by
@@ -53,6 +56,12 @@ class _Adapted(nn.Module):
     @property
     def blocks(self) -> nn.ModuleList:
         return self._blocks[0]
+
+    @property
+    def suffix_entry(self) -> nn.Module:
+        """A checkpointed suffix ends where the learner's model returns (``policies._Suffix``):
+        the learner computes the loss with code of their own, which no policy wraps."""
+        return self.inner
 
     def example_batch(self, batch_size=None, seq_len=None, generator=None) -> tuple:
         return self._batch
@@ -134,7 +143,7 @@ def auto_checkpoint(model: nn.Module, budget, batch, loss_fn=None, menu=MENU,
     # reproduce with or without this call.
     with torch.random.fork_rng(devices=_cuda_devices(model)):
         work = copy.deepcopy(course)
-        costs = measure_costs(work, None, menu=menu, op_points=op_points)
+        costs = measure_costs(work, None, menu=menu, op_points=op_points, suffix=True)
         plan = make_plan(costs, budget, "flops")
         if not plan.fits:
             raise ValueError(f"nothing fits in {fmt_bytes(budget)}: {plan.advice()}")
@@ -146,7 +155,8 @@ def auto_checkpoint(model: nn.Module, budget, batch, loss_fn=None, menu=MENU,
             f"{fmt_bytes(budget)}: the model does not run as the planner assumes (each block "
             f"once per forward, in list order, its output the next one's input); nothing was "
             f"installed")
-    handle = apply_policy(model, plan.policy, blocks=course.blocks)
+    handle = apply_policy(model, plan.policy, blocks=course.blocks,
+                          suffix_entry=model if isinstance(course, _Adapted) else None)
     return AutoReport(plan, handle, measured)
 
 

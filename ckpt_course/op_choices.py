@@ -199,8 +199,8 @@ def thin(front: list[Choice], points: int) -> list[Choice]:
         return candidates
     low, high = candidates[0].kept_bytes, candidates[-1].kept_bytes
     chosen = {}
-    for k in range(points):
-        level = low + (high - low) * k // max(1, points - 1)
+    for k in range(points):  # one point: the highest level (the zero-FLOP point)
+        level = high if points == 1 else low + (high - low) * k // (points - 1)
         best = max((c for c in candidates if c.kept_bytes <= level), key=lambda c: c.kept_bytes)
         chosen[best.keep] = best
     return sorted(chosen.values(), key=lambda c: c.kept_bytes)

@@ -1005,16 +1005,13 @@ def _version(t: torch.Tensor):
 
 class _Forward:
     """The instance ``forward`` a policy gives a block; it knows which handle installed it.
-    With a checkpointed suffix, the last block's return opens the suffix's region, and in the
-    suffix's recompute every block stands aside (``_Suffix.stand_in``)."""
+    With a checkpointed suffix, the last block's return opens the suffix's region."""
 
-    def __init__(self, handle: AppliedPolicy, run, index: int = 0, last: bool = False):
-        self.handle, self.run, self.index, self.last = handle, run, index, last
+    def __init__(self, handle: AppliedPolicy, run, last: bool = False):
+        self.handle, self.run, self.last = handle, run, last
 
     def __call__(self, *args, **kwargs):
         suffix = self.handle.suffix
-        if suffix is not None and suffix.replaying:
-            return suffix.stand_in(self.index, args)
         out = self.run(*args, **kwargs)
         if suffix is not None and self.last:
             suffix.open(out)
@@ -1027,9 +1024,10 @@ class _Suffix:
     one checkpoint region (a menu's ``suffix=full`` or ``suffix=selective:...``).
 
     The region opens when the last block returns inside a call of the *entry*, and closes when
-    the entry returns. The entry: ``model.loss`` for a model with the course protocol (so the
-    loss's log-softmax is inside), else the model's ``forward`` (a learner's model, whose loss
-    is the learner's own code: the suffix is then the final layers only); a module named by
+    the entry returns. The entry: ``model.loss`` for a model with the course protocol
+    (``.loss`` and ``.example_batch``: the loss's log-softmax is inside), else its ``forward``
+    (a learner's model, whose loss is the learner's own code: the suffix is then the final
+    layers only); a module named by
     ``model.suffix_entry`` has its ``forward`` as the entry (``auto``'s adapter names the
     learner's model). The recompute (at the start of the suffix's backward) calls the entry
     again with the arguments it was called with: the prefix (embeddings) runs under
@@ -1046,12 +1044,13 @@ class _Suffix:
     A model whose suffix cannot run this way is planned with its suffix as it is: the planner
     leaves out a suffix option whose measurement fails."""
 
-    def __init__(self, handle: AppliedPolicy, model: nn.Module, region: Policy):
+    def __init__(self, handle: AppliedPolicy, model: nn.Module, region: Policy,
+                 entry: nn.Module | None = None):
         self.handle, self.model, self.region = handle, model, region
-        named = getattr(model, "suffix_entry", None)
+        named = entry if entry is not None else getattr(model, "suffix_entry", None)
         if isinstance(named, nn.Module):
             self.owner, self.name = named, "forward"
-        elif callable(getattr(model, "loss", None)):
+        elif all(callable(getattr(model, name, None)) for name in ("loss", "example_batch")):
             self.owner, self.name = model, "loss"
         else:
             self.owner, self.name = model, "forward"
@@ -1063,10 +1062,6 @@ class _Suffix:
         self._open = None  # the region's generator while it is open
         self._replaying = None  # (the region's input, random state) during its recompute
         setattr(self.owner, self.name, _Entry(self))
-
-    @property
-    def replaying(self) -> bool:
-        return self._replaying is not None
 
     def enter(self, args, kwargs):
         if self._call is not None:  # called again inside itself: the outer call holds
@@ -1112,7 +1107,7 @@ class _Suffix:
                            False]
         try:
             with torch.no_grad(), _running_stats_kept([self.model]), \
-                    _hooks_set_aside(self.handle.blocks):
+                    _standing_aside(self.handle.blocks, self.stand_in):
                 _set_random_state(state)
                 self.raw(*args, **kwargs)
         finally:
@@ -1120,7 +1115,7 @@ class _Suffix:
             if entered:
                 recompute.__exit__(None, None, None)
 
-    def stand_in(self, k: int, args):
+    def stand_in(self, k: int, *args, **kwargs):
         """Block ``k``'s call during the recompute: block 0 hands over the region's input."""
         if k:
             return args[0]
@@ -1143,19 +1138,25 @@ class _Suffix:
 
 
 @contextlib.contextmanager
-def _hooks_set_aside(blocks):
-    """The blocks' own forward hooks do not run while the blocks stand aside in a suffix's
-    recompute (they do not run then: a hook that records a call, as ``hf.HFCausalLM``'s
-    keyword-argument recorder does, would keep the recompute's tensors)."""
-    kept = [(b, b._forward_pre_hooks, b._forward_hooks) for b in blocks]
-    for b in blocks:
+def _standing_aside(blocks, stand_in):
+    """While a suffix recomputes, each block's call is ``stand_in(k, ...)`` (installed here, so
+    a backward after the policy's removal recomputes the same), and the blocks' own forward
+    hooks do not run (the blocks do not run: a hook that records a call, as
+    ``hf.HFCausalLM``'s keyword-argument recorder does, would keep the recompute's tensors)."""
+    kept = [(b, vars(b).get("forward"), b._forward_pre_hooks, b._forward_hooks)
+            for b in blocks]
+    for k, b in enumerate(blocks):
         b._forward_pre_hooks, b._forward_hooks = type(b._forward_pre_hooks)(), type(
             b._forward_hooks)()
+        b.forward = functools.partial(stand_in, k)
     try:
         yield
     finally:
-        for b, pre, post in kept:
+        for b, forward, pre, post in kept:
             b._forward_pre_hooks, b._forward_hooks = pre, post
+            del b.forward
+            if forward is not None:
+                b.forward = forward
 
 
 class _Entry:
@@ -1201,7 +1202,7 @@ class AppliedPolicy:
     """What ``apply_policy`` returns: ``remove()`` undoes it; ``stats`` counts offload traffic."""
 
     def __init__(self, model: nn.Module, blocks: list[nn.Module], policy: Policy,
-                 suffix: Policy | None = None):
+                 suffix: Policy | None = None, suffix_entry: nn.Module | None = None):
         self.blocks, self.policy, self.store = blocks, policy, HostStore()
         self.stats = self.store.stats
         # instance forwards there before (costs.py's stand-ins for blocks cut out), put back
@@ -1215,9 +1216,9 @@ class AppliedPolicy:
         self.suffix = None
         region = suffix or _suffix_region(getattr(policy, "suffix", ""))
         if region is not None:
-            self.suffix = _Suffix(self, model, region)
+            self.suffix = _Suffix(self, model, region, suffix_entry)
         for i, (block, run) in enumerate(zip(blocks, runs, strict=True)):
-            block.forward = _Forward(self, run, i, i == len(blocks) - 1)
+            block.forward = _Forward(self, run, i == len(blocks) - 1)
         # An error between blocks (in the model's own code, or a module hook) never reaches a
         # region: the model's forward closes whatever is left open when it ends.
         self._closer = model.register_forward_hook(self._close_regions, always_call=True)
@@ -1282,8 +1283,10 @@ def find_blocks(model: nn.Module, blocks=None) -> list[nn.Module]:
     return blocks
 
 
-def apply_policy(model: nn.Module, policy, blocks=None) -> AppliedPolicy:
-    """Apply ``policy`` (a Policy or a string) to the model's blocks; ``.remove()`` undoes it."""
+def apply_policy(model: nn.Module, policy, blocks=None,
+                 suffix_entry: nn.Module | None = None) -> AppliedPolicy:
+    """Apply ``policy`` (a Policy or a string) to the model's blocks; ``.remove()`` undoes it.
+    ``suffix_entry``: the module whose forward ends a checkpointed suffix (``_Suffix``)."""
     policy = parse_policy(policy)
     blocks = find_blocks(model, blocks)
     for i, block in enumerate(blocks):
@@ -1293,7 +1296,7 @@ def apply_policy(model: nn.Module, policy, blocks=None) -> AppliedPolicy:
         if "forward" in vars(block):
             raise RuntimeError(f"block {i} already has an instance-level forward (another "
                                "wrapper?): remove it before applying a checkpoint policy")
-    return AppliedPolicy(model, blocks, policy)
+    return AppliedPolicy(model, blocks, policy, suffix_entry=suffix_entry)
 
 
 @contextlib.contextmanager
