@@ -62,6 +62,7 @@ from ckpt_course.plan import (
     predict,
     segment_kept,
     segment_recompute_flops,
+    with_suffix,
 )
 from ckpt_course.recompute import EXTRA_FLOP_FORMULAS
 
@@ -127,8 +128,29 @@ def compiled(model, batch, fraction: float, eager_backward: int) -> tuple[dict, 
 def kept_frontier(costs):
     """Every (kept bytes, recompute FLOPs, host bytes) the planner's placements reach,
     Pareto-pruned in all three: the chain DP's segments (plain, checkpointed runs of blocks,
-    each menu and op-level option, offload) with the memory model's exact numbers, constrained
-    by saved bytes instead of peak. Returns Predictions."""
+    each menu and op-level option, offload) and each way the suffix runs (as it is, full, its
+    op-level points: ``costs.suffixes``), with the memory model's exact numbers, constrained
+    by saved bytes instead of peak. Kept bytes count the suffix's too (``trunk_kept``).
+    Returns (kept bytes, Prediction) pairs."""
+    ends = _placement_frontier(costs)
+    points = []
+    for trunk in (costs.trunk, *costs.suffixes):
+        for held, front in ends.items():
+            points += [(kept + trunk.suffix_kept(held), flops + trunk.recompute_flops, host,
+                        (placement, trunk.suffix)) for kept, flops, host, placement in front]
+    return [(p[0], predict(with_suffix(costs, p[-1][1]), p[-1][0])) for p in _pruned(points)]
+
+
+def trunk_kept(costs, prediction) -> int:
+    """What the suffix keeps for backward under ``prediction`` (its trunk's measured
+    ``suffix_kept``; whether the last block keeps x_L decides which)."""
+    trunk = with_suffix(costs, prediction.suffix).trunk
+    return trunk.suffix_kept(_left_holds(costs, prediction.placement[-1], costs.n))
+
+
+def _placement_frontier(costs) -> dict:
+    """Per final state (does the last block keep x_L?), the placements' Pareto points of
+    (kept bytes, recompute FLOPs, host bytes), the blocks' alone."""
     fronts = {(0, _left_holds(costs, None, 0)): [(0, 0, 0, ())]}
     for i in range(costs.n):
         for held in (False, True):
@@ -144,8 +166,7 @@ def kept_frontier(costs):
                          (*placement, seg)))
         for key in [k for k in fronts if k[0] == i + 1]:
             fronts[key] = _pruned(fronts[key])
-    final = _pruned([p for (j, _), front in fronts.items() if j == costs.n for p in front])
-    return [predict(costs, p[-1]) for p in final]
+    return {held: front for (j, held), front in fronts.items() if j == costs.n}
 
 
 def _pruned(points):
@@ -157,15 +178,16 @@ def _pruned(points):
     return out
 
 
-def bench(name, make, batch_size, points) -> dict:
+def bench(name, make, batch_size, points, fractions=FRACTIONS) -> dict:
     model, seq = make()
     batch = model.example_batch(batch_size, seq_len=seq,
                                 generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
-    costs = measure_costs(model, batch_size, seq, menu=MENU, op_points=points)
+    costs = measure_costs(model, batch_size, seq, menu=MENU, op_points=points, suffix=True)
     measure_s = time.perf_counter() - start
     eager_saved, eager_backward = saved_and_backward_flops(model, batch, model.loss)
-    none_kept = predict(costs, "none").kept_bytes
+    none = predict(costs, "none")
+    none_kept = none.kept_bytes + trunk_kept(costs, none)
     plans = kept_frontier(costs)
     print(f"\n{name}: batch {batch_size}, {costs.n} blocks; measure_costs with {points} op-level "
           f"points per block: {measure_s:.1f} s; eager saves {eager_saved:,} B, backward "
@@ -174,12 +196,14 @@ def bench(name, make, batch_size, points) -> dict:
           f"{'planner saved B':>16} {'planner MFLOP':>14} {'meter = pred':>12} {'again':>6}  "
           f"plan; then: the fewest bytes offloaded for recompute <= compile's")
     rows = []
-    for fraction in FRACTIONS:
+    saved_by = {id(p): eager_saved - none_kept + kept for kept, p in plans}
+    plans = [p for _, p in plans]
+    for fraction in fractions:
         first, second = compiled(model, batch, fraction, eager_backward)
         row = dict(fraction=fraction, compile=first, compile_again=second)
-        fits = [p for p in plans if eager_saved - none_kept + p.kept_bytes <= first["saved"]]
+        fits = [p for p in plans if saved_by[id(p)] <= first["saved"]]
         best = min((p for p in fits if not p.host_bytes),
-                   key=lambda p: (p.recompute_flops, p.kept_bytes), default=None)
+                   key=lambda p: (p.recompute_flops, saved_by[id(p)]), default=None)
         offloading = min((p for p in fits if p.recompute_flops <= first["recompute"]),
                          key=lambda p: (p.host_bytes, p.recompute_flops), default=None)
         line = (f"  {fraction:>6.2f} {first['saved']:>16,} {first['recompute'] / 1e6:>14.2f} "
@@ -190,7 +214,7 @@ def bench(name, make, batch_size, points) -> dict:
             elif label == "with offload" and plan is best:
                 print(f"{line} {label}: none needed")
             else:
-                saved = eager_saved - none_kept + plan.kept_bytes
+                saved = saved_by[id(plan)]
                 meters = [measure_peaks(model, plan.policy, batch_size, seq)[-1]
                           for _ in range(2)]
                 assert meters == [plan.peak_bytes] * 2, (str(plan.policy), meters, plan.peak_bytes)
@@ -217,8 +241,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--points", type=int, default=6, help="op-level points per block")
+    parser.add_argument("--fractions", default=",".join(map(str, FRACTIONS)),
+                        help="compile's activation_memory_budget values, comma-separated")
     args = parser.parse_args()
-    results = {name: bench(name, make, args.batch, args.points)
+    try:
+        fractions = tuple(float(f) for f in args.fractions.split(","))
+    except ValueError:
+        parser.error(f"--fractions takes numbers such as 0.05,0.8; got {args.fractions!r}")
+    results = {name: bench(name, make, args.batch, args.points, fractions)
                for name, make in MODELS.items()}
     for name, r in results.items():
         print(f"{name}: planner recompute <= compile at {r['at_most']} of {r['compared']} "
