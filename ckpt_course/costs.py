@@ -16,7 +16,8 @@ recompute (checkpoint hands each recomputed tensor over once, so it dies as soon
 reads it is done: a little earlier than in a plain backward). Each backward is measured twice:
 with the block's input kept alive by someone else, and without. FLOPs come from
 ``FlopCounterMode``. The prefix and suffix are measured on the model with its blocks cut out,
-the optimizer step on the real optimizer.
+the optimizer step on the real optimizer; with ``suffix=True``, also with the suffix
+checkpointed, fully and at the op-level points of its own Pareto set (``measure_suffixes``).
 """
 
 from __future__ import annotations

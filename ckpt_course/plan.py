@@ -22,7 +22,18 @@ The memory model (live bytes, as the meter counts them), for a placement:
   Behind this: a later segment's backward gives back exactly what it kept and leaves its
   parameters' gradients and the gradient of its input.
 - optimizer step: parameters + gradients + optimizer state + the step's temporaries.
-The peak is the largest; the DP adds up the same terms. Assumptions: blocks run in order, once
+The peak is the largest; the DP adds up the same terms. The suffix may run checkpointed too
+(a menu's ``suffix=full``, or ``suffix=selective:ops=...`` at op level; ``policies._Suffix``):
+``measure_costs(..., suffix=True)`` measures the whole trunk under each such option
+(``ChainCosts.suffixes``) the way it measures it as it is, so the terms above hold with that
+trunk's numbers (its recompute, at the start of the suffix's backward, is inside the suffix's
+backward peak); ``predict`` takes the trunk of the policy's suffix option, and ``optimal`` runs
+the same DP once per option, adding the suffix's recompute (``_optimal_over_suffixes``).
+Measured on the course's models, a checkpointed suffix keeps less for backward but peaks the
+same (its backward starts by recomputing what it dropped), so it pays only where the suffix's
+forward is the peak; what it keeps less counts against torch.compile's saved bytes
+(``bench/planner_compile.py``). The prefix (embeddings) is never recomputed: x_0 and what the
+embeddings save stay all step. Assumptions: blocks run in order, once
 each; a block's backward allocates nothing before it first reads a saved tensor (true of the
 course models). Against the meter (``measure_peaks``: AdamW steps on one batch, step 2 on) it is
 exact to the byte for the tiny GPT (sdpa or naive attention, with or without dropout), Llama
