@@ -586,6 +586,9 @@ class Menu(Policy):
 
     items: tuple[tuple[int, int, str, tuple], ...] = ()
     suffix: str = ""
+    # "full": the prefix (embeddings) runs inside the checkpointed segment at block 0, which
+    # then keeps the batch only and recomputes prefix and blocks: ``menu:0-1=full,prefix=full``
+    prefix: str = ""
 
     def __post_init__(self):
         try:
@@ -610,6 +613,11 @@ class Menu(Policy):
             previous = b
         object.__setattr__(self, "items", items)
         object.__setattr__(self, "suffix", _suffix_option(self.suffix))
+        if self.prefix not in ("", "full"):
+            raise ValueError(f"a menu's prefix is '' or 'full', not {self.prefix!r}")
+        if self.prefix and not (items and items[0][0] == 0 and items[0][2] == "full"):
+            raise ValueError("prefix=full runs the prefix inside the checkpointed segment at "
+                             "block 0: give one, e.g. menu:0-1=full,prefix=full")
 
     def segments(self, n_blocks: int) -> list[range]:
         return [s for s, _ in self.segment_policies(n_blocks)]
@@ -635,6 +643,8 @@ class Menu(Policy):
             span = _span(a, b) if m == k else f"{a}..{items[m][0]}"
             parts.append(f"{span}={option}{_children_text(children)}")
             k = m + 1
+        if self.prefix:
+            parts.append(f"prefix={self.prefix}")
         if self.suffix:
             parts.append(f"suffix={self.suffix}")
         return "menu:" + (",".join(parts) or "none")
@@ -770,17 +780,21 @@ def _parse_menu(spec: str, body: str) -> Menu:
         for piece in _split_top(body):  # a piece without 'N=' continues an op list: mm,sdpa
             if not piece.strip():  # an empty item is skipped, as in a segments list
                 continue
-            if re.match(r"\s*(\d+\s*((-|\.\.)\s*\d+\s*)?|suffix\s*)=", piece) or not pieces:
+            if re.match(r"\s*(\d+\s*((-|\.\.)\s*\d+\s*)?|suffix\s*|prefix\s*)=",
+                        piece) or not pieces:
                 pieces.append(piece)
             else:
                 pieces[-1] += "," + piece
-        items, suffix = [], ""
+        items, suffix, prefix = [], "", ""
         for piece in pieces:
             span, eq, option = piece.partition("=")
             if not eq:
                 raise ValueError(f"{piece!r} names no option")
             if span.strip() == "suffix":
                 suffix = _suffix_option(option)
+                continue
+            if span.strip() == "prefix":
+                prefix = option.strip()
                 continue
             a, b, each = _parse_span(span)
             option = option.strip()
@@ -793,7 +807,7 @@ def _parse_menu(spec: str, body: str) -> Menu:
             else:
                 option = str(parse_policy(option))
                 items += [(k, k + 1, option, ()) for k in range(a, b)]
-        return Menu(tuple(items), suffix)
+        return Menu(tuple(items), suffix, prefix)
     except ValueError as error:
         raise ValueError(f"bad policy {shown(spec)}: {error}; {fix}") from None
 
@@ -899,9 +913,22 @@ class _Region:
         self._calls = None  # later blocks' recorded arguments, for this forward's recompute
         self._previous = None  # the leaves of the last block's output, until the next call
         self._next = 0
+        self._early = False  # opened at the entry call (a menu's prefix=full)
+
+    def open_at_entry(self, replay, args, kwargs) -> None:
+        """``prefix=full``: open at the start of the entry call (``_Suffix``), so the prefix's
+        saved tensors are the region's too; ``replay`` re-runs the entry call."""
+        self._abandon()
+        params = [t for b in self.blocks for t in (*b.parameters(), *b.buffers())]
+        self._open = self.policy.region(replay, params, self.handle.store, args, kwargs)
+        next(self._open)
+        self._calls, self._early = None, True
 
     def __call__(self, k: int, args, kwargs):
-        if k == 0:
+        if self._early and k == 0 and self._open is not None:
+            pass  # opened at the entry: the prefix ran inside
+        elif k == 0:
+            self._early = False
             self._abandon()
             self._calls = []
             params = [t for b in self.blocks for t in (*b.parameters(), *b.buffers())]
@@ -939,11 +966,13 @@ class _Region:
                 f"output to the next; use full, selective or offload (one block per segment)")
             self._abandon(error)
             raise error
-        self._calls.append((linked, spec))
+        if self._calls is not None:  # (a region opened at the entry replays the entry call)
+            self._calls.append((linked, spec))
 
     def _abandon(self, error: BaseException | None = None) -> None:
         """Close a region left open (an error in a block, or a forward that stopped early)."""
         region, self._open, self._previous, self._next = self._open, None, None, 0
+        self._early = False
         if region is None:
             return
         with contextlib.suppress(BaseException):
@@ -1061,12 +1090,16 @@ class _Suffix:
         self._call = None  # (args, kwargs, random state) of the entry call running now
         self._open = None  # the region's generator while it is open
         self._replaying = None  # (the region's input, random state) during its recompute
+        self.first = None  # under prefix=full, the region of the checkpointed segment at 0
         setattr(self.owner, self.name, _Entry(self))
 
     def enter(self, args, kwargs):
         if self._call is not None:  # called again inside itself: the outer call holds
             return self.raw(*args, **kwargs)
         self._call = (args, kwargs, _random_state(tree_leaves((args, kwargs))))
+        if self.first is not None:
+            self.first.open_at_entry(functools.partial(self._replay_prefix, self.first),
+                                     args, kwargs)
         try:
             out = self.raw(*args, **kwargs)
         except BaseException as error:
@@ -1081,7 +1114,7 @@ class _Suffix:
 
     def open(self, out) -> None:
         """The last block returned ``out``: the suffix starts (inside an entry call only)."""
-        if self._call is None:
+        if self._call is None or self.region is None:
             return
         if self._open is not None:
             error = RuntimeError("the last block ran twice in one forward: a checkpointed "
@@ -1114,6 +1147,21 @@ class _Suffix:
             entered, self._replaying = self._replaying[3], None
             if entered:
                 recompute.__exit__(None, None, None)
+
+    def _replay_prefix(self, first: _Region, *args, **kwargs):
+        """The recompute of the segment at block 0 under ``prefix=full``: the entry call
+        again (the checkpoint has put back the random state it began with), its blocks
+        running as they do inside the segment; the checkpoint's early stop ends it within
+        the segment's last block (a later block's call would be an error)."""
+
+        def inside(k, *a, **kw):
+            if k >= len(first.forwards):
+                raise RuntimeError("prefix=full: the recompute ran past its segment (is the "
+                                   "checkpoint's early stop off?)")
+            return first.forwards[k](*a, **kw)
+
+        with _running_stats_kept([self.model]), _standing_aside(self.handle.blocks, inside):
+            self.raw(*args, **kwargs)
 
     def stand_in(self, k: int, *args, **kwargs):
         """Block ``k``'s call during the recompute: block 0 hands over the region's input."""
@@ -1213,10 +1261,13 @@ class AppliedPolicy:
             region = self._region(blocks, s, sub)
             for k, i in enumerate(s):
                 runs[i] = functools.partial(_call_region, region, k)
-        self.suffix = None
+        self.suffix = self.trunk = None
         region = suffix or _suffix_region(getattr(policy, "suffix", ""))
-        if region is not None:
-            self.suffix = _Suffix(self, model, region, suffix_entry)
+        if region is not None or getattr(policy, "prefix", ""):
+            self.trunk = _Suffix(self, model, region, suffix_entry)
+            self.suffix = self.trunk if region is not None else None
+        if getattr(policy, "prefix", ""):
+            self.trunk.first = next(r for r in self.regions if r.blocks[0] is blocks[0])
         for i, (block, run) in enumerate(zip(blocks, runs, strict=True)):
             block.forward = _Forward(self, run, i == len(blocks) - 1)
         # An error between blocks (in the model's own code, or a module hook) never reaches a
@@ -1247,8 +1298,8 @@ class AppliedPolicy:
     def remove(self) -> None:
         """Give the blocks their own forward back. Safe to call twice."""
         self._closer.remove()
-        if self.suffix is not None:
-            self.suffix.remove()
+        if self.trunk is not None:
+            self.trunk.remove()
         for block, before in zip(self.blocks, self._before, strict=True):
             if (forward := _installed(block)) is not None and forward.handle is self:
                 del block.forward
