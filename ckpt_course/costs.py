@@ -160,6 +160,15 @@ class TrunkCost:
     # "selective:ops=..."), measured under it; and what its backward re-runs (FLOPs)
     suffix: str = ""
     recompute_flops: int = 0
+    # the prefix (embeddings) inside the checkpointed segment at block 0 (a menu's
+    # prefix=full): can it be (x_0 dies when block 0 returns, nothing else of the prefix stays
+    # outside that region), the FLOPs its recompute runs, and "full" on the trunk the
+    # planner derives for it (``plan.with_trunk``), whose prefix keeps its saved tensors again
+    # from the recompute to its backward (``prefix_backward_kept``; -1: ``prefix_kept``)
+    prefix_recomputable: bool = False
+    prefix_forward_flops: int = 0
+    prefix: str = ""
+    prefix_backward_kept: int = -1
 
     def suffix_forward_peak(self, held):
         return self.suffix_forward_peak_held if held else self.suffix_forward_peak_free
@@ -586,20 +595,23 @@ def _pass_through(x, *args, **kwargs):
     return x
 
 
-def _suffix_run(model, option: str):
-    """The suffix checkpointed under ``option`` (a menu's suffix option; "": as it is)."""
-    from .policies import _suffix_region, suffix_applied
+def _suffix_run(model, option: str, prefix: bool = False):
+    """The suffix checkpointed under ``option`` (a menu's suffix option; "": as it is), and
+    with ``prefix`` the prefix inside block 0's checkpoint (block 0: the blocks' stand-in)."""
+    from .policies import Menu, _suffix_region, suffix_applied
 
+    if prefix:
+        return suffix_applied(model, None, Menu(((0, 1, "full", ()),), option, "full"))
     region = _suffix_region(option)
     return suffix_applied(model, region) if region is not None else contextlib.nullcontext()
 
 
 def _run_trunk(model, batch, like, keep_output: bool, accumulate: bool = False,
-               suffix: str = ""):
+               suffix: str = "", prefix: bool = False):
     meter, stash = _Meter(), []
     _existing_gradients(model, accumulate)
-    with _blocks_cut_out(model, like, meter, stash, keep_output), _suffix_run(model, suffix), \
-            meter:
+    with _blocks_cut_out(model, like, meter, stash, keep_output), \
+            _suffix_run(model, suffix, prefix), meter:
         meter.track(model)
         start = meter.live_bytes
         with meter.phase("forward"):
@@ -630,7 +642,7 @@ def _trunk_flops(model, batch, like, suffix: str = "") -> int:
 
 
 def measure_trunk(model: nn.Module, batch, like: torch.Tensor,
-                  accumulate: bool = False, suffix: str = "") -> TrunkCost:
+                  accumulate: bool = False, suffix: str = "", prefix: bool = False) -> TrunkCost:
     """Prefix and suffix of ``model``, measured with its blocks cut out (``like``: a tensor
     like the last block's output). ``base_bytes`` is the parameters (and, if ``accumulate``,
     every gradient, there from the start). ``suffix``: the suffix checkpointed under this
@@ -639,8 +651,8 @@ def measure_trunk(model: nn.Module, batch, like: torch.Tensor,
     the suffix's FLOPs with that recompute (``measure_suffixes`` makes it a difference)."""
     option = suffix  # (``suffix`` names a timeline mark below)
     with torch.random.fork_rng(devices=[]):
-        free_meter, free = _run_trunk(model, batch, like, False, accumulate, suffix)
-        held_meter, held = _run_trunk(model, batch, like, True, accumulate, suffix)
+        free_meter, free = _run_trunk(model, batch, like, False, accumulate, suffix, prefix)
+        held_meter, held = _run_trunk(model, batch, like, True, accumulate, suffix, prefix)
         flops = _trunk_flops(model, batch, like, suffix)
     a_last = like.untyped_storage().nbytes()
     values = {}
@@ -698,6 +710,7 @@ def measure_suffixes(model: nn.Module, batch, like: torch.Tensor, plain: TrunkCo
     out, as a block's menu option is."""
     from .op_choices import suffix_choices
 
+    plain = replace(plain, **_prefix_facts(model, batch, like, plain, accumulate))
     options = ["full"]
     if points:
         options += [c.policy for c in suffix_choices(model, batch, like, points) if c.keep]
@@ -708,8 +721,61 @@ def measure_suffixes(model: nn.Module, batch, like: torch.Tensor, plain: TrunkCo
         except (RuntimeError, ValueError):
             continue
         out.append(replace(trunk, flops=plain.flops,
-                           recompute_flops=max(0, trunk.flops - plain.flops)))
-    return tuple(out)
+                           recompute_flops=max(0, trunk.flops - plain.flops),
+                           prefix_recomputable=plain.prefix_recomputable,
+                           prefix_forward_flops=plain.prefix_forward_flops))
+    return plain, tuple(out)
+
+
+class _PrefixEnd(Exception):
+    pass
+
+
+def _prefix_facts(model, batch, like, plain: TrunkCost, accumulate: bool) -> dict:
+    """Whether the prefix can run inside block 0's checkpoint (``prefix=full``) exactly as the
+    planner derives it: x_0 counted and dying when block 0 returns (no local of the model's
+    forward holds it, as a Hugging Face model's ``inputs_embeds`` does), and, measured with
+    the prefix inside that checkpoint, nothing of the prefix left outside it. And the FLOPs of
+    the prefix's forward, which its recompute runs again."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    blocks, alive, x0 = find_blocks(model), [], []
+
+    class Probe(TorchDispatchMode):  # the first op after block 0 returned: is x_0 alive?
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if x0 and not alive:
+                alive.append(x0[0]() is not None)
+            return func(*args, **(kwargs or {}))
+
+    def first(x, *args, **kwargs):
+        x0.append(_storage_ref(x))
+        return out
+
+    counter = _flop_counter()
+
+    def count_until_block0(x, *args, **kwargs):
+        raise _PrefixEnd
+
+    out = like.detach().clone()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        for block, forward in zip(blocks, [first] + [_pass_through] * (len(blocks) - 1),
+                                  strict=True):
+            block.forward = forward
+        try:
+            with Probe():
+                model.loss(batch)
+            blocks[0].forward = count_until_block0
+            with contextlib.suppress(_PrefixEnd), counter:
+                model.loss(batch)
+        finally:
+            for block in blocks:
+                del block.forward
+    dies = bool(x0) and alive == [False]
+    ok = dies and plain.input_counted and not plain.prefix_keeps_input
+    if ok:
+        inside = measure_trunk(model, batch, like, accumulate, prefix=True)
+        ok = inside.prefix_kept == 0
+    return dict(prefix_recomputable=ok, prefix_forward_flops=counter.get_total_flops())
 
 
 def _optimizer_cost(model: nn.Module, make_optimizer) -> tuple[int, int]:
@@ -809,8 +875,10 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
         menus.append(cache[key][1])
         timed.append(cache[key][2])
     trunk = measure_trunk(model, batch, outputs[0], accumulate)
-    suffixes = (measure_suffixes(model, batch, outputs[0], trunk, accumulate, op_points)
-                if suffix else ())
+    suffixes = ()
+    if suffix:
+        trunk, suffixes = measure_suffixes(model, batch, outputs[0], trunk, accumulate,
+                                           op_points)
     params = sum(t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()])
     state = 0
     if optimizer is not None:

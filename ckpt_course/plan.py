@@ -306,7 +306,9 @@ def trunk_events(costs: ChainCosts, kept_all: int, last_left_held: bool) -> list
     x_last = 0 if held else _boundary_bytes(costs, costs.n)
     t = base + trunk.prefix_kept + kept_all + x_last
     grads = costs.gradient_bytes
-    after = base + trunk.prefix_kept + trunk.suffix_left + grads
+    prefix_back = trunk.prefix_kept if trunk.prefix_backward_kept < 0 else \
+        trunk.prefix_backward_kept  # prefix=full: its saved tensors are back by then
+    after = base + prefix_back + trunk.suffix_left + grads
     if layers and layers[0].needs_input_grad:
         after += _boundary_bytes(costs, 0)  # the gradient of x_0
     return [
@@ -348,12 +350,13 @@ class Prediction:
     extra_time_s: float | None = None  # the time model's extra seconds over plain, if timed
     host_bytes: int = 0  # what offloaded blocks copy to host memory
     suffix: str = ""  # how the suffix runs: "" as it is, "full", "selective:ops=..."
+    prefix: str = ""  # "full": the prefix runs inside the checkpointed segment at block 0
 
     @property
     def policy(self) -> Policy:
-        """``segments:...`` when every block is plain or checkpointed and the suffix runs as it
-        is, else ``menu:...`` (with ``suffix=...``)."""
-        return placement_policy(self.placement, self.suffix)
+        """``segments:...`` when every block is plain or checkpointed and the trunk runs as
+        it is, else ``menu:...`` (with ``prefix=``, ``suffix=``)."""
+        return placement_policy(self.placement, self.suffix, self.prefix)
 
     @property
     def overhead(self) -> float:
@@ -368,8 +371,12 @@ def predict(costs: ChainCosts, placement) -> Prediction:
     was measured with (as it is, unless ``with_suffix`` chose another)."""
     check_costs(costs)
     if isinstance(placement, (str, Policy)):
-        costs = with_suffix(costs, getattr(parse_policy(placement), "suffix", ""))
+        policy = parse_policy(placement)
+        costs = with_trunk(costs, getattr(policy, "suffix", ""), getattr(policy, "prefix", ""))
     placement = as_placement(costs.n, placement)
+    if costs.trunk.prefix and placement[0][2] is not True:
+        raise ValueError("prefix=full runs the prefix inside the checkpointed segment at block "
+                         "0: checkpoint a segment starting at block 0")
     folded = _folded(costs)
     if folded is not None:  # blocks that return their input: predicted on the chain without
         short, real = folded
@@ -381,7 +388,7 @@ def predict(costs: ChainCosts, placement) -> Prediction:
             raise ValueError(f"block {k} runs {kind}, an option these costs did not measure: "
                              "measure them with measure_costs(..., menu=MENU), or use a "
                              "whole-block policy (none, full, every-K, sqrt, segments:...)")
-    events, kept, flops, prev = [], 0, 0, None
+    events, kept, flops, prev = [], 0, 0, None  # (costs under prefix=full: _prefix_inside)
     for seg in placement:
         left = _left_holds(costs, prev, seg[0])
         events += [(e[0] + kept, *e[1:]) for e in segment_events(costs, seg, left)]
@@ -397,29 +404,83 @@ def predict(costs: ChainCosts, placement) -> Prediction:
                if isinstance(kind, str))
     flops += costs.trunk.recompute_flops
     return Prediction(placement, top[0], describe_event(top), top[1], top[2], flops, kept,
-                      costs.step_flops, extra, host, costs.trunk.suffix)
+                      costs.step_flops, extra, host, costs.trunk.suffix, costs.trunk.prefix)
 
 
-def placement_policy(placement: Placement, suffix: str = "") -> Policy:
-    """A placement (and how the suffix runs) as a policy string every command accepts."""
-    if all(isinstance(kind, bool) for _, _, kind in placement) and not suffix:
+def placement_policy(placement: Placement, suffix: str = "", prefix: str = "") -> Policy:
+    """A placement (and how the trunk runs) as a policy string every command accepts."""
+    if all(isinstance(kind, bool) for _, _, kind in placement) and not suffix and not prefix:
         return Segments(checkpointed(placement))
     return Menu(tuple((i, j, "full" if kind is True else kind, ())
-                      for i, j, kind in placement if kind is not False), suffix)
+                      for i, j, kind in placement if kind is not False), suffix, prefix)
 
 
 def with_suffix(costs: ChainCosts, option: str) -> ChainCosts:
-    """``costs`` with the trunk measured under suffix ``option`` ("" as it is, "full",
-    "selective:ops=...") as ``costs.trunk``; the other measured trunks stay in ``suffixes``."""
+    """``with_trunk`` with the prefix as it is."""
+    return with_trunk(costs, option)
+
+
+def with_trunk(costs: ChainCosts, suffix: str = "", prefix: str = "") -> ChainCosts:
+    """``costs`` with the trunk measured under suffix option ``suffix`` ("" as it is, "full",
+    "selective:ops=...") as ``costs.trunk`` (the other measured trunks stay in ``suffixes``),
+    and with ``prefix="full"`` the chain as it runs with the prefix inside the checkpointed
+    segment at block 0 (``_prefix_inside``)."""
+    if costs.trunk.prefix:
+        raise ValueError("these costs already have the prefix inside block 0's checkpoint")
     trunks = (costs.trunk, *costs.suffixes)
-    chosen = next((t for t in trunks if t.suffix == option), None)
+    chosen = next((t for t in trunks if t.suffix == suffix), None)
     if chosen is None:
         measured = ", ".join(repr(t.suffix) for t in trunks)
-        raise ValueError(f"suffix={option} was not measured (measured: {measured}): measure "
+        raise ValueError(f"suffix={suffix} was not measured (measured: {measured}): measure "
                          f"with measure_costs(..., suffix=True), or leave the suffix out")
-    if chosen is costs.trunk:
+    if chosen is not costs.trunk:
+        costs = replace(costs, trunk=chosen, suffixes=tuple(t for t in trunks
+                                                             if t is not chosen))
+    if not prefix:
         return costs
-    return replace(costs, trunk=chosen, suffixes=tuple(t for t in trunks if t is not chosen))
+    if not costs.trunk.prefix_recomputable or _folded(costs) is not None:
+        raise ValueError("prefix=full was not measured as exact on this model (its x_0 "
+                         "outlives block 0, or the prefix keeps something outside block 0's "
+                         "checkpoint; measure_costs(..., suffix=True) checks): leave it out")
+    return _prefix_inside(costs)
+
+
+def _prefix_inside(costs: ChainCosts) -> ChainCosts:
+    """The chain with the prefix inside the checkpointed segment at block 0 (``prefix=full``),
+    in the terms of the memory model, from what was measured: the segment keeps nothing (x_0
+    is the prefix's output, alive only while block 0 runs; the prefix's saved tensors S are
+    the region's), so ``prefix_kept`` is 0 until the segment's recompute, which runs the
+    prefix first (its forward's peak) and leaves S and x_0 (x_0 stays only if block 0 saves
+    it, and then dies in block 0's backward: the checkpointed backward "free"); S stays to the
+    prefix's backward. Block 0's numbers are used only as the first block of that segment
+    (the objective refuses any other first segment: ``_first_checkpointed``)."""
+    trunk, first = costs.trunk, costs.layers[0]
+    x0, kept, again = first.input_bytes, trunk.prefix_kept, trunk.prefix_peak
+    stays = kept + x0 * first.saves_input
+    back = first.checkpointed_backward
+    first = replace(
+        first, forward_peak_unsaved=first.forward_peak_unsaved + x0,
+        forward_peak=max(again, kept + x0 + first.forward_peak),
+        recompute_peak=max(again, kept + x0 + first.recompute_peak),
+        saved_bytes=first.saved_bytes + stays, recompute_kept=first.recompute_kept + stays,
+        checkpointed_backward=replace(back, peak_held=back.peak_free,
+                                      change_held=back.change_free),
+        forward_flops=first.forward_flops + trunk.prefix_forward_flops,
+        recompute_flops=first.recompute_flops + trunk.prefix_forward_flops)
+    trunk = replace(trunk, prefix="full", prefix_kept=0, prefix_keeps_input=True,
+                    prefix_backward_kept=kept, flops=trunk.flops - trunk.prefix_forward_flops)
+    return replace(costs, layers=(first, *costs.layers[1:]), trunk=trunk, suffixes=(),
+                   menu=costs.menu and ({}, *costs.menu[1:]),
+                   times=(), spreads=())
+
+
+def _first_checkpointed(cost):
+    """``cost`` for a chain under ``prefix=full``: a first segment that is not checkpointed is
+    no option."""
+    def first_checkpointed(costs, seg):
+        return None if seg[0] == 0 and seg[2] is not True else cost(costs, seg)
+
+    return first_checkpointed
 
 
 def as_placement(n: int, placement) -> Placement:
@@ -563,17 +624,27 @@ def _optimal_over_suffixes(costs: ChainCosts, budget: float, objective=None):
     least cost and then the lowest peak kept. The time objective and objective functions
     price only the blocks, so they plan with ``costs.trunk`` alone."""
     cost = objective_fn(costs, objective)
-    trunks = (costs.trunk, *costs.suffixes) if cost is segment_flops else (costs.trunk,)
     best = None
-    for trunk in trunks:
-        variant = replace(costs, trunk=trunk, suffixes=())
-        found = _optimal(variant, budget, cost)
+    for trunk, variant, price in _trunk_variants(costs, cost):
+        found = _optimal(variant, budget, price)
         if found is None:
             continue
-        total = placement_cost(variant, found.placement, cost) + _suffix_price(trunk)
+        total = placement_cost(variant, found.placement, price) + _suffix_price(trunk)
         if best is None or (total, found.peak_bytes) < best[0]:
             best = ((total, found.peak_bytes), found)
     return None if best is None else best[1]
+
+
+def _trunk_variants(costs: ChainCosts, cost):
+    """(trunk, chain, objective) per way the trunk can run: each measured suffix option, each
+    with the prefix as it is and, where measured exact, inside block 0's checkpoint. Only
+    the FLOPs objective prices them; the others plan with ``costs.trunk`` alone."""
+    trunks = (costs.trunk, *costs.suffixes) if cost is segment_flops else (costs.trunk,)
+    for trunk in trunks:
+        variant = replace(costs, trunk=trunk, suffixes=())
+        yield trunk, variant, cost
+        if cost is segment_flops and trunk.prefix_recomputable and _folded(variant) is None:
+            yield trunk, _prefix_inside(variant), _first_checkpointed(cost)
 
 
 def _suffix_price(trunk) -> int:
@@ -974,15 +1045,13 @@ def brute_force(costs: ChainCosts, budget, objective=None) -> Prediction | None:
     """The same answer as ``optimal`` by trying every placement, menus included (and, for the
     FLOPs objective, every measured suffix option): for tests."""
     budget, cost = parse_budget(budget), objective_fn(costs, objective)
-    trunks = (costs.trunk, *costs.suffixes) if cost is segment_flops else (costs.trunk,)
     fits = []
-    for trunk in trunks:
-        variant = replace(costs, trunk=trunk, suffixes=())
-        fits += [(placement_cost(variant, p.placement, cost) + _suffix_price(trunk), p)
-                 for p in map(functools.partial(predict, variant),
-                              all_placements(costs.n, costs))
-                 if p.peak_bytes <= budget
-                 and placement_cost(variant, p.placement, cost) < math.inf]
+    for trunk, variant, price in _trunk_variants(costs, cost):
+        placements = [p for p in all_placements(costs.n, costs)
+                      if placement_cost(variant, p, price) < math.inf]
+        fits += [(placement_cost(variant, p.placement, price) + _suffix_price(trunk), p)
+                 for p in map(functools.partial(predict, variant), placements)
+                 if p.peak_bytes <= budget]
     return min(fits, key=lambda f: (f[0], f[1].peak_bytes), default=(None, None))[1]
 
 

@@ -1351,11 +1351,12 @@ def apply_policy(model: nn.Module, policy, blocks=None,
 
 
 @contextlib.contextmanager
-def suffix_applied(model: nn.Module, region: Policy):
+def suffix_applied(model: nn.Module, region: Policy | None, policy: Menu | None = None):
     """Only the suffix (``_Suffix``) run as ``region`` (a policy object: ``EveryK(1)`` is
-    ``suffix=full``), over the forwards the blocks have now: ``costs`` measures the trunk this
-    way with its blocks cut out, and ``op_choices`` records the suffix's ops."""
-    handle = AppliedPolicy(model, find_blocks(model), Menu(), suffix=region)
+    ``suffix=full``), or ``policy``, over the forwards the blocks have now: ``costs``
+    measures the trunk this way with its blocks cut out, and ``op_choices`` records the
+    suffix's ops."""
+    handle = AppliedPolicy(model, find_blocks(model), policy or Menu(), suffix=region)
     try:
         yield handle
     finally:

@@ -107,9 +107,10 @@ def test_given_a_suffix_option_that_peaks_lower_the_planner_takes_it_and_pays_it
     """On given numbers: a suffix option whose backward peaks 400 kB lower is chosen exactly
     where nothing else fits, and its recompute is added to the plan's."""
     _, costs = gpt3
-    full = costs.suffixes[0]
+    full = replace(costs.suffixes[0], prefix_recomputable=False)  # the suffix alone here
     lower = replace(full, suffix_backward_peak_free=full.suffix_backward_peak_free - 400_000,
                     suffix_backward_peak_held=full.suffix_backward_peak_held - 400_000)
+    costs = replace(costs, trunk=replace(costs.trunk, prefix_recomputable=False), suffixes=())
     given = replace(costs, suffixes=(lower,))
     without = min(predict(costs, p).peak_bytes for p in all_placements(3))
     assert optimal(given, without, "flops").suffix == ""  # fits without: not paid for
