@@ -33,8 +33,12 @@ def test_the_suffix_clause_reads_back_and_a_wrong_one_is_refused_in_one_line():
     assert parse_policy("menu:suffix=selective:ops=5,3").suffix == "selective:ops=3,5"
     assert placement_policy(((0, 2, True),), "full") == Menu(((0, 2, "full", ()),), "full")
     assert str(placement_policy(((0, 1, False),), "")) == "segments:none"  # unchanged without
-    for wrong in ("menu:suffix=offload", "menu:0=full,suffix=every-2", "menu:suffix=sqrt"):
-        with pytest.raises(ValueError, match="suffix") as error:
+    text = "menu:0-1=full,3=offload,prefix=full,suffix=full"
+    assert str(parse_policy(text)) == text and parse_policy(text).prefix == "full"
+    for wrong in ("menu:suffix=offload", "menu:0=full,suffix=every-2", "menu:suffix=sqrt",
+                  "menu:1-2=full,prefix=full", "menu:0=offload,prefix=full",
+                  "menu:0=full,prefix=yes"):
+        with pytest.raises(ValueError, match="suffix|prefix") as error:
             parse_policy(wrong)
         assert "\n" not in str(error.value)
 
@@ -123,10 +127,11 @@ def test_given_a_suffix_option_that_peaks_lower_the_planner_takes_it_and_pays_it
         best.recompute_flops, best.peak_bytes, best.suffix)
 
 
-def test_the_plan_over_suffix_options_is_brute_forces(gpt3):
+def test_the_plan_over_trunk_options_is_brute_forces(gpt3):
     _, costs = gpt3
-    peaks = sorted({predict(costs, placement_policy(p, t.suffix)).peak_bytes
-                    for t in (costs.trunk, *costs.suffixes) for p in all_placements(3)})
+    peaks = sorted({predict(costs, placement_policy(p, t.suffix, prefix)).peak_bytes
+                    for t in (costs.trunk, *costs.suffixes) for prefix in ("", "full")
+                    for p in all_placements(3) if not prefix or p[0][2] is True})
     for budget in peaks[::max(1, len(peaks) // 8)] + [peaks[-1]]:
         best, brute = optimal(costs, budget, "flops"), brute_force(costs, budget, "flops")
         assert (best.recompute_flops, best.peak_bytes) == (brute.recompute_flops,
@@ -193,3 +198,73 @@ def test_on_a_learners_model_the_suffix_ends_where_the_model_returns():
     assert all(torch.equal(a, b) for a, b in zip(plain, checkpointed, strict=True))
     assert plain_saved - saved == 64 * 16 * 4 + 2 * 64 * 4  # the norm's output and statistics
     assert "forward" not in vars(model) and "loss" not in vars(model)  # undone
+
+
+def _first_checkpointed(n):
+    return [p for p in all_placements(n) if p[0][2] is True]
+
+
+def test_the_prefix_inside_block_0s_checkpoint_is_exact_and_lowers_the_peak(gpt3):
+    """prefix=full: the embeddings run inside the checkpointed segment at block 0, which keeps
+    the batch only; predicted to the byte, gradients identical (dropout included), and the
+    lowest peak of this model needs it."""
+    model, costs = gpt3
+    assert costs.trunk.prefix_recomputable
+    for policy in ("menu:0=full,prefix=full", "menu:0-1=full,prefix=full,suffix=full"):
+        assert predict(costs, policy).peak_bytes == measure_peaks(model, policy, 2)[-1]
+        assert check_gradients(model, policy, 2).equal
+    without = min(predict(costs, placement_policy(p, t.suffix)).peak_bytes
+                  for t in (costs.trunk, *costs.suffixes) for p in all_placements(3))
+    best = optimal(costs, without - 1, "flops")
+    assert best is not None and best.prefix == "full" and "prefix=full" in str(best.policy)
+    assert measure_peaks(model, best.policy, 2)[-1] == best.peak_bytes
+    with pytest.raises(ValueError, match="block 0"):
+        predict(costs, "menu:1=full,prefix=full")
+
+
+@pytest.mark.slow  # 3 suffixes x 8 placements, metered and checked for gradients: ~20 s
+def test_every_prefix_placement_is_predicted_to_the_byte_with_identical_gradients(gpt3):
+    model, costs = gpt3
+    wrong = []
+    for trunk in (costs.trunk, *costs.suffixes):
+        for placement in _first_checkpointed(3):
+            policy = placement_policy(placement, trunk.suffix, "full")
+            predicted = predict(costs, policy).peak_bytes
+            measured = measure_peaks(model, policy, 2)[-1]
+            equal = check_gradients(model, policy, 2).equal
+            if predicted != measured or not equal:
+                wrong.append((str(policy), predicted - measured, equal))
+    assert wrong == []
+
+
+@pytest.mark.slow  # measures a small HF model with its trunk options: seconds
+def test_a_hugging_face_models_prefix_stays_as_it_is():
+    """Its forward keeps the embeddings' output (``inputs_embeds``) to the end of the
+    decoder: x_0 outlives block 0, so the prefix is never put inside a checkpoint."""
+    from ckpt_course import hf
+
+    model = hf.build(hf.small_config(hf.load_config("llama-3.2-1b"), n_layer=2, seq_len=16))
+    costs = measure_costs(model, 2, 16, suffix=True)
+    assert not costs.trunk.prefix_recomputable and costs.suffixes
+    with pytest.raises(ValueError, match="prefix=full") as error:
+        predict(costs, "menu:0=full,prefix=full")
+    assert "\n" not in str(error.value)
+    assert all(p.prefix == "" for p in (optimal(costs, b, "flops") for b in (
+        predict(costs, "full").peak_bytes, predict(costs, "none").peak_bytes)))
+
+
+def test_on_a_learners_model_the_prefix_runs_inside_block_0s_checkpoint():
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(64, 8)
+
+    def grads(policy):
+        with applied(model, policy):
+            loss = model(x).logsumexp(-1).mean()
+        loss.backward()
+        out = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        return out
+
+    plain = grads("none")
+    for policy in ("menu:0=full,prefix=full", "menu:0-2=full,prefix=full,suffix=full"):
+        assert all(torch.equal(a, b) for a, b in zip(plain, grads(policy), strict=True))
