@@ -58,11 +58,13 @@ from ckpt_course.costs import MENU, measure_costs
 from ckpt_course.models import GPTConfig, TinyGPT
 from ckpt_course.plan import (
     _left_holds,
+    _trunk_variants,
     measure_peaks,
     predict,
+    segment_flops,
     segment_kept,
     segment_recompute_flops,
-    with_suffix,
+    with_trunk,
 )
 from ckpt_course.recompute import EXTRA_FLOP_FORMULAS
 
@@ -128,35 +130,40 @@ def compiled(model, batch, fraction: float, eager_backward: int) -> tuple[dict, 
 def kept_frontier(costs):
     """Every (kept bytes, recompute FLOPs, host bytes) the planner's placements reach,
     Pareto-pruned in all three: the chain DP's segments (plain, checkpointed runs of blocks,
-    each menu and op-level option, offload) and each way the suffix runs (as it is, full, its
-    op-level points: ``costs.suffixes``), with the memory model's exact numbers, constrained
-    by saved bytes instead of peak. Kept bytes count the suffix's too (``trunk_kept``).
-    Returns (kept bytes, Prediction) pairs."""
-    ends = _placement_frontier(costs)
+    each menu and op-level option, offload) under each way the trunk runs (the suffix as it
+    is, full or at its op-level points; the prefix as it is or inside block 0's checkpoint:
+    ``plan._trunk_variants``), with the memory model's exact numbers, constrained by saved
+    bytes instead of peak. Kept bytes count the trunk's too (``trunk_kept``). Returns (kept
+    bytes, Prediction) pairs."""
     points = []
-    for trunk in (costs.trunk, *costs.suffixes):
-        for held, front in ends.items():
-            points += [(kept + trunk.suffix_kept(held), flops + trunk.recompute_flops, host,
-                        (placement, trunk.suffix)) for kept, flops, host, placement in front]
-    return [(p[0], predict(with_suffix(costs, p[-1][1]), p[-1][0])) for p in _pruned(points)]
+    for trunk, variant, _ in _trunk_variants(costs, segment_flops):
+        for held, front in _placement_frontier(variant).items():
+            points += [(kept + variant.trunk.prefix_kept + trunk.suffix_kept(held), flops, host,
+                        (placement, variant)) for kept, flops, host, placement in front]
+    return [(p[0], predict(p[-1][1], p[-1][0])) for p in _pruned(points)]
 
 
 def trunk_kept(costs, prediction) -> int:
-    """What the suffix keeps for backward under ``prediction`` (its trunk's measured
-    ``suffix_kept``; whether the last block keeps x_L decides which)."""
-    trunk = with_suffix(costs, prediction.suffix).trunk
-    return trunk.suffix_kept(_left_holds(costs, prediction.placement[-1], costs.n))
+    """What the prefix and the suffix keep for backward under ``prediction`` (the measured
+    ``prefix_kept`` and ``suffix_kept`` of its trunk; whether the last block keeps x_L decides
+    which suffix_kept)."""
+    trunk = with_trunk(costs, prediction.suffix, prediction.prefix).trunk
+    return trunk.prefix_kept + trunk.suffix_kept(
+        _left_holds(costs, prediction.placement[-1], costs.n))
 
 
 def _placement_frontier(costs) -> dict:
     """Per final state (does the last block keep x_L?), the placements' Pareto points of
-    (kept bytes, recompute FLOPs, host bytes), the blocks' alone."""
-    fronts = {(0, _left_holds(costs, None, 0)): [(0, 0, 0, ())]}
+    (kept bytes, recompute FLOPs, host bytes), the blocks' alone (plus the recompute of a
+    checkpointed suffix); under ``prefix=full`` the first segment is a checkpointed one."""
+    fronts = {(0, _left_holds(costs, None, 0)): [(0, costs.trunk.recompute_flops, 0, ())]}
     for i in range(costs.n):
         for held in (False, True):
             for kept, flops, host, placement in fronts.get((i, held), []):
                 segments = [(i, i + 1, False), *((i, j, True) for j in range(i + 1, costs.n + 1)),
                             *((i, i + 1, o) for o in costs.menu[i])]
+                if i == 0 and costs.trunk.prefix:
+                    segments = [seg for seg in segments if seg[2] is True]
                 for seg in segments:
                     state = (seg[1], _left_holds(costs, seg, seg[1]))
                     extra = costs.menu[i][seg[2]].host_bytes if isinstance(seg[2], str) else 0

@@ -32,8 +32,13 @@ the same DP once per option, adding the suffix's recompute (``_optimal_over_suff
 Measured on the course's models, a checkpointed suffix keeps less for backward but peaks the
 same (its backward starts by recomputing what it dropped), so it pays only where the suffix's
 forward is the peak; what it keeps less counts against torch.compile's saved bytes
-(``bench/planner_compile.py``). The prefix (embeddings) is never recomputed: x_0 and what the
-embeddings save stay all step. Assumptions: blocks run in order, once
+(``bench/planner_compile.py``). The prefix (embeddings) may run inside the checkpointed
+segment at block 0 (``prefix=full``), which then keeps only the batch: x_0 and what the
+embeddings save are not kept from forward to backward. Its chain is derived from what was
+measured (``_prefix_inside``), where measuring found it exact: x_0 dies when block 0 returns
+and nothing of the prefix stays outside that checkpoint (the course's GPT, a learner's model
+written ``x = block(x)``; not a Hugging Face model, whose forward holds ``inputs_embeds`` to the
+end of its decoder: there the prefix stays as it is). Assumptions: blocks run in order, once
 each; a block's backward allocates nothing before it first reads a saved tensor (true of the
 course models). Against the meter (``measure_peaks``: AdamW steps on one batch, step 2 on) it is
 exact to the byte for the tiny GPT (sdpa or naive attention, with or without dropout), Llama
