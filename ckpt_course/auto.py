@@ -13,7 +13,8 @@ your own with ``self.blocks = nn.ModuleList(...)``)::
    and points of each block's exact Pareto set over which op outputs to keep, ``op_choices``;
    and the suffix after the last block checkpointed, fully or at op-level points: for a
    course model the final layers and the loss, for your own model the layers after the last
-   block up to its output, since your loss is your own code).
+   block up to its output, since your loss is your own code; and, where it measures exact,
+   the layers before the first block run inside the first block's checkpoint).
 2. Plan: the placement with the fewest recomputed FLOPs whose predicted peak fits the budget
    (``plan.optimal``; offload only where nothing else fits).
 3. Apply it to the model's blocks (``policies.apply_policy``: instance forwards, removed by

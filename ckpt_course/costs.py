@@ -707,7 +707,8 @@ def measure_suffixes(model: nn.Module, batch, like: torch.Tensor, plain: TrunkCo
     norm and the log-softmax and keeping the head's output, among them). Each measured like
     the trunk as it is (``measure_trunk``), its ``recompute_flops`` the FLOPs its backward
     runs beyond ``plain``'s. An option the suffix cannot run (its measurement raises) is left
-    out, as a block's menu option is."""
+    out, as a block's menu option is. Returns ``plain`` with the prefix's facts
+    (``_prefix_facts``) and the options' trunks."""
     from .op_choices import suffix_choices
 
     plain = replace(plain, **_prefix_facts(model, batch, like, plain, accumulate))
@@ -824,7 +825,8 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
     (``op_choices``), each a ``selective:ops=...`` option measured like the menu's.
     ``suffix``: also the trunk with its suffix (final norm, head, loss) checkpointed, fully and
     at up to ``op_points`` op-level points (``measure_suffixes``), for the planner to choose
-    from (``ChainCosts.suffixes``)."""
+    from (``ChainCosts.suffixes``), and whether the prefix can run inside block 0's
+    checkpoint (``prefix=full``; ``TrunkCost.prefix_recomputable``)."""
     menu = check_menu(menu)
     if not isinstance(suffix, bool):
         raise ValueError(f"suffix is True (also measure the checkpointed suffix's options) or "
