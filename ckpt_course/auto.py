@@ -60,7 +60,7 @@ class _Adapted(nn.Module):
 
     @property
     def suffix_entry(self) -> nn.Module:
-        """A checkpointed suffix ends where the learner's model returns (``policies._Suffix``):
+        """A checkpointed suffix ends where the learner's model returns (``policies._Trunk``):
         the learner computes the loss with code of their own, which no policy wraps."""
         return self.inner
 

@@ -646,7 +646,7 @@ def measure_trunk(model: nn.Module, batch, like: torch.Tensor,
     """Prefix and suffix of ``model``, measured with its blocks cut out (``like``: a tensor
     like the last block's output). ``base_bytes`` is the parameters (and, if ``accumulate``,
     every gradient, there from the start). ``suffix``: the suffix checkpointed under this
-    menu suffix option (``policies._Suffix``), measured the same way: its recompute, at the
+    menu suffix option (``policies._Trunk``), measured the same way: its recompute, at the
     start of the suffix's backward, is inside the suffix's backward peak; ``flops`` is then
     the suffix's FLOPs with that recompute (``measure_suffixes`` makes it a difference)."""
     option = suffix  # (``suffix`` names a timeline mark below)

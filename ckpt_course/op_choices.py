@@ -213,7 +213,7 @@ def choices(block: nn.Module, x_like: torch.Tensor, points: int) -> list[Choice]
 
 # ---------------------------------------------------------------- the suffix's ops
 class _Recording:
-    """A suffix region (``policies._Suffix``) that checkpoints nothing: it records the ops
+    """A suffix region (``policies._Trunk``) that checkpoints nothing: it records the ops
     and the saved tensors of the suffix's forward, from the last block's return on."""
 
     def __init__(self, recorder: _Recorder):

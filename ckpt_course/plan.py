@@ -23,7 +23,7 @@ The memory model (live bytes, as the meter counts them), for a placement:
   parameters' gradients and the gradient of its input.
 - optimizer step: parameters + gradients + optimizer state + the step's temporaries.
 The peak is the largest; the DP adds up the same terms. The suffix may run checkpointed too
-(a menu's ``suffix=full``, or ``suffix=selective:ops=...`` at op level; ``policies._Suffix``):
+(a menu's ``suffix=full``, or ``suffix=selective:ops=...`` at op level; ``policies._Trunk``):
 ``measure_costs(..., suffix=True)`` measures the whole trunk under each such option
 (``ChainCosts.suffixes``) the way it measures it as it is, so the terms above hold with that
 trunk's numbers (its recompute, at the start of the suffix's backward, is inside the suffix's

@@ -582,7 +582,7 @@ class Menu(Policy):
     is, ``"full"`` one checkpoint keeping only the last block's output, or a selective option
     over the suffix's own ops (``selective:ops=...``, positions counted from the suffix's first
     op; ``op_choices.suffix_ops``). Text: ``menu:0-3=full,suffix=full``; ``menu:suffix=full``
-    alone leaves every block plain. How the suffix runs: ``_Suffix``."""
+    alone leaves every block plain. How the suffix runs: ``_Trunk``."""
 
     items: tuple[tuple[int, int, str, tuple], ...] = ()
     suffix: str = ""
@@ -916,7 +916,7 @@ class _Region:
         self._early = False  # opened at the entry call (a menu's prefix=full)
 
     def open_at_entry(self, replay, args, kwargs) -> None:
-        """``prefix=full``: open at the start of the entry call (``_Suffix``), so the prefix's
+        """``prefix=full``: open at the start of the entry call (``_Trunk``), so the prefix's
         saved tensors are the region's too; ``replay`` re-runs the entry call."""
         self._abandon()
         params = [t for b in self.blocks for t in (*b.parameters(), *b.buffers())]
@@ -1048,9 +1048,13 @@ class _Forward:
 
 
 # ---------------------------------------------------------------- the suffix as a checkpoint
-class _Suffix:
-    """The trunk after the last block (final norm, head and, for a course model, the loss) as
-    one checkpoint region (a menu's ``suffix=full`` or ``suffix=selective:...``).
+class _Trunk:
+    """The trunk around the blocks under a menu's ``suffix=`` and ``prefix=`` clauses.
+
+    ``suffix=full`` (or ``suffix=selective:...``): what runs after the last block (final norm,
+    head and, for a course model, the loss) as one checkpoint region. ``prefix=full``: the
+    checkpointed segment at block 0 opens at the start of the entry call, so the prefix
+    (embeddings) runs inside it; its recompute calls the entry again (``_replay_prefix``).
 
     The region opens when the last block returns inside a call of the *entry*, and closes when
     the entry returns. The entry: ``model.loss`` for a model with the course protocol
@@ -1104,6 +1108,8 @@ class _Suffix:
             out = self.raw(*args, **kwargs)
         except BaseException as error:
             self._abandon(error)
+            if self.first is not None:
+                self.first._abandon(error)
             raise
         finally:
             self._call = None
@@ -1210,7 +1216,7 @@ def _standing_aside(blocks, stand_in):
 class _Entry:
     """The instance ``loss`` (or ``forward``) a checkpointed suffix gives its entry."""
 
-    def __init__(self, suffix: _Suffix):
+    def __init__(self, suffix: _Trunk):
         self.suffix = suffix
 
     def __call__(self, *args, **kwargs):
@@ -1264,7 +1270,7 @@ class AppliedPolicy:
         self.suffix = self.trunk = None
         region = suffix or _suffix_region(getattr(policy, "suffix", ""))
         if region is not None or getattr(policy, "prefix", ""):
-            self.trunk = _Suffix(self, model, region, suffix_entry)
+            self.trunk = _Trunk(self, model, region, suffix_entry)
             self.suffix = self.trunk if region is not None else None
         if getattr(policy, "prefix", ""):
             self.trunk.first = next(r for r in self.regions if r.blocks[0] is blocks[0])
@@ -1337,7 +1343,7 @@ def find_blocks(model: nn.Module, blocks=None) -> list[nn.Module]:
 def apply_policy(model: nn.Module, policy, blocks=None,
                  suffix_entry: nn.Module | None = None) -> AppliedPolicy:
     """Apply ``policy`` (a Policy or a string) to the model's blocks; ``.remove()`` undoes it.
-    ``suffix_entry``: the module whose forward ends a checkpointed suffix (``_Suffix``)."""
+    ``suffix_entry``: the module whose forward ends a checkpointed suffix (``_Trunk``)."""
     policy = parse_policy(policy)
     blocks = find_blocks(model, blocks)
     for i, block in enumerate(blocks):
@@ -1352,7 +1358,7 @@ def apply_policy(model: nn.Module, policy, blocks=None,
 
 @contextlib.contextmanager
 def suffix_applied(model: nn.Module, region: Policy | None, policy: Menu | None = None):
-    """Only the suffix (``_Suffix``) run as ``region`` (a policy object: ``EveryK(1)`` is
+    """Only the suffix (``_Trunk``) run as ``region`` (a policy object: ``EveryK(1)`` is
     ``suffix=full``), or ``policy``, over the forwards the blocks have now: ``costs``
     measures the trunk this way with its blocks cut out, and ``op_choices`` records the
     suffix's ops."""
