@@ -74,7 +74,7 @@ from .units import fmt_bytes, shown
 ACCEPTED = ("none, full, every-K (K >= 1), sqrt, segments:a-b,c (inclusive block numbers), "
             "selective:save=OPS, selective:recompute=OPS, selective:ops=0,7,12, attn-core, "
             "offload, "
-            "menu:0-1=full,2=selective:save=mm,3=offload,4-7=full(4-5),suffix=full")
+            "menu:0-1=full,2=selective:save=mm,3=offload,4-7=full(4-5)")
 
 # ---------------------------------------------------------------- op names for selective policies
 _SDPA = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
