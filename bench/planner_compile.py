@@ -18,30 +18,51 @@ budget 1.0 the two are equal: it recomputes nothing that costs FLOPs).
 Planner side: compile's constraint is saved bytes, the DP's is the peak (which, on these
 models, stops falling once the trunk's moments dominate, while saved bytes still fall). So the
 planner's choices are taken over the same placements the DP searches (plain, checkpointed runs
-of blocks, the menu and the op-level options per block) by the same FLOPs objective
-(``segment_flops``), with the memory model's exact kept bytes as the constraint: a Pareto sweep
-over the chain (``kept_frontier``; equal to brute force over all placements of the tiny GPT).
-Saved bytes in compile's terms: eager's saved storages with no checkpointing (the same hooks)
-plus what the placement keeps beyond or below no checkpointing (``kept_bytes``: the trunk saves
-the same under every placement). For each compile budget, two rows: the placement without
-offload with the least recompute among those saving no more than compile does; and, where that
-recomputes more than compile, the one that offloads the fewest bytes to recompute no more (a
-copy to host is not a FLOP: every row could be won by offloading everything, so the bench
-says how much offload it takes). Each plan's peak is predicted and metered twice (the script
-stops if they differ). Compile's variant at each budget runs twice (the first step compiles,
-the second reuses it): bytes and FLOPs are counts, so the two agree (column "again").
+of blocks, the menu and the op-level options per block) under each way the trunk can run (the
+suffix, final norm, head and loss, as it is, fully checkpointed or at the op-level points of
+its own Pareto set; the prefix, the embeddings, as it is or inside block 0's checkpoint where
+measured exact: ``measure_costs(..., suffix=True)``, ``plan._trunk_variants``) by the same
+FLOPs objective, with the memory model's exact kept bytes as the constraint: a Pareto sweep
+over the chain (``kept_frontier``). Saved bytes in compile's terms: eager's saved storages with
+no checkpointing (the same hooks) plus what the placement and its trunk keep beyond or below
+no checkpointing (``kept_bytes`` + the trunk's measured ``prefix_kept`` and ``suffix_kept``).
+For each compile budget, two rows: the placement without offload with the least recompute
+among those saving no more than compile does; and, where that recomputes more than compile,
+the one that offloads the fewest bytes to recompute no more (a copy to host is not a FLOP:
+every row could be won by offloading everything, so the bench says how much offload it takes).
+Each plan's peak is predicted and metered twice (the script stops if they differ). Compile's
+variant at each budget runs twice (the first step compiles, the second reuses it): bytes and
+FLOPs are counts, so the two agree (column "again").
 
-Measured (batch 2, 6 op-level points per block): on both models the planner recomputes
-strictly less than compile at every budget from 0.2 to 0.6 (tiny GPT: 8.4 MFLOP less at each,
-one attention projection; Llama: 0.26-0.53 MFLOP less). At 0.1 it needs offload (one block) to
-match; at 0.8 compile recomputes nothing and saves a little less than the planner's
-zero-recompute plan (tiny GPT: 48 kB less; not broken down here: compile may also recompute
-inside the trunk, final norm and loss, which the planner never checkpoints); one offloaded
-block matches it. At 0.05 compile saves
-less than the trunk alone keeps: nothing the planner places reaches it. Eight compiles per
-model at a few seconds each on an idle 2-core machine.
+Measured (batch 2, 6 op-level points per block; the full run, a loaded 2-core machine):
 
-Run: .venv/bin/python bench/planner_compile.py [--batch 2] [--points 6]
+  tiny GPT (4 blocks)                     HF Llama 3.2 1B, small (4 layers)
+  budget  compile      planner            compile      planner
+          saved B/MFLOP  saved B/MFLOP    saved B/MFLOP  saved B/MFLOP
+  0.05    393,216/385.88   393,216/385.88   139,264/56.36    139,264/60.56 (offload 1: 43.25)
+  0.10    917,504/327.16   794,624/318.77   278,528/51.90    276,480/50.07
+  0.20  1,835,008/268.44 1,716,224/251.66   557,056/42.99    557,056/40.11
+  0.30  2,752,512/209.72 2,633,728/192.94   835,584/34.08    835,584/31.20
+  0.40  3,670,016/150.99 3,551,232/134.22 1,114,112/25.17  1,114,112/22.28
+  0.50  4,587,520/92.27  4,473,856/75.50  1,400,832/15.99  1,400,832/13.11
+  0.60  5,001,220/67.11  4,998,144/41.94  1,644,164/8.39   1,597,440/6.82
+  0.80  5,738,500/0.00   5,653,504/0.00   1,817,092/0.00   1,810,432/0.00
+
+Every planner row's peak metered = predicted, twice. The planner recomputes no more than
+compile at every budget on the tiny GPT (strictly less at 6 of 8; at 0.05 the same FLOPs:
+prefix and block 0 in one checkpoint, block 1, blocks 2-3, the suffix: it keeps x_1, x_2 and
+x_4, three activations of 131,072 B, compile's bytes) and at 7 of 8 on the Llama (strictly less
+at 6). The Llama at 0.05 recomputes 4.19 MFLOP more (one MLP projection): compile may recompute
+the embeddings from the token ids, so x_0 (32 kB) need not be among what it saves, while on a
+Hugging Face model the prefix cannot go inside block 0's checkpoint exactly (its forward
+holds ``inputs_embeds`` to the end of the decoder, so x_0 outlives block 0;
+``costs._prefix_facts`` finds it and the planner keeps the prefix as it is); one offloaded
+block (838,656 B to host) brings it to 43.25 MFLOP. At 0.8 compile recomputes only FLOP-free
+ops, in the blocks and in the trunk; the planner's zero-FLOP points (each block's and the
+suffix's: recompute the norms and the log-softmax, keep the head's output) save less than
+compile there. Sixteen compiles at a few seconds each.
+
+Run: .venv/bin/python bench/planner_compile.py [--batch 2] [--points 6] [--fractions 0.05,0.8]
 Ends with one JSON line.
 """
 
