@@ -1243,7 +1243,10 @@ def make_plan(costs: ChainCosts, budget, objective=None) -> Plan:
 
 
 def block_table(costs: ChainCosts, prediction: Prediction) -> list[dict]:
-    """One row per block of a placement: its option, what it keeps, recomputes and costs."""
+    """One row per block of a placement: its option, what it keeps, recomputes and costs
+    (with the trunk it runs with: ``prefix=full`` changes what block 0's segment keeps)."""
+    if costs.trunk.suffix != prediction.suffix or costs.trunk.prefix != prediction.prefix:
+        costs = with_trunk(costs, prediction.suffix, prediction.prefix)
     rows, prev = [], None
     for seg in prediction.placement:
         i, j, kind = seg
