@@ -18,30 +18,51 @@ budget 1.0 the two are equal: it recomputes nothing that costs FLOPs).
 Planner side: compile's constraint is saved bytes, the DP's is the peak (which, on these
 models, stops falling once the trunk's moments dominate, while saved bytes still fall). So the
 planner's choices are taken over the same placements the DP searches (plain, checkpointed runs
-of blocks, the menu and the op-level options per block) by the same FLOPs objective
-(``segment_flops``), with the memory model's exact kept bytes as the constraint: a Pareto sweep
-over the chain (``kept_frontier``; equal to brute force over all placements of the tiny GPT).
-Saved bytes in compile's terms: eager's saved storages with no checkpointing (the same hooks)
-plus what the placement keeps beyond or below no checkpointing (``kept_bytes``: the trunk saves
-the same under every placement). For each compile budget, two rows: the placement without
-offload with the least recompute among those saving no more than compile does; and, where that
-recomputes more than compile, the one that offloads the fewest bytes to recompute no more (a
-copy to host is not a FLOP: every row could be won by offloading everything, so the bench
-says how much offload it takes). Each plan's peak is predicted and metered twice (the script
-stops if they differ). Compile's variant at each budget runs twice (the first step compiles,
-the second reuses it): bytes and FLOPs are counts, so the two agree (column "again").
+of blocks, the menu and the op-level options per block) under each way the trunk can run (the
+suffix, final norm, head and loss, as it is, fully checkpointed or at the op-level points of
+its own Pareto set; the prefix, the embeddings, as it is or inside block 0's checkpoint where
+measured exact: ``measure_costs(..., suffix=True)``, ``plan._trunk_variants``) by the same
+FLOPs objective, with the memory model's exact kept bytes as the constraint: a Pareto sweep
+over the chain (``kept_frontier``). Saved bytes in compile's terms: eager's saved storages with
+no checkpointing (the same hooks) plus what the placement and its trunk keep beyond or below
+no checkpointing (``kept_bytes`` + the trunk's measured ``prefix_kept`` and ``suffix_kept``).
+For each compile budget, two rows: the placement without offload with the least recompute
+among those saving no more than compile does; and, where that recomputes more than compile,
+the one that offloads the fewest bytes to recompute no more (a copy to host is not a FLOP:
+every row could be won by offloading everything, so the bench says how much offload it takes).
+Each plan's peak is predicted and metered twice (the script stops if they differ). Compile's
+variant at each budget runs twice (the first step compiles, the second reuses it): bytes and
+FLOPs are counts, so the two agree (column "again").
 
-Measured (batch 2, 6 op-level points per block): on both models the planner recomputes
-strictly less than compile at every budget from 0.2 to 0.6 (tiny GPT: 8.4 MFLOP less at each,
-one attention projection; Llama: 0.26-0.53 MFLOP less). At 0.1 it needs offload (one block) to
-match; at 0.8 compile recomputes nothing and saves a little less than the planner's
-zero-recompute plan (tiny GPT: 48 kB less; not broken down here: compile may also recompute
-inside the trunk, final norm and loss, which the planner never checkpoints); one offloaded
-block matches it. At 0.05 compile saves
-less than the trunk alone keeps: nothing the planner places reaches it. Eight compiles per
-model at a few seconds each on an idle 2-core machine.
+Measured (batch 2, 6 op-level points per block; the full run, a loaded 2-core machine):
 
-Run: .venv/bin/python bench/planner_compile.py [--batch 2] [--points 6]
+  tiny GPT (4 blocks)                     HF Llama 3.2 1B, small (4 layers)
+  budget  compile      planner            compile      planner
+          saved B/MFLOP  saved B/MFLOP    saved B/MFLOP  saved B/MFLOP
+  0.05    393,216/385.88   393,216/385.88   139,264/56.36    139,264/60.56 (offload 1: 43.25)
+  0.10    917,504/327.16   794,624/318.77   278,528/51.90    276,480/50.07
+  0.20  1,835,008/268.44 1,716,224/251.66   557,056/42.99    557,056/40.11
+  0.30  2,752,512/209.72 2,633,728/192.94   835,584/34.08    835,584/31.20
+  0.40  3,670,016/150.99 3,551,232/134.22 1,114,112/25.17  1,114,112/22.28
+  0.50  4,587,520/92.27  4,473,856/75.50  1,400,832/15.99  1,400,832/13.11
+  0.60  5,001,220/67.11  4,998,144/41.94  1,644,164/8.39   1,597,440/6.82
+  0.80  5,738,500/0.00   5,653,504/0.00   1,817,092/0.00   1,810,432/0.00
+
+Every planner row's peak metered = predicted, twice. The planner recomputes no more than
+compile at every budget on the tiny GPT (strictly less at 6 of 8; at 0.05 the same FLOPs:
+prefix and block 0 in one checkpoint, block 1, blocks 2-3, the suffix: it keeps x_1, x_2 and
+x_4, three activations of 131,072 B, compile's bytes) and at 7 of 8 on the Llama (strictly less
+at 6). The Llama at 0.05 recomputes 4.19 MFLOP more (one MLP projection): compile may recompute
+the embeddings from the token ids, so x_0 (32 kB) need not be among what it saves, while on a
+Hugging Face model the prefix cannot go inside block 0's checkpoint exactly (its forward
+holds ``inputs_embeds`` to the end of the decoder, so x_0 outlives block 0;
+``costs._prefix_facts`` finds it and the planner keeps the prefix as it is); one offloaded
+block (838,656 B to host) brings it to 43.25 MFLOP. At 0.8 compile recomputes only FLOP-free
+ops, in the blocks and in the trunk; the planner's zero-FLOP points (each block's and the
+suffix's: recompute the norms and the log-softmax, keep the head's output) save less than
+compile there. Sixteen compiles at a few seconds each.
+
+Run: .venv/bin/python bench/planner_compile.py [--batch 2] [--points 6] [--fractions 0.05,0.8]
 Ends with one JSON line.
 """
 
@@ -58,10 +79,13 @@ from ckpt_course.costs import MENU, measure_costs
 from ckpt_course.models import GPTConfig, TinyGPT
 from ckpt_course.plan import (
     _left_holds,
+    _trunk_variants,
     measure_peaks,
     predict,
+    segment_flops,
     segment_kept,
     segment_recompute_flops,
+    with_trunk,
 )
 from ckpt_course.recompute import EXTRA_FLOP_FORMULAS
 
@@ -127,14 +151,40 @@ def compiled(model, batch, fraction: float, eager_backward: int) -> tuple[dict, 
 def kept_frontier(costs):
     """Every (kept bytes, recompute FLOPs, host bytes) the planner's placements reach,
     Pareto-pruned in all three: the chain DP's segments (plain, checkpointed runs of blocks,
-    each menu and op-level option, offload) with the memory model's exact numbers, constrained
-    by saved bytes instead of peak. Returns Predictions."""
-    fronts = {(0, _left_holds(costs, None, 0)): [(0, 0, 0, ())]}
+    each menu and op-level option, offload) under each way the trunk runs (the suffix as it
+    is, full or at its op-level points; the prefix as it is or inside block 0's checkpoint:
+    ``plan._trunk_variants``), with the memory model's exact numbers, constrained by saved
+    bytes instead of peak. Kept bytes count the trunk's too (``trunk_kept``). Returns (kept
+    bytes, Prediction) pairs."""
+    points = []
+    for trunk, variant, _ in _trunk_variants(costs, segment_flops):
+        for held, front in _placement_frontier(variant).items():
+            points += [(kept + variant.trunk.prefix_kept + trunk.suffix_kept(held), flops, host,
+                        (placement, variant)) for kept, flops, host, placement in front]
+    return [(p[0], predict(p[-1][1], p[-1][0])) for p in _pruned(points)]
+
+
+def trunk_kept(costs, prediction) -> int:
+    """What the prefix and the suffix keep for backward under ``prediction`` (the measured
+    ``prefix_kept`` and ``suffix_kept`` of its trunk; whether the last block keeps x_L decides
+    which suffix_kept)."""
+    trunk = with_trunk(costs, prediction.suffix, prediction.prefix).trunk
+    return trunk.prefix_kept + trunk.suffix_kept(
+        _left_holds(costs, prediction.placement[-1], costs.n))
+
+
+def _placement_frontier(costs) -> dict:
+    """Per final state (does the last block keep x_L?), the placements' Pareto points of
+    (kept bytes, recompute FLOPs, host bytes), the blocks' alone (plus the recompute of a
+    checkpointed suffix); under ``prefix=full`` the first segment is a checkpointed one."""
+    fronts = {(0, _left_holds(costs, None, 0)): [(0, costs.trunk.recompute_flops, 0, ())]}
     for i in range(costs.n):
         for held in (False, True):
             for kept, flops, host, placement in fronts.get((i, held), []):
                 segments = [(i, i + 1, False), *((i, j, True) for j in range(i + 1, costs.n + 1)),
                             *((i, i + 1, o) for o in costs.menu[i])]
+                if i == 0 and costs.trunk.prefix:
+                    segments = [seg for seg in segments if seg[2] is True]
                 for seg in segments:
                     state = (seg[1], _left_holds(costs, seg, seg[1]))
                     extra = costs.menu[i][seg[2]].host_bytes if isinstance(seg[2], str) else 0
@@ -144,8 +194,7 @@ def kept_frontier(costs):
                          (*placement, seg)))
         for key in [k for k in fronts if k[0] == i + 1]:
             fronts[key] = _pruned(fronts[key])
-    final = _pruned([p for (j, _), front in fronts.items() if j == costs.n for p in front])
-    return [predict(costs, p[-1]) for p in final]
+    return {held: front for (j, held), front in fronts.items() if j == costs.n}
 
 
 def _pruned(points):
@@ -157,15 +206,16 @@ def _pruned(points):
     return out
 
 
-def bench(name, make, batch_size, points) -> dict:
+def bench(name, make, batch_size, points, fractions=FRACTIONS) -> dict:
     model, seq = make()
     batch = model.example_batch(batch_size, seq_len=seq,
                                 generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
-    costs = measure_costs(model, batch_size, seq, menu=MENU, op_points=points)
+    costs = measure_costs(model, batch_size, seq, menu=MENU, op_points=points, suffix=True)
     measure_s = time.perf_counter() - start
     eager_saved, eager_backward = saved_and_backward_flops(model, batch, model.loss)
-    none_kept = predict(costs, "none").kept_bytes
+    none = predict(costs, "none")
+    none_kept = none.kept_bytes + trunk_kept(costs, none)
     plans = kept_frontier(costs)
     print(f"\n{name}: batch {batch_size}, {costs.n} blocks; measure_costs with {points} op-level "
           f"points per block: {measure_s:.1f} s; eager saves {eager_saved:,} B, backward "
@@ -174,12 +224,14 @@ def bench(name, make, batch_size, points) -> dict:
           f"{'planner saved B':>16} {'planner MFLOP':>14} {'meter = pred':>12} {'again':>6}  "
           f"plan; then: the fewest bytes offloaded for recompute <= compile's")
     rows = []
-    for fraction in FRACTIONS:
+    saved_by = {id(p): eager_saved - none_kept + kept for kept, p in plans}
+    plans = [p for _, p in plans]
+    for fraction in fractions:
         first, second = compiled(model, batch, fraction, eager_backward)
         row = dict(fraction=fraction, compile=first, compile_again=second)
-        fits = [p for p in plans if eager_saved - none_kept + p.kept_bytes <= first["saved"]]
+        fits = [p for p in plans if saved_by[id(p)] <= first["saved"]]
         best = min((p for p in fits if not p.host_bytes),
-                   key=lambda p: (p.recompute_flops, p.kept_bytes), default=None)
+                   key=lambda p: (p.recompute_flops, saved_by[id(p)]), default=None)
         offloading = min((p for p in fits if p.recompute_flops <= first["recompute"]),
                          key=lambda p: (p.host_bytes, p.recompute_flops), default=None)
         line = (f"  {fraction:>6.2f} {first['saved']:>16,} {first['recompute'] / 1e6:>14.2f} "
@@ -190,7 +242,7 @@ def bench(name, make, batch_size, points) -> dict:
             elif label == "with offload" and plan is best:
                 print(f"{line} {label}: none needed")
             else:
-                saved = eager_saved - none_kept + plan.kept_bytes
+                saved = saved_by[id(plan)]
                 meters = [measure_peaks(model, plan.policy, batch_size, seq)[-1]
                           for _ in range(2)]
                 assert meters == [plan.peak_bytes] * 2, (str(plan.policy), meters, plan.peak_bytes)
@@ -217,8 +269,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--points", type=int, default=6, help="op-level points per block")
+    parser.add_argument("--fractions", default=",".join(map(str, FRACTIONS)),
+                        help="compile's activation_memory_budget values, comma-separated")
     args = parser.parse_args()
-    results = {name: bench(name, make, args.batch, args.points)
+    try:
+        fractions = tuple(float(f) for f in args.fractions.split(","))
+    except ValueError:
+        parser.error(f"--fractions takes numbers such as 0.05,0.8; got {args.fractions!r}")
+    results = {name: bench(name, make, args.batch, args.points, fractions)
                for name, make in MODELS.items()}
     for name, r in results.items():
         print(f"{name}: planner recompute <= compile at {r['at_most']} of {r['compared']} "

@@ -10,7 +10,11 @@ your own with ``self.blocks = nn.ModuleList(...)``)::
 
 1. Measure each distinct block and the rest of the model on ``batch`` (``costs.measure_costs``,
    with every option of ``costs.MENU``: checkpointed segments, selective variants, offload;
-   and points of each block's exact Pareto set over which op outputs to keep, ``op_choices``).
+   and points of each block's exact Pareto set over which op outputs to keep, ``op_choices``;
+   and the suffix after the last block checkpointed, fully or at op-level points: for a
+   course model the final layers and the loss, for your own model the layers after the last
+   block up to its output, since your loss is your own code; and, where it measures exact,
+   the layers before the first block run inside the first block's checkpoint).
 2. Plan: the placement with the fewest recomputed FLOPs whose predicted peak fits the budget
    (``plan.optimal``; offload only where nothing else fits).
 3. Apply it to the model's blocks (``policies.apply_policy``: instance forwards, removed by
@@ -58,6 +62,12 @@ class _Adapted(nn.Module):
     @property
     def blocks(self) -> nn.ModuleList:
         return self._blocks[0]
+
+    @property
+    def suffix_entry(self) -> nn.Module:
+        """A checkpointed suffix ends where the learner's model returns (``policies._Trunk``):
+        the learner computes the loss with code of their own, which no policy wraps."""
+        return self.inner
 
     def example_batch(self, batch_size=None, seq_len=None, generator=None) -> tuple:
         return self._batch
@@ -172,7 +182,7 @@ def auto_checkpoint(model: nn.Module, budget, batch, loss_fn=None, menu=MENU,
     # reproduce with or without this call.
     with torch.random.fork_rng(devices=_cuda_devices(model)):
         work = copy.deepcopy(course)
-        costs = measure_costs(work, None, menu=menu, op_points=op_points)
+        costs = measure_costs(work, None, menu=menu, op_points=op_points, suffix=True)
         plan = make_plan(costs, budget, "flops")
         if not plan.fits:
             raise ValueError(f"nothing fits in {fmt_bytes(budget)}: {plan.advice()}")
@@ -185,7 +195,8 @@ def auto_checkpoint(model: nn.Module, budget, batch, loss_fn=None, menu=MENU,
             f"(e.g. blocks that share state or return views of larger tensors); nothing was "
             f"installed: ask for {fmt_bytes(measured - plan.best.peak_bytes)} less, "
             f"auto_checkpoint(model, {budget - (measured - plan.best.peak_bytes)}, batch)")
-    handle = apply_policy(model, plan.policy, blocks=course.blocks)
+    handle = apply_policy(model, plan.policy, blocks=course.blocks,
+                          suffix_entry=model if isinstance(course, _Adapted) else None)
     return AutoReport(plan, handle, measured)
 
 

@@ -16,7 +16,8 @@ recompute (checkpoint hands each recomputed tensor over once, so it dies as soon
 reads it is done: a little earlier than in a plain backward). Each backward is measured twice:
 with the block's input kept alive by someone else, and without. FLOPs come from
 ``FlopCounterMode``. The prefix and suffix are measured on the model with its blocks cut out,
-the optimizer step on the real optimizer.
+the optimizer step on the real optimizer; with ``suffix=True``, also with the suffix
+checkpointed, fully and at the op-level points of its own Pareto set (``measure_suffixes``).
 """
 
 from __future__ import annotations
@@ -154,7 +155,20 @@ class TrunkCost:
     suffix_grad_bytes: int = 0  # gradients of the suffix's parameters (in suffix_left)
     grad_bytes: int = 0  # gradients of all the trunk's parameters (in backward_left)
     optimizer_peak: int = 0  # the optimizer step, above base + all gradients
-    flops: int = 0  # forward + backward FLOPs of prefix and suffix
+    flops: int = 0  # forward + backward FLOPs of prefix and suffix (as they are)
+    # how the suffix runs: "" as it is, else a menu's suffix option ("full",
+    # "selective:ops=..."), measured under it; and what its backward re-runs (FLOPs)
+    suffix: str = ""
+    recompute_flops: int = 0
+    # the prefix (embeddings) inside the checkpointed segment at block 0 (a menu's
+    # prefix=full): can it be (x_0 dies when block 0 returns, nothing else of the prefix stays
+    # outside that region), the FLOPs its recompute runs, and "full" on the trunk the
+    # planner derives for it (``plan.with_trunk``), whose prefix keeps its saved tensors again
+    # from the recompute to its backward (``prefix_backward_kept``; -1: ``prefix_kept``)
+    prefix_recomputable: bool = False
+    prefix_forward_flops: int = 0
+    prefix: str = ""
+    prefix_backward_kept: int = -1
 
     def suffix_forward_peak(self, held):
         return self.suffix_forward_peak_held if held else self.suffix_forward_peak_free
@@ -184,6 +198,9 @@ class ChainCosts:
     # per block: option -> the spread of its measured seconds (half the interquartile range);
     # empty: not measured (the time objective then takes the medians as exact)
     spreads: tuple[dict[str, float], ...] = ()
+    # the trunk measured under each checkpointed-suffix option (``TrunkCost.suffix``), besides
+    # ``trunk`` (the suffix as it is); empty: not measured (``measure_costs(..., suffix=True)``)
+    suffixes: tuple[TrunkCost, ...] = ()
 
     @property
     def n(self) -> int:
@@ -578,10 +595,23 @@ def _pass_through(x, *args, **kwargs):
     return x
 
 
-def _run_trunk(model, batch, like, keep_output: bool, accumulate: bool = False):
+def _suffix_run(model, option: str, prefix: bool = False):
+    """The suffix checkpointed under ``option`` (a menu's suffix option; "": as it is), and
+    with ``prefix`` the prefix inside block 0's checkpoint (block 0: the blocks' stand-in)."""
+    from .policies import Menu, _suffix_region, suffix_applied
+
+    if prefix:
+        return suffix_applied(model, None, Menu(((0, 1, "full", ()),), option, "full"))
+    region = _suffix_region(option)
+    return suffix_applied(model, region) if region is not None else contextlib.nullcontext()
+
+
+def _run_trunk(model, batch, like, keep_output: bool, accumulate: bool = False,
+               suffix: str = "", prefix: bool = False):
     meter, stash = _Meter(), []
     _existing_gradients(model, accumulate)
-    with _blocks_cut_out(model, like, meter, stash, keep_output), meter:
+    with _blocks_cut_out(model, like, meter, stash, keep_output), \
+            _suffix_run(model, suffix, prefix), meter:
         meter.track(model)
         start = meter.live_bytes
         with meter.phase("forward"):
@@ -603,23 +633,27 @@ def _run_trunk(model, batch, like, keep_output: bool, accumulate: bool = False):
                        keeps_x0=x0_ref() is not None)
 
 
-def _trunk_flops(model, batch, like) -> int:
+def _trunk_flops(model, batch, like, suffix: str = "") -> int:
     counter = _flop_counter()
-    with _blocks_cut_out(model, like, _Meter(), [], False), counter:
+    with _blocks_cut_out(model, like, _Meter(), [], False), _suffix_run(model, suffix), counter:
         model.loss(batch).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
 
 def measure_trunk(model: nn.Module, batch, like: torch.Tensor,
-                  accumulate: bool = False) -> TrunkCost:
+                  accumulate: bool = False, suffix: str = "", prefix: bool = False) -> TrunkCost:
     """Prefix and suffix of ``model``, measured with its blocks cut out (``like``: a tensor
     like the last block's output). ``base_bytes`` is the parameters (and, if ``accumulate``,
-    every gradient, there from the start)."""
+    every gradient, there from the start). ``suffix``: the suffix checkpointed under this
+    menu suffix option (``policies._Trunk``), measured the same way: its recompute, at the
+    start of the suffix's backward, is inside the suffix's backward peak; ``flops`` is then
+    the suffix's FLOPs with that recompute (``measure_suffixes`` makes it a difference)."""
+    option = suffix  # (``suffix`` names a timeline mark below)
     with torch.random.fork_rng(devices=[]):
-        free_meter, free = _run_trunk(model, batch, like, False, accumulate)
-        held_meter, held = _run_trunk(model, batch, like, True, accumulate)
-        flops = _trunk_flops(model, batch, like)
+        free_meter, free = _run_trunk(model, batch, like, False, accumulate, suffix, prefix)
+        held_meter, held = _run_trunk(model, batch, like, True, accumulate, suffix, prefix)
+        flops = _trunk_flops(model, batch, like, suffix)
     a_last = like.untyped_storage().nbytes()
     values = {}
     for variant, m, info in (("free", free_meter, free), ("held", held_meter, held)):
@@ -661,7 +695,88 @@ def measure_trunk(model: nn.Module, batch, like: torch.Tensor,
         suffix_grad_bytes=info["suffix_grads"],
         grad_bytes=info["grads"],
         flops=flops,
+        suffix=option,
     )
+
+
+def measure_suffixes(model: nn.Module, batch, like: torch.Tensor, plain: TrunkCost,
+                     accumulate: bool = False, points: int = 0) -> tuple[TrunkCost, ...]:
+    """The trunk under each checkpointed-suffix option: ``full`` (keeps the last block's
+    output only) and up to ``points`` points of the suffix's exact Pareto set over which op
+    outputs to keep (``op_choices.suffix_choices``: the zero-FLOP point, recomputing the final
+    norm and the log-softmax and keeping the head's output, among them). Each measured like
+    the trunk as it is (``measure_trunk``), its ``recompute_flops`` the FLOPs its backward
+    runs beyond ``plain``'s. An option the suffix cannot run (its measurement raises) is left
+    out, as a block's menu option is. Returns ``plain`` with the prefix's facts
+    (``_prefix_facts``) and the options' trunks."""
+    from .op_choices import suffix_choices
+
+    plain = replace(plain, **_prefix_facts(model, batch, like, plain, accumulate))
+    options = ["full"]
+    if points:
+        options += [c.policy for c in suffix_choices(model, batch, like, points) if c.keep]
+    out = []
+    for option in options:
+        try:
+            trunk = measure_trunk(model, batch, like, accumulate, option)
+        except (RuntimeError, ValueError):
+            continue
+        out.append(replace(trunk, flops=plain.flops,
+                           recompute_flops=max(0, trunk.flops - plain.flops),
+                           prefix_recomputable=plain.prefix_recomputable,
+                           prefix_forward_flops=plain.prefix_forward_flops))
+    return plain, tuple(out)
+
+
+class _PrefixEnd(Exception):
+    pass
+
+
+def _prefix_facts(model, batch, like, plain: TrunkCost, accumulate: bool) -> dict:
+    """Whether the prefix can run inside block 0's checkpoint (``prefix=full``) exactly as the
+    planner derives it: x_0 counted and dying when block 0 returns (no local of the model's
+    forward holds it, as a Hugging Face model's ``inputs_embeds`` does), and, measured with
+    the prefix inside that checkpoint, nothing of the prefix left outside it. And the FLOPs of
+    the prefix's forward, which its recompute runs again."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    blocks, alive, x0 = find_blocks(model), [], []
+
+    class Probe(TorchDispatchMode):  # the first op after block 0 returned: is x_0 alive?
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if x0 and not alive:
+                alive.append(x0[0]() is not None)
+            return func(*args, **(kwargs or {}))
+
+    def first(x, *args, **kwargs):
+        x0.append(_storage_ref(x))
+        return out
+
+    counter = _flop_counter()
+
+    def count_until_block0(x, *args, **kwargs):
+        raise _PrefixEnd
+
+    out = like.detach().clone()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        for block, forward in zip(blocks, [first] + [_pass_through] * (len(blocks) - 1),
+                                  strict=True):
+            block.forward = forward
+        try:
+            with Probe():
+                model.loss(batch)
+            blocks[0].forward = count_until_block0
+            with contextlib.suppress(_PrefixEnd), counter:
+                model.loss(batch)
+        finally:
+            for block in blocks:
+                del block.forward
+    dies = bool(x0) and alive == [False]
+    ok = dies and plain.input_counted and not plain.prefix_keeps_input
+    if ok:
+        inside = measure_trunk(model, batch, like, accumulate, prefix=True)
+        ok = inside.prefix_kept == 0
+    return dict(prefix_recomputable=ok, prefix_forward_flops=counter.get_total_flops())
 
 
 def _optimizer_cost(model: nn.Module, make_optimizer) -> tuple[int, int]:
@@ -739,7 +854,8 @@ def _called_as_in_model(block: nn.Module, extras):
 
 def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int | None = None,
                   seed: int = 0, optimizer=_adamw_lr0, accumulate: bool = False, menu=(),
-                  times: bool = False, rounds: int = 15, op_points: int = 0) -> ChainCosts:
+                  times: bool = False, rounds: int = 15, op_points: int = 0,
+                  suffix: bool = False) -> ChainCosts:
     """Measure every block and the trunk of a course model (``.blocks``, ``.example_batch``,
     ``.loss``) for one training step on a batch of ``batch_size`` x ``seq_len``, the way
     ``train`` runs it (AdamW unless ``optimizer`` says otherwise; ``None``: no optimizer).
@@ -749,8 +865,15 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
     each option (``rounds`` interleaved medians), for the planner's time objective.
     ``op_points``: also up to this many op-level options per distinct block, the points of its
     exact Pareto set of (kept bytes, recompute FLOPs) over which op outputs a checkpoint keeps
-    (``op_choices``), each a ``selective:ops=...`` option measured like the menu's."""
+    (``op_choices``), each a ``selective:ops=...`` option measured like the menu's.
+    ``suffix``: also the trunk with its suffix (final norm, head, loss) checkpointed, fully and
+    at up to ``op_points`` op-level points (``measure_suffixes``), for the planner to choose
+    from (``ChainCosts.suffixes``), and whether the prefix can run inside block 0's
+    checkpoint (``prefix=full``; ``TrunkCost.prefix_recomputable``)."""
     menu = check_menu(menu)
+    if not isinstance(suffix, bool):
+        raise ValueError(f"suffix is True (also measure the checkpointed suffix's options) or "
+                         f"False; got {suffix!r}")
     check_op_points(op_points)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds is a whole number of timing rounds >= 1, such as 15; got "
@@ -800,17 +923,24 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
         menus.append(cache[key][1])
         timed.append(cache[key][2])
     trunk = measure_trunk(model, batch, outputs[0], accumulate)
+    suffixes = ()
+    if suffix:
+        trunk, suffixes = measure_suffixes(model, batch, outputs[0], trunk, accumulate,
+                                           op_points)
     params = sum(t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()])
     state = 0
     if optimizer is not None:
         state, peak = _optimizer_cost(model, optimizer)
         trunk = replace(trunk, base_bytes=trunk.base_bytes + state, optimizer_peak=peak)
+        suffixes = tuple(replace(t, base_bytes=t.base_bytes + state, optimizer_peak=peak)
+                         for t in suffixes)
     shape = "x".join(map(str, batch[0].shape))
     name = f"{type(model).__name__} (batch {shape}{', accumulating' if accumulate else ''})"
     return ChainCosts(tuple(layers), trunk, name=name, param_bytes=params,
                       optimizer_bytes=state, menu=tuple(menus) if menu or op_points else (),
                       times=tuple(t for t, _ in timed) if times else (),
-                      spreads=tuple(s for _, s in timed) if times else ())
+                      spreads=tuple(s for _, s in timed) if times else (),
+                      suffixes=suffixes)
 
 
 def _check_distinct(blocks) -> None:

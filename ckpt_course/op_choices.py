@@ -199,8 +199,8 @@ def thin(front: list[Choice], points: int) -> list[Choice]:
         return candidates
     low, high = candidates[0].kept_bytes, candidates[-1].kept_bytes
     chosen = {}
-    for k in range(points):
-        level = low + (high - low) * k // max(1, points - 1)
+    for k in range(points):  # one point: the highest level (the zero-FLOP point)
+        level = high if points == 1 else low + (high - low) * k // (points - 1)
         best = max((c for c in candidates if c.kept_bytes <= level), key=lambda c: c.kept_bytes)
         chosen[best.keep] = best
     return sorted(chosen.values(), key=lambda c: c.kept_bytes)
@@ -209,3 +209,54 @@ def thin(front: list[Choice], points: int) -> list[Choice]:
 def choices(block: nn.Module, x_like: torch.Tensor, points: int) -> list[Choice]:
     """The thinned Pareto set of one block: the op-level options the planner may use."""
     return thin(pareto(block_ops(block, x_like)), points)
+
+
+# ---------------------------------------------------------------- the suffix's ops
+class _Recording:
+    """A suffix region (``policies._Trunk``) that checkpoints nothing: it records the ops
+    and the saved tensors of the suffix's forward, from the last block's return on."""
+
+    def __init__(self, recorder: _Recorder):
+        self.recorder, self.packs, self.first = recorder, [], []
+
+    def region(self, replay, params, store, args, kwargs):
+        def pack(t):
+            self.packs.append((len(self.recorder.ops), t.untyped_storage()))
+            return t
+
+        self.first.append(args[0])
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), self.recorder:
+            yield
+
+
+def suffix_ops(model: nn.Module, batch, like: torch.Tensor) -> list[OpInstance]:
+    """The op instances of ``model``'s suffix (what runs after its last block: final norm,
+    head and, for a course model, the loss), in the order a checkpointed suffix's selective
+    policy sees them, grouped and with the recompute's early stop as ``block_ops`` does for a
+    block: so ``pareto`` and ``thin`` give the suffix's op-level options
+    (``menu:suffix=selective:ops=...``). The blocks are cut out (``costs._blocks_cut_out``;
+    ``like``: a tensor like the last block's output)."""
+    from .costs import _blocks_cut_out, _Meter
+    from .policies import suffix_applied
+
+    counter = torch.utils.flop_counter.FlopCounterMode(display=False,
+                                                       custom_mapping=EXTRA_FLOP_FORMULAS)
+    region = _Recording(_Recorder(counter.flop_registry))
+    with torch.random.fork_rng(devices=[]), _blocks_cut_out(model, like, _Meter(), [], False), \
+            suffix_applied(model, region):
+        loss = model.loss(batch)
+    if not region.first:
+        return []  # no suffix ran (no last block inside the entry)
+    stop = region.packs[-1][0] if region.packs else 0
+    saved = {id(s) for _, s in region.packs}
+    before = [region.first[0], *model.parameters(), *model.buffers(),
+              *(t for t in batch if isinstance(t, torch.Tensor))]
+    ops = _grouped(region.recorder.ops, stop, saved, before, loss)
+    model.zero_grad(set_to_none=True)
+    return ops
+
+
+def suffix_choices(model: nn.Module, batch, like: torch.Tensor, points: int) -> list[Choice]:
+    """The thinned Pareto set of the suffix's ops (at most ``points``; the zero-FLOP point,
+    keeping every op output that costs FLOPs to make, always among them)."""
+    return thin(pareto(suffix_ops(model, batch, like)), points)

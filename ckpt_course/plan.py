@@ -22,7 +22,23 @@ The memory model (live bytes, as the meter counts them), for a placement:
   Behind this: a later segment's backward gives back exactly what it kept and leaves its
   parameters' gradients and the gradient of its input.
 - optimizer step: parameters + gradients + optimizer state + the step's temporaries.
-The peak is the largest; the DP adds up the same terms. Assumptions: blocks run in order, once
+The peak is the largest; the DP adds up the same terms. The suffix may run checkpointed too
+(a menu's ``suffix=full``, or ``suffix=selective:ops=...`` at op level; ``policies._Trunk``):
+``measure_costs(..., suffix=True)`` measures the whole trunk under each such option
+(``ChainCosts.suffixes``) the way it measures it as it is, so the terms above hold with that
+trunk's numbers (its recompute, at the start of the suffix's backward, is inside the suffix's
+backward peak); ``predict`` takes the trunk of the policy's suffix option, and ``optimal`` runs
+the same DP once per option, adding the suffix's recompute (``_optimal_over_suffixes``).
+Measured on the course's models, a checkpointed suffix keeps less for backward but peaks the
+same (its backward starts by recomputing what it dropped), so it pays only where the suffix's
+forward is the peak; what it keeps less counts against torch.compile's saved bytes
+(``bench/planner_compile.py``). The prefix (embeddings) may run inside the checkpointed
+segment at block 0 (``prefix=full``), which then keeps only the batch: x_0 and what the
+embeddings save are not kept from forward to backward. Its chain is derived from what was
+measured (``_prefix_inside``), where measuring found it exact: x_0 dies when block 0 returns
+and nothing of the prefix stays outside that checkpoint (the course's GPT, a learner's model
+written ``x = block(x)``; not a Hugging Face model, whose forward holds ``inputs_embeds`` to the
+end of its decoder: there the prefix stays as it is). Assumptions: blocks run in order, once
 each; a block's backward allocates nothing before it first reads a saved tensor (true of the
 course models). Against the meter (``measure_peaks``: AdamW steps on one batch, step 2 on) it is
 exact to the byte for the tiny GPT (sdpa or naive attention, with or without dropout), Llama
@@ -320,7 +336,9 @@ def trunk_events(costs: ChainCosts, kept_all: int, last_left_held: bool) -> list
     x_last = 0 if held else _boundary_bytes(costs, costs.n)
     t = base + trunk.prefix_kept + kept_all + x_last
     grads = costs.gradient_bytes
-    after = base + trunk.prefix_kept + trunk.suffix_left + grads
+    prefix_back = trunk.prefix_kept if trunk.prefix_backward_kept < 0 else \
+        trunk.prefix_backward_kept  # prefix=full: its saved tensors are back by then
+    after = base + prefix_back + trunk.suffix_left + grads
     if layers and layers[0].needs_input_grad:
         after += _boundary_bytes(costs, 0)  # the gradient of x_0
     return [
@@ -362,11 +380,14 @@ class Prediction:
     extra_time_s: float | None = None  # the time model's extra seconds over plain (median)
     host_bytes: int = 0  # what offloaded blocks copy to host memory
     extra_time_spread_s: float | None = None  # how far the measured times spread around it
+    suffix: str = ""  # how the suffix runs: "" as it is, "full", "selective:ops=..."
+    prefix: str = ""  # "full": the prefix runs inside the checkpointed segment at block 0
 
     @property
     def policy(self) -> Policy:
-        """``segments:...`` when every block is plain or checkpointed, else ``menu:...``."""
-        return placement_policy(self.placement)
+        """``segments:...`` when every block is plain or checkpointed and the trunk runs as
+        it is, else ``menu:...`` (with ``prefix=``, ``suffix=``)."""
+        return placement_policy(self.placement, self.suffix, self.prefix)
 
     @property
     def overhead(self) -> float:
@@ -375,8 +396,18 @@ class Prediction:
 
 
 def predict(costs: ChainCosts, placement) -> Prediction:
-    """The memory model for one placement (or policy): peak live bytes, where, recompute."""
-    placement = as_placement(check_costs(costs).n, placement)
+    """The memory model for one placement (or policy): peak live bytes, where, recompute. A
+    policy's ``suffix=`` option (``menu:0-3=full,suffix=full``) is predicted with the trunk
+    measured under it (``ChainCosts.suffixes``); a placement runs the suffix ``costs.trunk``
+    was measured with (as it is, unless ``with_suffix`` chose another)."""
+    check_costs(costs)
+    if isinstance(placement, (str, Policy)):
+        policy = parse_policy(placement)
+        costs = with_trunk(costs, getattr(policy, "suffix", ""), getattr(policy, "prefix", ""))
+    placement = as_placement(costs.n, placement)
+    if costs.trunk.prefix and placement[0][2] is not True:
+        raise ValueError("prefix=full runs the prefix inside the checkpointed segment at block "
+                         "0: checkpoint a segment starting at block 0")
     folded = _folded(costs)
     if folded is not None:  # blocks that return their input: predicted on the chain without
         short, real = folded
@@ -388,7 +419,7 @@ def predict(costs: ChainCosts, placement) -> Prediction:
             raise ValueError(f"block {k} runs {kind}, an option these costs did not measure: "
                              "measure them with measure_costs(..., menu=MENU), or use a "
                              "whole-block policy (none, full, every-K, sqrt, segments:...)")
-    events, kept, flops, prev = [], 0, 0, None
+    events, kept, flops, prev = [], 0, 0, None  # (costs under prefix=full: _prefix_inside)
     for seg in placement:
         left = _left_holds(costs, prev, seg[0])
         events += [(e[0] + kept, *e[1:]) for e in segment_events(costs, seg, left)]
@@ -401,16 +432,86 @@ def predict(costs: ChainCosts, placement) -> Prediction:
     extra, spread = placement_time(costs, placement)
     host = sum(costs.menu[i][kind].host_bytes for i, _, kind in placement
                if isinstance(kind, str))
+    flops += costs.trunk.recompute_flops
     return Prediction(placement, top[0], describe_event(top), top[1], top[2], flops, kept,
-                      costs.step_flops, extra, host, spread)
+                      costs.step_flops, extra, host, spread, costs.trunk.suffix,
+                      costs.trunk.prefix)
 
 
-def placement_policy(placement: Placement) -> Policy:
-    """A placement as a policy string every command accepts."""
-    if all(isinstance(kind, bool) for _, _, kind in placement):
+def placement_policy(placement: Placement, suffix: str = "", prefix: str = "") -> Policy:
+    """A placement (and how the trunk runs) as a policy string every command accepts."""
+    if all(isinstance(kind, bool) for _, _, kind in placement) and not suffix and not prefix:
         return Segments(checkpointed(placement))
     return Menu(tuple((i, j, "full" if kind is True else kind, ())
-                      for i, j, kind in placement if kind is not False))
+                      for i, j, kind in placement if kind is not False), suffix, prefix)
+
+
+def with_suffix(costs: ChainCosts, option: str) -> ChainCosts:
+    """``with_trunk`` with the prefix as it is."""
+    return with_trunk(costs, option)
+
+
+def with_trunk(costs: ChainCosts, suffix: str = "", prefix: str = "") -> ChainCosts:
+    """``costs`` with the trunk measured under suffix option ``suffix`` ("" as it is, "full",
+    "selective:ops=...") as ``costs.trunk`` (the other measured trunks stay in ``suffixes``),
+    and with ``prefix="full"`` the chain as it runs with the prefix inside the checkpointed
+    segment at block 0 (``_prefix_inside``)."""
+    if costs.trunk.prefix:
+        raise ValueError("these costs already have the prefix inside block 0's checkpoint")
+    trunks = (costs.trunk, *costs.suffixes)
+    chosen = next((t for t in trunks if t.suffix == suffix), None)
+    if chosen is None:
+        measured = ", ".join(repr(t.suffix) for t in trunks)
+        raise ValueError(f"suffix={suffix} was not measured (measured: {measured}): measure "
+                         f"with measure_costs(..., suffix=True), or leave the suffix out")
+    if chosen is not costs.trunk:
+        costs = replace(costs, trunk=chosen, suffixes=tuple(t for t in trunks
+                                                             if t is not chosen))
+    if not prefix:
+        return costs
+    if not costs.trunk.prefix_recomputable or _folded(costs) is not None:
+        raise ValueError("prefix=full was not measured as exact on this model (its x_0 "
+                         "outlives block 0, or the prefix keeps something outside block 0's "
+                         "checkpoint; measure_costs(..., suffix=True) checks): leave it out")
+    return _prefix_inside(costs)
+
+
+def _prefix_inside(costs: ChainCosts) -> ChainCosts:
+    """The chain with the prefix inside the checkpointed segment at block 0 (``prefix=full``),
+    in the terms of the memory model, from what was measured: the segment keeps nothing (x_0
+    is the prefix's output, alive only while block 0 runs; the prefix's saved tensors S are
+    the region's), so ``prefix_kept`` is 0 until the segment's recompute, which runs the
+    prefix first (its forward's peak) and leaves S and x_0 (x_0 stays only if block 0 saves
+    it, and then dies in block 0's backward: the checkpointed backward "free"); S stays to the
+    prefix's backward. Block 0's numbers are used only as the first block of that segment
+    (the objective refuses any other first segment: ``_first_checkpointed``)."""
+    trunk, first = costs.trunk, costs.layers[0]
+    x0, kept, again = first.input_bytes, trunk.prefix_kept, trunk.prefix_peak
+    stays = kept + x0 * first.saves_input
+    back = first.checkpointed_backward
+    first = replace(
+        first, forward_peak_unsaved=first.forward_peak_unsaved + x0,
+        forward_peak=max(again, kept + x0 + first.forward_peak),
+        recompute_peak=max(again, kept + x0 + first.recompute_peak),
+        saved_bytes=first.saved_bytes + stays, recompute_kept=first.recompute_kept + stays,
+        checkpointed_backward=replace(back, peak_held=back.peak_free,
+                                      change_held=back.change_free),
+        forward_flops=first.forward_flops + trunk.prefix_forward_flops,
+        recompute_flops=first.recompute_flops + trunk.prefix_forward_flops)
+    trunk = replace(trunk, prefix="full", prefix_kept=0, prefix_keeps_input=True,
+                    prefix_backward_kept=kept, flops=trunk.flops - trunk.prefix_forward_flops)
+    return replace(costs, layers=(first, *costs.layers[1:]), trunk=trunk, suffixes=(),
+                   menu=costs.menu and ({}, *costs.menu[1:]),
+                   times=(), spreads=())
+
+
+def _first_checkpointed(cost):
+    """``cost`` for a chain under ``prefix=full``: a first segment that is not checkpointed is
+    no option."""
+    def first_checkpointed(costs, seg):
+        return None if seg[0] == 0 and seg[2] is not True else cost(costs, seg)
+
+    return first_checkpointed
 
 
 def as_placement(n: int, placement) -> Placement:
@@ -521,6 +622,8 @@ def optimal(costs: ChainCosts, budget, objective=None) -> Prediction | None:
 
 def _optimal(costs: ChainCosts, budget: float, objective=None) -> Prediction | None:
     """``optimal`` with the budget already parsed (bytes)."""
+    if costs.suffixes:
+        return _optimal_over_suffixes(costs, budget, objective)
     cost, table = objective_fn(costs, objective), {}
     folded = _folded(costs)
     if folded is not None:
@@ -545,6 +648,41 @@ def _optimal(costs: ChainCosts, budget: float, objective=None) -> Prediction | N
             return best
         best = lower
     return None
+
+
+def _optimal_over_suffixes(costs: ChainCosts, budget: float, objective=None):
+    """The best plan over the ways the suffix can run (``costs.suffixes``): the chain's DP,
+    unchanged, once per measured trunk, each plan's cost plus its suffix's (FLOPs objective:
+    the suffix's recompute, plus 1/1024 FLOP so that a tie goes to the suffix as it is), the
+    least cost and then the lowest peak kept. The time objective and objective functions
+    price only the blocks, so they plan with ``costs.trunk`` alone."""
+    cost = objective_fn(costs, objective)
+    best = None
+    for trunk, variant, price in _trunk_variants(costs, cost):
+        found = _optimal(variant, budget, price)
+        if found is None:
+            continue
+        total = placement_cost(variant, found.placement, price) + _suffix_price(trunk)
+        if best is None or (total, found.peak_bytes) < best[0]:
+            best = ((total, found.peak_bytes), found)
+    return None if best is None else best[1]
+
+
+def _trunk_variants(costs: ChainCosts, cost):
+    """(trunk, chain, objective) per way the trunk can run: each measured suffix option, each
+    with the prefix as it is and, where measured exact, inside block 0's checkpoint. Only
+    the FLOPs objective prices them; the others plan with ``costs.trunk`` alone."""
+    trunks = (costs.trunk, *costs.suffixes) if cost is segment_flops else (costs.trunk,)
+    for trunk in trunks:
+        variant = replace(costs, trunk=trunk, suffixes=())
+        yield trunk, variant, cost
+        if cost is segment_flops and trunk.prefix_recomputable and _folded(variant) is None:
+            yield trunk, _prefix_inside(variant), _first_checkpointed(cost)
+
+
+def _suffix_price(trunk) -> int:
+    """A checkpointed suffix in ``segment_flops``' units (1/1024 FLOP, plus one)."""
+    return trunk.recompute_flops * 1024 + 1 if trunk.suffix else 0
 
 
 def _segments_from(costs: ChainCosts, i: int):
@@ -1006,12 +1144,17 @@ def _pareto_arrays(chunks: list, room: float, bound=None) -> tuple:
 
 
 def brute_force(costs: ChainCosts, budget, objective=None) -> Prediction | None:
-    """The same answer as ``optimal`` by trying every placement, menus included: for tests."""
+    """The same answer as ``optimal`` by trying every placement, menus included (and, for the
+    FLOPs objective, every measured suffix option): for tests."""
     budget, cost = parse_budget(budget), objective_fn(costs, objective)
-    fits = [p for p in map(functools.partial(predict, costs), all_placements(costs.n, costs))
-            if p.peak_bytes <= budget and placement_cost(costs, p.placement, cost) < math.inf]
-    return min(fits, key=lambda p: (placement_cost(costs, p.placement, cost), p.peak_bytes),
-               default=None)
+    fits = []
+    for trunk, variant, price in _trunk_variants(costs, cost):
+        placements = [p for p in all_placements(costs.n, costs)
+                      if placement_cost(variant, p, price) < math.inf]
+        fits += [(placement_cost(variant, p.placement, price) + _suffix_price(trunk), p)
+                 for p in map(functools.partial(predict, variant), placements)
+                 if p.peak_bytes <= budget]
+    return min(fits, key=lambda f: (f[0], f[1].peak_bytes), default=(None, None))[1]
 
 
 def optimal_frontier(costs: ChainCosts, most: int = 200, objective=None) -> list[Prediction]:
@@ -1197,7 +1340,10 @@ def make_plan(costs: ChainCosts, budget, objective=None) -> Plan:
 
 
 def block_table(costs: ChainCosts, prediction: Prediction) -> list[dict]:
-    """One row per block of a placement: its option, what it keeps, recomputes and costs."""
+    """One row per block of a placement: its option, what it keeps, recomputes and costs
+    (with the trunk it runs with: ``prefix=full`` changes what block 0's segment keeps)."""
+    if costs.trunk.suffix != prediction.suffix or costs.trunk.prefix != prediction.prefix:
+        costs = with_trunk(costs, prediction.suffix, prediction.prefix)
     rows, prev = [], None
     for seg in prediction.placement:
         i, j, kind = seg

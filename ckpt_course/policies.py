@@ -576,9 +576,19 @@ class Menu(Policy):
     for ``full``, ``a-b`` is one segment and ``a..b`` each block alone; other options act on one
     block, so ``a-b`` and ``a..b`` both mean each block alone. ``menu:0-7=full(0-3(0-1),4-5)``:
     blocks 0-7 one checkpoint whose recompute checkpoints 0-3 (whose recompute checkpoints 0-1)
-    and 4-5."""
+    and 4-5.
+
+    ``suffix``: how the trunk after the last block (final norm, head, loss) runs: ``""`` as it
+    is, ``"full"`` one checkpoint keeping only the last block's output, or a selective option
+    over the suffix's own ops (``selective:ops=...``, positions counted from the suffix's first
+    op; ``op_choices.suffix_ops``). Text: ``menu:0-3=full,suffix=full``; ``menu:suffix=full``
+    alone leaves every block plain. How the suffix runs: ``_Trunk``."""
 
     items: tuple[tuple[int, int, str, tuple], ...] = ()
+    suffix: str = ""
+    # "full": the prefix (embeddings) runs inside the checkpointed segment at block 0, which
+    # then keeps the batch only and recomputes prefix and blocks: ``menu:0-1=full,prefix=full``
+    prefix: str = ""
 
     def __post_init__(self):
         try:
@@ -602,6 +612,12 @@ class Menu(Policy):
             _check_children(a, b, children)
             previous = b
         object.__setattr__(self, "items", items)
+        object.__setattr__(self, "suffix", _suffix_option(self.suffix))
+        if self.prefix not in ("", "full"):
+            raise ValueError(f"a menu's prefix is '' or 'full', not {self.prefix!r}")
+        if self.prefix and not (items and items[0][0] == 0 and items[0][2] == "full"):
+            raise ValueError("prefix=full runs the prefix inside the checkpointed segment at "
+                             "block 0: give one, e.g. menu:0-1=full,prefix=full")
 
     def segments(self, n_blocks: int) -> list[range]:
         return [s for s, _ in self.segment_policies(n_blocks)]
@@ -627,7 +643,24 @@ class Menu(Policy):
             span = _span(a, b) if m == k else f"{a}..{items[m][0]}"
             parts.append(f"{span}={option}{_children_text(children)}")
             k = m + 1
+        if self.prefix:
+            parts.append(f"prefix={self.prefix}")
+        if self.suffix:
+            parts.append(f"suffix={self.suffix}")
         return "menu:" + (",".join(parts) or "none")
+
+
+def _suffix_option(option) -> str:
+    """A menu's suffix option, normalised: "", "full" or a selective option's text."""
+    if not isinstance(option, str):
+        raise ValueError(f"a menu's suffix is '', 'full' or 'selective:...', not {option!r}")
+    option = option.strip()
+    if option in ("", "full"):
+        return option
+    if not isinstance(parse_policy(option), Selective):
+        raise ValueError(f"the suffix runs full or selective:... (e.g. suffix=selective:ops=0,3), "
+                         f"not {option!r}")
+    return str(parse_policy(option))
 
 
 def _block_number(k) -> int:
@@ -747,15 +780,22 @@ def _parse_menu(spec: str, body: str) -> Menu:
         for piece in _split_top(body):  # a piece without 'N=' continues an op list: mm,sdpa
             if not piece.strip():  # an empty item is skipped, as in a segments list
                 continue
-            if re.match(r"\s*\d+\s*((-|\.\.)\s*\d+\s*)?=", piece) or not pieces:
+            if re.match(r"\s*(\d+\s*((-|\.\.)\s*\d+\s*)?|suffix\s*|prefix\s*)=",
+                        piece) or not pieces:
                 pieces.append(piece)
             else:
                 pieces[-1] += "," + piece
-        items = []
+        items, suffix, prefix = [], "", ""
         for piece in pieces:
             span, eq, option = piece.partition("=")
             if not eq:
                 raise ValueError(f"{piece!r} names no option")
+            if span.strip() == "suffix":
+                suffix = _suffix_option(option)
+                continue
+            if span.strip() == "prefix":
+                prefix = option.strip()
+                continue
             a, b, each = _parse_span(span)
             option = option.strip()
             if option.startswith("full"):
@@ -767,7 +807,7 @@ def _parse_menu(spec: str, body: str) -> Menu:
             else:
                 option = str(parse_policy(option))
                 items += [(k, k + 1, option, ()) for k in range(a, b)]
-        return Menu(tuple(items))
+        return Menu(tuple(items), suffix, prefix)
     except ValueError as error:
         raise ValueError(f"bad policy {shown(spec)}: {error}; {fix}") from None
 
@@ -873,9 +913,22 @@ class _Region:
         self._calls = None  # later blocks' recorded arguments, for this forward's recompute
         self._previous = None  # the leaves of the last block's output, until the next call
         self._next = 0
+        self._early = False  # opened at the entry call (a menu's prefix=full)
+
+    def open_at_entry(self, replay, args, kwargs) -> None:
+        """``prefix=full``: open at the start of the entry call (``_Trunk``), so the prefix's
+        saved tensors are the region's too; ``replay`` re-runs the entry call."""
+        self._abandon()
+        params = [t for b in self.blocks for t in (*b.parameters(), *b.buffers())]
+        self._open = self.policy.region(replay, params, self.handle.store, args, kwargs)
+        next(self._open)
+        self._calls, self._early = None, True
 
     def __call__(self, k: int, args, kwargs):
-        if k == 0:
+        if self._early and k == 0 and self._open is not None:
+            pass  # opened at the entry: the prefix ran inside
+        elif k == 0:
+            self._early = False
             self._abandon()
             self._calls = []
             params = [t for b in self.blocks for t in (*b.parameters(), *b.buffers())]
@@ -913,11 +966,13 @@ class _Region:
                 f"output to the next; use full, selective or offload (one block per segment)")
             self._abandon(error)
             raise error
-        self._calls.append((linked, spec))
+        if self._calls is not None:  # (a region opened at the entry replays the entry call)
+            self._calls.append((linked, spec))
 
     def _abandon(self, error: BaseException | None = None) -> None:
         """Close a region left open (an error in a block, or a forward that stopped early)."""
         region, self._open, self._previous, self._next = self._open, None, None, 0
+        self._early = False
         if region is None:
             return
         with contextlib.suppress(BaseException):
@@ -978,13 +1033,218 @@ def _version(t: torch.Tensor):
 
 
 class _Forward:
-    """The instance ``forward`` a policy gives a block; it knows which handle installed it."""
+    """The instance ``forward`` a policy gives a block; it knows which handle installed it.
+    With a checkpointed suffix, the last block's return opens the suffix's region."""
 
-    def __init__(self, handle: AppliedPolicy, run):
-        self.handle, self.run = handle, run
+    def __init__(self, handle: AppliedPolicy, run, last: bool = False):
+        self.handle, self.run, self.last = handle, run, last
 
     def __call__(self, *args, **kwargs):
-        return self.run(*args, **kwargs)
+        suffix = self.handle.suffix
+        out = self.run(*args, **kwargs)
+        if suffix is not None and self.last:
+            suffix.open(out)
+        return out
+
+
+# ---------------------------------------------------------------- the suffix as a checkpoint
+class _Trunk:
+    """The trunk around the blocks under a menu's ``suffix=`` and ``prefix=`` clauses.
+
+    ``suffix=full`` (or ``suffix=selective:...``): what runs after the last block (final norm,
+    head and, for a course model, the loss) as one checkpoint region. ``prefix=full``: the
+    checkpointed segment at block 0 opens at the start of the entry call, so the prefix
+    (embeddings) runs inside it; its recompute calls the entry again (``_replay_prefix``).
+
+    The region opens when the last block returns inside a call of the *entry*, and closes when
+    the entry returns. The entry: ``model.loss`` for a model with the course protocol
+    (``.loss`` and ``.example_batch``: the loss's log-softmax is inside), else its ``forward``
+    (a learner's model, whose loss is the learner's own code: the suffix is then the final
+    layers only); a module named by
+    ``model.suffix_entry`` has its ``forward`` as the entry (``auto``'s adapter names the
+    learner's model). The recompute (at the start of the suffix's backward) calls the entry
+    again with the arguments it was called with: the prefix (embeddings) runs under
+    ``no_grad`` from the random state the entry started with (it saves nothing and makes the
+    values it made in forward; its transient tensors are part of the suffix's measured
+    backward), then the blocks stand aside: block 0 returns the region's input (the last
+    block's output) with grad on again and the random state the region opened with, the
+    others pass their input through. So the recompute runs the suffix's ops again on the same
+    values, and the checkpoint's early stop ends it at the suffix's last saved tensor.
+    Assumed (as for a multi-block segment, and checked by the planner when it measures):
+    each block runs once per forward, in order, its first argument the hidden state, its
+    output the next block's input; re-running the code before the first block makes the same
+    values (true of any deterministic prefix; BatchNorm statistics are not updated twice).
+    A model whose suffix cannot run this way is planned with its suffix as it is: the planner
+    leaves out a suffix option whose measurement fails."""
+
+    def __init__(self, handle: AppliedPolicy, model: nn.Module, region: Policy,
+                 entry: nn.Module | None = None):
+        self.handle, self.model, self.region = handle, model, region
+        named = entry if entry is not None else getattr(model, "suffix_entry", None)
+        if isinstance(named, nn.Module):
+            self.owner, self.name = named, "forward"
+        elif all(callable(getattr(model, name, None)) for name in ("loss", "example_batch")):
+            self.owner, self.name = model, "loss"
+        else:
+            self.owner, self.name = model, "forward"
+        if isinstance(vars(self.owner).get(self.name), _Entry):
+            raise RuntimeError(f"{type(self.owner).__name__}.{self.name} already runs a "
+                               f"checkpointed suffix: remove that policy first")
+        self.raw = getattr(self.owner, self.name)
+        self._call = None  # (args, kwargs, random state) of the entry call running now
+        self._open = None  # the region's generator while it is open
+        self._replaying = None  # (the region's input, random state) during its recompute
+        self.first = None  # under prefix=full, the region of the checkpointed segment at 0
+        setattr(self.owner, self.name, _Entry(self))
+
+    def enter(self, args, kwargs):
+        if self._call is not None:  # called again inside itself: the outer call holds
+            return self.raw(*args, **kwargs)
+        self._call = (args, kwargs, _random_state(tree_leaves((args, kwargs))))
+        if self.first is not None:
+            self.first.open_at_entry(functools.partial(self._replay_prefix, self.first),
+                                     args, kwargs)
+        try:
+            out = self.raw(*args, **kwargs)
+        except BaseException as error:
+            self._abandon(error)
+            if self.first is not None:
+                self.first._abandon(error)
+            raise
+        finally:
+            self._call = None
+        region, self._open = self._open, None
+        if region is not None:
+            next(region, None)  # closes it
+        return out
+
+    def open(self, out) -> None:
+        """The last block returned ``out``: the suffix starts (inside an entry call only)."""
+        if self._call is None or self.region is None:
+            return
+        if self._open is not None:
+            error = RuntimeError("the last block ran twice in one forward: a checkpointed "
+                                 "suffix needs each block once per forward; drop suffix=")
+            self._abandon(error)
+            raise error
+        args, kwargs, state = self._call
+        if getattr(type(self.region), "region", Policy.region) is not Policy.region:
+            self._open = self.region.region(None, [], self.handle.store, (out,), {})
+            next(self._open)  # a region of its own (op_choices records the suffix's ops)
+            return
+        # the recompute context (selective checkpointing's cache) starts where the suffix does,
+        # at block 0's stand-in: the prefix's ops are none of its business
+        forward, recompute = self.region.context_fn()
+        replay = functools.partial(self._replay, args, kwargs, state, recompute)
+        self._open = _checkpoint_without_reentrant_generator(
+            replay, True, lambda: (forward, contextlib.nullcontext()), "default", False, True,
+            out)
+        next(self._open)
+
+    def _replay(self, args, kwargs, state, recompute, last_out):
+        self._replaying = [last_out, _random_state(tree_leaves((args, kwargs))), recompute,
+                           False]
+        try:
+            with torch.no_grad(), _running_stats_kept([self.model]), \
+                    _standing_aside(self.handle.blocks, self.stand_in):
+                _set_random_state(state)
+                self.raw(*args, **kwargs)
+        finally:
+            entered, self._replaying = self._replaying[3], None
+            if entered:
+                recompute.__exit__(None, None, None)
+
+    def _replay_prefix(self, first: _Region, *args, **kwargs):
+        """The recompute of the segment at block 0 under ``prefix=full``: the entry call
+        again (the checkpoint has put back the random state it began with), its blocks
+        running as they do inside the segment; the checkpoint's early stop ends it within
+        the segment's last block (a later block's call would be an error)."""
+
+        def inside(k, *a, **kw):
+            if k >= len(first.forwards):
+                raise RuntimeError("prefix=full: the recompute ran past its segment (is the "
+                                   "checkpoint's early stop off?)")
+            return first.forwards[k](*a, **kw)
+
+        with _running_stats_kept([self.model]), _standing_aside(self.handle.blocks, inside):
+            self.raw(*args, **kwargs)
+
+    def stand_in(self, k: int, *args, **kwargs):
+        """Block ``k``'s call during the recompute: block 0 hands over the region's input."""
+        if k:
+            return args[0]
+        last_out, state, recompute, _ = self._replaying
+        torch.set_grad_enabled(True)  # the suffix saves, as in forward (no_grad's exit resets)
+        _set_random_state(state)
+        recompute.__enter__()
+        self._replaying[3] = True
+        return last_out
+
+    def _abandon(self, error: BaseException | None = None) -> None:
+        region, self._open = self._open, None
+        if region is not None:
+            with contextlib.suppress(BaseException):
+                region.throw(error or RuntimeError("forward stopped inside the suffix"))
+
+    def remove(self) -> None:
+        if isinstance(entry := vars(self.owner).get(self.name), _Entry) and entry.suffix is self:
+            delattr(self.owner, self.name)
+
+
+@contextlib.contextmanager
+def _standing_aside(blocks, stand_in):
+    """While a suffix recomputes, each block's call is ``stand_in(k, ...)`` (installed here, so
+    a backward after the policy's removal recomputes the same), and the blocks' own forward
+    hooks do not run (the blocks do not run: a hook that records a call, as
+    ``hf.HFCausalLM``'s keyword-argument recorder does, would keep the recompute's tensors)."""
+    kept = [(b, vars(b).get("forward"), b._forward_pre_hooks, b._forward_hooks)
+            for b in blocks]
+    for k, b in enumerate(blocks):
+        b._forward_pre_hooks, b._forward_hooks = type(b._forward_pre_hooks)(), type(
+            b._forward_hooks)()
+        b.forward = functools.partial(stand_in, k)
+    try:
+        yield
+    finally:
+        for b, forward, pre, post in kept:
+            b._forward_pre_hooks, b._forward_hooks = pre, post
+            del b.forward
+            if forward is not None:
+                b.forward = forward
+
+
+class _Entry:
+    """The instance ``loss`` (or ``forward``) a checkpointed suffix gives its entry."""
+
+    def __init__(self, suffix: _Trunk):
+        self.suffix = suffix
+
+    def __call__(self, *args, **kwargs):
+        return self.suffix.enter(args, kwargs)
+
+
+def _random_state(tensors) -> tuple:
+    """The CPU random state and that of the devices of ``tensors`` (CUDA)."""
+    from torch.utils.checkpoint import get_device_states
+
+    return torch.get_rng_state(), get_device_states(*[t for t in tensors
+                                                      if isinstance(t, torch.Tensor)])
+
+
+def _set_random_state(state) -> None:
+    from torch.utils.checkpoint import set_device_states
+
+    cpu, (devices, states) = state
+    torch.set_rng_state(cpu)
+    if devices:
+        set_device_states(devices, states)
+
+
+def _suffix_region(option: str) -> Policy | None:
+    """The region policy of a menu's suffix option (None: the suffix runs as it is)."""
+    if not option:
+        return None
+    return EveryK(1) if option == "full" else parse_policy(option)
 
 
 def _installed(block: nn.Module) -> _Forward | None:
@@ -995,17 +1255,27 @@ def _installed(block: nn.Module) -> _Forward | None:
 class AppliedPolicy:
     """What ``apply_policy`` returns: ``remove()`` undoes it; ``stats`` counts offload traffic."""
 
-    def __init__(self, model: nn.Module, blocks: list[nn.Module], policy: Policy):
+    def __init__(self, model: nn.Module, blocks: list[nn.Module], policy: Policy,
+                 suffix: Policy | None = None, suffix_entry: nn.Module | None = None):
         self.blocks, self.policy, self.store = blocks, policy, HostStore()
         self.stats = self.store.stats
+        # instance forwards there before (costs.py's stand-ins for blocks cut out), put back
+        self._before = [vars(block).get("forward") for block in blocks]
         runs = [block.forward for block in blocks]  # outside any segment: the block's own
         self.regions = []
         for s, sub in policy.segment_policies(len(blocks)):
             region = self._region(blocks, s, sub)
             for k, i in enumerate(s):
                 runs[i] = functools.partial(_call_region, region, k)
-        for block, run in zip(blocks, runs, strict=True):
-            block.forward = _Forward(self, run)
+        self.suffix = self.trunk = None
+        region = suffix or _suffix_region(getattr(policy, "suffix", ""))
+        if region is not None or getattr(policy, "prefix", ""):
+            self.trunk = _Trunk(self, model, region, suffix_entry)
+            self.suffix = self.trunk if region is not None else None
+        if getattr(policy, "prefix", ""):
+            self.trunk.first = next(r for r in self.regions if r.blocks[0] is blocks[0])
+        for i, (block, run) in enumerate(zip(blocks, runs, strict=True)):
+            block.forward = _Forward(self, run, i == len(blocks) - 1)
         # An error between blocks (in the model's own code, or a module hook) never reaches a
         # region: the model's forward closes whatever is left open when it ends.
         self._closer = model.register_forward_hook(self._close_regions, always_call=True)
@@ -1034,9 +1304,13 @@ class AppliedPolicy:
     def remove(self) -> None:
         """Give the blocks their own forward back. Safe to call twice."""
         self._closer.remove()
-        for block in self.blocks:
+        if self.trunk is not None:
+            self.trunk.remove()
+        for block, before in zip(self.blocks, self._before, strict=True):
             if (forward := _installed(block)) is not None and forward.handle is self:
                 del block.forward
+                if before is not None:
+                    block.forward = before
 
     def __enter__(self):
         return self
@@ -1066,8 +1340,10 @@ def find_blocks(model: nn.Module, blocks=None) -> list[nn.Module]:
     return blocks
 
 
-def apply_policy(model: nn.Module, policy, blocks=None) -> AppliedPolicy:
-    """Apply ``policy`` (a Policy or a string) to the model's blocks; ``.remove()`` undoes it."""
+def apply_policy(model: nn.Module, policy, blocks=None,
+                 suffix_entry: nn.Module | None = None) -> AppliedPolicy:
+    """Apply ``policy`` (a Policy or a string) to the model's blocks; ``.remove()`` undoes it.
+    ``suffix_entry``: the module whose forward ends a checkpointed suffix (``_Trunk``)."""
     policy = parse_policy(policy)
     blocks = find_blocks(model, blocks)
     for i, block in enumerate(blocks):
@@ -1077,7 +1353,20 @@ def apply_policy(model: nn.Module, policy, blocks=None) -> AppliedPolicy:
         if "forward" in vars(block):
             raise RuntimeError(f"block {i} already has an instance-level forward (another "
                                "wrapper?): remove it before applying a checkpoint policy")
-    return AppliedPolicy(model, blocks, policy)
+    return AppliedPolicy(model, blocks, policy, suffix_entry=suffix_entry)
+
+
+@contextlib.contextmanager
+def suffix_applied(model: nn.Module, region: Policy | None, policy: Menu | None = None):
+    """Only the suffix (``_Trunk``) run as ``region`` (a policy object: ``EveryK(1)`` is
+    ``suffix=full``), or ``policy``, over the forwards the blocks have now: ``costs``
+    measures the trunk this way with its blocks cut out, and ``op_choices`` records the
+    suffix's ops."""
+    handle = AppliedPolicy(model, find_blocks(model), policy or Menu(), suffix=region)
+    try:
+        yield handle
+    finally:
+        handle.remove()
 
 
 @contextlib.contextmanager

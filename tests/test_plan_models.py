@@ -28,9 +28,9 @@ from ckpt_course.train import check_gradients
 def _exact(model, costs, placements, batch_size, seq_len=None):
     """Placements whose predicted peak is not the meter's, or whose gradients differ."""
     wrong = []
-    for placement in placements:
-        policy = placement_policy(placement)
-        predicted = predict(costs, placement).peak_bytes
+    for placement in placements:  # or policies (a checkpointed suffix is a menu's clause)
+        policy = placement_policy(placement) if isinstance(placement, tuple) else placement
+        predicted = predict(costs, policy).peak_bytes
         measured = measure_peaks(model, policy, batch_size, seq_len)[-1]
         equal = check_gradients(model, policy, batch_size, seq_len).equal
         if predicted != measured or not equal:
@@ -136,3 +136,21 @@ def test_the_time_objective_takes_an_option_only_when_it_wins_by_more_than_its_s
 
     assert chosen(quiet) == {"offload"}
     assert "offload" not in chosen(noisy) and True in chosen(noisy)
+
+
+@pytest.mark.slow  # six configs, three suffixes, five placements each: a minute
+@pytest.mark.parametrize("name", hf.config_names())
+def test_every_suffix_option_is_exact_on_every_shipped_config(name):
+    """The checkpointed suffix (final norm, head, loss: full, and the op-level points of its
+    own Pareto set) on each shipped config's small instance, under plain, checkpointed and
+    op-level blocks: predicted peak = meter, gradients bit-identical."""
+    model = _small(name)
+    costs = measure_costs(model, 2, 16, op_points=2, suffix=True)
+    assert [t.suffix for t in costs.suffixes][0] == "full" and len(costs.suffixes) >= 2
+    sample = random.Random(name).sample(list(all_placements(3, costs)), 4)
+    placements = [((0, 1, False), (1, 3, True)), *sample]
+    wrong = []
+    for trunk in costs.suffixes:
+        policies = [placement_policy(p, trunk.suffix) for p in placements]
+        wrong += _exact(model, costs, policies, 2, 16)
+    assert wrong == []
