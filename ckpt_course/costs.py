@@ -304,7 +304,9 @@ def _existing_gradients(module: nn.Module, accumulate: bool) -> None:
 def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: bool = False):
     """One forward + backward of ``block`` alone, under a meter; returns the meter and facts.
     ``keep_input=False``: only the block keeps its input (we drop our reference after forward;
-    inside a checkpoint the block gets a copy made in the checkpointed region)."""
+    inside a checkpoint the block gets a copy made in the checkpointed region, and we keep the
+    checkpoint's own input, as a segment keeps its first input: the block's input then dies
+    once in its backward, as a block's inside a segment does, whatever blocks surround it)."""
     _existing_gradients(block, accumulate)
     meter, stash, packs = _Meter(), [], []
 
@@ -336,8 +338,8 @@ def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: 
         a_in = x.untyped_storage().nbytes()
         sink = _Sink.apply(out, meter)
         del out
-        if not keep_input:
-            del x
+        if not keep_input and not checkpointed:
+            del x  # inside a checkpoint, x stays: the block's own input is its copy
         info = dict(start=start, kept=meter.live_bytes - start, a_in=a_in, a_out=a_out,
                     saves_input=x_ref() is not None, saves_output=out_ref() is not None,
                     returns_input=returns_input,

@@ -1,0 +1,189 @@
+"""The held-out tester's chains (issue 20, "exact on every model"): blocks of different kinds in
+one chain, nested trees on residual blocks, a block returning a view, weights tied across blocks
+and the time of a multi-block checkpoint. Predicted peak = ``measure_peaks`` to the byte and
+gradients bit-identical to no checkpointing, on small widths (seconds)."""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ckpt_course.costs import measure_costs
+from ckpt_course.plan import (
+    all_placements,
+    all_trees,
+    measure_peaks,
+    placement_policy,
+    predict,
+    predict_nested,
+)
+from ckpt_course.policies import Menu
+from ckpt_course.train import check_gradients
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Byte counts do not depend on threads; one thread keeps tiny ops fast on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- the tester's block kinds
+class Res(nn.Module):
+    """Residual LayerNorm-MLP: saves its input (LayerNorm), not its output."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.norm = nn.LayerNorm(w)
+        self.mlp = nn.Sequential(nn.Linear(w, 4 * w), nn.GELU(), nn.Linear(4 * w, w))
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(x))
+
+
+class Drop(nn.Module):
+    """Residual MLP with dropout (its random stream must replay in a recompute)."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.l1, self.l2, self.d = nn.Linear(w, 4 * w), nn.Linear(4 * w, w), nn.Dropout(0.2)
+
+    def forward(self, x):
+        return x + self.d(self.l2(self.d(F.relu(self.l1(x)))))
+
+
+class BN(nn.Module):
+    """Residual BatchNorm1d: running statistics, a small tape."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.bn, self.l = nn.BatchNorm1d(w), nn.Linear(w, w)
+
+    def forward(self, x):
+        return x + self.l(F.relu(self.bn(x)))
+
+
+class InPlace(nn.Module):
+    """In-place residual: its output is a buffer it wrote into."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(w, w), nn.Linear(w, w)
+
+    def forward(self, x):
+        h = self.l1(x)
+        h.add_(1.0)
+        h.relu_()
+        y = self.l2(h)
+        y.add_(x)
+        return y
+
+
+KINDS = (Res, Drop, BN, InPlace)
+
+
+class Chain(nn.Module):
+    """A learner's own model in the course protocol: a Linear in, the blocks, a Linear out."""
+
+    def __init__(self, blocks, width=32):
+        super().__init__()
+        self.embed, self.head = nn.Linear(16, width), nn.Linear(width, 4)
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+    def example_batch(self, batch_size=64, seq_len=None, generator=None):
+        return (torch.randn(batch_size, 16, generator=generator),
+                torch.randn(batch_size, 4, generator=generator))
+
+    def loss(self, batch):
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+
+def chain(*kinds, width=32):
+    torch.manual_seed(0)
+    return Chain([kind(width) for kind in kinds], width)
+
+
+BATCH = 64
+
+
+def wrong_placements(model, placements):
+    """Placements whose predicted peak is not the meter's, or whose gradients differ from
+    no checkpointing's: (policy, predicted - measured, gradients equal)."""
+    costs, wrong = measure_costs(model, BATCH), []
+    for placement in placements:
+        policy = placement_policy(placement)
+        predicted = predict(costs, placement).peak_bytes
+        measured = measure_peaks(model, policy, BATCH)[-1]
+        equal = check_gradients(model, policy, BATCH).equal
+        if predicted != measured or not equal:
+            wrong.append((str(policy), predicted - measured, equal))
+    return wrong
+
+
+def wrong_trees(model, trees):
+    """Nested trees whose ``predict_nested`` peak is not the meter's: (policy, difference)."""
+    costs, wrong = measure_costs(model, BATCH), []
+    for tree in trees:
+        policy = str(tree) if isinstance(tree, str) else str(_tree_policy(tree))
+        predicted = predict_nested(costs, tree)[0]
+        measured = measure_peaks(model, policy, BATCH)[-1]
+        if predicted != measured:
+            wrong.append((policy, predicted - measured))
+    return wrong
+
+
+def _tree_policy(tree):
+    def inner(children):
+        return tuple((a, b, inner(c)) for a, b, c in children if b > a + 1)
+
+    return Menu(tuple((a, b, "full", inner(c)) for a, b, c in tree if b > a + 1))
+
+
+# ---------------------------------------------------------------- P12: blocks of two kinds
+def test_a_segment_over_two_different_blocks_is_exact():
+    """A LayerNorm-MLP block then a BatchNorm (or in-place) one in one checkpoint: the first
+    block's backward, the step's peak, comes after the second's freed its input, once (the
+    measured 'free' backward once freed it twice, unseen while both blocks were alike)."""
+    for kinds in ((Res, BN), (Drop, InPlace)):
+        assert wrong_placements(chain(*kinds), [((0, 2, True),)]) == [], kinds
+
+
+@pytest.mark.slow  # 16 models, three placements each: a few seconds
+def test_every_ordered_pair_of_block_kinds_is_exact():
+    for kinds in ((a, b) for a in KINDS for b in KINDS):
+        placements = [((0, 1, False), (1, 2, False)), ((0, 1, True), (1, 2, True)),
+                      ((0, 2, True),)]
+        assert wrong_placements(chain(*kinds), placements) == [], kinds
+
+
+@pytest.mark.slow  # every placement of four blocks: a few seconds
+def test_every_placement_of_a_four_kind_chain_is_exact():
+    assert wrong_placements(chain(Res, Drop, BN, InPlace), list(all_placements(4))) == []
+
+
+# ---------------------------------------------------------------- P6: nested trees
+def test_two_children_the_second_ending_at_the_segment_end_are_exact():
+    """``menu:1-5=full(1-2,3-5)`` on residual MLP blocks: the second child lets its input go at
+    the end of its backward (its blocks' inputs each die once)."""
+    trees = ["menu:1-5=full(1-2,3-5)", "menu:0-5=full(0-2,3-5)", "menu:1-4=full(1-2,3-4)",
+             "menu:1-5=full(1-2)", "menu:1-5=full(3-5)"]
+    assert wrong_trees(chain(*[Res] * 6), trees) == []
+
+
+@pytest.mark.slow  # 14 trees on each of three chains: a few seconds
+@pytest.mark.parametrize("kinds", [(InPlace,) * 5, (BN,) * 5, (Res, BN, Drop, InPlace, Res)])
+def test_nested_trees_on_the_testers_blocks_are_exact(kinds):
+    trees = [t for t in all_trees(0, 5) if any(children for *_, children in t)]
+    trees = random.Random(str(kinds)).sample(trees, 14)
+    assert wrong_trees(chain(*kinds), trees) == []
