@@ -737,7 +737,7 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
     handles = [b.register_forward_pre_hook(grab_input) for b in blocks]
     handles.append(blocks[-1].register_forward_hook(grab_output))
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _refusing_views(blocks):
             model.loss(batch)
     finally:
         for h in handles:
@@ -767,6 +767,33 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
                       optimizer_bytes=state, menu=tuple(menus) if menu or op_points else (),
                       times=tuple(t for t, _ in timed) if times else (),
                       spreads=tuple(s for _, s in timed) if times else ())
+
+
+@contextlib.contextmanager
+def _refusing_views(blocks):
+    """Inside, a block that returns a view of a larger tensor (a slice of its storage) raises
+    a one-line error. The memory model counts a block's output as the next block's input and
+    frees it as one tensor, but a slice keeps its whole storage alive for as long as anything
+    holds the slice, and which op frees that storage depends on who else saved it: no term of
+    the model holds that exactly (predicted peaks were off both ways), so it is refused."""
+
+    def check(module, args, out):
+        if not isinstance(out, torch.Tensor) or isinstance(out, FakeTensor):
+            return
+        whole, own = out.untyped_storage().nbytes(), out.numel() * out.element_size()
+        if whole > own:
+            k = next(k for k, b in enumerate(blocks) if b is module)
+            raise ValueError(f"block {k} ({type(module).__name__}) returns a view of a larger "
+                             f"tensor ({own:,} B of a {whole:,} B storage), which the planner "
+                             f"cannot predict exactly: return a tensor of its own, e.g. "
+                             f"out[..., :w].contiguous() or out.clone()")
+
+    handles = [b.register_forward_hook(check) for b in blocks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _check_block_order(order: list[int], n: int, tensors: int) -> None:

@@ -187,3 +187,38 @@ def test_nested_trees_on_the_testers_blocks_are_exact(kinds):
     trees = [t for t in all_trees(0, 5) if any(children for *_, children in t)]
     trees = random.Random(str(kinds)).sample(trees, 14)
     assert wrong_trees(chain(*kinds), trees) == []
+
+
+# ---------------------------------------------------------------- P3: a block returning a view
+class Slice(nn.Module):
+    """Returns the first half of a tensor twice as wide: a view that keeps the whole storage."""
+
+    def __init__(self, w, own=False):
+        super().__init__()
+        self.l, self.own = nn.Linear(w, 2 * w), own
+
+    def forward(self, x):
+        half = torch.tanh(self.l(x))[..., : x.shape[-1]]
+        return half.contiguous() if self.own else half
+
+
+def test_a_block_returning_a_view_of_a_larger_tensor_is_refused_before_any_measuring(
+        monkeypatch):
+    """The view keeps its 2w storage alive as long as anything holds the slice: the peaks
+    came out 8,192 B off both ways, so measure_costs names the fix instead of guessing."""
+    from ckpt_course import costs as costs_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("a block was measured before the refusal")
+
+    monkeypatch.setattr(costs_module, "measure_layer", never)
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"block 0 \(Slice\) returns a view of a larger tensor "
+                                         r"\(8,192 B of a 16,384 B storage\).*contiguous\(\)"):
+        measure_costs(Chain([Slice(32) for _ in range(3)]), BATCH)
+
+
+def test_the_same_block_returning_its_own_tensor_is_exact():
+    torch.manual_seed(0)
+    model = Chain([Slice(32, own=True) for _ in range(3)])
+    assert wrong_placements(model, list(all_placements(3))) == []
