@@ -37,7 +37,7 @@ from torch import nn
 from .costs import MENU, check_op_points, measure_costs
 from .meter import parse_budget
 from .plan import Plan, make_plan, measure_peaks
-from .policies import AppliedPolicy, apply_policy
+from .policies import AppliedPolicy, _installed, apply_policy
 from .units import fmt_bytes, fmt_flops
 
 
@@ -129,6 +129,7 @@ def auto_checkpoint(model: nn.Module, budget, batch, loss_fn=None, menu=MENU,
     budget = parse_budget(budget)  # once, here
     check_op_points(op_points)
     course = _course_model(model, batch, loss_fn)
+    _check_no_policy(course.blocks)
     # Everything runs on a copy, with the random stream put back: the learner's model keeps its
     # buffers (BatchNorm's statistics), its train/eval mode and its gradients; seeded runs
     # reproduce with or without this call.
@@ -143,11 +144,22 @@ def auto_checkpoint(model: nn.Module, budget, batch, loss_fn=None, menu=MENU,
         raise ValueError(
             f"{plan.best.policy} was predicted to peak at {fmt_bytes(plan.best.peak_bytes)} but "
             f"a step under it measured {fmt_bytes(measured)}, over the budget "
-            f"{fmt_bytes(budget)}: the model does not run as the planner assumes (each block "
-            f"once per forward, in list order, its output the next one's input); nothing was "
-            f"installed")
+            f"{fmt_bytes(budget)}: the planner's memory model misses something this model does "
+            f"(e.g. blocks that share state or return views of larger tensors); nothing was "
+            f"installed: ask for {fmt_bytes(measured - plan.best.peak_bytes)} less, "
+            f"auto_checkpoint(model, {budget - (measured - plan.best.peak_bytes)}, batch)")
     handle = apply_policy(model, plan.policy, blocks=course.blocks)
     return AutoReport(plan, handle, measured)
+
+
+def _check_no_policy(blocks) -> None:
+    """Before any work: a model already under a policy would be measured under it, and the
+    plan could not be installed on top."""
+    for k, block in enumerate(blocks):
+        if _installed(block) is not None:
+            raise ValueError(f"block {k} already runs under {_installed(block).handle.policy}: "
+                             f"undo it first (report.undo(), or remove() on apply_policy's "
+                             f"handle), then call auto_checkpoint again")
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:

@@ -689,11 +689,54 @@ def _adamw_lr0(params):
     return step.make_optimizer(params, lr=0.0)  # train()'s optimizer, changing nothing
 
 
-def _layer_key(block: nn.Module, x: torch.Tensor):
+def _layer_key(block: nn.Module, x: torch.Tensor, extras=((), {})):
+    """Blocks with equal keys are measured once. Beyond type, repr and parameter shapes, the
+    key holds every plain attribute of the block and its submodules (a flag or a layer index
+    that ``repr`` does not show can change what a block saves: HF layers differ by
+    ``layer_idx``, so each is measured) and what the model passes besides the hidden state."""
     params = tuple((n, tuple(p.shape), p.dtype, p.requires_grad)
                    for n, p in block.named_parameters())
+    attributes = tuple((name, k, _fingerprint(v)) for name, m in block.named_modules()
+                       for k, v in vars(m).items() if not k.startswith("_"))
+    args, kwargs = extras
+    called = (tuple(map(_fingerprint, args)),
+              tuple((k, _fingerprint(v)) for k, v in sorted(kwargs.items())))
     return (type(block), repr(block), params, tuple(x.shape), x.dtype, x.requires_grad,
-            block.training)
+            block.training, attributes, called)
+
+
+def _fingerprint(value):
+    """What of an attribute or argument decides a measurement: a tensor's shape and kind, a
+    plain value itself, anything else by identity (equal only when it is the same object)."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.requires_grad, value.device)
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(map(_fingerprint, value)))
+    return ("object", id(value))
+
+
+@contextlib.contextmanager
+def _called_as_in_model(block: nn.Module, extras):
+    """While a block is measured alone as ``block(x)``, it gets the other arguments the model
+    gave it (``extras``: (args after the hidden state, kwargs)): a block measured without its
+    mask or gate is not the block the model runs."""
+    args, kwargs = extras
+    if not args and not kwargs:
+        yield
+        return
+
+    def fill(module, call_args, call_kwargs):
+        if len(call_args) == 1 and not call_kwargs:
+            return (*call_args, *args), dict(kwargs)
+        return None
+
+    handle = block.register_forward_pre_hook(fill, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int | None = None,
@@ -715,16 +758,18 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
         raise ValueError(f"rounds is a whole number of timing rounds >= 1, such as 15; got "
                          f"{rounds!r}")
     blocks = find_blocks(model)
+    _check_distinct(blocks)
     model.train()
     size = {} if batch_size is None else {"batch_size": batch_size}
     batch = model.example_batch(seq_len=seq_len, generator=torch.Generator().manual_seed(seed),
                                 **size)
-    inputs, outputs, order = [], [], []
+    inputs, outputs, order, extras = [], [], [], []
 
-    def grab_input(module, args):
+    def grab_input(module, args, kwargs):
         order.append(index[id(module)])
         if args and isinstance(args[0], torch.Tensor):
             inputs.append(args[0].detach().clone().requires_grad_(args[0].requires_grad))
+            extras.append((args[1:], kwargs))
 
     def grab_output(module, args, out):
         if not isinstance(out, torch.Tensor):
@@ -734,7 +779,7 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
         outputs.append(out.detach().clone())
 
     index = {id(b): k for k, b in enumerate(blocks)}
-    handles = [b.register_forward_pre_hook(grab_input) for b in blocks]
+    handles = [b.register_forward_pre_hook(grab_input, with_kwargs=True) for b in blocks]
     handles.append(blocks[-1].register_forward_hook(grab_output))
     try:
         with torch.random.fork_rng(devices=[]), _refusing_views(blocks):
@@ -744,14 +789,15 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
             h.remove()
     _check_block_order(order, len(blocks), len(inputs))
     cache, layers, menus, timed = {}, [], [], []
-    for block, x in zip(blocks, inputs, strict=True):
-        key = _layer_key(block, x)
+    for block, x, called in zip(blocks, inputs, extras, strict=True):
+        key = _layer_key(block, x, called)
         if key not in cache:
-            layer = measure_layer(block, x, accumulate)
-            options = measure_menu(block, x, layer, (*menu, *_op_options(block, x, op_points)),
-                                   accumulate)
-            cache[key] = (layer, options, measure_times_and_spreads(
-                block, x, ("none", "full", *options), rounds) if times else (None, None))
+            with _called_as_in_model(block, called):
+                layer = measure_layer(block, x, accumulate)
+                options = measure_menu(block, x, layer,
+                                       (*menu, *_op_options(block, x, op_points)), accumulate)
+                cache[key] = (layer, options, measure_times_and_spreads(
+                    block, x, ("none", "full", *options), rounds) if times else (None, None))
         layers.append(cache[key][0])
         menus.append(cache[key][1])
         timed.append(cache[key][2])
@@ -767,6 +813,18 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
                       optimizer_bytes=state, menu=tuple(menus) if menu or op_points else (),
                       times=tuple(t for t, _ in timed) if times else (),
                       spreads=tuple(s for _, s in timed) if times else ())
+
+
+def _check_distinct(blocks) -> None:
+    """One module listed at several places (weights shared across depth, as in ALBERT) would
+    be measured, hooked and placed as if it were several."""
+    first = {}
+    for k, block in enumerate(blocks):
+        if id(block) in first:
+            raise ValueError(f"blocks {first[id(block)]} and {k} are the same module (weights "
+                             f"shared across depth): the planner measures and places distinct "
+                             f"blocks; give each place in the list its own module")
+        first[id(block)] = k
 
 
 @contextlib.contextmanager

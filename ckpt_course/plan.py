@@ -34,7 +34,7 @@ and plans. A block that returns its input (``nn.Identity``, ``Dropout(0)``) keep
 any option: the chain is planned and predicted without it. Speed: the DP keeps Pareto fronts
 as numpy arrays with exact prunings (``_cheapest``), one of them a Lagrangian lower bound on
 the cost to finish; 200 blocks that all differ, with the full menu, plan in about a second,
-1,000 identical blocks (plain or checkpointed) in a few (``bench/planner_scale.py``);
+1,000 identical blocks in a few, with the full menu too (``bench/planner_scale.py``);
 ``nested_optimal`` fills int64 tables when block inputs have one size (256 blocks in a few
 seconds). Nested plans are chosen by Griewank's stored inputs and get the step's peak by this
 same memory model (``predict_nested``, exact against the meter on every tree tried).
@@ -529,6 +529,7 @@ def _segments_from(costs: ChainCosts, i: int):
 
 
 _NONE = -(2**62)  # "no moment yet" in int64 running maxima
+_ROUNDING = 1e-9  # float64 sums of bounds: a relative allowance far above their rounding
 
 
 class _Chain:
@@ -642,13 +643,15 @@ class _Chain:
 
     def promising(self, i: int, left: bool, front: tuple, budget: float, bound=None,
                   beam: int | None = None) -> tuple:
-        """The pairs of state (i, left)'s front (kept, cost, parents, kinds) worth going on
-        with. Exact: a pair goes if a lower bound on the cost to finish (``least_to_finish``)
-        takes it over ``bound``, the cost of a placement known to fit. ``beam``: keep only that
-        many, the one keeping the fewest bytes (it fits if any does), a few spread over the
-        front and the rest those whose cost plus that bound is least: a guess, not exact."""
+        """(the pairs of state (i, left)'s front (kept, cost, parents, kinds) worth going on
+        with, the lambdas that bound them best). Exact: a pair goes if a lower bound on the
+        cost to finish (``least_to_finish``) takes it over ``bound``, the cost of a placement
+        known to fit. ``beam``: keep only that many, the one keeping the fewest bytes (it fits
+        if any does), a few spread over the front and the rest those whose cost plus that
+        bound is least: a guess, not exact."""
         kept, cost = front[0], front[1]
-        least = self.least_to_finish(i, left, kept, budget)
+        terms = self._bound_terms(i, left, kept, budget)
+        least = None if terms is None else terms.max(axis=0)
         keep = np.arange(len(kept))
         if bound is not None and least is not None:
             margin = abs(float(bound)) * 1e-9 + 1  # float rounding never drops a pair that fits
@@ -658,7 +661,9 @@ class _Chain:
             score = cost[keep].astype(np.float64) + (least[keep] if least is not None else 0)
             best = keep[np.argsort(score, kind="stable")[:beam - len(spread)]]
             keep = np.union1d(spread, best)
-        return tuple(a[keep] for a in front)
+        best_lams = None if terms is None or not len(keep) else np.unique(
+            terms[:, keep].argmax(axis=0))
+        return tuple(a[keep] for a in front), best_lams
 
     def least_to_finish(self, i: int, left: bool, kept, budget: float):
         """A lower bound on the cost to finish the chain from state (i, left), per Kept in
@@ -668,13 +673,53 @@ class _Chain:
         >= 0, cost_to_finish >= g_lambda - lambda (R - Kept), g_lambda the least (cost +
         lambda kept bytes) of any way to finish, peaks ignored: a scalar shortest path per
         lambda (``_lagrangian``), the same for every budget; the best lambda per pair."""
+        terms = self._bound_terms(i, left, kept, budget)
+        return None if terms is None else terms.max(axis=0)
+
+    def _bound_terms(self, i: int, left: bool, kept, budget: float):
+        """g_lambda - lambda (R - Kept) for every lambda (rows) and Kept (columns), each
+        lowered by more than float64's rounding of its terms, so each stays a lower bound."""
         g, lams = self._lagrangian()
         if g is None:
             return None
+        slack = self._room(budget) - kept.astype(np.float64)  # bytes the rest may keep
+        here = g[i, int(left)][:, None]
+        far = lams[:, None] * slack[None, :]
+        return here - far - _ROUNDING * (np.abs(here) + np.abs(far)) - 1
+
+    def _room(self, budget: float) -> float:
+        """R: the budget less the trunk's growing moment (the least of its two)."""
         if getattr(self, "_grows", None) is None:
             self._grows = min(_trunk_need(self.costs, held)[1] for held in (False, True))
-        slack = budget - self._grows - kept.astype(np.float64)  # bytes the rest may keep
-        return np.max(g[i, int(left)][:, None] - lams[:, None] * slack[None, :], axis=0)
+        return budget - self._grows
+
+    def checkpoint_ranges(self, kept, cost, x_i: int, stops, prices, budget: float, bound,
+                          lams) -> tuple:
+        """For each checkpointed segment [i, stops[s]) out of a front (kept ascending, cost
+        descending), a range (lo[s], hi[s]) of the front that holds every pair that can still
+        finish within ``bound``: the pair p at state (j, False) with Kept + x_i, cost +
+        price, needs, for each of ``lams`` (indices of lambdas), cost_p + lambda kept_p <=
+        T = bound - price - g_lambda(j) + lambda (R - x_i). The pairs meeting it lie after
+        the last that the running minimum of the left side keeps above T, and before the
+        first from which the minimum of the rest stays above it: two binary searches per
+        lambda, exact (a range may hold pairs that fail; they are dropped later)."""
+        g, all_lams = self._lagrangian()
+        lam = all_lams[lams][:, None]
+        side = cost.astype(np.float64)[None, :] + lam * kept.astype(np.float64)[None, :]
+        before = np.minimum.accumulate(side, axis=1)
+        after = np.minimum.accumulate(side[:, ::-1], axis=1)[:, ::-1]
+        ahead = g[stops, 0][:, lams].T  # (lambdas, stops)
+        room = self._room(budget) - x_i
+        price = prices.astype(np.float64)[None, :]
+        scale = (abs(float(bound)) + np.abs(price) + np.abs(ahead) + lam * abs(room)
+                 + np.abs(side).max(axis=1, keepdims=True))
+        top = float(bound) - price - ahead + lam * room + _ROUNDING * scale + 1
+        lo = np.zeros(len(stops), np.int64)
+        hi = np.full(len(stops), len(kept), np.int64)
+        for r in range(len(lam)):
+            lo = np.maximum(lo, np.searchsorted(-before[r], -top[r], side="left"))
+            hi = np.minimum(hi, np.searchsorted(after[r], top[r], side="right"))
+        return lo, hi
 
     def _lagrangian(self):
         """(g, lambdas): g[i, left, l] the least cost + lambdas[l] * (bytes kept) of any way to
@@ -712,8 +757,9 @@ class _Chain:
                 if plain is None:
                     continue
                 for _, _, more, extra, _ in moves:
-                    if more < plain[2] and extra > plain[3]:
-                        rates.add(float(extra - plain[3]) / (plain[2] - more))
+                    for _, _, other, price, _ in moves:
+                        if more < other and extra > price:
+                            rates.add(float(extra - price) / (other - more))
                 stops, _, prices, x_i = self.ckpt[i, left]
                 tapes = np.cumsum([segment_kept(self.costs, (k, k + 1, False), k > i or left)
                                    for k in range(i, min(i + 4, n))])
@@ -754,7 +800,9 @@ def _cheapest(costs: ChainCosts, budget: float, cost, table: dict, bound=None,
     segment fits are a prefix; every front's pairs go to one pool, and the checkpointed
     segments into a state are gathered from all earlier fronts at once. A fourth exact pruning
     (``_Chain.promising``): a pair whose cost plus a lower bound on the cost to finish exceeds
-    ``bound`` is dropped. ``beam``: keep only that many pairs per front, the fewest kept bytes
+    ``bound`` is dropped; the same bound, taken at the state a checkpointed segment leads to,
+    cuts the range of each front that segment takes (``_Chain.checkpoint_ranges``), before
+    anything is gathered. ``beam``: keep only that many pairs per front, the fewest kept bytes
     among them and the ones whose cost plus that lower bound is least: a quick placement that
     fits if any does (fitting only gets easier with fewer kept bytes), usually the cheapest
     but not always; ``optimal`` takes its cost as the bound.
@@ -778,8 +826,9 @@ def _cheapest(costs: ChainCosts, budget: float, cost, table: dict, bound=None,
             if not left and i:
                 chunks.append(_gathered(pool, first, stop, price, x_in, 2 * i, i))
             front = _pareto_arrays(chunks, rooms[i, left], bound)
+            lams = None
             if i < n and len(front[0]) > 1:
-                front = chain.promising(i, left, front, budget, bound, beam)
+                front, lams = chain.promising(i, left, front, budget, bound, beam)
             kept, so_far, parents, kind = front
             if not len(kept):
                 continue
@@ -799,6 +848,10 @@ def _cheapest(costs: ChainCosts, budget: float, cost, table: dict, bound=None,
                                  np.searchsorted(kept, after_ckpt[stops] - x_i, side="right"))
                 los = np.zeros_like(his) if bound is None else len(so_far) - np.searchsorted(
                     so_far[::-1], bound - prices, side="right")
+                if bound is not None and lams is not None:
+                    lo, hi = chain.checkpoint_ranges(kept, so_far, x_i, stops, prices, budget,
+                                                     bound, lams)
+                    los, his = np.maximum(los, lo), np.minimum(his, hi)
                 code = 2 * i + left
                 first[code, stops], stop[code, stops] = offset + los, offset + np.maximum(his, los)
                 price[code, stops], x_in[code] = prices, x_i

@@ -1,7 +1,9 @@
 """The planner's speed-ups are exact: the pruning by a lower bound on the cost to finish
-(``_Chain.least_to_finish``) and the beam it guides never change the plan's cost, on uniform
-chains (one block repeated, where the fronts grow largest) and near-uniform ones (the same
-block with a few bytes and FLOPs changed here and there), with and without a menu."""
+(``_Chain.least_to_finish``, its Lagrangian relaxation), the ranges of each front that
+checkpointed segments take by that bound (``_Chain.checkpoint_ranges``) and the beam it guides
+never change the plan's cost or its peak, on uniform chains (one block repeated, where the
+fronts grow largest) and near-uniform ones (the same block with a few bytes and FLOPs changed
+here and there), with and without the full menu (four options per block)."""
 
 import random
 from dataclasses import replace
@@ -19,7 +21,8 @@ from ckpt_course.plan import (
     segment_flops,
 )
 
-OPTIONS = ("selective:save=mm,sdpa", "selective:save=sdpa", "offload")
+OPTIONS = ("selective:save=mm,sdpa", "selective:save=sdpa", "offload",
+           "selective:recompute=gelu,silu,relu")
 
 
 def random_block(rng: random.Random) -> LayerCost:
@@ -35,13 +38,18 @@ def random_block(rng: random.Random) -> LayerCost:
                      r(50), back(), back())
 
 
-def uniform(rng: random.Random, n: int, options: int, jitter: float) -> ChainCosts:
+def uniform(rng: random.Random, n: int, options: int, jitter: float,
+            free: int = 0) -> ChainCosts:
     """One random block (and ``options`` menu options) repeated n times; ``jitter``: the share
-    of blocks whose kept bytes and FLOPs move by a few units (a near-uniform chain)."""
+    of blocks whose kept bytes and FLOPs move by a few units (a near-uniform chain). The first
+    ``free`` options recompute no FLOPs (as keeping matmul and attention outputs does on a GPT
+    block: the counter gives the activations none), so the FLOPs objective prices them at one
+    unit each and the fronts hold a pair per count of them, the case that grows them most."""
     trunk = TrunkCost(*(rng.randint(0, 50) for _ in range(3)), rng.random() < 0.5,
                       rng.random() < 0.8, *(rng.randint(0, 50) for _ in range(11)))
-    menu = ({o: OptionCost(random_block(rng), rng.randint(0, 30),
-                           rng.randint(0, 50) * (o == "offload")) for o in OPTIONS[:options]},)
+    menu = ({o: OptionCost(random_block(rng), rng.randint(0, 30) * (k >= free),
+                           rng.randint(0, 50) * (o == "offload"))
+             for k, o in enumerate(OPTIONS[:options])},)
     times = ({"none": rng.random(), "full": 1 + rng.random(),
               **{o: 1 + rng.random() for o in OPTIONS[:options]}},)
     one = ChainCosts((random_block(rng),), trunk, menu=menu if options else (),
@@ -67,8 +75,22 @@ def budgets(costs: ChainCosts) -> list[int]:
 
 
 def without_pruning(monkeypatch):
-    """The general DP: no lower bound, so nothing pruned by it and the beam spread only."""
-    monkeypatch.setattr(_Chain, "least_to_finish", lambda *args: None)
+    """The general DP: no lower bound, so nothing pruned by it (fronts nor checkpoint ranges)
+    and the beam spread only."""
+    monkeypatch.setattr(_Chain, "_lagrangian", lambda self: (None, None))
+
+
+def without_any_bound(monkeypatch):
+    """The plain Pareto DP: no lower bound and no beam's bound either (costs taken as possibly
+    negative), so only the exact room and Pareto prunings remain."""
+    without_pruning(monkeypatch)
+    built = _Chain.__init__
+
+    def unbounded(self, *args):
+        built(self, *args)
+        self.nonnegative = False
+
+    monkeypatch.setattr(_Chain, "__init__", unbounded)
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -114,3 +136,48 @@ def test_the_lower_bound_never_exceeds_the_cost_to_finish():
             start = chain.least_to_finish(0, costs.trunk.prefix_keeps_input,
                                           np.zeros(1, np.int64), budget)
             assert start[0] <= placement_cost(costs, best.placement, "flops") * (1 + 1e-9) + 1
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_full_menu_plans_what_the_plain_pareto_dp_plans_on_uniform_chains(seed,
+                                                                             monkeypatch):
+    """Four options per block, two of them free of FLOPs, on uniform and near-uniform chains:
+    every pruning and the beam together give the plan (its cost and predicted peak) that the
+    Pareto DP with no bound at all gives, at every budget and both objectives."""
+    rng = random.Random(200 + seed)
+    costs = uniform(rng, rng.randint(16, 40), 4, jitter=0.25 * (seed % 2), free=2)
+    fast = {(b, o): optimal(costs, b, o) for b in budgets(costs) for o in ("flops", "time")}
+    without_any_bound(monkeypatch)
+    for (budget, objective), plan in fast.items():
+        plain = optimal(costs, budget, objective)
+        assert (plan is None) == (plain is None), budget
+        if plan is not None:
+            assert (placement_cost(costs, plan.placement, objective), plan.peak_bytes) == (
+                placement_cost(costs, plain.placement, objective), plain.peak_bytes)
+            assert plan.peak_bytes <= budget
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_checkpoint_range_holds_every_pair_the_bound_lets_through(seed):
+    """``checkpoint_ranges`` cuts each front to the range that a checkpointed segment [i, j)
+    may take; every pair whose cost + the segment's price + the lower bound at (j, False) on
+    its Kept + x_i stays within the bound must be inside it, for any subset of lambdas."""
+    rng = random.Random(300 + seed)
+    costs = uniform(rng, 12, 4, jitter=0.5, free=2)
+    chain = _Chain(costs, segment_flops)
+    g, lams = chain._lagrangian()
+    budget = budgets(costs)[seed % 6]
+    for i in range(costs.n):
+        for left in (False, True):
+            stops, _, prices, x_i = chain.ckpt[i, left]
+            # a random Pareto front: Kept ascending, cost descending
+            kept = np.cumsum(rng.choices(range(1, 40), k=30)).astype(np.int64)
+            cost = np.cumsum(rng.choices(range(1, 9000), k=30))[::-1].astype(np.int64)
+            bound = int(cost[0] + rng.randint(0, 60000))
+            subset = np.array(sorted(rng.sample(range(len(lams)), rng.randint(1, len(lams)))))
+            lo, hi = chain.checkpoint_ranges(kept, cost, x_i, stops, prices, budget, bound,
+                                             subset)
+            for s, (j, price) in enumerate(zip(stops, prices, strict=True)):
+                least = chain.least_to_finish(int(j), False, kept + x_i, budget)
+                passing = np.nonzero(cost + int(price) + least <= bound)[0]
+                assert all(lo[s] <= p < hi[s] for p in passing), (i, left, int(j))
