@@ -110,6 +110,10 @@ class OptionCost:
     host_bytes: int = 0  # offload: bytes its forward copies to host memory
 
 
+# Not a policy: in ``ChainCosts.times``, the seconds of a block's plain forward alone, which a
+# checkpointed segment's blocks but the last re-run in full (``plan.segment_time_ns``).
+FORWARD = "forward"
+
 # The menu every block gets: torch's selective checkpointing (keep matmul and attention outputs;
 # keep only attention's; recompute only the elementwise activations) and offload to host.
 MENU = ("selective:save=mm,sdpa", "selective:save=sdpa", "selective:recompute=gelu,silu,relu",
@@ -179,7 +183,8 @@ class ChainCosts:
     # per block: option (a one-block policy string, see MENU) -> the block measured under it
     menu: tuple[dict[str, OptionCost], ...] = ()
     # per block: option ("none", "full" and the menu's) -> measured seconds of its forward +
-    # backward alone (interleaved medians); empty when not measured (fake tensors)
+    # backward alone (interleaved medians), and FORWARD -> its plain forward's alone; empty
+    # when not measured (fake tensors)
     times: tuple[dict[str, float], ...] = ()
     # per block: option -> the spread of its measured seconds (half the interquartile range);
     # empty: not measured (the time objective then takes the medians as exact)
@@ -271,8 +276,10 @@ def _storage_ref(t):
     return weakref.ref(t.untyped_storage())
 
 
-def _grad_bytes(module: nn.Module) -> int:
-    return sum(p.grad.untyped_storage().nbytes() for p in module.parameters() if p.grad is not None)
+def _grad_bytes(module: nn.Module, existing=frozenset()) -> int:
+    """Bytes of the module's gradients, but those named in ``existing`` (made before it ran)."""
+    return sum(p.grad.untyped_storage().nbytes() for name, p in module.named_parameters()
+               if p.grad is not None and name not in existing)
 
 
 class _MarkRecomputeEnd:
@@ -291,23 +298,26 @@ class _MarkRecomputeEnd:
         return False
 
 
-def _existing_gradients(module: nn.Module, accumulate: bool) -> None:
+def _existing_gradients(module: nn.Module, accumulate: bool, existing=frozenset()) -> None:
     """No gradients, or (``accumulate``) zero gradients already there, as in the micro-batches
-    after the first under gradient accumulation: backward then adds into them in place."""
+    after the first under gradient accumulation: backward then adds into them in place.
+    ``existing``: the parameters (by name) whose gradients exist anyway: weights tied to a
+    later block, whose backward (it runs first) made their gradient."""
     module.zero_grad(set_to_none=True)
-    if accumulate:
-        for p in module.parameters():
+    for name, p in module.named_parameters():
+        if accumulate or name in existing:
             if p.requires_grad:
                 p.grad = torch.zeros_like(p)
 
 
-def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: bool = False):
+def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: bool = False,
+               existing=frozenset()):
     """One forward + backward of ``block`` alone, under a meter; returns the meter and facts.
     ``keep_input=False``: only the block keeps its input (we drop our reference after forward;
     inside a checkpoint the block gets a copy made in the checkpointed region, and we keep the
     checkpoint's own input, as a segment keeps its first input: the block's input then dies
     once in its backward, as a block's inside a segment does, whatever blocks surround it)."""
-    _existing_gradients(block, accumulate)
+    _existing_gradients(block, accumulate, existing)
     meter, stash, packs = _Meter(), [], []
 
     def pack(t):
@@ -347,7 +357,7 @@ def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: 
         if sink.requires_grad:
             with meter.phase("backward"):
                 torch.autograd.backward(sink, torch.empty(0, device=sink.device))
-        info.update(grad_bytes=0 if accumulate else _grad_bytes(block),
+        info.update(grad_bytes=0 if accumulate else _grad_bytes(block, existing),
                     needs_input_grad=bool(stash), end=meter.live_bytes)
         if checkpointed and "backward" in meter.marks and "recomputed" not in meter.marks:
             # it saved nothing (nn.Identity, Dropout(0)), so no recompute ran: an empty one
@@ -397,18 +407,20 @@ def _layer_flops(block, x_like) -> tuple[int, int, int]:
     return forward.get_total_flops(), at_pack[0], backward.get_total_flops()
 
 
-def measure_layer(block: nn.Module, x_like: torch.Tensor, accumulate: bool = False) -> LayerCost:
+def measure_layer(block: nn.Module, x_like: torch.Tensor, accumulate: bool = False,
+                  existing=frozenset()) -> LayerCost:
     """Measure one block alone on an input like ``x_like`` (its requires_grad says whether the
     block must make the gradient of its input). Real or fake tensors. Four runs under a meter
     (plain and checkpointed, each with the input kept by someone else or not) and one to count
     FLOPs. ``accumulate``: its parameters' gradients exist already (they are then not the
-    block's: ``grad_bytes`` is 0)."""
+    block's: ``grad_bytes`` is 0); ``existing``: those of the parameters named (weights tied
+    to a later block: their gradient is counted there, once)."""
     runs = {}
     with torch.random.fork_rng(devices=[]):
         for checkpointed in (False, True):
             for keep in (True, False):
                 runs[checkpointed, keep] = _run_layer(block, x_like, keep, checkpointed,
-                                                      accumulate)
+                                                      accumulate, existing)
         block.zero_grad(set_to_none=True)
         forward_flops, recompute_flops, backward_flops = _layer_flops(block, x_like)
     ckpt_meter, ckpt = runs[True, True]
@@ -442,7 +454,7 @@ def _plain_cost(runs, forward_flops: int, backward_flops: int) -> LayerCost:
 
 
 def measure_option(block: nn.Module, x_like: torch.Tensor, option: str, plain: LayerCost,
-                   accumulate: bool = False) -> OptionCost:
+                   accumulate: bool = False, existing=frozenset()) -> OptionCost:
     """``block`` under a one-block ``option`` (``MENU``), measured as a plain block: two runs
     under a meter (input held by someone else, and not) and one to count FLOPs."""
     from .policies import applied
@@ -451,7 +463,7 @@ def measure_option(block: nn.Module, x_like: torch.Tensor, option: str, plain: L
         runs = {}
         for keep in (True, False):
             handle.stats.reset()
-            runs[False, keep] = _run_layer(block, x_like, keep, False, accumulate)
+            runs[False, keep] = _run_layer(block, x_like, keep, False, accumulate, existing)
         host = handle.stats.bytes_to_host
         block.zero_grad(set_to_none=True)
         forward_flops, _, backward_flops = _layer_flops(block, x_like)
@@ -460,12 +472,12 @@ def measure_option(block: nn.Module, x_like: torch.Tensor, option: str, plain: L
 
 
 def measure_menu(block: nn.Module, x_like: torch.Tensor, plain: LayerCost, options=MENU,
-                 accumulate: bool = False) -> dict[str, OptionCost]:
+                 accumulate: bool = False, existing=frozenset()) -> dict[str, OptionCost]:
     """Each option of the menu for one block; an option the block cannot run is left out."""
     out = {}
     for option in options:
         try:
-            out[option] = measure_option(block, x_like, option, plain, accumulate)
+            out[option] = measure_option(block, x_like, option, plain, accumulate, existing)
         except (RuntimeError, ValueError):
             continue  # e.g. a selective variant naming ops the block does not have is fine,
             # but one that torch refuses (an op it cannot cache) is no option
@@ -485,7 +497,8 @@ def measure_times_and_spreads(block: nn.Module, x_like: torch.Tensor, options,
                               rounds: int = 15) -> tuple[dict[str, float], dict[str, float]]:
     """``measure_times``' seconds, and each option's spread: what its time over plain may be off
     by (``medians_and_spreads``). The time objective prices an option at its median difference
-    plus its spread, so that it wins only by more than that."""
+    plus its spread, so that it wins only by more than that. ``FORWARD`` among the options:
+    the plain forward alone (what a block that is not a segment's last re-runs)."""
     import time
 
     from .policies import applied
@@ -494,13 +507,15 @@ def measure_times_and_spreads(block: nn.Module, x_like: torch.Tensor, options,
     with torch.random.fork_rng(devices=[]):
         for r in range(rounds + 1):
             for option in options:
-                with applied(block, option, blocks=[block]):
+                with applied(block, "none" if option == FORWARD else option, blocks=[block]):
                     x = x_like.detach().clone().requires_grad_(x_like.requires_grad)
                     start = time.perf_counter()
                     out = block(x)
-                    out.backward(torch.ones_like(out))
+                    if option != FORWARD:
+                        out.backward(torch.ones_like(out))
                     if r:
                         times[option].append(time.perf_counter() - start)
+                    del out
                 block.zero_grad(set_to_none=True)
     return medians_and_spreads(times)
 
@@ -789,15 +804,18 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
             h.remove()
     _check_block_order(order, len(blocks), len(inputs))
     cache, layers, menus, timed = {}, [], [], []
-    for block, x, called in zip(blocks, inputs, extras, strict=True):
-        key = _layer_key(block, x, called)
+    tied = _tied_to_later(blocks)
+    for block, x, called, made in zip(blocks, inputs, extras, tied, strict=True):
+        key = (_layer_key(block, x, called), made)
         if key not in cache:
             with _called_as_in_model(block, called):
-                layer = measure_layer(block, x, accumulate)
+                layer = measure_layer(block, x, accumulate, made)
                 options = measure_menu(block, x, layer,
-                                       (*menu, *_op_options(block, x, op_points)), accumulate)
+                                       (*menu, *_op_options(block, x, op_points)), accumulate,
+                                       made)
                 cache[key] = (layer, options, measure_times_and_spreads(
-                    block, x, ("none", "full", *options), rounds) if times else (None, None))
+                    block, x, ("none", FORWARD, "full", *options), rounds) if times
+                              else (None, None))
         layers.append(cache[key][0])
         menus.append(cache[key][1])
         timed.append(cache[key][2])
@@ -813,6 +831,18 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
                       optimizer_bytes=state, menu=tuple(menus) if menu or op_points else (),
                       times=tuple(t for t, _ in timed) if times else (),
                       spreads=tuple(s for _, s in timed) if times else ())
+
+
+def _tied_to_later(blocks) -> list[frozenset[str]]:
+    """Per block, the names of its parameters that a later block also has (weights tied
+    across blocks). Backward runs the later block first, which makes their gradient; this
+    block adds into it in place: measured with it there, the block counts it not again."""
+    later, out = set(), []
+    for block in reversed(blocks):
+        named = list(block.named_parameters())
+        out.append(frozenset(name for name, p in named if id(p) in later and p.requires_grad))
+        later |= {id(p) for _, p in named}
+    return out[::-1]
 
 
 def _check_distinct(blocks) -> None:

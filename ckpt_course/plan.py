@@ -49,7 +49,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 from torch import nn
 
-from .costs import ChainCosts, LayerCost, config_costs, measure_costs  # noqa: F401 (re-exported)
+from .costs import (  # noqa: F401 (re-exported)
+    FORWARD,
+    ChainCosts,
+    LayerCost,
+    config_costs,
+    measure_costs,
+)
 from .meter import parse_budget
 from .policies import (
     Menu,
@@ -138,15 +144,28 @@ def _extra_ns(costs: ChainCosts, k: int, option: str) -> int:
     return max(1, round((times[option] - times["none"] + spread) * 1e9))
 
 
+def _rerun_ns(costs: ChainCosts, k: int) -> int:
+    """Nanoseconds block k re-runs when it is a checkpointed segment's block but not its last:
+    its whole plain forward (measured, ``costs.FORWARD``, at the high end: plus its spread).
+    Times given without it price the block as a one-block checkpoint (what it was before)."""
+    times = costs.times[k]
+    if FORWARD not in times:
+        return _extra_ns(costs, k, "full")
+    spread = costs.spreads[k][FORWARD] if costs.spreads else 0.0
+    return max(1, round((times[FORWARD] + spread) * 1e9))
+
+
 def segment_time_ns(costs: ChainCosts, seg) -> int:
     """The time model: a segment's extra step time over plain, from the per-block times of
-    ``costs.times`` (a checkpointed segment: each of its blocks' extra time under full)."""
+    ``costs.times``. A checkpointed segment re-runs its blocks but the last in full (their
+    forwards' times) and its last block up to its last save, with the checkpoint's own work
+    (the last block's extra time under full)."""
     i, j, kind = seg
     if kind is False:
         return 0
     if isinstance(kind, str):
         return _extra_ns(costs, i, kind)
-    return sum(_extra_ns(costs, k, "full") for k in range(i, j))
+    return sum(_rerun_ns(costs, k) for k in range(i, j - 1)) + _extra_ns(costs, j - 1, "full")
 
 
 def segment_flops(costs: ChainCosts, seg) -> int:
@@ -618,8 +637,9 @@ class _Chain:
             ahead = np.concatenate([[0], np.cumsum(self.ff[i:])[:-1]])
             return [int(v) * 1024 for v in ahead + self.rf[i:]]
         if cost is segment_time_ns:
-            return [int(v) for v in np.cumsum(
-                [_extra_ns(costs, k, "full") for k in range(i, n)], dtype=object)]
+            ahead = np.cumsum([0] + [_rerun_ns(costs, k) for k in range(i, n - 1)], dtype=object)
+            return [int(a) + _extra_ns(costs, k, "full") for k, a in zip(range(i, n), ahead,
+                                                                          strict=True)]
         return [cost(costs, (i, j, True)) for j in range(i + 1, n + 1)]
 
     def _least_need(self) -> dict:

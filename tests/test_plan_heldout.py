@@ -10,14 +10,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ckpt_course.costs import measure_costs
+from ckpt_course.costs import FORWARD, MENU, ChainCosts, LayerCost, measure_costs
 from ckpt_course.plan import (
     all_placements,
     all_trees,
+    brute_force,
     measure_peaks,
+    optimal,
+    placement_cost,
     placement_policy,
     predict,
     predict_nested,
+    segment_time_ns,
 )
 from ckpt_course.policies import Menu
 from ckpt_course.train import check_gradients
@@ -117,10 +121,10 @@ def chain(*kinds, width=32):
 BATCH = 64
 
 
-def wrong_placements(model, placements):
+def wrong_placements(model, placements, menu=()):
     """Placements whose predicted peak is not the meter's, or whose gradients differ from
     no checkpointing's: (policy, predicted - measured, gradients equal)."""
-    costs, wrong = measure_costs(model, BATCH), []
+    costs, wrong = measure_costs(model, BATCH, menu=menu), []
     for placement in placements:
         policy = placement_policy(placement)
         predicted = predict(costs, placement).peak_bytes
@@ -222,3 +226,70 @@ def test_the_same_block_returning_its_own_tensor_is_exact():
     torch.manual_seed(0)
     model = Chain([Slice(32, own=True) for _ in range(3)])
     assert wrong_placements(model, list(all_placements(3))) == []
+
+
+# ---------------------------------------------------------------- P4: weights tied across blocks
+def tied_chain():
+    """Three residual MLP blocks whose first Linear shares one weight (16,384 B)."""
+    model = chain(Res, Res, Res)
+    for block in model.blocks[1:]:
+        block.mlp[0].weight = model.blocks[0].mlp[0].weight
+    return model
+
+
+def test_a_weight_tied_across_blocks_has_its_gradient_counted_once():
+    model = tied_chain()
+    distinct = {id(p): p for block in model.blocks for p in block.parameters()}
+    costs = measure_costs(model, BATCH)
+    assert costs.gradient_bytes == sum(p.numel() * p.element_size() for p in distinct.values())
+    everywhere = [tuple((k, k + 1, option) for k in range(3))  # each over-predicted by the
+                  for option in ("selective:save=sdpa", "offload")]  # shared gradient before
+    assert wrong_placements(model, [((0, 1, True), (1, 2, True), (2, 3, True)), *everywhere],
+                            MENU) == []
+
+
+@pytest.mark.slow  # 24 of the 200 placements of three blocks, menus included: seconds
+def test_placements_of_tied_blocks_with_menus_are_exact():
+    placements = random.Random(4).sample(list(all_placements(3, lambda k: MENU)), 24)
+    assert wrong_placements(tied_chain(), placements, MENU) == []
+
+
+# ---------------------------------------------------------------- P7: a segment's time
+# Given timings (seconds): a block's plain step 1 ms, its forward alone 0.4 ms, its step under
+# a one-block checkpoint 1.1 ms (the recompute up to its last save and the hooks: 0.1 ms more).
+TIMES = {"none": 1e-3, FORWARD: 0.4e-3, "full": 1.1e-3}
+
+
+def test_a_segments_blocks_but_the_last_are_priced_at_their_whole_forward():
+    costs = ChainCosts((LayerCost.simple(8, 1, 1),) * 3, times=(TIMES,) * 3)
+    assert segment_time_ns(costs, (0, 1, True)) == 100_000
+    assert segment_time_ns(costs, (0, 3, True)) == 400_000 + 400_000 + 100_000
+    assert segment_time_ns(costs, (1, 2, False)) == 0
+    old = ChainCosts(costs.layers, times=({"none": 1e-3, "full": 1.1e-3},) * 3)
+    assert segment_time_ns(old, (0, 3, True)) == 3 * 100_000  # no forward timed: as before
+
+
+def test_the_time_objective_takes_two_one_block_checkpoints_over_a_two_block_segment():
+    """Both fit 33 B; two one-block checkpoints re-run 0.2 ms, the segment 0-1 re-runs block 0
+    whole (0.4 ms) and block 1 to its last save (0.1 ms). Priced as two one-block checkpoints,
+    the segment tied at 0.2 ms and won on its lower peak (26 B)."""
+    costs = ChainCosts((LayerCost.simple(8, 1, 1),) * 3, times=(TIMES,) * 3)
+    assert predict(costs, "segments:0-1").peak_bytes < predict(costs, "segments:0,1").peak_bytes
+    best = optimal(costs, predict(costs, "segments:0,1").peak_bytes, "time")
+    assert str(best.policy) == "segments:0,1" and best.extra_time_s == pytest.approx(2e-4)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_dps_segment_prices_are_segment_time_ns(seed):
+    """The DP prices checkpointed segments by prefix sums; brute force by ``segment_time_ns``
+    itself: the same least time at every budget, on random blocks and given timings."""
+    rng = random.Random(seed)
+    layers = tuple(LayerCost.simple(rng.randint(2, 9), rng.randint(0, 9), 1) for _ in range(5))
+    times = tuple({"none": 1e-3, FORWARD: rng.uniform(1e-4, 9e-4),
+                   "full": 1e-3 + rng.uniform(1e-5, 5e-4)} for _ in layers)
+    costs = ChainCosts(layers, times=times)
+    peaks = sorted({predict(costs, p).peak_bytes for p in all_placements(5)})
+    for budget in peaks:
+        best, brute = optimal(costs, budget, "time"), brute_force(costs, budget, "time")
+        assert placement_cost(costs, best.placement, "time") == placement_cost(
+            costs, brute.placement, "time"), budget
