@@ -111,6 +111,10 @@ class OptionCost:
     host_bytes: int = 0  # offload: bytes its forward copies to host memory
 
 
+# Not a policy: in ``ChainCosts.times``, the seconds of a block's plain forward alone, which a
+# checkpointed segment's blocks but the last re-run in full (``plan.segment_time_ns``).
+FORWARD = "forward"
+
 # The menu every block gets: torch's selective checkpointing (keep matmul and attention outputs;
 # keep only attention's; recompute only the elementwise activations) and offload to host.
 MENU = ("selective:save=mm,sdpa", "selective:save=sdpa", "selective:recompute=gelu,silu,relu",
@@ -193,7 +197,8 @@ class ChainCosts:
     # per block: option (a one-block policy string, see MENU) -> the block measured under it
     menu: tuple[dict[str, OptionCost], ...] = ()
     # per block: option ("none", "full" and the menu's) -> measured seconds of its forward +
-    # backward alone (interleaved medians); empty when not measured (fake tensors)
+    # backward alone (interleaved medians), and FORWARD -> its plain forward's alone; empty
+    # when not measured (fake tensors)
     times: tuple[dict[str, float], ...] = ()
     # per block: option -> the spread of its measured seconds (half the interquartile range);
     # empty: not measured (the time objective then takes the medians as exact)
@@ -288,8 +293,10 @@ def _storage_ref(t):
     return weakref.ref(t.untyped_storage())
 
 
-def _grad_bytes(module: nn.Module) -> int:
-    return sum(p.grad.untyped_storage().nbytes() for p in module.parameters() if p.grad is not None)
+def _grad_bytes(module: nn.Module, existing=frozenset()) -> int:
+    """Bytes of the module's gradients, but those named in ``existing`` (made before it ran)."""
+    return sum(p.grad.untyped_storage().nbytes() for name, p in module.named_parameters()
+               if p.grad is not None and name not in existing)
 
 
 class _MarkRecomputeEnd:
@@ -308,21 +315,26 @@ class _MarkRecomputeEnd:
         return False
 
 
-def _existing_gradients(module: nn.Module, accumulate: bool) -> None:
+def _existing_gradients(module: nn.Module, accumulate: bool, existing=frozenset()) -> None:
     """No gradients, or (``accumulate``) zero gradients already there, as in the micro-batches
-    after the first under gradient accumulation: backward then adds into them in place."""
+    after the first under gradient accumulation: backward then adds into them in place.
+    ``existing``: the parameters (by name) whose gradients exist anyway: weights tied to a
+    later block, whose backward (it runs first) made their gradient."""
     module.zero_grad(set_to_none=True)
-    if accumulate:
-        for p in module.parameters():
+    for name, p in module.named_parameters():
+        if accumulate or name in existing:
             if p.requires_grad:
                 p.grad = torch.zeros_like(p)
 
 
-def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: bool = False):
+def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: bool = False,
+               existing=frozenset()):
     """One forward + backward of ``block`` alone, under a meter; returns the meter and facts.
     ``keep_input=False``: only the block keeps its input (we drop our reference after forward;
-    inside a checkpoint the block gets a copy made in the checkpointed region)."""
-    _existing_gradients(block, accumulate)
+    inside a checkpoint the block gets a copy made in the checkpointed region, and we keep the
+    checkpoint's own input, as a segment keeps its first input: the block's input then dies
+    once in its backward, as a block's inside a segment does, whatever blocks surround it)."""
+    _existing_gradients(block, accumulate, existing)
     meter, stash, packs = _Meter(), [], []
 
     def pack(t):
@@ -353,8 +365,8 @@ def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: 
         a_in = x.untyped_storage().nbytes()
         sink = _Sink.apply(out, meter)
         del out
-        if not keep_input:
-            del x
+        if not keep_input and not checkpointed:
+            del x  # inside a checkpoint, x stays: the block's own input is its copy
         info = dict(start=start, kept=meter.live_bytes - start, a_in=a_in, a_out=a_out,
                     saves_input=x_ref() is not None, saves_output=out_ref() is not None,
                     returns_input=returns_input,
@@ -362,7 +374,7 @@ def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: 
         if sink.requires_grad:
             with meter.phase("backward"):
                 torch.autograd.backward(sink, torch.empty(0, device=sink.device))
-        info.update(grad_bytes=0 if accumulate else _grad_bytes(block),
+        info.update(grad_bytes=0 if accumulate else _grad_bytes(block, existing),
                     needs_input_grad=bool(stash), end=meter.live_bytes)
         if checkpointed and "backward" in meter.marks and "recomputed" not in meter.marks:
             # it saved nothing (nn.Identity, Dropout(0)), so no recompute ran: an empty one
@@ -412,18 +424,20 @@ def _layer_flops(block, x_like) -> tuple[int, int, int]:
     return forward.get_total_flops(), at_pack[0], backward.get_total_flops()
 
 
-def measure_layer(block: nn.Module, x_like: torch.Tensor, accumulate: bool = False) -> LayerCost:
+def measure_layer(block: nn.Module, x_like: torch.Tensor, accumulate: bool = False,
+                  existing=frozenset()) -> LayerCost:
     """Measure one block alone on an input like ``x_like`` (its requires_grad says whether the
     block must make the gradient of its input). Real or fake tensors. Four runs under a meter
     (plain and checkpointed, each with the input kept by someone else or not) and one to count
     FLOPs. ``accumulate``: its parameters' gradients exist already (they are then not the
-    block's: ``grad_bytes`` is 0)."""
+    block's: ``grad_bytes`` is 0); ``existing``: those of the parameters named (weights tied
+    to a later block: their gradient is counted there, once)."""
     runs = {}
     with torch.random.fork_rng(devices=[]):
         for checkpointed in (False, True):
             for keep in (True, False):
                 runs[checkpointed, keep] = _run_layer(block, x_like, keep, checkpointed,
-                                                      accumulate)
+                                                      accumulate, existing)
         block.zero_grad(set_to_none=True)
         forward_flops, recompute_flops, backward_flops = _layer_flops(block, x_like)
     ckpt_meter, ckpt = runs[True, True]
@@ -457,7 +471,7 @@ def _plain_cost(runs, forward_flops: int, backward_flops: int) -> LayerCost:
 
 
 def measure_option(block: nn.Module, x_like: torch.Tensor, option: str, plain: LayerCost,
-                   accumulate: bool = False) -> OptionCost:
+                   accumulate: bool = False, existing=frozenset()) -> OptionCost:
     """``block`` under a one-block ``option`` (``MENU``), measured as a plain block: two runs
     under a meter (input held by someone else, and not) and one to count FLOPs."""
     from .policies import applied
@@ -466,7 +480,7 @@ def measure_option(block: nn.Module, x_like: torch.Tensor, option: str, plain: L
         runs = {}
         for keep in (True, False):
             handle.stats.reset()
-            runs[False, keep] = _run_layer(block, x_like, keep, False, accumulate)
+            runs[False, keep] = _run_layer(block, x_like, keep, False, accumulate, existing)
         host = handle.stats.bytes_to_host
         block.zero_grad(set_to_none=True)
         forward_flops, _, backward_flops = _layer_flops(block, x_like)
@@ -475,12 +489,12 @@ def measure_option(block: nn.Module, x_like: torch.Tensor, option: str, plain: L
 
 
 def measure_menu(block: nn.Module, x_like: torch.Tensor, plain: LayerCost, options=MENU,
-                 accumulate: bool = False) -> dict[str, OptionCost]:
+                 accumulate: bool = False, existing=frozenset()) -> dict[str, OptionCost]:
     """Each option of the menu for one block; an option the block cannot run is left out."""
     out = {}
     for option in options:
         try:
-            out[option] = measure_option(block, x_like, option, plain, accumulate)
+            out[option] = measure_option(block, x_like, option, plain, accumulate, existing)
         except (RuntimeError, ValueError):
             continue  # e.g. a selective variant naming ops the block does not have is fine,
             # but one that torch refuses (an op it cannot cache) is no option
@@ -500,7 +514,8 @@ def measure_times_and_spreads(block: nn.Module, x_like: torch.Tensor, options,
                               rounds: int = 15) -> tuple[dict[str, float], dict[str, float]]:
     """``measure_times``' seconds, and each option's spread: what its time over plain may be off
     by (``medians_and_spreads``). The time objective prices an option at its median difference
-    plus its spread, so that it wins only by more than that."""
+    plus its spread, so that it wins only by more than that. ``FORWARD`` among the options:
+    the plain forward alone (what a block that is not a segment's last re-runs)."""
     import time
 
     from .policies import applied
@@ -509,13 +524,15 @@ def measure_times_and_spreads(block: nn.Module, x_like: torch.Tensor, options,
     with torch.random.fork_rng(devices=[]):
         for r in range(rounds + 1):
             for option in options:
-                with applied(block, option, blocks=[block]):
+                with applied(block, "none" if option == FORWARD else option, blocks=[block]):
                     x = x_like.detach().clone().requires_grad_(x_like.requires_grad)
                     start = time.perf_counter()
                     out = block(x)
-                    out.backward(torch.ones_like(out))
+                    if option != FORWARD:
+                        out.backward(torch.ones_like(out))
                     if r:
                         times[option].append(time.perf_counter() - start)
+                    del out
                 block.zero_grad(set_to_none=True)
     return medians_and_spreads(times)
 
@@ -903,22 +920,25 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
     handles = [b.register_forward_pre_hook(grab_input, with_kwargs=True) for b in blocks]
     handles.append(blocks[-1].register_forward_hook(grab_output))
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _refusing_views(blocks):
             model.loss(batch)
     finally:
         for h in handles:
             h.remove()
     _check_block_order(order, len(blocks), len(inputs))
     cache, layers, menus, timed = {}, [], [], []
-    for block, x, called in zip(blocks, inputs, extras, strict=True):
-        key = _layer_key(block, x, called)
+    tied = _tied_to_later(blocks)
+    for block, x, called, made in zip(blocks, inputs, extras, tied, strict=True):
+        key = (_layer_key(block, x, called), made)
         if key not in cache:
             with _called_as_in_model(block, called):
-                layer = measure_layer(block, x, accumulate)
+                layer = measure_layer(block, x, accumulate, made)
                 options = measure_menu(block, x, layer,
-                                       (*menu, *_op_options(block, x, op_points)), accumulate)
+                                       (*menu, *_op_options(block, x, op_points)), accumulate,
+                                       made)
                 cache[key] = (layer, options, measure_times_and_spreads(
-                    block, x, ("none", "full", *options), rounds) if times else (None, None))
+                    block, x, ("none", FORWARD, "full", *options), rounds) if times
+                              else (None, None))
         layers.append(cache[key][0])
         menus.append(cache[key][1])
         timed.append(cache[key][2])
@@ -943,6 +963,18 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
                       suffixes=suffixes)
 
 
+def _tied_to_later(blocks) -> list[frozenset[str]]:
+    """Per block, the names of its parameters that a later block also has (weights tied
+    across blocks). Backward runs the later block first, which makes their gradient; this
+    block adds into it in place: measured with it there, the block counts it not again."""
+    later, out = set(), []
+    for block in reversed(blocks):
+        named = list(block.named_parameters())
+        out.append(frozenset(name for name, p in named if id(p) in later and p.requires_grad))
+        later |= {id(p) for _, p in named}
+    return out[::-1]
+
+
 def _check_distinct(blocks) -> None:
     """One module listed at several places (weights shared across depth, as in ALBERT) would
     be measured, hooked and placed as if it were several."""
@@ -953,6 +985,33 @@ def _check_distinct(blocks) -> None:
                              f"shared across depth): the planner measures and places distinct "
                              f"blocks; give each place in the list its own module")
         first[id(block)] = k
+
+
+@contextlib.contextmanager
+def _refusing_views(blocks):
+    """Inside, a block that returns a view of a larger tensor (a slice of its storage) raises
+    a one-line error. The memory model counts a block's output as the next block's input and
+    frees it as one tensor, but a slice keeps its whole storage alive for as long as anything
+    holds the slice, and which op frees that storage depends on who else saved it: no term of
+    the model holds that exactly (predicted peaks were off both ways), so it is refused."""
+
+    def check(module, args, out):
+        if not isinstance(out, torch.Tensor) or isinstance(out, FakeTensor):
+            return
+        whole, own = out.untyped_storage().nbytes(), out.numel() * out.element_size()
+        if whole > own:
+            k = next(k for k, b in enumerate(blocks) if b is module)
+            raise ValueError(f"block {k} ({type(module).__name__}) returns a view of a larger "
+                             f"tensor ({own:,} B of a {whole:,} B storage), which the planner "
+                             f"cannot predict exactly: return a tensor of its own, e.g. "
+                             f"out[..., :w].contiguous() or out.clone()")
+
+    handles = [b.register_forward_hook(check) for b in blocks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _check_block_order(order: list[int], n: int, tensors: int) -> None:

@@ -68,7 +68,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 from torch import nn
 
-from .costs import ChainCosts, LayerCost, config_costs, measure_costs  # noqa: F401 (re-exported)
+from .costs import (  # noqa: F401 (re-exported)
+    FORWARD,
+    ChainCosts,
+    LayerCost,
+    config_costs,
+    measure_costs,
+)
 from .meter import parse_budget
 from .policies import (
     MAX_NESTING,
@@ -150,6 +156,10 @@ def _extra_s(costs: ChainCosts, k: int, option: str) -> tuple[float, float]:
     """(median, spread) of block k's measured extra seconds under ``option`` over plain: the
     median difference, and both spreads added (``costs.spreads``; 0 where not measured)."""
     times = costs.times[k]
+    if option == FORWARD and FORWARD not in times:  # times given without it: a one-block
+        option = "full"  # checkpoint's price (what it was before)
+    if option == FORWARD:  # re-run in full inside a longer segment: its own forward's time
+        return times[FORWARD], costs.spreads[k][FORWARD] if costs.spreads else 0.0
     spread = costs.spreads[k][option] + costs.spreads[k]["none"] if costs.spreads else 0.0
     return times[option] - times["none"], spread
 
@@ -166,12 +176,16 @@ def _extra_ns(costs: ChainCosts, k: int, option: str) -> int:
 
 
 def _timed_blocks(seg) -> list[tuple[int, str]]:
-    """(block, option) whose measured time a segment's extra time adds up (a checkpointed
-    segment: each of its blocks under full; a plain block: none)."""
+    """(block, option) whose measured time a segment's extra time adds up: a checkpointed
+    segment re-runs its blocks but the last in full (``FORWARD``: their forwards' measured
+    times) and its last block up to its last save, with the checkpoint's own work (its extra
+    time under full); a one-block option, its own; a plain block, nothing."""
     i, j, kind = seg
     if kind is False:
         return []
-    return [(i, kind)] if isinstance(kind, str) else [(k, "full") for k in range(i, j)]
+    if isinstance(kind, str):
+        return [(i, kind)]
+    return [*((k, FORWARD) for k in range(i, j - 1)), (j - 1, "full")]
 
 
 def segment_time_ns(costs: ChainCosts, seg) -> int:
@@ -788,8 +802,10 @@ class _Chain:
             ahead = np.concatenate([[0], np.cumsum(self.ff[i:])[:-1]])
             return [int(v) * 1024 for v in ahead + self.rf[i:]]
         if cost is segment_time_ns:
-            return [int(v) for v in np.cumsum(
-                [_extra_ns(costs, k, "full") for k in range(i, n)], dtype=object)]
+            reruns = [_extra_ns(costs, k, FORWARD) for k in range(i, n - 1)]
+            ahead = np.cumsum([0] + reruns, dtype=object)
+            return [int(a) + _extra_ns(costs, k, "full") for k, a in zip(range(i, n), ahead,
+                                                                          strict=True)]
         return [cost(costs, (i, j, True)) for j in range(i + 1, n + 1)]
 
     def _least_need(self) -> dict:
@@ -1681,15 +1697,17 @@ def predict_nested(costs: ChainCosts, tree) -> tuple[int, str]:
     its children run as checkpoints (a child keeps its input; its blocks keep nothing, as in a
     checkpointed forward) and its other blocks plain (as in a single-level recompute), then
     reverses them last first: a plain block by its checkpointed backward, a child the same way,
-    recursively. Two rules the meter showed (torch's nested non-reentrant checkpoint holds
-    these tensors until the outer recompute is done): behind a child checkpoint, a plain
-    block's input stays after its backward; and a child's input stays after the child's
-    backward when it is a later child's and the block before does not save its output.
+    recursively; a block's input is held by the block before when that is a plain block that
+    saves its output (never by a child checkpoint), and a child lets its input go at the end
+    of its backward unless the block before holds it. No rule beyond these: each block's
+    checkpointed backward is measured with the checkpoint's own input kept alive elsewhere
+    (``costs._run_layer``), so "free" means the block's input dies once, as inside a segment.
     Exact to the byte against ``measure_peaks`` on every tree tried: the tiny GPT, an 8- and a
     16-block GPT whose activations dominate, and the 16-block hand-trace net where nesting
-    peaks 1.5 MB below the single-level minimum (tests/test_plan_nested.py); also, by hand,
-    8-block llama-tiny and the GPT with dropout 0.1. The two rules were fitted to blocks that
-    save their input (all of these). A tree without
+    peaks 1.5 MB below the single-level minimum (tests/test_plan_nested.py); residual
+    LayerNorm-MLP, in-place, BatchNorm and dropout blocks, alone and mixed in one chain
+    (tests/test_plan_heldout.py); also, by hand, 8-block llama-tiny and the GPT with dropout
+    0.1. Checked on blocks that save their input (all of these). A tree without
     nesting predicts what ``predict`` does. Refused (ValueError): a chain with blocks that
     return their input (``nn.Identity``: their folding is not modelled under nesting), a nested
     segment over blocks that do not save their input (the two rules are unchecked there), and
@@ -1770,7 +1788,6 @@ def _reverse_nested(costs: ChainCosts, node, t: int, events: list) -> int:
                                + layers[k].forward_peak_unsaved, "recompute", k, label))
             if b < j:
                 t += _boundary_bytes(costs, b)  # its output, the next block's input
-    first_child = next((b for a, b, _ in kids if b > a + 1), j)
     for n_kid in range(len(kids) - 1, -1, -1):
         a, b, grand = kids[n_kid]
         after_checkpoint = n_kid > 0 and kids[n_kid - 1][1] > kids[n_kid - 1][0] + 1
@@ -1780,13 +1797,10 @@ def _reverse_nested(costs: ChainCosts, node, t: int, events: list) -> int:
             back = c.checkpointed_backward
             events.append((t + back.peak(held), "backward", a, "checkpointed"))
             t += back.change(held)
-            if not held and a >= first_child:  # behind a child checkpoint, x_a stays
-                t += _boundary_bytes(costs, a)
         else:
             t = _reverse_nested(costs, (a, b, grand), t, events)
             # the child lets its input go, unless the plain block before keeps it (its tape)
-            # or, behind another child, blocks that do not save their output (measured)
-            if a > i and (after_checkpoint if layers[a - 1].saves_output else a < first_child):
+            if a > i and not (layers[a - 1].saves_output and not after_checkpoint):
                 t -= _boundary_bytes(costs, a)
     return t
 
