@@ -32,10 +32,12 @@ lab: $(STAMP)
 		--ServerApp.root_dir=$(CURDIR)/$(COPY) --LabApp.default_url=/lab/tree/notebooks $(ROOT_FLAG)
 
 # Everything: unit tests, lessons (each run once, with wrong answers typed: tests/lesson_runs.py),
-# solutions through nbval, grading, CLI.
+# solutions through nbval, grading, CLI. Two workers (pytest-xdist), each taking whole groups of
+# tests that share a set-up, so every shared run is still made once (tests/conftest.py).
 test: $(STAMP)
 # CKPT_COURSE_STRICT_TABLES: every lesson run also checks its Predict tables against its derivations.
-	CKPT_COURSE_STRICT_TABLES=1 $(BIN)/python -m pytest -q tests solutions --nbval-lax --nbval-current-env
+	CKPT_COURSE_STRICT_TABLES=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder \
+		tests solutions --nbval-lax --nbval-current-env
 
 # Lint plus the unit tests that need no notebook or subprocess (under 60 s).
 check-fast: $(STAMP)

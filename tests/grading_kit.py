@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import nbformat
+import pytest
 
 from ckpt_course import authoring
 from ckpt_course.authoring import tagged_name
@@ -59,6 +60,10 @@ def hints(card) -> dict[str, str]:
 
 # ---------------------------------------------------------------- the course's own exercises
 ROOT = Path(__file__).resolve().parents[1]
+COURSE_CLASS = "course-class"
+# Every test that reads the class run (the `course_class` fixture) carries this: under
+# pytest-xdist they run on one worker, so the class is graded once (tests/conftest.py).
+reads_course_class = pytest.mark.xdist_group(COURSE_CLASS)
 
 
 def rule(target):

@@ -47,6 +47,21 @@ class LessonRun:
     typed: dict[str, object]  # reveal label -> the wrong answer typed for it
 
 
+def group_of(path) -> str:
+    return f"lesson:{Path(path).stem}"
+
+
+def on(path) -> pytest.MarkDecorator:
+    """The mark of every test that reads ``path``'s run: under pytest-xdist (`make test`) they
+    run on one worker, so the lesson runs once (tests/conftest.py checks that each asker has it)."""
+    return pytest.mark.xdist_group(group_of(path))
+
+
+def each(paths) -> list:
+    """``paths`` as parameters of a test that reads their runs, each with its lesson's mark."""
+    return [pytest.param(p, marks=on(p), id=Path(p).stem) for p in paths]
+
+
 def tagged(cell, tag: str) -> bool:
     return tag in cell.metadata.get("tags", [])
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from grading_kit import reads_course_class
 
 from ckpt_course.authoring import stale_notebooks, tagged_name
 
@@ -48,6 +49,7 @@ def test_untouched_exercise_fails_at_each_check_and_nowhere_else(source):
 
 
 @pytest.mark.slow
+@reads_course_class
 def test_the_grader_gives_every_solution_full_marks_and_every_stub_none(course_class):
     """The real grader (worker processes, secret seeds, RSS peaks) on what the course ships:
     each solution earns every point, each untouched exercise earns none (the session's one run

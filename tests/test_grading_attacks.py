@@ -10,7 +10,17 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from grading_kit import BUILD_IT, RIGHT, build_course, hints, learner, results, rule, save
+from grading_kit import (
+    BUILD_IT,
+    RIGHT,
+    build_course,
+    hints,
+    learner,
+    reads_course_class,
+    results,
+    rule,
+    save,
+)
 
 from ckpt_course import grading
 
@@ -414,6 +424,7 @@ def test_nothing_escapes_and_no_file_changed(graded):
 # ---------------------------------------------------------------- the course's own rules
 
 @pytest.mark.slow
+@reads_course_class
 def test_the_course_exercises_enforce_their_build_it_rules(course_class):
     """On the course's own exercises: an answer that reaches for what its check forbids (torch's
     checkpoint, the reference hooks, the measuring tools, the planner, the check's helper) gets

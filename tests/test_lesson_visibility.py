@@ -25,6 +25,7 @@ import ast
 import re
 from pathlib import Path
 
+import lesson_runs
 import nbformat
 import pytest
 from answer_forms import as_container, leaks, normal, number_forms
@@ -252,7 +253,7 @@ def test_number_forms_cover_the_ways_a_size_and_a_ratio_print():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", LESSONS, ids=[p.stem for p in LESSONS])
+@pytest.mark.parametrize("path", lesson_runs.each(LESSONS))
 def test_no_output_above_a_predict_shows_its_answer(path, lesson_run):
     """The lesson run once (the session's run, read as if every Predict were left None): no
     output of a cell above a Predict, or between it and its Check, shows the Predict's answer."""
@@ -260,6 +261,7 @@ def test_no_output_above_a_predict_shows_its_answer(path, lesson_run):
 
 
 @pytest.mark.slow
+@lesson_runs.on(HAND_TRACE)
 def test_a_lesson_that_prints_an_answer_above_its_predict_fails(lesson_run):
     """The session's run of lesson 2 (a copy, read as shipped), with one cell added above 2.1's
     second Predict that printed its answer (4 A + the loss scalar, in bytes): found, by cell."""

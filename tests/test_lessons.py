@@ -9,6 +9,7 @@ import ast
 import re
 from pathlib import Path
 
+import lesson_runs
 import nbformat
 import pytest
 from lesson_runs import output_lines
@@ -18,6 +19,7 @@ from ckpt_course.reveal import NO_PREDICTION, STRICT_ENV, reveal
 
 ROOT = Path(__file__).resolve().parents[1]
 LESSONS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+LESSON_4 = ROOT / "notebooks" / "4_diagnose_a_real_oom.ipynb"
 
 
 def tagged(cell, tag):
@@ -139,11 +141,12 @@ def test_lessons_ship_without_outputs_and_with_the_python3_kernel(lesson):
 
 
 @pytest.mark.slow
+@lesson_runs.on(LESSON_4)
 def test_a_wrong_prediction_runs_to_the_end_and_shows_the_gap_and_the_reason(lesson_run):
     """Lesson 4 with 4.1's first typical wrong answer typed (two moments, no step counters; the
     session's one run of the lesson, tests/lesson_runs.py): the line shows yours, the derivation
     and the measurement; the next, how far off and the reason."""
-    run = lesson_run(ROOT / "notebooks" / "4_diagnose_a_real_oom.ipynb")
+    run = lesson_run(LESSON_4)
     code = [c for c in run.nb.cells if c.cell_type == "code"]
     assert all(c.execution_count for c in code), "the lesson stopped early"
     lines = output_lines(run.nb)
@@ -198,7 +201,7 @@ MINE = [ROOT / "notebooks" / name for name in ("1_why_activations_eat_memory.ipy
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", MINE, ids=[p.stem for p in MINE])
+@pytest.mark.parametrize("path", lesson_runs.each(MINE))
 def test_wrong_first_guesses_run_to_the_end_and_each_gets_its_reason(path, lesson_run):
     """Every Predict of lessons 1-2 answered with its first typical wrong answer (the session's
     one run, tests/lesson_runs.py): the lesson runs to the end, the tables' answers agree with

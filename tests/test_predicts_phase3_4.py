@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from types import SimpleNamespace as NS
 
+import lesson_runs
 import pytest
 import torch
 from lesson_runs import output_lines
@@ -208,7 +209,7 @@ LESSONS = [Path(__file__).resolve().parents[1] / "notebooks" / name for name in 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", LESSONS, ids=[p.stem for p in LESSONS])
+@pytest.mark.parametrize("path", lesson_runs.each(LESSONS))
 def test_wrong_first_guesses_run_to_the_end_and_each_gets_its_reason(path, lesson_run):
     """Every Predict of lessons 3-4b answered with its first typical wrong answer (the session's
     one run, tests/lesson_runs.py); the tables' answers must agree with the lesson's derivations
