@@ -16,7 +16,11 @@ recompute (checkpoint hands each recomputed tensor over once, so it dies as soon
 reads it is done: a little earlier than in a plain backward). Each backward is measured twice:
 with the block's input kept alive by someone else, and without. FLOPs come from
 ``FlopCounterMode``. The prefix and suffix are measured on the model with its blocks cut out,
-the optimizer step on the real optimizer.
+the optimizer step on the real optimizer. A weight tied across blocks gets its gradient from
+the last of them (backward meets it first): the blocks before are measured with that gradient
+already there, so it is counted once. A block that returns a view of a larger tensor is
+refused (``_refusing_views``). ``times=True``: each option's forward + backward time, and the
+plain forward's alone (``FORWARD``), for the time objective.
 """
 
 from __future__ import annotations
