@@ -18,6 +18,11 @@ with the block's input kept alive by someone else, and without. FLOPs come from
 ``FlopCounterMode``. The prefix and suffix are measured on the model with its blocks cut out,
 the optimizer step on the real optimizer; with ``suffix=True``, also with the suffix
 checkpointed, fully and at the op-level points of its own Pareto set (``measure_suffixes``).
+A weight tied across blocks gets its gradient from the last of them (backward meets it first):
+the blocks before are measured with that gradient already there, so it is counted once. A
+block that returns a view of a larger tensor is refused (``_refusing_views``). ``times=True``:
+each option's forward + backward time, and the plain forward's alone (``FORWARD``), for the
+time objective.
 """
 
 from __future__ import annotations

@@ -801,11 +801,13 @@ class _Chain:
         if cost is segment_flops:
             ahead = np.concatenate([[0], np.cumsum(self.ff[i:])[:-1]])
             return [int(v) * 1024 for v in ahead + self.rf[i:]]
-        if cost is segment_time_ns:
-            reruns = [_extra_ns(costs, k, FORWARD) for k in range(i, n - 1)]
-            ahead = np.cumsum([0] + reruns, dtype=object)
-            return [int(a) + _extra_ns(costs, k, "full") for k, a in zip(range(i, n), ahead,
-                                                                          strict=True)]
+        if cost is segment_time_ns:  # blocks i..j-2 re-run whole, j-1 as a one-block checkpoint
+            if getattr(self, "_times_ns", None) is None:
+                self._times_ns = tuple(np.array([_extra_ns(costs, k, option) for k in range(n)],
+                                                object) for option in (FORWARD, "full"))
+            rerun, last = self._times_ns
+            ahead = np.concatenate([[0], np.cumsum(rerun[i:n - 1])])
+            return [int(v) for v in ahead + last[i:]]
         return [cost(costs, (i, j, True)) for j in range(i + 1, n + 1)]
 
     def _least_need(self) -> dict:
