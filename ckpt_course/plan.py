@@ -413,7 +413,7 @@ def predict(costs: ChainCosts, placement) -> Prediction:
     """The memory model for one placement (or policy): peak live bytes, where, recompute. A
     policy's ``suffix=`` option (``menu:0-3=full,suffix=full``) is predicted with the trunk
     measured under it (``ChainCosts.suffixes``); a placement runs the suffix ``costs.trunk``
-    was measured with (as it is, unless ``with_suffix`` chose another)."""
+    was measured with (as it is, unless ``with_trunk`` chose another)."""
     check_costs(costs)
     if isinstance(placement, (str, Policy)):
         policy = parse_policy(placement)
@@ -458,11 +458,6 @@ def placement_policy(placement: Placement, suffix: str = "", prefix: str = "") -
         return Segments(checkpointed(placement))
     return Menu(tuple((i, j, "full" if kind is True else kind, ())
                       for i, j, kind in placement if kind is not False), suffix, prefix)
-
-
-def with_suffix(costs: ChainCosts, option: str) -> ChainCosts:
-    """``with_trunk`` with the prefix as it is."""
-    return with_trunk(costs, option)
 
 
 def with_trunk(costs: ChainCosts, suffix: str = "", prefix: str = "") -> ChainCosts:

@@ -268,3 +268,24 @@ def test_on_a_learners_model_the_prefix_runs_inside_block_0s_checkpoint():
     plain = grads("none")
     for policy in ("menu:0=full,prefix=full", "menu:0-2=full,prefix=full,suffix=full"):
         assert all(torch.equal(a, b) for a, b in zip(plain, grads(policy), strict=True))
+
+
+@pytest.mark.slow  # auto_checkpoint measures the menu and op-level points twice: seconds
+def test_auto_checkpoint_installs_a_trunk_clause_and_undoes_it():
+    from ckpt_course.auto import auto_checkpoint
+
+    torch.manual_seed(0)
+    model = TinyGPT(GPTConfig(n_layer=3, d_model=32, n_head=2, seq_len=32, vocab_size=1024))
+    batch = model.example_batch(2, generator=torch.Generator().manual_seed(0))
+    generous = auto_checkpoint(model, 10**9, batch)
+    generous.undo()
+    costs = generous.plan.costs
+    without = min(predict(costs, p).peak_bytes for p in all_placements(3, costs))
+    report = auto_checkpoint(model, without - 1, batch)
+    try:
+        assert "prefix=full" in str(report.policy) and "prefix=full" in str(report)
+        assert report.measured_peak == report.predicted_peak <= without - 1
+        assert "loss" in vars(model)  # the trunk's entry: the model's own loss, wrapped
+    finally:
+        report.undo()
+    assert "loss" not in vars(model) and "forward" not in vars(model.blocks[0])
