@@ -19,6 +19,19 @@ def pytest_collection_modifyitems(config, items):
     if getattr(config.option, "loadgroup", False):  # xdist sets it on its workers
         slow = {_group(i) for i in items if i.get_closest_marker("slow") or _is_notebook(i)}
         items.sort(key=lambda item: _group(item) not in slow)  # stable: else as collected
+        for item in items:
+            _name_group_in_nodeid(item)
+
+
+def _name_group_in_nodeid(item) -> None:
+    """xdist's scheduler reads a test's group from its nodeid ("...@group"). xdist 3.8 appends
+    it by setting ``item._nodeid``, which pytest 9.2 no longer reads (it keeps ``item._id``): the
+    groups were lost and a notebook's cells went to both workers (a fresh kernel midway: a
+    NameError). So the suffix is written here, where pytest 9.2 keeps the nodeid."""
+    from _pytest.nodeid import NodeId
+
+    if "@" not in item.nodeid.rsplit("]", 1)[-1]:  # a fixed xdist has not done it already
+        item._id = NodeId.parse(f"{item.nodeid}@{_group(item)}")
 
 
 def _group(item) -> str:
