@@ -166,15 +166,22 @@ class AutoReport:
 
 
 def auto_checkpoint(model: nn.Module, budget, batch, loss_fn=None, menu=MENU,
-                    op_points: int = 6) -> AutoReport:
+                    op_points: int = 6, trunk: bool = False) -> AutoReport:
     """Measure, plan, apply and verify the cheapest checkpoint placement that fits ``budget``
     (bytes or "40MiB") for a training step on ``batch`` (a tensor or a tuple whose first item
     is the model's input; the course's models take their own ``(idx, targets)``). Raises a
     one-line ``ValueError`` naming the fix when nothing fits; the model is unchanged then.
     ``op_points``: besides ``menu``, up to this many op-level options per distinct block
-    (``op_choices``: which op outputs a checkpoint keeps; 0: the menu alone)."""
+    (``op_choices``: which op outputs a checkpoint keeps; 0: the menu alone).
+    ``trunk=True``: also weigh a checkpointed suffix and prefix (a menu's ``suffix=`` and
+    ``prefix=`` clauses). Their recompute runs the model's own code around the blocks a second
+    time in backward, so a forward with side effects (a call counter, its own random generator,
+    a buffer it updates in place) would do them twice and train differently: only for a model
+    whose forward is pure, which no measurement can check; hence off by default."""
     budget = parse_budget(budget)  # once, here
     check_op_points(op_points)
+    if not isinstance(trunk, bool):
+        raise TypeError(f"trunk is True or False, got {trunk!r}")
     course = _course_model(model, batch, loss_fn)
     _check_no_policy(course.blocks)
     # Everything runs on a copy, with the random stream put back: the learner's model keeps its
@@ -182,7 +189,7 @@ def auto_checkpoint(model: nn.Module, budget, batch, loss_fn=None, menu=MENU,
     # reproduce with or without this call.
     with torch.random.fork_rng(devices=_cuda_devices(model)):
         work = copy.deepcopy(course)
-        costs = measure_costs(work, None, menu=menu, op_points=op_points, suffix=True)
+        costs = measure_costs(work, None, menu=menu, op_points=op_points, suffix=trunk)
         plan = make_plan(costs, budget, "flops")
         if not plan.fits:
             raise ValueError(f"nothing fits in {fmt_bytes(budget)}: {plan.advice()}")

@@ -277,11 +277,11 @@ def test_auto_checkpoint_installs_a_trunk_clause_and_undoes_it():
     torch.manual_seed(0)
     model = TinyGPT(GPTConfig(n_layer=3, d_model=32, n_head=2, seq_len=32, vocab_size=1024))
     batch = model.example_batch(2, generator=torch.Generator().manual_seed(0))
-    generous = auto_checkpoint(model, 10**9, batch)
+    generous = auto_checkpoint(model, 10**9, batch, trunk=True)
     generous.undo()
     costs = generous.plan.costs
     without = min(predict(costs, p).peak_bytes for p in all_placements(3, costs))
-    report = auto_checkpoint(model, without - 1, batch)
+    report = auto_checkpoint(model, without - 1, batch, trunk=True)
     try:
         assert "prefix=full" in str(report.policy) and "prefix=full" in str(report)
         assert report.measured_peak == report.predicted_peak <= without - 1
@@ -289,3 +289,19 @@ def test_auto_checkpoint_installs_a_trunk_clause_and_undoes_it():
     finally:
         report.undo()
     assert "loss" not in vars(model) and "forward" not in vars(model.blocks[0])
+
+
+def test_auto_checkpoint_leaves_the_trunk_alone_unless_asked():
+    """A trunk clause re-runs the model's own code around the blocks in backward: a forward
+    with side effects would do them twice, so auto_checkpoint weighs it only when asked."""
+    from ckpt_course.auto import auto_checkpoint
+
+    torch.manual_seed(0)
+    model = TinyGPT(GPTConfig(n_layer=3, d_model=32, n_head=2, seq_len=32, vocab_size=1024))
+    batch = model.example_batch(2, generator=torch.Generator().manual_seed(0))
+    report = auto_checkpoint(model, 10**9, batch, op_points=0)
+    try:
+        assert not report.plan.costs.suffixes
+        assert "suffix=" not in str(report.policy) and "prefix=" not in str(report.policy)
+    finally:
+        report.undo()
