@@ -200,6 +200,22 @@ class LabPage:
         time.sleep(0.3)
         self.wait_idle()
 
+    def watch_images(self) -> None:
+        """Record every output image's source as the page shows it (a MutationObserver): a live
+        plot's frames are all seen, where polling from here missed some on a loaded machine."""
+        self.page.evaluate("""() => {
+          const seen = window.__imagesSeen = new Set();
+          const record = () => document.querySelectorAll('.jp-OutputArea-output img')
+            .forEach(img => seen.add(img.src));
+          new MutationObserver(record).observe(document.body, {
+            subtree: true, childList: true, attributes: true, attributeFilter: ['src']});
+          record();
+        }""")
+
+    def images_seen(self) -> list[str]:
+        """Every image source recorded since ``watch_images``."""
+        return self.page.evaluate("() => Array.from(window.__imagesSeen || [])")
+
     def images(self) -> list[str]:
         return self.page.eval_on_selector_all(
             ".jp-OutputArea-output img", "els => els.map(e => e.src)"

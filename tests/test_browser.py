@@ -70,16 +70,16 @@ def test_the_browser_lessons_exist():
 @pytest.mark.parametrize("lesson", LESSONS, ids=[p.stem for p in LESSONS])
 def test_lesson_runs_clean_in_jupyterlab(page, lesson):
     page.open(f"notebooks/{lesson.name}")
+    page.watch_images()  # every figure drawn from now on, however briefly it was shown
     page.command("notebook:run-all-cells", wait=False)
-    seen: set[str] = set()
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:  # poll the plots while it runs, to see live updates
-        seen.update(page.images())
+    while time.monotonic() < deadline:
         if page.kernel_status() == "idle" and not page.page.locator(
                 ".jp-InputPrompt:has-text('[*]')").count():
             break
         time.sleep(0.25)
     page.wait_idle()
+    seen = set(page.images_seen())
     screenshot(page, lesson.stem)
 
     assert page.errors() == []
