@@ -202,7 +202,7 @@ def linear_relu_chain() -> ChainCosts:
                          8388608 if first else 16777216, 4224, not first,
                          1048576, 1048576, 1048576, 524288,
                          Backward(524288, 524288, change, change - 524288),
-                         Backward(524288, 524288, change, change - 1048576))
+                         Backward(524288, 524288, change, change - 524288))  # checkpointed: alike
 
     trunk = TrunkCost(base_bytes=202880, input_counted=False,
                       suffix_forward_peak_held=524288, suffix_forward_peak_free=524288,
