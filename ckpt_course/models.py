@@ -151,21 +151,28 @@ class GPTBlock(nn.Module):
 
 
 def check_parameters_fit(cfg) -> None:
-    """Refuse, before any allocation, a real (not fake, not meta) model whose float32 parameters
-    alone exceed this machine's free memory: building it would fail in the allocator or swap.
-    Fake or meta tensors (``ckpt_course.estimate``'s 70B) allocate nothing and pass."""
+    """Refuse, before any allocation, a real (not fake, not meta) model whose float32 weight
+    matrices alone exceed this machine's free memory: building it would fail in the allocator
+    or swap. Counted in closed form (embeddings, head and each block's matrices; biases and
+    norms left out: a lower bound), not by ``estimate.parameter_count``, which builds the model
+    on fake tensors and would run on every model built. Fake or meta tensors pass."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    from .estimate import parameter_count  # both import this module: imported when called
-    from .step import available_memory
+    from .step import available_memory  # step imports this module: imported when called
 
     probe = torch.empty(0)
     if isinstance(probe, FakeTensor) or probe.is_meta:
         return
-    free, n_params = available_memory(), parameter_count(cfg)
+    d, n = cfg.d_model, cfg.vocab_size * cfg.d_model
+    if isinstance(cfg, GPTConfig):
+        n_params = 2 * n + cfg.seq_len * d + cfg.n_layer * 12 * d * d
+    else:
+        kv = cfg.n_kv_head * cfg.head_dim
+        n_params = 2 * n + cfg.n_layer * (2 * d * d + 2 * d * kv + 3 * d * cfg.d_ff)
+    free = available_memory()
     if free is None or 4 * n_params <= free:
         return
-    raise ValueError(f"{cfg} has {n_params:,} parameters ({4 * n_params / 2**30:.1f} GiB in "
+    raise ValueError(f"{cfg} has over {n_params:,} parameters ({4 * n_params / 2**30:.1f} GiB in "
                      f"float32), more than the {free / 2**30:.1f} GiB this machine has free: use "
                      "a smaller d_model, n_layer or vocab_size, or build it on fake tensors "
                      "(ckpt_course.estimate)")
@@ -259,7 +266,6 @@ def _rotate_half(x):
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        check_parameters_fit(cfg)
         self.cfg = cfg
         hd = cfg.head_dim
         self.wq = nn.Linear(cfg.d_model, cfg.n_head * hd, bias=False)
