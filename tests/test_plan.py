@@ -43,15 +43,6 @@ from ckpt_course.units import MiB, fmt_bytes
 SMALL_GPT = GPTConfig(n_layer=4, d_model=64, n_head=4, seq_len=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Byte counts do not depend on threads; tiny ops on 2 threads of a busy 2-core machine
-    can be 100x slower (the threads wait for each other), so these tests use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def random_costs(rng: random.Random, n: int) -> ChainCosts:
     """A chain with arbitrary per-block numbers: the DP must agree with brute force on any."""

@@ -27,15 +27,6 @@ from ckpt_course.policies import Menu
 from ckpt_course.train import check_gradients
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Byte counts do not depend on threads; one thread keeps tiny ops fast on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------- the tester's block kinds
 class Res(nn.Module):
     """Residual LayerNorm-MLP: saves its input (LayerNorm), not its output."""

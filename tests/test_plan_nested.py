@@ -30,15 +30,6 @@ from ckpt_course.plan import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Byte counts do not depend on threads; one thread keeps tiny ops fast on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def meter(model, policy, batch_size: int) -> int:
     return measure_peaks(model, policy, batch_size)[1]  # step 2: optimizer state present
 

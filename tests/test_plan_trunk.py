@@ -70,16 +70,21 @@ def test_the_suffix_options_measured_are_full_and_the_zero_flop_point(gpt3):
 def test_every_suffix_option_is_predicted_to_the_byte_with_identical_gradients(gpt3):
     model, costs = gpt3
     placements = random.Random(0).sample(list(all_placements(3)), 9)
+    assert _wrong(model, costs, [placement_policy(placement, trunk.suffix)
+                                 for trunk in (costs.trunk, *costs.suffixes)
+                                 for placement in placements]) == []
+
+
+def _wrong(model, costs, policies) -> list:
+    """The policies whose predicted peak is not the meter's, or whose gradients differ."""
     wrong = []
-    for trunk in (costs.trunk, *costs.suffixes):
-        for placement in placements:
-            policy = placement_policy(placement, trunk.suffix)
-            predicted = predict(costs, policy).peak_bytes
-            measured = measure_peaks(model, policy, 2)[-1]
-            equal = check_gradients(model, policy, 2).equal
-            if predicted != measured or not equal:
-                wrong.append((str(policy), predicted - measured, equal))
-    assert wrong == []
+    for policy in policies:
+        predicted = predict(costs, policy).peak_bytes
+        measured = measure_peaks(model, policy, 2)[-1]
+        equal = check_gradients(model, policy, 2).equal
+        if predicted != measured or not equal:
+            wrong.append((str(policy), predicted - measured, equal))
+    return wrong
 
 
 def test_a_few_suffix_placements_are_exact(gpt3):
@@ -225,16 +230,9 @@ def test_the_prefix_inside_block_0s_checkpoint_is_exact_and_lowers_the_peak(gpt3
 @pytest.mark.slow  # 3 suffixes x 8 placements, metered and checked for gradients: ~20 s
 def test_every_prefix_placement_is_predicted_to_the_byte_with_identical_gradients(gpt3):
     model, costs = gpt3
-    wrong = []
-    for trunk in (costs.trunk, *costs.suffixes):
-        for placement in _first_checkpointed(3):
-            policy = placement_policy(placement, trunk.suffix, "full")
-            predicted = predict(costs, policy).peak_bytes
-            measured = measure_peaks(model, policy, 2)[-1]
-            equal = check_gradients(model, policy, 2).equal
-            if predicted != measured or not equal:
-                wrong.append((str(policy), predicted - measured, equal))
-    assert wrong == []
+    assert _wrong(model, costs, [placement_policy(placement, trunk.suffix, "full")
+                                 for trunk in (costs.trunk, *costs.suffixes)
+                                 for placement in _first_checkpointed(3)]) == []
 
 
 @pytest.mark.slow  # measures a small HF model with its trunk options: seconds
