@@ -90,8 +90,10 @@ def test_lesson_runs_clean_in_jupyterlab(page, lesson):
 
     if page.page.locator(".widget-hslider").count():
         check_slider_redraws(page, lesson)
-    if uses_live_plot(lesson):
-        assert len(seen - final) >= 2, "the live plot did not update while the run went on"
+    if uses_live_plot(lesson):  # a frame drawn during the run that the final one replaced;
+        # how many depends on the machine (redraws are throttled to a share of the run's time:
+        # live.LivePlot._due), so on a busy machine there may be only one
+        assert len(seen - final) >= 1, "the live plot did not update while the run went on"
 
 
 def uses_live_plot(lesson: Path) -> bool:
