@@ -663,12 +663,6 @@ def _suffix_option(option) -> str:
     return str(parse_policy(option))
 
 
-def _block_number(k) -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(k)
-    return k
-
-
 MAX_NESTING = 32  # levels of nested checkpoints (Griewank's optimum for n blocks is ~log2 n)
 MAX_BLOCK = 100_000  # block numbers: no model has this many blocks ('0..10**9' would never end)
 

@@ -114,13 +114,7 @@ def test_pruned_plan_costs_what_the_general_dp_finds_on_longer_uniform_chains(se
     objectives = ("flops", "time") if costs.times else ("flops",)
     fast = {(b, o): optimal(costs, b, o) for b in budgets(costs) for o in objectives}
     without_pruning(monkeypatch)
-    for (budget, objective), plan in fast.items():
-        general = optimal(costs, budget, objective)
-        assert (plan is None) == (general is None), budget
-        if plan is not None:
-            assert (placement_cost(costs, plan.placement, objective), plan.peak_bytes) == (
-                placement_cost(costs, general.placement, objective), general.peak_bytes)
-            assert plan.peak_bytes <= budget
+    assert_same_plans(costs, fast)
 
 
 def test_the_lower_bound_never_exceeds_the_cost_to_finish():
@@ -148,13 +142,7 @@ def test_the_full_menu_plans_what_the_plain_pareto_dp_plans_on_uniform_chains(se
     costs = uniform(rng, rng.randint(12, 28), 4, jitter=0.25 * (seed % 2), free=2)
     fast = {(b, o): optimal(costs, b, o) for b in budgets(costs) for o in ("flops", "time")}
     without_any_bound(monkeypatch)
-    for (budget, objective), plan in fast.items():
-        plain = optimal(costs, budget, objective)
-        assert (plan is None) == (plain is None), budget
-        if plan is not None:
-            assert (placement_cost(costs, plan.placement, objective), plan.peak_bytes) == (
-                placement_cost(costs, plain.placement, objective), plain.peak_bytes)
-            assert plan.peak_bytes <= budget
+    assert_same_plans(costs, fast)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -204,3 +192,15 @@ def test_states_no_way_finishes_from_are_pruned_exactly(seed):
         if fast is not None:
             assert (placement_cost(costs, fast.placement, picky), fast.peak_bytes) == (
                 placement_cost(costs, brute.placement, picky), brute.peak_bytes)
+
+
+def assert_same_plans(costs, fast: dict) -> None:
+    """Each (budget, objective) -> plan of ``fast`` costs and peaks what ``optimal`` plans now
+    (with its prunings switched off by the caller), and fits its budget."""
+    for (budget, objective), plan in fast.items():
+        general = optimal(costs, budget, objective)
+        assert (plan is None) == (general is None), budget
+        if plan is not None:
+            assert (placement_cost(costs, plan.placement, objective), plan.peak_bytes) == (
+                placement_cost(costs, general.placement, objective), general.peak_bytes)
+            assert plan.peak_bytes <= budget
