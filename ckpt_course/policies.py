@@ -657,10 +657,12 @@ def _suffix_option(option) -> str:
     option = option.strip()
     if option in ("", "full"):
         return option
-    if not isinstance(parse_policy(option), Selective):
+    # a selective option's own error says what is wrong with it; any other text is no option
+    region = parse_policy(option) if option.lower().startswith("selective:") else None
+    if not isinstance(region, Selective):
         raise ValueError(f"the suffix runs full or selective:... (e.g. suffix=selective:ops=0,3), "
                          f"not {option!r}")
-    return str(parse_policy(option))
+    return str(region)
 
 
 MAX_NESTING = 32  # levels of nested checkpoints (Griewank's optimum for n blocks is ~log2 n)
@@ -779,16 +781,13 @@ def _parse_menu(spec: str, body: str) -> Menu:
                 pieces.append(piece)
             else:
                 pieces[-1] += "," + piece
-        items, suffix, prefix = [], "", ""
+        items, trunk = [], {}
         for piece in pieces:
             span, eq, option = piece.partition("=")
             if not eq:
                 raise ValueError(f"{piece!r} names no option")
-            if span.strip() == "suffix":
-                suffix = _suffix_option(option)
-                continue
-            if span.strip() == "prefix":
-                prefix = option.strip()
+            if span.strip() in ("suffix", "prefix"):
+                trunk[span.strip()] = _trunk_clause(span.strip(), option, trunk)
                 continue
             a, b, each = _parse_span(span)
             option = option.strip()
@@ -801,9 +800,21 @@ def _parse_menu(spec: str, body: str) -> Menu:
             else:
                 option = str(parse_policy(option))
                 items += [(k, k + 1, option, ()) for k in range(a, b)]
-        return Menu(tuple(items), suffix, prefix)
+        return Menu(tuple(items), trunk.get("suffix", ""), trunk.get("prefix", ""))
     except ValueError as error:
         raise ValueError(f"bad policy {shown(spec)}: {error}; {fix}") from None
+
+
+def _trunk_clause(name: str, option: str, seen: dict) -> str:
+    """A menu's ``suffix=`` or ``prefix=`` clause, given once and naming an option: an empty
+    or repeated clause would otherwise be dropped, or a later one win, without a word."""
+    accepted = "full or selective:..." if name == "suffix" else "full"
+    if name in seen:
+        raise ValueError(f"{name}= is given twice: give it once")
+    if not option.strip():
+        raise ValueError(f"{name}= names no option: write {name}={accepted}, or leave the "
+                         f"clause out")
+    return _suffix_option(option) if name == "suffix" else option.strip()
 
 
 # ---------------------------------------------------------------- parsing
