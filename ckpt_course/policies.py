@@ -1041,11 +1041,13 @@ class _Forward:
     """The instance ``forward`` a policy gives a block; it knows which handle installed it.
     With a checkpointed suffix, the last block's return opens the suffix's region."""
 
-    def __init__(self, handle: AppliedPolicy, run, last: bool = False):
-        self.handle, self.run, self.last = handle, run, last
+    def __init__(self, handle: AppliedPolicy, run, index: int, last: bool = False):
+        self.handle, self.run, self.index, self.last = handle, run, index, last
 
     def __call__(self, *args, **kwargs):
         suffix = self.handle.suffix
+        if suffix is not None:
+            suffix.check_closed(self.index)
         out = self.run(*args, **kwargs)
         if suffix is not None and self.last:
             suffix.open(out)
@@ -1127,11 +1129,6 @@ class _Trunk:
         """The last block returned ``out``: the suffix starts (inside an entry call only)."""
         if self._call is None or self.region is None:
             return
-        if self._open is not None:
-            error = RuntimeError("the last block ran twice in one forward: a checkpointed "
-                                 "suffix needs each block once per forward; drop suffix=")
-            self._abandon(error)
-            raise error
         args, kwargs, state = self._call
         if getattr(type(self.region), "region", Policy.region) is not Policy.region:
             self._open = self.region.region(None, [], self.handle.store, (out,), {})
@@ -1145,6 +1142,18 @@ class _Trunk:
             replay, True, lambda: (forward, contextlib.nullcontext()), "default", False, True,
             out)
         next(self._open)
+
+    def check_closed(self, k: int) -> None:
+        """Block ``k`` is called: inside the open suffix (code after the last block calls a
+        block again) its recompute would stand in for it and save other tensors, and torch's
+        checkpoint would fail in backward with a multi-line error. Refused here, in forward."""
+        if self._open is None:
+            return
+        error = RuntimeError(f"block {k} ran after the last block, inside the checkpointed "
+                             f"suffix: a checkpointed suffix needs each block once per forward; "
+                             f"drop suffix=")
+        self._abandon(error)
+        raise error
 
     def _replay(self, args, kwargs, state, recompute, last_out):
         self._replaying = [last_out, _random_state(tree_leaves((args, kwargs))), recompute,
@@ -1280,7 +1289,7 @@ class AppliedPolicy:
         if getattr(policy, "prefix", ""):
             self.trunk.first = next(r for r in self.regions if r.blocks[0] is blocks[0])
         for i, (block, run) in enumerate(zip(blocks, runs, strict=True)):
-            block.forward = _Forward(self, run, i == len(blocks) - 1)
+            block.forward = _Forward(self, run, i, i == len(blocks) - 1)
         # An error between blocks (in the model's own code, or a module hook) never reaches a
         # region: the model's forward closes whatever is left open when it ends.
         self._closer = model.register_forward_hook(self._close_regions, always_call=True)
