@@ -28,6 +28,7 @@ time objective.
 from __future__ import annotations
 
 import contextlib
+import sys
 import weakref
 from dataclasses import dataclass, replace
 
@@ -907,9 +908,11 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
     batch = model.example_batch(seq_len=seq_len, generator=torch.Generator().manual_seed(seed),
                                 **size)
     inputs, outputs, order, extras = [], [], [], []
+    outside = _checkpoint_context()
 
     def grab_input(module, args, kwargs):
         order.append(index[id(module)])
+        _refuse_own_checkpoint(index[id(module)], outside)
         if args and isinstance(args[0], torch.Tensor):
             inputs.append(args[0].detach().clone().requires_grad_(args[0].requires_grad))
             extras.append((args[1:], kwargs))
@@ -1017,6 +1020,36 @@ def _refusing_views(blocks):
     finally:
         for h in handles:
             h.remove()
+
+
+def _checkpoint_context() -> tuple[int, object]:
+    """Where torch's checkpointing shows while code runs: the frames of
+    ``torch.utils.checkpoint`` on the stack (its ``checkpoint``, reentrant or not, and
+    ``checkpoint_sequential``) and the innermost saved-tensor hooks (a non-reentrant
+    checkpoint's, a composable ``checkpoint(module)``'s, ``save_on_cpu``'s)."""
+    frame, frames = sys._getframe(1), 0
+    while frame is not None:
+        frames += frame.f_code.co_filename == _CHECKPOINT_FILE
+        frame = frame.f_back
+    return frames, torch._C._autograd._top_saved_tensors_default_hooks(False)
+
+
+_CHECKPOINT_FILE = sys.modules[checkpoint.__module__].__file__
+
+
+def _refuse_own_checkpoint(k: int, outside: tuple[int, object]) -> None:
+    """Block ``k`` starts in the measuring pass, where the planner has installed nothing: a
+    checkpoint (or saved-tensor hooks) there beyond those around the pass (``outside``) is the
+    model's own. Measured as plain, the model's peak would be over-predicted, and a placement
+    would checkpoint inside the model's checkpoints: refused before any work."""
+    frames, hooks = _checkpoint_context()
+    if frames > outside[0]:
+        raise ValueError(f"block {k} runs inside torch.utils.checkpoint already: remove it and "
+                         f"let the planner choose")
+    if hooks is not None and hooks != outside[1]:
+        raise ValueError(f"block {k} runs under saved-tensor hooks the model sets (a "
+                         f"checkpoint or save_on_cpu of its own): remove them and let the "
+                         f"planner choose")
 
 
 def _check_block_order(order: list[int], n: int, tensors: int) -> None:

@@ -1,10 +1,15 @@
 """Refusals and messages of the planner that held-out testers found wrong (issue 20: Q2, Q7-Q10,
 P9, P10): each bad input is refused in one line naming the fix, before any work is done."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
+from ckpt_course.auto import _course_model, auto_checkpoint
+from ckpt_course.costs import measure_costs
 from ckpt_course.policies import applied, parse_policy
 
 
@@ -33,6 +38,26 @@ class Chain(nn.Module):
             x = block(x)
         if self.again:
             x = self.blocks[0](x)
+        return self.head(x)
+
+
+class OwnCheckpoint(Chain):
+    """A learner's model that checkpoints its blocks itself, the way ``how`` says (Q7)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+
+    def forward(self, x):
+        x = self.embed(x)
+        if self.how == "sequential":
+            return self.head(checkpoint_sequential(self.blocks, 3, x, use_reentrant=False))
+        for block in self.blocks:
+            if self.how == "save_on_cpu":
+                with torch.autograd.graph.save_on_cpu():
+                    x = block(x)
+            else:
+                x = checkpoint(block, x, use_reentrant=self.how == "reentrant")
         return self.head(x)
 
 
@@ -74,3 +99,37 @@ def test_a_block_called_inside_an_open_suffix_is_refused_in_forward_in_one_line(
     assert message.endswith("drop suffix=") and "\n" not in message
     assert all(p.grad is None for p in model.parameters())
     model(torch.randn(4, 8)).sum().backward()  # the policy is gone and nothing stayed open
+
+
+@pytest.mark.parametrize("how, says", [
+    ("non-reentrant", "block 0 runs inside torch.utils.checkpoint already: remove it and let "
+                      "the planner choose"),
+    ("reentrant", "block 0 runs inside torch.utils.checkpoint already"),
+    ("sequential", "block 0 runs inside torch.utils.checkpoint already"),
+    ("save_on_cpu", "block 0 runs under saved-tensor hooks the model sets"),
+])
+def test_a_model_that_checkpoints_its_own_blocks_is_refused_before_any_work(how, says):
+    """Q7: such a model was measured as plain (its peak over-predicted by the blocks' saved
+    tensors) and auto_checkpoint installed a second checkpoint inside its own. Refused in the
+    measuring pass, by what runs (torch.utils.checkpoint's frames, saved-tensor hooks), for
+    ``measure_costs`` and so for ``auto_checkpoint``; the learner's model is left as it was."""
+    torch.manual_seed(0)
+    model, batch = OwnCheckpoint(how), torch.randn(4, 8)
+    before = copy.deepcopy(model.state_dict())
+    for run in (lambda: measure_costs(_course_model(copy.deepcopy(model), batch, None), None),
+                lambda: auto_checkpoint(model, 10**9, batch)):
+        with pytest.raises(ValueError) as error:
+            run()
+        assert says in str(error.value) and "\n" not in str(error.value)
+    assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert not any("forward" in vars(block) for block in model.blocks)
+
+
+def test_hooks_around_the_measurement_are_not_the_models_own():
+    """The check compares with what surrounds the measuring pass: hooks a caller set around
+    ``measure_costs`` (a lesson's tape) do not refuse a plain model."""
+    torch.manual_seed(0)
+    course = _course_model(Chain(), torch.randn(4, 8), None)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        assert measure_costs(course, None).n == 3
