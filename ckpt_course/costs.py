@@ -496,11 +496,17 @@ def measure_option(block: nn.Module, x_like: torch.Tensor, option: str, plain: L
 
 def measure_menu(block: nn.Module, x_like: torch.Tensor, plain: LayerCost, options=MENU,
                  accumulate: bool = False, existing=frozenset()) -> dict[str, OptionCost]:
-    """Each option of the menu for one block; an option the block cannot run is left out."""
+    """Each option of the menu for one block; an option the block cannot run is left out,
+    but one naming op positions the block does not have is refused (``OpPositionError``):
+    a typo'd or stale position, not an option the block lacks."""
+    from .policies import OpPositionError
+
     out = {}
     for option in options:
         try:
             out[option] = measure_option(block, x_like, option, plain, accumulate, existing)
+        except OpPositionError:
+            raise
         except (RuntimeError, ValueError):
             continue  # e.g. a selective variant naming ops the block does not have is fine,
             # but one that torch refuses (an op it cannot cache) is no option

@@ -335,11 +335,13 @@ class SelectiveOps(Selective):
                              f"such as selective:ops=0,7,12); got {indices!r}")
         object.__setattr__(self, "indices", tuple(sorted(indices)))
 
-    def context_fn(self):
-        keep = frozenset(self.indices)
-        return create_selective_checkpoint_contexts(
-            _sac_policy(frozenset(), "save", lambda index: index in keep),
+    def context_fn(self, where: str = "the block"):
+        """``where``: what the region checkpoints, named if a position is beyond its ops."""
+        keep, ops = frozenset(self.indices), [0]
+        forward, recompute = create_selective_checkpoint_contexts(
+            _sac_policy(frozenset(), "save", lambda index: index in keep, ops),
             allow_cache_entry_mutation=True)
+        return _PositionsChecked(forward, self, ops, where), recompute
 
     def _what(self, n_blocks):
         positions = ", ".join(map(str, self.indices))
@@ -349,10 +351,37 @@ class SelectiveOps(Selective):
         return "selective:ops=" + ",".join(map(str, self.indices))
 
 
-def _sac_policy(named: frozenset, mode: str, keep_index=None):
+class OpPositionError(ValueError):
+    """A ``selective:ops=`` position beyond the ops its region runs (``_PositionsChecked``)."""
+
+
+class _PositionsChecked:
+    """A ``SelectiveOps`` region's forward context: when the region's forward ends, a kept
+    position beyond the ops it ran is refused (a typo'd or stale position, which positions
+    become when the block's code or torch changes, would otherwise keep nothing, silently:
+    ``full``). Raised at the first forward, before any backward or optimizer step."""
+
+    def __init__(self, mode, policy: SelectiveOps, ops: list, where: str):
+        self.mode, self.policy, self.ops, self.where = mode, policy, ops, where
+
+    def __enter__(self):
+        return self.mode.__enter__()
+
+    def __exit__(self, *exc):
+        suppressed = self.mode.__exit__(*exc)
+        beyond = [k for k in self.policy.indices if k >= self.ops[0]]
+        if exc[0] is None and beyond:
+            raise OpPositionError(f"{self.policy} names op position {beyond[0]}, but {self.where} "
+                             f"runs {self.ops[0]} ops (positions 0-{self.ops[0] - 1}): name "
+                             f"positions below {self.ops[0]} (op_choices.block_ops and "
+                             f"suffix_ops list them)")
+        return suppressed
+
+
+def _sac_policy(named: frozenset, mode: str, keep_index=None, ops: list | None = None):
     """The policy function SAC calls on every op of a region's forward (never during recompute).
     ``keep_index(position)``: decide by the op's position in the region's forward instead of
-    by name (``SelectiveOps``).
+    by name (``SelectiveOps``); ``ops[0]``: how many ops the region's forward has run.
 
     Naming ops is not enough; three rules keep the replay exact and the cache lean:
     - an op whose output lives in a storage an earlier op of the region made (a view, an in-place
@@ -380,6 +409,8 @@ def _sac_policy(named: frozenset, mode: str, keep_index=None):
 
     def policy_fn(ctx, op, *args, **kwargs):
         position[0] += 1
+        if ops is not None:
+            ops[0] = position[0] + 1
         outputs = [t for t in torch.utils._pytree.tree_leaves(ctx.op_output)
                    if isinstance(t, torch.Tensor)]
         inherited = [p for p in map(maker_policy, outputs) if p is not None]
@@ -1136,7 +1167,9 @@ class _Trunk:
             return
         # the recompute context (selective checkpointing's cache) starts where the suffix does,
         # at block 0's stand-in: the prefix's ops are none of its business
-        forward, recompute = self.region.context_fn()
+        forward, recompute = (self.region.context_fn("the suffix")
+                              if isinstance(self.region, SelectiveOps)
+                              else self.region.context_fn())
         replay = functools.partial(self._replay, args, kwargs, state, recompute)
         self._open = _checkpoint_without_reentrant_generator(
             replay, True, lambda: (forward, contextlib.nullcontext()), "default", False, True,

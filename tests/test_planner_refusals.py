@@ -2,6 +2,7 @@
 P9, P10): each bad input is refused in one line naming the fix, before any work is done."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 from ckpt_course.auto import _course_model, auto_checkpoint
 from ckpt_course.costs import measure_costs
-from ckpt_course.policies import applied, parse_policy
+from ckpt_course.op_choices import block_ops
+from ckpt_course.policies import OpPositionError, applied, parse_policy
 
 
 class Residual(nn.Module):
@@ -133,3 +135,46 @@ def test_hooks_around_the_measurement_are_not_the_models_own():
     course = _course_model(Chain(), torch.randn(4, 8), None)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         assert measure_costs(course, None).n == 3
+
+
+def _ops_run(policy: str, model: nn.Module, x: torch.Tensor) -> int:
+    """How many ops the refusal of ``policy`` says its region runs; nothing is trained."""
+    with applied(model, policy), pytest.raises(OpPositionError) as error:
+        model(x).sum().backward()
+    message = str(error.value)
+    assert "\n" not in message and all(p.grad is None for p in model.parameters())
+    return int(re.search(r"runs (\d+) ops \(positions 0-\d+\): name positions below", message)
+               .group(1))
+
+
+def test_an_op_position_beyond_the_blocks_ops_is_refused_naming_how_many_there_are():
+    """P9: ``selective:ops=999`` kept nothing, silently: ``full`` under another name. Refused
+    when the block's first forward ends (the count is known there), before any backward: the
+    last position it names is accepted, the next refused, in a menu alike."""
+    torch.manual_seed(0)
+    model, x = Chain(), torch.randn(4, 8)
+    n = _ops_run("selective:ops=999", model, x)
+    assert max(op.index for op in block_ops(model.blocks[0], torch.randn(4, 16))) < n
+    assert _ops_run(f"menu:1=selective:ops=0,{n}", model, x) == n
+    with applied(model, f"selective:ops=0,{n - 1}"):
+        model(x).sum().backward()  # the last position is one
+
+
+def test_an_op_position_beyond_the_suffixs_ops_is_refused():
+    """Q8: ``menu:suffix=selective:ops=999`` trained (the suffix has a handful of ops)."""
+    torch.manual_seed(0)
+    model, x = Chain(), torch.randn(4, 8)
+    n = _ops_run("menu:suffix=selective:ops=999", model, x)
+    with applied(model, f"menu:suffix=selective:ops={n - 1}"):
+        model(x).sum().backward()
+    with applied(model, "menu:suffix=selective:ops=999"), pytest.raises(
+            OpPositionError, match="but the suffix runs"):
+        model(x)
+
+
+def test_measuring_an_op_position_the_block_lacks_is_refused_not_left_out():
+    torch.manual_seed(0)
+    course = _course_model(Chain(), torch.randn(4, 8), None)
+    with pytest.raises(OpPositionError, match=r"selective:ops=999 names op position 999, but "
+                                              r"the block runs \d+ ops"):
+        measure_costs(course, None, menu=("selective:ops=999",))
