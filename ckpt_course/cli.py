@@ -840,10 +840,21 @@ def _parser() -> argparse.ArgumentParser:
     return make_parser()
 
 
+def _budget_joined(argv: list[str]) -> list[str]:
+    """``--budget -5MiB`` as ``--budget=-5MiB``: argparse reads a dash-led value that is not a
+    plain number as an option and says "expected one argument"; joined, the budget's parser
+    says what is wrong with it (``meter.parse_budget``)."""
+    out = list(argv)
+    for k in range(len(out) - 1):
+        if out[k] == "--budget" and re.match(r"-\.?\d", out[k + 1]):
+            out[k:k + 2] = [f"--budget={out[k + 1]}", None]
+    return [a for a in out if a is not None]
+
+
 def main(argv=None) -> int:
     """Parse, refuse to replace existing outputs (before any work), run. Bad input, seen by the
     parser or by the work itself, exits with code 2 and one line naming the fix."""
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_budget_joined(sys.argv[1:] if argv is None else argv))
     try:
         refuse_replacing(args.outputs(args), getattr(args, "force", False))
         return args.run(args)

@@ -86,33 +86,46 @@ class _StorageRef(weakref.ref):
 MAX_BUDGET = 2**63 - 1  # the largest byte count the planner (and a C long) can hold
 
 
-def parse_budget(budget) -> float:
-    """A budget in bytes: a positive number (``64 * MiB``) or a string like ``"64MiB"``; at
-    least one byte and at most ``MAX_BUDGET`` (8 EiB), refused here, where it enters."""
+def parse_budget(budget) -> int:
+    """A budget in whole bytes: a positive number (``64 * MiB``) or a string like ``"64MiB"``
+    (a fraction of a byte is rounded down: ``3.2 * MiB`` is 3,355,443 B); at least one byte and
+    at most ``MAX_BUDGET`` (8 EiB). Refused here, where it enters, in one line: under 1 KiB, a
+    fraction (1.5 bytes would read as "1 B" in every message; a learner who typed 1.5 meant
+    1.5GiB) or a string without a unit (no step fits in a few hundred bytes)."""
     hint = "a positive number of bytes, e.g. 64 * MiB, or a string like '64MiB' or '1.5GiB'"
+    given, unit = shown(budget), "B"
     if isinstance(budget, str):
-        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]iB|B)?\s*", budget)
+        match = re.fullmatch(r"\s*([-+]?)(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]iB|B)?\s*", budget)
         if not match:
-            raise ValueError(f"budget {shown(budget)} is not understood; give {hint}")
-        if len(match[1]) > 30:  # 400 digits would be a float's inf
+            raise ValueError(f"budget {given} is not understood; give {hint}")
+        if len(match[2]) > 30:  # 400 digits would be a float's inf
             raise ValueError(f"budget must be at most 8 EiB (2**63 - 1 bytes), more than any "
-                             f"machine has; got a {len(match[1])}-digit number: give a real "
+                             f"machine has; got a {len(match[2])}-digit number: give a real "
                              f"size such as '64GiB'")
-        budget = float(match[1]) * _UNITS[match[2] or ""]
+        unit = match[3] or ""
+        budget = float(match[2]) * _UNITS[unit] * (-1 if match[1] == "-" else 1)
     elif isinstance(budget, bool) or not isinstance(budget, numbers.Real):
-        raise TypeError(f"budget must be {hint}; got {type(budget).__name__} {shown(budget)}")
+        raise TypeError(f"budget must be {hint}; got {type(budget).__name__} {given}")
     elif isinstance(budget, numbers.Integral) and abs(budget) >= 2**64:  # beyond float, repr
         raise ValueError(f"budget must be {hint}; got a {int(budget).bit_length()}-bit number, "
                          f"more bytes than any machine has")
     if not (math.isfinite(budget) and budget > 0):
-        raise ValueError(f"budget must be {hint} (or None for no budget); got {shown(budget)}")
+        raise ValueError(f"budget must be {hint} (or None for no budget); got {given}")
     if budget > MAX_BUDGET:
         raise ValueError(f"budget must be at most 8 EiB (2**63 - 1 bytes), more than any machine "
                          f"has; got {budget:.4g} bytes: give a real size such as '64GiB'")
     if budget < 1:
         raise ValueError(f"budget must be at least 1 byte (a part of a byte holds nothing); got "
                          f"{budget:g} B: give e.g. '1KiB'")
-    return int(budget) if float(budget).is_integer() else budget
+    number = f"{budget:g}"
+    if budget < KiB and not float(budget).is_integer():
+        raise ValueError(f"budget {given} is not a whole number of bytes: give whole bytes, or "
+                         f"a unit (did you mean '{number}GiB'?)")
+    if unit == "" and budget < KiB:  # a string without a unit (a number's unit is "B")
+        raise ValueError(f"budget {given} has no unit and is under 1 KiB, where no training "
+                         f"step fits: give a unit (did you mean '{number}GiB'? '{number}B' "
+                         f"for bytes)")
+    return int(budget)
 
 
 class MemoryMeter(TorchDispatchMode):

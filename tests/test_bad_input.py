@@ -78,7 +78,7 @@ CLI = [
                  marks=pytest.mark.skipif(not NO_CUDA, reason="CUDA is there")),
     (["plan", "--config", "7b", "--layers", "2", "--budget", "80GiB"], "drop --layers"),
     (["plan", "--budget", "lots"], "not understood"),
-    (["plan", "--budget=-3GiB"], "not understood"),
+    (["plan", "--budget=-3GiB"], "positive"),
     (["plan", "--budget", "0"], "positive"),
     (["plan", "--config", "90b", "--budget", "1GiB"], "choose one of"),
     (["plan", "--model", "gpt"], "required: --budget"),
@@ -744,9 +744,11 @@ RESULTS_17 = [
     (lambda: policies.parse_policy("segments:99999").ranges, lambda got: got == ((99999, 100000),)),
     # 32 levels of nesting is the bound, not an error
     (lambda: len(str(_deep_menu(31))), lambda got: got > 100),
-    # a budget as large as the planner can hold is still a budget, and so is 1.5 bytes
+    # a budget as large as the planner can hold is still a budget; a fraction above 1 KiB is
+    # rounded down to whole bytes (1.5 bytes is refused: test_planner_refusals)
     (lambda: parse_budget(2**63 - 1), lambda got: got == 2**63 - 1),
-    (lambda: parse_budget("1.5B"), lambda got: got == 1.5),
+    (lambda: parse_budget("2000.5B"), lambda got: got == 2000),
+    (lambda: parse_budget(3.2 * 2**20), lambda got: got == 3355443),
     # a micro-batch list is the caller's after the step
     (lambda: _list_after_step(), lambda got: got == 2),
 ]

@@ -40,9 +40,10 @@ NUMBERS = [(before + [option, value], fix) for before, option in INT_OPTIONS
            for value, fix in BAD_INTS]
 
 BUDGETS = [(["compare"]), (["plan", "--model", "gpt"]), (["doctor"])]
-BAD_BUDGETS = [("0", "positive"), ("-1MiB", "not understood"), ("lots", "not understood"),
+BAD_BUDGETS = [("0", "positive"), ("-1MiB", "positive"), ("lots", "not understood"),
                ("1XB", "not understood"), ("nan", "not understood"), ("", "not understood"),
-               ("0.0GiB", "positive")]
+               ("0.0GiB", "positive"), ("1.5", "did you mean '1.5GiB'?"),
+               ("1.5B", "not a whole number of bytes"), ("512", "has no unit")]
 NUMBERS += [(before + ["--budget=" + value], fix) for before in BUDGETS
             for value, fix in BAD_BUDGETS]
 NUMBERS += [(["train", "--dropout", v], "probability in [0, 1)")

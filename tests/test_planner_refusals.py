@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
+from ckpt_course import cli
 from ckpt_course.auto import _course_model, auto_checkpoint
 from ckpt_course.costs import measure_costs
 from ckpt_course.op_choices import block_ops
@@ -178,3 +179,33 @@ def test_measuring_an_op_position_the_block_lacks_is_refused_not_left_out():
     with pytest.raises(OpPositionError, match=r"selective:ops=999 names op position 999, but "
                                               r"the block runs \d+ ops"):
         measure_costs(course, None, menu=("selective:ops=999",))
+
+
+@pytest.mark.parametrize("budget, says", [
+    ("-5MiB", "budget must be a positive number of bytes"),
+    ("-0.5GiB", "budget must be a positive number of bytes"),
+    ("0", "budget must be a positive number of bytes"),
+    ("1.5", "budget '1.5' is not a whole number of bytes: give whole bytes, or a unit (did you "
+            "mean '1.5GiB'?)"),
+    ("512", "budget '512' has no unit and is under 1 KiB"),
+])
+def test_a_bad_budget_on_the_command_line_gets_one_line_naming_the_fix(budget, says, capsys):
+    """P10: ``--budget -5MiB`` got argparse's "expected one argument" (a dash-led value reads as
+    an option), ``--budget 1.5`` measured the model and answered "more than the budget 1 B"."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["plan", "--model", "gpt", "--layers", "1", "--budget", budget])
+    assert stop.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing was measured or printed
+    line = captured.err.strip().splitlines()[-1]
+    assert line.startswith(f"ckpt-course plan: error: argument --budget: {says}"), line
+
+
+def test_a_fraction_of_a_byte_is_refused_by_the_api_before_any_work():
+    """``auto_checkpoint(model, 1.5, batch)`` said "nothing fits in 1 B" after measuring."""
+    torch.manual_seed(0)
+    model = Chain()
+    with pytest.raises(ValueError, match=r"^budget 1\.5 is not a whole number of bytes: give "
+                                         r"whole bytes, or a unit \(did you mean '1\.5GiB'\?\)$"):
+        auto_checkpoint(model, 1.5, torch.randn(4, 8))
+    assert not any("forward" in vars(block) for block in model.blocks)
