@@ -1223,7 +1223,20 @@ class Plan:
         return min(fitting, key=lambda item: item[1].recompute_flops, default=None)
 
     def lowest_peak(self) -> tuple[str, Prediction]:
-        return min(self.alternatives.items(), key=lambda kv: kv[1].peak_bytes)
+        """The lowest peak of the usual policies, also on each way of running the trunk the
+        plan weighs (the FLOPs objective: every measured ``suffix=`` option, and the prefix
+        inside block 0's checkpoint where measured exact; ``_trunk_variants``), named with
+        its clauses: "nothing fits" never quotes a higher lowest than ``optimal`` could reach
+        with these policies."""
+        found = list(self.alternatives.items())
+        if self.objective == "flops":
+            suffixes = [t.suffix for t in (self.costs.trunk, *self.costs.suffixes)]
+            for suffix, prefix in itertools.product(suffixes, ("", "full")):
+                for p in ([] if not (suffix or prefix) else self.alternatives.values()):
+                    with_clauses = _with_trunk_or_none(self.costs, p.placement, suffix, prefix)
+                    if with_clauses is not None:
+                        found.append((str(with_clauses.policy), with_clauses))
+        return min(found, key=lambda kv: kv[1].peak_bytes)
 
     def advice(self) -> str:
         """Why nothing fits, with the numbers, and what to do."""
@@ -1321,6 +1334,15 @@ class Plan:
         return "\n".join(lines)
 
     __str__ = report
+
+
+def _with_trunk_or_none(costs: ChainCosts, placement, suffix: str, prefix: str):
+    """``placement`` predicted with the trunk run as ``suffix``/``prefix`` say, or None where
+    these costs cannot (an option not measured, a prefix=full without a checkpointed block 0)."""
+    try:
+        return predict(costs, placement_policy(placement, suffix, prefix))
+    except ValueError:
+        return None
 
 
 def check_costs(costs) -> ChainCosts:

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
@@ -13,6 +14,7 @@ from ckpt_course import cli
 from ckpt_course.auto import _course_model, auto_checkpoint
 from ckpt_course.costs import measure_costs
 from ckpt_course.op_choices import block_ops
+from ckpt_course.plan import make_plan, optimal_frontier, predict
 from ckpt_course.policies import OpPositionError, applied, parse_policy
 
 
@@ -209,3 +211,44 @@ def test_a_fraction_of_a_byte_is_refused_by_the_api_before_any_work():
                                          r"whole bytes, or a unit \(did you mean '1\.5GiB'\?\)$"):
         auto_checkpoint(model, 1.5, torch.randn(4, 8))
     assert not any("forward" in vars(block) for block in model.blocks)
+
+
+class BigTrunk(nn.Module):
+    """An embedding and an MLP before three small blocks, a 512-wide head after: the trunk
+    holds most of the step, so ``prefix=full`` plans peak lowest (Q2's model)."""
+
+    def __init__(self, width=32, vocab=512):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.pre = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
+                                 nn.Linear(4 * width, width))
+        self.blocks = nn.ModuleList(Residual(width) for _ in range(3))
+        self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, vocab, bias=False)
+
+    def forward(self, idx):
+        x = self.embed(idx)
+        x = x + self.pre(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+def test_nothing_fits_quotes_the_lowest_peak_over_the_trunk_clauses_the_plan_weighs():
+    """Q2: "nothing fits" quoted the lowest of the usual policies with the trunk as it is
+    (every-3 here), while a ``prefix=full`` plan, which ``optimal`` plans over, peaks lower: a
+    learner asked for more memory than they needed. Now the quote names the policy with its
+    clauses, and it is no higher than the plain prefix=full plan."""
+    torch.manual_seed(0)
+    idx, targets = torch.randint(0, 512, (4, 16)), torch.randint(0, 512, (4, 16))
+    course = _course_model(BigTrunk(), (idx, targets),
+                           lambda out, batch: F.cross_entropy(out.flatten(0, 1),
+                                                              batch[1].flatten()))
+    costs = measure_costs(course, None, suffix=True)
+    reachable = optimal_frontier(costs)[-1].peak_bytes  # the lowest any placement reaches
+    plan = make_plan(costs, reachable - 1)
+    assert not plan.fits
+    name, low = plan.lowest_peak()
+    assert low.peak_bytes <= predict(costs, "menu:0-2=full,prefix=full").peak_bytes
+    assert "prefix=full" in name and predict(costs, name).peak_bytes == low.peak_bytes
+    assert reachable <= low.peak_bytes < min(p.peak_bytes for p in plan.alternatives.values())
+    assert f"({name}, at " in plan.advice()
