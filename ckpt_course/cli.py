@@ -476,6 +476,10 @@ def add_plan_arguments(parser) -> None:
                         help="also up to N op-level options per distinct block: which op "
                              "outputs a checkpoint keeps (selective:ops=...; --model and "
                              "--config; default: the menu alone)")
+    parser.add_argument("--trunk", action="store_true",
+                        help="--model: also weigh the trunk checkpointed (menu:...,suffix=full "
+                             "or selective:ops=..., prefix=full), as auto_checkpoint(..., "
+                             "trunk=True) does; plans by recomputed FLOPs")
 
 
 def costs_from_args(args):
@@ -490,6 +494,7 @@ def costs_from_args(args):
         raise ValueError("--objective time needs a course model measured for real (--model); a "
                          "config is costed on fake tensors: use --objective flops")
     points = getattr(args, "op_points", 0)
+    _check_trunk(args)
     if getattr(args, "hf_config", None) is not None:
         from .hf import hf_config_costs, longest
 
@@ -524,7 +529,21 @@ def costs_from_args(args):
     args.model = args.model or "gpt"
     model, batch_size, seq = _course_model(args)
     return measure_costs(model, batch_size, seq, menu=MENU, times=args.objective != "flops",
-                         op_points=points)
+                         op_points=points, suffix=getattr(args, "trunk", False))
+
+
+def _check_trunk(args) -> None:
+    """``--trunk``: the suffix and prefix clauses are measured on a real course model and
+    weighed by the FLOPs objective only (``plan._trunk_variants``), so it plans by FLOPs."""
+    if not getattr(args, "trunk", False):
+        return
+    if args.config is not None or getattr(args, "hf_config", None) is not None:
+        raise ValueError("--trunk applies to a course model measured for real (--model); a "
+                         "config is costed on fake tensors: drop --trunk")
+    if args.objective == "time":
+        raise ValueError("--trunk weighs the suffix= and prefix= clauses by recomputed FLOPs: "
+                         "use --objective flops, or drop --trunk")
+    args.objective = "flops"
 
 
 def run_plan(args) -> int:

@@ -252,3 +252,45 @@ def test_nothing_fits_quotes_the_lowest_peak_over_the_trunk_clauses_the_plan_wei
     assert "prefix=full" in name and predict(costs, name).peak_bytes == low.peak_bytes
     assert reachable <= low.peak_bytes < min(p.peak_bytes for p in plan.alternatives.values())
     assert f"({name}, at " in plan.advice()
+
+
+class _Measured(Exception):
+    """Stops ``costs_from_args`` at the measurement, with what it was asked to measure."""
+
+
+def _measured_with(monkeypatch, argv: list[str]) -> tuple[dict, object]:
+    import ckpt_course.costs
+
+    def record(model, batch_size, seq_len, **kwargs):
+        raise _Measured(kwargs)
+
+    monkeypatch.setattr(ckpt_course.costs, "measure_costs", record)
+    args = cli._parser().parse_args(argv)
+    with pytest.raises(_Measured) as stop:
+        cli.costs_from_args(args)
+    return stop.value.args[0], args
+
+
+def test_plan_trunk_measures_the_suffix_and_prefix_clauses_and_plans_by_flops(monkeypatch):
+    """Q9: ``ckpt-course plan`` never measured the trunk's clauses, so the command and
+    ``auto_checkpoint(..., trunk=True)`` could disagree on what fits. ``--trunk`` measures them
+    (``measure_costs(..., suffix=True)``), and plans by FLOPs, the objective that weighs them."""
+    asked, args = _measured_with(monkeypatch, ["plan", "--model", "gpt", "--trunk",
+                                               "--budget", "1GiB"])
+    assert asked["suffix"] is True and asked["times"] is False and args.objective == "flops"
+    asked, args = _measured_with(monkeypatch, ["plan", "--model", "gpt", "--budget", "1GiB"])
+    assert asked["suffix"] is False and asked["times"] is True  # unchanged without it
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--config", "tiny"], "--trunk applies to a course model measured for real (--model)"),
+    (["--model", "gpt", "--objective", "time"], "--trunk weighs the suffix= and prefix= "
+                                                "clauses by recomputed FLOPs: use --objective "
+                                                "flops, or drop --trunk"),
+])
+def test_plan_trunk_where_it_cannot_apply_is_refused_before_any_work(argv, says, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["plan", *argv, "--trunk", "--budget", "1GiB"])
+    assert stop.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and says in captured.err.strip().splitlines()[-1]
