@@ -132,6 +132,8 @@ class AutoReport:
     plan: Plan
     handle: AppliedPolicy
     measured_peak: int  # step 2 of two AdamW steps on a copy, under the policy
+    # which block list was planned, where the model has others as long (else "")
+    blocks_note: str = ""
 
     @property
     def policy(self):
@@ -161,8 +163,8 @@ class AutoReport:
                 f"{fmt_bytes(self.plan.budget)}: predicted peak {fmt_bytes(best.peak_bytes)} "
                 f"({best.where}), measured {fmt_bytes(self.measured_peak)}"
                 f"{'' if self.fits else ' (OVER the budget)'}; recompute "
-                f"{fmt_flops(best.recompute_flops)} = {best.overhead:+.1%} of a plain step. "
-                f"report.undo() removes it.")
+                f"{fmt_flops(best.recompute_flops)} = {best.overhead:+.1%} of a plain step"
+                f"{self.blocks_note}. report.undo() removes it.")
 
 
 def auto_checkpoint(model: nn.Module, budget, batch, loss_fn=None, menu=MENU,
@@ -204,7 +206,22 @@ def auto_checkpoint(model: nn.Module, budget, batch, loss_fn=None, menu=MENU,
             f"auto_checkpoint(model, {budget - (measured - plan.best.peak_bytes)}, batch)")
     handle = apply_policy(model, plan.policy, blocks=course.blocks,
                           suffix_entry=model if isinstance(course, _Adapted) else None)
-    return AutoReport(plan, handle, measured)
+    return AutoReport(plan, handle, measured, _blocks_note(model, course.blocks))
+
+
+def _blocks_note(model: nn.Module, blocks) -> str:
+    """Which list was planned, said only where the model has another list of as many blocks
+    of one type (an encoder and a decoder): the planner plans one chain, and which one it took
+    is otherwise invisible."""
+    lists = {id(m): name for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) == len(blocks)
+             and len({type(b) for b in m}) == 1}
+    planned = lists.pop(id(blocks), None)
+    if planned is None or not lists:
+        return ""
+    others = ", ".join(lists.values())
+    return (f"; planned the blocks of {planned}, not those of {others} (as many): to plan "
+            f"another list, name it model.blocks")
 
 
 def _check_no_policy(blocks) -> None:

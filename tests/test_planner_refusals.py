@@ -294,3 +294,29 @@ def test_plan_trunk_where_it_cannot_apply_is_refused_before_any_work(argv, says,
     assert stop.value.code == 2
     captured = capsys.readouterr()
     assert captured.out == "" and says in captured.err.strip().splitlines()[-1]
+
+
+class EncoderDecoder(nn.Module):
+    def __init__(self, width=16):
+        super().__init__()
+        self.embed, self.head = nn.Linear(8, width), nn.Linear(width, 4)
+        self.encoder = nn.ModuleList(Residual(width) for _ in range(2))
+        self.decoder = nn.ModuleList(Residual(width) for _ in range(2))
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in [*self.encoder, *self.decoder]:
+            x = block(x)
+        return self.head(x)
+
+
+def test_auto_checkpoint_says_which_of_two_equal_block_lists_it_planned():
+    """N2: with an encoder and a decoder list as long, one was planned without a word."""
+    torch.manual_seed(0)
+    report = auto_checkpoint(EncoderDecoder(), 10**9, torch.randn(4, 8), op_points=0)
+    assert "; planned the blocks of encoder, not those of decoder (as many): to plan another " \
+           "list, name it model.blocks. report.undo()" in str(report)
+    report.undo()
+    report = auto_checkpoint(Chain(), 10**9, torch.randn(4, 8), op_points=0)
+    assert "planned the blocks" not in str(report)
+    report.undo()
