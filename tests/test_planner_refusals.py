@@ -320,3 +320,15 @@ def test_auto_checkpoint_says_which_of_two_equal_block_lists_it_planned():
     report = auto_checkpoint(Chain(), 10**9, torch.randn(4, 8), op_points=0)
     assert "planned the blocks" not in str(report)
     report.undo()
+
+
+@pytest.mark.parametrize("policy", ["full", "every-2", "menu:suffix=full"])
+def test_measuring_a_model_under_a_policy_names_the_policy(policy):
+    """Measured under ``full`` the blocks read as checkpointed ones; under ``every-2`` the new
+    check above would blame the model's own hooks: the installed policy is named instead."""
+    torch.manual_seed(0)
+    course = _course_model(Chain(), torch.randn(4, 8), None)
+    with applied(course, policy), pytest.raises(ValueError) as error:
+        measure_costs(course, None)
+    assert str(error.value).startswith(f"block 0 already runs under policy "
+                                       f"'{parse_policy(policy)}': call .remove() on its handle")
