@@ -801,13 +801,34 @@ def _prefix_facts(model, batch, like, plain: TrunkCost, accumulate: bool) -> dic
     return dict(prefix_recomputable=ok, prefix_forward_flops=counter.get_total_flops())
 
 
-def _optimizer_cost(model: nn.Module, make_optimizer) -> tuple[int, int]:
+def _parameters_reached(loss) -> set[int] | None:
+    """The ids of the parameters the backward of ``loss`` gives a gradient (its graph's leaves).
+    A parameter the forward never uses (a pooler or second head left unused) gets none, and
+    torch's optimizers keep no state for a parameter without a gradient."""
+    if not isinstance(loss, torch.Tensor):
+        return None  # not a loss this can read: every parameter, as before
+    reached, seen, todo = set(), set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):  # AccumulateGrad: a leaf that gets a gradient
+            reached.add(id(node.variable))
+        todo += [n for n, _ in node.next_functions]
+    return reached
+
+
+def _optimizer_cost(model: nn.Module, make_optimizer, trained=None) -> tuple[int, int]:
     """(optimizer state bytes, peak of a step above parameters + gradients + state), measured
-    on a step after the first (the first one creates the state). lr=0 leaves the model as is."""
+    on a step after the first (the first one creates the state). lr=0 leaves the model as is.
+    ``trained``: the ids of the parameters that get a gradient (``_parameters_reached``; None:
+    all): the optimizer skips the others, as in training, so they get no state."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params)
     for p in params:
-        p.grad = torch.zeros_like(p)
+        if trained is None or id(p) in trained:
+            p.grad = torch.zeros_like(p)
     optimizer.step()
     meter = MemoryMeter()
     with meter:
@@ -926,7 +947,7 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
     handles.append(blocks[-1].register_forward_hook(grab_output))
     try:
         with torch.random.fork_rng(devices=[]), _refusing_views(blocks):
-            model.loss(batch)
+            trained = _parameters_reached(model.loss(batch))
     finally:
         for h in handles:
             h.remove()
@@ -955,7 +976,7 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
     params = sum(t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()])
     state = 0
     if optimizer is not None:
-        state, peak = _optimizer_cost(model, optimizer)
+        state, peak = _optimizer_cost(model, optimizer, trained)
         trunk = replace(trunk, base_bytes=trunk.base_bytes + state, optimizer_peak=peak)
         suffixes = tuple(replace(t, base_bytes=t.base_bytes + state, optimizer_peak=peak)
                          for t in suffixes)
