@@ -300,9 +300,63 @@ def _storage_ref(t):
 
 
 def _grad_bytes(module: nn.Module, existing=frozenset()) -> int:
-    """Bytes of the module's gradients, but those named in ``existing`` (made before it ran)."""
-    return sum(p.grad.untyped_storage().nbytes() for name, p in module.named_parameters()
-               if p.grad is not None and name not in existing)
+    """Bytes of the module's gradients, but those named in ``existing`` (made before it ran),
+    and of the parameters the model passes it whose gradient it makes (``_Given.outside``)."""
+    own = sum(p.grad.untyped_storage().nbytes() for name, p in module.named_parameters()
+              if p.grad is not None and name not in existing)
+    return own + sum(p.grad.untyped_storage().nbytes() for p, exists in _outside(existing)
+                     if not exists and p.grad is not None)
+
+
+@dataclass(frozen=True, eq=False)
+class _Given:
+    """The gradients a block's backward finds already there, or makes for others: ``names``,
+    its own parameters tied to a later block (``_tied_to_later``); ``outside``, parameters the
+    model passes it as arguments (a shared gate), each with whether its gradient exists when
+    the block's backward starts (a later block or the suffix made it: the block adds into it
+    in place) or is the block's to make (it counts it, once, as tied weights are counted)."""
+
+    names: frozenset = frozenset()
+    outside: tuple = ()  # ((parameter, exists), ...)
+    # every tensor among the block's other arguments: the meter counts them from the start,
+    # as training's meter does (parameters, buffers, tensors the prefix made), else it would
+    # count one first when an op returns a view of it (unpacking a saved gate); not in the key
+    seen: tuple = ()
+
+    def __contains__(self, name) -> bool:
+        return name in self.names
+
+    def _key(self):
+        return self.names, tuple((id(p), exists) for p, exists in self.outside)
+
+    def __eq__(self, other):
+        return isinstance(other, _Given) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+
+def _outside(existing) -> tuple:
+    return existing.outside if isinstance(existing, _Given) else ()
+
+
+def _count_outside(meter, existing, accumulate: bool) -> None:
+    """The block's other arguments counted from the start (``_Given.seen``), and the gradients
+    of passed parameters that exist before the block's backward made again under the meter:
+    backward may replace one rather than add into it in place, and the meter must see the old
+    one go, as it does in training (where the old one was made under it)."""
+    meter.count(*(t for t in getattr(existing, "seen", ()) if not isinstance(t, FakeTensor)),
+                category="parameters")
+    for p, exists in _outside(existing):
+        if exists or accumulate:
+            p.grad = torch.zeros_like(p)
+
+
+def _forget_outside(existing) -> None:
+    """Drops the gradients of the parameters passed from outside, as ``zero_grad`` does the
+    block's own."""
+    for p, _ in _outside(existing):
+        p.grad = None
 
 
 class _MarkRecomputeEnd:
@@ -331,6 +385,8 @@ def _existing_gradients(module: nn.Module, accumulate: bool, existing=frozenset(
         if accumulate or name in existing:
             if p.requires_grad:
                 p.grad = torch.zeros_like(p)
+    for p, exists in _outside(existing):
+        p.grad = torch.zeros_like(p) if accumulate or exists else None
 
 
 def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: bool = False,
@@ -359,6 +415,7 @@ def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: 
 
     with meter:
         meter.track(block)
+        _count_outside(meter, existing, accumulate)
         x = _Source.apply(x_like, stash)
         meter.mark("start")
         start = meter.live_bytes
@@ -390,6 +447,7 @@ def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: 
         stash.clear()
     meter.untrack()
     block.zero_grad(set_to_none=True)
+    _forget_outside(existing)
     return meter, info
 
 
@@ -808,13 +866,34 @@ def _prefix_facts(model, batch, like, plain: TrunkCost, accumulate: bool) -> dic
     return dict(prefix_recomputable=ok, prefix_forward_flops=counter.get_total_flops())
 
 
-def _optimizer_cost(model: nn.Module, make_optimizer) -> tuple[int, int]:
+def _parameters_reached(loss) -> set[int] | None:
+    """The ids of the parameters the backward of ``loss`` gives a gradient (its graph's leaves).
+    A parameter the forward never uses (a pooler or second head left unused) gets none, and
+    torch's optimizers keep no state for a parameter without a gradient."""
+    if not isinstance(loss, torch.Tensor):
+        return None  # not a loss this can read: every parameter, as before
+    reached, seen, todo = set(), set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):  # AccumulateGrad: a leaf that gets a gradient
+            reached.add(id(node.variable))
+        todo += [n for n, _ in node.next_functions]
+    return reached
+
+
+def _optimizer_cost(model: nn.Module, make_optimizer, trained=None) -> tuple[int, int]:
     """(optimizer state bytes, peak of a step above parameters + gradients + state), measured
-    on a step after the first (the first one creates the state). lr=0 leaves the model as is."""
+    on a step after the first (the first one creates the state). lr=0 leaves the model as is.
+    ``trained``: the ids of the parameters that get a gradient (``_parameters_reached``; None:
+    all): the optimizer skips the others, as in training, so they get no state."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params)
     for p in params:
-        p.grad = torch.zeros_like(p)
+        if trained is None or id(p) in trained:
+            p.grad = torch.zeros_like(p)
     optimizer.step()
     meter = MemoryMeter()
     with meter:
@@ -914,36 +993,10 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
     size = {} if batch_size is None else {"batch_size": batch_size}
     batch = model.example_batch(seq_len=seq_len, generator=torch.Generator().manual_seed(seed),
                                 **size)
-    inputs, outputs, order, extras = [], [], [], []
-    outside = _checkpoint_context()
-
-    def grab_input(module, args, kwargs):
-        order.append(index[id(module)])
-        _refuse_own_checkpoint(index[id(module)], outside)
-        if args and isinstance(args[0], torch.Tensor):
-            inputs.append(args[0].detach().clone().requires_grad_(args[0].requires_grad))
-            extras.append((args[1:], kwargs))
-
-    def grab_output(module, args, out):
-        if not isinstance(out, torch.Tensor):
-            raise ValueError(f"block {len(blocks) - 1} ({type(module).__name__}) returns "
-                             f"{type(out).__name__}, not a tensor: the planner measures blocks "
-                             f"that take the hidden state first and return the next one")
-        outputs.append(out.detach().clone())
-
-    index = {id(b): k for k, b in enumerate(blocks)}
-    handles = [b.register_forward_pre_hook(grab_input, with_kwargs=True) for b in blocks]
-    handles.append(blocks[-1].register_forward_hook(grab_output))
-    try:
-        with torch.random.fork_rng(devices=[]), _refusing_views(blocks):
-            model.loss(batch)
-    finally:
-        for h in handles:
-            h.remove()
-    _check_block_order(order, len(blocks), len(inputs))
+    inputs, outputs, extras, trained, trunk_uses = _record_calls(model, blocks, batch)
     cache, layers, menus, timed = {}, [], [], []
-    tied = _tied_to_later(blocks)
-    for block, x, called, made in zip(blocks, inputs, extras, tied, strict=True):
+    given = _given_gradients(blocks, extras, *trunk_uses)
+    for block, x, called, made in zip(blocks, inputs, extras, given, strict=True):
         key = (_layer_key(block, x, called), made)
         if key not in cache:
             with _called_as_in_model(block, called):
@@ -954,6 +1007,7 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
                 cache[key] = (layer, options, measure_times_and_spreads(
                     block, x, ("none", FORWARD, "full", *options), rounds) if times
                               else (None, None))
+        _forget_outside(made)
         layers.append(cache[key][0])
         menus.append(cache[key][1])
         timed.append(cache[key][2])
@@ -965,7 +1019,7 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
     params = sum(t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()])
     state = 0
     if optimizer is not None:
-        state, peak = _optimizer_cost(model, optimizer)
+        state, peak = _optimizer_cost(model, optimizer, trained)
         trunk = replace(trunk, base_bytes=trunk.base_bytes + state, optimizer_peak=peak)
         suffixes = tuple(replace(t, base_bytes=t.base_bytes + state, optimizer_peak=peak)
                          for t in suffixes)
@@ -976,6 +1030,186 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
                       times=tuple(t for t, _ in timed) if times else (),
                       spreads=tuple(s for _, s in timed) if times else (),
                       suffixes=suffixes)
+
+
+def _record_calls(model: nn.Module, blocks, batch):
+    """One plain forward of the model, watched: each block's input (a copy), the last block's
+    output (a copy), what the model passes each block besides the hidden state (``extras``),
+    and the parameters the step's backward reaches (``_parameters_reached``). Refuses, in one
+    line, what the memory model cannot predict (``_refuse_suffix_reaching_back``,
+    ``_outside_tensors``)."""
+    inputs, outputs, order, extras, first, made, marks = [], [], [], [], [], [], {}
+    uses = (set(), set())
+    outside = _checkpoint_context()
+    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(),
+                                                      *batch] if not isinstance(t, FakeTensor)}
+
+    def grab_input(module, args, kwargs):
+        order.append(index[id(module)])
+        _refuse_own_checkpoint(index[id(module)], outside)
+        marks.setdefault("before", _next_sequence_number())
+        if args and isinstance(args[0], torch.Tensor):
+            inputs.append(args[0].detach().clone().requires_grad_(args[0].requires_grad))
+            extras.append(_outside_tensors(index[id(module)], args[1:], kwargs, owned, made))
+            if not first and not isinstance(args[0], FakeTensor):  # fake: no pointers
+                first.append(args[0].untyped_storage().data_ptr())
+
+    def grab_output(module, args, out):
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"block {len(blocks) - 1} ({type(module).__name__}) returns "
+                             f"{type(out).__name__}, not a tensor: the planner measures blocks "
+                             f"that take the hidden state first and return the next one")
+        if first and out.untyped_storage().data_ptr() == first[0]:
+            raise ValueError("every block returns its input (nn.Identity, Dropout(0), ...): "
+                             "there is nothing to checkpoint; give the planner a block list "
+                             "with at least one block that computes its output")
+        outputs.append(out.detach().clone())
+        marks.update(last=out.grad_fn, after=_next_sequence_number())
+
+    index = {id(b): k for k, b in enumerate(blocks)}
+    handles = [b.register_forward_pre_hook(grab_input, with_kwargs=True) for b in blocks]
+    handles.append(blocks[-1].register_forward_hook(grab_output))
+    try:
+        with torch.random.fork_rng(devices=[]), _refusing_views(blocks):
+            loss = model.loss(batch)
+            trained = _parameters_reached(loss)
+            _refuse_suffix_reaching_back(loss, marks.get("last"), marks.get("after"))
+            if "after" in marks:
+                uses = _trunk_parameters(loss, marks["before"], marks["after"])
+            del loss, marks["last"]
+    finally:
+        for h in handles:
+            h.remove()
+    _check_block_order(order, len(blocks), len(inputs))
+    for k, name, ref, nbytes in made:
+        if ref() is None:
+            raise ValueError(
+                f"block {k} gets {name}, a tensor the model makes in its forward ({nbytes:,} B), "
+                f"besides the hidden state: a block that saves it, or a checkpoint, keeps it "
+                f"into backward, which the planner does not predict; make it once as a buffer "
+                f"(self.register_buffer(..., persistent=False)) or inside each block")
+    return inputs, outputs, extras, trained, uses
+
+
+def _trunk_parameters(loss, before: int, after: int) -> tuple[set[int], set[int]]:
+    """The ids of the parameters the prefix (nodes made before the first block ran) and the
+    suffix (made after the last block returned) use, from the graph of ``loss``."""
+    prefix, suffix, seen, todo = set(), set(), set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen or hasattr(node, "variable"):
+            continue
+        seen.add(node)
+        at = node._sequence_nr()
+        for child, _ in node.next_functions:
+            if hasattr(child, "variable") and (at < before or at >= after):
+                (prefix if at < before else suffix).add(id(child.variable))
+            todo.append(child)
+    return prefix, suffix
+
+
+def _given_gradients(blocks, extras, prefix: set[int], suffix: set[int]) -> list[_Given]:
+    """Per block, the gradients its backward finds or makes (``_Given``): its own weights tied
+    to a later block, and the parameters the model passes it. Backward runs the blocks last to
+    first, after the suffix: a passed parameter's gradient exists for a block if the suffix or
+    a later block uses it, and is the block's to make otherwise. One the prefix uses too would
+    get its gradient from the last block and be counted by the prefix again: refused."""
+    passed = [_tensors_in((args, kwargs), True) for args, kwargs in extras]
+    later, out = set(suffix), []
+    for k in reversed(range(len(blocks))):
+        for p in passed[k]:
+            if id(p) in prefix and id(p) not in suffix:
+                raise ValueError(f"block {k} gets a parameter ({tuple(p.shape)}) that the code "
+                                 f"before the blocks uses too: the planner counts a passed "
+                                 f"parameter's gradient once, from the last block that uses "
+                                 f"it; pass the blocks their own parameter, or leave it out of "
+                                 f"the code before the blocks")
+        out.append(tuple((p, id(p) in later) for p in passed[k]))
+        later |= {id(p) for p in passed[k]}
+    tied = _tied_to_later(blocks)
+    return [_Given(names, outside, tuple(_tensors_in(called)))
+            for names, outside, called in zip(tied, out[::-1], extras, strict=True)]
+
+
+def _tensors_in(value, parameters_only: bool = False) -> list:
+    """The tensors in a block's other arguments (``parameters_only``: the leaves that need a
+    gradient), each once."""
+    found = {}
+
+    def visit(value):
+        if isinstance(value, (tuple, list)):
+            for v in value:
+                visit(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, torch.Tensor) and (not parameters_only or (
+                value.requires_grad and value.grad_fn is None)):
+            found.setdefault(id(value), value)
+
+    visit(value)
+    return list(found.values())
+
+
+def _next_sequence_number() -> int:
+    """The sequence number autograd gives the next node it makes: nodes made before are
+    numbered lower (per thread, in the order they are made)."""
+    with torch.enable_grad():
+        return (torch.empty(0, requires_grad=True) * 1).grad_fn._sequence_nr()
+
+
+def _refuse_suffix_reaching_back(loss, last, after) -> None:
+    """Refuses a suffix whose backward sends a gradient past the blocks, straight to the
+    prefix or into a block (``head(x + x0)``, a skip from x_0 to the head): that gradient waits
+    there until the blocks' backward has run, which the memory model does not hold."""
+    if not isinstance(loss, torch.Tensor) or loss.grad_fn is None or last is None:
+        return
+    seen, todo = {last}, [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):  # a leaf's gradient: parameters are counted elsewhere
+            continue
+        if node._sequence_nr() < after:
+            raise ValueError(
+                f"the code after the last block uses a tensor made before it returned (its "
+                f"{node.name()}; e.g. the prefix's output in head(x + x0)) besides the last "
+                f"block's output: that gradient waits through the blocks' backward, which the "
+                f"planner does not predict; use only the last block's output after the blocks")
+        todo += [n for n, _ in node.next_functions]
+
+
+def _outside_tensors(k: int, args, kwargs, owned: set[int], made: list):
+    """Block ``k``'s arguments besides the hidden state, as the block is measured with them.
+    A tensor the model makes in its forward (not a parameter, buffer or batch) becomes a copy,
+    and a weak reference to it goes to ``made``: if nothing of the model keeps it past the
+    forward, only the blocks and checkpoints that keep it decide when it dies, which is refused
+    (``_record_calls``). A made tensor that needs a gradient is refused here: the planner
+    measures blocks whose only input with a gradient is the hidden state."""
+    def outside(name, value):
+        if isinstance(value, (tuple, list)):
+            return type(value)(outside(f"{name}[{i}]", v) for i, v in enumerate(value))
+        if isinstance(value, dict):
+            return {key: outside(f"{name}[{key!r}]", v) for key, v in value.items()}
+        if not isinstance(value, torch.Tensor) or isinstance(value, FakeTensor) or \
+                value.untyped_storage().nbytes() == 0 or \
+                value.untyped_storage().data_ptr() in owned:
+            return value
+        if value.requires_grad and value.grad_fn is not None:
+            raise ValueError(f"block {k} gets {name}, a tensor that needs a gradient (made "
+                             f"from parameters in the forward), besides the hidden state: "
+                             f"the planner measures blocks whose only input with a gradient "
+                             f"is the hidden state; compute it inside each block, or pass "
+                             f"it .detach()ed if it needs no gradient")
+        if value.requires_grad:
+            return value  # a leaf that is no parameter of the model: it lives all step
+        made.append((k, name, _storage_ref(value), value.untyped_storage().nbytes()))
+        return value.detach().clone()
+
+    return tuple(outside(f"argument {i + 2}", a) for i, a in enumerate(args)), \
+        {key: outside(f"keyword {key!r}", v) for key, v in kwargs.items()}
 
 
 def _tied_to_later(blocks) -> list[frozenset[str]]:

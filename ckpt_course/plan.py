@@ -569,6 +569,10 @@ def _folded(costs: ChainCosts) -> tuple[ChainCosts, tuple[int, ...]] | None:
     real = tuple(k for k, c in enumerate(costs.layers) if not c.returns_input)
     if len(real) == costs.n:
         return None
+    if not real:
+        raise ValueError("every block returns its input (nn.Identity, Dropout(0), ...): there "
+                         "is nothing to checkpoint; plan a chain with at least one block that "
+                         "computes its output")
     return replace(costs, layers=tuple(costs.layers[k] for k in real),
                    menu=tuple(costs.menu[k] for k in real) if costs.menu else (),
                    times=tuple(costs.times[k] for k in real) if costs.times else (),
