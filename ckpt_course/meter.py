@@ -59,7 +59,10 @@ PHASE_CATEGORY = {
     "backward": "temporaries",  # gradients of activations, recomputed activations
     "optimizer": "optimizer state",
 }
-_UNITS = {"": 1, "B": 1, "KiB": KiB, "MiB": MiB, "GiB": GiB, "TiB": 1024 * GiB}
+# Binary units as the course writes them, any case ("3gib"); decimal ones as their SI meaning
+# ("80GB" is 80 * 10**9 bytes, as a card's box says), so no reading is a guess.
+_UNITS = {"": 1, "b": 1, "kib": KiB, "mib": MiB, "gib": GiB, "tib": 1024 * GiB,
+          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 
 
 class TimelinePoint(NamedTuple):
@@ -87,23 +90,24 @@ MAX_BUDGET = 2**63 - 1  # the largest byte count the planner (and a C long) can 
 
 
 def parse_budget(budget) -> int:
-    """A budget in whole bytes: a positive number (``64 * MiB``) or a string like ``"64MiB"``
-    (a fraction of a byte is rounded down: ``3.2 * MiB`` is 3,355,443 B); at least one byte and
+    """A budget in whole bytes: a positive number (``64 * MiB``) or a string like ``"64MiB"``,
+    ``"3gib"``, ``"80GB"`` (decimal: 80 * 10**9), ``"1_000_000"`` or ``"3e5"`` (a fraction of a byte is rounded down: ``3.2 * MiB`` is 3,355,443 B); at least one byte and
     at most ``MAX_BUDGET`` (8 EiB). Refused here, where it enters, in one line: under 1 KiB, a
     fraction (1.5 bytes would read as "1 B" in every message; a learner who typed 1.5 meant
     1.5GiB) or a string without a unit (no step fits in a few hundred bytes)."""
-    hint = "a positive number of bytes, e.g. 64 * MiB, or a string like '64MiB' or '1.5GiB'"
+    hint = "a positive number of bytes or a size such as '64MiB', '1.5GiB' or '80GB'"
     given, unit = shown(budget), "B"
     if isinstance(budget, str):
-        match = re.fullmatch(r"\s*([-+]?)(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]iB|B)?\s*", budget)
+        match = re.fullmatch(r"\s*([-+]?)((?:\d[\d_]*(?:\.\d*)?|\.\d+)(?:e\+?\d+)?)\s*"
+                             r"([kmgt]i?b|b)?\s*", budget, re.IGNORECASE)
         if not match:
             raise ValueError(f"budget {given} is not understood; give {hint}")
         if len(match[2]) > 30:  # 400 digits would be a float's inf
             raise ValueError(f"budget must be at most 8 EiB (2**63 - 1 bytes), more than any "
                              f"machine has; got a {len(match[2])}-digit number: give a real "
                              f"size such as '64GiB'")
-        unit = match[3] or ""
-        budget = float(match[2]) * _UNITS[unit] * (-1 if match[1] == "-" else 1)
+        unit = (match[3] or "").lower()
+        budget = float(match[2].replace("_", "")) * _UNITS[unit] * (-1 if match[1] == "-" else 1)
     elif isinstance(budget, bool) or not isinstance(budget, numbers.Real):
         raise TypeError(f"budget must be {hint}; got {type(budget).__name__} {given}")
     elif isinstance(budget, numbers.Integral) and abs(budget) >= 2**64:  # beyond float, repr

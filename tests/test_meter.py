@@ -1,6 +1,7 @@
 """MemoryMeter: exact live bytes, categories, budget, timeline. CPU, small, exact."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ckpt_course.meter import CATEGORIES, MemoryMeter, parse_budget, time_average
 from ckpt_course.models import HandTraceNet
-from ckpt_course.units import GiB, MiB
+from ckpt_course.units import GiB, KiB, MiB
 
 PARAM_BYTES = 4 * (512 * 512 + 512) * 4  # 4 x Linear(512, 512) weight + bias, fp32
 
@@ -177,7 +178,7 @@ def test_out_of_memory_in_backward_then_a_smaller_batch_fits():
 
 @pytest.mark.parametrize("bad", [0, -MiB, math.nan, math.inf, "lots", "-5MiB"])
 def test_bad_budget_values_say_what_is_accepted(bad):
-    with pytest.raises(ValueError, match="positive number of bytes, e.g. 64 \\* MiB"):
+    with pytest.raises(ValueError, match="positive number of bytes or a size such as '64MiB'"):
         MemoryMeter(budget=bad)
 
 
@@ -193,6 +194,24 @@ def test_budget_strings():
     assert parse_budget(4096) == 4096
     assert MemoryMeter(budget="2KiB").budget == 2048
     assert MemoryMeter().budget is None
+
+
+@pytest.mark.parametrize("text, size", [
+    ("80GB", 80 * 10**9), ("300 kB", 300 * 10**3), ("2 mb", 2 * 10**6), ("1TB", 10**12),
+    ("3gib", 3 * GiB), ("64MIB", 64 * MiB), ("1_000_000_000", 10**9), ("3e5", 300_000),
+    ("2.5e3KiB", 2500 * KiB)])
+def test_budget_strings_as_people_write_them(text, size):
+    """Decimal units are their SI size (a card's "80GB"); binary ones in any case."""
+    assert parse_budget(text) == size
+
+
+@pytest.mark.parametrize("text, says", [
+    ("1,5GiB", "not understood"), ("0x40000000", "not understood"),
+    ("80 GiBs", "not understood")])
+def test_budget_strings_that_are_refused(text, says):
+    with pytest.raises(ValueError, match=says) as err:
+        parse_budget(text)
+    assert "\n" not in str(err.value) and re.search(r"'64[MG]iB'", str(err.value))
 
 
 def test_unknown_phase_names_the_phases():
