@@ -91,10 +91,11 @@ MAX_BUDGET = 2**63 - 1  # the largest byte count the planner (and a C long) can 
 
 def parse_budget(budget) -> int:
     """A budget in whole bytes: a positive number (``64 * MiB``) or a string like ``"64MiB"``,
-    ``"3gib"``, ``"80GB"`` (decimal: 80 * 10**9), ``"1_000_000"`` or ``"3e5"`` (a fraction of a byte is rounded down: ``3.2 * MiB`` is 3,355,443 B); at least one byte and
-    at most ``MAX_BUDGET`` (8 EiB). Refused here, where it enters, in one line: under 1 KiB, a
-    fraction (1.5 bytes would read as "1 B" in every message; a learner who typed 1.5 meant
-    1.5GiB) or a string without a unit (no step fits in a few hundred bytes)."""
+    ``"3gib"``, ``"80GB"`` (decimal: 80 * 10**9), ``"1_000_000"`` or ``"3e5"`` (a fraction of a
+    byte is rounded down: ``3.2 * MiB`` is 3,355,443 B); at least one byte and at most
+    ``MAX_BUDGET`` (8 EiB). Refused here, where it enters, in one line: under 1 KiB, a fraction
+    (1.5 bytes would read as "1 B" in every message; a learner who typed 1.5 meant 1.5GiB) or a
+    string without a unit (no step fits in a few hundred bytes)."""
     hint = "a positive number of bytes or a size such as '64MiB', '1.5GiB' or '80GB'"
     given, unit = shown(budget), "B"
     if isinstance(budget, str):
