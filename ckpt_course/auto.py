@@ -246,10 +246,7 @@ def _course_model(model: nn.Module, batch, loss_fn) -> nn.Module:
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"auto_checkpoint plans an nn.Module, not {type(model).__name__}")
-    batch = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
-    if not batch or not all(isinstance(t, torch.Tensor) for t in batch):
-        raise ValueError("batch is a tensor or a tuple of tensors (the model's input first), "
-                         f"got {type(batch).__name__}")
+    batch = _batch_tuple(batch)
     if not batch[0].numel():
         raise ValueError(f"the batch's input has no elements (shape {tuple(batch[0].shape)}): "
                          f"give the batch you train on")
@@ -263,6 +260,27 @@ def _course_model(model: nn.Module, batch, loss_fn) -> nn.Module:
     if not isinstance(blocks, nn.ModuleList) or not len(blocks):
         blocks = find_decoder_layers(model)
     return _Adapted(model, batch, loss_fn or _mean_square, blocks, _inputs_taken(model, batch))
+
+
+def _batch_tuple(batch) -> tuple:
+    """The batch as a tuple of tensors, the model's input first; what else was given is named
+    as given (a dict is a Hugging Face habit: its values in the forward's order will do)."""
+    shape = "a tensor or a tuple of tensors in the order the model's forward takes them"
+    if isinstance(batch, dict):
+        raise ValueError(f"batch is {shape}, got a dict (keys {', '.join(map(repr, batch))}): "
+                         f"pass tuple(batch.values()) if that is the forward's order")
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if not isinstance(batch, (tuple, list)):
+        fix = ": torch.from_numpy(batch)" if type(batch).__module__ == "numpy" else ""
+        raise ValueError(f"batch is {shape}, got {type(batch).__name__}{fix}")
+    if not batch:
+        raise ValueError(f"batch is {shape}, got an empty {type(batch).__name__}")
+    odd = [type(t).__name__ for t in batch if not isinstance(t, torch.Tensor)]
+    if odd:
+        raise ValueError(f"batch is {shape}, got a {type(batch).__name__} holding "
+                         f"{', '.join(odd)}")
+    return tuple(batch)
 
 
 class _Given(nn.Module):

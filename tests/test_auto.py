@@ -2,6 +2,8 @@
 course protocol) and on a course model; predicted peak = measured; undo leaves the model as
 it was; gradients are those of no checkpointing."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -86,6 +88,15 @@ def test_a_budget_nothing_fits_says_why_and_changes_nothing():
         auto_checkpoint(model, "lots", torch.randn(8, 16))
     with pytest.raises(ValueError, match="tensor or a tuple of tensors"):
         auto_checkpoint(model, "1MiB", [1, 2])
+
+
+@pytest.mark.parametrize("batch, names", [
+    ({"input_ids": torch.randn(8, 16)}, "got a dict (keys 'input_ids'): pass tuple(batch.values"),
+    (torch.randn(8, 16).numpy(), "got ndarray: torch.from_numpy(batch)"),
+    ((), "got an empty tuple"), ((torch.randn(8, 16), 3), "got a tuple holding int")])
+def test_a_batch_of_another_kind_is_named_as_given(batch, names):
+    with pytest.raises(ValueError, match=re.escape(names)):
+        auto_checkpoint(MyNet(), "1MiB", batch)
 
 
 # ---------------------------------------------------------------- models the planner cannot read
