@@ -168,7 +168,8 @@ class AutoReport:
 
 
 def auto_checkpoint(model: nn.Module, budget, batch, loss_fn=None, menu=MENU,
-                    op_points: int = 6, trunk: bool = False) -> AutoReport:
+                    op_points: int = 6, trunk: bool = False, layers: str | None = None
+                    ) -> AutoReport:
     """Measure, plan, apply and verify the cheapest checkpoint placement that fits ``budget``
     (bytes or "40MiB") for a training step on ``batch`` (a tensor or a tuple whose first item
     is the model's input; the course's models take their own ``(idx, targets)``). Raises a
@@ -179,12 +180,14 @@ def auto_checkpoint(model: nn.Module, budget, batch, loss_fn=None, menu=MENU,
     ``prefix=`` clauses). Their recompute runs the model's own code around the blocks a second
     time in backward, so a forward with side effects (a call counter, its own random generator,
     a buffer it updates in place) would do them twice and train differently: only for a model
-    whose forward is pure, which no measurement can check; hence off by default."""
+    whose forward is pure, which no measurement can check; hence off by default.
+    ``layers``: the dotted path of the block list (e.g. "encoder.layers") where the model has
+    several, or one the search does not find (``hf.find_decoder_layers``)."""
     budget = parse_budget(budget)  # once, here
     check_op_points(op_points)
     if not isinstance(trunk, bool):
         raise TypeError(f"trunk is True or False, got {trunk!r}")
-    course = _course_model(model, batch, loss_fn)
+    course = _course_model(model, batch, loss_fn, layers)
     _check_no_policy(course.blocks)
     # Everything runs on a copy, with the random stream put back: the learner's model keeps its
     # buffers (BatchNorm's statistics), its train/eval mode and its gradients; seeded runs
@@ -214,14 +217,14 @@ def _blocks_note(model: nn.Module, blocks) -> str:
     of one type (an encoder and a decoder): the planner plans one chain, and which one it took
     is otherwise invisible."""
     lists = {id(m): name for name, m in model.named_modules()
-             if isinstance(m, nn.ModuleList) and len(m) == len(blocks)
+             if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) == len(blocks)
              and len({type(b) for b in m}) == 1}
     planned = lists.pop(id(blocks), None)
     if planned is None or not lists:
         return ""
     others = ", ".join(lists.values())
     return (f"; planned the blocks of {planned}, not those of {others} (as many): to plan "
-            f"another list, name it model.blocks")
+            f"another list, pass layers='{next(iter(lists.values()))}'")
 
 
 def _check_no_policy(blocks) -> None:
@@ -239,7 +242,7 @@ def _cuda_devices(model: nn.Module) -> list[int]:
                    if t.device.type == "cuda"})
 
 
-def _course_model(model: nn.Module, batch, loss_fn) -> nn.Module:
+def _course_model(model: nn.Module, batch, loss_fn, layers=None) -> nn.Module:
     """``model`` itself if it speaks the course protocol, else an adapter; one-line errors
     before any work for what cannot be planned."""
     from .hf import find_decoder_layers
@@ -255,10 +258,14 @@ def _course_model(model: nn.Module, batch, loss_fn) -> nn.Module:
                          f"training step to fit (unfreeze what you train)")
     if all(hasattr(model, name) for name in ("blocks", "example_batch", "loss")) and \
             loss_fn is None:
+        if layers is not None:
+            raise ValueError("the course's models are planned over their own `blocks`: leave "
+                             "out layers= (it names the block list of a model of your own)")
         return _Given(model, batch)
     blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.ModuleList) or not len(blocks):
-        blocks = find_decoder_layers(model)
+    lists = (nn.ModuleList, nn.Sequential)
+    if layers is not None or not isinstance(blocks, lists) or not len(blocks):
+        blocks = find_decoder_layers(model, layers)
     return _Adapted(model, batch, loss_fn or _mean_square, blocks, _inputs_taken(model, batch))
 
 

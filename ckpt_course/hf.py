@@ -322,9 +322,11 @@ class HFSizes:
 
 
 def find_decoder_layers(model: nn.Module, path: str | None = None) -> nn.ModuleList:
-    """The repeated blocks of ``model``: the ``ModuleList`` at ``path`` (e.g. "model.layers")
-    if given; else the one whose items are transformers ``GradientCheckpointingLayer``s (every
-    HF decoder); else the longest ``ModuleList`` of modules all of one type."""
+    """The repeated blocks of ``model``: the ``ModuleList`` (or ``nn.Sequential``) at ``path``
+    (e.g. "model.layers") if given; else the one whose items are transformers
+    ``GradientCheckpointingLayer``s (every HF decoder); else the longest ``ModuleList`` of modules
+    all of one type; else the longest ``nn.Sequential`` of two or more such (timm's ViT keeps its
+    blocks so: its forward runs them once each, in order, as the planner needs)."""
     if path is not None:
         if not isinstance(path, str):
             raise TypeError(f"layers is the dotted path of the block list, such as "
@@ -334,12 +336,11 @@ def find_decoder_layers(model: nn.Module, path: str | None = None) -> nn.ModuleL
         except AttributeError:
             raise ValueError(f"{type(model).__name__} has no submodule {path!r}: name the list "
                              f"of its repeated blocks, e.g. 'model.layers'") from None
-        if not isinstance(found, nn.ModuleList) or len(found) == 0:
+        if not isinstance(found, (nn.ModuleList, nn.Sequential)) or len(found) == 0:
             raise ValueError(f"{path!r} in {type(model).__name__} is not a non-empty "
                              f"nn.ModuleList: name the list of its repeated blocks")
         return found
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)
-             and len({type(b) for b in m}) == 1]
+    lists = _block_lists(model, nn.ModuleList, 1) or _block_lists(model, nn.Sequential, 2)
     try:
         from transformers.modeling_layers import GradientCheckpointingLayer
         decoders = [m for m in lists if isinstance(m[0], GradientCheckpointingLayer)]
@@ -347,8 +348,14 @@ def find_decoder_layers(model: nn.Module, path: str | None = None) -> nn.ModuleL
         decoders = []
     if decoders or lists:
         return max(decoders or lists, key=len)
-    raise ValueError(f"{type(model).__name__} has no repeated decoder layers (no nn.ModuleList "
-                     f"of blocks): checkpoint policies need one; pass layers='path.to.list'")
+    raise ValueError(f"{type(model).__name__} has no repeated blocks (no nn.ModuleList or "
+                     f"nn.Sequential of modules of one type): checkpoint policies need one; "
+                     f"name yours with layers='path.to.list'")
+
+
+def _block_lists(model: nn.Module, kind: type, at_least: int) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, kind) and len(m) >= at_least
+            and len({type(b) for b in m}) == 1]
 
 
 @contextmanager

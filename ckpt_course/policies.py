@@ -1377,7 +1377,7 @@ def find_blocks(model: nn.Module, blocks=None) -> list[nn.Module]:
     """The blocks a policy acts on: ``blocks`` if given, else ``model.blocks``."""
     if blocks is None:
         blocks = getattr(model, "blocks", None)
-        if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or len(blocks) == 0:
             raise ValueError(
                 f"{type(model).__name__} has no non-empty `blocks`: give the model a `blocks` "
                 "nn.ModuleList of layers, or pass blocks= explicitly")

@@ -66,6 +66,33 @@ def test_a_learners_own_model_fits_as_predicted_and_undoes():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # untouched
 
 
+class SequentialNet(MyNet):
+    """Blocks kept in an nn.Sequential and run by it, as timm's ViT keeps them."""
+
+    def __init__(self):
+        super().__init__(depth=4)
+        self.blocks = nn.Sequential(*self.blocks)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.embed(x)))
+
+
+def test_blocks_in_an_nn_sequential_are_planned_as_predicted():
+    torch.manual_seed(0)
+    model, batch = SequentialNet(), torch.randn(64, 16)
+    plain = _grads(model, batch)
+    generous = auto_checkpoint(model, 10**9, batch, op_points=0)
+    generous.undo()
+    report = auto_checkpoint(model, generous.predicted_peak - 1, batch, op_points=0)
+    assert report.plan.costs.n == 4 and any(_installed(b) is not None for b in model.blocks)
+    assert report.measured_peak == report.predicted_peak < generous.predicted_peak
+    assert all(torch.equal(a, b) for a, b in zip(plain, _grads(model, batch), strict=True))
+    report.undo()
+    with pytest.raises(ValueError, match="course's models are planned over their own"):
+        auto_checkpoint(TinyGPT(GPTConfig(n_layer=2, d_model=16, n_head=2, seq_len=8)), "1GiB",
+                        torch.zeros(2, 8, dtype=torch.long), layers="blocks")
+
+
 def test_a_course_model_uses_its_own_loss():
     torch.manual_seed(0)
     model = TinyGPT(GPTConfig(n_layer=4, d_model=32, n_head=2, seq_len=16))

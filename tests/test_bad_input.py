@@ -676,7 +676,7 @@ API_17 = [
     (lambda: _make_optimizer(_gpt(), lr="fast"), TypeError, "lr must be a number"),
     # the handed-back code's block list
     (lambda: hf.handback("segments:1,3", 4, layers=nn.Linear(2, 2)), ValueError,
-     "no repeated decoder layers"),
+     "no repeated blocks"),
     (lambda: hf.layers_path(_changed(GPT2, n_layer=0)), ValueError, "n_layer must be >= 1"),
     # a batch whose data fits (1 GiB) but whose step could not (about 370 GiB for this net): refused
     # from the model's size before the first tensor of the step is made

@@ -102,7 +102,7 @@ def test_blocks_of_any_module_and_an_explicit_override():
     model = _Stack()
     assert hf.find_decoder_layers(model) is model.stack
     assert hf.find_decoder_layers(model, "heads") is model.heads
-    with pytest.raises(ValueError, match="repeated decoder layers"):
+    with pytest.raises(ValueError, match="no repeated blocks"):
         hf.find_decoder_layers(nn.Sequential(nn.Linear(2, 2)))
     with pytest.raises(ValueError, match="not a non-empty nn.ModuleList"):
         hf.find_decoder_layers(model, "embed")

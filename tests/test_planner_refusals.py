@@ -15,7 +15,7 @@ from ckpt_course.auto import _course_model, auto_checkpoint
 from ckpt_course.costs import measure_costs
 from ckpt_course.op_choices import block_ops
 from ckpt_course.plan import make_plan, optimal_frontier, predict
-from ckpt_course.policies import OpPositionError, applied, parse_policy
+from ckpt_course.policies import OpPositionError, _installed, applied, parse_policy
 
 
 class Residual(nn.Module):
@@ -315,7 +315,14 @@ def test_auto_checkpoint_says_which_of_two_equal_block_lists_it_planned():
     torch.manual_seed(0)
     report = auto_checkpoint(EncoderDecoder(), 10**9, torch.randn(4, 8), op_points=0)
     assert "; planned the blocks of encoder, not those of decoder (as many): to plan another " \
-           "list, name it model.blocks. report.undo()" in str(report)
+           "list, pass layers='decoder'. report.undo()" in str(report)
+    report.undo()
+    model = EncoderDecoder()
+    report = auto_checkpoint(model, 10**9, torch.randn(4, 8), op_points=0, layers="decoder")
+    assert report.plan.costs.n == 2 and "planned the blocks of decoder, not those of encoder" \
+        in str(report)
+    assert all(_installed(b) is not None for b in model.decoder)
+    assert all(_installed(b) is None for b in model.encoder)
     report.undo()
     report = auto_checkpoint(Chain(), 10**9, torch.randn(4, 8), op_points=0)
     assert "planned the blocks" not in str(report)
