@@ -42,10 +42,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .costs import MENU, check_op_points, measure_costs
+from .costs import MENU, check_no_policy, check_op_points, measure_costs
 from .meter import parse_budget
 from .plan import Plan, make_plan, measure_peaks
-from .policies import AppliedPolicy, _installed, apply_policy
+from .policies import AppliedPolicy, apply_policy
 from .units import fmt_bytes, fmt_flops
 
 
@@ -188,7 +188,7 @@ def auto_checkpoint(model: nn.Module, budget, batch, loss_fn=None, menu=MENU,
     if not isinstance(trunk, bool):
         raise TypeError(f"trunk is True or False, got {trunk!r}")
     course = _course_model(model, batch, loss_fn, layers)
-    _check_no_policy(course.blocks)
+    check_no_policy(course.blocks, "call auto_checkpoint again")  # nor installed on top
     # Everything runs on a copy, with the random stream put back: the learner's model keeps its
     # buffers (BatchNorm's statistics), its train/eval mode and its gradients; seeded runs
     # reproduce with or without this call.
@@ -225,16 +225,6 @@ def _blocks_note(model: nn.Module, blocks) -> str:
     others = ", ".join(lists.values())
     return (f"; planned the blocks of {planned}, not those of {others} (as many): to plan "
             f"another list, pass layers='{next(iter(lists.values()))}'")
-
-
-def _check_no_policy(blocks) -> None:
-    """Before any work: a model already under a policy would be measured under it, and the
-    plan could not be installed on top."""
-    for k, block in enumerate(blocks):
-        if _installed(block) is not None:
-            raise ValueError(f"block {k} already runs under {_installed(block).handle.policy}: "
-                             f"undo it first (report.undo(), or remove() on apply_policy's "
-                             f"handle), then call auto_checkpoint again")
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:

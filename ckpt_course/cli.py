@@ -863,11 +863,13 @@ def _budget_joined(argv: list[str]) -> list[str]:
     """``--budget -5MiB`` as ``--budget=-5MiB``: argparse reads a dash-led value that is not a
     plain number as an option and says "expected one argument"; joined, the budget's parser
     says what is wrong with it (``meter.parse_budget``)."""
-    out = list(argv)
-    for k in range(len(out) - 1):
-        if out[k] == "--budget" and re.match(r"-\.?\d", out[k + 1]):
-            out[k:k + 2] = [f"--budget={out[k + 1]}", None]
-    return [a for a in out if a is not None]
+    out = []
+    for arg in argv:
+        if out and out[-1] == "--budget" and re.match(r"-\.?\d", arg):
+            out[-1] = f"--budget={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 def main(argv=None) -> int:

@@ -988,7 +988,7 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
                          f"{rounds!r}")
     blocks = find_blocks(model)
     _check_distinct(blocks)
-    _check_no_policy(blocks)
+    check_no_policy(blocks, "measure the model as it is")
     model.train()
     size = {} if batch_size is None else {"batch_size": batch_size}
     batch = model.example_batch(seq_len=seq_len, generator=torch.Generator().manual_seed(seed),
@@ -1263,16 +1263,17 @@ def _refusing_views(blocks):
             h.remove()
 
 
-def _check_no_policy(blocks) -> None:
-    """A block under a policy of this package would be measured under it (or refused as
-    running inside a checkpoint, for the wrong reason): named, before any work."""
+def check_no_policy(blocks, then: str) -> None:
+    """Before any work: a block under a policy of this package would be measured under it
+    (or refused as running inside a checkpoint, for the wrong reason), and a plan could not
+    be installed on top. ``then``: what to do once it is undone."""
     from .policies import _installed
 
     for k, block in enumerate(blocks):
         if (forward := _installed(block)) is not None:
             raise ValueError(f"block {k} already runs under policy '{forward.handle.policy}': "
-                             f"call .remove() on its handle (or undo() the report) first, then "
-                             f"measure the model as it is")
+                             f"undo it first (report.undo(), or remove() on apply_policy's "
+                             f"handle), then {then}")
 
 
 def _checkpoint_context() -> tuple[int, object]:

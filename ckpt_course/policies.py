@@ -371,10 +371,11 @@ class _PositionsChecked:
         suppressed = self.mode.__exit__(*exc)
         beyond = [k for k in self.policy.indices if k >= self.ops[0]]
         if exc[0] is None and beyond:
-            raise OpPositionError(f"{self.policy} names op position {beyond[0]}, but {self.where} "
-                             f"runs {self.ops[0]} ops (positions 0-{self.ops[0] - 1}): name "
-                             f"positions below {self.ops[0]} (op_choices.block_ops and "
-                             f"suffix_ops list them)")
+            n = self.ops[0]
+            raise OpPositionError(f"{self.policy} names op position {beyond[0]}, but "
+                                  f"{self.where} runs {n} ops (positions 0-{n - 1}): name "
+                                  f"positions below {n} (op_choices.block_ops and suffix_ops "
+                                  f"list them)")
         return suppressed
 
 

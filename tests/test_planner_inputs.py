@@ -10,6 +10,7 @@ from torch import nn
 from ckpt_course.auto import _course_model
 from ckpt_course.costs import measure_costs
 from ckpt_course.plan import measure_peaks, predict
+from ckpt_course.policies import _installed
 from ckpt_course.train import check_gradients
 
 
@@ -120,7 +121,7 @@ def test_auto_checkpoint_installs_nothing_when_the_meter_refutes_the_plan(monkey
     with pytest.raises(ValueError, match=r"ask for 4\.00 KiB less") as info:
         auto.auto_checkpoint(model, peak, batch)
     assert f"auto_checkpoint(model, {peak - 4096}, batch)" in str(info.value)
-    assert all(auto._installed(block) is None for block in model.blocks)
+    assert all(_installed(block) is None for block in model.blocks)
 
 
 class TwoInputs(nn.Module):

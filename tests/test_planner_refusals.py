@@ -338,4 +338,5 @@ def test_measuring_a_model_under_a_policy_names_the_policy(policy):
     with applied(course, policy), pytest.raises(ValueError) as error:
         measure_costs(course, None)
     assert str(error.value).startswith(f"block 0 already runs under policy "
-                                       f"'{parse_policy(policy)}': call .remove() on its handle")
+                                       f"'{parse_policy(policy)}': undo it first")
+    assert str(error.value).endswith("then measure the model as it is")
