@@ -244,8 +244,8 @@ def _placement_frontier(costs) -> dict:
             for kept, flops, host, placement in fronts.get((i, held), []):
                 segments = [(i, i + 1, False), *((i, j, True) for j in range(i + 1, costs.n + 1)),
                             *((i, i + 1, o) for o in costs.menu[i])]
-                if i == 0 and costs.trunk.prefix:
-                    segments = [seg for seg in segments if seg[2] is True]
+                if i == 0 and costs.trunk.prefix:  # a checkpoint or an op-level option
+                    segments = [seg for seg in segments if seg[2] is not False]
                 for seg in segments:
                     state = (seg[1], _left_holds(costs, seg, seg[1]))
                     extra = costs.menu[i][seg[2]].host_bytes if isinstance(seg[2], str) else 0

@@ -176,6 +176,10 @@ class TrunkCost:
     # from the recompute to its backward (``prefix_backward_kept``; -1: ``prefix_kept``)
     prefix_recomputable: bool = False
     prefix_forward_flops: int = 0
+    # the ops SAC's policy sees before block 0 (``op_choices.prefix_ops``): under prefix=full a
+    # selective:ops= block 0 counts its positions from the prefix's first op (-1: the prefix
+    # draws random numbers, and block 0 has no op-level option with it inside)
+    prefix_ops: int = 0
     prefix: str = ""
     prefix_backward_kept: int = -1
 
@@ -746,7 +750,8 @@ def measure_suffixes(model: nn.Module, batch, like: torch.Tensor, plain: TrunkCo
         out.append(replace(trunk, flops=plain.flops,
                            recompute_flops=max(0, trunk.flops - plain.flops),
                            prefix_recomputable=plain.prefix_recomputable,
-                           prefix_forward_flops=plain.prefix_forward_flops))
+                           prefix_forward_flops=plain.prefix_forward_flops,
+                           prefix_ops=plain.prefix_ops))
     return plain, tuple(out)
 
 
@@ -798,7 +803,10 @@ def _prefix_facts(model, batch, like, plain: TrunkCost, accumulate: bool) -> dic
     if ok:
         inside = measure_trunk(model, batch, like, accumulate, prefix=True)
         ok = inside.prefix_kept == 0
-    return dict(prefix_recomputable=ok, prefix_forward_flops=counter.get_total_flops())
+    from .op_choices import prefix_ops
+
+    return dict(prefix_recomputable=ok, prefix_forward_flops=counter.get_total_flops(),
+                prefix_ops=prefix_ops(model, batch) if ok else 0)
 
 
 def _optimizer_cost(model: nn.Module, make_optimizer) -> tuple[int, int]:
