@@ -498,7 +498,8 @@ def _prefix_inside(costs: ChainCosts) -> ChainCosts:
     prefix's backward. Block 0's numbers are used only as the first block of that segment
     (the objective refuses any other first segment: ``_first_checkpointed``)."""
     trunk, first = costs.trunk, costs.layers[0]
-    x0, kept, again = first.input_bytes, trunk.prefix_kept, trunk.prefix_peak
+    views = trunk.prefix_batch_views  # the batch's own storage: kept all step, inside or not
+    x0, kept, again = first.input_bytes, trunk.prefix_kept - views, trunk.prefix_peak
     stays = kept + x0 * first.saves_input
     back = first.checkpointed_backward
     first = replace(
@@ -510,8 +511,9 @@ def _prefix_inside(costs: ChainCosts) -> ChainCosts:
                                       change_held=back.change_free),
         forward_flops=first.forward_flops + trunk.prefix_forward_flops,
         recompute_flops=first.recompute_flops + trunk.prefix_forward_flops)
-    trunk = replace(trunk, prefix="full", prefix_kept=0, prefix_keeps_input=True,
-                    prefix_backward_kept=kept, flops=trunk.flops - trunk.prefix_forward_flops)
+    trunk = replace(trunk, prefix="full", prefix_kept=views, prefix_keeps_input=True,
+                    prefix_backward_kept=kept + views,
+                    flops=trunk.flops - trunk.prefix_forward_flops)
     return replace(costs, layers=(first, *costs.layers[1:]), trunk=trunk, suffixes=(),
                    menu=costs.menu and (_options_with_prefix(costs), *costs.menu[1:]),
                    times=(), spreads=())
@@ -529,7 +531,8 @@ def _options_with_prefix(costs: ChainCosts) -> dict:
     act on the prefix's ops too: left out; so are all where the prefix draws random numbers
     (its first draw would decide block 0's random ops)."""
     trunk, x0 = costs.trunk, costs.layers[0].input_bytes
-    kept, again, flops = trunk.prefix_kept, trunk.prefix_peak, trunk.prefix_forward_flops
+    kept, again = trunk.prefix_kept - trunk.prefix_batch_views, trunk.prefix_peak
+    flops = trunk.prefix_forward_flops
     out = {}
     if trunk.prefix_ops < 0:  # the prefix draws random numbers (``op_choices.prefix_ops``)
         return out

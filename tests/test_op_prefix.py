@@ -165,3 +165,23 @@ def test_the_dp_with_these_options_matches_brute_force(res):
         assert (dp.recompute_flops, dp.peak_bytes) == (brute.recompute_flops, brute.peak_bytes)
         answers.append(str(dp.policy))
     assert any("prefix=full" in a and a.startswith("menu:0=selective:ops=") for a in answers)
+
+
+def test_a_prefix_that_reshapes_a_3d_batch_can_run_inside_and_is_exact():
+    """A Linear embedding of a (batch, time, features) input reshapes the batch: the meter
+    counts that view when it first sees it and it stays all step (it is the batch), so it is
+    no part of what the prefix keeps for backward; with the prefix inside block 0's region
+    every option is predicted to the byte."""
+    torch.manual_seed(0)
+    net = _Net()
+    batch = torch.randn(4, 6, 8)
+    model = _course_model(net, batch, None)
+    costs = measure_costs(model, None, op_points=2, suffix=True)
+    assert costs.trunk.prefix_recomputable
+    assert costs.trunk.prefix_batch_views == 4 * 6 * 8 * 4
+    options = _prefix_options(costs)
+    assert options
+    for first in ("full", *options):
+        policy = f"menu:0={first},1-2=full,prefix=full"
+        assert predict(costs, policy).peak_bytes == measure_peaks(model, policy)[-1], policy
+        assert check_gradients(model, policy).equal, policy
