@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
 
 from . import step
@@ -177,6 +178,13 @@ class TrunkCost:
     # from the recompute to its backward (``prefix_backward_kept``; -1: ``prefix_kept``)
     prefix_recomputable: bool = False
     prefix_forward_flops: int = 0
+    # the ops SAC's policy sees before block 0 (``op_choices.prefix_ops``): under prefix=full a
+    # selective:ops= block 0 counts its positions from the prefix's first op (-1: the prefix
+    # draws random numbers, and block 0 has no op-level option with it inside)
+    prefix_ops: int = 0
+    # bytes of the batch's storages the prefix views (a reshape of a 3-D batch for a Linear):
+    # the meter counts them in prefix_kept, and they stay all step, the prefix inside or not
+    prefix_batch_views: int = 0
     prefix: str = ""
     prefix_backward_kept: int = -1
 
@@ -811,7 +819,9 @@ def measure_suffixes(model: nn.Module, batch, like: torch.Tensor, plain: TrunkCo
         out.append(replace(trunk, flops=plain.flops,
                            recompute_flops=max(0, trunk.flops - plain.flops),
                            prefix_recomputable=plain.prefix_recomputable,
-                           prefix_forward_flops=plain.prefix_forward_flops))
+                           prefix_forward_flops=plain.prefix_forward_flops,
+                           prefix_ops=plain.prefix_ops,
+                           prefix_batch_views=plain.prefix_batch_views))
     return plain, tuple(out)
 
 
@@ -835,6 +845,18 @@ def _prefix_facts(model, batch, like, plain: TrunkCost, accumulate: bool) -> dic
                 alive.append(x0[0]() is not None)
             return func(*args, **(kwargs or {}))
 
+    batch_storages = {id(t.untyped_storage()): t.untyped_storage().nbytes() for t in batch
+                      if isinstance(t, torch.Tensor)}
+    viewed = {}
+
+    class BatchViews(TorchDispatchMode):  # a view of the batch the prefix makes (a reshape)
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in tree_leaves(result):
+                if isinstance(t, torch.Tensor) and id(t.untyped_storage()) in batch_storages:
+                    viewed[id(t.untyped_storage())] = batch_storages[id(t.untyped_storage())]
+            return result
+
     def first(x, *args, **kwargs):
         x0.append(_storage_ref(x))
         return out
@@ -853,7 +875,7 @@ def _prefix_facts(model, batch, like, plain: TrunkCost, accumulate: bool) -> dic
             with Probe():
                 model.loss(batch)
             blocks[0].forward = count_until_block0
-            with contextlib.suppress(_PrefixEnd), counter:
+            with contextlib.suppress(_PrefixEnd), counter, BatchViews():
                 model.loss(batch)
         finally:
             for block in blocks:
@@ -862,8 +884,14 @@ def _prefix_facts(model, batch, like, plain: TrunkCost, accumulate: bool) -> dic
     ok = dies and plain.input_counted and not plain.prefix_keeps_input
     if ok:
         inside = measure_trunk(model, batch, like, accumulate, prefix=True)
-        ok = inside.prefix_kept == 0
-    return dict(prefix_recomputable=ok, prefix_forward_flops=counter.get_total_flops())
+        # the meter counts a view of the batch (made outside it) when it first sees it, and
+        # the batch outlives the step: such views are all it may find kept outside
+        ok = inside.prefix_kept == sum(viewed.values())
+    from .op_choices import prefix_ops
+
+    return dict(prefix_recomputable=ok, prefix_forward_flops=counter.get_total_flops(),
+                prefix_ops=prefix_ops(model, batch) if ok else 0,
+                prefix_batch_views=sum(viewed.values()) if ok else 0)
 
 
 def _parameters_reached(loss) -> set[int] | None:

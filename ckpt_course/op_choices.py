@@ -43,7 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import SAC_IGNORED_OPS
 
-from .policies import _ALLOCATIONS, SelectiveOps, _draws_random, _packets
+from .policies import _ALLOCATIONS, SelectiveOps, _draws_random, _packets, find_blocks
 from .recompute import EXTRA_FLOP_FORMULAS
 
 
@@ -260,3 +260,44 @@ def suffix_choices(model: nn.Module, batch, like: torch.Tensor, points: int) -> 
     """The thinned Pareto set of the suffix's ops (at most ``points``; the zero-FLOP point,
     keeping every op output that costs FLOPs to make, always among them)."""
     return thin(pareto(suffix_ops(model, batch, like)), points)
+
+
+# ---------------------------------------------------------------- the prefix inside block 0
+class _PrefixDone(Exception):
+    pass
+
+
+def prefix_ops(model: nn.Module, batch) -> int:
+    """How many ops SAC's policy function sees before block 0 runs, in a forward of
+    ``model.loss(batch)``: under a menu's ``prefix=full`` the region at block 0 opens at the
+    entry call, so the prefix's ops come first and block 0's op positions are shifted by this
+    many (``with_prefix``). Counted as ``block_ops`` counts (every aten op but
+    ``SAC_IGNORED_OPS``), with grad on as in the forward, the random state put back.
+    -1 if one of them draws random numbers: SAC's region then gives every random op of block
+    0 the prefix's decision (recompute), so an option keeping one would not keep it; the
+    planner offers no op-level option with the prefix inside then (``plan``)."""
+    recorder = _Recorder({})
+    first = find_blocks(model)[0]
+
+    def stop(*args, **kwargs):
+        raise _PrefixDone
+
+    first.forward = stop
+    try:
+        with torch.random.fork_rng(devices=[]), recorder, \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda t: t):
+            model.loss(batch)
+    except _PrefixDone:
+        draws = any(_draws_random(func, args, kwargs) for func, args, kwargs, *_ in recorder.ops)
+        return -1 if draws else len(recorder.ops)
+    finally:
+        del first.forward
+    raise RuntimeError("the model's loss never called its block 0: no prefix to count")
+
+
+def with_prefix(choice: Choice, shift: int) -> str:
+    """Block 0's option at ``choice`` with the prefix inside its region (``prefix=full``): the
+    same op instances kept, at positions counted from the prefix's first op."""
+    if not choice.keep:
+        return "full"
+    return str(SelectiveOps(indices=tuple(k + shift for k in choice.keep)))

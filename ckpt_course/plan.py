@@ -70,6 +70,7 @@ from torch import nn
 
 from .costs import (  # noqa: F401 (re-exported)
     FORWARD,
+    Backward,
     ChainCosts,
     LayerCost,
     config_costs,
@@ -84,6 +85,7 @@ from .policies import (
     Policy,
     Segments,
     Selective,
+    SelectiveOps,
     _check_children,
     _Segmented,
     parse_policy,
@@ -419,9 +421,10 @@ def predict(costs: ChainCosts, placement) -> Prediction:
         policy = parse_policy(placement)
         costs = with_trunk(costs, getattr(policy, "suffix", ""), getattr(policy, "prefix", ""))
     placement = as_placement(costs.n, placement)
-    if costs.trunk.prefix and placement[0][2] is not True:
+    if costs.trunk.prefix and placement[0][2] is False:
         raise ValueError("prefix=full runs the prefix inside the checkpointed segment at block "
-                         "0: checkpoint a segment starting at block 0")
+                         "0: checkpoint a segment starting at block 0 (or give block 0 a "
+                         "selective:ops= option)")
     folded = _folded(costs)
     if folded is not None:  # blocks that return their input: predicted on the chain without
         short, real = folded
@@ -495,7 +498,8 @@ def _prefix_inside(costs: ChainCosts) -> ChainCosts:
     prefix's backward. Block 0's numbers are used only as the first block of that segment
     (the objective refuses any other first segment: ``_first_checkpointed``)."""
     trunk, first = costs.trunk, costs.layers[0]
-    x0, kept, again = first.input_bytes, trunk.prefix_kept, trunk.prefix_peak
+    views = trunk.prefix_batch_views  # the batch's own storage: kept all step, inside or not
+    x0, kept, again = first.input_bytes, trunk.prefix_kept - views, trunk.prefix_peak
     stays = kept + x0 * first.saves_input
     back = first.checkpointed_backward
     first = replace(
@@ -507,18 +511,52 @@ def _prefix_inside(costs: ChainCosts) -> ChainCosts:
                                       change_held=back.change_free),
         forward_flops=first.forward_flops + trunk.prefix_forward_flops,
         recompute_flops=first.recompute_flops + trunk.prefix_forward_flops)
-    trunk = replace(trunk, prefix="full", prefix_kept=0, prefix_keeps_input=True,
-                    prefix_backward_kept=kept, flops=trunk.flops - trunk.prefix_forward_flops)
+    trunk = replace(trunk, prefix="full", prefix_kept=views, prefix_keeps_input=True,
+                    prefix_backward_kept=kept + views,
+                    flops=trunk.flops - trunk.prefix_forward_flops)
     return replace(costs, layers=(first, *costs.layers[1:]), trunk=trunk, suffixes=(),
-                   menu=costs.menu and ({}, *costs.menu[1:]),
+                   menu=costs.menu and (_options_with_prefix(costs), *costs.menu[1:]),
                    times=(), spreads=())
+
+
+def _options_with_prefix(costs: ChainCosts) -> dict:
+    """Block 0's op-level options (``selective:ops=``) with the prefix inside their region
+    (``prefix=full``), re-keyed by their positions counted from the prefix's first op
+    (``TrunkCost.prefix_ops``). Each is a plain block in the memory model: the region keeps
+    the batch, not x_0 (x_0 lives while block 0 runs and dies when it returns; the prefix's
+    saved tensors S are not kept either, SAC recomputes them); its backward first recomputes
+    the prefix (its forward's peak, and S and x_0 from then on), then block 0's own ops as
+    under the option, freeing x_0 at its end (the option's backward "free", x_0 now made in
+    it); S stays to the prefix's backward. Other options (named selective, offload) would
+    act on the prefix's ops too: left out; so are all where the prefix draws random numbers
+    (its first draw would decide block 0's random ops)."""
+    trunk, x0 = costs.trunk, costs.layers[0].input_bytes
+    kept, again = trunk.prefix_kept - trunk.prefix_batch_views, trunk.prefix_peak
+    flops = trunk.prefix_forward_flops
+    out = {}
+    if trunk.prefix_ops < 0:  # the prefix draws random numbers (``op_choices.prefix_ops``)
+        return out
+    for option, cost in costs.menu[0].items():
+        policy = parse_policy(option)
+        if not isinstance(policy, SelectiveOps):
+            continue
+        layer, back = cost.layer, cost.layer.backward
+        peak = max(again, kept + x0 + back.peak_free)
+        change = back.change_free + x0 + kept
+        layer = replace(layer, forward_peak=layer.forward_peak + x0,
+                        backward=Backward(peak, peak, change, change),
+                        forward_flops=layer.forward_flops + flops)
+        shifted = SelectiveOps(indices=tuple(k + trunk.prefix_ops for k in policy.indices))
+        out[str(shifted)] = replace(cost, layer=layer, recompute_flops=cost.recompute_flops + flops)
+    return out
 
 
 def _first_checkpointed(cost):
     """``cost`` for a chain under ``prefix=full``: a first segment that is not checkpointed is
     no option."""
-    def first_checkpointed(costs, seg):
-        return None if seg[0] == 0 and seg[2] is not True else cost(costs, seg)
+    def first_checkpointed(costs, seg):  # (block 0's options are _options_with_prefix's)
+        refused = seg[2] is False or isinstance(seg[2], str) and seg[2] not in costs.menu[0]
+        return None if seg[0] == 0 and refused else cost(costs, seg)
 
     return first_checkpointed
 
@@ -1166,7 +1204,7 @@ def brute_force(costs: ChainCosts, budget, objective=None) -> Prediction | None:
     budget, cost = parse_budget(budget), objective_fn(costs, objective)
     fits = []
     for trunk, variant, price in _trunk_variants(costs, cost):
-        placements = [p for p in all_placements(costs.n, costs)
+        placements = [p for p in all_placements(costs.n, variant)
                       if placement_cost(variant, p, price) < math.inf]
         fits += [(placement_cost(variant, p.placement, price) + _suffix_price(trunk), p)
                  for p in map(functools.partial(predict, variant), placements)

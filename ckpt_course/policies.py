@@ -647,9 +647,12 @@ class Menu(Policy):
         object.__setattr__(self, "suffix", _suffix_option(self.suffix))
         if self.prefix not in ("", "full"):
             raise ValueError(f"a menu's prefix is '' or 'full', not {self.prefix!r}")
-        if self.prefix and not (items and items[0][0] == 0 and items[0][2] == "full"):
+        if self.prefix and not (items and items[0][0] == 0 and (
+                items[0][2] == "full" or isinstance(parse_policy(items[0][2]), SelectiveOps))):
             raise ValueError("prefix=full runs the prefix inside the checkpointed segment at "
-                             "block 0: give one, e.g. menu:0-1=full,prefix=full")
+                             "block 0: give one, e.g. menu:0-1=full,prefix=full (or block 0 "
+                             "at selective:ops=..., its positions counted from the prefix's "
+                             "first op)")
 
     def segments(self, n_blocks: int) -> list[range]:
         return [s for s, _ in self.segment_policies(n_blocks)]

@@ -1,0 +1,187 @@
+"""The prefix (embeddings) inside block 0's op-level checkpoint (``menu:0=selective:ops=...,
+prefix=full``): the choice torch.compile makes on held-out models (recompute the embeddings,
+keep block 0's op outputs), predicted to the byte, gradients bit-identical, its recompute the
+option's plus the prefix's forward, and chosen by the planner where it pays."""
+
+import pytest
+import torch
+from torch import nn
+
+from ckpt_course.auto import _course_model
+from ckpt_course.costs import measure_costs
+from ckpt_course.models import GPTConfig, TinyGPT
+from ckpt_course.op_choices import prefix_ops
+from ckpt_course.plan import measure_peaks, predict, with_trunk
+from ckpt_course.policies import applied, parse_policy
+from ckpt_course.recompute import EXTRA_FLOP_FORMULAS
+from ckpt_course.train import check_gradients
+
+
+class _Res(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
+                                 nn.Linear(4 * width, width))
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(x))
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.blocks = nn.ModuleList(_Res(16) for _ in range(3))
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+@pytest.fixture(scope="module")
+def res():
+    torch.manual_seed(0)
+    model = _course_model(_Net(), torch.randn(32, 8), None)
+    return model, measure_costs(model, None, op_points=3, suffix=True)
+
+
+@pytest.fixture(scope="module")
+def gpt3():
+    """Attention, LayerNorm and an embedding of tokens and positions in the prefix."""
+    torch.manual_seed(0)
+    model = TinyGPT(GPTConfig(n_layer=3, d_model=32, n_head=2, seq_len=32, vocab_size=256))
+    return model, measure_costs(model, 2, op_points=3, suffix=True)
+
+
+def _prefix_options(costs):
+    return list(with_trunk(costs, "", "full").menu[0])
+
+
+def _backward_flops(model, policy, batch):
+    counter = torch.utils.flop_counter.FlopCounterMode(display=False,
+                                                       custom_mapping=EXTRA_FLOP_FORMULAS)
+    with applied(model, policy):
+        loss = model.loss(batch)
+        with counter:
+            loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def test_block_0s_options_with_the_prefix_inside_are_predicted_to_the_byte(res):
+    model, costs = res
+    options = _prefix_options(costs)
+    assert options and all(o.startswith("selective:ops=") for o in options)
+    for option in options:
+        for rest in ("1..2=full", "1=selective:ops=2,2=full"):
+            policy = f"menu:0={option},{rest},prefix=full"
+            assert predict(costs, policy).peak_bytes == measure_peaks(model, policy)[-1], policy
+            assert check_gradients(model, policy).equal, policy
+
+
+def test_the_positions_shift_by_the_prefixs_ops_and_the_recompute_adds_its_forward(res):
+    """The embedding here is one Linear on a 2-D batch: t() of its weight and addmm, two ops
+    (SAC's policy sees both), 2 * 32 * 8 * 16 FLOPs. Block 0's option keeps the same op
+    outputs with the prefix inside: the real backward runs the option's recompute plus that."""
+    model, costs = res
+    batch = model.example_batch()
+    assert prefix_ops(model, batch) == 2
+    plain = _backward_flops(model, "none", batch)
+    option = next(o for o in costs.menu[0] if o.startswith("selective:ops="))
+    shifted = parse_policy(option).indices
+    inside = f"menu:0=selective:ops={','.join(str(k + 2) for k in shifted)},prefix=full"
+    alone = f"menu:0={option}"
+    assert (_backward_flops(model, inside, batch) - plain
+            == _backward_flops(model, alone, batch) - plain + 2 * 32 * 8 * 16)
+    assert predict(costs, inside).recompute_flops == predict(costs, alone).recompute_flops \
+        + 2 * 32 * 8 * 16
+
+
+def test_on_a_gpt_every_option_with_the_prefix_inside_is_exact(gpt3):
+    model, costs = gpt3
+    options = _prefix_options(costs)
+    assert len(options) == 3
+    for option in options:
+        policy = f"menu:0={option},1-2=full,prefix=full,suffix=full"
+        assert predict(costs, policy).peak_bytes == measure_peaks(model, policy, 2)[-1], policy
+        assert check_gradients(model, policy, 2).equal, policy
+
+
+def test_a_prefix_that_draws_random_numbers_gets_no_op_level_option_with_it():
+    """Embedding dropout: in block 0's region the prefix's draw comes first, and SAC gives every
+    later random op its decision (recompute), so a kept random op of block 0 would not be kept:
+    the planner offers block 0 only the full checkpoint with the prefix inside."""
+    torch.manual_seed(0)
+    model = TinyGPT(GPTConfig(n_layer=2, d_model=32, n_head=2, seq_len=16, vocab_size=64,
+                              dropout=0.1))
+    costs = measure_costs(model, 2, op_points=2, suffix=True)
+    assert costs.trunk.prefix_recomputable and costs.trunk.prefix_ops == -1
+    assert any(o.startswith("selective:ops=") for o in costs.menu[0])
+    assert _prefix_options(costs) == []
+
+
+def test_the_clause_reads_back_and_other_options_stay_refused():
+    text = "menu:0=selective:ops=5,9,1-2=full,prefix=full"
+    assert str(parse_policy(text)) == text
+    for wrong in ("menu:0=offload,prefix=full", "menu:0=selective:save=mm,prefix=full"):
+        with pytest.raises(ValueError, match="prefix=full") as error:
+            parse_policy(wrong)
+        assert "\n" not in str(error.value)
+
+
+def test_the_planner_takes_it_where_it_keeps_less_for_the_same_recompute(res):
+    """Block 0 keeping its zero-recompute point with the prefix inside saves x_0 for the
+    prefix's FLOPs: at a budget just under the zero-recompute peak, the planner picks it when
+    nothing else recomputes as little."""
+    model, costs = res
+    zero = max((o for o in costs.menu[0] if o.startswith("selective:ops=")),
+               key=lambda o: costs.menu[0][o].layer.saved_bytes)
+    everywhere = "menu:" + ",".join(f"{k}={zero}" for k in range(3))
+    inside = next(o for o in _prefix_options(costs) if parse_policy(o).indices == tuple(
+        k + 2 for k in parse_policy(zero).indices))
+    with_prefix = f"menu:0={inside},1={zero},2={zero},prefix=full"
+    a, b = predict(costs, everywhere), predict(costs, with_prefix)
+    assert b.kept_bytes < a.kept_bytes
+    assert b.recompute_flops == a.recompute_flops + 2 * 32 * 8 * 16
+
+
+def test_the_dp_with_these_options_matches_brute_force(res):
+    """At budgets from the lowest peak to no checkpointing's, the DP (over every trunk
+    variant, block 0's options with the prefix inside among them) and brute force over every
+    placement of every variant agree, and some answer uses block 0 at an op-level option with
+    the prefix inside."""
+    from ckpt_course.plan import brute_force, optimal
+
+    model, costs = res
+    none = predict(costs, "none").peak_bytes
+    low = min(predict(costs, p).peak_bytes for p in ("full", "menu:0-2=full,prefix=full"))
+    answers = []
+    for k in range(9):
+        budget = low + (none - low) * k // 8
+        dp, brute = optimal(costs, budget, "flops"), brute_force(costs, budget, "flops")
+        assert (dp.recompute_flops, dp.peak_bytes) == (brute.recompute_flops, brute.peak_bytes)
+        answers.append(str(dp.policy))
+    assert any("prefix=full" in a and a.startswith("menu:0=selective:ops=") for a in answers)
+
+
+def test_a_prefix_that_reshapes_a_3d_batch_can_run_inside_and_is_exact():
+    """A Linear embedding of a (batch, time, features) input reshapes the batch: the meter
+    counts that view when it first sees it and it stays all step (it is the batch), so it is
+    no part of what the prefix keeps for backward; with the prefix inside block 0's region
+    every option is predicted to the byte."""
+    torch.manual_seed(0)
+    net = _Net()
+    batch = torch.randn(4, 6, 8)
+    model = _course_model(net, batch, None)
+    costs = measure_costs(model, None, op_points=2, suffix=True)
+    assert costs.trunk.prefix_recomputable
+    assert costs.trunk.prefix_batch_views == 4 * 6 * 8 * 4
+    options = _prefix_options(costs)
+    assert options
+    for first in ("full", *options):
+        policy = f"menu:0={first},1-2=full,prefix=full"
+        assert predict(costs, policy).peak_bytes == measure_peaks(model, policy)[-1], policy
+        assert check_gradients(model, policy).equal, policy
