@@ -28,8 +28,9 @@ A model without the course protocol (``.example_batch``, ``.loss``) gets a thin 
 blocks are found as its longest ``nn.ModuleList`` of one type (``hf.find_decoder_layers``), the
 batch is the one given (the model is called on as many of its leading tensors as its forward
 has required inputs: ``(x, mask, targets)`` for ``forward(x, mask)``), and the loss is
-``loss_fn(output, batch)`` (default: the mean square of the output, or of its "logits" or only
-tensor when it returns a dict: a stand-in whose memory is that of any scalar loss on it).
+``loss_fn(output, batch)``, the output as the model returns it (a tuple or dict included;
+default: the mean square of the output, of a tuple's first item, or of a dict's "logits" or only
+tensor: a stand-in whose memory is that of any scalar loss on it).
 """
 
 from __future__ import annotations
@@ -73,20 +74,21 @@ class _Adapted(nn.Module):
         return self._batch
 
     def loss(self, batch):
-        out = _model_output(self.inner(*batch[:self._inputs]), self._loss_fn is _mean_square)
-        loss = self._loss_fn(out, batch)
+        out = self.inner(*batch[:self._inputs])
+        loss = self._loss_fn(_model_output(out) if self._loss_fn is _mean_square else out, batch)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ValueError(f"loss_fn(output, batch) must return a one-element tensor (a "
                              f"scalar loss), got {_described(loss)}")
         return loss
 
 
-def _model_output(out, default_loss: bool):
-    """What the loss reads: ``.logits`` (transformers' outputs), a tuple's first item; a
-    mapping goes to a learner's ``loss_fn`` as it is, and to the default loss as its "logits"
-    or its only tensor (else refused in one line naming ``loss_fn``)."""
+def _model_output(out):
+    """What the default loss reads: ``.logits`` (transformers' outputs), a tuple's first item,
+    a mapping's "logits" or its only tensor (else refused in one line naming ``loss_fn``). A
+    learner's ``loss_fn`` gets the output as the model returns it instead: an auxiliary loss
+    in a tuple, ``(logits, aux_loss)``, is part of the step measured."""
     out = getattr(out, "logits", out)
-    if isinstance(out, Mapping) and default_loss:
+    if isinstance(out, Mapping):
         tensors = [v for v in out.values() if isinstance(v, torch.Tensor)]
         if "logits" in out or len(tensors) == 1:
             return out["logits"] if "logits" in out else tensors[0]

@@ -250,3 +250,56 @@ def test_op_level_options_never_recompute_more_and_stay_exact():
         assert op_level.plan.best.recompute_flops <= menu_only.plan.best.recompute_flops
         fewer.append(op_level.plan.best.recompute_flops < menu_only.plan.best.recompute_flops)
     assert any(fewer) and "selective:ops=" in str(op_level.policy)
+
+
+# ---------------------------------------------------------------- the learner's own loss
+class _AuxNet(MyNet):
+    """Returns (logits, aux_loss), the auxiliary loss from a head of its own on the last
+    block's output (a load-balancing or distillation term)."""
+
+    def __init__(self):
+        super().__init__(depth=4)
+        self.aux_head = nn.Linear(32, 64)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x), self.aux_head(x).square().mean()
+
+
+def _logits_and_aux(out, batch):
+    logits, aux = out  # a tensor here would unpack into rows, silently
+    return logits.square().mean() + 0.1 * aux
+
+
+def test_a_tuple_output_reaches_the_learners_loss_fn_whole():
+    torch.manual_seed(0)
+    model, batch, seen = _AuxNet(), torch.randn(64, 16), []
+
+    def loss_fn(out, batch):
+        seen.append(type(out))
+        return _logits_and_aux(out, batch)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        _logits_and_aux(model(batch), batch).backward()
+        found = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        return found
+
+    plain = grads()
+    generous = auto_checkpoint(model, 10**9, batch, loss_fn=loss_fn, op_points=0)
+    generous.undo()
+    assert seen and set(seen) == {tuple}
+    # AdamW keeps two moments per trained parameter: the aux head's are planned for
+    trained = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert generous.plan.costs.optimizer_bytes >= 2 * trained
+    with auto_checkpoint(model, generous.predicted_peak - 1, batch, loss_fn=loss_fn,
+                         op_points=0) as report:
+        assert report.measured_peak == report.predicted_peak and report.fits
+        assert str(report.policy) != "none"
+        under_plan = grads()
+    assert all(torch.equal(a, b) for a, b in zip(plain, under_plan, strict=True))
+    names = [name for name, _ in model.named_parameters()]
+    assert plain[names.index("aux_head.weight")].abs().sum() > 0  # the aux term is trained
