@@ -21,6 +21,9 @@ your own with ``self.blocks = nn.ModuleList(...)``)::
    ``undo``; parameters and state_dict untouched).
 4. Verify: two AdamW steps on a copy of the model under the meter; step 2 (optimizer state
    present) is what the planner predicts; a step over the budget installs nothing.
+With ``micro_batches=N`` (gradient accumulation: N forward/backward passes, each on the batch
+given, then one optimizer step) it measures a micro-batch after the first, where every gradient
+is already held (``measure_costs(accumulate=True)``), and verifies a step of N micro-batches.
 Measuring and verifying run on a copy of the model, under a forked random stream: the model's
 weights, buffers, gradients and train/eval mode never change, only its blocks' forwards.
 
@@ -44,8 +47,9 @@ import torch
 from torch import nn
 
 from .costs import MENU, check_no_policy, check_op_points, measure_costs
+from .doctor import run_steps
 from .meter import parse_budget
-from .plan import Plan, make_plan, measure_peaks
+from .plan import Plan, make_plan
 from .policies import AppliedPolicy, apply_policy
 from .units import fmt_bytes, fmt_flops
 
@@ -136,6 +140,7 @@ class AutoReport:
     measured_peak: int  # step 2 of two AdamW steps on a copy, under the policy
     # which block list was planned, where the model has others as long (else "")
     blocks_note: str = ""
+    micro_batches: int = 1  # forward/backward passes per optimizer step planned for
 
     @property
     def policy(self):
@@ -161,7 +166,8 @@ class AutoReport:
 
     def __str__(self):
         best = self.plan.best
-        return (f"auto_checkpoint: {best.policy} on {self.plan.costs.n} blocks, budget "
+        return (f"auto_checkpoint: {best.policy} on {self.plan.costs.n} blocks, for a step of "
+                f"{_micro_batches_said(self.micro_batches)}, budget "
                 f"{fmt_bytes(self.plan.budget)}: predicted peak {fmt_bytes(best.peak_bytes)} "
                 f"({best.where}), measured {fmt_bytes(self.measured_peak)}"
                 f"{'' if self.fits else ' (OVER the budget)'}; recompute "
@@ -170,8 +176,8 @@ class AutoReport:
 
 
 def auto_checkpoint(model: nn.Module, budget, batch, loss_fn=None, menu=MENU,
-                    op_points: int = 6, trunk: bool = False, layers: str | None = None
-                    ) -> AutoReport:
+                    op_points: int = 6, trunk: bool = False, layers: str | None = None,
+                    micro_batches: int = 1) -> AutoReport:
     """Measure, plan, apply and verify the cheapest checkpoint placement that fits ``budget``
     (bytes or "40MiB") for a training step on ``batch`` (a tensor or a tuple whose first item
     is the model's input; the course's models take their own ``(idx, targets)``). Raises a
@@ -184,9 +190,13 @@ def auto_checkpoint(model: nn.Module, budget, batch, loss_fn=None, menu=MENU,
     a buffer it updates in place) would do them twice and train differently: only for a model
     whose forward is pure, which no measurement can check; hence off by default.
     ``layers``: the dotted path of the block list (e.g. "encoder.layers") where the model has
-    several, or one the search does not find (``hf.find_decoder_layers``)."""
+    several, or one the search does not find (``hf.find_decoder_layers``).
+    ``micro_batches``: how many forward/backward passes, each on ``batch``, add their gradients
+    up before one optimizer step (gradient accumulation); a plan for one pass per step does not
+    cover the second, which runs with every gradient already held."""
     budget = parse_budget(budget)  # once, here
     check_op_points(op_points)
+    _check_micro_batches(micro_batches)
     if not isinstance(trunk, bool):
         raise TypeError(f"trunk is True or False, got {trunk!r}")
     course = _course_model(model, batch, loss_fn, layers)
@@ -196,11 +206,14 @@ def auto_checkpoint(model: nn.Module, budget, batch, loss_fn=None, menu=MENU,
     # reproduce with or without this call.
     with torch.random.fork_rng(devices=_cuda_devices(model)):
         work = copy.deepcopy(course)
-        costs = measure_costs(work, None, menu=menu, op_points=op_points, suffix=trunk)
+        costs = measure_costs(work, None, menu=menu, op_points=op_points, suffix=trunk,
+                              accumulate=micro_batches > 1)
         plan = make_plan(costs, budget, "flops")
         if not plan.fits:
-            raise ValueError(f"nothing fits in {fmt_bytes(budget)}: {plan.advice()}")
-        measured = measure_peaks(work, plan.policy)[-1]
+            raise ValueError(f"nothing fits in {fmt_bytes(budget)} for a step of "
+                             f"{_micro_batches_said(micro_batches)}: {plan.advice()} (plan a "
+                             f"smaller batch with auto_checkpoint(..., micro_batches=N))")
+        measured = _metered_step(work, plan.policy, micro_batches)
     if measured > budget:
         raise ValueError(
             f"{plan.best.policy} was predicted to peak at {fmt_bytes(plan.best.peak_bytes)} but "
@@ -208,10 +221,36 @@ def auto_checkpoint(model: nn.Module, budget, batch, loss_fn=None, menu=MENU,
             f"{fmt_bytes(budget)}: the planner's memory model misses something this model does "
             f"(e.g. blocks that share state or return views of larger tensors); nothing was "
             f"installed: ask for {fmt_bytes(measured - plan.best.peak_bytes)} less, "
-            f"auto_checkpoint(model, {budget - (measured - plan.best.peak_bytes)}, batch)")
+            f"auto_checkpoint(model, {budget - (measured - plan.best.peak_bytes)}, batch"
+            f"{f', micro_batches={micro_batches}' if micro_batches > 1 else ''})")
     handle = apply_policy(model, plan.policy, blocks=course.blocks,
                           suffix_entry=model if isinstance(course, _Adapted) else None)
-    return AutoReport(plan, handle, measured, _blocks_note(model, course.blocks))
+    return AutoReport(plan, handle, measured, _blocks_note(model, course.blocks), micro_batches)
+
+
+def _check_micro_batches(micro_batches) -> None:
+    if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or \
+            micro_batches < 1:
+        raise ValueError(f"micro_batches is how many forward/backward passes (each on the batch "
+                         f"given) add their gradients up before one optimizer step, a whole "
+                         f"number >= 1 such as 4; got {micro_batches!r}")
+
+
+def _micro_batches_said(micro_batches: int) -> str:
+    if micro_batches == 1:
+        return "one forward/backward"
+    return f"{micro_batches} micro-batches (gradients accumulated)"
+
+
+def _metered_step(work: nn.Module, policy, micro_batches: int) -> int:
+    """The peak of step 2 of two AdamW steps under ``policy``, each of ``micro_batches``
+    forward/backward passes on the batch given (``doctor.run_steps``: ``step.run_step`` on a
+    list of micro-batches), what the planner predicts: step 2 has optimizer state."""
+    # work's example_batch is the batch given, whatever size is asked: one "sample" each
+    run = run_steps(work, None, policy, batch_size=micro_batches, steps=2,
+                    micro_batches=micro_batches, copy_model=False)
+    work.zero_grad(set_to_none=True)
+    return run.steps[-1].peak_bytes
 
 
 def _blocks_note(model: nn.Module, blocks) -> str:

@@ -2,6 +2,7 @@
 course protocol) and on a course model; predicted peak = measured; undo leaves the model as
 it was; gradients are those of no checkpointing."""
 
+import copy
 import re
 
 import pytest
@@ -9,8 +10,10 @@ import torch
 from torch import nn
 
 from ckpt_course.auto import auto_checkpoint
+from ckpt_course.meter import MemoryMeter
 from ckpt_course.models import GPTConfig, TinyGPT
 from ckpt_course.policies import _installed
+from ckpt_course.step import make_optimizer, run_step
 
 
 class Block(nn.Module):
@@ -303,3 +306,43 @@ def test_a_tuple_output_reaches_the_learners_loss_fn_whole():
     assert all(torch.equal(a, b) for a, b in zip(plain, under_plan, strict=True))
     names = [name for name, _ in model.named_parameters()]
     assert plain[names.index("aux_head.weight")].abs().sum() > 0  # the aux term is trained
+
+
+# ---------------------------------------------------------------- gradient accumulation
+def _accumulated_peak(model, batch, micro_batches: int) -> int:
+    """Step 2's peak of the learner's own loop: ``micro_batches`` forward/backward passes on
+    ``batch`` (the default loss), gradients added up, then one AdamW step."""
+    optimizer, meter = make_optimizer(model), MemoryMeter()
+    steps = [[(batch.clone(),) for _ in range(micro_batches)] for _ in (1, 2)]  # not metered
+    with meter:
+        meter.track(model, optimizer)
+        for step, parts in enumerate(steps, 1):
+            record = run_step(model, optimizer, parts, meter, step=step,
+                              loss_fn=lambda part: model(part[0]).square().mean())
+        meter.untrack()
+    model.zero_grad(set_to_none=True)
+    return record.peak_bytes
+
+
+def test_a_plan_for_accumulated_micro_batches_holds_for_every_micro_batch():
+    torch.manual_seed(0)
+    model, batch = MyNet(depth=4), torch.randn(64, 16)
+    generous = auto_checkpoint(model, 10**9, batch, op_points=0)
+    generous.undo()
+    budget = int(generous.predicted_peak * 0.93)
+    with auto_checkpoint(model, budget, batch, op_points=0) as one_pass:
+        assert _accumulated_peak(copy.deepcopy(model), batch, 2) > budget  # not its step
+    plain = _grads(model, batch)
+    with auto_checkpoint(model, budget, batch, op_points=0, micro_batches=3) as report:
+        assert report.micro_batches == 3 and "3 micro-batches" in str(report)
+        assert report.measured_peak == report.predicted_peak <= budget
+        assert _accumulated_peak(copy.deepcopy(model), batch, 3) == report.measured_peak
+        assert all(torch.equal(a, b) for a, b in zip(plain, _grads(model, batch), strict=True))
+    assert report.plan.best.recompute_flops > one_pass.plan.best.recompute_flops
+
+
+@pytest.mark.parametrize("micro_batches", [0, 1.5, True, "2"])
+def test_micro_batches_not_a_whole_number_is_refused_before_any_work(micro_batches):
+    with pytest.raises(ValueError, match="micro_batches is how many .* got") as refused:
+        auto_checkpoint(MyNet(), "1MiB", torch.randn(8, 16), micro_batches=micro_batches)
+    assert "\n" not in str(refused.value)
