@@ -117,7 +117,7 @@ def test_auto_checkpoint_installs_nothing_when_the_meter_refutes_the_plan(monkey
     model, batch = Net([Flagged(32, False) for _ in range(3)]), torch.randn(64, 16)
     course = _course_model(copy.deepcopy(model), batch, None)
     peak = predict(measure_costs(course, None), "none").peak_bytes  # the plan at this budget
-    monkeypatch.setattr(auto, "measure_peaks", lambda work, policy: [peak + 4096])
+    monkeypatch.setattr(auto, "_metered_step", lambda work, policy, micro_batches: peak + 4096)
     with pytest.raises(ValueError, match=r"ask for 4\.00 KiB less") as info:
         auto.auto_checkpoint(model, peak, batch)
     assert f"auto_checkpoint(model, {peak - 4096}, batch)" in str(info.value)
