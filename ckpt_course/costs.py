@@ -1098,10 +1098,12 @@ def _record_calls(model: nn.Module, blocks, batch):
     handles = [b.register_forward_pre_hook(grab_input, with_kwargs=True) for b in blocks]
     handles.append(blocks[-1].register_forward_hook(grab_output))
     try:
-        with torch.random.fork_rng(devices=[]), _refusing_views(blocks):
+        with torch.random.fork_rng(devices=[]), _refusing_views(blocks), \
+                _refusing_inplace_inputs(blocks):
             loss = model.loss(batch)
             trained = _parameters_reached(loss)
-            _refuse_suffix_reaching_back(loss, marks.get("last"), marks.get("after"))
+            _refuse_suffix_reaching_back(loss, marks.get("last"), marks.get("after"),
+                                         _graphs_kept_on(blocks))
             if "after" in marks:
                 uses = _trunk_parameters(loss, marks["before"], marks["after"])
             del loss, marks["last"]
@@ -1186,10 +1188,12 @@ def _next_sequence_number() -> int:
         return (torch.empty(0, requires_grad=True) * 1).grad_fn._sequence_nr()
 
 
-def _refuse_suffix_reaching_back(loss, last, after) -> None:
+def _refuse_suffix_reaching_back(loss, last, after, kept=None) -> None:
     """Refuses a suffix whose backward sends a gradient past the blocks, straight to the
     prefix or into a block (``head(x + x0)``, a skip from x_0 to the head): that gradient waits
-    there until the blocks' backward has run, which the memory model does not hold."""
+    there until the blocks' backward has run, which the memory model does not hold. ``kept``:
+    the graphs of tensors the blocks keep on themselves (``_graphs_kept_on``), named when the
+    gradient reaches one (an auxiliary loss stored on the block and summed after it)."""
     if not isinstance(loss, torch.Tensor) or loss.grad_fn is None or last is None:
         return
     seen, todo = {last}, [loss.grad_fn]
@@ -1200,6 +1204,13 @@ def _refuse_suffix_reaching_back(loss, last, after) -> None:
         seen.add(node)
         if hasattr(node, "variable"):  # a leaf's gradient: parameters are counted elsewhere
             continue
+        if node._sequence_nr() < after and node in (kept or {}):
+            raise ValueError(
+                f"{kept[node]} stores a tensor with a graph that the model reads after the "
+                f"blocks (e.g. an auxiliary loss kept on the block, MoE load-balancing style): "
+                f"the planner measures each block alone, where that graph takes no part; add the "
+                f"term from the blocks' outputs after them, or plan with it detached "
+                f"(.detach()) and leave headroom for it")
         if node._sequence_nr() < after:
             raise ValueError(
                 f"the code after the last block uses a tensor made before it returned (its "
@@ -1207,6 +1218,51 @@ def _refuse_suffix_reaching_back(loss, last, after) -> None:
                 f"block's output: that gradient waits through the blocks' backward, which the "
                 f"planner does not predict; use only the last block's output after the blocks")
         todo += [n for n, _ in node.next_functions]
+
+
+def _graphs_kept_on(blocks) -> dict:
+    """The autograd nodes of tensors with a graph that the blocks (or their submodules) keep
+    as attributes after the forward (``self.aux_loss = ...``), each named by where it is."""
+    kept = {}
+    for k, block in enumerate(blocks):
+        for path, module in block.named_modules():
+            for name, value in vars(module).items():
+                if name.startswith("_"):  # torch's own: parameters, buffers, hooks
+                    continue
+                for t in _tensors_in(value):
+                    if t.grad_fn is not None:
+                        where = f"self.{path + '.' if path else ''}{name}"
+                        kept.setdefault(t.grad_fn, f"block {k} ({type(block).__name__}, {where})")
+    return kept
+
+
+@contextlib.contextmanager
+def _refusing_inplace_inputs(blocks):
+    """Inside, a block that changes its input in place (``x.mul_(0.9)``, ``x += ...``) raises
+    a one-line error: a checkpoint recomputes the block from the input it was given, which by
+    then holds the changed values (torch raises a multi-line error in backward, or the
+    recompute differs)."""
+    versions = {}
+
+    def before(module, args):
+        if args and isinstance(args[0], torch.Tensor) and not args[0].is_inference():
+            versions[id(module)] = args[0]._version
+
+    def after(module, args, out):
+        if id(module) in versions and args[0]._version != versions.pop(id(module)):
+            k = next(k for k, b in enumerate(blocks) if b is module)
+            raise ValueError(f"block {k} ({type(module).__name__}) changes its input in place "
+                             f"(an op like x.mul_(...), x += ... or x[...] = ... on the tensor "
+                             f"it is given): a checkpoint recomputes the block from that input, "
+                             f"changed by then; make a new tensor instead (x = x * 0.9)")
+
+    handles = [h for b in blocks for h in (b.register_forward_pre_hook(before),
+                                          b.register_forward_hook(after))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _outside_tensors(k: int, args, kwargs, owned: set[int], made: list):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
-from ckpt_course import cli
+from ckpt_course import cli, costs
 from ckpt_course.auto import _course_model, auto_checkpoint
 from ckpt_course.costs import measure_costs
 from ckpt_course.op_choices import block_ops
@@ -340,3 +340,81 @@ def test_measuring_a_model_under_a_policy_names_the_policy(policy):
     assert str(error.value).startswith(f"block 0 already runs under policy "
                                        f"'{parse_policy(policy)}': undo it first")
     assert str(error.value).endswith("then measure the model as it is")
+
+
+# ---------------------------------------------------------------- blocks not measurable alone
+class _KeepsAuxLoss(Residual):
+    """Keeps its router's load-balancing loss on itself, with its graph (Switch / Mixtral
+    style), for the model to add up after the blocks."""
+
+    def forward(self, x):
+        gate = torch.softmax(self.norm(x)[..., :4], -1)
+        self.aux_loss = gate.mean(0).square().sum()
+        return super().forward(x)
+
+
+class _KeepsDetached(Residual):
+    """Keeps a detached copy of its hidden state (for a plot): no graph, nothing to refuse."""
+
+    def forward(self, x):
+        self.seen = x.detach()
+        return super().forward(x)
+
+
+class _ScalesItsInput(Residual):
+    def forward(self, x):
+        x.mul_(0.9)
+        return super().forward(x)
+
+
+class _ScalesItsOwnTensor(Residual):
+    """Changes a tensor it made itself in place: checkpointing recomputes it alike."""
+
+    def forward(self, x):
+        h = self.linear(self.norm(x))
+        return x + h.tanh_()
+
+
+class _MadeOf(Chain):
+    def __init__(self, block, sum_aux=False):
+        super().__init__()
+        self.blocks = nn.ModuleList(block(16) for _ in range(3))
+        self.sum_aux = sum_aux
+
+    def forward(self, x):
+        out = super().forward(x)
+        if self.sum_aux:
+            out = out + 0.01 * sum(block.aux_loss for block in self.blocks)
+        return out
+
+
+def _no_block_measured(*args, **kwargs):
+    raise AssertionError("a block was measured before the refusal")
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda: _MadeOf(_KeepsAuxLoss, sum_aux=True),
+     r"block \d \(_KeepsAuxLoss, self.aux_loss\) stores a tensor with a graph that the model "
+     r"reads after the blocks .*: the planner measures each block alone.*detach"),
+    (lambda: _MadeOf(_ScalesItsInput),
+     r"block 0 \(_ScalesItsInput\) changes its input in place .*a checkpoint recomputes the "
+     r"block from that input.*x = x \* 0.9"),
+])
+def test_a_block_that_cannot_be_measured_alone_is_refused_before_it_is_measured(
+        make, says, monkeypatch):
+    monkeypatch.setattr(costs, "measure_layer", _no_block_measured)
+    torch.manual_seed(0)
+    model = make()
+    with pytest.raises(ValueError, match=says) as refused:
+        auto_checkpoint(model, "1MiB", torch.randn(4, 8), op_points=0)
+    assert "\n" not in str(refused.value)
+    assert all(_installed(b) is None for b in model.blocks)
+    with pytest.raises(ValueError, match=says):
+        measure_costs(_course_model(make(), torch.randn(4, 8), None), None)
+
+
+@pytest.mark.parametrize("block", [_KeepsAuxLoss, _KeepsDetached, _ScalesItsOwnTensor])
+def test_a_block_keeping_what_the_model_never_reads_or_changing_its_own_tensors_is_measured(
+        block):
+    torch.manual_seed(0)
+    assert measure_costs(_course_model(_MadeOf(block), torch.randn(4, 8), None), None).n == 3
