@@ -20,7 +20,10 @@ the optimizer step on the real optimizer; with ``suffix=True``, also with the su
 checkpointed, fully and at the op-level points of its own Pareto set (``measure_suffixes``).
 A weight tied across blocks gets its gradient from the last of them (backward meets it first):
 the blocks before are measured with that gradient already there, so it is counted once. A
-block that returns a view of a larger tensor is refused (``_refusing_views``). ``times=True``:
+block that returns a view of a larger tensor is refused (``_refusing_views``), and so, before
+any block is measured alone, is one that changes its input in place or keeps a tensor with a
+graph that the model reads after the blocks (``_refusing_inplace_inputs``,
+``_graphs_kept_on``). ``times=True``:
 each option's forward + backward time, and the plain forward's alone (``FORWARD``), for the
 time objective.
 """
