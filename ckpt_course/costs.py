@@ -1255,9 +1255,9 @@ def _refusing_inplace_inputs(blocks):
         if id(module) in versions and args[0]._version != versions.pop(id(module)):
             k = next(k for k, b in enumerate(blocks) if b is module)
             raise ValueError(f"block {k} ({type(module).__name__}) changes its input in place "
-                             f"(an op like x.mul_(...), x += ... or x[...] = ... on the tensor "
-                             f"it is given): a checkpoint recomputes the block from that input, "
-                             f"changed by then; make a new tensor instead (x = x * 0.9)")
+                             f"(e.g. x.mul_(...), x += ..., x[...] = ...): a checkpoint "
+                             f"recomputes the block from that input, changed by then; make a "
+                             f"new tensor instead (x = x * 0.9)")
 
     handles = [h for b in blocks for h in (b.register_forward_pre_hook(before),
                                           b.register_forward_hook(after))]
