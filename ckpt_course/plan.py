@@ -507,6 +507,7 @@ def _prefix_inside(costs: ChainCosts) -> ChainCosts:
         saved_bytes=first.saved_bytes + stays, recompute_kept=first.recompute_kept + stays,
         checkpointed_backward=replace(back, peak_held=back.peak_free,
                                       change_held=back.change_free),
+        first_backward=None,  # x_0 is made inside the region: the line above, as held
         forward_flops=first.forward_flops + trunk.prefix_forward_flops,
         recompute_flops=first.recompute_flops + trunk.prefix_forward_flops)
     trunk = replace(trunk, prefix="full", prefix_kept=0, prefix_keeps_input=True,
