@@ -20,7 +20,13 @@ the optimizer step on the real optimizer; with ``suffix=True``, also with the su
 checkpointed, fully and at the op-level points of its own Pareto set (``measure_suffixes``).
 A weight tied across blocks gets its gradient from the last of them (backward meets it first):
 the blocks before are measured with that gradient already there, so it is counted once. A
-block that returns a view of a larger tensor is refused (``_refusing_views``). ``times=True``:
+block that returns a view of a larger tensor is refused (``_refusing_views``), and so, while
+the model first runs (``_record_calls``), is what no term of the memory model holds: a suffix
+that reads a tensor made before the last block returned, a tensor the forward makes and passes
+the blocks, and blocks that all return their input. A parameter the model passes its blocks
+gets its gradient from the last block that uses it (or the suffix); parameters the backward
+never reaches get no optimizer state. A checkpointed segment's first block is measured also
+with its input kept by the checkpoint alone (``first_backward``). ``times=True``:
 each option's forward + backward time, and the plain forward's alone (``FORWARD``), for the
 time objective.
 """
