@@ -20,10 +20,15 @@ the optimizer step on the real optimizer; with ``suffix=True``, also with the su
 checkpointed, fully and at the op-level points of its own Pareto set (``measure_suffixes``).
 A weight tied across blocks gets its gradient from the last of them (backward meets it first):
 the blocks before are measured with that gradient already there, so it is counted once. A
-block that returns a view of a larger tensor is refused (``_refusing_views``), and so, before
-any block is measured alone, is one that changes its input in place or keeps a tensor with a
-graph that the model reads after the blocks (``_refusing_inplace_inputs``,
-``_graphs_kept_on``). ``times=True``:
+block that returns a view of a larger tensor is refused (``_refusing_views``), and so, while
+the model first runs (``_record_calls``), is what no term of the memory model holds: a suffix
+that reads a tensor made before the last block returned, a tensor the forward makes and passes
+the blocks, blocks that all return their input, a block that changes its input in place or
+keeps a tensor with a graph that the model reads after the blocks (``_refusing_inplace_inputs``,
+``_graphs_kept_on``). A parameter the model passes its blocks
+gets its gradient from the last block that uses it (or the suffix); parameters the backward
+never reaches get no optimizer state. A checkpointed segment's first block is measured also
+with its input kept by the checkpoint alone (``first_backward``). ``times=True``:
 each option's forward + backward time, and the plain forward's alone (``FORWARD``), for the
 time objective.
 """
@@ -92,6 +97,18 @@ class LayerCost:
     # it returns its input itself (nn.Identity, Dropout(0)): x_{k+1} is x_k, it saves nothing,
     # and under any policy it keeps nothing (a checkpoint that saves nothing keeps no input)
     returns_input: bool = False
+    # after a recompute, as the first block of a checkpointed segment: "held", someone before
+    # keeps x (as ``checkpointed_backward``'s); "free", only the checkpoint keeps it, which
+    # lets it go with the last saved tensor of its region, in this block's backward (so a
+    # light block's gradient sums can run after x is gone). None: taken as always held
+    first_backward: Backward | None = None
+
+    def first_checkpointed_backward(self) -> Backward:
+        """The backward of this block as a checkpointed segment's first (``first_backward``)."""
+        if self.first_backward is not None:
+            return self.first_backward
+        back = self.checkpointed_backward
+        return replace(back, peak_free=back.peak_held, change_free=back.change_held)
 
     @property
     def kept_bytes(self) -> int:
@@ -401,12 +418,14 @@ def _existing_gradients(module: nn.Module, accumulate: bool, existing=frozenset(
 
 
 def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: bool = False,
-               existing=frozenset()):
+               existing=frozenset(), copy: bool = True):
     """One forward + backward of ``block`` alone, under a meter; returns the meter and facts.
     ``keep_input=False``: only the block keeps its input (we drop our reference after forward;
     inside a checkpoint the block gets a copy made in the checkpointed region, and we keep the
     checkpoint's own input, as a segment keeps its first input: the block's input then dies
-    once in its backward, as a block's inside a segment does, whatever blocks surround it)."""
+    once in its backward, as a block's inside a segment does, whatever blocks surround it).
+    ``copy=False`` with both: the block gets the checkpoint's own input, which we drop: only
+    the checkpoint keeps it, as for a segment's first block whose input nobody else keeps."""
     _existing_gradients(block, accumulate, existing)
     meter, stash, packs = _Meter(), [], []
 
@@ -415,7 +434,7 @@ def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: 
         return t
 
     def fn(x):
-        return block(x) if keep_input else block(x.clone())
+        return block(x) if keep_input or not copy else block(x.clone())
 
     def run(x):
         if not checkpointed:
@@ -439,7 +458,7 @@ def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: 
         a_in = x.untyped_storage().nbytes()
         sink = _Sink.apply(out, meter)
         del out
-        if not keep_input and not checkpointed:
+        if not keep_input and (not checkpointed or not copy):
             del x  # inside a checkpoint, x stays: the block's own input is its copy
         info = dict(start=start, kept=meter.live_bytes - start, a_in=a_in, a_out=a_out,
                     saves_input=x_ref() is not None, saves_output=out_ref() is not None,
@@ -513,6 +532,7 @@ def measure_layer(block: nn.Module, x_like: torch.Tensor, accumulate: bool = Fal
             for keep in (True, False):
                 runs[checkpointed, keep] = _run_layer(block, x_like, keep, checkpointed,
                                                       accumulate, existing)
+        runs["first"] = _run_layer(block, x_like, False, True, accumulate, existing, copy=False)
         block.zero_grad(set_to_none=True)
         forward_flops, recompute_flops, backward_flops = _layer_flops(block, x_like)
     ckpt_meter, ckpt = runs[True, True]
@@ -521,7 +541,15 @@ def measure_layer(block: nn.Module, x_like: torch.Tensor, accumulate: bool = Fal
         _plain_cost(runs, forward_flops, backward_flops), recompute_flops=recompute_flops,
         forward_peak_unsaved=_window(ckpt_meter, ckpt, "start", "forward")[0],
         recompute_peak=recompute_peak, recompute_kept=recompute_kept,
-        checkpointed_backward=_backward(runs, True, "checkpointed_backward"))
+        checkpointed_backward=(back := _backward(runs, True, "checkpointed_backward")),
+        first_backward=_first_backward(back, runs["first"]))
+
+
+def _first_backward(checkpointed: Backward, run) -> Backward:
+    """A segment's first block after its recompute: held as ``checkpointed``, free from ``run``
+    (the checkpoint alone keeps the input)."""
+    peak, change = _window(*run, "checkpointed_backward")
+    return replace(checkpointed, peak_free=peak, change_free=change)
 
 
 def _backward(runs, checkpointed: bool, begin: str) -> Backward:

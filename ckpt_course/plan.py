@@ -336,8 +336,10 @@ def segment_events(costs: ChainCosts, seg, left_held: bool) -> list[Event]:
                 t -= _boundary_bytes(costs, k)  # x_k: nobody keeps it once block k has run
     for k in range(j - 1, i - 1, -1):
         c = layers[k]
-        if ckpt:  # the checkpoint keeps x_i to the end; x_k inside, if the block below saves it
-            held, back = k == i or layers[k - 1].saves_output, c.checkpointed_backward
+        if ckpt and k == i:  # x_i: kept by the block before, or by the checkpoint alone
+            held, back = left_held, c.first_checkpointed_backward()
+        elif ckpt:  # x_k inside: kept if the block below saves it
+            held, back = layers[k - 1].saves_output, c.checkpointed_backward
         else:
             held, back = left_held, _as_plain(costs, k, kind).backward
         events.append((t + back.peak(held), "backward", k, "checkpointed" if ckpt else label))
@@ -509,6 +511,7 @@ def _prefix_inside(costs: ChainCosts) -> ChainCosts:
         saved_bytes=first.saved_bytes + stays, recompute_kept=first.recompute_kept + stays,
         checkpointed_backward=replace(back, peak_held=back.peak_free,
                                       change_held=back.change_free),
+        first_backward=None,  # x_0 is made inside the region: the line above, as held
         forward_flops=first.forward_flops + trunk.prefix_forward_flops,
         recompute_flops=first.recompute_flops + trunk.prefix_forward_flops)
     trunk = replace(trunk, prefix="full", prefix_kept=views, prefix_keeps_input=True,
@@ -778,6 +781,11 @@ class _Chain:
         back = [c.checkpointed_backward for c in layers]
         self.peak = {h: np.array([b.peak(h) for b in back], np.int64) for h in (False, True)}
         self.change = {h: np.array([b.change(h) for b in back], np.int64) for h in (False, True)}
+        first = [c.first_checkpointed_backward() for c in layers]  # a segment's first block
+        self.first_peak = {h: np.array([b.peak(h) for b in first], np.int64)
+                           for h in (False, True)}
+        self.first_change = {h: np.array([b.change(h) for b in first], np.int64)
+                             for h in (False, True)}
         grads = np.array([c.grad_bytes for c in layers] + [0], np.int64)
         self.grads_after = np.cumsum(grads[::-1])[::-1]  # gradients of blocks >= j
         self.ff = column(lambda c: c.forward_flops, object)
@@ -818,9 +826,10 @@ class _Chain:
         rec = np.concatenate([[_NONE], np.maximum.accumulate(plain_fwd)[:-1]])
         last = np.maximum(rec, d + self.rp[i:])
         end = d + self.rk[i:] - x_k
-        held = ~inner | prior_saves_out
+        held = prior_saves_out
         pk = np.where(held, self.peak[True][i:], self.peak[False][i:])
         ch = np.where(held, self.change[True][i:], self.change[False][i:])
+        pk[0], ch[0] = self.first_peak[left][i], self.first_change[left][i]
         q = np.cumsum(ch)  # Q(j): the backward's changes of blocks i..j-1
         backward = np.maximum.accumulate(pk - q)  # max over k < j of pk(k) - Q(k + 1)
         t0 = base + trunk.suffix_left + x_i + self.grads_after[i + 1:] + self.bb[i + 1:]

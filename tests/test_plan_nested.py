@@ -189,11 +189,11 @@ def linear_relu_chain() -> ChainCosts:
     keeps its input and output, the output being the next block's input, and nothing more."""
     def block(first: bool) -> LayerCost:
         change = -1044352 if first else -520064
+        back = Backward(524288, 524288, change, change - 524288)
         return LayerCost(524288, 524288, 0, True, True, 8388608, 8388608,
                          8388608 if first else 16777216, 4224, not first,
-                         1048576, 1048576, 1048576, 524288,
-                         Backward(524288, 524288, change, change - 524288),
-                         Backward(524288, 524288, change, change - 524288))  # checkpointed: alike
+                         1048576, 1048576, 1048576, 524288, back, back,  # checkpointed: alike
+                         first_backward=back)  # and as a segment's first block
 
     trunk = TrunkCost(base_bytes=202880, input_counted=False,
                       suffix_forward_peak_held=524288, suffix_forward_peak_free=524288,

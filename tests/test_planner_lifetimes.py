@@ -188,3 +188,36 @@ def test_a_parameter_passed_to_every_block_has_its_gradient_counted_once(in_head
     gate_grad = 32 * 4  # made by the last block (or the head), then added into in place
     grads = [c.grad_bytes for c in costs.layers]
     assert grads[:2] == [grads[0]] * 2 and grads[2] - grads[0] == (0 if in_head else gate_grad)
+
+
+class Light(nn.Module):
+    """x + linear(x): its backward ends adding up x's two gradients, after its Linear let x go
+    (when nothing else keeps x)."""
+
+    def __init__(self, width=32, heavy=False):
+        super().__init__()
+        self.linear, self.heavy = nn.Linear(width, width), heavy
+
+    def forward(self, x):
+        h = self.linear(x)
+        if self.heavy:
+            h = torch.exp(torch.sin(torch.tanh(h)))
+        return x + h
+
+
+def test_a_checkpoint_lets_its_input_go_with_its_last_saved_tensor():
+    from ckpt_course.costs import MENU
+    from ckpt_course.plan import optimal
+
+    torch.manual_seed(0)
+    course = _course(Net([Light(), Light(heavy=True), Light()]))
+    costs = measure_costs(copy.deepcopy(course), None, menu=MENU)
+    selective = "selective:recompute=gelu,silu,relu"
+    for policy in ("menu:2=full", f"menu:0={selective},2=full", "full", "segments:1-2",
+                   "segments:0-1", "every-2"):
+        predicted = predict(costs, policy).peak_bytes
+        assert (policy, measure_peaks(copy.deepcopy(course), policy)[-1]) == (policy, predicted)
+    # the light block checkpointed alone keeps what it keeps plain: its input, nothing more
+    assert predict(costs, "menu:2=full").peak_bytes == predict(costs, "none").peak_bytes
+    plan = optimal(costs, predict(costs, "none").peak_bytes)  # the DP prices it the same way
+    assert plan.peak_bytes == predict(costs, plan.placement).peak_bytes
