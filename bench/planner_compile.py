@@ -142,6 +142,7 @@ from ckpt_course.plan import (
     segment_recompute_flops,
     with_trunk,
 )
+from ckpt_course.policies import _draws_random
 from ckpt_course.recompute import EXTRA_FLOP_FORMULAS
 
 FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8)
@@ -172,8 +173,9 @@ def exact_backend(gm, example_inputs):
     not hold ``aten.rand``: so at a budget under 1.0 it re-runs ``rand`` in the backward, which
     draws new numbers, and the gradients are not the forward's (torch 2.13, CPU: 1e-2 off the
     budget-1.0 gradients on the held-out attention model; the inductor backend itself too).
-    Marking every seeded op MUST_SAVE (the partitioner's own ban) keeps the mask's source, and
-    the gradients equal budget 1.0's bit for bit (``grads_exact`` checks it per budget)."""
+    Marking every op that draws random numbers MUST_SAVE (the partitioner's own ban; attention
+    with ``dropout_p`` 0 draws none and stays free) keeps the mask's source, and the gradients
+    equal budget 1.0's (``grads_off`` per budget)."""
     from importlib import import_module
 
     import torch._functorch.config as functorch_config
@@ -182,8 +184,9 @@ def exact_backend(gm, example_inputs):
     from torch.utils.checkpoint import CheckpointPolicy
 
     def partition(joint, *args, **kwargs):
-        for node in joint.graph.nodes:
-            if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()):
+        for node in joint.graph.nodes:  # (attention with dropout_p 0 draws nothing: free)
+            if isinstance(node.target, torch._ops.OpOverload) and _draws_random(
+                    node.target, node.args, node.kwargs):
                 node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
         return min_cut_rematerialization_partition(joint, *args, compiler="inductor", **kwargs)
 
