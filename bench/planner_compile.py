@@ -8,61 +8,114 @@ op_points=N)``), full checkpoints of several blocks, or the four-option menu. Bo
 by (saved bytes, recompute FLOPs), on the tiny GPT (4 blocks) and a small Hugging Face Llama
 built from the shipped Llama 3.2 1B config (4 layers; never downloads).
 
-torch.compile side: backend ``aot_eager_decomp_partition`` (AOTAutograd with inductor's
-decompositions and the min-cut partitioner that reads the budget, without inductor's code
-generation: a few seconds per compile on a CPU). Saved bytes: the storages its compiled
-forward packs for backward (saved-tensor hooks), parameters, buffers and the batch left out.
-Recompute FLOPs: FlopCounterMode over its backward minus over eager's plain backward (at
-budget 1.0 the two are equal: it recomputes nothing that costs FLOPs).
+torch.compile side: ``exact_backend``, which is ``aot_eager_decomp_partition`` (AOTAutograd
+with inductor's decompositions and the min-cut partitioner that reads the budget, without
+inductor's code generation: a few seconds per compile on a CPU) with one change: random ops may
+not be recomputed. The stock partitioner re-runs ``aten.rand`` in the backward (inductor's
+decomposition of dropout; its random-op list names only ``native_dropout``, ``rand_like`` and
+``randn_like``), which draws new numbers: on the held-out attention model the gradients at
+every budget under 1.0 differ from budget 1.0's by 1e-2 (``--stock-partitioner`` shows it in
+column "grads off"; the inductor backend itself does the same on CPU, torch 2.13: loss equal,
+gradients not). Those points are not a training step, so they are not compared with. With the
+ban every budget's gradients equal budget 1.0's to 1e-10 (float reordering; 0 on the held-out
+models). Saved bytes: the storages its compiled forward packs for backward (saved-tensor
+hooks), parameters, buffers and the batch left out. Recompute FLOPs: FlopCounterMode over its
+backward minus over eager's plain backward (at budget 1.0 the two are equal).
+
+Counted alike: both sides' bytes are storages alive for backward, parameters, buffers and the
+batch left out, the block inputs and outputs and the trunk's tensors included on both (the
+planner's "saved" is eager's packed storages with no checkpointing plus what the placement
+keeps beyond or below that; on the held-out models a meter reading of the live bytes after the
+forward gives the same numbers to the byte for ``none``, ``full``, ``prefix=full`` and
+op-level placements); both sides' FLOPs are FlopCounterMode's (matmuls, attention), so
+elementwise ops cost 0 on both: keeping a norm's statistics instead of its output is a bytes
+choice only.
 
 Planner side: compile's constraint is saved bytes, the DP's is the peak (which, on these
 models, stops falling once the trunk's moments dominate, while saved bytes still fall). So the
 planner's choices are taken over the same placements the DP searches (plain, checkpointed runs
 of blocks, the menu and the op-level options per block) under each way the trunk can run (the
 suffix, final norm, head and loss, as it is, fully checkpointed or at the op-level points of
-its own Pareto set; the prefix, the embeddings, as it is or inside block 0's checkpoint where
-measured exact: ``measure_costs(..., suffix=True)``, ``plan._trunk_variants``) by the same
-FLOPs objective, with the memory model's exact kept bytes as the constraint: a Pareto sweep
-over the chain (``kept_frontier``). Saved bytes in compile's terms: eager's saved storages with
-no checkpointing (the same hooks) plus what the placement and its trunk keep beyond or below
-no checkpointing (``kept_bytes`` + the trunk's measured ``prefix_kept`` and ``suffix_kept``).
-For each compile budget, two rows: the placement without offload with the least recompute
-among those saving no more than compile does; and, where that recomputes more than compile,
-the one that offloads the fewest bytes to recompute no more (a copy to host is not a FLOP:
-every row could be won by offloading everything, so the bench says how much offload it takes).
-Each plan's peak is predicted and metered twice (the script stops if they differ). Compile's
-variant at each budget runs twice (the first step compiles, the second reuses it): bytes and
-FLOPs are counts, so the two agree (column "again").
+its own Pareto set; the prefix, the embeddings, as it is or inside block 0's checkpoint or
+block 0's op-level option where measured exact: ``measure_costs(..., suffix=True)``,
+``plan._trunk_variants``, ``plan._options_with_prefix``) by the same FLOPs objective, with the
+memory model's exact kept bytes as the constraint: a Pareto sweep over the chain
+(``kept_frontier``). For each compile budget, two rows: the placement without offload with the
+least recompute among those saving no more than compile does; and, where that recomputes more
+than compile, the one that offloads the fewest bytes to recompute no more (a copy to host is
+not a FLOP: every row could be won by offloading everything, so the bench says how much offload
+it takes). Each plan's peak is predicted and metered twice, on copies of the model (the script
+stops if they differ). Compile's variant at each budget runs twice (the first step compiles,
+the second reuses it): bytes and FLOPs are counts, so the two agree (column "again").
 
-Measured (batch 2, 6 op-level points per block; the full run, a loaded 2-core machine):
+Held-out models (``--models attn,swiglu,res,mixed``, ``held_out.py``: finding P15's 3-block
+models; batch 4). What compile keeps that the planner could not, read from its partitioned
+forward and backward graphs (a recording backend) at the budgets where it won:
 
-  tiny GPT (4 blocks)                     HF Llama 3.2 1B, small (4 layers)
-  budget  compile      planner            compile      planner
-          saved B/MFLOP  saved B/MFLOP    saved B/MFLOP  saved B/MFLOP
-  0.05    393,216/385.88   393,216/385.88   139,264/56.36    139,264/60.56 (offload 1: 43.25)
-  0.10    917,504/327.16   794,624/318.77   278,528/51.90    276,480/50.07
-  0.20  1,835,008/268.44 1,716,224/251.66   557,056/42.99    557,056/40.11
-  0.30  2,752,512/209.72 2,633,728/192.94   835,584/34.08    835,584/31.20
-  0.40  3,670,016/150.99 3,551,232/134.22 1,114,112/25.17  1,114,112/22.28
-  0.50  4,587,520/92.27  4,473,856/75.50  1,400,832/15.99  1,400,832/13.11
-  0.60  5,001,220/67.11  4,998,144/41.94  1,644,164/8.39   1,597,440/6.82
-  0.80  5,738,500/0.00   5,653,504/0.00   1,817,092/0.00   1,810,432/0.00
+  model   budget  compile keeps / recomputes               the planner before
+  res     0.5     recomputes the embedding (65,536 FLOP)   no point between 99,328 and 132,096 B:
+                  and keeps every block's fc1 output:      x_0 could go only with block 0 fully
+                  125,440 B                                checkpointed (prefix=full)
+  mixed   0.6     the same: embedding recomputed, block    x_0 kept: 117,504 B at 0 or
+                  outputs kept: 113,472 B, 49,152 FLOP     99,072 B at 294,912 FLOP
+  attn    0.6     embedding recomputed, qkv outputs and    0.37 MFLOP at 75,264 B
+                  block 0's scaled scores kept: 0.23 MFLOP
+  swiglu  0.2     embedding recomputed, block 0's gate     1.77 MFLOP at 25,344 B
+                  output kept: 1.52 MFLOP at 38,208 B
+  attn    0.4     recomputes the last block's output and   0.70 MFLOP at 50,688 B
+                  the head (x_3 not kept): 0.64 MFLOP
+  res     0.1     recomputes the head (its 1,024 B output  2.16 MFLOP at 17,408 B (25,600 B
+                  not kept), keeps the first norm's stats  at 1.64 MFLOP: 512 B over)
+  mixed   0.1     one region over blocks 1-2 keeping only  1.82 MFLOP at 19,200 B: a
+                  block 2's masks (bool) and x_3, block 0  multi-block segment re-runs all
+                  keeping its last matmul's output (x_1 =  but its last block in full
+                  x_0 + it): 1.72 MFLOP at 21,312 B
+  attn, mixed     dropout: the stock partitioner re-runs   (compared with the exact backend
+  (all)           rand (wrong gradients, see above)        only)
 
-Every planner row's peak metered = predicted, twice. The planner recomputes no more than
-compile at every budget on the tiny GPT (strictly less at 6 of 8; at 0.05 the same FLOPs:
-prefix and block 0 in one checkpoint, block 1, blocks 2-3, the suffix: it keeps x_1, x_2 and
-x_4, three activations of 131,072 B, compile's bytes) and at 7 of 8 on the Llama (strictly less
-at 6). The Llama at 0.05 recomputes 4.19 MFLOP more (one MLP projection): compile may recompute
-the embeddings from the token ids, so x_0 (32 kB) need not be among what it saves, while on a
-Hugging Face model the prefix cannot go inside block 0's checkpoint exactly (its forward
-holds ``inputs_embeds`` to the end of the decoder, so x_0 outlives block 0;
-``costs._prefix_facts`` finds it and the planner keeps the prefix as it is); one offloaded
-block (838,656 B to host) brings it to 43.25 MFLOP. At 0.8 compile recomputes only FLOP-free
-ops, in the blocks and in the trunk; the planner's zero-FLOP points (each block's and the
-suffix's: recompute the norms and the log-softmax, keep the head's output) save less than
-compile there. Sixteen compiles at a few seconds each.
+So the gap was one choice across a block boundary, which eager torch makes exactly: the prefix
+(embeddings) inside block 0's *selective* region, keeping block 0's op outputs and recomputing
+only the prefix (``menu:0=selective:ops=...,prefix=full``: the region opens at the model's
+entry, so block 0's op positions count from the prefix's first op, ``op_choices.prefix_ops``;
+predicted by ``plan._options_with_prefix``, metered equal, gradients bit-identical,
+``tests/test_op_prefix.py``). It needed one more fix: a Linear embedding of a 3-D batch
+reshapes the batch, the meter counts that view, and ``costs._prefix_facts`` took it for
+something the prefix keeps outside block 0's checkpoint, so prefix=full was refused on attn,
+swiglu and mixed (``TrunkCost.prefix_batch_views``). What eager torch cannot do generically:
+recompute the suffix (head, loss) without replaying the model's forward from its start (a
+suffix checkpoint re-runs the entry, the prefix's FLOPs again, and for a learner's model the
+loss is outside the entry, so the head's output stays kept: ``menu:...,suffix=full`` keeps the
+same 25,600 B on res and recomputes 65,536 FLOP more); and keep a norm's statistics instead of
+its output (SAC keeps whole op outputs; worth bytes only, never FLOPs here). Not done, though
+eager torch can: one selective region over several blocks (a multi-block segment keeping some
+op outputs, e.g. block 0's last matmul, so its tail is not re-run; the planner's op-level
+options are one block each). Those are the remaining rows.
 
-Run: .venv/bin/python bench/planner_compile.py [--batch 2] [--points 6] [--fractions 0.05,0.8]
+  model    budget  compile B   MFLOP  planner B   MFLOP  ratio   (after; metered = predicted)
+  attn      0.05      8,208    1.36      6,912    1.35   0.99
+            0.10     14,736    1.27     13,056    1.25   0.99
+            0.20     27,360    1.06     26,112    1.04   0.99
+            0.30     40,752    0.85     39,936    0.82   0.97
+            0.40     53,376    0.64     50,688    0.70   1.10    (suffix: last block's output)
+            0.50     66,384    0.43     62,976    0.45   1.06
+            0.60     79,392    0.23     79,104    0.20   0.84    (was 1.58)
+            0.80    103,152    0.04     99,840    0.04   1.00
+  swiglu    0.05-0.80: ratio 1.00 at all 8 (was 1.14 and 1.16 at 0.1 and 0.2)
+  res       0.10     25,088    1.65     17,408    2.16   1.31    (suffix: the head)
+            0.50    125,440    0.07    123,904    0.07   1.00    (was 8.00)
+            the other 6: 1.00
+  mixed     0.10     21,312    1.72     19,200    1.82   1.06    (a multi-block selective region)
+            0.60    113,472    0.05    111,360    0.05   1.00    (was 6.00)
+            the other 6: 1.00 (was 1.16, 1.20, 1.08, 1.14 at 0.05, 0.1, 0.4, 0.5)
+
+Planner recompute <= compile at 6/8 (attn), 8/8 (swiglu), 7/8 (res), 7/8 (mixed) budgets,
+before this change 1/7, 5/7, 6/8, 3/8 (the same exact backend); with offload at 8/8 everywhere.
+
+GPT_LLAMA_TABLE
+
+Run: .venv/bin/python bench/planner_compile.py [--models gpt,llama] [--batch 2] [--points 6]
+[--fractions 0.05,0.8] [--stock-partitioner]; the held-out models: --models attn,swiglu,res,mixed
+--batch 4 (about 3 minutes).
 Ends with one JSON line.
 """
 
@@ -89,6 +142,7 @@ from ckpt_course.plan import (
     segment_recompute_flops,
     with_trunk,
 )
+from ckpt_course.policies import _draws_random
 from ckpt_course.recompute import EXTRA_FLOP_FORMULAS
 
 FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8)
@@ -119,8 +173,9 @@ def exact_backend(gm, example_inputs):
     not hold ``aten.rand``: so at a budget under 1.0 it re-runs ``rand`` in the backward, which
     draws new numbers, and the gradients are not the forward's (torch 2.13, CPU: 1e-2 off the
     budget-1.0 gradients on the held-out attention model; the inductor backend itself too).
-    Marking every seeded op MUST_SAVE (the partitioner's own ban) keeps the mask's source, and
-    the gradients equal budget 1.0's bit for bit (``grads_exact`` checks it per budget)."""
+    Marking every op that draws random numbers MUST_SAVE (the partitioner's own ban; attention
+    with ``dropout_p`` 0 draws none and stays free) keeps the mask's source, and the gradients
+    equal budget 1.0's (``grads_off`` per budget)."""
     from importlib import import_module
 
     import torch._functorch.config as functorch_config
@@ -129,8 +184,9 @@ def exact_backend(gm, example_inputs):
     from torch.utils.checkpoint import CheckpointPolicy
 
     def partition(joint, *args, **kwargs):
-        for node in joint.graph.nodes:
-            if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()):
+        for node in joint.graph.nodes:  # (attention with dropout_p 0 draws nothing: free)
+            if isinstance(node.target, torch._ops.OpOverload) and _draws_random(
+                    node.target, node.args, node.kwargs):
                 node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
         return min_cut_rematerialization_partition(joint, *args, compiler="inductor", **kwargs)
 

@@ -30,6 +30,12 @@ The model, and why it is exact for torch's non-reentrant checkpoint with a SAC p
 The Pareto set is then a 0/1 knapsack's frontier over the groups that cost FLOPs before the
 stop (keeping a group that costs none only adds bytes), found by merging frontiers group by
 group: exact, and small (a GPT block has five such groups, a Llama block eight).
+
+Across the prefix's boundary: under a menu's ``prefix=full`` block 0's region opens where the
+model's forward starts, so the embeddings are recomputed with it and x_0 is not kept (what
+torch.compile does on small models: ``bench/planner_compile.py``). Block 0 may keep the same
+op outputs there, its positions counted from the prefix's first op (``prefix_ops``);
+``plan._options_with_prefix`` predicts it from the option's own measurement.
 """
 
 from __future__ import annotations
@@ -271,8 +277,9 @@ def prefix_ops(model: nn.Module, batch) -> int:
     """How many ops SAC's policy function sees before block 0 runs, in a forward of
     ``model.loss(batch)``: under a menu's ``prefix=full`` the region at block 0 opens at the
     entry call, so the prefix's ops come first and block 0's op positions are shifted by this
-    many (``with_prefix``). Counted as ``block_ops`` counts (every aten op but
-    ``SAC_IGNORED_OPS``), with grad on as in the forward, the random state put back.
+    many (``plan._options_with_prefix`` shifts them). Counted as ``block_ops`` counts (every
+    aten op but ``SAC_IGNORED_OPS``), with grad on as in the forward, the random state put
+    back.
     -1 if one of them draws random numbers: SAC's region then gives every random op of block
     0 the prefix's decision (recompute), so an option keeping one would not keep it; the
     planner offers no op-level option with the prefix inside then (``plan``)."""
@@ -293,11 +300,3 @@ def prefix_ops(model: nn.Module, batch) -> int:
     finally:
         del first.forward
     raise RuntimeError("the model's loss never called its block 0: no prefix to count")
-
-
-def with_prefix(choice: Choice, shift: int) -> str:
-    """Block 0's option at ``choice`` with the prefix inside its region (``prefix=full``): the
-    same op instances kept, at positions counted from the prefix's first op."""
-    if not choice.keep:
-        return "full"
-    return str(SelectiveOps(indices=tuple(k + shift for k in choice.keep)))
