@@ -62,22 +62,27 @@ forward and backward graphs (a recording backend) at the budgets where it won:
                   block 0's scaled scores kept: 0.23 MFLOP
   swiglu  0.2     embedding recomputed, block 0's gate     1.77 MFLOP at 25,344 B
                   output kept: 1.52 MFLOP at 38,208 B
-  attn    0.4     recomputes the last block's output and   0.70 MFLOP at 50,688 B
-                  the head (x_3 not kept): 0.64 MFLOP
+  attn    0.5     one region over blocks 1-2 and the head: 0.45 MFLOP at 62,976 B
+                  keeps their qkv outputs and the masks,
+                  not x_2 nor x_3 (re-runs attention and
+                  the out-projection): 0.43 MFLOP, 66,384 B
+  attn    0.4     the same, block 2's qkv recomputed too:  0.70 MFLOP at 50,688 B
+                  0.64 MFLOP at 53,376 B
   res     0.1     recomputes the head (its 1,024 B output  2.16 MFLOP at 17,408 B (25,600 B
                   not kept), keeps the first norm's stats  at 1.64 MFLOP: 512 B over)
   mixed   0.1     one region over blocks 1-2 keeping only  1.82 MFLOP at 19,200 B: a
                   block 2's masks (bool) and x_3, block 0  multi-block segment re-runs all
                   keeping its last matmul's output (x_1 =  but its last block in full
                   x_0 + it): 1.72 MFLOP at 21,312 B
-  attn, mixed     dropout: the stock partitioner re-runs   (compared with the exact backend
-  (all)           rand (wrong gradients, see above)        only)
+  attn, mixed  all  dropout: the stock partitioner re-runs  (compared with the exact backend
+                  rand (wrong gradients, see above)        only)
 
-So the gap was one choice across a block boundary, which eager torch makes exactly: the prefix
-(embeddings) inside block 0's *selective* region, keeping block 0's op outputs and recomputing
-only the prefix (``menu:0=selective:ops=...,prefix=full``: the region opens at the model's
-entry, so block 0's op positions count from the prefix's first op, ``op_choices.prefix_ops``;
-predicted by ``plan._options_with_prefix``, metered equal, gradients bit-identical,
+So most of the gap was one choice across a block boundary, which eager torch makes exactly:
+the prefix (embeddings) inside block 0's *selective* region, keeping block 0's op outputs and
+recomputing only the prefix (``menu:0=selective:ops=...,prefix=full``: the region opens at
+the model's entry, so block 0's op positions count from the prefix's first op,
+``op_choices.prefix_ops``; predicted by ``plan._options_with_prefix``, metered equal,
+gradients bit-identical,
 ``tests/test_op_prefix.py``). It needed one more fix: a Linear embedding of a 3-D batch
 reshapes the batch, the meter counts that view, and ``costs._prefix_facts`` took it for
 something the prefix keeps outside block 0's checkpoint, so prefix=full was refused on attn,
@@ -89,15 +94,16 @@ same 25,600 B on res and recomputes 65,536 FLOP more); and keep a norm's statist
 its output (SAC keeps whole op outputs; worth bytes only, never FLOPs here). Not done, though
 eager torch can: one selective region over several blocks (a multi-block segment keeping some
 op outputs, e.g. block 0's last matmul, so its tail is not re-run; the planner's op-level
-options are one block each). Those are the remaining rows.
+options are one block each); extending such a region over the head (attn) meets the suffix's
+limit above. Those are the remaining rows.
 
   model    budget  compile B   MFLOP  planner B   MFLOP  ratio   (after; metered = predicted)
   attn      0.05      8,208    1.36      6,912    1.35   0.99
             0.10     14,736    1.27     13,056    1.25   0.99
             0.20     27,360    1.06     26,112    1.04   0.99
             0.30     40,752    0.85     39,936    0.82   0.97
-            0.40     53,376    0.64     50,688    0.70   1.10    (suffix: last block's output)
-            0.50     66,384    0.43     62,976    0.45   1.06
+            0.40     53,376    0.64     50,688    0.70   1.10    (a multi-block selective region
+            0.50     66,384    0.43     62,976    0.45   1.06     over blocks 1-2 and the head)
             0.60     79,392    0.23     79,104    0.20   0.84    (was 1.58)
             0.80    103,152    0.04     99,840    0.04   1.00
   swiglu    0.05-0.80: ratio 1.00 at all 8 (was 1.14 and 1.16 at 0.1 and 0.2)
