@@ -62,22 +62,27 @@ forward and backward graphs (a recording backend) at the budgets where it won:
                   block 0's scaled scores kept: 0.23 MFLOP
   swiglu  0.2     embedding recomputed, block 0's gate     1.77 MFLOP at 25,344 B
                   output kept: 1.52 MFLOP at 38,208 B
-  attn    0.4     recomputes the last block's output and   0.70 MFLOP at 50,688 B
-                  the head (x_3 not kept): 0.64 MFLOP
+  attn    0.5     one region over blocks 1-2 and the head: 0.45 MFLOP at 62,976 B
+                  keeps their qkv outputs and the masks,
+                  not x_2 nor x_3 (re-runs attention and
+                  the out-projection): 0.43 MFLOP, 66,384 B
+  attn    0.4     the same, block 2's qkv recomputed too:  0.70 MFLOP at 50,688 B
+                  0.64 MFLOP at 53,376 B
   res     0.1     recomputes the head (its 1,024 B output  2.16 MFLOP at 17,408 B (25,600 B
                   not kept), keeps the first norm's stats  at 1.64 MFLOP: 512 B over)
   mixed   0.1     one region over blocks 1-2 keeping only  1.82 MFLOP at 19,200 B: a
                   block 2's masks (bool) and x_3, block 0  multi-block segment re-runs all
                   keeping its last matmul's output (x_1 =  but its last block in full
                   x_0 + it): 1.72 MFLOP at 21,312 B
-  attn, mixed     dropout: the stock partitioner re-runs   (compared with the exact backend
-  (all)           rand (wrong gradients, see above)        only)
+  attn, mixed  all  dropout: the stock partitioner re-runs  (compared with the exact backend
+                  rand (wrong gradients, see above)        only)
 
-So the gap was one choice across a block boundary, which eager torch makes exactly: the prefix
-(embeddings) inside block 0's *selective* region, keeping block 0's op outputs and recomputing
-only the prefix (``menu:0=selective:ops=...,prefix=full``: the region opens at the model's
-entry, so block 0's op positions count from the prefix's first op, ``op_choices.prefix_ops``;
-predicted by ``plan._options_with_prefix``, metered equal, gradients bit-identical,
+So most of the gap was one choice across a block boundary, which eager torch makes exactly:
+the prefix (embeddings) inside block 0's *selective* region, keeping block 0's op outputs and
+recomputing only the prefix (``menu:0=selective:ops=...,prefix=full``: the region opens at
+the model's entry, so block 0's op positions count from the prefix's first op,
+``op_choices.prefix_ops``; predicted by ``plan._options_with_prefix``, metered equal,
+gradients bit-identical,
 ``tests/test_op_prefix.py``). It needed one more fix: a Linear embedding of a 3-D batch
 reshapes the batch, the meter counts that view, and ``costs._prefix_facts`` took it for
 something the prefix keeps outside block 0's checkpoint, so prefix=full was refused on attn,
@@ -89,15 +94,16 @@ same 25,600 B on res and recomputes 65,536 FLOP more); and keep a norm's statist
 its output (SAC keeps whole op outputs; worth bytes only, never FLOPs here). Not done, though
 eager torch can: one selective region over several blocks (a multi-block segment keeping some
 op outputs, e.g. block 0's last matmul, so its tail is not re-run; the planner's op-level
-options are one block each). Those are the remaining rows.
+options are one block each); extending such a region over the head (attn) meets the suffix's
+limit above. Those are the remaining rows.
 
   model    budget  compile B   MFLOP  planner B   MFLOP  ratio   (after; metered = predicted)
   attn      0.05      8,208    1.36      6,912    1.35   0.99
             0.10     14,736    1.27     13,056    1.25   0.99
             0.20     27,360    1.06     26,112    1.04   0.99
             0.30     40,752    0.85     39,936    0.82   0.97
-            0.40     53,376    0.64     50,688    0.70   1.10    (suffix: last block's output)
-            0.50     66,384    0.43     62,976    0.45   1.06
+            0.40     53,376    0.64     50,688    0.70   1.10    (a multi-block selective region
+            0.50     66,384    0.43     62,976    0.45   1.06     over blocks 1-2 and the head)
             0.60     79,392    0.23     79,104    0.20   0.84    (was 1.58)
             0.80    103,152    0.04     99,840    0.04   1.00
   swiglu    0.05-0.80: ratio 1.00 at all 8 (was 1.14 and 1.16 at 0.1 and 0.2)
@@ -111,7 +117,32 @@ options are one block each). Those are the remaining rows.
 Planner recompute <= compile at 6/8 (attn), 8/8 (swiglu), 7/8 (res), 7/8 (mixed) budgets,
 before this change 1/7, 5/7, 6/8, 3/8 (the same exact backend); with offload at 8/8 everywhere.
 
-GPT_LLAMA_TABLE
+The course's models (the default ``--models gpt,llama``, batch 2, 6 op-level points per block,
+exact backend; it agrees with the stock one here: no op draws):
+
+  tiny GPT (4 blocks)                     HF Llama 3.2 1B, small (4 layers)
+  budget  compile      planner      ratio  compile      planner     ratio
+          saved B/MFLOP  saved B/MFLOP     saved B/MFLOP  saved B/MFLOP
+  0.05    393,216/385.88   393,216/385.88 1.00  139,264/56.36    139,264/60.56 1.07
+  0.10    917,504/327.16   794,624/318.77 0.97  278,528/51.90    276,480/50.07 0.96
+  0.20  1,835,008/268.44 1,720,320/243.27 0.91  557,056/42.99    557,056/40.11 0.93
+  0.30  2,752,512/209.72 2,637,824/184.55 0.88  835,584/34.08    835,584/31.20 0.92
+  0.40  3,670,016/150.99 3,555,328/125.83 0.83 1,114,112/25.17  1,114,112/22.28 0.89
+  0.50  4,587,520/92.27  4,472,832/67.11  0.73 1,400,832/15.99  1,400,832/13.11 0.82
+  0.60  5,001,220/67.11  4,997,120/33.55  0.50 1,644,164/8.39   1,597,440/6.82  0.81
+  0.80  5,738,500/0.00   5,521,408/0.00   1.00 1,817,092/0.00   1,810,432/0.00  1.00
+
+Every planner row's peak metered = predicted, twice. The planner recomputes no more than
+compile at every budget on the tiny GPT (strictly less at 6 of 8; block 0 at an op-level point
+with the prefix inside is in every plan from 0.2 to 0.8, and took 8.39 MFLOP off each of the
+rows 0.2 to 0.6 against the planner without it: 251.66, 192.94, 134.22, 75.50, 41.94) and at 7
+of 8 on the Llama (strictly less at 6). The Llama at 0.05 recomputes 4.19 MFLOP more (one MLP
+projection): compile may recompute the embeddings from the token ids, so x_0 (32 kB) need not
+be among what it saves, while on a Hugging Face model the prefix cannot go inside block 0's
+region exactly (its forward holds ``inputs_embeds`` to the end of the decoder, so x_0 outlives
+block 0; ``costs._prefix_facts`` finds it and the planner keeps the prefix as it is); one
+offloaded block (838,656 B to host) brings it to 43.25 MFLOP. At 0.8 compile recomputes only
+FLOP-free ops; the planner's zero-FLOP points keep less than compile there.
 
 Run: .venv/bin/python bench/planner_compile.py [--models gpt,llama] [--batch 2] [--points 6]
 [--fractions 0.05,0.8] [--stock-partitioner]; the held-out models: --models attn,swiglu,res,mixed
