@@ -18,6 +18,8 @@ with the block's input kept alive by someone else, and without. FLOPs come from
 ``FlopCounterMode``. The prefix and suffix are measured on the model with its blocks cut out,
 the optimizer step on the real optimizer; with ``suffix=True``, also with the suffix
 checkpointed, fully and at the op-level points of its own Pareto set (``measure_suffixes``).
+Each block runs with the arguments the model gave it besides the hidden state and under the
+autocast the model ran it under (mixed precision in its forward), its forward only.
 A weight tied across blocks gets its gradient from the last of them (backward meets it first):
 the blocks before are measured with that gradient already there, so it is counted once. A
 block that returns a view of a larger tensor is refused (``_refusing_views``). ``times=True``:
@@ -874,6 +876,47 @@ def _called_as_in_model(block: nn.Module, extras):
         handle.remove()
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _autocast_state() -> tuple[tuple[str, torch.dtype], ...]:
+    """The autocast regions open now: (device type, dtype) of each enabled one. A model that
+    runs its blocks under ``torch.autocast`` (mixed precision in its forward) has them cast
+    their matmuls' inputs: a block measured outside it is not the block the model runs."""
+    return tuple((device, torch.get_autocast_dtype(device)) for device in _AUTOCAST_DEVICES
+                 if torch.is_autocast_enabled(device))
+
+
+@contextlib.contextmanager
+def _autocast_as_in_model(block: nn.Module, state):
+    """While a block is measured alone, each of its forwards (a recompute's too) runs under the
+    autocast ``state`` the model ran it under (``_autocast_state``), and only its forward, as
+    in the model (backward runs outside autocast; checkpoint replays the recompute under the
+    state its forward had)."""
+    if not state:
+        yield
+        return
+    open_ = []
+
+    def enter(module, args):
+        stack = contextlib.ExitStack()
+        for device, dtype in state:
+            stack.enter_context(torch.autocast(device, dtype=dtype))
+        open_.append(stack)
+
+    def leave(module, args, out):
+        if open_:
+            open_.pop().close()
+
+    handles = [block.register_forward_pre_hook(enter),
+               block.register_forward_hook(leave, always_call=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int | None = None,
                   seed: int = 0, optimizer=_adamw_lr0, accumulate: bool = False, menu=(),
                   times: bool = False, rounds: int = 15, op_points: int = 0,
@@ -906,13 +949,14 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
     size = {} if batch_size is None else {"batch_size": batch_size}
     batch = model.example_batch(seq_len=seq_len, generator=torch.Generator().manual_seed(seed),
                                 **size)
-    inputs, outputs, order, extras = [], [], [], []
+    inputs, outputs, order, extras, autocasts = [], [], [], [], []
 
     def grab_input(module, args, kwargs):
         order.append(index[id(module)])
         if args and isinstance(args[0], torch.Tensor):
             inputs.append(args[0].detach().clone().requires_grad_(args[0].requires_grad))
             extras.append((args[1:], kwargs))
+            autocasts.append(_autocast_state())
 
     def grab_output(module, args, out):
         if not isinstance(out, torch.Tensor):
@@ -933,10 +977,11 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
     _check_block_order(order, len(blocks), len(inputs))
     cache, layers, menus, timed = {}, [], [], []
     tied = _tied_to_later(blocks)
-    for block, x, called, made in zip(blocks, inputs, extras, tied, strict=True):
-        key = (_layer_key(block, x, called), made)
+    for block, x, called, made, autocast in zip(blocks, inputs, extras, tied, autocasts,
+                                                strict=True):
+        key = (_layer_key(block, x, called), made, autocast)
         if key not in cache:
-            with _called_as_in_model(block, called):
+            with _called_as_in_model(block, called), _autocast_as_in_model(block, autocast):
                 layer = measure_layer(block, x, accumulate, made)
                 options = measure_menu(block, x, layer,
                                        (*menu, *_op_options(block, x, op_points)), accumulate,
