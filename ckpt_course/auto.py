@@ -19,7 +19,9 @@ your own with ``self.blocks = nn.ModuleList(...)``)::
    (``plan.optimal``; offload only where nothing else fits).
 3. Apply it to the model's blocks (``policies.apply_policy``: instance forwards, removed by
    ``undo``; parameters and state_dict untouched).
-4. Verify: two AdamW steps on a copy of the model under the meter; step 2 (optimizer state
+4. Verify, on a copy of the model: one step's gradients under the plan equal plain's bit for
+   bit (``train.check_gradients``; a block whose recompute does not replay its forward the
+   same way installs nothing), and two AdamW steps under the meter; step 2 (optimizer state
    present) is what the planner predicts; a step over the budget installs nothing.
 Measuring and verifying run on a copy of the model, under a forked random stream: the model's
 weights, buffers, gradients and train/eval mode never change, only its blocks' forwards.
@@ -46,6 +48,7 @@ from .costs import MENU, check_op_points, measure_costs
 from .meter import parse_budget
 from .plan import Plan, make_plan, measure_peaks
 from .policies import AppliedPolicy, _installed, apply_policy
+from .train import check_gradients
 from .units import fmt_bytes, fmt_flops
 
 
@@ -193,6 +196,7 @@ def auto_checkpoint(model: nn.Module, budget, batch, loss_fn=None, menu=MENU,
         plan = make_plan(costs, budget, "flops")
         if not plan.fits:
             raise ValueError(f"nothing fits in {fmt_bytes(budget)}: {plan.advice()}")
+        _check_replays(work, plan)
         measured = measure_peaks(work, plan.policy)[-1]
     if measured > budget:
         raise ValueError(
@@ -205,6 +209,27 @@ def auto_checkpoint(model: nn.Module, budget, batch, loss_fn=None, menu=MENU,
     handle = apply_policy(model, plan.policy, blocks=course.blocks,
                           suffix_entry=model if isinstance(course, _Adapted) else None)
     return AutoReport(plan, handle, measured)
+
+
+def _check_replays(work: nn.Module, plan: Plan) -> None:
+    """One step's gradients under the plan equal plain's bit for bit (``check_gradients``, on
+    the working copy), or nothing is installed: a recompute re-runs a block's Python forward,
+    and what checkpoint does not restore (a random generator or state the block keeps where
+    the planner's measuring does not see it) would train differently."""
+    recomputed = sorted({k for i, j, kind in plan.best.placement if kind is not False
+                         and not str(kind).startswith("offload") for k in range(i, j)})
+    if not recomputed:
+        return
+    check = check_gradients(work, plan.policy)
+    if not check.equal:
+        raise ValueError(
+            f"{plan.best.policy} fits but changes the gradients ({len(check.mismatched)} "
+            f"parameters differ from plain, e.g. {check.mismatched[0]}): the forward of "
+            f"block{'s' if len(recomputed) > 1 else ''} {', '.join(map(str, recomputed))} does "
+            f"not run the same when recomputed (random numbers from a generator of its own, "
+            f"state it changes); nothing was installed: draw from torch's global random stream "
+            f"(checkpoint restores it) and keep such state out of forward, or give a budget "
+            f"that fits without recomputing those blocks")
 
 
 def _check_no_policy(blocks) -> None:

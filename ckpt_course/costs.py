@@ -20,6 +20,10 @@ the optimizer step on the real optimizer; with ``suffix=True``, also with the su
 checkpointed, fully and at the op-level points of its own Pareto set (``measure_suffixes``).
 Each block runs with the arguments the model gave it besides the hidden state and under the
 autocast the model ran it under (mixed precision in its forward), its forward only.
+A block whose forward would not run the same when recomputed (it holds a ``torch.Generator``,
+which checkpoint does not restore, or its recompute changes its Python attributes, a step
+counter) gets ``replays=False`` and only the options that re-run nothing (offload); the plan
+never checkpoints it, and its report says so (``ChainCosts.notes``).
 A weight tied across blocks gets its gradient from the last of them (backward meets it first):
 the blocks before are measured with that gradient already there, so it is counted once. A
 block that returns a view of a larger tensor is refused (``_refusing_views``). ``times=True``:
@@ -89,6 +93,10 @@ class LayerCost:
     # it returns its input itself (nn.Identity, Dropout(0)): x_{k+1} is x_k, it saves nothing,
     # and under any policy it keeps nothing (a checkpoint that saves nothing keeps no input)
     returns_input: bool = False
+    # its forward run again does what it did: no torch.Generator of its own (checkpoint
+    # restores only the global random stream) and no Python state its recompute changes (a
+    # step counter). False: it runs plain or offloaded only, never inside a checkpoint
+    replays: bool = True
 
     @property
     def kept_bytes(self) -> int:
@@ -378,11 +386,13 @@ def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: 
                     saves_input=x_ref() is not None, saves_output=out_ref() is not None,
                     returns_input=returns_input,
                     last_pack=packs[-1] if packs else meter.marks["start"])
+        state = _python_state(block)
         if sink.requires_grad:
             with meter.phase("backward"):
                 torch.autograd.backward(sink, torch.empty(0, device=sink.device))
         info.update(grad_bytes=0 if accumulate else _grad_bytes(block, existing),
-                    needs_input_grad=bool(stash), end=meter.live_bytes)
+                    needs_input_grad=bool(stash), end=meter.live_bytes,
+                    replays=_python_state(block) == state)  # the recompute changed nothing
         if checkpointed and "backward" in meter.marks and "recomputed" not in meter.marks:
             # it saved nothing (nn.Identity, Dropout(0)), so no recompute ran: an empty one
             meter.marks["recomputed"] = meter.marks["checkpointed_backward"] = \
@@ -396,6 +406,33 @@ def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: 
 
 def _same(t):
     return t
+
+
+_MODULE_FIELDS = frozenset(vars(nn.Module()))  # nn.Module's own bookkeeping
+
+
+def _python_state(block: nn.Module) -> tuple:
+    """The plain Python attributes of a block and its submodules (``_fingerprint``: numbers,
+    strings, the length and items of a list): what a forward that counts its calls changes."""
+    return tuple((name, k, _fingerprint(v)) for name, m in block.named_modules()
+                 for k, v in vars(m).items() if k not in _MODULE_FIELDS and k != "forward")
+
+
+def _generators(block: nn.Module) -> list[str]:
+    """Names of the ``torch.Generator`` attributes of a block and its submodules: a recompute
+    draws from them again, where checkpoint restores only the global random stream."""
+    return [f"{name}.{k}" if name else k for name, m in block.named_modules()
+            for k, v in vars(m).items() if isinstance(v, torch.Generator)]
+
+
+def _why_no_replay(block: nn.Module, layer: LayerCost) -> str | None:
+    """Why a recompute of this block would not do what its forward did, or None."""
+    generators = _generators(block)
+    if generators:
+        return f"holds a torch.Generator ({generators[0]})"
+    if not layer.replays:
+        return "changes its Python state in forward (a call or step counter)"
+    return None
 
 
 def _window(meter, info, begin: str, end: str | None = None) -> tuple[int, int]:
@@ -451,6 +488,8 @@ def measure_layer(block: nn.Module, x_like: torch.Tensor, accumulate: bool = Fal
     recompute_peak, recompute_kept = _window(ckpt_meter, ckpt, "backward", "checkpointed_backward")
     return replace(
         _plain_cost(runs, forward_flops, backward_flops), recompute_flops=recompute_flops,
+        replays=not _generators(block) and all(runs[True, keep][1]["replays"]
+                                              for keep in (True, False)),
         forward_peak_unsaved=_window(ckpt_meter, ckpt, "start", "forward")[0],
         recompute_peak=recompute_peak, recompute_kept=recompute_kept,
         checkpointed_backward=_backward(runs, True, "checkpointed_backward"))
@@ -975,7 +1014,7 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
         for h in handles:
             h.remove()
     _check_block_order(order, len(blocks), len(inputs))
-    cache, layers, menus, timed = {}, [], [], []
+    cache, layers, menus, timed, unreplayed = {}, [], [], [], {}
     tied = _tied_to_later(blocks)
     for block, x, called, made, autocast in zip(blocks, inputs, extras, tied, autocasts,
                                                 strict=True):
@@ -983,12 +1022,15 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
         if key not in cache:
             with _called_as_in_model(block, called), _autocast_as_in_model(block, autocast):
                 layer = measure_layer(block, x, accumulate, made)
-                options = measure_menu(block, x, layer,
-                                       (*menu, *_op_options(block, x, op_points)), accumulate,
-                                       made)
+                why = _why_no_replay(block, layer)
+                ops = () if why else _op_options(block, x, op_points)
+                options = measure_menu(block, x, layer, _replaying_options(menu, ops, why),
+                                       accumulate, made)
                 cache[key] = (layer, options, measure_times_and_spreads(
                     block, x, ("none", FORWARD, "full", *options), rounds) if times
                               else (None, None))
+        if not cache[key][0].replays:
+            unreplayed.setdefault(_why_no_replay(block, cache[key][0]), []).append(len(layers))
         layers.append(cache[key][0])
         menus.append(cache[key][1])
         timed.append(cache[key][2])
@@ -1007,10 +1049,28 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
     shape = "x".join(map(str, batch[0].shape))
     name = f"{type(model).__name__} (batch {shape}{', accumulating' if accumulate else ''})"
     return ChainCosts(tuple(layers), trunk, name=name, param_bytes=params,
-                      optimizer_bytes=state, menu=tuple(menus) if menu or op_points else (),
+                      optimizer_bytes=state, notes=_replay_notes(unreplayed),
+                      menu=tuple(menus) if menu or op_points else (),
                       times=tuple(t for t, _ in timed) if times else (),
                       spreads=tuple(s for _, s in timed) if times else (),
                       suffixes=suffixes)
+
+
+def _replaying_options(menu, op_options, why) -> tuple[str, ...]:
+    """The one-block options a block is measured under: all, or for a block whose recompute
+    would not replay its forward (``why``) those that run no recompute (offload)."""
+    if why is None:
+        return (*menu, *op_options)
+    return tuple(option for option in menu if option.startswith("offload"))
+
+
+def _replay_notes(unreplayed: dict[str, list[int]]) -> tuple[str, ...]:
+    """One line per reason a block cannot be recomputed, for the plan's report."""
+    return tuple(f"block{'s' if len(ks) > 1 else ''} {', '.join(map(str, ks))} {why}: a "
+                 f"recompute would run {'their' if len(ks) > 1 else 'its'} forward again "
+                 f"differently (gradients unlike plain's), so "
+                 f"{'they run' if len(ks) > 1 else 'it runs'} plain or offloaded only"
+                 for why, ks in unreplayed.items())
 
 
 def _tied_to_later(blocks) -> list[frozenset[str]]:

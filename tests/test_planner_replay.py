@@ -76,3 +76,84 @@ def test_blocks_under_the_models_autocast_are_measured_under_it_exactly(net):
     for policy in ("none", "full", "segments:0-1", "menu:0=selective:save=mm,sdpa"):
         assert predict(costs, policy).peak_bytes == measure_peaks(copy.deepcopy(course),
                                                                   policy)[-1], policy
+
+
+class OwnGenerator(Block):
+    """Noise from a generator of its own (a seeded noise-injection layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.noise = torch.Generator().manual_seed(123)
+
+    def forward(self, x):
+        h = self.down(F.gelu(self.up(self.norm(x))))
+        return x + h + 0.1 * torch.randn(h.shape, generator=self.noise) * h
+
+
+class Counter(Block):
+    """A step-dependent schedule held in the block: each forward counts."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x + self.down(F.gelu(self.up(self.norm(x)))) / (1 + 0.1 * self.calls)
+
+
+def _train(model, steps=3):
+    """The learner's own loop: AdamW steps on one batch; the parameters after."""
+    optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
+    torch.manual_seed(0)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(_batch()).square().mean().backward()
+        optimizer.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("block", [OwnGenerator, Counter])
+def test_a_block_whose_forward_does_not_replay_is_never_recomputed(block):
+    from ckpt_course.auto import auto_checkpoint
+    from ckpt_course.costs import MENU
+    from ckpt_course.plan import make_plan
+
+    torch.manual_seed(0)
+    model = Net(block)
+    costs = measure_costs(copy.deepcopy(_course(model)), None, menu=MENU, op_points=2)
+    assert [c.replays for c in costs.layers] == [False] * 3
+    assert [set(m) for m in costs.menu] == [{"offload"}] * 3  # nothing that re-runs forward
+    assert len(costs.notes) == 1 and costs.notes[0].startswith("blocks 0, 1, 2 ")
+    plain = measure_peaks(copy.deepcopy(_course(model)), "none")[-1]
+    plan = make_plan(costs, plain - 1, "flops")
+    assert {kind for *_, kind in plan.best.placement} <= {False, "offload"}
+    report = auto_checkpoint(model, int(plain * 0.93), _batch(), op_points=2)
+    assert all(kind in (False, "offload") for *_, kind in report.plan.best.placement)
+    torch.manual_seed(0)
+    expected = _train(Net(block))  # the same model, no policy
+    assert all(torch.equal(a, b) for a, b in zip(_train(model), expected, strict=True))
+
+
+_CALLS = [0]
+
+
+class HiddenCounter(Block):
+    """State no scan of the block sees: a counter at module level."""
+
+    def forward(self, x):
+        _CALLS[0] += 1
+        return x + self.down(F.gelu(self.up(self.norm(x)))) * (1 + _CALLS[0] % 2)
+
+
+def test_auto_checkpoint_installs_nothing_whose_gradients_differ_from_plain():
+    from ckpt_course.auto import auto_checkpoint
+    from ckpt_course.policies import _installed
+
+    torch.manual_seed(0)
+    model = Net(HiddenCounter)
+    plain = measure_peaks(copy.deepcopy(_course(model)), "none")[-1]
+    with pytest.raises(ValueError, match=r"changes the gradients .*nothing was installed") as e:
+        auto_checkpoint(model, plain - 1, _batch(), menu=(), op_points=0)
+    assert "\n" not in str(e.value) and "block" in str(e.value)
+    assert all(_installed(b) is None for b in model.blocks)
