@@ -40,6 +40,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from . import step
@@ -1009,10 +1010,14 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
     handles.append(blocks[-1].register_forward_hook(grab_output))
     try:
         with torch.random.fork_rng(devices=[]), _refusing_views(blocks):
+            drawn = _random_states()
             model.loss(batch)
+            drawn = _random_states() != drawn  # the forward drew random numbers
     finally:
         for h in handles:
             h.remove()
+    if drawn:
+        _check_same_work_every_draw(model, batch, blocks)
     _check_block_order(order, len(blocks), len(inputs))
     cache, layers, menus, timed, unreplayed = {}, [], [], [], {}
     tied = _tied_to_later(blocks)
@@ -1054,6 +1059,88 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
                       times=tuple(t for t, _ in timed) if times else (),
                       spreads=tuple(s for _, s in timed) if times else (),
                       suffixes=suffixes)
+
+
+def _random_states() -> list:
+    """The global random streams (CPU, and each CUDA device in use), to tell whether a
+    forward drew from them."""
+    states = [torch.random.get_rng_state()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states += torch.cuda.get_rng_state_all()
+    return [t.tolist() for t in states]
+
+
+class _OpCount(TorchDispatchMode):
+    """Counts the ops run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+_DRAWS = 4  # forwards under different random draws compared (a block skipped with p = 0.5
+# looks the same in all four with probability 1/8; three such blocks, 1/512)
+
+
+def _work_per_draw(model, batch, blocks) -> list[tuple[int, bool, int]]:
+    """The blocks' work in one training forward (no autograd graph): per block call, (block,
+    did it return its input, how many ops it ran)."""
+    index, counter, started, calls = {id(b): k for k, b in enumerate(blocks)}, _OpCount(), {}, []
+
+    def begin(module, args):
+        started[id(module)] = counter.ops, args[0] if args else None
+
+    def end(module, args, out):
+        ops, x = started.pop(id(module))
+        calls.append((index[id(module)], out is x, counter.ops - ops))
+
+    handles = [h for b in blocks for h in (b.register_forward_pre_hook(begin),
+                                           b.register_forward_hook(end))]
+    try:
+        with torch.no_grad(), counter:
+            model.loss(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _check_same_work_every_draw(model, batch, blocks) -> None:
+    """For a model whose forward draws random numbers: the blocks do the same work under
+    ``_DRAWS`` different draws, or a one-line error. A block skipped on a random draw
+    (stochastic depth, LayerDrop) keeps nothing in one step and its tape in the next: a plan
+    measured on one draw does not hold for the others (dropout draws, but its work is fixed)."""
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        draws = []
+        for seed in range(_DRAWS):
+            torch.manual_seed(seed)
+            draws.append(_work_per_draw(model, batch, blocks))
+    for other in draws[1:]:
+        if other != draws[0]:
+            k, what = _first_difference(draws[0], other)
+            raise ValueError(
+                f"block {k} ({type(blocks[k]).__name__}) does different work from one random "
+                f"draw to another (stochastic depth or LayerDrop?): it {what}, so no plan "
+                f"measured on one draw holds at every step; plan with its drop probability at "
+                f"0, its worst case (set it to 0 while planning, then back)")
+
+
+def _first_difference(a: list, b: list) -> tuple[int, str]:
+    """(block, what it did differently) between two draws' ``_work_per_draw``."""
+    ran = sorted({k for k, *_ in a} ^ {k for k, *_ in b})
+    if ran:
+        return ran[0], "ran in one training forward and not in another"
+    for (k, returned_a, ops_a), (_, returned_b, ops_b) in zip(a, b, strict=False):
+        if returned_a != returned_b:
+            return k, "returned its input in one training forward and not in another"
+        if ops_a != ops_b:
+            return k, f"ran {ops_a} ops in one training forward and {ops_b} in another"
+    return a[0][0], "ran a different number of times in two training forwards"
 
 
 def _replaying_options(menu, op_options, why) -> tuple[str, ...]:

@@ -157,3 +157,36 @@ def test_auto_checkpoint_installs_nothing_whose_gradients_differ_from_plain():
         auto_checkpoint(model, plain - 1, _batch(), menu=(), op_points=0)
     assert "\n" not in str(e.value) and "block" in str(e.value)
     assert all(_installed(b) is None for b in model.blocks)
+
+
+class StochasticDepth(Block):
+    """The block skipped whole on a random draw (stochastic depth / LayerDrop), with p."""
+
+    def __init__(self, p=0.5):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.training and torch.rand(()) < self.p:
+            return x
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 3])
+def test_blocks_skipped_on_a_random_draw_are_refused_in_one_line_before_planning(seed):
+    from ckpt_course.auto import auto_checkpoint
+
+    torch.manual_seed(0)
+    model = Net(StochasticDepth)
+    torch.manual_seed(seed)  # seeds 0 and 3 skip every block in the draw measured
+    with pytest.raises(ValueError, match=r"^block \d \(StochasticDepth\) does different work "
+                                         r"from one random draw .* drop probability at 0") as e:
+        auto_checkpoint(model, 200_000, _batch(), op_points=0)
+    assert "\n" not in str(e.value)
+    for block in model.blocks:  # its worst case, drop probability 0, plans exactly
+        block.p = 0.0
+    course = _course(model)
+    costs = measure_costs(copy.deepcopy(course), None)
+    for policy in ("none", "full"):
+        assert predict(costs, policy).peak_bytes == measure_peaks(copy.deepcopy(course),
+                                                                  policy)[-1], policy
