@@ -430,9 +430,9 @@ def _why_no_replay(block: nn.Module, layer: LayerCost) -> str | None:
     """Why a recompute of this block would not do what its forward did, or None."""
     generators = _generators(block)
     if generators:
-        return f"holds a torch.Generator ({generators[0]})"
+        return f"a torch.Generator attribute ({generators[0]})"
     if not layer.replays:
-        return "changes its Python state in forward (a call or step counter)"
+        return "Python state its forward changes (a call or step counter)"
     return None
 
 
@@ -1153,11 +1153,10 @@ def _replaying_options(menu, op_options, why) -> tuple[str, ...]:
 
 def _replay_notes(unreplayed: dict[str, list[int]]) -> tuple[str, ...]:
     """One line per reason a block cannot be recomputed, for the plan's report."""
-    return tuple(f"block{'s' if len(ks) > 1 else ''} {', '.join(map(str, ks))} {why}: a "
-                 f"recompute would run {'their' if len(ks) > 1 else 'its'} forward again "
-                 f"differently (gradients unlike plain's), so "
-                 f"{'they run' if len(ks) > 1 else 'it runs'} plain or offloaded only"
-                 for why, ks in unreplayed.items())
+    return tuple(f"block{'s' if len(ks) > 1 else ''} {', '.join(map(str, ks))}: {why}; a "
+                 f"recompute would run the forward again differently (gradients unlike "
+                 f"plain's), so {'they run' if len(ks) > 1 else 'it runs'} plain or offloaded "
+                 f"only" for why, ks in unreplayed.items())
 
 
 def _tied_to_later(blocks) -> list[frozenset[str]]:

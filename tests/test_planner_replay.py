@@ -124,7 +124,7 @@ def test_a_block_whose_forward_does_not_replay_is_never_recomputed(block):
     costs = measure_costs(copy.deepcopy(_course(model)), None, menu=MENU, op_points=2)
     assert [c.replays for c in costs.layers] == [False] * 3
     assert [set(m) for m in costs.menu] == [{"offload"}] * 3  # nothing that re-runs forward
-    assert len(costs.notes) == 1 and costs.notes[0].startswith("blocks 0, 1, 2 ")
+    assert len(costs.notes) == 1 and costs.notes[0].startswith("blocks 0, 1, 2: ")
     plain = measure_peaks(copy.deepcopy(_course(model)), "none")[-1]
     plan = make_plan(costs, plain - 1, "flops")
     assert {kind for *_, kind in plan.best.placement} <= {False, "offload"}
