@@ -21,9 +21,10 @@ checkpointed, fully and at the op-level points of its own Pareto set (``measure_
 Each block runs with the arguments the model gave it besides the hidden state and under the
 autocast the model ran it under (mixed precision in its forward), its forward only.
 A block whose forward would not run the same when recomputed (it holds a ``torch.Generator``,
-which checkpoint does not restore, or its recompute changes its Python attributes, a step
-counter) gets ``replays=False`` and only the options that re-run nothing (offload); the plan
-never checkpoints it, and its report says so (``ChainCosts.notes``).
+which checkpoint does not restore, or its recompute changes its Python attributes or its own
+buffers: a step counter, a running mean updated in place) gets ``replays=False`` and only the
+options that re-run nothing (offload); the plan never checkpoints it, and its report says so
+(``ChainCosts.notes``).
 A weight tied across blocks gets its gradient from the last of them (backward meets it first):
 the blocks before are measured with that gradient already there, so it is counted once. A
 block that returns a view of a larger tensor is refused (``_refusing_views``). ``times=True``:
@@ -96,7 +97,8 @@ class LayerCost:
     returns_input: bool = False
     # its forward run again does what it did: no torch.Generator of its own (checkpoint
     # restores only the global random stream) and no Python state its recompute changes (a
-    # step counter). False: it runs plain or offloaded only, never inside a checkpoint
+    # step counter, a buffer of its own updated in place). False: it runs plain or offloaded
+    # only, never inside a checkpoint
     replays: bool = True
 
     @property
@@ -414,9 +416,15 @@ _MODULE_FIELDS = frozenset(vars(nn.Module()))  # nn.Module's own bookkeeping
 
 def _python_state(block: nn.Module) -> tuple:
     """The plain Python attributes of a block and its submodules (``_fingerprint``: numbers,
-    strings, the length and items of a list): what a forward that counts its calls changes."""
+    strings, the length and items of a list), and the versions of its buffers but BatchNorm's
+    running statistics (a policy's recompute leaves those as forward left them): what a forward
+    that counts its calls, or updates a running mean of its own in place, changes."""
+    norms = {id(t) for m in block.modules()
+             if isinstance(m, nn.modules.batchnorm._NormBase) for t in m.buffers()}
     return tuple((name, k, _fingerprint(v)) for name, m in block.named_modules()
-                 for k, v in vars(m).items() if k not in _MODULE_FIELDS and k != "forward")
+                 for k, v in vars(m).items() if k not in _MODULE_FIELDS and k != "forward") + \
+        tuple((name, t._version) for name, t in block.named_buffers()
+              if id(t) not in norms and not t.is_inference())
 
 
 def _generators(block: nn.Module) -> list[str]:
@@ -432,7 +440,7 @@ def _why_no_replay(block: nn.Module, layer: LayerCost) -> str | None:
     if generators:
         return f"a torch.Generator attribute ({generators[0]})"
     if not layer.replays:
-        return "Python state its forward changes (a call or step counter)"
+        return "state its forward changes (a step counter, a buffer updated in place)"
     return None
 
 

@@ -102,6 +102,20 @@ class Counter(Block):
         return x + self.down(F.gelu(self.up(self.norm(x)))) / (1 + 0.1 * self.calls)
 
 
+class RunningMean(Block):
+    """A running mean of its own (a buffer, not BatchNorm's), updated in place and used."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(W))
+
+    def forward(self, x):
+        if self.training:
+            with torch.no_grad():
+                self.mean.mul_(0.9).add_(0.1 * x.mean((0, 1)))
+        return super().forward(x - self.mean)
+
+
 def _train(model, steps=3):
     """The learner's own loop: AdamW steps on one batch; the parameters after."""
     optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
@@ -113,7 +127,7 @@ def _train(model, steps=3):
     return [p.detach().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("block", [OwnGenerator, Counter])
+@pytest.mark.parametrize("block", [OwnGenerator, Counter, RunningMean])
 def test_a_block_whose_forward_does_not_replay_is_never_recomputed(block):
     from ckpt_course.auto import auto_checkpoint
     from ckpt_course.costs import MENU
