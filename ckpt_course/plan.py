@@ -1501,7 +1501,8 @@ def optimal_with_nesting(costs: ChainCosts, budget) -> Prediction | NestedPredic
     best, chosen = None, single
     if single is not None:
         best = (placement_cost(costs, single.placement, segment_flops), single.peak_bytes, 0)
-    for tree in _nesting_trees(costs):
+    replays = all(c.replays for c in costs.layers)  # a tree recomputes every block
+    for tree in _nesting_trees(costs) if replays else ():
         if tree.peak_bytes is None or tree.peak_bytes > budget:
             continue
         key = (1024 * tree.recompute_flops, tree.peak_bytes, 1)
