@@ -1094,9 +1094,9 @@ _DRAWS = 4  # forwards under different random draws compared (a block skipped wi
 # looks the same in all four with probability 1/8; three such blocks, 1/512)
 
 
-def _work_per_draw(model, batch, blocks) -> list[tuple[int, bool, int]]:
+def _work_per_draw(model, batch, blocks) -> list[tuple[int, bool, int, tuple]]:
     """The blocks' work in one training forward (no autograd graph): per block call, (block,
-    did it return its input, how many ops it ran)."""
+    did it return its input, how many ops it ran, the shape of what it returned)."""
     index, counter, started, calls = {id(b): k for k, b in enumerate(blocks)}, _OpCount(), {}, []
 
     def begin(module, args):
@@ -1104,7 +1104,8 @@ def _work_per_draw(model, batch, blocks) -> list[tuple[int, bool, int]]:
 
     def end(module, args, out):
         ops, x = started.pop(id(module))
-        calls.append((index[id(module)], out is x, counter.ops - ops))
+        calls.append((index[id(module)], out is x, counter.ops - ops,
+                      tuple(getattr(out, "shape", ()))))
 
     handles = [h for b in blocks for h in (b.register_forward_pre_hook(begin),
                                            b.register_forward_hook(end))]
@@ -1143,11 +1144,15 @@ def _first_difference(a: list, b: list) -> tuple[int, str]:
     ran = sorted({k for k, *_ in a} ^ {k for k, *_ in b})
     if ran:
         return ran[0], "ran in one training forward and not in another"
-    for (k, returned_a, ops_a), (_, returned_b, ops_b) in zip(a, b, strict=False):
+    for (k, returned_a, ops_a, shape_a), (_, returned_b, ops_b, shape_b) in zip(a, b,
+                                                                              strict=False):
         if returned_a != returned_b:
             return k, "returned its input in one training forward and not in another"
         if ops_a != ops_b:
             return k, f"ran {ops_a} ops in one training forward and {ops_b} in another"
+        if shape_a != shape_b:
+            return k, (f"returned shape {list(shape_a)} in one training forward and "
+                       f"{list(shape_b)} in another")
     return a[0][0], "ran a different number of times in two training forwards"
 
 

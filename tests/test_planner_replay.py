@@ -204,3 +204,32 @@ def test_blocks_skipped_on_a_random_draw_are_refused_in_one_line_before_planning
     for policy in ("none", "full"):
         assert predict(costs, policy).peak_bytes == measure_peaks(copy.deepcopy(course),
                                                                   policy)[-1], policy
+
+
+class HalfSkip(Block):
+    """Skips its MLP on a random draw but still makes a new tensor (x * 1)."""
+
+    def forward(self, x):
+        if self.training and torch.rand(()) < 0.5:
+            return x * 1.0
+        return super().forward(x)
+
+
+class LayerDrop(Net):
+    """The model skips calling a block on a random draw (LayerDrop in the model's loop)."""
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            if not (self.training and torch.rand(()) < 0.5):
+                x = block(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("model, what", [
+    (lambda: Net(HalfSkip), r"ran \d+ ops in one training forward and \d+ in another"),
+    (lambda: LayerDrop(), r"ran in one training forward and not in another")])
+def test_work_drawn_at_random_is_named_in_the_refusal(model, what):
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"^block \d \(\w+\) does different work .*" + what):
+        measure_costs(_course(model()), None)
