@@ -19,7 +19,9 @@ your own with ``self.blocks = nn.ModuleList(...)``)::
    (``plan.optimal``; offload only where nothing else fits).
 3. Apply it to the model's blocks (``policies.apply_policy``: instance forwards, removed by
    ``undo``; parameters and state_dict untouched).
-4. Verify: two AdamW steps on a copy of the model under the meter; step 2 (optimizer state
+4. Verify, on a copy of the model: one step's gradients under the plan equal plain's bit for
+   bit (``train.check_gradients``; a block whose recompute does not replay its forward the
+   same way installs nothing), and two AdamW steps under the meter; step 2 (optimizer state
    present) is what the planner predicts; a step over the budget installs nothing.
 With ``micro_batches=N`` (gradient accumulation: N forward/backward passes, each on the batch
 given, then one optimizer step) it measures a micro-batch after the first, where every gradient
@@ -51,6 +53,7 @@ from .doctor import run_steps
 from .meter import parse_budget
 from .plan import Plan, make_plan
 from .policies import AppliedPolicy, apply_policy
+from .train import check_gradients
 from .units import fmt_bytes, fmt_flops
 
 
@@ -213,6 +216,7 @@ def auto_checkpoint(model: nn.Module, budget, batch, loss_fn=None, menu=MENU,
             raise ValueError(f"nothing fits in {fmt_bytes(budget)} for a step of "
                              f"{_micro_batches_said(micro_batches)}: {plan.advice()} (plan a "
                              f"smaller batch with auto_checkpoint(..., micro_batches=N))")
+        _check_replays(work, plan)
         measured = _metered_step(work, plan.policy, micro_batches)
     if measured > budget:
         raise ValueError(
@@ -266,6 +270,27 @@ def _blocks_note(model: nn.Module, blocks) -> str:
     others = ", ".join(lists.values())
     return (f"; planned the blocks of {planned}, not those of {others} (as many): to plan "
             f"another list, pass layers='{next(iter(lists.values()))}'")
+
+
+def _check_replays(work: nn.Module, plan: Plan) -> None:
+    """One step's gradients under the plan equal plain's bit for bit (``check_gradients``, on
+    the working copy), or nothing is installed: a recompute re-runs a block's Python forward,
+    and what checkpoint does not restore (a random generator or state the block keeps where
+    the planner's measuring does not see it) would train differently."""
+    recomputed = sorted({k for i, j, kind in plan.best.placement if kind is not False
+                         and not str(kind).startswith("offload") for k in range(i, j)})
+    if not recomputed:
+        return
+    check = check_gradients(work, plan.policy)
+    if not check.equal:
+        raise ValueError(
+            f"{plan.best.policy} fits but changes the gradients ({len(check.mismatched)} "
+            f"parameters differ from plain, e.g. {check.mismatched[0]}): the forward of "
+            f"block{'s' if len(recomputed) > 1 else ''} {', '.join(map(str, recomputed))} does "
+            f"not run the same when recomputed (random numbers from a generator of its own, "
+            f"state it changes); nothing was installed: draw from torch's global random stream "
+            f"(checkpoint restores it) and keep such state out of forward, or give a budget "
+            f"that fits without recomputing those blocks")
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:

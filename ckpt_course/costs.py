@@ -18,6 +18,13 @@ with the block's input kept alive by someone else, and without. FLOPs come from
 ``FlopCounterMode``. The prefix and suffix are measured on the model with its blocks cut out,
 the optimizer step on the real optimizer; with ``suffix=True``, also with the suffix
 checkpointed, fully and at the op-level points of its own Pareto set (``measure_suffixes``).
+Each block runs with the arguments the model gave it besides the hidden state and under the
+autocast the model ran it under (mixed precision in its forward), its forward only.
+A block whose forward would not run the same when recomputed (it holds a ``torch.Generator``,
+which checkpoint does not restore, or its recompute changes its Python attributes or its own
+buffers: a step counter, a running mean updated in place) gets ``replays=False`` and only the
+options that re-run nothing (offload); the plan never checkpoints it, and its report says so
+(``ChainCosts.notes``).
 A weight tied across blocks gets its gradient from the last of them (backward meets it first):
 the blocks before are measured with that gradient already there, so it is counted once. A
 block that returns a view of a larger tensor is refused (``_refusing_views``), and so, while
@@ -43,6 +50,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
 
@@ -109,6 +117,11 @@ class LayerCost:
             return self.first_backward
         back = self.checkpointed_backward
         return replace(back, peak_free=back.peak_held, change_free=back.change_held)
+    # its forward run again does what it did: no torch.Generator of its own (checkpoint
+    # restores only the global random stream) and no Python state its recompute changes (a
+    # step counter, a buffer of its own updated in place). False: it runs plain or offloaded
+    # only, never inside a checkpoint
+    replays: bool = True
 
     @property
     def kept_bytes(self) -> int:
@@ -464,11 +477,13 @@ def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: 
                     saves_input=x_ref() is not None, saves_output=out_ref() is not None,
                     returns_input=returns_input,
                     last_pack=packs[-1] if packs else meter.marks["start"])
+        state = _python_state(block)
         if sink.requires_grad:
             with meter.phase("backward"):
                 torch.autograd.backward(sink, torch.empty(0, device=sink.device))
         info.update(grad_bytes=0 if accumulate else _grad_bytes(block, existing),
-                    needs_input_grad=bool(stash), end=meter.live_bytes)
+                    needs_input_grad=bool(stash), end=meter.live_bytes,
+                    replays=_python_state(block) == state)  # the recompute changed nothing
         if checkpointed and "backward" in meter.marks and "recomputed" not in meter.marks:
             # it saved nothing (nn.Identity, Dropout(0)), so no recompute ran: an empty one
             meter.marks["recomputed"] = meter.marks["checkpointed_backward"] = \
@@ -483,6 +498,39 @@ def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: 
 
 def _same(t):
     return t
+
+
+_MODULE_FIELDS = frozenset(vars(nn.Module()))  # nn.Module's own bookkeeping
+
+
+def _python_state(block: nn.Module) -> tuple:
+    """The plain Python attributes of a block and its submodules (``_fingerprint``: numbers,
+    strings, the length and items of a list), and the versions of its buffers but BatchNorm's
+    running statistics (a policy's recompute leaves those as forward left them): what a forward
+    that counts its calls, or updates a running mean of its own in place, changes."""
+    norms = {id(t) for m in block.modules()
+             if isinstance(m, nn.modules.batchnorm._NormBase) for t in m.buffers()}
+    return tuple((name, k, _fingerprint(v)) for name, m in block.named_modules()
+                 for k, v in vars(m).items() if k not in _MODULE_FIELDS and k != "forward") + \
+        tuple((name, t._version) for name, t in block.named_buffers()
+              if id(t) not in norms and not t.is_inference())
+
+
+def _generators(block: nn.Module) -> list[str]:
+    """Names of the ``torch.Generator`` attributes of a block and its submodules: a recompute
+    draws from them again, where checkpoint restores only the global random stream."""
+    return [f"{name}.{k}" if name else k for name, m in block.named_modules()
+            for k, v in vars(m).items() if isinstance(v, torch.Generator)]
+
+
+def _why_no_replay(block: nn.Module, layer: LayerCost) -> str | None:
+    """Why a recompute of this block would not do what its forward did, or None."""
+    generators = _generators(block)
+    if generators:
+        return f"a torch.Generator attribute ({generators[0]})"
+    if not layer.replays:
+        return "state its forward changes (a step counter, a buffer updated in place)"
+    return None
 
 
 def _window(meter, info, begin: str, end: str | None = None) -> tuple[int, int]:
@@ -539,6 +587,8 @@ def measure_layer(block: nn.Module, x_like: torch.Tensor, accumulate: bool = Fal
     recompute_peak, recompute_kept = _window(ckpt_meter, ckpt, "backward", "checkpointed_backward")
     return replace(
         _plain_cost(runs, forward_flops, backward_flops), recompute_flops=recompute_flops,
+        replays=not _generators(block) and all(runs[True, keep][1]["replays"]
+                                              for keep in (True, False)),
         forward_peak_unsaved=_window(ckpt_meter, ckpt, "start", "forward")[0],
         recompute_peak=recompute_peak, recompute_kept=recompute_kept,
         checkpointed_backward=(back := _backward(runs, True, "checkpointed_backward")),
@@ -1019,6 +1069,47 @@ def _called_as_in_model(block: nn.Module, extras):
         handle.remove()
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _autocast_state() -> tuple[tuple[str, torch.dtype], ...]:
+    """The autocast regions open now: (device type, dtype) of each enabled one. A model that
+    runs its blocks under ``torch.autocast`` (mixed precision in its forward) has them cast
+    their matmuls' inputs: a block measured outside it is not the block the model runs."""
+    return tuple((device, torch.get_autocast_dtype(device)) for device in _AUTOCAST_DEVICES
+                 if torch.is_autocast_enabled(device))
+
+
+@contextlib.contextmanager
+def _autocast_as_in_model(block: nn.Module, state):
+    """While a block is measured alone, each of its forwards (a recompute's too) runs under the
+    autocast ``state`` the model ran it under (``_autocast_state``), and only its forward, as
+    in the model (backward runs outside autocast; checkpoint replays the recompute under the
+    state its forward had)."""
+    if not state:
+        yield
+        return
+    open_ = []
+
+    def enter(module, args):
+        stack = contextlib.ExitStack()
+        for device, dtype in state:
+            stack.enter_context(torch.autocast(device, dtype=dtype))
+        open_.append(stack)
+
+    def leave(module, args, out):
+        if open_:
+            open_.pop().close()
+
+    handles = [block.register_forward_pre_hook(enter),
+               block.register_forward_hook(leave, always_call=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int | None = None,
                   seed: int = 0, optimizer=_adamw_lr0, accumulate: bool = False, menu=(),
                   times: bool = False, rounds: int = 15, op_points: int = 0,
@@ -1052,21 +1143,25 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
     size = {} if batch_size is None else {"batch_size": batch_size}
     batch = model.example_batch(seq_len=seq_len, generator=torch.Generator().manual_seed(seed),
                                 **size)
-    inputs, outputs, extras, trained, trunk_uses = _record_calls(model, blocks, batch)
-    cache, layers, menus, timed = {}, [], [], []
+    inputs, outputs, extras, trained, trunk_uses, autocasts = _record_calls(model, blocks, batch)
+    cache, layers, menus, timed, unreplayed = {}, [], [], [], {}
     given = _given_gradients(blocks, extras, *trunk_uses)
-    for block, x, called, made in zip(blocks, inputs, extras, given, strict=True):
-        key = (_layer_key(block, x, called), made)
+    for block, x, called, made, autocast in zip(blocks, inputs, extras, given, autocasts,
+                                                strict=True):
+        key = (_layer_key(block, x, called), made, autocast)
         if key not in cache:
-            with _called_as_in_model(block, called):
+            with _called_as_in_model(block, called), _autocast_as_in_model(block, autocast):
                 layer = measure_layer(block, x, accumulate, made)
-                options = measure_menu(block, x, layer,
-                                       (*menu, *_op_options(block, x, op_points)), accumulate,
-                                       made)
+                why = _why_no_replay(block, layer)
+                ops = () if why else _op_options(block, x, op_points)
+                options = measure_menu(block, x, layer, _replaying_options(menu, ops, why),
+                                       accumulate, made)
                 cache[key] = (layer, options, measure_times_and_spreads(
                     block, x, ("none", FORWARD, "full", *options), rounds) if times
                               else (None, None))
         _forget_outside(made)
+        if not cache[key][0].replays:
+            unreplayed.setdefault(_why_no_replay(block, cache[key][0]), []).append(len(layers))
         layers.append(cache[key][0])
         menus.append(cache[key][1])
         timed.append(cache[key][2])
@@ -1085,7 +1180,8 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
     shape = "x".join(map(str, batch[0].shape))
     name = f"{type(model).__name__} (batch {shape}{', accumulating' if accumulate else ''})"
     return ChainCosts(tuple(layers), trunk, name=name, param_bytes=params,
-                      optimizer_bytes=state, menu=tuple(menus) if menu or op_points else (),
+                      optimizer_bytes=state, notes=_replay_notes(unreplayed),
+                      menu=tuple(menus) if menu or op_points else (),
                       times=tuple(t for t, _ in timed) if times else (),
                       spreads=tuple(s for _, s in timed) if times else (),
                       suffixes=suffixes)
@@ -1098,6 +1194,7 @@ def _record_calls(model: nn.Module, blocks, batch):
     line, what the memory model cannot predict (``_refuse_suffix_reaching_back``,
     ``_outside_tensors``)."""
     inputs, outputs, order, extras, first, made, marks = [], [], [], [], [], [], {}
+    autocasts = []
     uses = (set(), set())
     outside = _checkpoint_context()
     owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(),
@@ -1110,6 +1207,7 @@ def _record_calls(model: nn.Module, blocks, batch):
         if args and isinstance(args[0], torch.Tensor):
             inputs.append(args[0].detach().clone().requires_grad_(args[0].requires_grad))
             extras.append(_outside_tensors(index[id(module)], args[1:], kwargs, owned, made))
+            autocasts.append(_autocast_state())
             if not first and not isinstance(args[0], FakeTensor):  # fake: no pointers
                 first.append(args[0].untyped_storage().data_ptr())
 
@@ -1131,7 +1229,9 @@ def _record_calls(model: nn.Module, blocks, batch):
     try:
         with torch.random.fork_rng(devices=[]), _refusing_views(blocks), \
                 _refusing_inplace_inputs(blocks):
+            drawn = _random_states()
             loss = model.loss(batch)
+            drawn = _random_states() != drawn  # the forward drew random numbers
             trained = _parameters_reached(loss)
             _refuse_suffix_reaching_back(loss, marks.get("last"), marks.get("after"),
                                          _graphs_kept_on(blocks))
@@ -1141,6 +1241,8 @@ def _record_calls(model: nn.Module, blocks, batch):
     finally:
         for h in handles:
             h.remove()
+    if drawn:
+        _check_same_work_every_draw(model, batch, blocks)
     _check_block_order(order, len(blocks), len(inputs))
     for k, name, ref, nbytes in made:
         if ref() is None:
@@ -1149,7 +1251,7 @@ def _record_calls(model: nn.Module, blocks, batch):
                 f"besides the hidden state: a block that saves it, or a checkpoint, keeps it "
                 f"into backward, which the planner does not predict; make it once as a buffer "
                 f"(self.register_buffer(..., persistent=False)) or inside each block")
-    return inputs, outputs, extras, trained, uses
+    return inputs, outputs, extras, trained, uses, autocasts
 
 
 def _trunk_parameters(loss, before: int, after: int) -> tuple[set[int], set[int]]:
@@ -1325,6 +1427,108 @@ def _outside_tensors(k: int, args, kwargs, owned: set[int], made: list):
 
     return tuple(outside(f"argument {i + 2}", a) for i, a in enumerate(args)), \
         {key: outside(f"keyword {key!r}", v) for key, v in kwargs.items()}
+
+def _random_states() -> list:
+    """The global random streams (CPU, and each CUDA device in use), to tell whether a
+    forward drew from them."""
+    states = [torch.random.get_rng_state()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states += torch.cuda.get_rng_state_all()
+    return [t.tolist() for t in states]
+
+
+class _OpCount(TorchDispatchMode):
+    """Counts the ops run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+_DRAWS = 4  # forwards under different random draws compared (a block skipped with p = 0.5
+# looks the same in all four with probability 1/8; three such blocks, 1/512)
+
+
+def _work_per_draw(model, batch, blocks) -> list[tuple[int, bool, int, tuple]]:
+    """The blocks' work in one training forward (no autograd graph): per block call, (block,
+    did it return its input, how many ops it ran, the shape of what it returned)."""
+    index, counter, started, calls = {id(b): k for k, b in enumerate(blocks)}, _OpCount(), {}, []
+
+    def begin(module, args):
+        started[id(module)] = counter.ops, args[0] if args else None
+
+    def end(module, args, out):
+        ops, x = started.pop(id(module))
+        calls.append((index[id(module)], out is x, counter.ops - ops,
+                      tuple(getattr(out, "shape", ()))))
+
+    handles = [h for b in blocks for h in (b.register_forward_pre_hook(begin),
+                                           b.register_forward_hook(end))]
+    try:
+        with torch.no_grad(), counter:
+            model.loss(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _check_same_work_every_draw(model, batch, blocks) -> None:
+    """For a model whose forward draws random numbers: the blocks do the same work under
+    ``_DRAWS`` different draws, or a one-line error. A block skipped on a random draw
+    (stochastic depth, LayerDrop) keeps nothing in one step and its tape in the next: a plan
+    measured on one draw does not hold for the others (dropout draws, but its work is fixed)."""
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        draws = []
+        for seed in range(_DRAWS):
+            torch.manual_seed(seed)
+            draws.append(_work_per_draw(model, batch, blocks))
+    for other in draws[1:]:
+        if other != draws[0]:
+            k, what = _first_difference(draws[0], other)
+            raise ValueError(
+                f"block {k} ({type(blocks[k]).__name__}) does different work from one random "
+                f"draw to another (stochastic depth or LayerDrop?): it {what}, so no plan "
+                f"measured on one draw holds at every step; plan with its drop probability at "
+                f"0, its worst case (set it to 0 while planning, then back)")
+
+
+def _first_difference(a: list, b: list) -> tuple[int, str]:
+    """(block, what it did differently) between two draws' ``_work_per_draw``."""
+    ran = sorted({k for k, *_ in a} ^ {k for k, *_ in b})
+    if ran:
+        return ran[0], "ran in one training forward and not in another"
+    for (k, returned_a, ops_a, shape_a), (_, returned_b, ops_b, shape_b) in zip(a, b,
+                                                                              strict=False):
+        if returned_a != returned_b:
+            return k, "returned its input in one training forward and not in another"
+        if ops_a != ops_b:
+            return k, f"ran {ops_a} ops in one training forward and {ops_b} in another"
+        if shape_a != shape_b:
+            return k, (f"returned shape {list(shape_a)} in one training forward and "
+                       f"{list(shape_b)} in another")
+    return a[0][0], "ran a different number of times in two training forwards"
+
+
+def _replaying_options(menu, op_options, why) -> tuple[str, ...]:
+    """The one-block options a block is measured under: all, or for a block whose recompute
+    would not replay its forward (``why``) those that run no recompute (offload)."""
+    if why is None:
+        return (*menu, *op_options)
+    return tuple(option for option in menu if option.startswith("offload"))
+
+
+def _replay_notes(unreplayed: dict[str, list[int]]) -> tuple[str, ...]:
+    """One line per reason a block cannot be recomputed, for the plan's report."""
+    return tuple(f"block{'s' if len(ks) > 1 else ''} {', '.join(map(str, ks))}: {why}; a "
+                 f"recompute would run the forward again differently (gradients unlike "
+                 f"plain's), so {'they run' if len(ks) > 1 else 'it runs'} plain or offloaded "
+                 f"only" for why, ks in unreplayed.items())
 
 
 def _tied_to_later(blocks) -> list[frozenset[str]]:

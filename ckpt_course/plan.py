@@ -257,8 +257,18 @@ def objective_fn(costs: ChainCosts, objective=None):
 def placement_cost(costs: ChainCosts, placement, objective=None) -> float:
     """The objective added up over the segments (infinite if one is not an option)."""
     cost = objective_fn(costs, objective)
-    values = [cost(costs, seg) for seg in as_placement(costs.n, placement)]
+    placement = as_placement(costs.n, placement)
+    if _checkpoints_unreplayable(costs, placement):
+        return math.inf
+    values = [cost(costs, seg) for seg in placement]
     return math.inf if None in values else sum(values)
+
+
+def _checkpoints_unreplayable(costs: ChainCosts, placement: Placement) -> bool:
+    """Does a checkpointed segment hold a block whose forward does not replay
+    (``LayerCost.replays``: its recompute would train differently from plain)?"""
+    return any(kind is True and not all(c.replays for c in costs.layers[i:j])
+               for i, j, kind in placement)
 
 
 # ---------------------------------------------------------------- the memory model
@@ -788,6 +798,8 @@ class _Chain:
                              for h in (False, True)}
         grads = np.array([c.grad_bytes for c in layers] + [0], np.int64)
         self.grads_after = np.cumsum(grads[::-1])[::-1]  # gradients of blocks >= j
+        # per block: how many blocks up to it cannot run inside a checkpoint (LayerCost.replays)
+        self.unreplayed = np.cumsum(column(lambda c: not c.replays, np.int64))
         self.ff = column(lambda c: c.forward_flops, object)
         self.rf = column(lambda c: c.recompute_flops, object)
         self.one = {}
@@ -835,7 +847,9 @@ class _Chain:
         t0 = base + trunk.suffix_left + x_i + self.grads_after[i + 1:] + self.bb[i + 1:]
         top = np.maximum.reduce([base + x_i + fwd, t0 + last, t0 + end + q + backward])
         prices = self._prices(i)
-        usable = np.array([p is not None for p in prices], bool)
+        before = self.unreplayed[i - 1] if i else 0
+        usable = np.array([p is not None for p in prices], bool) & (
+            self.unreplayed[i:] == before)  # [i, j) holds no block that cannot replay
         stops = np.arange(i + 1, n + 1)[usable]
         values = np.array([p for p in prices if p is not None], object)
         return stops, top[usable], values, x_i
@@ -1287,7 +1301,9 @@ class Plan:
                     with_clauses = _with_trunk_or_none(self.costs, p.placement, suffix, prefix)
                     if with_clauses is not None:
                         found.append((str(with_clauses.policy), with_clauses))
-        return min(found, key=lambda kv: kv[1].peak_bytes)
+        allowed = [(name, p) for name, p in found  # none recomputes a block that does not replay
+                   if not _checkpoints_unreplayable(self.costs, p.placement)]
+        return min(allowed, key=lambda kv: kv[1].peak_bytes)
 
     def advice(self) -> str:
         """Why nothing fits, with the numbers, and what to do."""
@@ -1556,7 +1572,8 @@ def optimal_with_nesting(costs: ChainCosts, budget) -> Prediction | NestedPredic
     best, chosen = None, single
     if single is not None:
         best = (placement_cost(costs, single.placement, segment_flops), single.peak_bytes, 0)
-    for tree in _nesting_trees(costs):
+    replays = all(c.replays for c in costs.layers)  # a tree recomputes every block
+    for tree in _nesting_trees(costs) if replays else ():
         if tree.peak_bytes is None or tree.peak_bytes > budget:
             continue
         key = (1024 * tree.recompute_flops, tree.peak_bytes, 1)

@@ -11,6 +11,7 @@ Step times include the meter's cost when ``measure_memory=True``; compare polici
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -162,14 +163,16 @@ def check_gradients(
     model, policy, batch_size: int = 4, seq_len: int | None = None, seed: int = 0
 ) -> GradCheck:
     """Is checkpointing exact? Compare every gradient with and without ``policy``,
-    dropout included."""
+    dropout included. The run without it is on a copy of the model as it was, so both start
+    from the same state (a block's own random generator, a step counter, running statistics):
+    a difference is the policy's."""
     policy = parse_policy(policy)
     device = check_run(model, batch_size=batch_size, seq_len=seq_len)
     check_seed(seed)
     check_policy_fits(model, policy)
     model.train()
     batch = make_batch(model, batch_size, seq_len, torch.Generator().manual_seed(seed), device)
-    reference = _gradients(model, batch, seed)
+    reference = _gradients(copy.deepcopy(model), batch, seed)
     with applied(model, policy):
         checked = _gradients(model, batch, seed)
     mismatched = [
