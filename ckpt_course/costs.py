@@ -43,6 +43,7 @@ time objective.
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 import weakref
 from dataclasses import dataclass, replace
@@ -1179,12 +1180,49 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
                          for t in suffixes)
     shape = "x".join(map(str, batch[0].shape))
     name = f"{type(model).__name__} (batch {shape}{', accumulating' if accumulate else ''})"
-    return ChainCosts(tuple(layers), trunk, name=name, param_bytes=params,
-                      optimizer_bytes=state, notes=_replay_notes(unreplayed),
-                      menu=tuple(menus) if menu or op_points else (),
-                      times=tuple(t for t, _ in timed) if times else (),
-                      spreads=tuple(s for _, s in timed) if times else (),
-                      suffixes=suffixes)
+    costs = ChainCosts(tuple(layers), trunk, name=name, param_bytes=params,
+                       optimizer_bytes=state, notes=_replay_notes(unreplayed),
+                       menu=tuple(menus) if menu or op_points else (),
+                       times=tuple(t for t, _ in timed) if times else (),
+                       spreads=tuple(s for _, s in timed) if times else (),
+                       suffixes=suffixes)
+    if optimizer is _adamw_lr0 and not accumulate:
+        _check_plain_step(model, batch, costs)
+    return costs
+
+
+def _check_plain_step(model: nn.Module, batch, costs: ChainCosts) -> None:
+    """The memory model checked against the meter once, on a plain step (two AdamW steps on a
+    copy of the model, step 2 as predicted), before anyone plans with it: what the model keeps
+    that no measured part shows (a tensor stored on a block, a forward hook collecting the
+    blocks' outputs, a block's output read after later blocks) is refused in one line, never
+    planned on. Real tensors only (fake ones are never run)."""
+    from .plan import predict
+
+    if any(isinstance(t, FakeTensor) for t in [*model.parameters(), *batch]):
+        return
+    try:
+        work = copy.deepcopy(model)
+    except Exception:  # noqa: BLE001 (a model that cannot be copied is not checked, as before)
+        return
+    optimizer = step.make_optimizer(work, lr=0.0)
+    meter = MemoryMeter()
+    with torch.random.fork_rng(devices=[]):
+        step.run_step(work, optimizer, tuple(batch), guard=False)  # makes the optimizer state
+        with meter:
+            meter.track(work, optimizer)
+            peak = step.run_step(work, optimizer, tuple(batch), meter, guard=False,
+                                 step=2).peak_bytes
+            meter.untrack()
+    predicted = predict(costs, "none").peak_bytes
+    if peak != predicted:
+        raise ValueError(
+            f"the planner's memory model does not hold for "
+            f"{type(getattr(model, 'inner', model)).__name__}: it predicts "
+            f"{predicted:,} B for a plain step, the meter measures {peak:,} B "
+            f"({peak - predicted:+,} B): the model keeps tensors outside the chain of "
+            f"blocks the planner measures (one stored on a block, a hook collecting outputs, a "
+            f"block's output read after later blocks); take that out while planning")
 
 
 def _record_calls(model: nn.Module, blocks, batch):
@@ -1216,10 +1254,8 @@ def _record_calls(model: nn.Module, blocks, batch):
             raise ValueError(f"block {len(blocks) - 1} ({type(module).__name__}) returns "
                              f"{type(out).__name__}, not a tensor: the planner measures blocks "
                              f"that take the hidden state first and return the next one")
-        if first and out.untyped_storage().data_ptr() == first[0]:
-            raise ValueError("every block returns its input (nn.Identity, Dropout(0), ...): "
-                             "there is nothing to checkpoint; give the planner a block list "
-                             "with at least one block that computes its output")
+        # refused below, after the random-draw check (a block skipped at random is named)
+        marks["through"] = bool(first) and out.untyped_storage().data_ptr() == first[0]
         outputs.append(out.detach().clone())
         marks.update(last=out.grad_fn, after=_next_sequence_number())
 
@@ -1237,12 +1273,17 @@ def _record_calls(model: nn.Module, blocks, batch):
                                          _graphs_kept_on(blocks))
             if "after" in marks:
                 uses = _trunk_parameters(loss, marks["before"], marks["after"])
-            del loss, marks["last"]
+            del loss
+            marks.pop("last", None)
     finally:
         for h in handles:
             h.remove()
     if drawn:
         _check_same_work_every_draw(model, batch, blocks)
+    if marks.get("through"):
+        raise ValueError("every block returns its input (nn.Identity, Dropout(0), ...): there "
+                         "is nothing to checkpoint; give the planner a block list with at least "
+                         "one block that computes its output")
     _check_block_order(order, len(blocks), len(inputs))
     for k, name, ref, nbytes in made:
         if ref() is None:

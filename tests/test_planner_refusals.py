@@ -413,8 +413,19 @@ def test_a_block_that_cannot_be_measured_alone_is_refused_before_it_is_measured(
         measure_costs(_course_model(make(), torch.randn(4, 8), None), None)
 
 
-@pytest.mark.parametrize("block", [_KeepsAuxLoss, _KeepsDetached, _ScalesItsOwnTensor])
+@pytest.mark.parametrize("block", [_KeepsAuxLoss, _ScalesItsOwnTensor])
 def test_a_block_keeping_what_the_model_never_reads_or_changing_its_own_tensors_is_measured(
         block):
     torch.manual_seed(0)
     assert measure_costs(_course_model(_MadeOf(block), torch.randn(4, 8), None), None).n == 3
+
+
+def test_a_block_keeping_its_input_on_itself_is_refused_by_the_plain_step_check():
+    """self.seen = x.detach() keeps each block's input past its time: no measured part shows
+    it, the metered plain step does (by the size of the inputs kept), so nothing is planned."""
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"memory model does not hold for _MadeOf: it predicts "
+                                         r"[\d,]+ B for a plain step, the meter measures "
+                                         r"[\d,]+ B \(\+[\d,]+ B\)") as err:
+        measure_costs(_course_model(_MadeOf(_KeepsDetached), torch.randn(4, 8), None), None)
+    assert "\n" not in str(err.value)
