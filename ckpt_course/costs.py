@@ -625,9 +625,13 @@ def _plain_cost(runs, forward_flops: int, backward_flops: int) -> LayerCost:
 
 
 def measure_option(block: nn.Module, x_like: torch.Tensor, option: str, plain: LayerCost,
-                   accumulate: bool = False, existing=frozenset()) -> OptionCost:
+                   accumulate: bool = False, existing=frozenset(),
+                   reference=None) -> OptionCost:
     """``block`` under a one-block ``option`` (``MENU``), measured as a plain block: two runs
-    under a meter (input held by someone else, and not) and one to count FLOPs."""
+    under a meter (input held by someone else, and not) and one to count FLOPs. With the
+    plain block's gradients (``reference``, ``_gradients_under``), an option whose gradients
+    differ is refused (``ChangesGradients``): e.g. keeping an op output that the block then
+    changes in place through views autograd does not check (``nn.GRU``'s gates on CPU)."""
     from .policies import applied
 
     with torch.random.fork_rng(devices=[]), applied(block, option, blocks=[block]) as handle:
@@ -638,23 +642,68 @@ def measure_option(block: nn.Module, x_like: torch.Tensor, option: str, plain: L
         host = handle.stats.bytes_to_host
         block.zero_grad(set_to_none=True)
         forward_flops, _, backward_flops = _layer_flops(block, x_like)
+    if reference is not None and not _same_gradients(reference,
+                                                     _gradients_under(block, x_like, option)):
+        raise ChangesGradients(f"{option} changes the block's gradients")
     layer = _plain_cost(runs, forward_flops, backward_flops)
     return OptionCost(layer, backward_flops - plain.backward_flops, host)
 
 
+class ChangesGradients(ValueError):
+    """An option under which a block's gradients differ from plain's (``_gradients_under``)."""
+
+
+def _gradients_under(block: nn.Module, x_like: torch.Tensor, option: str | None = None):
+    """The gradients of one forward + backward of ``block`` alone, its parameters' and its
+    input's, under ``option`` (None: plain), from a fixed random stream and a fixed random
+    gradient of its output (a zero one, as the meter's runs use, would hide a difference);
+    None for fake tensors, which hold no values to compare."""
+    from .policies import applied
+
+    if isinstance(x_like, FakeTensor):
+        return None
+    with torch.random.fork_rng(devices=[]), (applied(block, option, blocks=[block]) if option
+                                             else contextlib.nullcontext()):
+        torch.manual_seed(0)
+        x = x_like.detach().clone().requires_grad_(x_like.requires_grad)
+        out = block(x)
+        if not out.requires_grad:
+            return []
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+        out.backward(g.to(dtype=out.dtype, device=out.device))
+    grads = [p.grad for p in block.parameters()] + [x.grad]
+    block.zero_grad(set_to_none=True)
+    return grads
+
+
+def _same_gradients(a, b) -> bool:
+    """Bit for bit (None where both have none)."""
+    if a is None or b is None:
+        return True
+    return len(a) == len(b) and all(
+        (u is None and v is None) or (u is not None and v is not None and torch.equal(u, v))
+        for u, v in zip(a, b, strict=True))
+
+
 def measure_menu(block: nn.Module, x_like: torch.Tensor, plain: LayerCost, options=MENU,
-                 accumulate: bool = False, existing=frozenset()) -> dict[str, OptionCost]:
+                 accumulate: bool = False, existing=frozenset(),
+                 dropped: list | None = None) -> dict[str, OptionCost]:
     """Each option of the menu for one block; an option the block cannot run is left out,
     but one naming op positions the block does not have is refused (``OpPositionError``):
-    a typo'd or stale position, not an option the block lacks."""
+    a typo'd or stale position, not an option the block lacks. An option that changes the
+    block's gradients is left out too, and named in ``dropped``."""
     from .policies import OpPositionError
 
-    out = {}
+    out, reference = {}, _gradients_under(block, x_like)
     for option in options:
         try:
-            out[option] = measure_option(block, x_like, option, plain, accumulate, existing)
+            out[option] = measure_option(block, x_like, option, plain, accumulate, existing,
+                                         reference)
         except OpPositionError:
             raise
+        except ChangesGradients:
+            if dropped is not None:
+                dropped.append(option)
         except (RuntimeError, ValueError):
             continue  # e.g. a selective variant naming ops the block does not have is fine,
             # but one that torch refuses (an op it cannot cache) is no option
@@ -1145,7 +1194,7 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
     batch = model.example_batch(seq_len=seq_len, generator=torch.Generator().manual_seed(seed),
                                 **size)
     inputs, outputs, extras, trained, trunk_uses, autocasts = _record_calls(model, blocks, batch)
-    cache, layers, menus, timed, unreplayed = {}, [], [], [], {}
+    cache, layers, menus, timed, unreplayed, changed = {}, [], [], [], {}, []
     given = _given_gradients(blocks, extras, *trunk_uses)
     for block, x, called, made, autocast in zip(blocks, inputs, extras, given, autocasts,
                                                 strict=True):
@@ -1156,7 +1205,10 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
                 why = _why_no_replay(block, layer)
                 ops = () if why else _op_options(block, x, op_points)
                 options = measure_menu(block, x, layer, _replaying_options(menu, ops, why),
-                                       accumulate, made)
+                                       accumulate, made, dropped := [])
+                if dropped:
+                    changed.append(f"block {len(layers)}: {', '.join(dropped)} left out (its "
+                                   f"gradients differ from plain's under them)")
                 cache[key] = (layer, options, measure_times_and_spreads(
                     block, x, ("none", FORWARD, "full", *options), rounds) if times
                               else (None, None))
@@ -1181,7 +1233,7 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
     shape = "x".join(map(str, batch[0].shape))
     name = f"{type(model).__name__} (batch {shape}{', accumulating' if accumulate else ''})"
     costs = ChainCosts(tuple(layers), trunk, name=name, param_bytes=params,
-                       optimizer_bytes=state, notes=_replay_notes(unreplayed),
+                       optimizer_bytes=state, notes=(*_replay_notes(unreplayed), *changed),
                        menu=tuple(menus) if menu or op_points else (),
                        times=tuple(t for t, _ in timed) if times else (),
                        spreads=tuple(s for _, s in timed) if times else (),
@@ -1208,10 +1260,10 @@ def _check_plain_step(model: nn.Module, batch, costs: ChainCosts) -> None:
     optimizer = step.make_optimizer(work, lr=0.0)
     meter = MemoryMeter()
     with torch.random.fork_rng(devices=[]):
-        step.run_step(work, optimizer, tuple(batch), guard=False)  # makes the optimizer state
+        step.run_step(work, optimizer, tuple(batch))  # makes the optimizer state
         with meter:
             meter.track(work, optimizer)
-            peak = step.run_step(work, optimizer, tuple(batch), meter, guard=False,
+            peak = step.run_step(work, optimizer, tuple(batch), meter,
                                  step=2).peak_bytes
             meter.untrack()
     predicted = predict(costs, "none").peak_bytes
@@ -1220,9 +1272,10 @@ def _check_plain_step(model: nn.Module, batch, costs: ChainCosts) -> None:
             f"the planner's memory model does not hold for "
             f"{type(getattr(model, 'inner', model)).__name__}: it predicts "
             f"{predicted:,} B for a plain step, the meter measures {peak:,} B "
-            f"({peak - predicted:+,} B): the model keeps tensors outside the chain of "
-            f"blocks the planner measures (one stored on a block, a hook collecting outputs, a "
-            f"block's output read after later blocks); take that out while planning")
+            f"({peak - predicted:+,} B): the model holds memory that the parts the planner "
+            f"measures do not show (e.g. a tensor stored on a block, a hook collecting outputs, "
+            f"a block's output read after later blocks), so nothing is planned on it; take that "
+            f"out while planning")
 
 
 def _record_calls(model: nn.Module, blocks, batch):

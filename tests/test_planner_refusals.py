@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 from ckpt_course import cli, costs
 from ckpt_course.auto import _course_model, auto_checkpoint
-from ckpt_course.costs import measure_costs
+from ckpt_course.costs import MENU, measure_costs, measure_layer, measure_menu
 from ckpt_course.op_choices import block_ops
 from ckpt_course.plan import make_plan, optimal_frontier, predict
 from ckpt_course.policies import OpPositionError, _installed, applied, parse_policy
@@ -429,3 +429,36 @@ def test_a_block_keeping_its_input_on_itself_is_refused_by_the_plain_step_check(
                                          r"[\d,]+ B \(\+[\d,]+ B\)") as err:
         measure_costs(_course_model(_MadeOf(_KeepsDetached), torch.randn(4, 8), None), None)
     assert "\n" not in str(err.value)
+
+
+class _GRUBlock(nn.Module):
+    def __init__(self, width=16):
+        super().__init__()
+        self.rnn = nn.GRU(width, width, batch_first=True)
+
+    def forward(self, x):
+        return x + self.rnn(x)[0]
+
+
+def _gradients(block, x, policy):
+    block = copy.deepcopy(block)
+    x = x.clone().requires_grad_()
+    with applied(block, policy, blocks=[block]):
+        block(x).square().sum().backward()
+    return [p.grad for p in block.parameters()] + [x.grad]
+
+
+def test_an_option_that_changes_a_blocks_gradients_is_left_out_and_named():
+    """R18: torch's nn.GRU changes its gate matmul's output in place through views autograd
+    does not check, so keeping that output (save=mm) hands the recompute changed values."""
+    torch.manual_seed(0)
+    block, x = _GRUBlock(), torch.randn(4, 8, 16)
+    plain = _gradients(block, x, "none")
+    changed = [p for p in ("selective:save=mm,sdpa", "selective:save=sdpa", "offload")
+               if not all(torch.equal(a, b) for a, b in zip(plain, _gradients(block, x, p),
+                                                              strict=True))]
+    assert changed == ["selective:save=mm,sdpa"]  # torch's own checkpoint, no course code
+    dropped = []
+    menu = measure_menu(block, x, measure_layer(block, x), MENU, dropped=dropped)
+    assert dropped == ["selective:save=mm,sdpa"]
+    assert set(menu) == set(MENU) - {"selective:save=mm,sdpa"}
