@@ -87,6 +87,15 @@ class LayerCost:
     # it returns its input itself (nn.Identity, Dropout(0)): x_{k+1} is x_k, it saves nothing,
     # and under any policy it keeps nothing (a checkpoint that saves nothing keeps no input)
     returns_input: bool = False
+    # the model's own loop adds the block's input to its output (``x = x + block(x)``): x_{k+1}
+    # is that sum, not the block's output. Measured with the add (outside any checkpoint, as it
+    # runs), so every number above is the block and its add; a checkpointed segment cannot run
+    # past it (block k+1 gets the sum, not block k's output), so segments end at this block
+    residual: bool = False
+    # no input needing a gradient and no trainable parameter (frozen leading blocks): it
+    # records no graph, so a checkpoint around it keeps and recomputes nothing; a checkpointed
+    # segment of such blocks only is the same as plain (``plan.predict`` takes it so)
+    frozen: bool = False
 
     @property
     def kept_bytes(self) -> int:
@@ -236,6 +245,7 @@ class _Meter(MemoryMeter):
         super().__init__(timeline=True)
         self.marks: dict[str, int] = {}
         self._pending: str | None = None
+        self._after: str | None = None
 
     def mark(self, name: str) -> None:
         self.marks[name] = len(self.timeline)
@@ -243,11 +253,18 @@ class _Meter(MemoryMeter):
     def mark_next_op(self, name: str) -> None:
         self._pending = name
 
+    def mark_after_next_op(self, name: str) -> None:
+        self._after = name
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self._pending is not None:
             self.mark(self._pending)
             self._pending = None
-        return super().__torch_dispatch__(func, types, args, kwargs)
+        after, self._after = self._after, None
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if after is not None:
+            self.mark(after)
+        return out
 
     def live_at(self, index: int, default: int) -> int:
         """Live bytes just before timeline position ``index``."""
@@ -333,7 +350,7 @@ def _existing_gradients(module: nn.Module, accumulate: bool, existing=frozenset(
 
 
 def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: bool = False,
-               existing=frozenset()):
+               existing=frozenset(), residual: bool = False):
     """One forward + backward of ``block`` alone, under a meter; returns the meter and facts.
     ``keep_input=False``: only the block keeps its input (we drop our reference after forward;
     inside a checkpoint the block gets a copy made in the checkpointed region, and we keep the
@@ -349,12 +366,15 @@ def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: 
     def fn(x):
         return block(x) if keep_input else block(x.clone())
 
-    def run(x):
+    def run_block(x):
         if not checkpointed:
             with torch.autograd.graph.saved_tensors_hooks(pack, _same):
                 return block(x)
         return checkpoint(fn, x, use_reentrant=False,
                           context_fn=lambda: (contextlib.nullcontext(), _MarkRecomputeEnd(meter)))
+
+    def run(x):  # the model's add, if it has one, runs outside the block's checkpoint
+        return x + run_block(x) if residual else run_block(x)
 
     with meter:
         meter.track(block)
@@ -379,7 +399,8 @@ def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: 
         if sink.requires_grad:
             with meter.phase("backward"):
                 torch.autograd.backward(sink, torch.empty(0, device=sink.device))
-        info.update(grad_bytes=0 if accumulate else _grad_bytes(block, existing),
+        info.update(graph=sink.requires_grad,
+                    grad_bytes=0 if accumulate else _grad_bytes(block, existing),
                     needs_input_grad=bool(stash), end=meter.live_bytes)
         if checkpointed and "backward" in meter.marks and "recomputed" not in meter.marks:
             # it saved nothing (nn.Identity, Dropout(0)), so no recompute ran: an empty one
@@ -430,19 +451,20 @@ def _layer_flops(block, x_like) -> tuple[int, int, int]:
 
 
 def measure_layer(block: nn.Module, x_like: torch.Tensor, accumulate: bool = False,
-                  existing=frozenset()) -> LayerCost:
+                  existing=frozenset(), residual: bool = False) -> LayerCost:
     """Measure one block alone on an input like ``x_like`` (its requires_grad says whether the
     block must make the gradient of its input). Real or fake tensors. Four runs under a meter
     (plain and checkpointed, each with the input kept by someone else or not) and one to count
     FLOPs. ``accumulate``: its parameters' gradients exist already (they are then not the
     block's: ``grad_bytes`` is 0); ``existing``: those of the parameters named (weights tied
-    to a later block: their gradient is counted there, once)."""
+    to a later block: their gradient is counted there, once); ``residual``: the model adds the
+    block's input to its output (``LayerCost.residual``), measured with that add."""
     runs = {}
     with torch.random.fork_rng(devices=[]):
         for checkpointed in (False, True):
             for keep in (True, False):
                 runs[checkpointed, keep] = _run_layer(block, x_like, keep, checkpointed,
-                                                      accumulate, existing)
+                                                      accumulate, existing, residual)
         block.zero_grad(set_to_none=True)
         forward_flops, recompute_flops, backward_flops = _layer_flops(block, x_like)
     ckpt_meter, ckpt = runs[True, True]
@@ -451,7 +473,7 @@ def measure_layer(block: nn.Module, x_like: torch.Tensor, accumulate: bool = Fal
         _plain_cost(runs, forward_flops, backward_flops), recompute_flops=recompute_flops,
         forward_peak_unsaved=_window(ckpt_meter, ckpt, "start", "forward")[0],
         recompute_peak=recompute_peak, recompute_kept=recompute_kept,
-        checkpointed_backward=_backward(runs, True, "checkpointed_backward"))
+        checkpointed_backward=_backward(runs, True, "checkpointed_backward"), residual=residual)
 
 
 def _backward(runs, checkpointed: bool, begin: str) -> Backward:
@@ -470,7 +492,7 @@ def _plain_cost(runs, forward_flops: int, backward_flops: int) -> LayerCost:
         saves_input=free["saves_input"], saves_output=free["saves_output"],
         forward_flops=forward_flops, backward_flops=backward_flops,
         grad_bytes=held["grad_bytes"], needs_input_grad=held["needs_input_grad"],
-        returns_input=held["returns_input"],
+        returns_input=held["returns_input"], frozen=not held["graph"],
         forward_peak=m.window_peak(m.marks["start"], m.marks["forward"], start) - start,
         backward=_backward(runs, False, "backward"))
 
@@ -485,11 +507,12 @@ def measure_option(block: nn.Module, x_like: torch.Tensor, option: str, plain: L
         runs = {}
         for keep in (True, False):
             handle.stats.reset()
-            runs[False, keep] = _run_layer(block, x_like, keep, False, accumulate, existing)
+            runs[False, keep] = _run_layer(block, x_like, keep, False, accumulate, existing,
+                                           plain.residual)
         host = handle.stats.bytes_to_host
         block.zero_grad(set_to_none=True)
         forward_flops, _, backward_flops = _layer_flops(block, x_like)
-    layer = _plain_cost(runs, forward_flops, backward_flops)
+    layer = replace(_plain_cost(runs, forward_flops, backward_flops), residual=plain.residual)
     return OptionCost(layer, backward_flops - plain.backward_flops, host)
 
 
@@ -572,12 +595,15 @@ class _Cut(torch.autograd.Function):
     would keep it; optionally the output is saved, as a last block that saves its output."""
 
     @staticmethod
-    def forward(ctx, x, anchor, like, meter, stash, keep_output):
+    def forward(ctx, x, anchor, like, meter, stash, keep_output, residual=False, tail=True):
         meter.mark("cut")
         stash.append(x)
         out = torch.zeros(like.shape, dtype=like.dtype, device=x.device)
         meter.mark("suffix")
-        ctx.meter, ctx.stash, ctx.needs = meter, stash, x.requires_grad
+        # residual: the model adds x to this output (x gets its gradient through that add);
+        # tail: no stand-in comes after this one (its backward ends the suffix's)
+        ctx.meter, ctx.stash, ctx.needs = meter, stash, x.requires_grad and not residual
+        ctx.tail = tail
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         if keep_output:
             ctx.save_for_backward(out)
@@ -585,26 +611,63 @@ class _Cut(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        ctx.meter.mark("cut_backward")
-        ctx.meter.suffix_grads = ctx.meter.breakdown()["gradients"]
+        if ctx.tail:
+            _suffix_done(ctx.meter)
         ctx.stash.clear()
         g = torch.zeros(ctx.x_shape, dtype=ctx.x_dtype, device=grad.device) if ctx.needs else None
         ctx.meter.mark_next_op("prefix_backward")
-        return g, None, None, None, None, None
+        return g, None, None, None, None, None, None, None
+
+
+def _suffix_done(meter) -> None:
+    """The suffix's backward has made the gradient of the last block's output: mark it."""
+    meter.mark("cut_backward")
+    meter.suffix_grads = meter.breakdown()["gradients"]
+
+
+class _Tail(torch.autograd.Function):
+    """The last block's stand-in in a model that adds each block's input to its output
+    (``LayerCost.residual``): a new output like its input, which the model's add (counted in
+    the block's costs) makes the last block's output from; its backward marks where the
+    suffix's backward ended, as ``_Cut``'s does in a chain."""
+
+    @staticmethod
+    def forward(ctx, x, meter):
+        ctx.meter = meter
+        return torch.zeros_like(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _suffix_done(ctx.meter)
+        return None, None
 
 
 @contextlib.contextmanager
-def _blocks_cut_out(model, like, meter, stash, keep_output: bool):
+def _blocks_cut_out(model, like, meter, stash, keep_output: bool, residual: bool = False):
     """Inside, the model's first block runs ``_Cut`` and the other blocks pass their input
     through: the trunk runs as if the blocks had no cost. (Instance forwards, removed after, as
-    policies install theirs; the module tree stays whole, so every parameter is still counted.)"""
+    policies install theirs; the module tree stays whole, so every parameter is still counted.)
+    ``residual``: the model adds each block's input to its output (``LayerCost.residual``);
+    those adds are counted in the blocks' costs, so the suffix starts after the last one (its
+    forward, and its backward up to the gradient of that sum)."""
     blocks = find_blocks(model)
 
     def cut(x, *args, **kwargs):
         anchor = torch.empty(0, requires_grad=True)  # makes the output need a gradient
-        return _Cut.apply(x, anchor, like, meter, stash, keep_output)
+        out = _Cut.apply(x, anchor, like, meter, stash, keep_output, residual,
+                         not residual or len(blocks) == 1)
+        return _then_suffix(out)
 
-    for block, forward in zip(blocks, [cut] + [_pass_through] * (len(blocks) - 1), strict=True):
+    def _then_suffix(out):
+        if residual:
+            meter.mark_after_next_op("suffix")  # the model's add
+        return out
+
+    def tail(x, *args, **kwargs):
+        return _then_suffix(_Tail.apply(x, meter))
+
+    rest = [_pass_through] * (len(blocks) - 2) + [tail if residual else _pass_through]
+    for block, forward in zip(blocks, [cut] + rest[:len(blocks) - 1], strict=True):
         block.forward = forward
     try:
         yield
@@ -629,10 +692,10 @@ def _suffix_run(model, option: str, prefix: bool = False):
 
 
 def _run_trunk(model, batch, like, keep_output: bool, accumulate: bool = False,
-               suffix: str = "", prefix: bool = False):
+               suffix: str = "", prefix: bool = False, residual: bool = False):
     meter, stash = _Meter(), []
     _existing_gradients(model, accumulate)
-    with _blocks_cut_out(model, like, meter, stash, keep_output), \
+    with _blocks_cut_out(model, like, meter, stash, keep_output, residual), \
             _suffix_run(model, suffix, prefix), meter:
         meter.track(model)
         start = meter.live_bytes
@@ -664,17 +727,21 @@ def _trunk_flops(model, batch, like, suffix: str = "") -> int:
 
 
 def measure_trunk(model: nn.Module, batch, like: torch.Tensor,
-                  accumulate: bool = False, suffix: str = "", prefix: bool = False) -> TrunkCost:
+                  accumulate: bool = False, suffix: str = "", prefix: bool = False,
+                  residual: bool = False) -> TrunkCost:
     """Prefix and suffix of ``model``, measured with its blocks cut out (``like``: a tensor
     like the last block's output). ``base_bytes`` is the parameters (and, if ``accumulate``,
     every gradient, there from the start). ``suffix``: the suffix checkpointed under this
     menu suffix option (``policies._Trunk``), measured the same way: its recompute, at the
     start of the suffix's backward, is inside the suffix's backward peak; ``flops`` is then
-    the suffix's FLOPs with that recompute (``measure_suffixes`` makes it a difference)."""
+    the suffix's FLOPs with that recompute (``measure_suffixes`` makes it a difference).
+    ``residual``: the model adds each block's input to its output (``_blocks_cut_out``)."""
     option = suffix  # (``suffix`` names a timeline mark below)
     with torch.random.fork_rng(devices=[]):
-        free_meter, free = _run_trunk(model, batch, like, False, accumulate, suffix, prefix)
-        held_meter, held = _run_trunk(model, batch, like, True, accumulate, suffix, prefix)
+        free_meter, free = _run_trunk(model, batch, like, False, accumulate, suffix, prefix,
+                                      residual)
+        held_meter, held = _run_trunk(model, batch, like, True, accumulate, suffix, prefix,
+                                      residual)
         flops = _trunk_flops(model, batch, like, suffix)
     a_last = like.untyped_storage().nbytes()
     values = {}
@@ -906,6 +973,35 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
     size = {} if batch_size is None else {"batch_size": batch_size}
     batch = model.example_batch(seq_len=seq_len, generator=torch.Generator().manual_seed(seed),
                                 **size)
+    with _batch_gradients_there(batch) as batch_grads:
+        costs = _measure_chain(model, batch, accumulate, menu, times, rounds, op_points, suffix,
+                               optimizer)
+    trunk = replace(costs.trunk, base_bytes=costs.trunk.base_bytes + batch_grads)
+    return replace(costs, trunk=trunk, suffixes=tuple(
+        replace(t, base_bytes=t.base_bytes + batch_grads) for t in costs.suffixes))
+
+
+@contextlib.contextmanager
+def _batch_gradients_there(batch):
+    """Inside, each batch tensor that requires grad (a leaf: input saliency, adversarial
+    training) has a zero ``.grad``, as it has in every step after the first (backward adds
+    into it and it stays); yields its bytes, which the step holds throughout. The tensors'
+    own ``.grad`` is put back after."""
+    leaves = [t for t in batch if isinstance(t, torch.Tensor) and t.requires_grad and t.is_leaf]
+    before = [t.grad for t in leaves]
+    try:
+        for t in leaves:
+            t.grad = torch.zeros_like(t)
+        yield sum(t.grad.untyped_storage().nbytes() for t in leaves)
+    finally:
+        for t, grad in zip(leaves, before, strict=True):
+            t.grad = grad
+
+
+def _measure_chain(model, batch, accumulate, menu, times, rounds, op_points, suffix,
+                   optimizer) -> ChainCosts:
+    """``measure_costs`` on the batch made."""
+    blocks = find_blocks(model)
     inputs, outputs, order, extras = [], [], [], []
 
     def grab_input(module, args, kwargs):
@@ -922,22 +1018,24 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
         outputs.append(out.detach().clone())
 
     index = {id(b): k for k, b in enumerate(blocks)}
+    joints = _Joints(blocks)
     handles = [b.register_forward_pre_hook(grab_input, with_kwargs=True) for b in blocks]
     handles.append(blocks[-1].register_forward_hook(grab_output))
     try:
-        with torch.random.fork_rng(devices=[]), _refusing_views(blocks):
+        with torch.random.fork_rng(devices=[]), _refusing_views(blocks), joints.watching():
             model.loss(batch)
     finally:
         for h in handles:
             h.remove()
     _check_block_order(order, len(blocks), len(inputs))
+    residual = joints.residual()
     cache, layers, menus, timed = {}, [], [], []
     tied = _tied_to_later(blocks)
-    for block, x, called, made in zip(blocks, inputs, extras, tied, strict=True):
-        key = (_layer_key(block, x, called), made)
+    for block, x, called, made, adds in zip(blocks, inputs, extras, tied, residual, strict=True):
+        key = (_layer_key(block, x, called), made, adds)
         if key not in cache:
             with _called_as_in_model(block, called):
-                layer = measure_layer(block, x, accumulate, made)
+                layer = measure_layer(block, x, accumulate, made, adds)
                 options = measure_menu(block, x, layer,
                                        (*menu, *_op_options(block, x, op_points)), accumulate,
                                        made)
@@ -947,7 +1045,7 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
         layers.append(cache[key][0])
         menus.append(cache[key][1])
         timed.append(cache[key][2])
-    trunk = measure_trunk(model, batch, outputs[0], accumulate)
+    trunk = measure_trunk(model, batch, outputs[0], accumulate, residual=residual[-1])
     suffixes = ()
     if suffix:
         trunk, suffixes = measure_suffixes(model, batch, outputs[0], trunk, accumulate,
@@ -966,6 +1064,112 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
                       times=tuple(t for t, _ in timed) if times else (),
                       spreads=tuple(s for _, s in timed) if times else (),
                       suffixes=suffixes)
+
+
+class _Joints:
+    """What the model's own code does between block k's output and block k+1's input, watched
+    op by op while it runs: nothing (``x = block(x)``: block k+1 gets block k's output), or
+    one add of block k's input and output (``x = x + block(x)``: the residual added by the
+    model's loop, then the next block's input), which ``residual()`` reports per block and
+    the blocks are measured with. Anything else there is code the planner does not measure,
+    refused in one line (``residual``)."""
+
+    def __init__(self, blocks):
+        self.blocks, self.n = blocks, len(blocks)
+        self.inputs, self.outputs, self.sums = {}, {}, {}
+        self.after: dict[int, list] = {}  # per block: the ops run since it returned
+        self.kinds: dict[int, str] = {}
+        self.last = None  # the block that returned last
+
+    @contextlib.contextmanager
+    def watching(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        joints = self
+
+        class Watch(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                joints._op(func, args, kwargs or {}, out)
+                return out
+
+        def entered(module, args):
+            k = self._index(module)
+            if args and isinstance(args[0], torch.Tensor):
+                self.inputs[k] = args[0]
+            if k > 0:
+                self.kinds[k - 1] = self._kind(k - 1, args[0] if args else None)
+            self.last = None
+
+        def returned(module, args, out):
+            k = self._index(module)
+            self.outputs[k], self.after[k], self.last = out, [], k
+
+        # first in, last out: what other hooks do (copies of the block's input) is no op of
+        # the model's own code
+        handles = [h for b in self.blocks for h in (
+            b.register_forward_pre_hook(entered, prepend=True), b.register_forward_hook(returned))]
+        try:
+            with Watch():
+                yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _index(self, module) -> int:
+        return next(k for k, b in enumerate(self.blocks) if b is module)
+
+    def _op(self, func, args, kwargs, out) -> None:
+        if self.last is not None:
+            self.after[self.last].append((func, args, kwargs, out))
+
+    def _kind(self, k: int, given) -> str:
+        """"chain", "residual" or "other": how block k's output reached block k+1 (``given``:
+        what block k+1 got; None: after the last block, where the suffix starts)."""
+        out = self.outputs.get(k)
+        if isinstance(out, (tuple, list)):  # a Hugging Face layer's (hidden state, ...)
+            out = next((t for t in out if isinstance(t, torch.Tensor)), None)
+        if not isinstance(out, torch.Tensor):
+            return "chain"  # (refused where the hidden state is taken: grab_output)
+        if given is not None and _same_tensor(given, out):
+            return "chain"
+        ops = self.after.get(k, [])
+        first = ops[0] if ops else None
+        adds = first is not None and first[0] is torch.ops.aten.add.Tensor and \
+            first[2].get("alpha", 1) == 1 and len(first[1]) == 2 and \
+            all(isinstance(t, torch.Tensor) for t in first[1]) and \
+            {_tensor_id(t) for t in first[1]} == {_tensor_id(self.inputs.get(k)),
+                                                  _tensor_id(out)} and \
+            first[3].shape == out.shape
+        if given is None:
+            return "residual" if adds else "chain"
+        return "residual" if adds and len(ops) == 1 and _same_tensor(given, first[3]) \
+            else "other"
+
+    def residual(self) -> list[bool]:
+        """Per block: is its output added to its input by the model (``x = x + block(x)``)?
+        Refuses, in one line, a model with other code between its blocks."""
+        if self.n:
+            self.kinds[self.n - 1] = self._kind(self.n - 1, None)
+        for k in range(self.n - 1):
+            if self.kinds.get(k) == "other":
+                raise ValueError(
+                    f"block {k + 1} does not get block {k}'s output, nor block {k}'s input plus "
+                    f"its output: the model's own code between the blocks does something the "
+                    f"planner does not measure; write the loop as `x = block(x)` or "
+                    f"`x = x + block(x)` and move that code into the blocks")
+        return [self.kinds.get(k) == "residual" for k in range(self.n)]
+
+
+def _tensor_id(t) -> tuple | None:
+    if not isinstance(t, torch.Tensor):
+        return None
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+
+
+def _same_tensor(a, b) -> bool:
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and \
+        _tensor_id(a) == _tensor_id(b)
 
 
 def _tied_to_later(blocks) -> list[frozenset[str]]:

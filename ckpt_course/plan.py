@@ -134,10 +134,15 @@ def every_k_placement(n: int, k: int) -> Placement:
 
 def all_placements(n: int, options=None):
     """Every placement of ``n`` blocks (F(2n+1) of them, about 2.6^n): for brute force.
-    ``options(k)``: the menu options block k may also take (a ChainCosts' menu: all of them)."""
+    ``options(k)``: the menu options block k may also take (a ChainCosts' menu: all of them,
+    and only the checkpointed segments its model can run: ``_runs_past``)."""
     if isinstance(options, ChainCosts):
-        menu = options.menu
+        costs, menu = options, options.menu
         options = (lambda k: tuple(menu[k])) if menu else None
+        for placement in all_placements(n, options):
+            if all(kind is not True or j <= _runs_past(costs, i) for i, j, kind in placement):
+                yield placement
+        return
     if n == 0:
         yield ()
         return
@@ -428,6 +433,8 @@ def predict(costs: ChainCosts, placement) -> Prediction:
         p = predict(short, _fold_placement(placement, real))
         top = _unfold_event((p.peak_bytes, p.phase, p.block, p.where), real, costs.n)
         return replace(p, placement=placement, block=top[2], where=_unfold_where(p, real))
+    _check_segments_run(costs, placement)
+    placement = _frozen_plain(costs, placement)
     for k, _, kind in placement:
         if isinstance(kind, str) and (not costs.menu or kind not in costs.menu[k]):
             raise ValueError(f"block {k} runs {kind}, an option these costs did not measure: "
@@ -450,6 +457,44 @@ def predict(costs: ChainCosts, placement) -> Prediction:
     return Prediction(placement, top[0], describe_event(top), top[1], top[2], flops, kept,
                       costs.step_flops, extra, host, spread, costs.trunk.suffix,
                       costs.trunk.prefix)
+
+
+def _runs_past(costs: ChainCosts, i: int) -> int:
+    """The last stop j of a checkpointed segment starting at block i that the model can run:
+    a segment ends at a block whose output the model adds to its input
+    (``LayerCost.residual``), since the next block gets that sum, not the block's output."""
+    return _segment_reach(costs)[i]
+
+
+def _segment_reach(costs: ChainCosts) -> list[int]:
+    """``_runs_past`` for every block, in one pass from the end."""
+    reach = [costs.n] * costs.n
+    for i in range(costs.n - 2, -1, -1):
+        reach[i] = i + 1 if costs.layers[i].residual else reach[i + 1]
+    return reach
+
+
+def _frozen_plain(costs: ChainCosts, placement: Placement) -> Placement:
+    """A checkpointed segment of frozen blocks only (``LayerCost.frozen``) records no graph:
+    it runs as plain blocks, keeping and recomputing nothing more."""
+    out = []
+    for i, j, kind in placement:
+        if kind is True and all(c.frozen for c in costs.layers[i:j]):
+            out += [(k, k + 1, False) for k in range(i, j)]
+        else:
+            out.append((i, j, kind))
+    return tuple(out)
+
+
+def _check_segments_run(costs: ChainCosts, placement: Placement) -> None:
+    for i, j, kind in placement:
+        if kind is True and j > _runs_past(costs, i):
+            k = _runs_past(costs, i) - 1
+            raise ValueError(f"checkpointed segment {i}-{j - 1} runs past block {k}, whose "
+                             f"output the model adds to its input (x = x + block(x)): block "
+                             f"{k + 1} gets that sum, so a segment there cannot run; "
+                             f"checkpoint one block per segment (full), or use selective or "
+                             f"offload")
 
 
 def placement_policy(placement: Placement, suffix: str = "", prefix: str = "") -> Policy:
@@ -742,6 +787,7 @@ class _Chain:
         self.rf = column(lambda c: c.recompute_flops, object)
         self.one = {}
         self.ckpt = {}
+        self.reach = _segment_reach(costs)
         for i in range(n):
             for left in (False, True):
                 self.one[i, left] = [
@@ -785,8 +831,10 @@ class _Chain:
         top = np.maximum.reduce([base + x_i + fwd, t0 + last, t0 + end + q + backward])
         prices = self._prices(i)
         usable = np.array([p is not None for p in prices], bool)
+        usable &= np.arange(i + 1, n + 1) <= self.reach[i]
+        usable &= ~np.logical_and.accumulate([c.frozen for c in self.costs.layers[i:]])
         stops = np.arange(i + 1, n + 1)[usable]
-        values = np.array([p for p in prices if p is not None], object)
+        values = np.array([p for p, ok in zip(prices, usable, strict=True) if ok], object)
         return stops, top[usable], values, x_i
 
     def _prices(self, i: int) -> list:
@@ -1339,9 +1387,10 @@ def make_plan(costs: ChainCosts, budget, objective=None) -> Plan:
     budget = parse_budget(budget)
     n = costs.n
     alternatives = {"none": predict(costs, "none"), "full": predict(costs, "full")}
-    for k in range(2, n + 1):
-        alternatives[f"every-{k}"] = predict(costs, every_k_placement(n, k))
-    alternatives["sqrt"] = predict(costs, "sqrt")
+    if not any(c.residual for c in costs.layers[:-1]):  # else segments of one block only
+        for k in range(2, n + 1):
+            alternatives[f"every-{k}"] = predict(costs, every_k_placement(n, k))
+        alternatives["sqrt"] = predict(costs, "sqrt")
     for option in costs.menu[0] if costs.menu else ():
         if all(option in m for m in costs.menu):
             alternatives[option] = predict(costs, option)
@@ -1527,6 +1576,9 @@ def _unmodelled(costs: ChainCosts, tree) -> str:
     if _folded(costs) is not None:
         return ("a nested tree over blocks that return their input (nn.Identity) is not "
                 "predicted: plan single-level (optimal) on such a chain")
+    if any(c.residual for c in costs.layers[:-1]):
+        return ("the model adds each block's input to its output (x = x + block(x)), so no "
+                "segment of several blocks can run: plan single-level (optimal)")
     nested = [k for a, b, children in tree if children for k in range(a, b)]
     if any(not costs.layers[k].saves_input for k in nested):
         return ("a nested segment over blocks that do not save their input is not predicted "

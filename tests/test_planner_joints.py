@@ -1,0 +1,156 @@
+"""What a learner's model does around its blocks, as a held-out tester found it (R1, R5, R6,
+R9): the residual added by the model's own loop (``x = x + block(x)``), frozen leading blocks,
+a batch input that requires grad, and a second argument that carries a gradient (FiLM)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from ckpt_course.auto import _course_model
+from ckpt_course.costs import MENU, measure_costs
+from ckpt_course.plan import all_placements, make_plan, measure_peaks, placement_policy, predict
+from ckpt_course.train import check_gradients
+
+W = 32
+
+
+class Mlp(nn.Module):
+    """No residual inside: the model's loop adds it."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.up, self.down = nn.LayerNorm(W), nn.Linear(W, 2 * W), nn.Linear(2 * W, W)
+
+    def forward(self, x):
+        return self.down(nn.functional.gelu(self.up(self.norm(x))))
+
+
+class LoopResidual(nn.Module):
+    def __init__(self, n=3):
+        super().__init__()
+        self.embed, self.head = nn.Linear(16, W), nn.Linear(W, 4)
+        self.blocks = nn.ModuleList(Mlp() for _ in range(n))
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+def _course(model, batch):
+    return _course_model(model, batch, None)
+
+
+def _policy(placement):
+    return placement if isinstance(placement, str) else placement_policy(placement)
+
+
+def _off(course, costs, policies):
+    """(policy, metered - predicted) for each policy whose prediction or gradients are off."""
+    wrong = []
+    for policy in map(_policy, policies):
+        predicted = predict(costs, policy).peak_bytes
+        measured = measure_peaks(copy.deepcopy(course), policy)[-1]
+        if predicted != measured or not check_gradients(course, policy).equal:
+            wrong.append((str(policy), measured - predicted))
+    return wrong
+
+
+def test_the_residual_added_by_the_models_loop_is_measured_and_predicted_exactly():
+    torch.manual_seed(0)
+    course = _course(LoopResidual(), torch.randn(4, 8, 16))
+    costs = measure_costs(copy.deepcopy(course), None, menu=MENU)
+    assert [c.residual for c in costs.layers] == [True] * 3
+    # every placement the planner can emit on it: one block per checkpointed segment
+    placements = list(all_placements(costs.n, costs))
+    assert all(j - i == 1 for p in placements for i, j, _ in p)
+    picked = placements[::23] + [p for p in placements if all(k is True for *_, k in p)]
+    assert _off(course, costs, picked) == []
+
+
+def test_plans_on_a_loop_residual_model_fit_their_budget_and_never_span_blocks():
+    torch.manual_seed(0)
+    course = _course(LoopResidual(), torch.randn(4, 8, 16))
+    costs = measure_costs(copy.deepcopy(course), None, menu=MENU)
+    top, low = predict(costs, "none").peak_bytes, predict(costs, "full").peak_bytes
+    for budget in range(low, top + 1, max(1, (top - low) // 6)):
+        plan = make_plan(costs, budget)
+        if not plan.fits:
+            continue
+        assert all(j - i == 1 for i, j, _ in plan.best.placement)
+        assert measure_peaks(copy.deepcopy(course), plan.policy)[-1] == plan.best.peak_bytes
+    assert "every-2" not in make_plan(costs, top).alternatives
+
+
+def test_a_segment_across_the_models_add_is_refused_in_one_line():
+    torch.manual_seed(0)
+    costs = measure_costs(_course(LoopResidual(), torch.randn(4, 8, 16)), None)
+    with pytest.raises(ValueError, match="segment 0-1 runs past block 0") as info:
+        predict(costs, "every-2")
+    assert "\n" not in str(info.value)
+
+
+class Scaled(LoopResidual):
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = x + 0.5 * block(x)  # more than the add between blocks: not measured
+        return self.head(x)
+
+
+def test_other_code_between_the_blocks_is_refused_in_one_line():
+    torch.manual_seed(0)
+    course = _course(Scaled(), torch.randn(4, 8, 16))
+    with pytest.raises(ValueError, match="block 1 does not get block 0's output") as info:
+        measure_costs(course, None)
+    assert "\n" not in str(info.value)
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = Mlp()
+
+    def forward(self, x):
+        return x + self.mlp(x)
+
+
+class Chain(LoopResidual):
+    def __init__(self, n=3):
+        super().__init__(n)
+        self.blocks = nn.ModuleList(Residual() for _ in range(n))
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def test_a_batch_input_that_requires_grad_counts_its_gradient_and_is_left_as_it_was():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 16).requires_grad_()
+    course = _course(Chain(), x)
+    costs = measure_costs(copy.deepcopy(course), None)
+    assert x.grad is None  # the learner's tensor keeps its own
+    assert _off(course, costs, ["none", "full", "every-2"]) == []
+    plain = measure_costs(_course(Chain(), x.detach()), None)
+    assert costs.trunk.base_bytes - plain.trunk.base_bytes == x.numel() * 4  # x.grad, kept
+
+
+def test_a_checkpoint_around_frozen_leading_blocks_costs_what_plain_costs():
+    torch.manual_seed(0)
+    model = Chain(4)
+    for frozen in (model.embed, model.blocks[0], model.blocks[1]):
+        frozen.requires_grad_(False)
+    course = _course(model, torch.randn(4, 8, 16))
+    costs = measure_costs(copy.deepcopy(course), None)
+    assert [c.frozen for c in costs.layers] == [True, True, False, False]
+    none = predict(costs, "none")
+    for policy in ("segments:0", "segments:0-1"):
+        assert (predict(costs, policy).peak_bytes, predict(costs, policy).recompute_flops) == \
+            (none.peak_bytes, 0)
+    assert _off(course, costs, ["segments:0", "segments:0-1", "full", "segments:1-2"]) == []
