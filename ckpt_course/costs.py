@@ -96,6 +96,15 @@ class LayerCost:
     # records no graph, so a checkpoint around it keeps and recomputes nothing; a checkpointed
     # segment of such blocks only is the same as plain (``plan.predict`` takes it so)
     frozen: bool = False
+    # gradients of the model's other tensors that carry a graph (FiLM's conditioning, a
+    # decoder's memory: ``block(x, c)``) of which this block is the last user: its backward
+    # makes them first (the blocks before add into them in place), and they stay until the
+    # prefix's backward takes them
+    extra_grad_bytes: int = 0
+    # it gets such a tensor (``extra_grad_bytes`` or not): inside a checkpointed segment of
+    # several blocks, the segment's record of a later block's call keeps it alive to the end of
+    # the step, which the memory model does not count, so no segment runs on into this block
+    given_graph: bool = False
 
     @property
     def kept_bytes(self) -> int:
@@ -378,6 +387,7 @@ def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: 
 
     with meter:
         meter.track(block)
+        meter.count(*(_GIVEN[-1] if _GIVEN else ()))  # the model's, made before the block ran
         x = _Source.apply(x_like, stash)
         meter.mark("start")
         start = meter.live_bytes
@@ -595,7 +605,8 @@ class _Cut(torch.autograd.Function):
     would keep it; optionally the output is saved, as a last block that saves its output."""
 
     @staticmethod
-    def forward(ctx, x, anchor, like, meter, stash, keep_output, residual=False, tail=True):
+    def forward(ctx, x, anchor, like, meter, stash, keep_output, residual=False, tail=True,
+                *extras):
         meter.mark("cut")
         stash.append(x)
         out = torch.zeros(like.shape, dtype=like.dtype, device=x.device)
@@ -604,6 +615,10 @@ class _Cut(torch.autograd.Function):
         # tail: no stand-in comes after this one (its backward ends the suffix's)
         ctx.meter, ctx.stash, ctx.needs = meter, stash, x.requires_grad and not residual
         ctx.tail = tail
+        # the model's other tensors given to the blocks that carry a graph: their gradients,
+        # which the blocks' backwards make, go back to the prefix (zeros, as a stand-in)
+        ctx.extras = [(t.shape, t.dtype) if t.requires_grad else None for t in extras]
+        stash.extend(extras)  # alive until the blocks' backward is done, as the blocks keep them
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         if keep_output:
             ctx.save_for_backward(out)
@@ -615,8 +630,10 @@ class _Cut(torch.autograd.Function):
             _suffix_done(ctx.meter)
         ctx.stash.clear()
         g = torch.zeros(ctx.x_shape, dtype=ctx.x_dtype, device=grad.device) if ctx.needs else None
+        extras = [None if e is None else torch.zeros(e[0], dtype=e[1], device=grad.device)
+                  for e in ctx.extras]
         ctx.meter.mark_next_op("prefix_backward")
-        return g, None, None, None, None, None, None, None
+        return g, None, None, None, None, None, None, None, *extras
 
 
 def _suffix_done(meter) -> None:
@@ -654,8 +671,9 @@ def _blocks_cut_out(model, like, meter, stash, keep_output: bool, residual: bool
 
     def cut(x, *args, **kwargs):
         anchor = torch.empty(0, requires_grad=True)  # makes the output need a gradient
+        extras = [t for t in [*args, *kwargs.values()] if _carries_graph(t)]
         out = _Cut.apply(x, anchor, like, meter, stash, keep_output, residual,
-                         not residual or len(blocks) == 1)
+                         not residual or len(blocks) == 1, *extras)
         return _then_suffix(out)
 
     def _then_suffix(out):
@@ -789,7 +807,8 @@ def measure_trunk(model: nn.Module, batch, like: torch.Tensor,
 
 
 def measure_suffixes(model: nn.Module, batch, like: torch.Tensor, plain: TrunkCost,
-                     accumulate: bool = False, points: int = 0) -> tuple[TrunkCost, ...]:
+                     accumulate: bool = False, points: int = 0,
+                     residual: bool = False) -> tuple[TrunkCost, ...]:
     """The trunk under each checkpointed-suffix option: ``full`` (keeps the last block's
     output only) and up to ``points`` points of the suffix's exact Pareto set over which op
     outputs to keep (``op_choices.suffix_choices``: the zero-FLOP point, recomputing the final
@@ -807,7 +826,7 @@ def measure_suffixes(model: nn.Module, batch, like: torch.Tensor, plain: TrunkCo
     out = []
     for option in options:
         try:
-            trunk = measure_trunk(model, batch, like, accumulate, option)
+            trunk = measure_trunk(model, batch, like, accumulate, option, residual=residual)
         except (RuntimeError, ValueError):
             continue
         out.append(replace(trunk, flops=plain.flops,
@@ -920,25 +939,48 @@ def _fingerprint(value):
 
 
 @contextlib.contextmanager
-def _called_as_in_model(block: nn.Module, extras):
+def _called_as_in_model(block: nn.Module, extras, fresh: bool = False, batch=()):
     """While a block is measured alone as ``block(x)``, it gets the other arguments the model
     gave it (``extras``: (args after the hidden state, kwargs)): a block measured without its
-    mask or gate is not the block the model runs."""
+    mask or gate is not the block the model runs. Those that carry the model's graph come as
+    detached copies whose gradient exists already (the block adds into it), or, ``fresh``,
+    does not (this block is their last user: its backward makes it, ``extra_grad_bytes``).
+    The model made them (or they are its parameters) before the block ran: the block's meter
+    knows them from its start (``_run_layer``), so that a view of one, which an op inside the
+    block makes, is not counted as the block's. The batch's own tensors are left as they are."""
     args, kwargs = extras
     if not args and not kwargs:
         yield
         return
+    batch_storages = {_tensor_id(t)[0] for t in batch if isinstance(t, torch.Tensor)}
+    # a tensor that carries the model's graph is replayed as a copy that does not (its
+    # requires_grad kept), which the block's several measured backwards can each go through
+    copies = {id(t): _detached(t) for t in [*args, *kwargs.values()] if _carries_graph(t)}
+    args = tuple(copies.get(id(t), t) for t in args)
+    kwargs = {k: copies.get(id(t), t) for k, t in kwargs.items()}
+    for t in copies.values():  # its gradient there already: added into in place
+        t.grad = None if fresh else torch.zeros_like(t)
 
     def fill(module, call_args, call_kwargs):
         if len(call_args) == 1 and not call_kwargs:
+            if fresh:  # made by this block's backward, each time it runs
+                for t in copies.values():
+                    t.grad = None
             return (*call_args, *args), dict(kwargs)
         return None
 
     handle = block.register_forward_pre_hook(fill, with_kwargs=True)
+    _GIVEN.append([t for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)
+                   and _tensor_id(t)[0] not in batch_storages])
     try:
         yield
     finally:
         handle.remove()
+        _GIVEN.pop()
+
+
+# the tensors the model gives the block being measured besides its input (``_called_as_in_model``)
+_GIVEN: list[list[torch.Tensor]] = []
 
 
 def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int | None = None,
@@ -1031,10 +1073,12 @@ def _measure_chain(model, batch, accumulate, menu, times, rounds, op_points, suf
     residual = joints.residual()
     cache, layers, menus, timed = {}, [], [], []
     tied = _tied_to_later(blocks)
-    for block, x, called, made, adds in zip(blocks, inputs, extras, tied, residual, strict=True):
-        key = (_layer_key(block, x, called), made, adds)
+    last_uses = _last_users(extras)
+    for block, x, called, made, adds, fresh in zip(blocks, inputs, extras, tied, residual,
+                                                   last_uses, strict=True):
+        key = (_layer_key(block, x, called), made, adds, fresh)
         if key not in cache:
-            with _called_as_in_model(block, called):
+            with _called_as_in_model(block, called, bool(fresh), batch):
                 layer = measure_layer(block, x, accumulate, made, adds)
                 options = measure_menu(block, x, layer,
                                        (*menu, *_op_options(block, x, op_points)), accumulate,
@@ -1042,14 +1086,16 @@ def _measure_chain(model, batch, accumulate, menu, times, rounds, op_points, suf
                 cache[key] = (layer, options, measure_times_and_spreads(
                     block, x, ("none", FORWARD, "full", *options), rounds) if times
                               else (None, None))
-        layers.append(cache[key][0])
+        args, kwargs = called
+        layers.append(replace(cache[key][0], extra_grad_bytes=fresh, given_graph=any(
+            map(_carries_graph, [*args, *kwargs.values()]))))
         menus.append(cache[key][1])
         timed.append(cache[key][2])
     trunk = measure_trunk(model, batch, outputs[0], accumulate, residual=residual[-1])
     suffixes = ()
     if suffix:
         trunk, suffixes = measure_suffixes(model, batch, outputs[0], trunk, accumulate,
-                                           op_points)
+                                           op_points, residual[-1])
     params = sum(t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()])
     state = 0
     if optimizer is not None:
@@ -1057,9 +1103,10 @@ def _measure_chain(model, batch, accumulate, menu, times, rounds, op_points, suf
         trunk = replace(trunk, base_bytes=trunk.base_bytes + state, optimizer_peak=peak)
         suffixes = tuple(replace(t, base_bytes=t.base_bytes + state, optimizer_peak=peak)
                          for t in suffixes)
+    notes = _chain_notes(layers)
     shape = "x".join(map(str, batch[0].shape))
     name = f"{type(model).__name__} (batch {shape}{', accumulating' if accumulate else ''})"
-    return ChainCosts(tuple(layers), trunk, name=name, param_bytes=params,
+    return ChainCosts(tuple(layers), trunk, name=name, param_bytes=params, notes=notes,
                       optimizer_bytes=state, menu=tuple(menus) if menu or op_points else (),
                       times=tuple(t for t, _ in timed) if times else (),
                       spreads=tuple(s for _, s in timed) if times else (),
@@ -1170,6 +1217,41 @@ def _tensor_id(t) -> tuple | None:
 def _same_tensor(a, b) -> bool:
     return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and \
         _tensor_id(a) == _tensor_id(b)
+
+
+def _chain_notes(layers) -> tuple[str, ...]:
+    """What the report says about how the chain was measured, where it is not x = block(x)."""
+    notes = []
+    if any(c.residual for c in layers):
+        notes.append("the model adds each block's input to its output (x = x + block(x)): "
+                     "blocks measured with that add; checkpointed segments of one block only")
+    if any(c.given_graph for c in layers[1:]):
+        notes.append("blocks get a tensor that carries the model's graph (e.g. a conditioning): "
+                     "its gradient counted; no checkpointed segment runs on into such a block")
+    return tuple(notes)
+
+
+def _carries_graph(t) -> bool:
+    """A tensor made by the model's own differentiable code (not a leaf such as a parameter)."""
+    return isinstance(t, torch.Tensor) and t.requires_grad and not t.is_leaf
+
+
+def _detached(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_(True)
+
+
+def _last_users(extras) -> list[int]:
+    """Per block, the bytes of the graph-carrying arguments (``_carries_graph``) it is the last
+    block to get (``LayerCost.extra_grad_bytes``)."""
+    last = {}
+    for k, (args, kwargs) in enumerate(extras):
+        for t in [*args, *kwargs.values()]:
+            if _carries_graph(t):
+                last[id(t)] = (k, t.untyped_storage().nbytes())
+    out = [0] * len(extras)
+    for k, nbytes in last.values():
+        out[k] += nbytes
+    return out
 
 
 def _tied_to_later(blocks) -> list[frozenset[str]]:

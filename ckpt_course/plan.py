@@ -325,7 +325,7 @@ def segment_events(costs: ChainCosts, seg, left_held: bool) -> list[Event]:
     # backward starts with: what forward left minus what the segments after gave back, i.e.
     # base + prefix + suffix's leftovers + Kept(<s) + kept(s) + their gradients + grad of x_j
     t = (trunk.base_bytes + trunk.prefix_kept + trunk.suffix_left + segment_kept(
-        costs, seg, left_held) + sum(c.grad_bytes for c in layers[j:]) + _boundary_bytes(costs, j))
+        costs, seg, left_held) + _left_by(layers[j:]) + _boundary_bytes(costs, j))
     if ckpt:  # recompute: plain forwards, the last one stopping at its last save
         for k in range(i, j):
             c = layers[k]
@@ -348,6 +348,12 @@ def segment_events(costs: ChainCosts, seg, left_held: bool) -> list[Event]:
     return events
 
 
+def _left_by(layers) -> int:
+    """What these blocks' backwards leave until the prefix's backward: their parameters'
+    gradients, and those of the model's graph-carrying arguments they were the last to get."""
+    return sum(c.grad_bytes + c.extra_grad_bytes for c in layers)
+
+
 def trunk_events(costs: ChainCosts, kept_all: int, last_left_held: bool) -> list[Event]:
     """Prefix forward, suffix forward and backward, prefix backward, optimizer step."""
     trunk, layers = costs.trunk, costs.layers
@@ -357,7 +363,8 @@ def trunk_events(costs: ChainCosts, kept_all: int, last_left_held: bool) -> list
     grads = costs.gradient_bytes
     prefix_back = trunk.prefix_kept if trunk.prefix_backward_kept < 0 else \
         trunk.prefix_backward_kept  # prefix=full: its saved tensors are back by then
-    after = base + prefix_back + trunk.suffix_left + grads
+    after = base + prefix_back + trunk.suffix_left + grads + sum(c.extra_grad_bytes
+                                                                 for c in layers)
     if layers and layers[0].needs_input_grad:
         after += _boundary_bytes(costs, 0)  # the gradient of x_0
     return [
@@ -460,17 +467,20 @@ def predict(costs: ChainCosts, placement) -> Prediction:
 
 
 def _runs_past(costs: ChainCosts, i: int) -> int:
-    """The last stop j of a checkpointed segment starting at block i that the model can run:
-    a segment ends at a block whose output the model adds to its input
-    (``LayerCost.residual``), since the next block gets that sum, not the block's output."""
+    """The last stop j of a checkpointed segment starting at block i that the model can run
+    and the memory model predicts: a segment ends at a block whose output the model adds to
+    its input (``LayerCost.residual``), since the next block gets that sum, not the block's
+    output, and before a block given a tensor that carries the model's graph
+    (``LayerCost.given_graph``)."""
     return _segment_reach(costs)[i]
 
 
 def _segment_reach(costs: ChainCosts) -> list[int]:
     """``_runs_past`` for every block, in one pass from the end."""
-    reach = [costs.n] * costs.n
+    reach, layers = [costs.n] * costs.n, costs.layers
     for i in range(costs.n - 2, -1, -1):
-        reach[i] = i + 1 if costs.layers[i].residual else reach[i + 1]
+        ends = layers[i].residual or layers[i + 1].given_graph
+        reach[i] = i + 1 if ends else reach[i + 1]
     return reach
 
 
@@ -490,9 +500,11 @@ def _check_segments_run(costs: ChainCosts, placement: Placement) -> None:
     for i, j, kind in placement:
         if kind is True and j > _runs_past(costs, i):
             k = _runs_past(costs, i) - 1
-            raise ValueError(f"checkpointed segment {i}-{j - 1} runs past block {k}, whose "
-                             f"output the model adds to its input (x = x + block(x)): block "
-                             f"{k + 1} gets that sum, so a segment there cannot run; "
+            why = (f"whose output the model adds to its input (x = x + block(x)): block {k + 1} "
+                   f"gets that sum, so a segment there cannot run" if costs.layers[k].residual
+                   else f"and block {k + 1} gets a tensor that carries the model's graph, which "
+                   f"a segment keeps to the end of the step (not predicted)")
+            raise ValueError(f"checkpointed segment {i}-{j - 1} runs past block {k}, {why}; "
                              f"checkpoint one block per segment (full), or use selective or "
                              f"offload")
 
@@ -781,7 +793,7 @@ class _Chain:
         back = [c.checkpointed_backward for c in layers]
         self.peak = {h: np.array([b.peak(h) for b in back], np.int64) for h in (False, True)}
         self.change = {h: np.array([b.change(h) for b in back], np.int64) for h in (False, True)}
-        grads = np.array([c.grad_bytes for c in layers] + [0], np.int64)
+        grads = np.array([_left_by([c]) for c in layers] + [0], np.int64)
         self.grads_after = np.cumsum(grads[::-1])[::-1]  # gradients of blocks >= j
         self.ff = column(lambda c: c.forward_flops, object)
         self.rf = column(lambda c: c.recompute_flops, object)
@@ -1387,7 +1399,7 @@ def make_plan(costs: ChainCosts, budget, objective=None) -> Plan:
     budget = parse_budget(budget)
     n = costs.n
     alternatives = {"none": predict(costs, "none"), "full": predict(costs, "full")}
-    if not any(c.residual for c in costs.layers[:-1]):  # else segments of one block only
+    if not n or _segment_reach(costs)[0] == n:  # else some segments of several blocks cannot run
         for k in range(2, n + 1):
             alternatives[f"every-{k}"] = predict(costs, every_k_placement(n, k))
         alternatives["sqrt"] = predict(costs, "sqrt")
@@ -1576,9 +1588,10 @@ def _unmodelled(costs: ChainCosts, tree) -> str:
     if _folded(costs) is not None:
         return ("a nested tree over blocks that return their input (nn.Identity) is not "
                 "predicted: plan single-level (optimal) on such a chain")
-    if any(c.residual for c in costs.layers[:-1]):
-        return ("the model adds each block's input to its output (x = x + block(x)), so no "
-                "segment of several blocks can run: plan single-level (optimal)")
+    if costs.n and _segment_reach(costs)[0] < costs.n:
+        return ("the model adds a block's input to its output (x = x + block(x)) or gives "
+                "blocks a tensor that carries its graph, so not every segment of several "
+                "blocks can run: plan single-level (optimal)")
     nested = [k for a, b, children in tree if children for k in range(a, b)]
     if any(not costs.layers[k].saves_input for k in nested):
         return ("a nested segment over blocks that do not save their input is not predicted "
@@ -1804,7 +1817,7 @@ def _nested_segment_events(costs: ChainCosts, node, left_held: bool) -> list[Eve
     forward = [e for e in flat if e[1] == "forward"]
     layers = costs.layers
     t = (costs.trunk.base_bytes + costs.trunk.prefix_kept + costs.trunk.suffix_left
-         + segment_kept(costs, (i, j, True), left_held) + sum(c.grad_bytes for c in layers[j:])
+         + segment_kept(costs, (i, j, True), left_held) + _left_by(layers[j:])
          + _boundary_bytes(costs, j))
     events: list[Event] = []
     _reverse_nested(costs, node, t, events)

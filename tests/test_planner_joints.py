@@ -154,3 +154,78 @@ def test_a_checkpoint_around_frozen_leading_blocks_costs_what_plain_costs():
         assert (predict(costs, policy).peak_bytes, predict(costs, policy).recompute_flops) == \
             (none.peak_bytes, 0)
     assert _off(course, costs, ["segments:0", "segments:0-1", "full", "segments:1-2"]) == []
+
+
+class FiLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear, self.film = nn.Linear(W, W), nn.Linear(W, 2 * W)
+
+    def forward(self, x, c):
+        scale, shift = self.film(c).chunk(2, -1)
+        return x + torch.tanh(self.linear(x)) * (1 + scale) + shift
+
+
+class Conditioned(nn.Module):
+    """``c`` is made by the model and carries its graph: every block's backward sends a
+    gradient into it."""
+
+    def __init__(self, keyword=False):
+        super().__init__()
+        self.embed, self.cond, self.head = nn.Linear(16, W), nn.Linear(8, W), nn.Linear(W, 4)
+        self.blocks, self.keyword = nn.ModuleList(FiLM() for _ in range(3)), keyword
+
+    def forward(self, x, c):
+        h, c = self.embed(x), torch.relu(self.cond(c))
+        for block in self.blocks:
+            h = block(h, c=c) if self.keyword else block(h, c)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("keyword", [False, True])
+def test_blocks_given_a_tensor_that_carries_the_graph_are_planned_exactly(keyword):
+    torch.manual_seed(0)
+    batch = (torch.randn(16, 32, 16), torch.randn(16, 1, 8))  # the blocks' backward peaks
+    course = _course(Conditioned(keyword), batch)
+    costs = measure_costs(copy.deepcopy(course), None, menu=MENU)
+    c_bytes = 16 * W * 4  # its gradient: made by the last block's backward, kept to the prefix's
+    assert [c.extra_grad_bytes for c in costs.layers] == [0, 0, c_bytes]
+    placements = list(all_placements(costs.n, costs))
+    assert all(j - i == 1 for p in placements for i, j, _ in p)  # a segment would keep c on
+    assert _off(course, costs, ["none", "full", "menu:0=full", "menu:1=offload",
+                                "menu:0=selective:recompute=gelu,silu,relu,2=full"]) == []
+    with pytest.raises(ValueError, match="block 1 gets a tensor that carries") as info:
+        predict(costs, "every-2")
+    assert "\n" not in str(info.value)
+
+
+class EncoderDecoder(nn.Module):
+    """torch's own decoder layers called ``layer(y, memory)``; the memory comes out of a
+    LayerNorm, which does not keep it: only a checkpoint around a decoder layer does."""
+
+    def __init__(self):
+        super().__init__()
+        self.src, self.tgt, self.norm = nn.Linear(16, W), nn.Linear(16, W), nn.LayerNorm(W)
+        self.blocks = nn.ModuleList(nn.TransformerDecoderLayer(W, 4, 64, 0.0, batch_first=True)
+                                    for _ in range(2))
+        self.head = nn.Linear(W, 4)
+
+    def forward(self, src, tgt):
+        memory, y = self.norm(self.src(src)), self.tgt(tgt)
+        for block in self.blocks:
+            y = block(y, memory)
+        return self.head(y)
+
+
+def test_decoder_layers_given_the_encoders_memory_are_planned_and_never_under_predicted():
+    from ckpt_course.auto import auto_checkpoint
+
+    torch.manual_seed(0)
+    model, batch = EncoderDecoder(), (torch.randn(4, 8, 16), torch.randn(4, 6, 16))
+    course = _course(model, batch)
+    costs = measure_costs(copy.deepcopy(course), None)
+    for policy in ("none", "full", "menu:0=full", "menu:1=full"):
+        assert predict(costs, policy).peak_bytes >= measure_peaks(copy.deepcopy(course),
+                                                                  policy)[-1]
+    with auto_checkpoint(model, predict(costs, "full").peak_bytes, batch) as report:
+        assert report.measured_peak <= predict(costs, "full").peak_bytes
