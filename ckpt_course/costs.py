@@ -20,7 +20,12 @@ the optimizer step on the real optimizer; with ``suffix=True``, also with the su
 checkpointed, fully and at the op-level points of its own Pareto set (``measure_suffixes``).
 A weight tied across blocks gets its gradient from the last of them (backward meets it first):
 the blocks before are measured with that gradient already there, so it is counted once. A
-block that returns a view of a larger tensor is refused (``_refusing_views``). ``times=True``:
+block that returns a view of a larger tensor is refused (``_refusing_views``). The model's own
+code between blocks is watched (``_Joints``): nothing, or the residual add (``x = x +
+block(x)``, then measured with each block: ``LayerCost.residual``); anything else is refused.
+Tensors the model gives a block besides its input are replayed as given, those that carry its
+graph as detached copies whose gradient is counted (``LayerCost.extra_grad_bytes``); a batch
+input that requires grad keeps its gradient all step (in ``base_bytes``). ``times=True``:
 each option's forward + backward time, and the plain forward's alone (``FORWARD``), for the
 time objective.
 """
@@ -1205,7 +1210,14 @@ class _Joints:
                     f"its output: the model's own code between the blocks does something the "
                     f"planner does not measure; write the loop as `x = block(x)` or "
                     f"`x = x + block(x)` and move that code into the blocks")
-        return [self.kinds.get(k) == "residual" for k in range(self.n)]
+        adds = [self.kinds.get(k) == "residual" for k in range(self.n)]
+        if any(adds) and not all(adds):
+            added = [k for k, a in enumerate(adds) if a]
+            raise ValueError(
+                f"the model adds the input to the output of blocks {added} "
+                f"only (x = x + block(x)), not of the others: the planner measures a loop that "
+                f"does the same after every block; move the add into the blocks that need it")
+        return adds
 
 
 def _tensor_id(t) -> tuple | None:

@@ -40,7 +40,11 @@ and nothing of the prefix stays outside that checkpoint (the course's GPT, a lea
 written ``x = block(x)``; not a Hugging Face model, whose forward holds ``inputs_embeds`` to the
 end of its decoder: there the prefix stays as it is). Assumptions: blocks run in order, once
 each; a block's backward allocates nothing before it first reads a saved tensor (true of the
-course models). Against the meter (``measure_peaks``: AdamW steps on one batch, step 2 on) it is
+course models). A model whose loop adds the residual (``x = x + block(x)``) is measured with
+that add in each block, and a block given a tensor that carries the model's graph (a
+conditioning) with its gradient; checkpointed segments there are one block long
+(``_runs_past``). A checkpointed segment of frozen blocks only runs as plain (``_frozen_plain``).
+Against the meter (``measure_peaks``: AdamW steps on one batch, step 2 on) it is
 exact to the byte for the tiny GPT (sdpa or naive attention, with or without dropout), Llama
 and the hand-trace net, for every placement tried; tests check it. ``accumulate=True`` measures
 a micro-batch after the first under gradient accumulation (every gradient already there), also

@@ -101,10 +101,21 @@ class Scaled(LoopResidual):
         return self.head(x)
 
 
-def test_other_code_between_the_blocks_is_refused_in_one_line():
+class Mixed(LoopResidual):
+    def forward(self, x):
+        x = self.blocks[0](self.embed(x))
+        for block in self.blocks[1:]:
+            x = x + block(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("model, words", [
+    (Scaled, "block 1 does not get block 0's output"),
+    (Mixed, r"adds the input to the output of blocks \[1, 2\]")])
+def test_other_code_between_the_blocks_is_refused_in_one_line(model, words):
     torch.manual_seed(0)
-    course = _course(Scaled(), torch.randn(4, 8, 16))
-    with pytest.raises(ValueError, match="block 1 does not get block 0's output") as info:
+    course = _course(model(), torch.randn(4, 8, 16))
+    with pytest.raises(ValueError, match=words) as info:
         measure_costs(course, None)
     assert "\n" not in str(info.value)
 
