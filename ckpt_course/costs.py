@@ -1223,6 +1223,8 @@ class _Joints:
 def _tensor_id(t) -> tuple | None:
     if not isinstance(t, torch.Tensor):
         return None
+    if isinstance(t, FakeTensor):  # no pointers: the same tensor object
+        return (("fake", id(t)), t.storage_offset(), tuple(t.shape), t.dtype)
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
 
 

@@ -43,7 +43,8 @@ each; a block's backward allocates nothing before it first reads a saved tensor 
 course models). A model whose loop adds the residual (``x = x + block(x)``) is measured with
 that add in each block, and a block given a tensor that carries the model's graph (a
 conditioning) with its gradient; checkpointed segments there are one block long
-(``_runs_past``). A checkpointed segment of frozen blocks only runs as plain (``_frozen_plain``).
+(``_segment_reach``). A checkpointed segment of frozen blocks only runs as plain
+(``_frozen_plain``).
 Against the meter (``measure_peaks``: AdamW steps on one batch, step 2 on) it is
 exact to the byte for the tiny GPT (sdpa or naive attention, with or without dropout), Llama
 and the hand-trace net, for every placement tried; tests check it. ``accumulate=True`` measures
@@ -139,12 +140,12 @@ def every_k_placement(n: int, k: int) -> Placement:
 def all_placements(n: int, options=None):
     """Every placement of ``n`` blocks (F(2n+1) of them, about 2.6^n): for brute force.
     ``options(k)``: the menu options block k may also take (a ChainCosts' menu: all of them,
-    and only the checkpointed segments its model can run: ``_runs_past``)."""
+    and only the checkpointed segments its model can run: ``_segment_reach``)."""
     if isinstance(options, ChainCosts):
-        costs, menu = options, options.menu
+        reach, menu = _segment_reach(options), options.menu
         options = (lambda k: tuple(menu[k])) if menu else None
         for placement in all_placements(n, options):
-            if all(kind is not True or j <= _runs_past(costs, i) for i, j, kind in placement):
+            if all(kind is not True or j <= reach[i] for i, j, kind in placement):
                 yield placement
         return
     if n == 0:
@@ -470,17 +471,12 @@ def predict(costs: ChainCosts, placement) -> Prediction:
                       costs.trunk.prefix)
 
 
-def _runs_past(costs: ChainCosts, i: int) -> int:
-    """The last stop j of a checkpointed segment starting at block i that the model can run
-    and the memory model predicts: a segment ends at a block whose output the model adds to
-    its input (``LayerCost.residual``), since the next block gets that sum, not the block's
-    output, and before a block given a tensor that carries the model's graph
-    (``LayerCost.given_graph``)."""
-    return _segment_reach(costs)[i]
-
-
 def _segment_reach(costs: ChainCosts) -> list[int]:
-    """``_runs_past`` for every block, in one pass from the end."""
+    """Per block i, the last stop j of a checkpointed segment starting there that the model can
+    run and the memory model predicts: a segment ends at a block whose output the model adds
+    to its input (``LayerCost.residual``), since the next block gets that sum, not the block's
+    output, and before a block given a tensor that carries the model's graph
+    (``LayerCost.given_graph``). One pass from the end."""
     reach, layers = [costs.n] * costs.n, costs.layers
     for i in range(costs.n - 2, -1, -1):
         ends = layers[i].residual or layers[i + 1].given_graph
@@ -501,9 +497,10 @@ def _frozen_plain(costs: ChainCosts, placement: Placement) -> Placement:
 
 
 def _check_segments_run(costs: ChainCosts, placement: Placement) -> None:
+    reach = _segment_reach(costs)
     for i, j, kind in placement:
-        if kind is True and j > _runs_past(costs, i):
-            k = _runs_past(costs, i) - 1
+        if kind is True and j > reach[i]:
+            k = reach[i] - 1
             why = (f"whose output the model adds to its input (x = x + block(x)): block {k + 1} "
                    f"gets that sum, so a segment there cannot run" if costs.layers[k].residual
                    else f"and block {k + 1} gets a tensor that carries the model's graph, which "
@@ -804,6 +801,7 @@ class _Chain:
         self.one = {}
         self.ckpt = {}
         self.reach = _segment_reach(costs)
+        self.frozen = column(lambda c: c.frozen, bool)
         for i in range(n):
             for left in (False, True):
                 self.one[i, left] = [
@@ -848,7 +846,7 @@ class _Chain:
         prices = self._prices(i)
         usable = np.array([p is not None for p in prices], bool)
         usable &= np.arange(i + 1, n + 1) <= self.reach[i]
-        usable &= ~np.logical_and.accumulate([c.frozen for c in self.costs.layers[i:]])
+        usable &= ~np.logical_and.accumulate(self.frozen[i:])  # frozen only: plain
         stops = np.arange(i + 1, n + 1)[usable]
         values = np.array([p for p, ok in zip(prices, usable, strict=True) if ok], object)
         return stops, top[usable], values, x_i
