@@ -35,7 +35,12 @@ keeps a tensor with a graph that the model reads after the blocks (``_refusing_i
 ``_graphs_kept_on``). A parameter the model passes its blocks
 gets its gradient from the last block that uses it (or the suffix); parameters the backward
 never reaches get no optimizer state. A checkpointed segment's first block is measured also
-with its input kept by the checkpoint alone (``first_backward``). ``times=True``:
+with its input kept by the checkpoint alone (``first_backward``).The model's own
+code between blocks is watched (``_Joints``): nothing, or the residual add (``x = x +
+block(x)``, then measured with each block: ``LayerCost.residual``); anything else is refused.
+Tensors the model gives a block besides its input are replayed as given, those that carry its
+graph as detached copies whose gradient is counted (``LayerCost.extra_grad_bytes``); a batch
+input that requires grad keeps its gradient all step (in ``base_bytes``). ``times=True``:
 each option's forward + backward time, and the plain forward's alone (``FORWARD``), for the
 time objective.
 """
@@ -123,6 +128,24 @@ class LayerCost:
     # step counter, a buffer of its own updated in place). False: it runs plain or offloaded
     # only, never inside a checkpoint
     replays: bool = True
+    # the model's own loop adds the block's input to its output (``x = x + block(x)``): x_{k+1}
+    # is that sum, not the block's output. Measured with the add (outside any checkpoint, as it
+    # runs), so every number above is the block and its add; a checkpointed segment cannot run
+    # past it (block k+1 gets the sum, not block k's output), so segments end at this block
+    residual: bool = False
+    # no input needing a gradient and no trainable parameter (frozen leading blocks): it
+    # records no graph, so a checkpoint around it keeps and recomputes nothing; a checkpointed
+    # segment of such blocks only is the same as plain (``plan.predict`` takes it so)
+    frozen: bool = False
+    # gradients of the model's other tensors that carry a graph (FiLM's conditioning, a
+    # decoder's memory: ``block(x, c)``) of which this block is the last user: its backward
+    # makes them first (the blocks before add into them in place), and they stay until the
+    # prefix's backward takes them
+    extra_grad_bytes: int = 0
+    # it gets such a tensor (``extra_grad_bytes`` or not): inside a checkpointed segment of
+    # several blocks, the segment's record of a later block's call keeps it alive to the end of
+    # the step, which the memory model does not count, so no segment runs on into this block
+    given_graph: bool = False
 
     @property
     def kept_bytes(self) -> int:
@@ -279,6 +302,7 @@ class _Meter(MemoryMeter):
         super().__init__(timeline=True)
         self.marks: dict[str, int] = {}
         self._pending: str | None = None
+        self._after: str | None = None
 
     def mark(self, name: str) -> None:
         self.marks[name] = len(self.timeline)
@@ -286,11 +310,18 @@ class _Meter(MemoryMeter):
     def mark_next_op(self, name: str) -> None:
         self._pending = name
 
+    def mark_after_next_op(self, name: str) -> None:
+        self._after = name
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self._pending is not None:
             self.mark(self._pending)
             self._pending = None
-        return super().__torch_dispatch__(func, types, args, kwargs)
+        after, self._after = self._after, None
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if after is not None:
+            self.mark(after)
+        return out
 
     def live_at(self, index: int, default: int) -> int:
         """Live bytes just before timeline position ``index``."""
@@ -360,10 +391,6 @@ class _Given:
 
     names: frozenset = frozenset()
     outside: tuple = ()  # ((parameter, exists), ...)
-    # every tensor among the block's other arguments: the meter counts them from the start,
-    # as training's meter does (parameters, buffers, tensors the prefix made), else it would
-    # count one first when an op returns a view of it (unpacking a saved gate); not in the key
-    seen: tuple = ()
 
     def __contains__(self, name) -> bool:
         return name in self.names
@@ -383,12 +410,10 @@ def _outside(existing) -> tuple:
 
 
 def _count_outside(meter, existing, accumulate: bool) -> None:
-    """The block's other arguments counted from the start (``_Given.seen``), and the gradients
-    of passed parameters that exist before the block's backward made again under the meter:
+    """The gradients of passed parameters that exist before the block's backward made again
+    under the meter (the block's other arguments are counted from the start by ``_GIVEN``):
     backward may replace one rather than add into it in place, and the meter must see the old
     one go, as it does in training (where the old one was made under it)."""
-    meter.count(*(t for t in getattr(existing, "seen", ()) if not isinstance(t, FakeTensor)),
-                category="parameters")
     for p, exists in _outside(existing):
         if exists or accumulate:
             p.grad = torch.zeros_like(p)
@@ -432,7 +457,7 @@ def _existing_gradients(module: nn.Module, accumulate: bool, existing=frozenset(
 
 
 def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: bool = False,
-               existing=frozenset(), copy: bool = True):
+               existing=frozenset(), copy: bool = True, residual: bool = False):
     """One forward + backward of ``block`` alone, under a meter; returns the meter and facts.
     ``keep_input=False``: only the block keeps its input (we drop our reference after forward;
     inside a checkpoint the block gets a copy made in the checkpointed region, and we keep the
@@ -450,16 +475,20 @@ def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: 
     def fn(x):
         return block(x) if keep_input or not copy else block(x.clone())
 
-    def run(x):
+    def run_block(x):
         if not checkpointed:
             with torch.autograd.graph.saved_tensors_hooks(pack, _same):
                 return block(x)
         return checkpoint(fn, x, use_reentrant=False,
                           context_fn=lambda: (contextlib.nullcontext(), _MarkRecomputeEnd(meter)))
 
+    def run(x):  # the model's add, if it has one, runs outside the block's checkpoint
+        return x + run_block(x) if residual else run_block(x)
+
     with meter:
         meter.track(block)
         _count_outside(meter, existing, accumulate)
+        meter.count(*(_GIVEN[-1] if _GIVEN else ()))  # the model's, made before the block ran
         x = _Source.apply(x_like, stash)
         meter.mark("start")
         start = meter.live_bytes
@@ -482,7 +511,8 @@ def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: 
         if sink.requires_grad:
             with meter.phase("backward"):
                 torch.autograd.backward(sink, torch.empty(0, device=sink.device))
-        info.update(grad_bytes=0 if accumulate else _grad_bytes(block, existing),
+        info.update(graph=sink.requires_grad,
+                    grad_bytes=0 if accumulate else _grad_bytes(block, existing),
                     needs_input_grad=bool(stash), end=meter.live_bytes,
                     replays=_python_state(block) == state)  # the recompute changed nothing
         if checkpointed and "backward" in meter.marks and "recomputed" not in meter.marks:
@@ -568,20 +598,22 @@ def _layer_flops(block, x_like) -> tuple[int, int, int]:
 
 
 def measure_layer(block: nn.Module, x_like: torch.Tensor, accumulate: bool = False,
-                  existing=frozenset()) -> LayerCost:
+                  existing=frozenset(), residual: bool = False) -> LayerCost:
     """Measure one block alone on an input like ``x_like`` (its requires_grad says whether the
     block must make the gradient of its input). Real or fake tensors. Four runs under a meter
     (plain and checkpointed, each with the input kept by someone else or not) and one to count
     FLOPs. ``accumulate``: its parameters' gradients exist already (they are then not the
     block's: ``grad_bytes`` is 0); ``existing``: those of the parameters named (weights tied
-    to a later block: their gradient is counted there, once)."""
+    to a later block: their gradient is counted there, once); ``residual``: the model adds the
+    block's input to its output (``LayerCost.residual``), measured with that add."""
     runs = {}
     with torch.random.fork_rng(devices=[]):
         for checkpointed in (False, True):
             for keep in (True, False):
                 runs[checkpointed, keep] = _run_layer(block, x_like, keep, checkpointed,
-                                                      accumulate, existing)
-        runs["first"] = _run_layer(block, x_like, False, True, accumulate, existing, copy=False)
+                                                      accumulate, existing, residual)
+        runs["first"] = _run_layer(block, x_like, False, True, accumulate, existing, copy=False,
+                                   residual=residual)
         block.zero_grad(set_to_none=True)
         forward_flops, recompute_flops, backward_flops = _layer_flops(block, x_like)
     ckpt_meter, ckpt = runs[True, True]
@@ -593,7 +625,7 @@ def measure_layer(block: nn.Module, x_like: torch.Tensor, accumulate: bool = Fal
         forward_peak_unsaved=_window(ckpt_meter, ckpt, "start", "forward")[0],
         recompute_peak=recompute_peak, recompute_kept=recompute_kept,
         checkpointed_backward=(back := _backward(runs, True, "checkpointed_backward")),
-        first_backward=_first_backward(back, runs["first"]))
+        first_backward=_first_backward(back, runs["first"]), residual=residual)
 
 
 def _first_backward(checkpointed: Backward, run) -> Backward:
@@ -619,7 +651,7 @@ def _plain_cost(runs, forward_flops: int, backward_flops: int) -> LayerCost:
         saves_input=free["saves_input"], saves_output=free["saves_output"],
         forward_flops=forward_flops, backward_flops=backward_flops,
         grad_bytes=held["grad_bytes"], needs_input_grad=held["needs_input_grad"],
-        returns_input=held["returns_input"],
+        returns_input=held["returns_input"], frozen=not held["graph"],
         forward_peak=m.window_peak(m.marks["start"], m.marks["forward"], start) - start,
         backward=_backward(runs, False, "backward"))
 
@@ -638,14 +670,15 @@ def measure_option(block: nn.Module, x_like: torch.Tensor, option: str, plain: L
         runs = {}
         for keep in (True, False):
             handle.stats.reset()
-            runs[False, keep] = _run_layer(block, x_like, keep, False, accumulate, existing)
+            runs[False, keep] = _run_layer(block, x_like, keep, False, accumulate, existing,
+                                           plain.residual)
         host = handle.stats.bytes_to_host
         block.zero_grad(set_to_none=True)
         forward_flops, _, backward_flops = _layer_flops(block, x_like)
     if reference is not None and not _same_gradients(reference,
                                                      _gradients_under(block, x_like, option)):
         raise ChangesGradients(f"{option} changes the block's gradients")
-    layer = _plain_cost(runs, forward_flops, backward_flops)
+    layer = replace(_plain_cost(runs, forward_flops, backward_flops), residual=plain.residual)
     return OptionCost(layer, backward_flops - plain.backward_flops, host)
 
 
@@ -776,12 +809,20 @@ class _Cut(torch.autograd.Function):
     would keep it; optionally the output is saved, as a last block that saves its output."""
 
     @staticmethod
-    def forward(ctx, x, anchor, like, meter, stash, keep_output):
+    def forward(ctx, x, anchor, like, meter, stash, keep_output, residual=False, tail=True,
+                *extras):
         meter.mark("cut")
         stash.append(x)
         out = torch.zeros(like.shape, dtype=like.dtype, device=x.device)
         meter.mark("suffix")
-        ctx.meter, ctx.stash, ctx.needs = meter, stash, x.requires_grad
+        # residual: the model adds x to this output (x gets its gradient through that add);
+        # tail: no stand-in comes after this one (its backward ends the suffix's)
+        ctx.meter, ctx.stash, ctx.needs = meter, stash, x.requires_grad and not residual
+        ctx.tail = tail
+        # the model's other tensors given to the blocks that carry a graph: their gradients,
+        # which the blocks' backwards make, go back to the prefix (zeros, as a stand-in)
+        ctx.extras = [(t.shape, t.dtype) if t.requires_grad else None for t in extras]
+        stash.extend(extras)  # alive until the blocks' backward is done, as the blocks keep them
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         if keep_output:
             ctx.save_for_backward(out)
@@ -789,26 +830,66 @@ class _Cut(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        ctx.meter.mark("cut_backward")
-        ctx.meter.suffix_grads = ctx.meter.breakdown()["gradients"]
+        if ctx.tail:
+            _suffix_done(ctx.meter)
         ctx.stash.clear()
         g = torch.zeros(ctx.x_shape, dtype=ctx.x_dtype, device=grad.device) if ctx.needs else None
+        extras = [None if e is None else torch.zeros(e[0], dtype=e[1], device=grad.device)
+                  for e in ctx.extras]
         ctx.meter.mark_next_op("prefix_backward")
-        return g, None, None, None, None, None
+        return g, None, None, None, None, None, None, None, *extras
+
+
+def _suffix_done(meter) -> None:
+    """The suffix's backward has made the gradient of the last block's output: mark it."""
+    meter.mark("cut_backward")
+    meter.suffix_grads = meter.breakdown()["gradients"]
+
+
+class _Tail(torch.autograd.Function):
+    """The last block's stand-in in a model that adds each block's input to its output
+    (``LayerCost.residual``): a new output like its input, which the model's add (counted in
+    the block's costs) makes the last block's output from; its backward marks where the
+    suffix's backward ended, as ``_Cut``'s does in a chain."""
+
+    @staticmethod
+    def forward(ctx, x, meter):
+        ctx.meter = meter
+        return torch.zeros_like(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _suffix_done(ctx.meter)
+        return None, None
 
 
 @contextlib.contextmanager
-def _blocks_cut_out(model, like, meter, stash, keep_output: bool):
+def _blocks_cut_out(model, like, meter, stash, keep_output: bool, residual: bool = False):
     """Inside, the model's first block runs ``_Cut`` and the other blocks pass their input
     through: the trunk runs as if the blocks had no cost. (Instance forwards, removed after, as
-    policies install theirs; the module tree stays whole, so every parameter is still counted.)"""
+    policies install theirs; the module tree stays whole, so every parameter is still counted.)
+    ``residual``: the model adds each block's input to its output (``LayerCost.residual``);
+    those adds are counted in the blocks' costs, so the suffix starts after the last one (its
+    forward, and its backward up to the gradient of that sum)."""
     blocks = find_blocks(model)
 
     def cut(x, *args, **kwargs):
         anchor = torch.empty(0, requires_grad=True)  # makes the output need a gradient
-        return _Cut.apply(x, anchor, like, meter, stash, keep_output)
+        extras = [t for t in [*args, *kwargs.values()] if _carries_graph(t)]
+        out = _Cut.apply(x, anchor, like, meter, stash, keep_output, residual,
+                         not residual or len(blocks) == 1, *extras)
+        return _then_suffix(out)
 
-    for block, forward in zip(blocks, [cut] + [_pass_through] * (len(blocks) - 1), strict=True):
+    def _then_suffix(out):
+        if residual:
+            meter.mark_after_next_op("suffix")  # the model's add
+        return out
+
+    def tail(x, *args, **kwargs):
+        return _then_suffix(_Tail.apply(x, meter))
+
+    rest = [_pass_through] * (len(blocks) - 2) + [tail if residual else _pass_through]
+    for block, forward in zip(blocks, [cut] + rest[:len(blocks) - 1], strict=True):
         block.forward = forward
     try:
         yield
@@ -833,10 +914,10 @@ def _suffix_run(model, option: str, prefix: bool = False):
 
 
 def _run_trunk(model, batch, like, keep_output: bool, accumulate: bool = False,
-               suffix: str = "", prefix: bool = False):
+               suffix: str = "", prefix: bool = False, residual: bool = False):
     meter, stash = _Meter(), []
     _existing_gradients(model, accumulate)
-    with _blocks_cut_out(model, like, meter, stash, keep_output), \
+    with _blocks_cut_out(model, like, meter, stash, keep_output, residual), \
             _suffix_run(model, suffix, prefix), meter:
         meter.track(model)
         start = meter.live_bytes
@@ -868,17 +949,21 @@ def _trunk_flops(model, batch, like, suffix: str = "") -> int:
 
 
 def measure_trunk(model: nn.Module, batch, like: torch.Tensor,
-                  accumulate: bool = False, suffix: str = "", prefix: bool = False) -> TrunkCost:
+                  accumulate: bool = False, suffix: str = "", prefix: bool = False,
+                  residual: bool = False) -> TrunkCost:
     """Prefix and suffix of ``model``, measured with its blocks cut out (``like``: a tensor
     like the last block's output). ``base_bytes`` is the parameters (and, if ``accumulate``,
     every gradient, there from the start). ``suffix``: the suffix checkpointed under this
     menu suffix option (``policies._Trunk``), measured the same way: its recompute, at the
     start of the suffix's backward, is inside the suffix's backward peak; ``flops`` is then
-    the suffix's FLOPs with that recompute (``measure_suffixes`` makes it a difference)."""
+    the suffix's FLOPs with that recompute (``measure_suffixes`` makes it a difference).
+    ``residual``: the model adds each block's input to its output (``_blocks_cut_out``)."""
     option = suffix  # (``suffix`` names a timeline mark below)
     with torch.random.fork_rng(devices=[]):
-        free_meter, free = _run_trunk(model, batch, like, False, accumulate, suffix, prefix)
-        held_meter, held = _run_trunk(model, batch, like, True, accumulate, suffix, prefix)
+        free_meter, free = _run_trunk(model, batch, like, False, accumulate, suffix, prefix,
+                                      residual)
+        held_meter, held = _run_trunk(model, batch, like, True, accumulate, suffix, prefix,
+                                      residual)
         flops = _trunk_flops(model, batch, like, suffix)
     a_last = like.untyped_storage().nbytes()
     values = {}
@@ -926,7 +1011,8 @@ def measure_trunk(model: nn.Module, batch, like: torch.Tensor,
 
 
 def measure_suffixes(model: nn.Module, batch, like: torch.Tensor, plain: TrunkCost,
-                     accumulate: bool = False, points: int = 0) -> tuple[TrunkCost, ...]:
+                     accumulate: bool = False, points: int = 0,
+                     residual: bool = False) -> tuple[TrunkCost, ...]:
     """The trunk under each checkpointed-suffix option: ``full`` (keeps the last block's
     output only) and up to ``points`` points of the suffix's exact Pareto set over which op
     outputs to keep (``op_choices.suffix_choices``: the zero-FLOP point, recomputing the final
@@ -944,7 +1030,7 @@ def measure_suffixes(model: nn.Module, batch, like: torch.Tensor, plain: TrunkCo
     out = []
     for option in options:
         try:
-            trunk = measure_trunk(model, batch, like, accumulate, option)
+            trunk = measure_trunk(model, batch, like, accumulate, option, residual=residual)
         except (RuntimeError, ValueError):
             continue
         out.append(replace(trunk, flops=plain.flops,
@@ -1098,25 +1184,48 @@ def _fingerprint(value):
 
 
 @contextlib.contextmanager
-def _called_as_in_model(block: nn.Module, extras):
+def _called_as_in_model(block: nn.Module, extras, fresh: bool = False, batch=()):
     """While a block is measured alone as ``block(x)``, it gets the other arguments the model
     gave it (``extras``: (args after the hidden state, kwargs)): a block measured without its
-    mask or gate is not the block the model runs."""
+    mask or gate is not the block the model runs. Those that carry the model's graph come as
+    detached copies whose gradient exists already (the block adds into it), or, ``fresh``,
+    does not (this block is their last user: its backward makes it, ``extra_grad_bytes``).
+    The model made them (or they are its parameters) before the block ran: the block's meter
+    knows them from its start (``_run_layer``), so that a view of one, which an op inside the
+    block makes, is not counted as the block's. The batch's own tensors are left as they are."""
     args, kwargs = extras
     if not args and not kwargs:
         yield
         return
+    batch_storages = {_tensor_id(t)[0] for t in batch if isinstance(t, torch.Tensor)}
+    # a tensor that carries the model's graph is replayed as a copy that does not (its
+    # requires_grad kept), which the block's several measured backwards can each go through
+    copies = {id(t): _detached(t) for t in [*args, *kwargs.values()] if _carries_graph(t)}
+    args = tuple(copies.get(id(t), t) for t in args)
+    kwargs = {k: copies.get(id(t), t) for k, t in kwargs.items()}
+    for t in copies.values():  # its gradient there already: added into in place
+        t.grad = None if fresh else torch.zeros_like(t)
 
     def fill(module, call_args, call_kwargs):
         if len(call_args) == 1 and not call_kwargs:
+            if fresh:  # made by this block's backward, each time it runs
+                for t in copies.values():
+                    t.grad = None
             return (*call_args, *args), dict(kwargs)
         return None
 
     handle = block.register_forward_pre_hook(fill, with_kwargs=True)
+    _GIVEN.append([t for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)
+                   and _tensor_id(t)[0] not in batch_storages])
     try:
         yield
     finally:
         handle.remove()
+        _GIVEN.pop()
+
+
+# the tensors the model gives the block being measured besides its input (``_called_as_in_model``)
+_GIVEN: list[list[torch.Tensor]] = []
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
@@ -1193,15 +1302,49 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
     size = {} if batch_size is None else {"batch_size": batch_size}
     batch = model.example_batch(seq_len=seq_len, generator=torch.Generator().manual_seed(seed),
                                 **size)
-    inputs, outputs, extras, trained, trunk_uses, autocasts = _record_calls(model, blocks, batch)
+    with _batch_gradients_there(batch) as batch_grads:
+        costs = _measure_chain(model, blocks, batch, accumulate, menu, times, rounds, op_points,
+                               suffix, optimizer)
+    trunk = replace(costs.trunk, base_bytes=costs.trunk.base_bytes + batch_grads)
+    costs = replace(costs, trunk=trunk, suffixes=tuple(
+        replace(t, base_bytes=t.base_bytes + batch_grads) for t in costs.suffixes))
+    if optimizer is _adamw_lr0 and not accumulate:
+        _check_plain_step(model, batch, costs)
+    return costs
+
+
+@contextlib.contextmanager
+def _batch_gradients_there(batch):
+    """Inside, each batch tensor that requires grad (a leaf: input saliency, adversarial
+    training) has a zero ``.grad``, as it has in every step after the first (backward adds
+    into it and it stays); yields its bytes, which the step holds throughout. The tensors'
+    own ``.grad`` is put back after."""
+    leaves = [t for t in batch if isinstance(t, torch.Tensor) and t.requires_grad and t.is_leaf]
+    before = [t.grad for t in leaves]
+    try:
+        for t in leaves:
+            t.grad = torch.zeros_like(t)
+        yield sum(t.grad.untyped_storage().nbytes() for t in leaves)
+    finally:
+        for t, grad in zip(leaves, before, strict=True):
+            t.grad = grad
+
+
+def _measure_chain(model, blocks, batch, accumulate, menu, times, rounds, op_points, suffix,
+                   optimizer) -> ChainCosts:
+    """``measure_costs`` on the batch made."""
+    inputs, outputs, extras, trained, trunk_uses, autocasts, residual = _record_calls(
+        model, blocks, batch)
     cache, layers, menus, timed, unreplayed, changed = {}, [], [], [], {}, []
     given = _given_gradients(blocks, extras, *trunk_uses)
-    for block, x, called, made, autocast in zip(blocks, inputs, extras, given, autocasts,
-                                                strict=True):
-        key = (_layer_key(block, x, called), made, autocast)
+    last_uses = _last_users(extras)
+    for block, x, called, made, autocast, adds, fresh in zip(
+            blocks, inputs, extras, given, autocasts, residual, last_uses, strict=True):
+        key = (_layer_key(block, x, called), made, autocast, adds, fresh)
         if key not in cache:
-            with _called_as_in_model(block, called), _autocast_as_in_model(block, autocast):
-                layer = measure_layer(block, x, accumulate, made)
+            with _called_as_in_model(block, called, bool(fresh), batch), \
+                    _autocast_as_in_model(block, autocast):
+                layer = measure_layer(block, x, accumulate, made, adds)
                 why = _why_no_replay(block, layer)
                 ops = () if why else _op_options(block, x, op_points)
                 options = measure_menu(block, x, layer, _replaying_options(menu, ops, why),
@@ -1215,14 +1358,16 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
         _forget_outside(made)
         if not cache[key][0].replays:
             unreplayed.setdefault(_why_no_replay(block, cache[key][0]), []).append(len(layers))
-        layers.append(cache[key][0])
+        args, kwargs = called
+        layers.append(replace(cache[key][0], extra_grad_bytes=fresh, given_graph=any(
+            map(_carries_graph, [*args, *kwargs.values()]))))
         menus.append(cache[key][1])
         timed.append(cache[key][2])
-    trunk = measure_trunk(model, batch, outputs[0], accumulate)
+    trunk = measure_trunk(model, batch, outputs[0], accumulate, residual=residual[-1])
     suffixes = ()
     if suffix:
         trunk, suffixes = measure_suffixes(model, batch, outputs[0], trunk, accumulate,
-                                           op_points)
+                                           op_points, residual[-1])
     params = sum(t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()])
     state = 0
     if optimizer is not None:
@@ -1230,17 +1375,16 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
         trunk = replace(trunk, base_bytes=trunk.base_bytes + state, optimizer_peak=peak)
         suffixes = tuple(replace(t, base_bytes=t.base_bytes + state, optimizer_peak=peak)
                          for t in suffixes)
+    notes = _chain_notes(layers)
     shape = "x".join(map(str, batch[0].shape))
     name = f"{type(model).__name__} (batch {shape}{', accumulating' if accumulate else ''})"
-    costs = ChainCosts(tuple(layers), trunk, name=name, param_bytes=params,
-                       optimizer_bytes=state, notes=(*_replay_notes(unreplayed), *changed),
-                       menu=tuple(menus) if menu or op_points else (),
-                       times=tuple(t for t, _ in timed) if times else (),
-                       spreads=tuple(s for _, s in timed) if times else (),
-                       suffixes=suffixes)
-    if optimizer is _adamw_lr0 and not accumulate:
-        _check_plain_step(model, batch, costs)
-    return costs
+    return ChainCosts(tuple(layers), trunk, name=name, param_bytes=params,
+                      optimizer_bytes=state,
+                      notes=(*notes, *_replay_notes(unreplayed), *changed),
+                      menu=tuple(menus) if menu or op_points else (),
+                      times=tuple(t for t, _ in timed) if times else (),
+                      spreads=tuple(s for _, s in timed) if times else (),
+                      suffixes=suffixes)
 
 
 def _check_plain_step(model: nn.Module, batch, costs: ChainCosts) -> None:
@@ -1313,11 +1457,12 @@ def _record_calls(model: nn.Module, blocks, batch):
         marks.update(last=out.grad_fn, after=_next_sequence_number())
 
     index = {id(b): k for k, b in enumerate(blocks)}
+    joints = _Joints(blocks)
     handles = [b.register_forward_pre_hook(grab_input, with_kwargs=True) for b in blocks]
     handles.append(blocks[-1].register_forward_hook(grab_output))
     try:
         with torch.random.fork_rng(devices=[]), _refusing_views(blocks), \
-                _refusing_inplace_inputs(blocks):
+                _refusing_inplace_inputs(blocks), joints.watching():
             drawn = _random_states()
             loss = model.loss(batch)
             drawn = _random_states() != drawn  # the forward drew random numbers
@@ -1345,7 +1490,7 @@ def _record_calls(model: nn.Module, blocks, batch):
                 f"besides the hidden state: a block that saves it, or a checkpoint, keeps it "
                 f"into backward, which the planner does not predict; make it once as a buffer "
                 f"(self.register_buffer(..., persistent=False)) or inside each block")
-    return inputs, outputs, extras, trained, uses, autocasts
+    return inputs, outputs, extras, trained, uses, autocasts, joints.residual()
 
 
 def _trunk_parameters(loss, before: int, after: int) -> tuple[set[int], set[int]]:
@@ -1384,8 +1529,7 @@ def _given_gradients(blocks, extras, prefix: set[int], suffix: set[int]) -> list
         out.append(tuple((p, id(p) in later) for p in passed[k]))
         later |= {id(p) for p in passed[k]}
     tied = _tied_to_later(blocks)
-    return [_Given(names, outside, tuple(_tensors_in(called)))
-            for names, outside, called in zip(tied, out[::-1], extras, strict=True)]
+    return [_Given(names, outside) for names, outside in zip(tied, out[::-1], strict=True)]
 
 
 def _tensors_in(value, parameters_only: bool = False) -> list:
@@ -1497,8 +1641,8 @@ def _outside_tensors(k: int, args, kwargs, owned: set[int], made: list):
     A tensor the model makes in its forward (not a parameter, buffer or batch) becomes a copy,
     and a weak reference to it goes to ``made``: if nothing of the model keeps it past the
     forward, only the blocks and checkpoints that keep it decide when it dies, which is refused
-    (``_record_calls``). A made tensor that needs a gradient is refused here: the planner
-    measures blocks whose only input with a gradient is the hidden state."""
+    (``_record_calls``). One that carries the model's graph is kept as it is: the block is
+    measured with a detached copy and its gradient counted (``_called_as_in_model``)."""
     def outside(name, value):
         if isinstance(value, (tuple, list)):
             return type(value)(outside(f"{name}[{i}]", v) for i, v in enumerate(value))
@@ -1508,14 +1652,10 @@ def _outside_tensors(k: int, args, kwargs, owned: set[int], made: list):
                 value.untyped_storage().nbytes() == 0 or \
                 value.untyped_storage().data_ptr() in owned:
             return value
-        if value.requires_grad and value.grad_fn is not None:
-            raise ValueError(f"block {k} gets {name}, a tensor that needs a gradient (made "
-                             f"from parameters in the forward), besides the hidden state: "
-                             f"the planner measures blocks whose only input with a gradient "
-                             f"is the hidden state; compute it inside each block, or pass "
-                             f"it .detach()ed if it needs no gradient")
         if value.requires_grad:
-            return value  # a leaf that is no parameter of the model: it lives all step
+            # a leaf that is no parameter of the model lives all step; one that carries the
+            # model's graph is measured as a detached copy (``_called_as_in_model``)
+            return value
         made.append((k, name, _storage_ref(value), value.untyped_storage().nbytes()))
         return value.detach().clone()
 
@@ -1623,6 +1763,156 @@ def _replay_notes(unreplayed: dict[str, list[int]]) -> tuple[str, ...]:
                  f"recompute would run the forward again differently (gradients unlike "
                  f"plain's), so {'they run' if len(ks) > 1 else 'it runs'} plain or offloaded "
                  f"only" for why, ks in unreplayed.items())
+
+
+class _Joints:
+    """What the model's own code does between block k's output and block k+1's input, watched
+    op by op while it runs: nothing (``x = block(x)``: block k+1 gets block k's output), or
+    one add of block k's input and output (``x = x + block(x)``: the residual added by the
+    model's loop, then the next block's input), which ``residual()`` reports per block and
+    the blocks are measured with. Anything else there is code the planner does not measure,
+    refused in one line (``residual``)."""
+
+    def __init__(self, blocks):
+        self.blocks, self.n = blocks, len(blocks)
+        self.inputs, self.outputs, self.sums = {}, {}, {}
+        self.after: dict[int, list] = {}  # per block: the ops run since it returned
+        self.kinds: dict[int, str] = {}
+        self.last = None  # the block that returned last
+
+    @contextlib.contextmanager
+    def watching(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        joints = self
+
+        class Watch(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                joints._op(func, args, kwargs or {}, out)
+                return out
+
+        def entered(module, args):
+            k = self._index(module)
+            if args and isinstance(args[0], torch.Tensor):
+                self.inputs[k] = args[0]
+            if k > 0:
+                self.kinds[k - 1] = self._kind(k - 1, args[0] if args else None)
+            self.last = None
+
+        def returned(module, args, out):
+            k = self._index(module)
+            self.outputs[k], self.after[k], self.last = out, [], k
+
+        # first in, last out: what other hooks do (copies of the block's input) is no op of
+        # the model's own code
+        handles = [h for b in self.blocks for h in (
+            b.register_forward_pre_hook(entered, prepend=True), b.register_forward_hook(returned))]
+        try:
+            with Watch():
+                yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _index(self, module) -> int:
+        return next(k for k, b in enumerate(self.blocks) if b is module)
+
+    def _op(self, func, args, kwargs, out) -> None:
+        if self.last is not None:
+            self.after[self.last].append((func, args, kwargs, out))
+
+    def _kind(self, k: int, given) -> str:
+        """"chain", "residual" or "other": how block k's output reached block k+1 (``given``:
+        what block k+1 got; None: after the last block, where the suffix starts)."""
+        out = self.outputs.get(k)
+        if isinstance(out, (tuple, list)):  # a Hugging Face layer's (hidden state, ...)
+            out = next((t for t in out if isinstance(t, torch.Tensor)), None)
+        if not isinstance(out, torch.Tensor):
+            return "chain"  # (refused where the hidden state is taken: grab_output)
+        if given is not None and _same_tensor(given, out):
+            return "chain"
+        ops = self.after.get(k, [])
+        first = ops[0] if ops else None
+        adds = first is not None and first[0] is torch.ops.aten.add.Tensor and \
+            first[2].get("alpha", 1) == 1 and len(first[1]) == 2 and \
+            all(isinstance(t, torch.Tensor) for t in first[1]) and \
+            {_tensor_id(t) for t in first[1]} == {_tensor_id(self.inputs.get(k)),
+                                                  _tensor_id(out)} and \
+            first[3].shape == out.shape
+        if given is None:
+            return "residual" if adds else "chain"
+        return "residual" if adds and len(ops) == 1 and _same_tensor(given, first[3]) \
+            else "other"
+
+    def residual(self) -> list[bool]:
+        """Per block: is its output added to its input by the model (``x = x + block(x)``)?
+        Refuses, in one line, a model with other code between its blocks."""
+        if self.n:
+            self.kinds[self.n - 1] = self._kind(self.n - 1, None)
+        for k in range(self.n - 1):
+            if self.kinds.get(k) == "other":
+                raise ValueError(
+                    f"block {k + 1} does not get block {k}'s output, nor block {k}'s input plus "
+                    f"its output: the model's own code between the blocks does something the "
+                    f"planner does not measure; write the loop as `x = block(x)` or "
+                    f"`x = x + block(x)` and move that code into the blocks")
+        adds = [self.kinds.get(k) == "residual" for k in range(self.n)]
+        if any(adds) and not all(adds):
+            added = [k for k, a in enumerate(adds) if a]
+            raise ValueError(
+                f"the model adds the input to the output of blocks {added} "
+                f"only (x = x + block(x)), not of the others: the planner measures a loop that "
+                f"does the same after every block; move the add into the blocks that need it")
+        return adds
+
+
+def _tensor_id(t) -> tuple | None:
+    if not isinstance(t, torch.Tensor):
+        return None
+    if isinstance(t, FakeTensor):  # no pointers: the same tensor object
+        return (("fake", id(t)), t.storage_offset(), tuple(t.shape), t.dtype)
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+
+
+def _same_tensor(a, b) -> bool:
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and \
+        _tensor_id(a) == _tensor_id(b)
+
+
+def _chain_notes(layers) -> tuple[str, ...]:
+    """What the report says about how the chain was measured, where it is not x = block(x)."""
+    notes = []
+    if any(c.residual for c in layers):
+        notes.append("the model adds each block's input to its output (x = x + block(x)): "
+                     "blocks measured with that add; checkpointed segments of one block only")
+    if any(c.given_graph for c in layers[1:]):
+        notes.append("blocks get a tensor that carries the model's graph (e.g. a conditioning): "
+                     "its gradient counted; no checkpointed segment runs on into such a block")
+    return tuple(notes)
+
+
+def _carries_graph(t) -> bool:
+    """A tensor made by the model's own differentiable code (not a leaf such as a parameter)."""
+    return isinstance(t, torch.Tensor) and t.requires_grad and not t.is_leaf
+
+
+def _detached(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_(True)
+
+
+def _last_users(extras) -> list[int]:
+    """Per block, the bytes of the graph-carrying arguments (``_carries_graph``) it is the last
+    block to get (``LayerCost.extra_grad_bytes``)."""
+    last = {}
+    for k, (args, kwargs) in enumerate(extras):
+        for t in [*args, *kwargs.values()]:
+            if _carries_graph(t):
+                last[id(t)] = (k, t.untyped_storage().nbytes())
+    out = [0] * len(extras)
+    for k, nbytes in last.values():
+        out[k] += nbytes
+    return out
 
 
 def _tied_to_later(blocks) -> list[frozenset[str]]:

@@ -40,7 +40,12 @@ and nothing of the prefix stays outside that checkpoint (the course's GPT, a lea
 written ``x = block(x)``; not a Hugging Face model, whose forward holds ``inputs_embeds`` to the
 end of its decoder: there the prefix stays as it is). Assumptions: blocks run in order, once
 each; a block's backward allocates nothing before it first reads a saved tensor (true of the
-course models). Against the meter (``measure_peaks``: AdamW steps on one batch, step 2 on) it is
+course models). A model whose loop adds the residual (``x = x + block(x)``) is measured with
+that add in each block, and a block given a tensor that carries the model's graph (a
+conditioning) with its gradient; checkpointed segments there are one block long
+(``_segment_reach``). A checkpointed segment of frozen blocks only runs as plain
+(``_frozen_plain``).
+Against the meter (``measure_peaks``: AdamW steps on one batch, step 2 on) it is
 exact to the byte for the tiny GPT (sdpa or naive attention, with or without dropout), Llama
 and the hand-trace net, for every placement tried; tests check it. ``accumulate=True`` measures
 a micro-batch after the first under gradient accumulation (every gradient already there), also
@@ -136,10 +141,15 @@ def every_k_placement(n: int, k: int) -> Placement:
 
 def all_placements(n: int, options=None):
     """Every placement of ``n`` blocks (F(2n+1) of them, about 2.6^n): for brute force.
-    ``options(k)``: the menu options block k may also take (a ChainCosts' menu: all of them)."""
+    ``options(k)``: the menu options block k may also take (a ChainCosts' menu: all of them,
+    and only the checkpointed segments its model can run: ``_segment_reach``)."""
     if isinstance(options, ChainCosts):
-        menu = options.menu
+        reach, menu = _segment_reach(options), options.menu
         options = (lambda k: tuple(menu[k])) if menu else None
+        for placement in all_placements(n, options):
+            if all(kind is not True or j <= reach[i] for i, j, kind in placement):
+                yield placement
+        return
     if n == 0:
         yield ()
         return
@@ -332,7 +342,7 @@ def segment_events(costs: ChainCosts, seg, left_held: bool) -> list[Event]:
     # backward starts with: what forward left minus what the segments after gave back, i.e.
     # base + prefix + suffix's leftovers + Kept(<s) + kept(s) + their gradients + grad of x_j
     t = (trunk.base_bytes + trunk.prefix_kept + trunk.suffix_left + segment_kept(
-        costs, seg, left_held) + sum(c.grad_bytes for c in layers[j:]) + _boundary_bytes(costs, j))
+        costs, seg, left_held) + _left_by(layers[j:]) + _boundary_bytes(costs, j))
     if ckpt:  # recompute: plain forwards, the last one stopping at its last save
         for k in range(i, j):
             c = layers[k]
@@ -357,6 +367,12 @@ def segment_events(costs: ChainCosts, seg, left_held: bool) -> list[Event]:
     return events
 
 
+def _left_by(layers) -> int:
+    """What these blocks' backwards leave until the prefix's backward: their parameters'
+    gradients, and those of the model's graph-carrying arguments they were the last to get."""
+    return sum(c.grad_bytes + c.extra_grad_bytes for c in layers)
+
+
 def trunk_events(costs: ChainCosts, kept_all: int, last_left_held: bool) -> list[Event]:
     """Prefix forward, suffix forward and backward, prefix backward, optimizer step."""
     trunk, layers = costs.trunk, costs.layers
@@ -366,7 +382,8 @@ def trunk_events(costs: ChainCosts, kept_all: int, last_left_held: bool) -> list
     grads = costs.gradient_bytes
     prefix_back = trunk.prefix_kept if trunk.prefix_backward_kept < 0 else \
         trunk.prefix_backward_kept  # prefix=full: its saved tensors are back by then
-    after = base + prefix_back + trunk.suffix_left + grads
+    after = base + prefix_back + trunk.suffix_left + grads + sum(c.extra_grad_bytes
+                                                                 for c in layers)
     if layers and layers[0].needs_input_grad:
         after += _boundary_bytes(costs, 0)  # the gradient of x_0
     return [
@@ -443,6 +460,8 @@ def predict(costs: ChainCosts, placement) -> Prediction:
         p = predict(short, _fold_placement(placement, real))
         top = _unfold_event((p.peak_bytes, p.phase, p.block, p.where), real, costs.n)
         return replace(p, placement=placement, block=top[2], where=_unfold_where(p, real))
+    _check_segments_run(costs, placement)
+    placement = _frozen_plain(costs, placement)
     for k, _, kind in placement:
         if isinstance(kind, str) and (not costs.menu or kind not in costs.menu[k]):
             raise ValueError(f"block {k} runs {kind}, an option these costs did not measure: "
@@ -465,6 +484,45 @@ def predict(costs: ChainCosts, placement) -> Prediction:
     return Prediction(placement, top[0], describe_event(top), top[1], top[2], flops, kept,
                       costs.step_flops, extra, host, spread, costs.trunk.suffix,
                       costs.trunk.prefix)
+
+
+def _segment_reach(costs: ChainCosts) -> list[int]:
+    """Per block i, the last stop j of a checkpointed segment starting there that the model can
+    run and the memory model predicts: a segment ends at a block whose output the model adds
+    to its input (``LayerCost.residual``), since the next block gets that sum, not the block's
+    output, and before a block given a tensor that carries the model's graph
+    (``LayerCost.given_graph``). One pass from the end."""
+    reach, layers = [costs.n] * costs.n, costs.layers
+    for i in range(costs.n - 2, -1, -1):
+        ends = layers[i].residual or layers[i + 1].given_graph
+        reach[i] = i + 1 if ends else reach[i + 1]
+    return reach
+
+
+def _frozen_plain(costs: ChainCosts, placement: Placement) -> Placement:
+    """A checkpointed segment of frozen blocks only (``LayerCost.frozen``) records no graph:
+    it runs as plain blocks, keeping and recomputing nothing more."""
+    out = []
+    for i, j, kind in placement:
+        if kind is True and all(c.frozen for c in costs.layers[i:j]):
+            out += [(k, k + 1, False) for k in range(i, j)]
+        else:
+            out.append((i, j, kind))
+    return tuple(out)
+
+
+def _check_segments_run(costs: ChainCosts, placement: Placement) -> None:
+    reach = _segment_reach(costs)
+    for i, j, kind in placement:
+        if kind is True and j > reach[i]:
+            k = reach[i] - 1
+            why = (f"whose output the model adds to its input (x = x + block(x)): block {k + 1} "
+                   f"gets that sum, so a segment there cannot run" if costs.layers[k].residual
+                   else f"and block {k + 1} gets a tensor that carries the model's graph, which "
+                   f"a segment keeps to the end of the step (not predicted)")
+            raise ValueError(f"checkpointed segment {i}-{j - 1} runs past block {k}, {why}; "
+                             f"checkpoint one block per segment (full), or use selective or "
+                             f"offload")
 
 
 def placement_policy(placement: Placement, suffix: str = "", prefix: str = "") -> Policy:
@@ -796,7 +854,7 @@ class _Chain:
                            for h in (False, True)}
         self.first_change = {h: np.array([b.change(h) for b in first], np.int64)
                              for h in (False, True)}
-        grads = np.array([c.grad_bytes for c in layers] + [0], np.int64)
+        grads = np.array([_left_by([c]) for c in layers] + [0], np.int64)
         self.grads_after = np.cumsum(grads[::-1])[::-1]  # gradients of blocks >= j
         # per block: how many blocks up to it cannot run inside a checkpoint (LayerCost.replays)
         self.unreplayed = np.cumsum(column(lambda c: not c.replays, np.int64))
@@ -804,6 +862,8 @@ class _Chain:
         self.rf = column(lambda c: c.recompute_flops, object)
         self.one = {}
         self.ckpt = {}
+        self.reach = _segment_reach(costs)
+        self.frozen = column(lambda c: c.frozen, bool)
         for i in range(n):
             for left in (False, True):
                 self.one[i, left] = [
@@ -850,8 +910,10 @@ class _Chain:
         before = self.unreplayed[i - 1] if i else 0
         usable = np.array([p is not None for p in prices], bool) & (
             self.unreplayed[i:] == before)  # [i, j) holds no block that cannot replay
+        usable &= np.arange(i + 1, n + 1) <= self.reach[i]
+        usable &= ~np.logical_and.accumulate(self.frozen[i:])  # frozen only: plain
         stops = np.arange(i + 1, n + 1)[usable]
-        values = np.array([p for p in prices if p is not None], object)
+        values = np.array([p for p, ok in zip(prices, usable, strict=True) if ok], object)
         return stops, top[usable], values, x_i
 
     def _prices(self, i: int) -> list:
@@ -1428,9 +1490,10 @@ def make_plan(costs: ChainCosts, budget, objective=None) -> Plan:
     budget = parse_budget(budget)
     n = costs.n
     alternatives = {"none": predict(costs, "none"), "full": predict(costs, "full")}
-    for k in range(2, n + 1):
-        alternatives[f"every-{k}"] = predict(costs, every_k_placement(n, k))
-    alternatives["sqrt"] = predict(costs, "sqrt")
+    if not n or _segment_reach(costs)[0] == n:  # else some segments of several blocks cannot run
+        for k in range(2, n + 1):
+            alternatives[f"every-{k}"] = predict(costs, every_k_placement(n, k))
+        alternatives["sqrt"] = predict(costs, "sqrt")
     for option in costs.menu[0] if costs.menu else ():
         if all(option in m for m in costs.menu):
             alternatives[option] = predict(costs, option)
@@ -1617,6 +1680,10 @@ def _unmodelled(costs: ChainCosts, tree) -> str:
     if _folded(costs) is not None:
         return ("a nested tree over blocks that return their input (nn.Identity) is not "
                 "predicted: plan single-level (optimal) on such a chain")
+    if costs.n and _segment_reach(costs)[0] < costs.n:
+        return ("the model adds a block's input to its output (x = x + block(x)) or gives "
+                "blocks a tensor that carries its graph, so not every segment of several "
+                "blocks can run: plan single-level (optimal)")
     nested = [k for a, b, children in tree if children for k in range(a, b)]
     if any(not costs.layers[k].saves_input for k in nested):
         return ("a nested segment over blocks that do not save their input is not predicted "
@@ -1842,7 +1909,7 @@ def _nested_segment_events(costs: ChainCosts, node, left_held: bool) -> list[Eve
     forward = [e for e in flat if e[1] == "forward"]
     layers = costs.layers
     t = (costs.trunk.base_bytes + costs.trunk.prefix_kept + costs.trunk.suffix_left
-         + segment_kept(costs, (i, j, True), left_held) + sum(c.grad_bytes for c in layers[j:])
+         + segment_kept(costs, (i, j, True), left_held) + _left_by(layers[j:])
          + _boundary_bytes(costs, j))
     events: list[Event] = []
     _reverse_nested(costs, node, t, events)
