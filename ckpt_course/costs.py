@@ -26,7 +26,10 @@ that reads a tensor made before the last block returned, a tensor the forward ma
 the blocks, and blocks that all return their input. A parameter the model passes its blocks
 gets its gradient from the last block that uses it (or the suffix); parameters the backward
 never reaches get no optimizer state. A checkpointed segment's first block is measured also
-with its input kept by the checkpoint alone (``first_backward``). ``times=True``:
+with its input kept by the checkpoint alone (``first_backward``), and every block also as one
+that is not its segment's last, its recompute run whole before its backward starts
+(``interior_backward``: a last block's backward runs the ops that read no saved tensor before
+its recompute). ``times=True``:
 each option's forward + backward time, and the plain forward's alone (``FORWARD``), for the
 time objective.
 """
