@@ -1818,7 +1818,7 @@ def _reverse_nested(costs: ChainCosts, node, t: int, events: list) -> int:
         if b == a + 1:
             c = layers[a]
             held = a == i or (layers[a - 1].saves_output and not after_checkpoint)
-            back = c.checkpointed_backward
+            back = c.segment_backward(False, b == j)  # recomputed whole unless it is the last
             events.append((t + back.peak(held), "backward", a, "checkpointed"))
             t += back.change(held)
         else:

@@ -10,7 +10,7 @@ from torch import nn
 
 from ckpt_course.auto import _course_model
 from ckpt_course.costs import measure_costs
-from ckpt_course.plan import measure_peaks, predict
+from ckpt_course.plan import measure_peaks, predict, predict_nested
 from ckpt_course.train import check_gradients
 
 POLICIES = ("none", "full", "every-2", "segments:0-1")
@@ -258,3 +258,8 @@ def test_a_block_inside_a_segment_is_measured_recomputed_whole_before_its_backwa
     assert wrong == []
     plan = optimal(costs, predict(costs, "segments:0-2").peak_bytes)  # the DP agrees
     assert plan.peak_bytes == predict(costs, plan.placement).peak_bytes
+    torch.manual_seed(0)  # and so does a nested tree, whose inner segment ends at block 2
+    course = _course(Net([Wide(), Scaled(), NormLinear(), Wide()]))
+    costs = measure_costs(copy.deepcopy(course), None)
+    for tree in ("menu:0-3=full(0-2)", "menu:0-3=full(0-1)"):
+        assert predict_nested(costs, tree)[0] == measure_peaks(copy.deepcopy(course), tree)[-1]
