@@ -35,7 +35,10 @@ keeps a tensor with a graph that the model reads after the blocks (``_refusing_i
 ``_graphs_kept_on``). A parameter the model passes its blocks
 gets its gradient from the last block that uses it (or the suffix); parameters the backward
 never reaches get no optimizer state. A checkpointed segment's first block is measured also
-with its input kept by the checkpoint alone (``first_backward``).The model's own
+with its input kept by the checkpoint alone (``first_backward``), and every block also as one
+that is not its segment's last, its recompute run whole before its backward starts
+(``interior_backward``: a last block's backward runs the ops that read no saved tensor before
+its recompute). The model's own
 code between blocks is watched (``_Joints``): nothing, or the residual add (``x = x +
 block(x)``, then measured with each block: ``LayerCost.residual``); anything else is refused.
 Tensors the model gives a block besides its input are replayed as given, those that carry its
@@ -116,6 +119,13 @@ class LayerCost:
     # lets it go with the last saved tensor of its region, in this block's backward (so a
     # light block's gradient sums can run after x is gone). None: taken as always held
     first_backward: Backward | None = None
+    # ``checkpointed_backward`` and ``first_backward`` for a block that is not its segment's
+    # last: its recompute ran whole, with the segment's, before its backward starts, so the
+    # ops of its backward that read no saved tensor (the gradient of ``h * 0.5``) run after
+    # it; a last block's backward runs those first, and its recompute when it first reads
+    # one. None: as a last block's
+    interior_backward: Backward | None = None
+    interior_first_backward: Backward | None = None
 
     def first_checkpointed_backward(self) -> Backward:
         """The backward of this block as a checkpointed segment's first (``first_backward``)."""
@@ -146,6 +156,16 @@ class LayerCost:
     # several blocks, the segment's record of a later block's call keeps it alive to the end of
     # the step, which the memory model does not count, so no segment runs on into this block
     given_graph: bool = False
+
+    def segment_backward(self, first: bool, last: bool) -> Backward:
+        """The backward of this block inside a checkpointed segment, after its recompute:
+        ``first``, the segment's first block (its input kept by the checkpoint); ``last``, its
+        last (the recompute stopped at its last saved tensor)."""
+        if not last:
+            whole = self.interior_first_backward if first else self.interior_backward
+            if whole is not None:
+                return whole
+        return self.first_checkpointed_backward() if first else self.checkpointed_backward
 
     @property
     def kept_bytes(self) -> int:
@@ -363,6 +383,22 @@ class _Sink(torch.autograd.Function):
         return g, None
 
 
+class _SavingTail(torch.autograd.Function):
+    """Inside a checkpoint, after the block: it saves an empty tensor, so the recompute runs
+    the whole block and stops here, at the start of backward, before the block's own backward
+    (which then starts at the meter's ``checkpointed_backward`` mark)."""
+
+    @staticmethod
+    def forward(ctx, out):
+        ctx.save_for_backward(out.new_empty(0))
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.saved_tensors  # noqa: B018 (reading it runs the recompute)
+        return grad
+
+
 def _flop_counter():
     return torch.utils.flop_counter.FlopCounterMode(display=False,
                                                     custom_mapping=EXTRA_FLOP_FORMULAS)
@@ -457,14 +493,17 @@ def _existing_gradients(module: nn.Module, accumulate: bool, existing=frozenset(
 
 
 def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: bool = False,
-               existing=frozenset(), copy: bool = True, residual: bool = False):
+               existing=frozenset(), copy: bool = True, residual: bool = False,
+               tail: bool = False):
     """One forward + backward of ``block`` alone, under a meter; returns the meter and facts.
     ``keep_input=False``: only the block keeps its input (we drop our reference after forward;
     inside a checkpoint the block gets a copy made in the checkpointed region, and we keep the
     checkpoint's own input, as a segment keeps its first input: the block's input then dies
     once in its backward, as a block's inside a segment does, whatever blocks surround it).
     ``copy=False`` with both: the block gets the checkpoint's own input, which we drop: only
-    the checkpoint keeps it, as for a segment's first block whose input nobody else keeps."""
+    the checkpoint keeps it, as for a segment's first block whose input nobody else keeps.
+    ``tail``: a checkpoint ending after the block (``_SavingTail``): its recompute runs the whole
+    block before the block's backward starts, as for a block that is not its segment's last."""
     _existing_gradients(block, accumulate, existing)
     meter, stash, packs = _Meter(), [], []
 
@@ -473,7 +512,8 @@ def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: 
         return t
 
     def fn(x):
-        return block(x) if keep_input or not copy else block(x.clone())
+        out = block(x) if keep_input or not copy else block(x.clone())
+        return _SavingTail.apply(out) if tail else out
 
     def run_block(x):
         if not checkpointed:
@@ -614,6 +654,10 @@ def measure_layer(block: nn.Module, x_like: torch.Tensor, accumulate: bool = Fal
                                                       accumulate, existing, residual)
         runs["first"] = _run_layer(block, x_like, False, True, accumulate, existing, copy=False,
                                    residual=residual)
+        for name, keep, copy in (("whole", True, True), ("whole free", False, True),
+                                 ("whole first", False, False)):
+            runs[name] = _run_layer(block, x_like, keep, True, accumulate, existing, copy,
+                                    residual=residual, tail=True)
         block.zero_grad(set_to_none=True)
         forward_flops, recompute_flops, backward_flops = _layer_flops(block, x_like)
     ckpt_meter, ckpt = runs[True, True]
@@ -625,7 +669,12 @@ def measure_layer(block: nn.Module, x_like: torch.Tensor, accumulate: bool = Fal
         forward_peak_unsaved=_window(ckpt_meter, ckpt, "start", "forward")[0],
         recompute_peak=recompute_peak, recompute_kept=recompute_kept,
         checkpointed_backward=(back := _backward(runs, True, "checkpointed_backward")),
-        first_backward=_first_backward(back, runs["first"]), residual=residual)
+        first_backward=_first_backward(back, runs["first"]),
+        interior_backward=(whole := _backward({(True, True): runs["whole"], (True, False):
+                                               runs["whole free"]}, True,
+                                              "checkpointed_backward")),
+        interior_first_backward=_first_backward(whole, runs["whole first"]),
+        residual=residual)
 
 
 def _first_backward(checkpointed: Backward, run) -> Backward:

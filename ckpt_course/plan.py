@@ -356,10 +356,10 @@ def segment_events(costs: ChainCosts, seg, left_held: bool) -> list[Event]:
                 t -= _boundary_bytes(costs, k)  # x_k: nobody keeps it once block k has run
     for k in range(j - 1, i - 1, -1):
         c = layers[k]
-        if ckpt and k == i:  # x_i: kept by the block before, or by the checkpoint alone
-            held, back = left_held, c.first_checkpointed_backward()
-        elif ckpt:  # x_k inside: kept if the block below saves it
-            held, back = layers[k - 1].saves_output, c.checkpointed_backward
+        if ckpt:  # x_i: kept by the block before, or by the checkpoint alone; x_k inside:
+            # kept if the block below saves it; all but the last were recomputed whole
+            held = left_held if k == i else layers[k - 1].saves_output
+            back = c.segment_backward(k == i, k == j - 1)
         else:
             held, back = left_held, _as_plain(costs, k, kind).backward
         events.append((t + back.peak(held), "backward", k, "checkpointed" if ckpt else label))
@@ -580,6 +580,7 @@ def _prefix_inside(costs: ChainCosts) -> ChainCosts:
         checkpointed_backward=replace(back, peak_held=back.peak_free,
                                       change_held=back.change_free),
         first_backward=None,  # x_0 is made inside the region: the line above, as held
+        interior_backward=None, interior_first_backward=None,
         forward_flops=first.forward_flops + trunk.prefix_forward_flops,
         recompute_flops=first.recompute_flops + trunk.prefix_forward_flops)
     trunk = replace(trunk, prefix="full", prefix_kept=views, prefix_keeps_input=True,
@@ -846,14 +847,14 @@ class _Chain:
         self.grow = column(lambda c: c.kept_bytes + c.output_bytes * (not c.saves_output))
         self.si, self.so = column(lambda c: c.saves_input, bool), column(
             lambda c: c.saves_output, bool)
-        back = [c.checkpointed_backward for c in layers]
-        self.peak = {h: np.array([b.peak(h) for b in back], np.int64) for h in (False, True)}
-        self.change = {h: np.array([b.change(h) for b in back], np.int64) for h in (False, True)}
-        first = [c.first_checkpointed_backward() for c in layers]  # a segment's first block
-        self.first_peak = {h: np.array([b.peak(h) for b in first], np.int64)
-                           for h in (False, True)}
-        self.first_change = {h: np.array([b.change(h) for b in first], np.int64)
-                             for h in (False, True)}
+        # each block's backward in a checkpointed segment: (first, last) -> held -> numbers
+        self.peak, self.change = {}, {}
+        for first, last in itertools.product((False, True), repeat=2):
+            back = [c.segment_backward(first, last) for c in layers]
+            self.peak[first, last] = {h: np.array([b.peak(h) for b in back], np.int64)
+                                      for h in (False, True)}
+            self.change[first, last] = {h: np.array([b.change(h) for b in back], np.int64)
+                                        for h in (False, True)}
         grads = np.array([_left_by([c]) for c in layers] + [0], np.int64)
         self.grads_after = np.cumsum(grads[::-1])[::-1]  # gradients of blocks >= j
         # per block: how many blocks up to it cannot run inside a checkpoint (LayerCost.replays)
@@ -898,23 +899,36 @@ class _Chain:
         rec = np.concatenate([[_NONE], np.maximum.accumulate(plain_fwd)[:-1]])
         last = np.maximum(rec, d + self.rp[i:])
         end = d + self.rk[i:] - x_k
-        held = prior_saves_out
-        pk = np.where(held, self.peak[True][i:], self.peak[False][i:])
-        ch = np.where(held, self.change[True][i:], self.change[False][i:])
-        pk[0], ch[0] = self.first_peak[left][i], self.first_change[left][i]
-        q = np.cumsum(ch)  # Q(j): the backward's changes of blocks i..j-1
-        backward = np.maximum.accumulate(pk - q)  # max over k < j of pk(k) - Q(k + 1)
+        pk_last, ch_last = self._backward_numbers(i, left, prior_saves_out, True)
+        pk_whole, ch_whole = self._backward_numbers(i, left, prior_saves_out, False)
+        # segment [i, j): block j-1 (last) first, then blocks k < j-1, each recomputed whole:
+        # at block k, pk_whole(k) + ch_last(j-1) + the changes of blocks k+1..j-2
+        c = np.cumsum(ch_whole)
+        before = np.maximum.accumulate(pk_whole - c)  # max over k <= m of pk_whole(k) - C(k)
+        inner = np.concatenate([[_NONE], (ch_last[1:] + c[:-1] + before[:-1])])
+        backward = np.maximum(pk_last, inner)
         t0 = base + trunk.suffix_left + x_i + self.grads_after[i + 1:] + self.bb[i + 1:]
-        top = np.maximum.reduce([base + x_i + fwd, t0 + last, t0 + end + q + backward])
+        top = np.maximum.reduce([base + x_i + fwd, t0 + last, t0 + end + backward])
         prices = self._prices(i)
-        before = self.unreplayed[i - 1] if i else 0
+        unreplayed = self.unreplayed[i - 1] if i else 0
         usable = np.array([p is not None for p in prices], bool) & (
-            self.unreplayed[i:] == before)  # [i, j) holds no block that cannot replay
+            self.unreplayed[i:] == unreplayed)  # [i, j) holds no block that cannot replay
         usable &= np.arange(i + 1, n + 1) <= self.reach[i]
         usable &= ~np.logical_and.accumulate(self.frozen[i:])  # frozen only: plain
         stops = np.arange(i + 1, n + 1)[usable]
         values = np.array([p for p, ok in zip(prices, usable, strict=True) if ok], object)
         return stops, top[usable], values, x_i
+
+    def _backward_numbers(self, i: int, left: bool, prior_saves_out, last: bool):
+        """(peak, change) of each block k >= i of a checkpointed segment starting at i, as its
+        last block (``last``) or as one recomputed whole."""
+        def pick(table, first):
+            return np.where(prior_saves_out, table[first, last][True][i:],
+                            table[first, last][False][i:])
+
+        pk, ch = pick(self.peak, False), pick(self.change, False)
+        pk[0], ch[0] = self.peak[True, last][left][i], self.change[True, last][left][i]
+        return pk, ch
 
     def _prices(self, i: int) -> list:
         """The objective of each checkpointed segment [i, j), j = i+1..L: prefix sums for the
@@ -1948,7 +1962,7 @@ def _reverse_nested(costs: ChainCosts, node, t: int, events: list) -> int:
         if b == a + 1:
             c = layers[a]
             held = a == i or (layers[a - 1].saves_output and not after_checkpoint)
-            back = c.checkpointed_backward
+            back = c.segment_backward(False, b == j)  # recomputed whole unless it is the last
             events.append((t + back.peak(held), "backward", a, "checkpointed"))
             t += back.change(held)
         else:

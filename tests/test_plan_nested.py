@@ -193,7 +193,8 @@ def linear_relu_chain() -> ChainCosts:
         return LayerCost(524288, 524288, 0, True, True, 8388608, 8388608,
                          8388608 if first else 16777216, 4224, not first,
                          1048576, 1048576, 1048576, 524288, back, back,  # checkpointed: alike
-                         first_backward=back)  # and as a segment's first block
+                         first_backward=back, interior_backward=back,  # and as a segment's
+                         interior_first_backward=back)  # first block, or not its last
 
     trunk = TrunkCost(base_bytes=202880, input_counted=False,
                       suffix_forward_peak_held=524288, suffix_forward_peak_free=524288,

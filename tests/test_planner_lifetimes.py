@@ -10,7 +10,7 @@ from torch import nn
 
 from ckpt_course.auto import _course_model
 from ckpt_course.costs import measure_costs
-from ckpt_course.plan import measure_peaks, predict
+from ckpt_course.plan import measure_peaks, predict, predict_nested
 from ckpt_course.train import check_gradients
 
 POLICIES = ("none", "full", "every-2", "segments:0-1")
@@ -221,3 +221,45 @@ def test_a_checkpoint_lets_its_input_go_with_its_last_saved_tensor():
     assert predict(costs, "menu:2=full").peak_bytes == predict(costs, "none").peak_bytes
     plan = optimal(costs, predict(costs, "none").peak_bytes)  # the DP prices it the same way
     assert plan.peak_bytes == predict(costs, plan.placement).peak_bytes
+
+
+class Scaled(nn.Module):
+    """x + relu(linear(x)) * 0.5: the gradient of the scaling reads no saved tensor, so a
+    backward runs it before it first reads one (and a last block's recompute starts there)."""
+
+    def __init__(self, width=32):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + torch.relu(self.linear(x)) * 0.5
+
+
+def test_a_block_inside_a_segment_is_measured_recomputed_whole_before_its_backward():
+    from ckpt_course.plan import optimal
+
+    class NormLinear(Res):  # its recompute, as a segment's last block, stops at its Linear
+        def forward(self, x):
+            return x + self.linear(torch.relu(self.norm(x)))
+
+    class Wide(nn.Module):  # its backward peaks above the others'
+        def __init__(self, width=32):
+            super().__init__()
+            self.norm = nn.LayerNorm(width)
+            self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
+                                     nn.Linear(4 * width, width))
+
+        def forward(self, x):
+            return x + self.mlp(self.norm(x))
+
+    torch.manual_seed(0)
+    course = _course(Net([Wide(), Scaled(), NormLinear()]))
+    costs, wrong = _wrong(course, ("segments:0-2", "segments:1-2", "segments:0-1", "full"))
+    assert wrong == []
+    plan = optimal(costs, predict(costs, "segments:0-2").peak_bytes)  # the DP agrees
+    assert plan.peak_bytes == predict(costs, plan.placement).peak_bytes
+    torch.manual_seed(0)  # and so does a nested tree, whose inner segment ends at block 2
+    course = _course(Net([Wide(), Scaled(), NormLinear(), Wide()]))
+    costs = measure_costs(copy.deepcopy(course), None)
+    for tree in ("menu:0-3=full(0-2)", "menu:0-3=full(0-1)"):
+        assert predict_nested(costs, tree)[0] == measure_peaks(copy.deepcopy(course), tree)[-1]
