@@ -802,7 +802,7 @@ class _Chain:
         usable = np.array([p is not None for p in prices], bool) & (
             self.unreplayed[i:] == before)  # [i, j) holds no block that cannot replay
         stops = np.arange(i + 1, n + 1)[usable]
-        values = np.array([p for p in prices if p is not None], object)
+        values = np.array([p for p, ok in zip(prices, usable, strict=True) if ok], object)
         return stops, top[usable], values, x_i
 
     def _prices(self, i: int) -> list:

@@ -250,3 +250,22 @@ def test_work_drawn_at_random_is_named_in_the_refusal(model, what):
     torch.manual_seed(0)
     with pytest.raises(ValueError, match=r"^block \d \(\w+\) does different work .*" + what):
         measure_costs(_course(model()), None)
+
+
+def test_the_planner_matches_brute_force_around_a_block_that_does_not_replay():
+    from ckpt_course.plan import brute_force, optimal, placement_cost
+
+    torch.manual_seed(0)
+    model = Net(Block, n=4)
+    model.blocks[1] = Counter()
+    costs = measure_costs(_course(model), None, menu=("selective:save=mm,sdpa", "offload"))
+    assert [c.replays for c in costs.layers] == [True, False, True, True]
+    low, high = (predict(costs, p).peak_bytes for p in ("menu:0..3=offload", "none"))
+    for budget in range(low, high + 1, max(1, (high - low) // 12)):
+        best, truth = optimal(costs, budget, "flops"), brute_force(costs, budget, "flops")
+        assert (best is None) == (truth is None), budget
+        if best is not None:
+            assert placement_cost(costs, best.placement, "flops") == placement_cost(
+                costs, truth.placement, "flops"), budget
+            assert not any(kind is True and i <= 1 < j for i, j, kind in best.placement)
+            assert not any(kind is True and i <= 1 < j for i, j, kind in truth.placement)
