@@ -190,15 +190,15 @@ def check_gradients(
 
 
 def _state_changed(reference, model) -> list[str]:
-    """Names of the buffers and plain attributes (numbers, strings, containers of them,
-    tensors, random generators) that differ between two copies of a model."""
+    """Names of the buffers and public plain attributes (numbers, strings, containers of
+    them, tensors, random generators) that differ between two copies of a model."""
     theirs = dict(reference.named_modules())
     changed = [name for (name, a), b in zip(reference.named_buffers(), model.buffers(),
                                             strict=True) if _comparable(a) != _comparable(b)]
     for name, module in model.named_modules():
         for key, value in vars(module).items():
-            if key.startswith("_") or key == "forward":
-                continue
+            if key.startswith("_") or key == "forward":  # private (per-call caches); a
+                continue  # policy's instance forward
             other = vars(theirs[name]).get(key)
             if _comparable(value) != _comparable(other):
                 changed.append(f"{name}.{key}" if name else key)
