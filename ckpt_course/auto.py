@@ -277,20 +277,26 @@ def _check_replays(work: nn.Module, plan: Plan) -> None:
     the working copy), or nothing is installed: a recompute re-runs a block's Python forward,
     and what checkpoint does not restore (a random generator or state the block keeps where
     the planner's measuring does not see it) would train differently."""
-    recomputed = sorted({k for i, j, kind in plan.best.placement if kind is not False
+    best = plan.best
+    recomputed = sorted({k for i, j, kind in best.placement if kind is not False
                          and not str(kind).startswith("offload") for k in range(i, j)})
-    if not recomputed:
+    parts = [f"block{'s' if len(recomputed) > 1 else ''} {', '.join(map(str, recomputed))}"
+             ] if recomputed else []
+    parts += [f"the {part}" for part in ("prefix", "suffix") if getattr(best, part)]
+    if not parts:
         return
     check = check_gradients(work, plan.policy)
-    if not check.equal:
+    if not check.equal or check.state_changed:
+        what = (f"the gradients ({len(check.mismatched)} parameters differ from plain, e.g. "
+                f"{check.mismatched[0]})" if not check.equal else
+                f"the model's state ({', '.join(check.state_changed[:3])} differ from plain "
+                f"after a step)")
         raise ValueError(
-            f"{plan.best.policy} fits but changes the gradients ({len(check.mismatched)} "
-            f"parameters differ from plain, e.g. {check.mismatched[0]}): the forward of "
-            f"block{'s' if len(recomputed) > 1 else ''} {', '.join(map(str, recomputed))} does "
-            f"not run the same when recomputed (random numbers from a generator of its own, "
-            f"state it changes); nothing was installed: draw from torch's global random stream "
-            f"(checkpoint restores it) and keep such state out of forward, or give a budget "
-            f"that fits without recomputing those blocks")
+            f"{best.policy} fits but changes {what}: the forward of "
+            f"{' and '.join(parts)} does not run the same when recomputed (random numbers "
+            f"from a generator of its own, state it changes); nothing was installed: draw from "
+            f"torch's global random stream (checkpoint restores it) and keep such state out of "
+            f"forward, or give a budget that fits without recomputing them")
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:

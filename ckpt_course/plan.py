@@ -52,7 +52,9 @@ a micro-batch after the first under gradient accumulation (every gradient alread
 exact. ``sharding.shard`` (FSDP / ZeRO-3) and ``config_costs``' optimizer terms are estimates.
 The measuring lives in ``costs.py`` (its docstring says what is measured); this module predicts
 and plans. A block that returns its input (``nn.Identity``, ``Dropout(0)``) keeps nothing under
-any option: the chain is planned and predicted without it. Speed: the DP keeps Pareto fronts
+any option: the chain is planned and predicted without it. A block whose forward does not
+replay (``LayerCost.replays``: its own generator, state its recompute changes) is never placed
+in a checkpointed segment, nor in a nested tree. Speed: the DP keeps Pareto fronts
 as numpy arrays with exact prunings (``_cheapest``), one of them a Lagrangian lower bound on
 the cost to finish; 200 blocks that all differ, with the full menu, plan in about a second,
 1,000 identical blocks in a few, with the full menu too (``bench/planner_scale.py``);

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -146,6 +146,9 @@ class GradCheck:
     equal: bool  # every gradient torch.equal to the reference: bit-identical
     max_abs_diff: float
     mismatched: list[str]
+    # the model's own state the step left different from the reference's (a buffer, a
+    # counter, a random generator a recompute ran again): the next step would differ
+    state_changed: list[str] = field(default_factory=list)
 
 
 def _gradients(model, batch, seed):
@@ -172,7 +175,8 @@ def check_gradients(
     check_policy_fits(model, policy)
     model.train()
     batch = make_batch(model, batch_size, seq_len, torch.Generator().manual_seed(seed), device)
-    reference = _gradients(copy.deepcopy(model), batch, seed)
+    plain = copy.deepcopy(model)
+    reference = _gradients(plain, batch, seed)
     with applied(model, policy):
         checked = _gradients(model, batch, seed)
     mismatched = [
@@ -182,4 +186,39 @@ def check_gradients(
         ((reference[n] - checked[n]).abs().max().item() for n in mismatched if n in checked),
         default=0.0,
     )
-    return GradCheck(str(policy), not mismatched, diff, mismatched)
+    return GradCheck(str(policy), not mismatched, diff, mismatched, _state_changed(plain, model))
+
+
+def _state_changed(reference, model) -> list[str]:
+    """Names of the buffers and public plain attributes (numbers, strings, containers of
+    them, tensors, random generators) that differ between two copies of a model."""
+    theirs = dict(reference.named_modules())
+    changed = [name for (name, a), b in zip(reference.named_buffers(), model.buffers(),
+                                            strict=True) if _comparable(a) != _comparable(b)]
+    for name, module in model.named_modules():
+        for key, value in vars(module).items():
+            if key.startswith("_") or key == "forward":  # private (per-call caches); a
+                continue  # policy's instance forward
+            other = vars(theirs[name]).get(key)
+            if _comparable(value) != _comparable(other):
+                changed.append(f"{name}.{key}" if name else key)
+    return changed
+
+
+def _comparable(value):
+    """What of an attribute two copies of a model can compare: plain values and containers
+    of them, tensors' and generators' contents; anything else compares equal (unknown)."""
+    if isinstance(value, torch.Generator):
+        return ("generator", tuple(value.get_state().tolist()))
+    if isinstance(value, torch.Tensor):  # its bits (NaN equals NaN), made on the CPU
+        if value.layout != torch.strided or value.device.type == "meta":
+            return ("tensor", tuple(value.shape), value.dtype)
+        bits = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        return ("tensor", tuple(value.shape), value.dtype, bits.numpy().tobytes())
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return tuple(map(_comparable, value))
+    if isinstance(value, dict):
+        return tuple((k, _comparable(v)) for k, v in value.items())
+    return "unknown"
