@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import sys
 import weakref
 from dataclasses import dataclass, replace
@@ -651,12 +652,12 @@ def measure_layer(block: nn.Module, x_like: torch.Tensor, accumulate: bool = Fal
         for checkpointed in (False, True):
             for keep in (True, False):
                 runs[checkpointed, keep] = _run_layer(block, x_like, keep, checkpointed,
-                                                      accumulate, existing, residual)
+                                                      accumulate, existing, residual=residual)
         runs["first"] = _run_layer(block, x_like, False, True, accumulate, existing, copy=False,
                                    residual=residual)
-        for name, keep, copy in (("whole", True, True), ("whole free", False, True),
-                                 ("whole first", False, False)):
-            runs[name] = _run_layer(block, x_like, keep, True, accumulate, existing, copy,
+        for name, keep, copied in (("whole", True, True), ("whole free", False, True),
+                                   ("whole first", False, False)):
+            runs[name] = _run_layer(block, x_like, keep, True, accumulate, existing, copied,
                                     residual=residual, tail=True)
         block.zero_grad(set_to_none=True)
         forward_flops, recompute_flops, backward_flops = _layer_flops(block, x_like)
@@ -720,7 +721,7 @@ def measure_option(block: nn.Module, x_like: torch.Tensor, option: str, plain: L
         for keep in (True, False):
             handle.stats.reset()
             runs[False, keep] = _run_layer(block, x_like, keep, False, accumulate, existing,
-                                           plain.residual)
+                                           residual=plain.residual)
         host = handle.stats.bytes_to_host
         block.zero_grad(set_to_none=True)
         forward_flops, _, backward_flops = _layer_flops(block, x_like)
@@ -776,7 +777,9 @@ def measure_menu(block: nn.Module, x_like: torch.Tensor, plain: LayerCost, optio
     block's gradients is left out too, and named in ``dropped``."""
     from .policies import OpPositionError
 
-    out, reference = {}, _gradients_under(block, x_like)
+    # a block whose forward does not replay alike (its own counter or generator: only offload
+    # is offered, which re-runs nothing) would differ from itself: not compared
+    out, reference = {}, _gradients_under(block, x_like) if plain.replays else None
     for option in options:
         try:
             out[option] = measure_option(block, x_like, option, plain, accumulate, existing,
@@ -1440,8 +1443,8 @@ def _check_plain_step(model: nn.Module, batch, costs: ChainCosts) -> None:
     """The memory model checked against the meter once, on a plain step (two AdamW steps on a
     copy of the model, step 2 as predicted), before anyone plans with it: what the model keeps
     that no measured part shows (a tensor stored on a block, a forward hook collecting the
-    blocks' outputs, a block's output read after later blocks) is refused in one line, never
-    planned on. Real tensors only (fake ones are never run)."""
+    blocks' outputs, a block's output read after later blocks) meters above the prediction and
+    is refused in one line, never planned on. Real tensors only (fake ones are never run)."""
     from .plan import predict
 
     if any(isinstance(t, FakeTensor) for t in [*model.parameters(), *batch]):
@@ -1452,15 +1455,17 @@ def _check_plain_step(model: nn.Module, batch, costs: ChainCosts) -> None:
         return
     optimizer = step.make_optimizer(work, lr=0.0)
     meter = MemoryMeter()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _batch_gradients_there(batch):
         step.run_step(work, optimizer, tuple(batch))  # makes the optimizer state
         with meter:
             meter.track(work, optimizer)
+            meter.count(*(t.grad for t in batch if isinstance(t, torch.Tensor)
+                          and t.grad is not None))  # held all step, as in training
             peak = step.run_step(work, optimizer, tuple(batch), meter,
                                  step=2).peak_bytes
             meter.untrack()
     predicted = predict(costs, "none").peak_bytes
-    if peak != predicted:
+    if peak > predicted:  # the OOM side; above the meter is safe, and said nowhere as exact
         raise ValueError(
             f"the planner's memory model does not hold for "
             f"{type(getattr(model, 'inner', model)).__name__}: it predicts "
@@ -1516,6 +1521,9 @@ def _record_calls(model: nn.Module, blocks, batch):
             loss = model.loss(batch)
             drawn = _random_states() != drawn  # the forward drew random numbers
             trained = _parameters_reached(loss)
+            residual = joints.residual()  # refuses other code between the blocks, first
+            if (summed := joints.last_sum()) is not None:  # the suffix starts after the add
+                marks["last"] = summed.grad_fn
             _refuse_suffix_reaching_back(loss, marks.get("last"), marks.get("after"),
                                          _graphs_kept_on(blocks))
             if "after" in marks:
@@ -1525,6 +1533,7 @@ def _record_calls(model: nn.Module, blocks, batch):
     finally:
         for h in handles:
             h.remove()
+    del joints, summed  # they hold the ops' tensors: one the forward made must be free to die
     if drawn:
         _check_same_work_every_draw(model, batch, blocks)
     if marks.get("through"):
@@ -1532,6 +1541,8 @@ def _record_calls(model: nn.Module, blocks, batch):
                          "is nothing to checkpoint; give the planner a block list with at least "
                          "one block that computes its output")
     _check_block_order(order, len(blocks), len(inputs))
+    if made:  # the forward's own reference cycles (closures, frames) must not keep one alive
+        gc.collect()
     for k, name, ref, nbytes in made:
         if ref() is None:
             raise ValueError(
@@ -1539,7 +1550,7 @@ def _record_calls(model: nn.Module, blocks, batch):
                 f"besides the hidden state: a block that saves it, or a checkpoint, keeps it "
                 f"into backward, which the planner does not predict; make it once as a buffer "
                 f"(self.register_buffer(..., persistent=False)) or inside each block")
-    return inputs, outputs, extras, trained, uses, autocasts, joints.residual()
+    return inputs, outputs, extras, trained, uses, autocasts, residual
 
 
 def _trunk_parameters(loss, before: int, after: int) -> tuple[set[int], set[int]]:
@@ -1583,21 +1594,19 @@ def _given_gradients(blocks, extras, prefix: set[int], suffix: set[int]) -> list
 
 def _tensors_in(value, parameters_only: bool = False) -> list:
     """The tensors in a block's other arguments (``parameters_only``: the leaves that need a
-    gradient), each once."""
-    found = {}
-
-    def visit(value):
+    gradient), each once. A loop, not a recursive closure: that would be a reference cycle,
+    keeping the tensors it found alive until the garbage collector ran (a tensor the forward
+    made must be free to die when the forward is over)."""
+    found, todo = {}, [value]
+    while todo:
+        value = todo.pop()
         if isinstance(value, (tuple, list)):
-            for v in value:
-                visit(v)
+            todo.extend(reversed(value))
         elif isinstance(value, dict):
-            for v in value.values():
-                visit(v)
+            todo.extend(reversed(list(value.values())))
         elif isinstance(value, torch.Tensor) and (not parameters_only or (
                 value.requires_grad and value.grad_fn is None)):
             found.setdefault(id(value), value)
-
-    visit(value)
     return list(found.values())
 
 
@@ -1893,6 +1902,14 @@ class _Joints:
             return "residual" if adds else "chain"
         return "residual" if adds and len(ops) == 1 and _same_tensor(given, first[3]) \
             else "other"
+
+    def last_sum(self):
+        """The model's add after the last block (``x = x + block(x)``), or None: where the
+        code after the blocks starts."""
+        k = self.n - 1
+        if self.n and self._kind(k, None) == "residual":
+            return self.after[k][0][3]
+        return None
 
     def residual(self) -> list[bool]:
         """Per block: is its output added to its input by the model (``x = x + block(x)``)?

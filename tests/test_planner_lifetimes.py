@@ -144,8 +144,6 @@ class BufferGate(MadeGate):
     (LongSkip([Res(), Res()]), "code after the last block uses a tensor made before"),
     (MadeGate([Gated(), Gated()]), "block 0 gets keyword 'gate', a tensor the model makes in "
                                    r"its forward \(8,192 B\)"),
-    (MadeGate([Gated(), Gated()], grad=True), "block 0 gets keyword 'gate', a tensor that "
-                                              "needs a gradient"),
 ])
 def test_tensors_that_outlive_what_the_memory_model_holds_are_refused_while_measuring(
         model, words):
