@@ -1548,9 +1548,19 @@ def _record_calls(model: nn.Module, blocks, batch):
             raise ValueError(
                 f"block {k} gets {name}, a tensor the model makes in its forward ({nbytes:,} B), "
                 f"besides the hidden state: a block that saves it, or a checkpoint, keeps it "
-                f"into backward, which the planner does not predict; make it once as a buffer "
-                f"(self.register_buffer(..., persistent=False)) or inside each block")
+                f"into backward, which the planner does not predict; "
+                f"{_made_tensor_fix(model)}")
     return inputs, outputs, extras, trained, uses, autocasts, residual
+
+
+def _made_tensor_fix(model: nn.Module) -> str:
+    """What to do about a tensor the forward makes and passes the blocks: in a Hugging Face
+    model it is transformers' own mask (GPT-2's eager attention builds a float one), which the
+    learner does not write; in their own model, a buffer made once."""
+    if type(model).__name__ == "HFCausalLM":
+        return "build the model with attn='sdpa' (hf.build(config, attn='sdpa'))"
+    return ("make it once as a buffer (self.register_buffer(..., persistent=False)) or inside "
+            "each block")
 
 
 def _trunk_parameters(loss, before: int, after: int) -> tuple[set[int], set[int]]:

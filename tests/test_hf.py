@@ -230,3 +230,15 @@ def test_a_selective_or_offloaded_layer_is_handed_back_whole_with_a_note():
     assert "whole layers only" in handed.note and "offload, selective:save=sdpa" in handed.note
     assert handed.kind == "transformers" and handed.expressed == hf.handback("full", 4).expressed
     assert hf.handback("full", 4).note == ""
+
+
+def test_gpt2_with_eager_attention_is_refused_naming_sdpa():
+    """GPT-2's eager attention builds a float causal mask in its forward and passes it to every
+    layer: its life is decided by the layers and checkpoints that keep it, which the planner
+    does not predict (R4: every placement was one mask low); it says how to build it instead."""
+    model = hf.build(hf.small_config(hf.load_config("gpt2"), n_layer=2, seq_len=16),
+                     attn="eager")
+    with pytest.raises(ValueError, match=r"a tensor the model makes in its forward .* build "
+                                         r"the model with attn='sdpa'") as err:
+        measure_costs(model, 2)
+    assert "\n" not in str(err.value)
