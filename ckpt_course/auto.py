@@ -40,7 +40,6 @@ tensor: a stand-in whose memory is that of any scalar loss on it).
 
 from __future__ import annotations
 
-import copy
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .costs import MENU, check_no_policy, check_op_points, measure_costs
+from .costs import MENU, check_no_policy, check_op_points, copy_of, measure_costs
 from .doctor import run_steps
 from .meter import parse_budget
 from .plan import Plan, make_plan
@@ -208,7 +207,7 @@ def auto_checkpoint(model: nn.Module, budget, batch, loss_fn=None, menu=MENU,
     # buffers (BatchNorm's statistics), its train/eval mode and its gradients; seeded runs
     # reproduce with or without this call.
     with torch.random.fork_rng(devices=_cuda_devices(model)):
-        work = copy.deepcopy(course)
+        work = copy_of(course, "auto_checkpoint measures and verifies on")
         costs = measure_costs(work, None, menu=menu, op_points=op_points, suffix=trunk,
                               accumulate=micro_batches > 1)
         plan = make_plan(costs, budget, "flops")
@@ -324,6 +323,11 @@ def _course_model(model: nn.Module, batch, loss_fn, layers=None) -> nn.Module:
             raise ValueError("the course's models are planned over their own `blocks`: leave "
                              "out layers= (it names the block list of a model of your own)")
         return _Given(model, batch)
+    if getattr(getattr(model, "config", None), "use_cache", False) is True:
+        raise ValueError("model.config.use_cache is True: each layer fills a key/value cache "
+                         "that a training step does not use and the planner cannot measure; set "
+                         "model.config.use_cache = False for training (transformers does the "
+                         "same when it checkpoints)")
     blocks = getattr(model, "blocks", None)
     lists = (nn.ModuleList, nn.Sequential)
     if layers is not None or not isinstance(blocks, lists) or not len(blocks):

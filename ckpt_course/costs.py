@@ -53,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import random
 import sys
 import weakref
 from dataclasses import dataclass, replace
@@ -157,6 +158,9 @@ class LayerCost:
     # several blocks, the segment's record of a later block's call keeps it alive to the end of
     # the step, which the memory model does not count, so no segment runs on into this block
     given_graph: bool = False
+    # the autocast regions the model ran it under (``_autocast_state``): a checkpointed segment
+    # recomputes every block under its first block's, so a segment ends where this changes
+    autocast: tuple = ()
 
     def segment_backward(self, first: bool, last: bool) -> Backward:
         """The backward of this block inside a checkpointed segment, after its recompute:
@@ -601,7 +605,9 @@ def _why_no_replay(block: nn.Module, layer: LayerCost) -> str | None:
     if generators:
         return f"a torch.Generator attribute ({generators[0]})"
     if not layer.replays:
-        return "state its forward changes (a step counter, a buffer updated in place)"
+        return ("a forward that does not repeat itself (state it changes, such as a step counter "
+                "or a buffer updated in place, or random numbers from a stream checkpoint does "
+                "not restore)")
     return None
 
 
@@ -757,6 +763,13 @@ def _gradients_under(block: nn.Module, x_like: torch.Tensor, option: str | None 
     grads = [p.grad for p in block.parameters()] + [x.grad]
     block.zero_grad(set_to_none=True)
     return grads
+
+
+def _repeats(block: nn.Module, x_like: torch.Tensor) -> bool:
+    """Two plain runs of the block alone give the same gradients (``_gradients_under``): else
+    its forward draws from a stream checkpoint does not restore (Python's ``random``, a
+    generator held somewhere no scan finds) or counts its calls, and no option may re-run it."""
+    return _same_gradients(_gradients_under(block, x_like), _gradients_under(block, x_like))
 
 
 def _same_gradients(a, b) -> bool:
@@ -1354,14 +1367,14 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
     size = {} if batch_size is None else {"batch_size": batch_size}
     batch = model.example_batch(seq_len=seq_len, generator=torch.Generator().manual_seed(seed),
                                 **size)
-    with _batch_gradients_there(batch) as batch_grads:
+    with _batch_gradients_there(batch) as batch_grads, step.kept_python_streams():
         costs = _measure_chain(model, blocks, batch, accumulate, menu, times, rounds, op_points,
                                suffix, optimizer)
     trunk = replace(costs.trunk, base_bytes=costs.trunk.base_bytes + batch_grads)
     costs = replace(costs, trunk=trunk, suffixes=tuple(
         replace(t, base_bytes=t.base_bytes + batch_grads) for t in costs.suffixes))
-    if optimizer is _adamw_lr0 and not accumulate:
-        _check_plain_step(model, batch, costs)
+    if optimizer is _adamw_lr0:
+        _check_plain_step(model, batch, costs, accumulate)
     return costs
 
 
@@ -1397,6 +1410,8 @@ def _measure_chain(model, blocks, batch, accumulate, menu, times, rounds, op_poi
             with _called_as_in_model(block, called, bool(fresh), batch), \
                     _autocast_as_in_model(block, autocast):
                 layer = measure_layer(block, x, accumulate, made, adds)
+                if layer.replays and not _repeats(block, x):
+                    layer = replace(layer, replays=False)
                 why = _why_no_replay(block, layer)
                 ops = () if why else _op_options(block, x, op_points)
                 options = measure_menu(block, x, layer, _replaying_options(menu, ops, why),
@@ -1412,7 +1427,7 @@ def _measure_chain(model, blocks, batch, accumulate, menu, times, rounds, op_poi
             unreplayed.setdefault(_why_no_replay(block, cache[key][0]), []).append(len(layers))
         args, kwargs = called
         layers.append(replace(cache[key][0], extra_grad_bytes=fresh, given_graph=any(
-            map(_carries_graph, [*args, *kwargs.values()]))))
+            map(_carries_graph, [*args, *kwargs.values()])), autocast=autocast))
         menus.append(cache[key][1])
         timed.append(cache[key][2])
     trunk = measure_trunk(model, batch, outputs[0], accumulate, residual=residual[-1])
@@ -1439,30 +1454,31 @@ def _measure_chain(model, blocks, batch, accumulate, menu, times, rounds, op_poi
                       suffixes=suffixes)
 
 
-def _check_plain_step(model: nn.Module, batch, costs: ChainCosts) -> None:
+def _check_plain_step(model: nn.Module, batch, costs: ChainCosts, accumulate: bool) -> None:
     """The memory model checked against the meter once, on a plain step (two AdamW steps on a
-    copy of the model, step 2 as predicted), before anyone plans with it: what the model keeps
-    that no measured part shows (a tensor stored on a block, a forward hook collecting the
-    blocks' outputs, a block's output read after later blocks) meters above the prediction and
-    is refused in one line, never planned on. Real tensors only (fake ones are never run)."""
+    copy of the model, step 2 as predicted; ``accumulate``: each of two micro-batches), before
+    anyone plans with it: what the model keeps that no measured part shows (a tensor stored on
+    a block, a forward hook collecting the blocks' outputs, a block's output read after later
+    blocks) meters above the prediction and is refused in one line, never planned on. Real
+    tensors only (fake ones are never run)."""
     from .plan import predict
 
     if any(isinstance(t, FakeTensor) for t in [*model.parameters(), *batch]):
         return
-    try:
-        work = copy.deepcopy(model)
-    except Exception:  # noqa: BLE001 (a model that cannot be copied is not checked, as before)
-        return
+    work = copy_of(model, "measure_costs checks its prediction on")
     optimizer = step.make_optimizer(work, lr=0.0)
     meter = MemoryMeter()
+
+    def one_step():
+        return [tuple(batch), tuple(batch)] if accumulate else tuple(batch)
+
     with torch.random.fork_rng(devices=[]), _batch_gradients_there(batch):
-        step.run_step(work, optimizer, tuple(batch))  # makes the optimizer state
+        step.run_step(work, optimizer, one_step())  # makes the optimizer state
         with meter:
             meter.track(work, optimizer)
             meter.count(*(t.grad for t in batch if isinstance(t, torch.Tensor)
                           and t.grad is not None))  # held all step, as in training
-            peak = step.run_step(work, optimizer, tuple(batch), meter,
-                                 step=2).peak_bytes
+            peak = step.run_step(work, optimizer, one_step(), meter, step=2).peak_bytes
             meter.untrack()
     predicted = predict(costs, "none").peak_bytes
     if peak > predicted:  # the OOM side; above the meter is safe, and said nowhere as exact
@@ -1474,6 +1490,32 @@ def _check_plain_step(model: nn.Module, batch, costs: ChainCosts) -> None:
             f"measures do not show (e.g. a tensor stored on a block, a hook collecting outputs, "
             f"a block's output read after later blocks), so nothing is planned on it; take that "
             f"out while planning")
+
+
+def copy_of(model: nn.Module, why: str) -> nn.Module:
+    """A deep copy of ``model``, or a one-line error naming what cannot be copied (an open
+    file, a lock, a tensor with a graph kept on a module) and why a copy is made."""
+    try:
+        return copy.deepcopy(model)
+    except Exception as error:  # noqa: BLE001 (any object's own refusal to be copied)
+        where = _uncopyable(model)
+        raise ValueError(f"{why} a copy of the model, and {where or 'it'} cannot be copied "
+                         f"({type(error).__name__}: {str(error).splitlines()[0][:120]}): keep "
+                         f"it outside the model while planning") from None
+
+
+def _uncopyable(model: nn.Module) -> str | None:
+    """The first attribute of a module of ``model`` that deep copy refuses, named (inside
+    auto_checkpoint's adapter, from the learner's model)."""
+    for path, module in getattr(model, "inner", model).named_modules():
+        for name, value in vars(module).items():
+            if name.startswith("_"):
+                continue
+            try:
+                copy.deepcopy(value)
+            except Exception:  # noqa: BLE001
+                return f"its attribute {path + '.' if path else ''}{name}"
+    return None
 
 
 def _record_calls(model: nn.Module, blocks, batch):
@@ -1524,8 +1566,14 @@ def _record_calls(model: nn.Module, blocks, batch):
             residual = joints.residual()  # refuses other code between the blocks, first
             if (summed := joints.last_sum()) is not None:  # the suffix starts after the add
                 marks["last"] = summed.grad_fn
-            _refuse_suffix_reaching_back(loss, marks.get("last"), marks.get("after"),
-                                         _graphs_kept_on(blocks))
+            kept = _graphs_kept_on(blocks)
+            _refuse_suffix_reaching_back(loss, marks.get("last"), marks.get("after"), kept)
+            if kept:  # read by nobody, it still holds its graph's memory past the forward
+                raise ValueError(
+                    f"{next(iter(kept.values()))} keeps a tensor with a graph after the "
+                    f"forward (an attention map or input kept for a plot?): it holds that "
+                    f"graph's memory, which the planner does not predict; drop it while "
+                    f"planning, or keep it outside the step")
             if "after" in marks:
                 uses = _trunk_parameters(loss, marks["before"], marks["after"])
             del loss
@@ -1731,12 +1779,17 @@ def _outside_tensors(k: int, args, kwargs, owned: set[int], made: list):
         {key: outside(f"keyword {key!r}", v) for key, v in kwargs.items()}
 
 def _random_states() -> list:
-    """The global random streams (CPU, and each CUDA device in use), to tell whether a
-    forward drew from them."""
+    """The global random streams (torch's CPU one and each CUDA device's in use, Python's
+    ``random``, numpy's if loaded: LayerDrop is often drawn with ``np.random``), to tell whether
+    a forward drew from them."""
     states = [torch.random.get_rng_state()]
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states += torch.cuda.get_rng_state_all()
-    return [t.tolist() for t in states]
+    out = [t.tolist() for t in states] + [random.getstate()]
+    if (np := sys.modules.get("numpy")) is not None:
+        kind, keys, pos, *_ = np.random.get_state()
+        out.append((kind, keys.tobytes(), pos))
+    return out
 
 
 class _OpCount(TorchDispatchMode):
@@ -1785,10 +1838,9 @@ def _check_same_work_every_draw(model, batch, blocks) -> None:
     (stochastic depth, LayerDrop) keeps nothing in one step and its tape in the next: a plan
     measured on one draw does not hold for the others (dropout draws, but its work is fixed)."""
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices):
-        draws = []
-        for seed in range(_DRAWS):
-            torch.manual_seed(seed)
+    draws = []
+    for seed in range(_DRAWS):
+        with step.seeded(seed, f"cuda:{devices[0]}" if devices else None):
             draws.append(_work_per_draw(model, batch, blocks))
     for other in draws[1:]:
         if other != draws[0]:

@@ -493,10 +493,12 @@ def _segment_reach(costs: ChainCosts) -> list[int]:
     run and the memory model predicts: a segment ends at a block whose output the model adds
     to its input (``LayerCost.residual``), since the next block gets that sum, not the block's
     output, and before a block given a tensor that carries the model's graph
-    (``LayerCost.given_graph``). One pass from the end."""
+    (``LayerCost.given_graph``) or run under another autocast (a segment recomputes every
+    block under its first block's). One pass from the end."""
     reach, layers = [costs.n] * costs.n, costs.layers
     for i in range(costs.n - 2, -1, -1):
-        ends = layers[i].residual or layers[i + 1].given_graph
+        ends = layers[i].residual or layers[i + 1].given_graph or \
+            layers[i].autocast != layers[i + 1].autocast
         reach[i] = i + 1 if ends else reach[i + 1]
     return reach
 
@@ -520,6 +522,9 @@ def _check_segments_run(costs: ChainCosts, placement: Placement) -> None:
             k = reach[i] - 1
             why = (f"whose output the model adds to its input (x = x + block(x)): block {k + 1} "
                    f"gets that sum, so a segment there cannot run" if costs.layers[k].residual
+                   else f"and block {k + 1} runs under another torch.autocast, which a segment's "
+                   f"recompute would not" if costs.layers[k].autocast !=
+                   costs.layers[k + 1].autocast
                    else f"and block {k + 1} gets a tensor that carries the model's graph, which "
                    f"a segment keeps to the end of the step (not predicted)")
             raise ValueError(f"checkpointed segment {i}-{j - 1} runs past block {k}, {why}; "

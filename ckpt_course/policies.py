@@ -1388,6 +1388,11 @@ def find_blocks(model: nn.Module, blocks=None) -> list[nn.Module]:
     blocks = list(blocks)
     if not blocks or not all(isinstance(b, nn.Module) for b in blocks):
         raise ValueError("blocks= must be a non-empty sequence of nn.Module layers")
+    for k, block in enumerate(blocks):
+        if hasattr(block, "_orig_mod") and type(block).__name__ == "OptimizedModule":
+            raise ValueError(f"block {k} is a torch.compile'd module, which a policy cannot "
+                             f"wrap: give the blocks uncompiled, and compile the model after "
+                             f"checkpointing it")
     return blocks
 
 

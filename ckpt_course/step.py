@@ -31,6 +31,8 @@ import copy
 import math
 import numbers
 import os
+import random
+import sys
 import time
 from dataclasses import dataclass, field, fields
 
@@ -236,11 +238,30 @@ def batch_tokens(batch) -> int:
 
 @contextlib.contextmanager
 def seeded(seed: int, device=None):
-    """Run with the global RNG (dropout masks) seeded, leaving the caller's RNG state alone."""
+    """Run with the global random streams seeded (torch's: dropout masks; Python's ``random``
+    and numpy's, which a model's own augmentation or LayerDrop may draw from), leaving the
+    caller's states alone."""
     cuda = device is not None and torch.device(device).type == "cuda"
-    with torch.random.fork_rng(devices=[torch.device(device)] if cuda else []):
+    with kept_python_streams(), \
+            torch.random.fork_rng(devices=[torch.device(device)] if cuda else []):
         torch.manual_seed(seed)
+        random.seed(seed)
+        if (np := sys.modules.get("numpy")) is not None:
+            np.random.seed(seed % 2**32)  # numpy takes 32 bits; torch takes 64
         yield
+
+
+@contextlib.contextmanager
+def kept_python_streams():
+    """Python's ``random`` and numpy's global streams put back as they were after the block."""
+    np = sys.modules.get("numpy")
+    saved = random.getstate(), np.random.get_state() if np is not None else None
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        if np is not None:
+            np.random.set_state(saved[1])
 
 
 # ---------------------------------------------------------------- one measured step

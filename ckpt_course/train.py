@@ -153,8 +153,8 @@ class GradCheck:
 
 def _gradients(model, batch, seed):
     model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)  # same dropout masks in both runs
-    model.loss(batch).backward()
+    with seeded(seed, next(model.parameters()).device):  # same dropout masks in both runs
+        model.loss(batch).backward()
     grads = {
         name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None
     }

@@ -2,6 +2,7 @@
 P9, P10): each bad input is refused in one line naming the fix, before any work is done."""
 
 import copy
+import os
 import re
 
 import pytest
@@ -14,7 +15,7 @@ from ckpt_course import cli, costs
 from ckpt_course.auto import _course_model, auto_checkpoint
 from ckpt_course.costs import MENU, measure_costs, measure_layer, measure_menu
 from ckpt_course.op_choices import block_ops
-from ckpt_course.plan import make_plan, optimal_frontier, predict
+from ckpt_course.plan import make_plan, measure_peaks, optimal_frontier, predict
 from ckpt_course.policies import OpPositionError, _installed, applied, parse_policy
 
 
@@ -399,6 +400,9 @@ def _no_block_measured(*args, **kwargs):
     (lambda: _MadeOf(_ScalesItsInput),
      r"block 0 \(_ScalesItsInput\) changes its input in place .*a checkpoint recomputes the "
      r"block from that input.*x = x \* 0.9"),
+    (lambda: _MadeOf(_KeepsAuxLoss),  # S6: read by nobody, it still holds its graph
+     r"block \d \(_KeepsAuxLoss, self.aux_loss\) keeps a tensor with a graph after the "
+     r"forward .*drop it while planning"),
 ])
 def test_a_block_that_cannot_be_measured_alone_is_refused_before_it_is_measured(
         make, says, monkeypatch):
@@ -413,11 +417,109 @@ def test_a_block_that_cannot_be_measured_alone_is_refused_before_it_is_measured(
         measure_costs(_course_model(make(), torch.randn(4, 8), None), None)
 
 
-@pytest.mark.parametrize("block", [_KeepsAuxLoss, _ScalesItsOwnTensor])
-def test_a_block_keeping_what_the_model_never_reads_or_changing_its_own_tensors_is_measured(
-        block):
+def test_a_block_changing_its_own_tensors_in_place_is_measured():
     torch.manual_seed(0)
-    assert measure_costs(_course_model(_MadeOf(block), torch.randn(4, 8), None), None).n == 3
+    course = _course_model(_MadeOf(_ScalesItsOwnTensor), torch.randn(4, 8), None)
+    costs = measure_costs(copy.deepcopy(course), None)
+    for policy in ("none", "full"):
+        assert predict(costs, policy).peak_bytes == measure_peaks(copy.deepcopy(course),
+                                                                  policy)[-1]
+
+
+class _Hooked(Chain):
+    """A forward hook collecting every block's output (feature extraction, logging)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = []
+        for block in self.blocks:
+            block.register_forward_hook(lambda m, i, out: self.features.append(out.detach()))
+
+    def forward(self, x):
+        self.features.clear()
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_memory_kept_outside_the_blocks_is_refused_with_or_without_accumulation(micro_batches):
+    """R14 and S4: the plain-step check ran for one pass only; under accumulation the same
+    model was planned up to 23% under the meter."""
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"memory model does not hold for _Hooked: it predicts "
+                                         r"[\d,]+ B for a plain step, the meter measures"):
+        auto_checkpoint(_Hooked(), "1MiB", torch.randn(4, 8), op_points=0,
+                        micro_batches=micro_batches)
+
+
+class _Log(Chain):
+    def __init__(self):
+        super().__init__()
+        self.log = open(os.devnull, "w")  # noqa: SIM115 (held for the model's life)
+
+
+def test_a_model_that_cannot_be_copied_is_named_in_one_line():
+    """R22: auto_checkpoint and the plain-step check work on a copy; copy's traceback said
+    nothing of why a copy was made."""
+    model = _Log()
+    try:
+        for call in (lambda: auto_checkpoint(model, "1MiB", torch.randn(4, 8), op_points=0),
+                     lambda: measure_costs(_course_model(model, torch.randn(4, 8), None), None)):
+            with pytest.raises(ValueError, match=r"on a copy of the model, and its attribute log "
+                                                 r"cannot be copied \(TypeError") as err:
+                call()
+            assert "\n" not in str(err.value)
+    finally:
+        model.log.close()
+
+
+def test_compiled_blocks_are_refused_before_any_work():
+    """R21: a torch.compile'd block crashed auto_checkpoint's verify step after measuring."""
+    model = Chain()
+    model.blocks = nn.ModuleList(torch.compile(b) for b in model.blocks)
+    with pytest.raises(ValueError, match=r"block 0 is a torch.compile'd module, which a policy "
+                                         r"cannot wrap: give the blocks uncompiled"):
+        auto_checkpoint(model, "1MiB", torch.randn(4, 8), op_points=0)
+
+
+def test_a_transformers_model_with_its_cache_on_is_refused_naming_use_cache():
+    """S11: each layer filled a key/value cache with a graph; measuring crashed in backward."""
+    from ckpt_course import hf
+
+    lm = hf.build(hf.small_config(hf.load_config("llama-3.2-1b"), n_layer=2, seq_len=16)).lm
+    ids = torch.randint(0, lm.config.vocab_size, (2, 16))
+    lm.config.use_cache = True
+    with pytest.raises(ValueError, match=r"^model.config.use_cache is True: .*set "
+                                         r"model.config.use_cache = False for training"):
+        auto_checkpoint(lm, "1GiB", ids, op_points=0)
+    lm.config.use_cache = False
+    report = auto_checkpoint(lm, "1GiB", ids, op_points=0)
+    assert report.measured_peak == report.predicted_peak
+    report.undo()
+
+
+class _HalfAutocast(Chain):
+    """Block 0 in fp32, the others under bf16 autocast: a segment's recompute would run them
+    all under block 0's."""
+
+    def forward(self, x):
+        x = self.embed(x)
+        for k, block in enumerate(self.blocks):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=k > 0):
+                x = block(x)
+        return self.head(x.float())
+
+
+def test_segments_end_where_the_autocast_changes():
+    """S5: predict priced segments across the change, which crash when run."""
+    torch.manual_seed(0)
+    course = _course_model(_HalfAutocast(), torch.randn(4, 8), None)
+    costs = measure_costs(copy.deepcopy(course), None)
+    with pytest.raises(ValueError, match=r"segment 0-1 runs past block 0, and block 1 runs "
+                                         r"under another torch.autocast"):
+        predict(costs, "segments:0-1")
+    for policy in ("segments:1-2", "full", "none"):
+        assert predict(costs, policy).peak_bytes == \
+            measure_peaks(copy.deepcopy(course), policy)[-1], policy
 
 
 def test_a_block_keeping_its_input_on_itself_is_refused_by_the_plain_step_check():

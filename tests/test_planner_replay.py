@@ -4,7 +4,9 @@ random generator or Python state that a recompute changes, and blocks whose work
 random (stochastic depth)."""
 
 import copy
+import random
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -173,21 +175,27 @@ class ListedGenerator(Block):
         return x + h * torch.rand(h.shape, generator=self.noise[0])
 
 
-@pytest.mark.parametrize("block, what", [
-    (HiddenCounter, r"the model's state \(inner\.blocks\.0\.state differ"),
-    (ListedGenerator, r"the gradients \(\d+ parameters differ from plain")])
-def test_auto_checkpoint_installs_nothing_whose_step_differs_from_plain(block, what):
+@pytest.mark.parametrize("block", [HiddenCounter, ListedGenerator])
+def test_state_no_scan_sees_is_caught_by_two_plain_runs_and_never_recomputed(block):
+    """Two plain runs of the block alone differ (a counter in a dict, a generator in a list):
+    it runs plain or offloaded only, and auto_checkpoint installs no recompute (its gradient
+    check on the whole step stays behind it)."""
     from ckpt_course.auto import auto_checkpoint
-    from ckpt_course.policies import _installed
+    from ckpt_course.costs import MENU
 
     torch.manual_seed(0)
     model = Net(block)
+    costs = measure_costs(copy.deepcopy(_course(model)), None, menu=MENU, op_points=2)
+    assert [c.replays for c in costs.layers] == [False] * 3
+    assert [set(m) for m in costs.menu] == [{"offload"}] * 3
     plain = measure_peaks(copy.deepcopy(_course(model)), "none")[-1]
-    with pytest.raises(ValueError, match=r"fits but changes " + what +
-                       r".*block 0 .*nothing was installed") as e:
-        auto_checkpoint(model, plain - 1, _batch(), menu=(), op_points=0)
-    assert "\n" not in str(e.value)
-    assert all(_installed(b) is None for b in model.blocks)
+    try:
+        report = auto_checkpoint(model, plain - 1, _batch(), op_points=0)
+    except ValueError as error:
+        assert str(error).startswith("nothing fits")
+    else:
+        assert {kind for *_, kind in report.plan.best.placement} <= {False, "offload"}
+        report.undo()
 
 
 class StochasticDepth(Block):
@@ -269,3 +277,58 @@ def test_the_planner_matches_brute_force_around_a_block_that_does_not_replay():
                 costs, truth.placement, "flops"), budget
             assert not any(kind is True and i <= 1 < j for i, j, kind in best.placement)
             assert not any(kind is True and i <= 1 < j for i, j, kind in truth.placement)
+
+
+class PythonNoise(Block):
+    """Noise drawn from Python's ``random``, a stream checkpoint does not restore: no scan of
+    the block sees it, two plain runs of the block differ."""
+
+    def forward(self, x):
+        h = self.down(F.gelu(self.up(self.norm(x))))
+        return x + h * (1 + 0.1 * random.random())
+
+
+def test_a_block_whose_plain_runs_differ_is_never_recomputed():
+    """S1: every option was left out but full, which recomputes, so make_plan emitted it."""
+    from ckpt_course.costs import MENU
+    from ckpt_course.plan import make_plan
+    from ckpt_course.train import check_gradients
+
+    torch.manual_seed(0)
+    course = _course(Net(PythonNoise))
+    costs = measure_costs(copy.deepcopy(course), None, menu=MENU, op_points=2)
+    assert [c.replays for c in costs.layers] == [False] * 3
+    assert [set(m) for m in costs.menu] == [{"offload"}] * 3
+    plain = measure_peaks(copy.deepcopy(course), "none")[-1]
+    for fraction in (0.99, 0.95):
+        plan = make_plan(costs, int(plain * fraction), "flops")
+        if plan.fits:
+            assert {kind for *_, kind in plan.best.placement} <= {False, "offload"}
+            assert check_gradients(course, plan.policy).equal
+
+
+class PythonDrop(Block):
+    def forward(self, x):
+        if self.training and random.random() < 0.5:
+            return x
+        return super().forward(x)
+
+
+class NumpyDrop(Block):
+    def forward(self, x):
+        if self.training and np.random.random() < 0.5:
+            return x
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("block", [PythonDrop, NumpyDrop])
+def test_blocks_skipped_on_pythons_or_numpys_draw_are_refused_too(block):
+    """S2: the draw check read torch's streams only; the measuring then crashed in backward."""
+    torch.manual_seed(0)
+    state = random.getstate(), np.random.get_state()[1].copy()
+    with pytest.raises(ValueError, match=rf"^block \d \({block.__name__}\) does different work "
+                                         r"from one random draw") as e:
+        measure_costs(_course(Net(block)), None)
+    assert "\n" not in str(e.value)
+    assert random.getstate() == state[0]  # the learner's streams as they were
+    assert (np.random.get_state()[1] == state[1]).all()
