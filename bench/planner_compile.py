@@ -165,6 +165,7 @@ from ckpt_course.costs import MENU, measure_costs
 from ckpt_course.models import GPTConfig, TinyGPT
 from ckpt_course.plan import (
     _left_holds,
+    _segment_reach,
     _trunk_variants,
     measure_peaks,
     predict,
@@ -326,10 +327,11 @@ def _placement_frontier(costs) -> dict:
     (kept bytes, recompute FLOPs, host bytes), the blocks' alone (plus the recompute of a
     checkpointed suffix); under ``prefix=full`` the first segment is a checkpointed one."""
     fronts = {(0, _left_holds(costs, None, 0)): [(0, costs.trunk.recompute_flops, 0, ())]}
+    reach = _segment_reach(costs)  # the segments the model can run (not across a loop's add)
     for i in range(costs.n):
         for held in (False, True):
             for kept, flops, host, placement in fronts.get((i, held), []):
-                segments = [(i, i + 1, False), *((i, j, True) for j in range(i + 1, costs.n + 1)),
+                segments = [(i, i + 1, False), *((i, j, True) for j in range(i + 1, reach[i] + 1)),
                             *((i, i + 1, o) for o in costs.menu[i])]
                 if i == 0 and costs.trunk.prefix:  # a checkpoint or an op-level option
                     segments = [seg for seg in segments if seg[2] is not False]
