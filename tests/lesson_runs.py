@@ -30,10 +30,14 @@ from nbclient.exceptions import CellTimeoutError, DeadKernelError
 from ckpt_course.predicts import lookup
 from ckpt_course.reveal import NO_PREDICTION, STRICT_ENV
 
-# Per cell: every lesson cell takes seconds. A run whose kernel went silent (seen twice on a
-# loaded machine: the kernel idle, the client waiting for a reply that never came) is retried
-# once with a fresh kernel instead of holding the suite for ten minutes.
-TIMEOUT_S = 180
+# Per cell: every lesson cell takes seconds (the slowest about 7 s, 25 s on a loaded machine).
+# A run whose kernel went silent (seen twice on a loaded machine: the kernel idle, the client
+# waiting for a reply that never came) is retried once with a fresh kernel instead of holding
+# the suite for ten minutes. The limit is also how long nbclient 0.11 can miss a reply that has
+# come (jupyter/nbclient#312, after an ipywidgets cell: lesson 1's slider; it then reads the
+# reply when its poll times out and goes on, no error): seen in most full runs of lesson 1,
+# each costing the whole limit, so the limit is kept short of that.
+TIMEOUT_S = 60
 ATTEMPTS = 2
 
 
