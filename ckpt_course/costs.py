@@ -452,9 +452,10 @@ def _outside(existing) -> tuple:
 
 def _count_outside(meter, existing, accumulate: bool) -> None:
     """The gradients of passed parameters that exist before the block's backward made again
-    under the meter (the block's other arguments are counted from the start by ``_GIVEN``):
-    backward may replace one rather than add into it in place, and the meter must see the old
-    one go, as it does in training (where the old one was made under it)."""
+    under the meter (the block's other arguments are counted from the start, from
+    ``_OTHER_ARGUMENTS``): backward may replace one rather than add into it in place, and the
+    meter must see the old one go, as it does in training (where the old one was made under
+    it)."""
     for p, exists in _outside(existing):
         if exists or accumulate:
             p.grad = torch.zeros_like(p)
@@ -533,7 +534,8 @@ def _run_layer(block, x_like, keep_input: bool, checkpointed: bool, accumulate: 
     with meter:
         meter.track(block)
         _count_outside(meter, existing, accumulate)
-        meter.count(*(_GIVEN[-1] if _GIVEN else ()))  # the model's, made before the block ran
+        # the model's other arguments to the block, made before it ran
+        meter.count(*(_OTHER_ARGUMENTS[-1] if _OTHER_ARGUMENTS else ()))
         x = _Source.apply(x_like, stash)
         meter.mark("start")
         start = meter.live_bytes
@@ -1117,7 +1119,6 @@ def _prefix_facts(model, batch, like, plain: TrunkCost, accumulate: bool) -> dic
     forward holds it, as a Hugging Face model's ``inputs_embeds`` does), and, measured with
     the prefix inside that checkpoint, nothing of the prefix left outside it. And the FLOPs of
     the prefix's forward, which its recompute runs again."""
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     blocks, alive, x0 = find_blocks(model), [], []
 
@@ -1280,17 +1281,17 @@ def _called_as_in_model(block: nn.Module, extras, fresh: bool = False, batch=())
         return None
 
     handle = block.register_forward_pre_hook(fill, with_kwargs=True)
-    _GIVEN.append([t for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)
+    _OTHER_ARGUMENTS.append([t for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)
                    and _tensor_id(t)[0] not in batch_storages])
     try:
         yield
     finally:
         handle.remove()
-        _GIVEN.pop()
+        _OTHER_ARGUMENTS.pop()
 
 
 # the tensors the model gives the block being measured besides its input (``_called_as_in_model``)
-_GIVEN: list[list[torch.Tensor]] = []
+_OTHER_ARGUMENTS: list[list[torch.Tensor]] = []
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
@@ -1902,8 +1903,6 @@ class _Joints:
 
     @contextlib.contextmanager
     def watching(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
         joints = self
 
         class Watch(TorchDispatchMode):

@@ -6,12 +6,12 @@ import copy
 
 import pytest
 import torch
+from planner_checks import off_the_meter
 from torch import nn
 
 from ckpt_course.auto import _course_model
 from ckpt_course.costs import MENU, measure_costs
-from ckpt_course.plan import all_placements, make_plan, measure_peaks, placement_policy, predict
-from ckpt_course.train import check_gradients
+from ckpt_course.plan import all_placements, make_plan, measure_peaks, predict
 
 W = 32
 
@@ -44,21 +44,6 @@ def _course(model, batch):
     return _course_model(model, batch, None)
 
 
-def _policy(placement):
-    return placement if isinstance(placement, str) else placement_policy(placement)
-
-
-def _off(course, costs, policies):
-    """(policy, metered - predicted) for each policy whose prediction or gradients are off."""
-    wrong = []
-    for policy in map(_policy, policies):
-        predicted = predict(costs, policy).peak_bytes
-        measured = measure_peaks(copy.deepcopy(course), policy)[-1]
-        if predicted != measured or not check_gradients(course, policy).equal:
-            wrong.append((str(policy), measured - predicted))
-    return wrong
-
-
 def test_the_residual_added_by_the_models_loop_is_measured_and_predicted_exactly():
     torch.manual_seed(0)
     course = _course(LoopResidual(), torch.randn(4, 8, 16))
@@ -68,7 +53,7 @@ def test_the_residual_added_by_the_models_loop_is_measured_and_predicted_exactly
     placements = list(all_placements(costs.n, costs))
     assert all(j - i == 1 for p in placements for i, j, _ in p)
     picked = placements[::23] + [p for p in placements if all(k is True for *_, k in p)]
-    assert _off(course, costs, picked) == []
+    assert off_the_meter(course, costs, picked) == []
 
 
 def test_plans_on_a_loop_residual_model_fit_their_budget_and_never_span_blocks():
@@ -147,7 +132,7 @@ def test_a_batch_input_that_requires_grad_counts_its_gradient_and_is_left_as_it_
     course = _course(Chain(), x)
     costs = measure_costs(copy.deepcopy(course), None)
     assert x.grad is None  # the learner's tensor keeps its own
-    assert _off(course, costs, ["none", "full", "every-2"]) == []
+    assert off_the_meter(course, costs, ["none", "full", "every-2"]) == []
     plain = measure_costs(_course(Chain(), x.detach()), None)
     assert costs.trunk.base_bytes - plain.trunk.base_bytes == x.numel() * 4  # x.grad, kept
 
@@ -164,7 +149,8 @@ def test_a_checkpoint_around_frozen_leading_blocks_costs_what_plain_costs():
     for policy in ("segments:0", "segments:0-1"):
         assert (predict(costs, policy).peak_bytes, predict(costs, policy).recompute_flops) == \
             (none.peak_bytes, 0)
-    assert _off(course, costs, ["segments:0", "segments:0-1", "full", "segments:1-2"]) == []
+    assert off_the_meter(course, costs,
+                         ["segments:0", "segments:0-1", "full", "segments:1-2"]) == []
 
 
 class FiLM(nn.Module):
@@ -203,7 +189,7 @@ def test_blocks_given_a_tensor_that_carries_the_graph_are_planned_exactly(keywor
     assert [c.extra_grad_bytes for c in costs.layers] == [0, 0, c_bytes]
     placements = list(all_placements(costs.n, costs))
     assert all(j - i == 1 for p in placements for i, j, _ in p)  # a segment would keep c on
-    assert _off(course, costs, ["none", "full", "menu:0=full", "menu:1=offload",
+    assert off_the_meter(course, costs, ["none", "full", "menu:0=full", "menu:1=offload",
                                 "menu:0=selective:recompute=gelu,silu,relu,2=full"]) == []
     with pytest.raises(ValueError, match="block 1 gets a tensor that carries") as info:
         predict(costs, "every-2")

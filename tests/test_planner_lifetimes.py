@@ -6,12 +6,12 @@ import copy
 
 import pytest
 import torch
+from planner_checks import off_the_meter
 from torch import nn
 
 from ckpt_course.auto import _course_model
 from ckpt_course.costs import measure_costs
 from ckpt_course.plan import measure_peaks, predict, predict_nested
-from ckpt_course.train import check_gradients
 
 POLICIES = ("none", "full", "every-2", "segments:0-1")
 
@@ -48,13 +48,7 @@ def _course(model):
 def _wrong(course, policies=POLICIES):
     """(policy, metered - predicted) for each policy off the meter or off plain's gradients."""
     costs = measure_costs(copy.deepcopy(course), None)
-    wrong = []
-    for policy in policies:
-        predicted = predict(costs, policy).peak_bytes
-        measured = measure_peaks(copy.deepcopy(course), policy)[-1]
-        if predicted != measured or not check_gradients(course, policy).equal:
-            wrong.append((policy, measured - predicted))
-    return costs, wrong
+    return costs, off_the_meter(course, costs, policies)
 
 
 def test_a_parameter_the_forward_never_uses_gets_no_optimizer_state():
