@@ -21,11 +21,14 @@ import copy
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty
+from time import monotonic
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
+from nbclient.util import ensure_async
 
 from ckpt_course.predicts import lookup
 from ckpt_course.reveal import NO_PREDICTION, STRICT_ENV
@@ -33,12 +36,41 @@ from ckpt_course.reveal import NO_PREDICTION, STRICT_ENV
 # Per cell: every lesson cell takes seconds (the slowest about 7 s, 25 s on a loaded machine).
 # A run whose kernel went silent (seen twice on a loaded machine: the kernel idle, the client
 # waiting for a reply that never came) is retried once with a fresh kernel instead of holding
-# the suite for ten minutes. The limit is also how long nbclient 0.11 can miss a reply that has
-# come (jupyter/nbclient#312, after an ipywidgets cell: lesson 1's slider; it then reads the
-# reply when its poll times out and goes on, no error): seen in most full runs of lesson 1,
-# each costing the whole limit, so the limit is kept short of that.
+# the suite for ten minutes.
 TIMEOUT_S = 60
 ATTEMPTS = 2
+# How often the wait for a cell's reply asks the shell channel again (``Client``).
+POLL_S = 0.5
+
+
+class Client(NotebookClient):
+    """nbclient's client, asking the shell channel for a cell's reply every ``POLL_S``.
+
+    nbclient 0.11 waits for the reply in one poll as long as the cell limit, and pyzmq's
+    asyncio poller can miss the wake-up of a reply that has come (after an ipywidgets cell:
+    lesson 1's slider; jupyter/nbclient#312). It reads the reply only when that poll times
+    out, with no error: in most full runs each miss cost a whole cell limit. A poll that ends
+    looks at the socket again (``zmq._future._AsyncPoller.poll``), so short ones find it."""
+
+    async def _async_poll_for_reply(self, msg_id, cell, timeout, *tasks):
+        channel = self.kc.shell_channel
+        whole = channel.get_msg
+
+        async def get_msg(timeout=None):
+            end = None if timeout is None else monotonic() + timeout
+            while True:
+                step = POLL_S if end is None else max(0.0, min(POLL_S, end - monotonic()))
+                try:
+                    return await ensure_async(whole(timeout=step))
+                except Empty:
+                    if end is not None and monotonic() >= end:
+                        raise
+
+        channel.get_msg = get_msg
+        try:
+            return await super()._async_poll_for_reply(msg_id, cell, timeout, *tasks)
+        finally:
+            channel.get_msg = whole
 
 
 @dataclass(frozen=True)
@@ -109,7 +141,7 @@ def execute(path: Path, nb=None) -> nbformat.NotebookNode:
     for attempt in range(1, ATTEMPTS + 1):
         nb = copy.deepcopy(source)
         try:
-            NotebookClient(nb, timeout=TIMEOUT_S, kernel_name="python3",
+            Client(nb, timeout=TIMEOUT_S, kernel_name="python3",
                            resources={"metadata": {"path": str(path.parent)}}).execute()
         except (CellTimeoutError, DeadKernelError):
             if attempt == ATTEMPTS:

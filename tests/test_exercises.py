@@ -24,10 +24,10 @@ def test_generated_notebooks_are_fresh():
 
 def cell_errors(path: Path) -> dict:
     """Run a notebook in a real kernel; {cell id: error name or None} for each code cell."""
-    from nbclient import NotebookClient
+    from lesson_runs import Client
 
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, allow_errors=True, timeout=300, kernel_name="python3",
+    Client(nb, allow_errors=True, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(path.parent)}}).execute()
     return {
         cell.id: next((o.ename for o in cell.outputs if o.output_type == "error"), None)
@@ -64,6 +64,6 @@ def test_the_grader_gives_every_solution_full_marks_and_every_stub_none(course_c
         assert card.checks, card.notebook
         if kind == "solutions":
             assert card.full_marks, (card.notebook, [(c.name, c.hint) for c in card.checks
-                                                     if not c.passed])
+                                                     if not c.passed], card.notes)
         else:
             assert card.earned == 0, (card.notebook, [c.name for c in card.checks if c.passed])
