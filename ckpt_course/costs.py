@@ -267,6 +267,9 @@ class TrunkCost:
     # bytes of the batch's storages the prefix views (a reshape of a 3-D batch for a Linear):
     # the meter counts them in prefix_kept, and they stay all step, the prefix inside or not
     prefix_batch_views: int = 0
+    # under prefix=full, what later blocks keep of the prefix's tensors all step (made in the
+    # region, kept outside it: a Hugging Face model's position ids), batch views aside
+    prefix_kept_outside: int = 0
     prefix: str = ""
     prefix_backward_kept: int = -1
 
@@ -880,6 +883,8 @@ class _Cut(torch.autograd.Function):
                 *extras):
         meter.mark("cut")
         stash.append(x)
+        # x_0 as it comes in: under prefix=full the policy frees it once block 0 returns
+        meter.cut_input = (x.untyped_storage().nbytes(), _storage_ref(x))
         out = torch.zeros(like.shape, dtype=like.dtype, device=x.device)
         meter.mark("suffix")
         # residual: the model adds x to this output (x gets its gradient through that add);
@@ -991,11 +996,9 @@ def _run_trunk(model, batch, like, keep_output: bool, accumulate: bool = False,
         with meter.phase("forward"):
             loss = model.loss(batch)
         meter.mark("forward_end")
-        x0 = stash[0]
+        a0, x0_ref = meter.cut_input
         batch_storages = {id(t.untyped_storage()) for t in batch}
-        counted = id(x0.untyped_storage()) not in batch_storages
-        x0_ref, a0 = _storage_ref(x0), x0.untyped_storage().nbytes()
-        del x0
+        counted = id(x0_ref()) not in batch_storages
         with meter.phase("backward"):
             loss.backward()
         end = meter.live_bytes
@@ -1115,17 +1118,22 @@ class _PrefixEnd(Exception):
 
 def _prefix_facts(model, batch, like, plain: TrunkCost, accumulate: bool) -> dict:
     """Whether the prefix can run inside block 0's checkpoint (``prefix=full``) exactly as the
-    planner derives it: x_0 counted and dying when block 0 returns (no local of the model's
-    forward holds it, as a Hugging Face model's ``inputs_embeds`` does), and, measured with
-    the prefix inside that checkpoint, nothing of the prefix left outside it. And the FLOPs of
-    the prefix's forward, which its recompute runs again."""
+    planner derives it: x_0 counted and dead once block 0 returns: no op after it reads x_0 and
+    nothing holds it past the forward (a local of the model's forward that holds it unread, as
+    a Hugging Face model's ``inputs_embeds`` does to the end of its decoder, is fine: the
+    policy frees it, ``policies._release_prefix_output``); and, measured with the prefix
+    inside that checkpoint, nothing of the prefix left outside it. And the FLOPs of the
+    prefix's forward, which its recompute runs again."""
 
-    blocks, alive, x0 = find_blocks(model), [], []
+    blocks, read, x0 = find_blocks(model), [], []
 
-    class Probe(TorchDispatchMode):  # the first op after block 0 returned: is x_0 alive?
+    class Probe(TorchDispatchMode):  # after block 0 returned: does an op read x_0?
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if x0 and not alive:
-                alive.append(x0[0]() is not None)
+            storage = x0[0]() if x0 else None
+            if storage is not None and any(
+                    isinstance(t, torch.Tensor) and t.untyped_storage()._cdata == storage._cdata
+                    for t in tree_leaves((args, kwargs))):
+                read.append(func)
             return func(*args, **(kwargs or {}))
 
     batch_storages = {id(t.untyped_storage()): t.untyped_storage().nbytes() for t in batch
@@ -1157,24 +1165,29 @@ def _prefix_facts(model, batch, like, plain: TrunkCost, accumulate: bool) -> dic
         try:
             with Probe():
                 model.loss(batch)
+            outlives = bool(x0) and x0[0]() is not None
             blocks[0].forward = count_until_block0
             with contextlib.suppress(_PrefixEnd), counter, BatchViews():
                 model.loss(batch)
         finally:
             for block in blocks:
                 del block.forward
-    dies = bool(x0) and alive == [False]
+    dies = bool(x0) and not read and not outlives
     ok = dies and plain.input_counted and not plain.prefix_keeps_input
+    views = sum(viewed.values())
     if ok:
         inside = measure_trunk(model, batch, like, accumulate, prefix=True)
         # the meter counts a view of the batch (made outside it) when it first sees it, and
-        # the batch outlives the step: such views are all it may find kept outside
-        ok = inside.prefix_kept == sum(viewed.values())
+        # the batch outlives the step; besides those, what a later block keeps of what the
+        # prefix made (a Hugging Face model's position ids) stays outside the region
+        outside = inside.prefix_kept - views
+        ok = 0 <= outside <= plain.prefix_kept - views
     from .op_choices import prefix_ops
 
     return dict(prefix_recomputable=ok, prefix_forward_flops=counter.get_total_flops(),
                 prefix_ops=prefix_ops(model, batch) if ok else 0,
-                prefix_batch_views=sum(viewed.values()) if ok else 0)
+                prefix_batch_views=views if ok else 0,
+                prefix_kept_outside=outside if ok else 0)
 
 
 def _parameters_reached(loss) -> set[int] | None:

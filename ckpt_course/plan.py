@@ -575,7 +575,9 @@ def _prefix_inside(costs: ChainCosts) -> ChainCosts:
     prefix's backward. Block 0's numbers are used only as the first block of that segment
     (the objective refuses any other first segment: ``_first_checkpointed``)."""
     trunk, first = costs.trunk, costs.layers[0]
-    views = trunk.prefix_batch_views  # the batch's own storage: kept all step, inside or not
+    # the batch's own storage, and what later blocks keep of the prefix's: all step, inside
+    # or not
+    views = trunk.prefix_batch_views + trunk.prefix_kept_outside
     x0, kept, again = first.input_bytes, trunk.prefix_kept - views, trunk.prefix_peak
     stays = kept + x0 * first.saves_input
     back = first.checkpointed_backward
@@ -610,8 +612,8 @@ def _options_with_prefix(costs: ChainCosts) -> dict:
     act on the prefix's ops too: left out; so are all where the prefix draws random numbers
     (its first draw would decide block 0's random ops)."""
     trunk, x0 = costs.trunk, costs.layers[0].input_bytes
-    kept, again = trunk.prefix_kept - trunk.prefix_batch_views, trunk.prefix_peak
-    flops = trunk.prefix_forward_flops
+    kept = trunk.prefix_kept - trunk.prefix_batch_views - trunk.prefix_kept_outside
+    again, flops = trunk.prefix_peak, trunk.prefix_forward_flops
     out = {}
     if trunk.prefix_ops < 0:  # the prefix draws random numbers (``op_choices.prefix_ops``)
         return out

@@ -982,6 +982,8 @@ class _Region:
         except BaseException as error:
             self._abandon(error)
             raise
+        if k == 0 and self._early and args:
+            _release_prefix_output(args[0], out)
         if k == len(self.blocks) - 1:
             region, self._open, self._previous = self._open, None, None
             next(region, None)  # closes it (the generator ends)
@@ -1087,6 +1089,33 @@ class _Forward:
         if suffix is not None and self.last:
             suffix.open(out)
         return out
+
+
+def _release_prefix_output(x0, out) -> None:
+    """``prefix=full``: block 0 has returned, and the prefix's output ``x0`` (made inside the
+    region, so nothing saved it) is the model's to drop. A forward that still holds it in a
+    local (a Hugging Face model's ``inputs_embeds``, to the end of its decoder) would keep it
+    alive past the point the planner counts it dead, so its storage is freed here: the tensor
+    now reads NaN from one shared element (a later read shows up as a NaN loss, never as a
+    plausible number; ``costs._prefix_facts`` plans prefix=full only where no op reads it).
+    Left alone: the batch or a parameter (no ``grad_fn``), a view (freeing it frees nothing),
+    integer tensors, a fake tensor, and a block that hands ``x0`` back."""
+    if not (type(x0) is torch.Tensor and x0.grad_fn is not None and x0._base is None
+            and x0.is_floating_point() and torch.is_grad_enabled()):
+        return
+    storage = x0.untyped_storage()
+    if any(isinstance(t, torch.Tensor) and t.untyped_storage()._cdata == storage._cdata
+           for t in tree_leaves(out)):
+        return
+    with _disable_current_modes():
+        x0.data = _nan_like(x0.dtype, x0.device).expand(x0.shape)
+
+
+@functools.cache
+def _nan_like(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One NaN element per dtype and device, made once outside any meter: what a released
+    prefix output reads (``_release_prefix_output``)."""
+    return torch.full((1,), float("nan"), dtype=dtype, device=device)
 
 
 # ---------------------------------------------------------------- the suffix as a checkpoint

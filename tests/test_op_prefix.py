@@ -11,7 +11,7 @@ from ckpt_course.auto import _course_model
 from ckpt_course.costs import measure_costs
 from ckpt_course.models import GPTConfig, TinyGPT
 from ckpt_course.op_choices import prefix_ops
-from ckpt_course.plan import measure_peaks, predict, with_trunk
+from ckpt_course.plan import measure_peaks, optimal, predict, with_trunk
 from ckpt_course.policies import applied, parse_policy
 from ckpt_course.recompute import EXTRA_FLOP_FORMULAS
 from ckpt_course.train import check_gradients
@@ -185,3 +185,68 @@ def test_a_prefix_that_reshapes_a_3d_batch_can_run_inside_and_is_exact():
         policy = f"menu:0={first},1-2=full,prefix=full"
         assert predict(costs, policy).peak_bytes == measure_peaks(model, policy)[-1], policy
         assert check_gradients(model, policy).equal, policy
+
+
+def _forward_peak(model, policy, batch):
+    from ckpt_course.meter import MemoryMeter
+
+    meter = MemoryMeter()
+    with applied(model, policy), meter:
+        meter.track(model)
+        with meter.phase("forward"):
+            loss = model.loss(batch)
+        peak = meter.peak_bytes
+        loss.backward()
+    meter.untrack()
+    model.zero_grad(set_to_none=True)
+    return peak
+
+
+def test_a_hugging_face_models_inputs_embeds_is_freed_when_block_0_returns(monkeypatch):
+    """LlamaModel.forward holds x_0 in a local (``inputs_embeds``) to the end of its decoder,
+    unread after block 0. Under prefix=full the region frees it when block 0 returns
+    (``policies._release_prefix_output``): the forward peaks x_0's bytes below block 0..2
+    checkpointed with x_0 kept as the segment's input (without the release, at the same
+    peak), and every option with the prefix inside is predicted to the byte."""
+    from ckpt_course import hf, policies
+
+    torch.manual_seed(0)
+    model = hf.build(hf.small_config(hf.load_config("llama-3.2-1b"), n_layer=3, seq_len=32))
+    batch = model.example_batch(2)
+    x0 = 2 * 32 * model.lm.config.hidden_size * 4
+    kept, inside = _forward_peak(model, "menu:0-2=full", batch), "menu:0-2=full,prefix=full"
+    assert _forward_peak(model, inside, batch) == kept - x0
+    with monkeypatch.context() as patch:
+        patch.setattr(policies, "_release_prefix_output", lambda x, out: None)
+        assert _forward_peak(model, inside, batch) == kept
+    costs = measure_costs(model, 2, op_points=2, suffix=True)
+    assert costs.trunk.prefix_recomputable
+    options = _prefix_options(costs)
+    assert options
+    for first in ("full", *options):
+        policy = f"menu:0={first},1-2=full,prefix=full"
+        assert predict(costs, policy).peak_bytes == measure_peaks(model, policy, 2)[-1], policy
+        assert check_gradients(model, policy, 2).equal, policy
+
+
+def test_a_prefix_output_read_after_block_0_is_not_planned_inside():
+    """A model that reads the embeddings again after the blocks (here a statistic it logs):
+    x_0 cannot be freed when block 0 returns, so the planner offers no prefix=full."""
+
+    class Skip(_Net):
+        def forward(self, x):
+            x0 = x = self.embed(x)
+            for block in self.blocks:
+                x = block(x)
+            self.logged = x0.detach().std()
+            return self.head(x)
+
+    torch.manual_seed(0)
+    model = _course_model(Skip(), torch.randn(32, 8), None)
+    costs = measure_costs(model, None, op_points=2, suffix=True)
+    assert not costs.trunk.prefix_recomputable
+    with pytest.raises(ValueError, match="prefix=full") as error:
+        predict(costs, "menu:0=full,prefix=full")
+    assert "\n" not in str(error.value)
+    budgets = [predict(costs, p).peak_bytes for p in ("full", "none")]
+    assert all("prefix" not in str(optimal(costs, b, "flops").policy) for b in budgets)

@@ -235,22 +235,6 @@ def test_every_prefix_placement_is_predicted_to_the_byte_with_identical_gradient
                                  for placement in _first_checkpointed(3)]) == []
 
 
-@pytest.mark.slow  # measures a small HF model with its trunk options: seconds
-def test_a_hugging_face_models_prefix_stays_as_it_is():
-    """Its forward keeps the embeddings' output (``inputs_embeds``) to the end of the
-    decoder: x_0 outlives block 0, so the prefix is never put inside a checkpoint."""
-    from ckpt_course import hf
-
-    model = hf.build(hf.small_config(hf.load_config("llama-3.2-1b"), n_layer=2, seq_len=16))
-    costs = measure_costs(model, 2, 16, suffix=True)
-    assert not costs.trunk.prefix_recomputable and costs.suffixes
-    with pytest.raises(ValueError, match="prefix=full") as error:
-        predict(costs, "menu:0=full,prefix=full")
-    assert "\n" not in str(error.value)
-    assert all(p.prefix == "" for p in (optimal(costs, b, "flops") for b in (
-        predict(costs, "full").peak_bytes, predict(costs, "none").peak_bytes)))
-
-
 def test_on_a_learners_model_the_prefix_runs_inside_block_0s_checkpoint():
     torch.manual_seed(0)
     model, x = Net(), torch.randn(64, 8)
