@@ -1093,7 +1093,8 @@ def measure_suffixes(model: nn.Module, batch, like: torch.Tensor, plain: TrunkCo
     (``_prefix_facts``) and the options' trunks."""
     from .op_choices import suffix_choices
 
-    plain = replace(plain, **_prefix_facts(model, batch, like, plain, accumulate))
+    facts = _prefix_facts(model, batch, like, plain, accumulate)
+    plain = replace(plain, **facts)
     options = ["full"]
     if points:
         options += [c.policy for c in suffix_choices(model, batch, like, points) if c.keep]
@@ -1104,11 +1105,7 @@ def measure_suffixes(model: nn.Module, batch, like: torch.Tensor, plain: TrunkCo
         except (RuntimeError, ValueError):
             continue
         out.append(replace(trunk, flops=plain.flops,
-                           recompute_flops=max(0, trunk.flops - plain.flops),
-                           prefix_recomputable=plain.prefix_recomputable,
-                           prefix_forward_flops=plain.prefix_forward_flops,
-                           prefix_ops=plain.prefix_ops,
-                           prefix_batch_views=plain.prefix_batch_views))
+                           recompute_flops=max(0, trunk.flops - plain.flops), **facts))
     return plain, tuple(out)
 
 

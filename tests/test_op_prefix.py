@@ -221,12 +221,18 @@ def test_a_hugging_face_models_inputs_embeds_is_freed_when_block_0_returns(monke
         assert _forward_peak(model, inside, batch) == kept
     costs = measure_costs(model, 2, op_points=2, suffix=True)
     assert costs.trunk.prefix_recomputable
+    # the position ids it makes stay outside the region (the wrapper's block kwargs), under
+    # every suffix option too
+    assert {t.prefix_kept_outside for t in (costs.trunk, *costs.suffixes)} == {32 * 8}
     options = _prefix_options(costs)
     assert options
+    blocks = next(o for o in costs.menu[1] if o.startswith("selective:ops="))
     for first in ("full", *options):
-        policy = f"menu:0={first},1-2=full,prefix=full"
-        assert predict(costs, policy).peak_bytes == measure_peaks(model, policy, 2)[-1], policy
-        assert check_gradients(model, policy, 2).equal, policy
+        for rest in ("1-2=full", f"1..2={blocks},suffix=full"):
+            policy = f"menu:0={first},{rest},prefix=full"
+            assert predict(costs, policy).peak_bytes == measure_peaks(model, policy, 2)[-1], \
+                policy
+            assert check_gradients(model, policy, 2).equal, policy
 
 
 def test_a_prefix_output_read_after_block_0_is_not_planned_inside():
