@@ -47,11 +47,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .costs import MENU, check_no_policy, check_op_points, copy_of, measure_costs
+from .costs import MENU, check_op_points, copy_of, measure_costs
 from .doctor import run_steps
 from .meter import parse_budget
 from .plan import Plan, make_plan
 from .policies import AppliedPolicy, apply_policy
+from .recording import check_no_policy
 from .train import check_gradients
 from .units import fmt_bytes, fmt_flops
 

@@ -66,15 +66,16 @@ read this code. Per class of attack, what is defended and what is not:
   metering helpers (`peak_of`, `measure`, `memory_runs`), so no check's private helper (the
   dial's peak of 1.4, the reference tape of 4b) is reachable; predict-by-reasoning checks
   (phase 2) forbid every module that measures saved or peak bytes or computes an answer (tape,
-  trace, meter, recompute, pitfalls, ranking, compare, sharding, estimate, costs, hf, sweeps,
-  train, step, timing, plan, auto, doctor, memviz); 4b forbids hf_config_costs, costs,
-  estimate, the meter; 3.2-per-gpu forbids `sharding.per_gpu_bytes`/`min_gpus`, 3.3 the
-  estimate's `layer_activation_bytes`. Intended, not a hole: 3.4-save teaches `rank_ops`, so an
-  answer that filters its ranking (ops with FLOPs, nameable) is the exercise's reading; 3.4-budget
-  picks from the table the notebook measured. NOT yet defended: 1.2-mlp may call `record_tape`
-  (the exercise's own demo cell prints a tape after the first answer, and rules hold for the
-  whole worker); 1.3-by-hand's memory part measures RSS, so an answer that parks the tape in
-  files (saved_tensors_hooks + torch.save) and a plain forward earn points they should not.
+  trace, meter, recompute, pitfalls, ranking, compare, sharding, estimate, costs, recording,
+  hf, sweeps, train, step, timing, plan, auto, doctor, memviz); 4b forbids hf_config_costs,
+  costs, recording, estimate, the meter; 3.2-per-gpu forbids
+  `sharding.per_gpu_bytes`/`min_gpus`, 3.3 the estimate's `layer_activation_bytes`. Intended,
+  not a hole: 3.4-save teaches `rank_ops`, so an answer that filters its ranking (ops with
+  FLOPs, nameable) is the exercise's reading; 3.4-budget picks from the table the notebook
+  measured. NOT yet defended: 1.2-mlp may call `record_tape` (the exercise's own demo cell
+  prints a tape after the first answer, and rules hold for the whole worker); 1.3-by-hand's
+  memory part measures RSS, so an answer that parks the tape in files (saved_tensors_hooks +
+  torch.save) and a plain forward earn points they should not.
 - Memory checks. The memory run's sizes are drawn from the secret seed; its result is checked
   against the reference's (a SHA-256 of the tensors' bytes), so an answer that detects the
   memory run (by size, by inspecting the worker's frames) and skips the work fails; counters

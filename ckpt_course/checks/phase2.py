@@ -17,16 +17,16 @@ from . import Parts, call, expect, forbids, is_int, passed, rng
 # Predict by reasoning: an answer may not measure. Forbidden: every module of the package that
 # measures saved or peak bytes, or computes an answer (the tape, the step trace, the meter, the
 # recompute counter, the pitfalls' saved_for_backward, the op ranking, the sharding's saved-bytes
-# hook, the estimates on fake tensors, the per-block costs, the HF tools, the sweeps, the step
-# runner and the checks' own helpers). What an answer may use is plain Python, torch and the
-# models it builds.
+# hook, the estimates on fake tensors, the per-block costs and the forward they record, the HF
+# tools, the sweeps, the step runner and the checks' own helpers). What an answer may use is
+# plain Python, torch and the models it builds.
 PREDICT_RULES = ("ckpt_course.tape", "ckpt_course.trace", "ckpt_course.meter",
                  "ckpt_course.recompute", "ckpt_course.checks", "ckpt_course.pitfalls",
                  "ckpt_course.ranking", "ckpt_course.compare", "ckpt_course.sharding",
-                 "ckpt_course.estimate", "ckpt_course.costs", "ckpt_course.hf",
-                 "ckpt_course.sweeps", "ckpt_course.train", "ckpt_course.step",
-                 "ckpt_course.timing", "ckpt_course.plan", "ckpt_course.auto",
-                 "ckpt_course.doctor", "ckpt_course.memviz")
+                 "ckpt_course.estimate", "ckpt_course.costs", "ckpt_course.recording",
+                 "ckpt_course.hf", "ckpt_course.sweeps", "ckpt_course.train",
+                 "ckpt_course.step", "ckpt_course.timing", "ckpt_course.plan",
+                 "ckpt_course.auto", "ckpt_course.doctor", "ckpt_course.memviz")
 
 FLOAT32 = 4  # bytes
 

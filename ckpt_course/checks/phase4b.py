@@ -12,12 +12,13 @@ import torch
 from . import CheckFailed, call, expect, forbids, is_int, passed, rng
 
 # Predict from the config: an answer may not measure a layer (the check's own helper,
-# hf.layer_tape, hf.hf_config_costs, record_tape, the per-block costs, the estimates on fake
-# tensors, the meter) nor read the formula's terms.
+# hf.layer_tape, hf.hf_config_costs, record_tape, the per-block costs and the forward they
+# record, the estimates on fake tensors, the meter) nor read the formula's terms.
 MEASURE_RULES = ("ckpt_course.checks", "ckpt_course.tape", "ckpt_course.hf:layer_tape",
                  "ckpt_course.hf:formula_terms", "ckpt_course.hf:hf_config_costs",
-                 "ckpt_course.costs", "ckpt_course.estimate", "ckpt_course.meter",
-                 "ckpt_course.pitfalls:saved_for_backward", "ckpt_course.ranking")
+                 "ckpt_course.costs", "ckpt_course.recording", "ckpt_course.estimate",
+                 "ckpt_course.meter", "ckpt_course.pitfalls:saved_for_backward",
+                 "ckpt_course.ranking")
 
 __all__ = ["CheckFailed", "layer_bytes"]
 
