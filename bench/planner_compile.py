@@ -123,26 +123,28 @@ exact backend; it agrees with the stock one here: no op draws):
   tiny GPT (4 blocks)                     HF Llama 3.2 1B, small (4 layers)
   budget  compile      planner      ratio  compile      planner     ratio
           saved B/MFLOP  saved B/MFLOP     saved B/MFLOP  saved B/MFLOP
-  0.05    393,216/385.88   393,216/385.88 1.00  139,264/56.36    139,264/60.56 1.07
-  0.10    917,504/327.16   794,624/318.77 0.97  278,528/51.90    276,480/50.07 0.96
-  0.20  1,835,008/268.44 1,720,320/243.27 0.91  557,056/42.99    557,056/40.11 0.93
-  0.30  2,752,512/209.72 2,637,824/184.55 0.88  835,584/34.08    835,584/31.20 0.92
-  0.40  3,670,016/150.99 3,555,328/125.83 0.83 1,114,112/25.17  1,114,112/22.28 0.89
-  0.50  4,587,520/92.27  4,472,832/67.11  0.73 1,400,832/15.99  1,400,832/13.11 0.82
-  0.60  5,001,220/67.11  4,997,120/33.55  0.50 1,644,164/8.39   1,597,440/6.82  0.81
-  0.80  5,738,500/0.00   5,521,408/0.00   1.00 1,817,092/0.00   1,810,432/0.00  1.00
+  0.05    393,216/385.88   393,216/385.88 1.00  139,264/56.36    139,264/56.36   1.00
+  0.10    917,504/327.16   794,624/318.77 0.97  278,528/51.90    276,480/49.02   0.94
+  0.20  1,835,008/268.44 1,720,320/243.27 0.91  557,056/42.99    557,056/39.06   0.91
+  0.30  2,752,512/209.72 2,637,824/184.55 0.88  835,584/34.08    835,584/30.15   0.88
+  0.40  3,670,016/150.99 3,555,328/125.83 0.83 1,114,112/25.17  1,105,920/21.50  0.85
+  0.50  4,587,520/92.27  4,472,832/67.11  0.73 1,400,832/15.99  1,400,832/12.06  0.75
+  0.60  5,001,220/67.11  4,997,120/33.55  0.50 1,644,164/8.39   1,613,824/5.24   0.62
+  0.80  5,738,500/0.00   5,521,408/0.00   1.00 1,817,092/0.00   1,777,664/0.00   1.00
 
 Every planner row's peak metered = predicted, twice. The planner recomputes no more than
-compile at every budget on the tiny GPT (strictly less at 6 of 8; block 0 at an op-level point
-with the prefix inside is in every plan from 0.2 to 0.8, and took 8.39 MFLOP off each of the
-rows 0.2 to 0.6 against the planner without it: 251.66, 192.94, 134.22, 75.50, 41.94) and at 7
-of 8 on the Llama (strictly less at 6). The Llama at 0.05 recomputes 4.19 MFLOP more (one MLP
-projection): compile may recompute the embeddings from the token ids, so x_0 (32 kB) need not
-be among what it saves, while on a Hugging Face model the prefix cannot go inside block 0's
-region exactly (its forward holds ``inputs_embeds`` to the end of the decoder, so x_0 outlives
-block 0; ``costs._prefix_facts`` finds it and the planner keeps the prefix as it is); one
-offloaded block (838,656 B to host) brings it to 43.25 MFLOP. At 0.8 compile recomputes only
-FLOP-free ops; the planner's zero-FLOP points keep less than compile there.
+compile at every budget on both models, strictly less at 6 of 8 on each (block 0 at an op-level
+point with the prefix inside is in every plan from 0.2 to 0.8 on the GPT, and in every Llama
+plan: it took 8.39 MFLOP off each of the GPT's rows 0.2 to 0.6 against the planner without it).
+On the Llama the prefix could not go inside block 0's region before: its forward holds
+``inputs_embeds`` (x_0) in a local to the end of the decoder, so x_0 outlived block 0 and the
+planner kept the prefix as it is (0.05: 60.56 MFLOP, 1.07x compile's; 0.1-0.6: ratios 0.96,
+0.93, 0.92, 0.89, 0.82, 0.81). Under ``prefix=full`` the region now frees x_0's storage when
+block 0 returns (``policies._release_prefix_output``), which ``costs._prefix_facts`` allows only
+where no op after block 0 reads x_0 and nothing holds it past the forward; the position ids
+the prefix makes, which the wrapper keeps for its blocks' calls, are measured as kept outside
+the region (``TrunkCost.prefix_kept_outside``). At 0.8 compile recomputes only FLOP-free ops;
+the planner's zero-FLOP points keep less than compile there.
 
 Run: .venv/bin/python bench/planner_compile.py [--models gpt,llama] [--batch 2] [--points 6]
 [--fractions 0.05,0.8] [--stock-partitioner]; the held-out models: --models attn,swiglu,res,mixed

@@ -35,10 +35,12 @@ forward is the peak; what it keeps less counts against torch.compile's saved byt
 (``bench/planner_compile.py``). The prefix (embeddings) may run inside the checkpointed
 segment at block 0 (``prefix=full``), which then keeps only the batch: x_0 and what the
 embeddings save are not kept from forward to backward. Its chain is derived from what was
-measured (``_prefix_inside``), where measuring found it exact: x_0 dies when block 0 returns
-and nothing of the prefix stays outside that checkpoint (the course's GPT, a learner's model
-written ``x = block(x)``; not a Hugging Face model, whose forward holds ``inputs_embeds`` to the
-end of its decoder: there the prefix stays as it is). Assumptions: blocks run in order, once
+measured (``_prefix_inside``), where measuring found it exact: no op reads x_0 after block 0
+returns and nothing holds it past the forward (the course's GPT, a learner's model written
+``x = block(x)``, a Hugging Face model, whose forward holds ``inputs_embeds`` unread to the end
+of its decoder: the region frees it, ``policies._release_prefix_output``); what later blocks
+keep of the prefix's tensors (HF position ids) is measured as kept outside
+(``TrunkCost.prefix_kept_outside``). Assumptions: blocks run in order, once
 each; a block's backward allocates nothing before it first reads a saved tensor (true of the
 course models). A model whose loop adds the residual (``x = x + block(x)``) is measured with
 that add in each block, and a block given a tensor that carries the model's graph (a
