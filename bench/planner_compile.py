@@ -142,9 +142,11 @@ planner kept the prefix as it is (0.05: 60.56 MFLOP, 1.07x compile's; 0.1-0.6: r
 0.93, 0.92, 0.89, 0.82, 0.81). Under ``prefix=full`` the region now frees x_0's storage when
 block 0 returns (``policies._release_prefix_output``), which ``costs._prefix_facts`` allows only
 where no op after block 0 reads x_0 and nothing holds it past the forward; the position ids
-the prefix makes, which the wrapper keeps for its blocks' calls, are measured as kept outside
-the region (``TrunkCost.prefix_kept_outside``). At 0.8 compile recomputes only FLOP-free ops;
-the planner's zero-FLOP points keep less than compile there.
+the prefix makes, which the wrapper keeps for its blocks' calls all step, are measured as kept
+outside the region (``TrunkCost.prefix_kept_outside``; anything else left outside, as GPT-2's
+token and position embeddings in locals of its forward, keeps the prefix as it is). At 0.8
+compile recomputes only FLOP-free ops; the planner's zero-FLOP points keep less than compile
+there.
 
 Run: .venv/bin/python bench/planner_compile.py [--models gpt,llama] [--batch 2] [--points 6]
 [--fractions 0.05,0.8] [--stock-partitioner]; the held-out models: --models attn,swiglu,res,mixed

@@ -280,6 +280,9 @@ class TrunkCost:
     # under prefix=full, what later blocks keep of the prefix's tensors all step (made in the
     # region, kept outside it: a Hugging Face model's position ids), batch views aside
     prefix_kept_outside: int = 0
+    # of the forward's tensors alive when the blocks start, the bytes still alive after the
+    # step's backward (the batch's views; a wrapper's cached block arguments): kept all step
+    prefix_survivors: int = 0
     prefix: str = ""
     prefix_backward_kept: int = -1
 
@@ -867,6 +870,7 @@ class _Cut(torch.autograd.Function):
         stash.append(x)
         # x_0 as it comes in: under prefix=full the policy frees it once block 0 returns
         meter.cut_input = (x.untyped_storage().nbytes(), _storage_ref(x))
+        meter.cut_live = [r for r in meter._live.values() if r.category == "activations"]
         out = torch.zeros(like.shape, dtype=like.dtype, device=x.device)
         meter.mark("suffix")
         # residual: the model adds x to this output (x gets its gradient through that add);
@@ -987,7 +991,9 @@ def _run_trunk(model, batch, like, keep_output: bool, accumulate: bool = False,
     meter.untrack()
     grads = 0 if accumulate else _grad_bytes(model)
     model.zero_grad(set_to_none=True)
+    survivors = sum(r.nbytes for r in meter.cut_live if r() is not None)
     return meter, dict(start=start, end=end, counted=counted, a0=a0, grads=grads,
+                       survivors=survivors,
                        suffix_grads=0 if accumulate else meter.suffix_grads,
                        keeps_x0=x0_ref() is not None)
 
@@ -1044,6 +1050,7 @@ def measure_trunk(model: nn.Module, batch, like: torch.Tensor,
         base_bytes=start,
         prefix_peak=m.window_peak(0, m.marks["cut"], start) - start,
         prefix_kept=prefix_kept,
+        prefix_survivors=info["survivors"],
         prefix_keeps_input=keeps,
         input_counted=counted,
         suffix_forward_peak_held=values["held"]["fwd_peak"],
@@ -1157,10 +1164,13 @@ def _prefix_facts(model, batch, like, plain: TrunkCost, accumulate: bool) -> dic
     if ok:
         inside = measure_trunk(model, batch, like, accumulate, prefix=True)
         # the meter counts a view of the batch (made outside it) when it first sees it, and
-        # the batch outlives the step; besides those, what a later block keeps of what the
-        # prefix made (a Hugging Face model's position ids) stays outside the region
+        # the batch outlives the step; besides those, what the prefix made and something keeps
+        # all step (the HF wrapper's cached block arguments: position ids) stays outside the
+        # region. Anything else left outside (a local of the forward holding the token
+        # embeddings until it returns, as GPT-2's does) is not in the planner's terms: refused
         outside = inside.prefix_kept - views
-        ok = 0 <= outside <= plain.prefix_kept - views
+        ok = (0 <= outside <= plain.prefix_kept - views
+              and inside.prefix_survivors == views + outside)
     from .op_choices import prefix_ops
 
     return dict(prefix_recomputable=ok, prefix_forward_flops=counter.get_total_flops(),

@@ -37,13 +37,15 @@ segment at block 0 (``prefix=full``), which then keeps only the batch: x_0 and w
 embeddings save are not kept from forward to backward. Its chain is derived from what was
 measured (``_prefix_inside``), where measuring found it exact: no op reads x_0 after block 0
 returns and nothing holds it past the forward (the course's GPT, a learner's model written
-``x = block(x)``, a Hugging Face model, whose forward holds ``inputs_embeds`` unread to the end
-of its decoder: the region frees it, ``policies._release_prefix_output``); what later blocks
-keep of the prefix's tensors (HF position ids) is measured as kept outside
-(``TrunkCost.prefix_kept_outside``). Assumptions: blocks run in order, once
-each; a block's backward allocates nothing before it first reads a saved tensor (true of the
-course models). A model whose loop adds the residual (``x = x + block(x)``) is measured with
-that add in each block, and a block given a tensor that carries the model's graph (a
+``x = block(x)``, a Hugging Face Llama, Mistral or Qwen, whose forward holds ``inputs_embeds``
+unread to the end of its decoder: the region frees it, ``policies._release_prefix_output``);
+what something keeps all step of the prefix's tensors (HF position ids, in the wrapper's block
+arguments) is measured as kept outside (``TrunkCost.prefix_kept_outside``). Anything else the
+forward keeps outside the region refuses it (GPT-2's forward holds its token and position
+embeddings in locals to its end: its prefix stays as it is). Assumptions: blocks run in
+order, once each; a block's backward allocates nothing before it first reads a saved tensor
+(true of the course models). A model whose loop adds the residual (``x = x + block(x)``) is
+measured with that add in each block, and a block given a tensor that carries the model's graph (a
 conditioning) with its gradient; checkpointed segments there are one block long
 (``_segment_reach``). A checkpointed segment of frozen blocks only runs as plain
 (``_frozen_plain``).
