@@ -11,6 +11,7 @@ import functools
 import math
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .costs import config_by_name, config_names
@@ -62,6 +63,7 @@ _steps = _at_most(MAX_STEPS, "more steps only take longer")
 _devices = _at_most(1_000_000, "more devices than any cluster")
 _jobs = _at_most(256, "more processes than any machine's cores")
 _op_points = _at_most(64, "a block's Pareto set, thinned, has fewer points that matter")
+_micro_batches = _at_most(1_000, "past the second, each adds nothing to the peak")
 
 
 def _float_where(ok, what: str):
@@ -461,7 +463,7 @@ def add_plan_arguments(parser) -> None:
     parser.add_argument("--batch", type=_batch, help="batch size (default: 8; configs 1)")
     parser.add_argument("--seq", type=_seq, help="sequence length")
     parser.add_argument("--budget", type=_budget_arg, required=True,
-                        help="memory per device, e.g. 80GiB or 40MiB")
+                        help="memory per device, e.g. 80GiB, 40MiB or 80GB (decimal)")
     parser.add_argument("--devices", type=_devices, default=1,
                         help="shard parameters, gradients and optimizer state over N devices "
                              "(FSDP / ZeRO-3 estimate; default 1)")
@@ -480,6 +482,10 @@ def add_plan_arguments(parser) -> None:
                         help="--model: also weigh the trunk checkpointed (menu:...,suffix=full "
                              "or selective:ops=..., prefix=full), as auto_checkpoint(..., "
                              "trunk=True) does; plans by recomputed FLOPs")
+    parser.add_argument("--micro-batches", type=_micro_batches, default=1, metavar="N",
+                        help="--model: plan a step of N forward/backward passes whose gradients "
+                             "add up before one optimizer step (gradient accumulation), as "
+                             "auto_checkpoint(..., micro_batches=N) does (default 1)")
 
 
 def costs_from_args(args):
@@ -493,8 +499,12 @@ def costs_from_args(args):
                                      or getattr(args, "hf_config", None) is not None):
         raise ValueError("--objective time needs a course model measured for real (--model); a "
                          "config is costed on fake tensors: use --objective flops")
-    points = getattr(args, "op_points", 0)
+    points, micro_batches = getattr(args, "op_points", 0), getattr(args, "micro_batches", 1)
     _check_trunk(args)
+    if micro_batches > 1 and (args.config is not None
+                              or getattr(args, "hf_config", None) is not None):
+        raise ValueError("--micro-batches applies to a course model measured for real (--model); "
+                         "a config is costed on fake tensors for one pass: drop --micro-batches")
     if getattr(args, "hf_config", None) is not None:
         from .hf import hf_config_costs, longest
 
@@ -528,8 +538,14 @@ def costs_from_args(args):
         raise ValueError("--dtype applies to a --config; course models run in fp32: drop --dtype")
     args.model = args.model or "gpt"
     model, batch_size, seq = _course_model(args)
-    return measure_costs(model, batch_size, seq, menu=MENU, times=args.objective != "flops",
-                         op_points=points, suffix=getattr(args, "trunk", False))
+    costs = measure_costs(model, batch_size, seq, menu=MENU, times=args.objective != "flops",
+                          op_points=points, suffix=getattr(args, "trunk", False),
+                          accumulate=micro_batches > 1)
+    if micro_batches == 1:
+        return costs
+    note = (f"a step of {micro_batches} micro-batches of this batch: from the first one's "
+            f"backward every gradient is there, so the peak is a later micro-batch's")
+    return replace(costs, notes=(*costs.notes, note))
 
 
 def _check_trunk(args) -> None:

@@ -99,8 +99,13 @@ def parse_budget(budget) -> int:
     hint = "a positive number of bytes or a size such as '64MiB', '1.5GiB' or '80GB'"
     given, unit = shown(budget), "B"
     if isinstance(budget, str):
-        match = re.fullmatch(r"\s*([-+]?)((?:\d[\d_]*(?:\.\d*)?|\.\d+)(?:e\+?\d+)?)\s*"
-                             r"([kmgt]i?b|b)?\s*", budget, re.IGNORECASE)
+        number = r"\s*([-+]?)((?:\d[\d_]*(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?)\s*"
+        match = re.fullmatch(number + r"([kmgt]i?b|b)?\s*", budget, re.IGNORECASE)
+        letter = re.fullmatch(number + r"([kmgt])\s*", budget, re.IGNORECASE)
+        if letter:  # "1M": which of the two a learner meant is theirs to say
+            size, prefix = letter[1] + letter[2], letter[3].upper()
+            raise ValueError(f"budget {given} has no B: give '{size}{prefix}iB' ({prefix}iB, "
+                             f"powers of 1024) or '{size}{prefix}B' (decimal)")
         if not match:
             raise ValueError(f"budget {given} is not understood; give {hint}")
         if len(match[2]) > 30:  # 400 digits would be a float's inf

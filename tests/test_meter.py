@@ -199,7 +199,7 @@ def test_budget_strings():
 @pytest.mark.parametrize("text, size", [
     ("80GB", 80 * 10**9), ("300 kB", 300 * 10**3), ("2 mb", 2 * 10**6), ("1TB", 10**12),
     ("3gib", 3 * GiB), ("64MIB", 64 * MiB), ("1_000_000_000", 10**9), ("3e5", 300_000),
-    ("2.5e3KiB", 2500 * KiB)])
+    ("2.5e3KiB", 2500 * KiB), ("1e-3GiB", GiB // 1000), ("5e-1 MB", 500_000)])
 def test_budget_strings_as_people_write_them(text, size):
     """Decimal units are their SI size (a card's "80GB"); binary ones in any case."""
     assert parse_budget(text) == size
@@ -212,6 +212,14 @@ def test_budget_strings_that_are_refused(text, says):
     with pytest.raises(ValueError, match=says) as err:
         parse_budget(text)
     assert "\n" not in str(err.value) and re.search(r"'64[MG]iB'", str(err.value))
+
+
+@pytest.mark.parametrize("text, means", [("1M", "'1MiB'.*'1MB'"), ("2 k", "'2KiB'.*'2KB'"),
+                                         ("1.5g", "'1.5GiB'.*'1.5GB'")])
+def test_a_unit_without_b_gets_both_readings(text, means):
+    with pytest.raises(ValueError, match=means) as err:
+        parse_budget(text)
+    assert "\n" not in str(err.value)
 
 
 def test_unknown_phase_names_the_phases():

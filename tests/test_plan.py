@@ -242,6 +242,27 @@ def test_plan_command_prints_the_plan(capsys):
     assert "optimal: segments:none" in out and "+0.0% of a plain step" in out
 
 
+@pytest.mark.slow  # measures a small GPT twice and meters two steps: seconds
+def test_plan_command_plans_a_step_of_micro_batches(capsys):
+    """--micro-batches 2: the gradients are there from the first micro-batch's backward, so
+    every peak is a later micro-batch's: the none row is a metered 2-micro-batch step's."""
+    from ckpt_course.doctor import run_steps
+    from ckpt_course.models import build_model
+
+    argv = ["plan", "--model", "gpt", "--layers", "2", "--batch", "4", "--seq", "32",
+            "--budget", "2GiB", "--objective", "flops"]
+    rows = []
+    for micro_batches in (1, 2):
+        assert main([*argv, "--micro-batches", str(micro_batches)]) == 0
+        out = capsys.readouterr().out
+        rows.append(next(line.split()[1:3] for line in out.splitlines()
+                         if line.startswith("  none ")))
+        run = run_steps(build_model("gpt", 2), None, "none", batch_size=4 * micro_batches,
+                        seq_len=32, steps=2, micro_batches=micro_batches)
+        assert " ".join(rows[-1]) == fmt_bytes(run.steps[-1].peak_bytes), micro_batches
+    assert rows[0] != rows[1] and "a step of 2 micro-batches" in out
+
+
 @pytest.mark.slow  # builds the 70B config's costs on fake tensors: seconds
 def test_plan_command_for_70b_says_to_shard(capsys):
     assert main(["plan", "--config", "70b", "--batch", "1", "--seq", "4096",
