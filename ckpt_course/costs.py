@@ -78,6 +78,7 @@ from .recording import (
     _tensor_id,
     check_no_policy,
 )
+from .units import check_positive_int
 
 
 # ---------------------------------------------------------------- costs of one block
@@ -1332,6 +1333,8 @@ def measure_costs(model: nn.Module, batch_size: int | None = None, seq_len: int 
         raise ValueError(f"suffix is True (also measure the checkpointed suffix's options) or "
                          f"False; got {suffix!r}")
     check_op_points(op_points)
+    if batch_size is not None:  # (a learner's model adapted by auto plans the batch it was given)
+        check_positive_int("batch_size", batch_size)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds is a whole number of timing rounds >= 1, such as 15; got "
                          f"{rounds!r}")

@@ -220,6 +220,8 @@ API = [
     (lambda: measure_costs(_four_blocks(), 2, menu="offload"), TypeError, "a tuple of one-block"),
     (lambda: measure_costs(_four_blocks(), 2, menu=("full",)), ValueError, "a tuple of one-block"),
     (lambda: measure_costs(_four_blocks(), 2, menu=("bogus",)), ValueError, "accepted:"),
+    (lambda: measure_costs(_four_blocks(), 0), ValueError, "batch_size must be >= 1"),
+    (lambda: measure_costs(_four_blocks(), 2.0), TypeError, "pass an int"),
     (lambda: measure_costs(_four_blocks(), 2, times=True, rounds=0), ValueError, "such as 15"),
     (lambda: config_costs("7b", 1, 8, menu=("selective:save=matmul",)), ValueError, "known: mm"),
     (lambda: sharding.per_gpu_bytes(1, 0, 0), ValueError, "whole number >= 1"),
