@@ -1105,23 +1105,34 @@ class _PrefixEnd(Exception):
 
 def _prefix_facts(model, batch, like, plain: TrunkCost, accumulate: bool) -> dict:
     """Whether the prefix can run inside block 0's checkpoint (``prefix=full``) exactly as the
-    planner derives it: x_0 counted and dead once block 0 returns: no op after it reads x_0 and
-    nothing holds it past the forward (a local of the model's forward that holds it unread, as
-    a Hugging Face model's ``inputs_embeds`` does to the end of its decoder, is fine: the
-    policy frees it, ``policies._release_prefix_output``); and, measured with the prefix
-    inside that checkpoint, nothing of the prefix left outside it. And the FLOPs of the
-    prefix's forward, which its recompute runs again."""
+    planner derives it: x_0 counted and dead once block 0 returns. Either nothing holds it
+    then, or (a model that says its forward holds it unread in a local: a Hugging Face
+    Llama's ``inputs_embeds``, ``HFCausalLM.frees_prefix_output``) the policy frees it
+    (``policies._release_prefix_output``), and then no later block is given it, no op after
+    block 0 reads it and nothing holds it past the forward. And, measured with the prefix
+    inside that checkpoint, nothing of the prefix left outside it but what is kept all step.
+    And the FLOPs of the prefix's forward, which its recompute runs again."""
 
-    blocks, read, x0 = find_blocks(model), [], []
+    blocks, read, x0, alive = find_blocks(model), [], [], []
 
-    class Probe(TorchDispatchMode):  # after block 0 returned: does an op read x_0?
+    def reads(values) -> bool:
+        storage = x0[0]() if x0 else None
+        return storage is not None and any(
+            isinstance(t, torch.Tensor) and t.untyped_storage()._cdata == storage._cdata
+            for t in tree_leaves(values))
+
+    class Probe(TorchDispatchMode):  # after block 0 returned: is x_0 alive, does an op read it?
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            storage = x0[0]() if x0 else None
-            if storage is not None and any(
-                    isinstance(t, torch.Tensor) and t.untyped_storage()._cdata == storage._cdata
-                    for t in tree_leaves((args, kwargs))):
+            if x0 and not alive:
+                alive.append(x0[0]() is not None)
+            if reads((args, kwargs)):
                 read.append(func)
             return func(*args, **(kwargs or {}))
+
+    def later(x, *args, **kwargs):  # a later block given x_0 (``block(x, x0)``) reads it
+        if reads((args, kwargs)):
+            read.append("a block's argument")
+        return x
 
     batch_storages = {id(t.untyped_storage()): t.untyped_storage().nbytes() for t in batch
                       if isinstance(t, torch.Tensor)}
@@ -1137,6 +1148,7 @@ def _prefix_facts(model, batch, like, plain: TrunkCost, accumulate: bool) -> dic
 
     def first(x, *args, **kwargs):
         x0.append(_storage_ref(x))
+        x0.append(x._base is None and x.is_floating_point())  # the policy can free it
         return out
 
     counter = _flop_counter()
@@ -1146,8 +1158,7 @@ def _prefix_facts(model, batch, like, plain: TrunkCost, accumulate: bool) -> dic
 
     out = like.detach().clone()
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        for block, forward in zip(blocks, [first] + [_pass_through] * (len(blocks) - 1),
-                                  strict=True):
+        for block, forward in zip(blocks, [first] + [later] * (len(blocks) - 1), strict=True):
             block.forward = forward
         try:
             with Probe():
@@ -1159,7 +1170,8 @@ def _prefix_facts(model, batch, like, plain: TrunkCost, accumulate: bool) -> dic
         finally:
             for block in blocks:
                 del block.forward
-    dies = bool(x0) and not read and not outlives
+    freed = getattr(model, "frees_prefix_output", False) and bool(x0) and x0[1]
+    dies = bool(x0) and (alive == [False] or freed and not read and not outlives)
     ok = dies and plain.input_counted and not plain.prefix_keeps_input
     views = sum(viewed.values())
     if ok:

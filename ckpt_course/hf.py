@@ -383,6 +383,10 @@ def _as_if_real():
         masking_utils.find_packed_sequence_indices = packed
 
 
+# the decoders whose forward reads ``inputs_embeds`` only before their first layer
+_HOLD_EMBEDS_UNREAD = frozenset({"llama", "mistral", "qwen2"})
+
+
 class HFCausalLM(nn.Module):
     """A causal LM (a transformers ``...ForCausalLM``, or any module mapping token ids to logits)
     with the course protocol. ``layers``: the path of its block list if not found by itself."""
@@ -398,6 +402,10 @@ class HFCausalLM(nn.Module):
         positions = longest(config) if config is not None else seq_len
         self.cfg = HFSizes(seq_len or positions, config.vocab_size if config is not None else 0,
                            getattr(config, "name_or_path", "") or type(lm).__name__)
+        # its forward holds the token embeddings (x_0) in a local, unread after the first
+        # layer, to its end: under prefix=full the region may free them when block 0 returns
+        # (``policies._release_prefix_output``; read from each one's code, transformers 5.23)
+        self.frees_prefix_output = getattr(config, "model_type", None) in _HOLD_EMBEDS_UNREAD
         self._kwargs: dict[int, dict] = {}
         for block in self.blocks:
             block.register_forward_pre_hook(self._fill_kwargs, with_kwargs=True)
@@ -666,9 +674,20 @@ def handback(placement, n: int, layers=None, costs=None) -> Handback:
       express: given ``costs``, the cheapest expressible placement that peaks no higher is
       handed back instead (else each block of the segment alone), with a note;
     - a block under a menu option (selective, offload) is checkpointed whole, with a note:
-      per-layer checkpointing in transformers has no such option."""
-    from .plan import Placement, as_placement, predict  # noqa: F401
+      per-layer checkpointing in transformers has no such option.
 
+    A plan that checkpoints the trunk (``prefix=full``, ``suffix=...``: the embeddings or the
+    head inside a checkpoint) is refused: give the policy, not only its placement, so it can
+    be, and plan without the trunk for transformers (``trunk=False``)."""
+    from .plan import Placement, as_placement, predict  # noqa: F401
+    from .policies import Policy, parse_policy
+
+    if isinstance(placement, (str, Policy)) and (
+            getattr(parse_policy(placement), "prefix", "")
+            or getattr(parse_policy(placement), "suffix", "")):
+        raise ValueError(f"{placement} checkpoints the embeddings or the head (prefix=, "
+                         f"suffix=), which transformers' per-layer checkpointing cannot run: "
+                         f"plan without them (auto_checkpoint(..., trunk=False)) to hand back")
     check_positive_int("n", n)
     layers = _check_layers(layers)
     placement = as_placement(n, placement)

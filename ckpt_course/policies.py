@@ -648,6 +648,10 @@ class Menu(Policy):
         object.__setattr__(self, "suffix", _suffix_option(self.suffix))
         if self.prefix not in ("", "full"):
             raise ValueError(f"a menu's prefix is '' or 'full', not {self.prefix!r}")
+        if self.prefix and items and items[0][3]:
+            raise ValueError("prefix=full runs the prefix inside the checkpointed segment at "
+                             "block 0, which cannot hold nested checkpoints: drop the segment's "
+                             "children, e.g. menu:0-3=full,prefix=full")
         if self.prefix and not (items and items[0][0] == 0 and (
                 items[0][2] == "full" or isinstance(parse_policy(items[0][2]), SelectiveOps))):
             raise ValueError("prefix=full runs the prefix inside the checkpointed segment at "
@@ -955,6 +959,9 @@ class _Region:
         self._previous = None  # the leaves of the last block's output, until the next call
         self._next = 0
         self._early = False  # opened at the entry call (a menu's prefix=full)
+        # under prefix=full, free x_0 when block 0 returns (the model says its forward holds
+        # it unread: ``HFCausalLM.frees_prefix_output``)
+        self.frees_prefix_output = False
 
     def open_at_entry(self, replay, args, kwargs) -> None:
         """``prefix=full``: open at the start of the entry call (``_Trunk``), so the prefix's
@@ -983,7 +990,7 @@ class _Region:
         except BaseException as error:
             self._abandon(error)
             raise
-        if k == 0 and self._early and args:
+        if k == 0 and self._early and self.frees_prefix_output and args:
             _release_prefix_output(args[0], out)
         if k == len(self.blocks) - 1:
             region, self._open, self._previous = self._open, None, None
@@ -1093,14 +1100,16 @@ class _Forward:
 
 
 def _release_prefix_output(x0, out) -> None:
-    """``prefix=full``: block 0 has returned, and the prefix's output ``x0`` (made inside the
-    region, so nothing saved it) is the model's to drop. A forward that still holds it in a
-    local (a Hugging Face model's ``inputs_embeds``, to the end of its decoder) would keep it
-    alive past the point the planner counts it dead, so its storage is freed here: the tensor
-    now reads NaN from one shared element (a later read shows up as a NaN loss, never as a
-    plausible number; ``costs._prefix_facts`` plans prefix=full only where no op reads it).
-    Left alone: the batch or a parameter (no ``grad_fn``), a view (freeing it frees nothing),
-    integer tensors, a fake tensor, and a block that hands ``x0`` back."""
+    """``prefix=full`` on a model whose forward holds the prefix's output ``x0`` in a local,
+    unread, to its end (a Hugging Face Llama's ``inputs_embeds``: the model says so,
+    ``HFCausalLM.frees_prefix_output``): block 0 has returned, and ``x0`` (made inside the
+    region, so nothing saved it) would stay alive past the point the planner counts it dead,
+    so its storage is freed here; the tensor reads NaN from one shared element from then on.
+    Only such models: on another model a later read could turn into a plausible wrong number
+    (a mask ``x0 > 0`` is all False), so there x_0 stays as the model keeps it and the planner
+    offers prefix=full only where it dies by itself (``costs._prefix_facts``). Left alone: the
+    batch or a parameter (no ``grad_fn``), a view (freeing it frees nothing), integer tensors,
+    a fake tensor, and a block that hands ``x0`` back."""
     if not (type(x0) is torch.Tensor and x0.grad_fn is not None and x0._base is None
             and x0.is_floating_point() and torch.is_grad_enabled()):
         return
@@ -1355,6 +1364,7 @@ class AppliedPolicy:
             self.suffix = self.trunk if region is not None else None
         if getattr(policy, "prefix", ""):
             self.trunk.first = next(r for r in self.regions if r.blocks[0] is blocks[0])
+            self.trunk.first.frees_prefix_output = getattr(model, "frees_prefix_output", False)
         for i, (block, run) in enumerate(zip(blocks, runs, strict=True)):
             block.forward = _Forward(self, run, i, i == len(blocks) - 1)
         # An error between blocks (in the model's own code, or a module hook) never reaches a

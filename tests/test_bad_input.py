@@ -642,6 +642,8 @@ API_17 = [
     (lambda: plan.make_plan(COSTS, 10**400), ValueError, "more bytes than any machine has"),
     # more of the HF surface: handback, verify_handback, layer_tape, the wrapper
     (lambda: hf.handback("full", 0), ValueError, "n must be >= 1"),
+    (lambda: hf.handback("menu:0=full,prefix=full", 4), ValueError, "trunk=False"),
+    (lambda: hf.handback("menu:0=full,suffix=full", 4), ValueError, "trunk=False"),
     (lambda: hf.handback("full", "4"), TypeError, "n is a whole number"),
     (lambda: hf.handback("segments:0-9", 4), ValueError, "name blocks below 4"),
     (lambda: hf.handback("segments:1,3", 4, 5), ValueError, "'transformer.h' or 'model.layers'"),

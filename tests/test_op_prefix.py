@@ -256,3 +256,59 @@ def test_a_prefix_output_read_after_block_0_is_not_planned_inside():
     assert "\n" not in str(error.value)
     budgets = [predict(costs, p).peak_bytes for p in ("full", "none")]
     assert all("prefix" not in str(optimal(costs, b, "flops").policy) for b in budgets)
+
+
+class _X0Net(_Net):
+    """Every block also gets the embeddings (modded-nanogpt's x0 residual)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(_X0Block(16) for _ in range(3))
+
+    def forward(self, x):
+        x0 = x = self.embed(x)
+        for block in self.blocks:
+            x = block(x, x0)
+        return self.head(x)
+
+
+class _X0Block(_Res):
+    def forward(self, x, x0):
+        return super().forward(x) + 0.5 * x0 * (x0.detach() > 0)
+
+
+class _SeqFirst(_Net):
+    """x_0 is a view (a transpose) of the embeddings, whose base a local holds."""
+
+    def forward(self, x):
+        h = self.embed(x)
+        x = h.transpose(0, 1)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("net", [_X0Net, _SeqFirst])
+def test_a_model_that_keeps_x_0_past_block_0_gets_no_prefix_inside(net):
+    """Blocks given x_0 (``block(x, x0)``), or x_0 a view of a tensor a local holds: x_0
+    outlives block 0, which the planner's prefix=full does not count, so it is not offered."""
+    torch.manual_seed(0)
+    model = _course_model(net(), torch.randn(4, 6, 8), None)
+    costs = measure_costs(model, None, op_points=2, suffix=True)
+    assert not costs.trunk.prefix_recomputable
+
+
+def test_prefix_full_typed_by_hand_leaves_a_learners_x_0_alone():
+    """Only a model that says its forward holds x_0 unread has it freed
+    (``frees_prefix_output``): on a learner's model whose blocks read x_0, the policy typed by
+    hand trains as plain does, gradients bit-identical."""
+    torch.manual_seed(0)
+    model = _course_model(_X0Net(), torch.randn(4, 6, 8), None)
+    assert not getattr(model, "frees_prefix_output", False)
+    assert check_gradients(model, "menu:0-2=full,prefix=full").equal
+
+
+def test_a_nested_segment_cannot_hold_the_prefix():
+    with pytest.raises(ValueError, match="cannot hold nested checkpoints") as error:
+        parse_policy("menu:0-3=full(0-1),prefix=full")
+    assert "\n" not in str(error.value)
