@@ -102,10 +102,12 @@ def parse_budget(budget) -> int:
         number = r"\s*([-+]?)((?:\d[\d_]*(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?)\s*"
         match = re.fullmatch(number + r"([kmgt]i?b|b)?\s*", budget, re.IGNORECASE)
         letter = re.fullmatch(number + r"([kmgt])\s*", budget, re.IGNORECASE)
-        if letter:  # "1M": which of the two a learner meant is theirs to say
+        if letter and letter[1] != "-":  # "1M": which of the two is meant is theirs to say
             size, prefix = letter[1] + letter[2], letter[3].upper()
             raise ValueError(f"budget {given} has no B: give '{size}{prefix}iB' ({prefix}iB, "
                              f"powers of 1024) or '{size}{prefix}B' (decimal)")
+        if letter:  # "-1M": the sign is what is wrong
+            raise ValueError(f"budget must be {hint} (or None for no budget); got {given}")
         if not match:
             raise ValueError(f"budget {given} is not understood; give {hint}")
         if len(match[2]) > 30:  # 400 digits would be a float's inf
@@ -130,7 +132,8 @@ def parse_budget(budget) -> int:
     number = f"{budget:g}"
     if budget < KiB and not float(budget).is_integer():
         raise ValueError(f"budget {given} is not a whole number of bytes: give whole bytes, or "
-                         f"a unit (did you mean '{number}GiB'?)")
+                         + (f"a unit (did you mean '{number}GiB'?)" if unit == "B" or not unit
+                            else f"a real size such as '64MiB' ({given} is {number} B)"))
     if unit == "" and budget < KiB:  # a string without a unit (a number's unit is "B")
         raise ValueError(f"budget {given} has no unit and is under 1 KiB, where no training "
                          f"step fits: give a unit (did you mean '{number}GiB'? '{number}B' "

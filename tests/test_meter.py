@@ -207,7 +207,7 @@ def test_budget_strings_as_people_write_them(text, size):
 
 @pytest.mark.parametrize("text, says", [
     ("1,5GiB", "not understood"), ("0x40000000", "not understood"),
-    ("80 GiBs", "not understood")])
+    ("80 GiBs", "not understood"), ("-1M", "positive"), ("1e-9GiB", "is 1.07374 B")])
 def test_budget_strings_that_are_refused(text, says):
     with pytest.raises(ValueError, match=says) as err:
         parse_budget(text)
