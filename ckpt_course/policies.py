@@ -620,7 +620,8 @@ class Menu(Policy):
     suffix: str = ""
     # "full": the prefix (embeddings) runs inside the checkpointed segment at block 0, which
     # then keeps the batch only and recomputes prefix and blocks: ``menu:0-1=full,prefix=full``;
-    # the prefix's output x_0 is freed when block 0 returns (``_release_prefix_output``)
+    # on a model whose forward holds the prefix's output x_0 unread in a local, x_0 is freed
+    # when block 0 returns (``_release_prefix_output``)
     prefix: str = ""
 
     def __post_init__(self):
