@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from learner_models import LinearNet, ResMLP
 from torch import nn
 
 from ckpt_course.auto import auto_checkpoint
@@ -15,32 +16,14 @@ from ckpt_course.models import GPTConfig, TinyGPT
 from ckpt_course.policies import _installed
 from ckpt_course.step import make_optimizer, run_step
 
-
-class Block(nn.Module):
-    def __init__(self, width):
-        super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
-                                 nn.Linear(4 * width, width))
-
-    def forward(self, x):
-        return x + self.mlp(self.norm(x))
+Block = ResMLP
 
 
-class MyNet(nn.Module):
+class MyNet(LinearNet):
     """A learner's own model: a block list and a forward, nothing else."""
 
     def __init__(self, width=32, depth=6):
-        super().__init__()
-        self.embed = nn.Linear(16, width)
-        self.blocks = nn.ModuleList(Block(width) for _ in range(depth))
-        self.head = nn.Linear(width, 4)
-
-    def forward(self, x):
-        x = self.embed(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
+        super().__init__([Block(width) for _ in range(depth)], width=width)
 
 
 def _grads(model, batch):

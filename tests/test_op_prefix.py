@@ -5,6 +5,7 @@ option's plus the prefix's forward, and chosen by the planner where it pays."""
 
 import pytest
 import torch
+from learner_models import LinearNet, ResMLP
 from torch import nn
 
 from ckpt_course.auto import _course_model
@@ -16,29 +17,12 @@ from ckpt_course.policies import applied, parse_policy
 from ckpt_course.recompute import EXTRA_FLOP_FORMULAS
 from ckpt_course.train import check_gradients
 
-
-class _Res(nn.Module):
-    def __init__(self, width):
-        super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
-                                 nn.Linear(4 * width, width))
-
-    def forward(self, x):
-        return x + self.mlp(self.norm(x))
+_Res = ResMLP
 
 
-class _Net(nn.Module):
+class _Net(LinearNet):
     def __init__(self):
-        super().__init__()
-        self.embed, self.head = nn.Linear(8, 16), nn.Linear(16, 4)
-        self.blocks = nn.ModuleList(_Res(16) for _ in range(3))
-
-    def forward(self, x):
-        x = self.embed(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
+        super().__init__([_Res(16) for _ in range(3)], d_in=8, width=16)
 
 
 @pytest.fixture(scope="module")

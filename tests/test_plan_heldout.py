@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from learner_models import LinearNet
 from torch import nn
 
 from ckpt_course.costs import FORWARD, MENU, ChainCosts, LayerCost, measure_costs
@@ -81,19 +82,11 @@ class InPlace(nn.Module):
 KINDS = (Res, Drop, BN, InPlace)
 
 
-class Chain(nn.Module):
+class Chain(LinearNet):
     """A learner's own model in the course protocol: a Linear in, the blocks, a Linear out."""
 
     def __init__(self, blocks, width=32):
-        super().__init__()
-        self.embed, self.head = nn.Linear(16, width), nn.Linear(width, 4)
-        self.blocks = nn.ModuleList(blocks)
-
-    def forward(self, x):
-        x = self.embed(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
+        super().__init__(blocks, width=width)
 
     def example_batch(self, batch_size=64, seq_len=None, generator=None):
         return (torch.randn(batch_size, 16, generator=generator),

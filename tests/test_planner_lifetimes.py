@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from learner_models import LinearNet, ResMLP
 from planner_checks import off_the_meter
 from torch import nn
 
@@ -25,19 +26,11 @@ class Res(nn.Module):
         return x + torch.tanh(self.linear(self.norm(x)))
 
 
-class Net(nn.Module):
+class Net(LinearNet):
     def __init__(self, blocks, unused=False):
-        super().__init__()
-        self.embed, self.head = nn.Linear(16, 32), nn.Linear(32, 4)
-        self.blocks = nn.ModuleList(blocks)
+        super().__init__(blocks)
         if unused:
             self.pooler = nn.Linear(32, 32)  # never called, as a leftover head often is
-
-    def forward(self, x):
-        x = self.embed(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
 
 
 def _course(model):
@@ -234,24 +227,14 @@ def test_a_block_inside_a_segment_is_measured_recomputed_whole_before_its_backwa
         def forward(self, x):
             return x + self.linear(torch.relu(self.norm(x)))
 
-    class Wide(nn.Module):  # its backward peaks above the others'
-        def __init__(self, width=32):
-            super().__init__()
-            self.norm = nn.LayerNorm(width)
-            self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
-                                     nn.Linear(4 * width, width))
-
-        def forward(self, x):
-            return x + self.mlp(self.norm(x))
-
-    torch.manual_seed(0)
-    course = _course(Net([Wide(), Scaled(), NormLinear()]))
+    torch.manual_seed(0)  # ResMLP: its backward peaks above the others'
+    course = _course(Net([ResMLP(32), Scaled(), NormLinear()]))
     costs, wrong = _wrong(course, ("segments:0-2", "segments:1-2", "segments:0-1", "full"))
     assert wrong == []
     plan = optimal(costs, predict(costs, "segments:0-2").peak_bytes)  # the DP agrees
     assert plan.peak_bytes == predict(costs, plan.placement).peak_bytes
     torch.manual_seed(0)  # and so does a nested tree, whose inner segment ends at block 2
-    course = _course(Net([Wide(), Scaled(), NormLinear(), Wide()]))
+    course = _course(Net([ResMLP(32), Scaled(), NormLinear(), ResMLP(32)]))
     costs = measure_costs(copy.deepcopy(course), None)
     for tree in ("menu:0-3=full(0-2)", "menu:0-3=full(0-1)"):
         assert predict_nested(costs, tree)[0] == measure_peaks(copy.deepcopy(course), tree)[-1]
