@@ -1113,10 +1113,11 @@ def _prefix_facts(model, batch, like, plain: TrunkCost, accumulate: bool) -> dic
     inside that checkpoint, nothing of the prefix left outside it but what is kept all step.
     And the FLOPs of the prefix's forward, which its recompute runs again."""
 
-    blocks, read, x0, alive = find_blocks(model), [], [], []
+    blocks, read, alive = find_blocks(model), [], []
+    x0 = {}  # block 0's input: "storage" (a weak reference), "freeable" by the policy
 
     def reads(values) -> bool:
-        storage = x0[0]() if x0 else None
+        storage = x0["storage"]() if x0 else None
         return storage is not None and any(
             isinstance(t, torch.Tensor) and t.untyped_storage()._cdata == storage._cdata
             for t in tree_leaves(values))
@@ -1124,7 +1125,7 @@ def _prefix_facts(model, batch, like, plain: TrunkCost, accumulate: bool) -> dic
     class Probe(TorchDispatchMode):  # after block 0 returned: is x_0 alive, does an op read it?
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if x0 and not alive:
-                alive.append(x0[0]() is not None)
+                alive.append(x0["storage"]() is not None)
             if reads((args, kwargs)):
                 read.append(func)
             return func(*args, **(kwargs or {}))
@@ -1147,8 +1148,7 @@ def _prefix_facts(model, batch, like, plain: TrunkCost, accumulate: bool) -> dic
             return result
 
     def first(x, *args, **kwargs):
-        x0.append(_storage_ref(x))
-        x0.append(x._base is None and x.is_floating_point())  # the policy can free it
+        x0.update(storage=_storage_ref(x), freeable=x._base is None and x.is_floating_point())
         return out
 
     counter = _flop_counter()
@@ -1163,14 +1163,14 @@ def _prefix_facts(model, batch, like, plain: TrunkCost, accumulate: bool) -> dic
         try:
             with Probe():
                 model.loss(batch)
-            outlives = bool(x0) and x0[0]() is not None
+            outlives = bool(x0) and x0["storage"]() is not None
             blocks[0].forward = count_until_block0
             with contextlib.suppress(_PrefixEnd), counter, BatchViews():
                 model.loss(batch)
         finally:
             for block in blocks:
                 del block.forward
-    freed = getattr(model, "frees_prefix_output", False) and bool(x0) and x0[1]
+    freed = getattr(model, "frees_prefix_output", False) and x0.get("freeable", False)
     dies = bool(x0) and (alive == [False] or freed and not read and not outlives)
     ok = dies and plain.input_counted and not plain.prefix_keeps_input
     views = sum(viewed.values())
